@@ -1,0 +1,33 @@
+# fastgrpo: `make demo` runs the main job, `make test` the test suite. Both create .venv when it is absent.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fastgrpo-installed
+
+.PHONY: install demo test bench compile-check clean
+
+install: $(STAMP)
+
+# torch first, pinned, so pip takes the CPU wheel here (and the CUDA build on GPU machines) instead of
+# resolving a multi-GB CUDA build as a dependency of the package.
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m fastgrpo demo
+
+test: install
+	$(PY) -m pytest tests -q
+
+bench: install
+	$(PY) -m pytest bench
+
+compile-check: install
+	$(PY) tests/compile_for_gpu.py 90
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

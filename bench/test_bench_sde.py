@@ -1,0 +1,81 @@
+"""sde_step: fused (Triton) vs the torch eager reference, at SD3.5-512 and FLUX-1024 latent shapes.
+
+Two cases:
+* ``sample``: a rollout step -- read x, v, noise; write prev_sample, mean (fp32).
+* ``train``: forward + backward of a training step -- read x, v, prev_sample, v_ref; write mean (fp32) and
+  grad v; the loss uses log_prob and kl.
+Minimum bytes count every input read once and every output written once.
+"""
+import pytest
+import torch
+
+from fastgrpo import sde_step, sde_step_ref
+from fastgrpo.testing import assert_close
+from harness import measure, require_cuda
+
+SHAPES = {
+    "sd35-512": (24, 16, 64, 64),  # B=24 latents of SD3.5 at 512 px
+    "flux-1024": (12, 4096, 64),  # B=12 packed FLUX latents at 1024 px
+}
+IMPLS = ["torch", "triton"]
+
+
+def _inputs(shape, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda: torch.randn(shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return mk(), mk(), mk(), mk()
+
+
+def _f64(t):
+    return t.detach().double()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_sample(benchmark, bench_device, impl, dtype, shape_name):
+    if impl == "triton":
+        require_cuda(impl)
+    shape = SHAPES[shape_name]
+    x, v, noise, _ = _inputs(shape, dtype, bench_device)
+    noise = noise.float()
+    fn = lambda: sde_step(x, v, 0.8, 0.7, noise=noise, impl=impl)  # noqa: E731
+
+    def check(out):
+        ref = sde_step_ref(_f64(x), _f64(v), 0.8, 0.7, noise=_f64(noise))
+        assert_close(out.prev_sample, ref.prev_sample, name="prev_sample")
+        assert_close(out.log_prob, ref.log_prob, name="log_prob")
+
+    n, es = x.numel(), x.element_size()
+    measure(benchmark, fn, check=check, bytes_moved=n * (2 * es + 4 + 4 + 4), dtype=dtype,
+            shapes={"x": shape}, impl=impl, case="sample", shape_name=shape_name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_train_fwd_bwd(benchmark, bench_device, impl, dtype, shape_name):
+    if impl == "triton":
+        require_cuda(impl)
+    shape = SHAPES[shape_name]
+    x, v, prev, v_ref = _inputs(shape, dtype, bench_device)
+    prev = prev.float()
+    v = v.requires_grad_(True)
+
+    def fn():
+        out = sde_step(x, v, 0.8, 0.7, prev_sample=prev, v_ref=v_ref, impl=impl)
+        (g,) = torch.autograd.grad(out.log_prob.sum() + 0.01 * out.kl.sum(), v)
+        return out, g
+
+    def check(res):
+        out, g = res
+        v64 = _f64(v).requires_grad_(True)
+        ref = sde_step_ref(_f64(x), v64, 0.8, 0.7, prev_sample=_f64(prev), v_ref=_f64(v_ref))
+        (g64,) = torch.autograd.grad(ref.log_prob.sum() + 0.01 * ref.kl.sum(), v64)
+        assert_close(out.log_prob, ref.log_prob, name="log_prob")
+        assert_close(out.kl, ref.kl, name="kl")
+        assert_close(g, g64, name="grad v")
+
+    n, es = x.numel(), x.element_size()
+    measure(benchmark, fn, check=check, bytes_moved=n * (3 * es + 4 + 4 + es), dtype=dtype,
+            shapes={"x": shape}, impl=impl, case="train", shape_name=shape_name)

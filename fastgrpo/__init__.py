@@ -1,0 +1,10 @@
+"""fastgrpo: fast GRPO training of image generators.
+
+Ops (fused kernels with plain-PyTorch ``*_ref`` twins) are re-exported here::
+
+    from fastgrpo import sde_step
+"""
+from .ops import SDEStep, sde_step, sde_step_ref
+
+__version__ = "0.1.0"
+__all__ = ["SDEStep", "sde_step", "sde_step_ref", "__version__"]

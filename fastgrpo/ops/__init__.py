@@ -1,0 +1,7 @@
+"""Public ops: one module per op family (formula docstring, `*_ref`, validation, autograd.Function, public fn).
+
+No diffusers/transformers imports here.
+"""
+from .sde import SDEStep, sde_step, sde_step_ref
+
+__all__ = ["SDEStep", "sde_step", "sde_step_ref"]

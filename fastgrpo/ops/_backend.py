@@ -1,0 +1,97 @@
+"""Backend choice and input checks shared by every op.
+
+`impl` is one of:
+* ``"auto"``   -- Triton for CUDA tensors, the C++ extension for CPU tensors when it is built, else torch.
+* ``"triton"`` -- the Triton kernel; on CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1`` set
+  before the first kernel is imported, as the test suite does).
+* ``"torch"``  -- the plain PyTorch reference (`*_ref`).
+* ``"cpp"``    -- the C++ extension `fastgrpo._C` (ValueError when it is not built).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Sequence
+
+import torch
+
+IMPLS = ("auto", "triton", "torch", "cpp")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run in the interpreter (CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def cpp_available() -> bool:
+    """True when the compiled extension `fastgrpo._C` can be imported."""
+    return importlib.util.find_spec("fastgrpo._C") is not None
+
+
+def usable_backends() -> dict[str, bool]:
+    """Which backends work in this process (reported by `fastgrpo env`)."""
+    cuda = torch.cuda.is_available()
+    return {
+        "triton": triton_available() and (cuda or triton_interpreting()),
+        "cpp": cpp_available(),
+        "torch": True,
+    }
+
+
+def resolve_impl(impl: str, device: torch.device, *, has_cpp: bool = False) -> str:
+    """Turn ``impl`` into the backend that will run for tensors on ``device``.
+
+    ``has_cpp`` says whether the op has a C++ kernel at all (so "auto" may pick it).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    on_cuda = device.type == "cuda"
+    if impl == "auto":
+        if on_cuda and triton_available():
+            return "triton"
+        if not on_cuda and has_cpp and cpp_available():
+            return "cpp"
+        return "torch"
+    if impl == "triton":
+        if not triton_available():
+            raise ValueError("impl='triton' needs the triton package, which is not installed")
+        if not on_cuda and not triton_interpreting():
+            raise ValueError(
+                f"impl='triton' got tensors on {device}: Triton kernels need CUDA tensors, or Triton's interpreter "
+                "on CPU (set TRITON_INTERPRET=1 before fastgrpo's kernels are first used)"
+            )
+        return "triton"
+    if impl == "cpp":
+        if not has_cpp:
+            raise ValueError("impl='cpp': this op has no C++ kernel yet; use 'auto', 'triton' or 'torch'")
+        if not cpp_available():
+            raise ValueError("impl='cpp': the extension fastgrpo._C is not built (see csrc/README.md)")
+        return "cpp"
+    return "torch"
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a floating tensor (float32, float16 or bfloat16), got {t.dtype}")
+
+
+def check_same_shape(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+
+
+def check_same_device(named: Sequence[tuple[str, torch.Tensor | None]]) -> torch.device:
+    """All given tensors on one device; returns it."""
+    present = [(n, t) for n, t in named if isinstance(t, torch.Tensor)]
+    first_name, first = present[0]
+    for n, t in present[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{n} is on {t.device} but {first_name} is on {first.device}; put them on one device")
+    return first.device

@@ -1,0 +1,94 @@
+"""The one tolerance rule, and the helpers every kernel test uses.
+
+Rule (after flash-attention's README): compare against a float64 reference computed on the same (already
+rounded) inputs, with the error measured normwise -- ``max|actual - ref| / max|ref|``:
+
+* float32 (and float64) outputs: within ``FP32_RTOL`` = 1e-5 (kernels accumulate in fp32, so their error is
+  fp32 rounding, amplified a little by reductions).
+* float16 / bfloat16 outputs: at most twice PyTorch's own error at that dtype (``baseline``: the same
+  computation done by PyTorch in the low dtype; by default the reference rounded to that dtype, i.e. the error
+  of merely storing the exact answer) plus a small absolute floor of a few ulps of the reference's scale.
+
+Helpers: `rel_err`, `assert_close`, and `poisoned_allocations`, which makes ``torch.empty``/``empty_like`` return
+NaN-filled (or extreme-integer) memory so a test can prove a kernel writes every element of its outputs.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+FP32_RTOL = 1e-5
+LOW_PRECISION_FACTOR = 2.0
+_ULPS_FLOOR = 2.0
+
+
+def rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """Normwise relative error ``max|a - r| / max|r|`` in float64 (0 when both are all zero)."""
+    a = actual.detach().to(torch.float64)
+    r = reference.detach().to(torch.float64)
+    if a.shape != r.shape:
+        raise ValueError(f"shapes differ: actual {tuple(a.shape)} vs reference {tuple(r.shape)}")
+    if r.numel() == 0:
+        return 0.0
+    if not torch.isfinite(a).all():
+        return float("inf")
+    scale = r.abs().max().item()
+    err = (a - r).abs().max().item()
+    if scale == 0.0:
+        return err
+    return err / scale
+
+
+def tolerance(dtype: torch.dtype, reference: torch.Tensor, baseline: Optional[torch.Tensor] = None) -> float:
+    """The allowed normwise relative error for an output of ``dtype`` against ``reference`` (float64)."""
+    if dtype in (torch.float32, torch.float64):
+        return FP32_RTOL
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"no tolerance rule for dtype {dtype}")
+    if baseline is None:
+        baseline = reference.to(dtype)
+    return LOW_PRECISION_FACTOR * rel_err(baseline, reference) + _ULPS_FLOOR * torch.finfo(dtype).eps
+
+
+def assert_close(actual: torch.Tensor, reference: torch.Tensor, *, baseline: Optional[torch.Tensor] = None,
+                 name: str = "output") -> None:
+    """Assert ``actual`` meets the tolerance rule against the float64 ``reference``."""
+    if reference.dtype != torch.float64:
+        raise ValueError(f"reference for {name} must be float64 (the oracle), got {reference.dtype}")
+    err = rel_err(actual, reference)
+    tol = tolerance(actual.dtype, reference, baseline)
+    if not err <= tol:
+        diff = (actual.detach().to(torch.float64) - reference).abs()
+        where = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0]) if diff.numel() else ()
+        raise AssertionError(
+            f"{name}: normwise relative error {err:.3e} > tolerance {tol:.3e} ({actual.dtype}); "
+            f"largest difference {diff.max().item():.3e} at index {where}"
+        )
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Within the block, ``torch.empty``/``torch.empty_like`` return poisoned memory (NaN for floats, the
+    dtype's minimum for integers) so that any element a kernel forgets to write shows up in the output."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        if t.dtype == torch.bool:
+            return t.fill_(True)
+        return t.fill_(torch.iinfo(t.dtype).min)
+
+    def empty(*args, **kwargs):
+        return poison(real_empty(*args, **kwargs))
+
+    def empty_like(*args, **kwargs):
+        return poison(real_empty_like(*args, **kwargs))
+
+    torch.empty, torch.empty_like = empty, empty_like
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_empty_like

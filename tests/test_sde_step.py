@@ -1,0 +1,286 @@
+"""sde_step against its float64 reference: every kind, both backends, three input dtypes, gradients."""
+import math
+
+import pytest
+import torch
+
+from fastgrpo import sde_step, sde_step_ref
+from fastgrpo.testing import assert_close, poisoned_allocations
+
+IMPLS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+KINDS = ["flow_grpo", "dance", "cps", "ode"]
+NOISE_LEVEL = {"flow_grpo": 0.7, "dance": 0.3, "cps": 0.8, "ode": 0.7}
+SIGMA_MAX = 0.97
+
+
+def _sigmas(kind, B, device):
+    """Per-sample sigmas covering the first step (sigma == 1) and the last (sigma_next == 0), random in between."""
+    s = torch.rand(B, dtype=torch.float64) * 0.8 + 0.15
+    sn = s * torch.rand(B, dtype=torch.float64) * 0.95
+    s[0], sn[0] = 1.0, SIGMA_MAX
+    if B > 1 and kind != "cps":  # cps has no KL at sigma_next == 0 (tested separately)
+        sn[1] = 0.0
+    return s.to(device), sn.to(device)
+
+
+def _inputs(shape, dtype, device, gen_seed):
+    g = torch.Generator().manual_seed(gen_seed)
+    mk = lambda scale=1.0: (torch.randn(shape, generator=g) * scale).to(dtype).to(device)  # noqa: E731
+    return mk(), mk(), mk(), mk(0.5)  # x, v, noise, v_ref - v
+
+
+def _f64(t):
+    return t.detach().to(torch.float64) if isinstance(t, torch.Tensor) else t
+
+
+def _ref64(x, v, s, sn, kind, **kw):
+    kw = {k: _f64(t) for k, t in kw.items()}
+    return sde_step_ref(_f64(x), _f64(v), _f64(s), _f64(sn), kind=kind, noise_level=NOISE_LEVEL[kind],
+                        sigma_max=SIGMA_MAX, **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (4, 37, 3)])
+def test_forward_matches_float64_reference(impl, dtype, kind, shape, device):
+    x, v, noise, dv = _inputs(shape, dtype, device, 1)
+    v_ref = None if kind == "ode" else (v.float() + dv.float()).to(dtype)
+    s, sn = _sigmas(kind, shape[0], device)
+    with poisoned_allocations():
+        out = sde_step(x, v, s, sn, kind=kind, noise_level=NOISE_LEVEL[kind], sigma_max=SIGMA_MAX, noise=noise,
+                       v_ref=v_ref, impl=impl)
+    ref = _ref64(x, v, s, sn, kind, noise=noise, v_ref=v_ref)
+    for name in ("prev_sample", "log_prob", "mean", "std", "kl"):
+        got, want = getattr(out, name), getattr(ref, name)
+        if want is None:
+            assert got is None, name
+            continue
+        assert got.dtype == torch.float32, name
+        assert got.shape == want.shape, name
+        assert_close(got, want, name=f"{kind}/{name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["flow_grpo", "dance", "cps"])
+def test_log_prob_of_given_sample(impl, kind, device):
+    """Training recomputes the log-prob of a stored sample: it equals the rollout's, and the reference's."""
+    x, v, noise, _ = _inputs((5, 4, 3, 11), torch.float32, device, 2)
+    s, sn = _sigmas(kind, 5, device)
+    kw = dict(kind=kind, noise_level=NOISE_LEVEL[kind], sigma_max=SIGMA_MAX, impl=impl)
+    rollout = sde_step(x, v, s, sn, noise=noise, **kw)
+    again = sde_step(x, v, s, sn, prev_sample=rollout.prev_sample, **kw)
+    assert torch.equal(again.log_prob, rollout.log_prob)  # the ratio is exactly 1 on the first inner step
+    assert torch.equal(again.prev_sample, rollout.prev_sample)
+    # A different, arbitrary sample: its log-prob against the float64 formula.
+    other = torch.randn(x.shape, generator=torch.Generator().manual_seed(9)).to(device)
+    got = sde_step(x, v, s, sn, prev_sample=other, **kw).log_prob
+    assert_close(got, _ref64(x, v, s, sn, kind, prev_sample=other).log_prob)
+    if kind != "cps":  # independent closed form of the Gaussian density, not via sde_step_ref
+        ref = _ref64(x, v, s, sn, kind, prev_sample=other)
+        dist = torch.distributions.Normal(ref.mean, ref.std.view(-1, 1, 1, 1))
+        assert_close(got, dist.log_prob(_f64(other)).mean(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kl_convention", ["flow_grpo", "exact"])
+def test_gradients_match_float64_autograd(impl, dtype, kind, kl_convention, device):
+    shape = (3, 6, 5, 7)
+    x, v, _, dv = _inputs(shape, dtype, device, 3)
+    prev = torch.randn(shape, generator=torch.Generator().manual_seed(4)).to(device)
+    v_ref = None if kind == "ode" else (v.float() + dv.float()).to(dtype)
+    s, sn = _sigmas(kind, shape[0], device)
+    g = torch.Generator().manual_seed(5)
+    w_lp, w_kl = torch.randn(3, generator=g).to(device), torch.randn(3, generator=g).to(device)
+    w_mean = torch.randn(shape, generator=g).to(device)
+
+    def loss_of(out):
+        loss = (w_lp.to(out.log_prob) * out.log_prob).sum() + (w_mean.to(out.mean) * out.mean).sum()
+        if out.kl is not None:
+            loss = loss + (w_kl.to(out.kl) * out.kl).sum()
+        return loss
+
+    leaves = [t.clone().requires_grad_(True) for t in (x, v)] + (
+        [v_ref.clone().requires_grad_(True)] if v_ref is not None else [])
+    out = sde_step(leaves[0], leaves[1], s, sn, kind=kind, noise_level=NOISE_LEVEL[kind], sigma_max=SIGMA_MAX,
+                   prev_sample=prev, v_ref=leaves[2] if v_ref is not None else None, kl_convention=kl_convention,
+                   impl=impl)
+    assert not out.prev_sample.requires_grad
+    grads = torch.autograd.grad(loss_of(out), leaves)
+
+    leaves64 = [_f64(t).requires_grad_(True) for t in leaves]
+    ref = sde_step_ref(leaves64[0], leaves64[1], _f64(s), _f64(sn), kind=kind, noise_level=NOISE_LEVEL[kind],
+                       sigma_max=SIGMA_MAX, prev_sample=_f64(prev),
+                       v_ref=leaves64[2] if v_ref is not None else None, kl_convention=kl_convention)
+    grads64 = torch.autograd.grad(loss_of(ref), leaves64)
+    for name, got, want in zip(("x", "v", "v_ref"), grads, grads64):
+        assert got.dtype == dtype
+        assert_close(got, want, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradient_of_log_prob_only_and_kl_only(impl, device):
+    """Backward with one of the outputs unused (the fused backward skips its terms)."""
+    x, v, _, dv = _inputs((2, 3, 33), torch.float32, device, 6)
+    prev = torch.randn(x.shape).to(device)
+    v_ref = v + dv
+    for pick in ("log_prob", "kl"):
+        vv = v.clone().requires_grad_(True)
+        out = sde_step(x, vv, 0.6, 0.5, prev_sample=prev, v_ref=v_ref, impl=impl)
+        (gv,) = torch.autograd.grad(getattr(out, pick).sum(), vv)
+        v64 = _f64(v).requires_grad_(True)
+        ref = sde_step_ref(_f64(x), v64, 0.6, 0.5, prev_sample=_f64(prev), v_ref=_f64(v_ref))
+        (gv64,) = torch.autograd.grad(getattr(ref, pick).sum(), v64)
+        assert_close(gv, gv64, name=f"grad v of {pick}")
+
+
+def test_kl_conventions_differ_by_minus_dt(device):
+    """flow_grpo divides by sd^2, exact by std^2 = sd^2 * (-dt): their ratio is -dt per sample."""
+    x, v, _, dv = _inputs((3, 4, 8), torch.float32, device, 7)
+    s = torch.tensor([0.9, 0.7, 0.4], device=device)
+    sn = torch.tensor([0.8, 0.45, 0.1], device=device)
+    a = sde_step(x, v, s, sn, v_ref=v + dv, kl_convention="flow_grpo", impl="triton").kl
+    b = sde_step(x, v, s, sn, v_ref=v + dv, kl_convention="exact", impl="triton").kl
+    assert_close(a / b, (s - sn).double())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["flow_grpo", "dance", "cps"])
+def test_internal_noise_is_standard_normal(impl, kind, device):
+    """The generator path: (prev - mean) / std over many draws has mean 0 and std 1."""
+    B, N = 4, 25_000
+    x = torch.randn(B, N).to(device)
+    v = torch.randn(B, N).to(device)
+    gen = torch.Generator(device=device).manual_seed(11)
+    out = sde_step(x, v, 0.75, 0.6, kind=kind, noise_level=NOISE_LEVEL[kind], generator=gen, impl=impl)
+    z = ((out.prev_sample - out.mean) / out.std.view(-1, 1)).double().flatten()
+    n = z.numel()
+    assert abs(z.mean().item()) < 5 / math.sqrt(n)
+    assert abs(z.std().item() - 1) < 5 / math.sqrt(2 * n)
+    # Fourth moment too, so a uniform or a scaled draw cannot pass.
+    assert abs((z**4).mean().item() - 3) < 5 * math.sqrt(96 / n)
+    # Same generator state -> same draw on both backends.
+    other = "torch" if impl == "triton" else "triton"
+    again = sde_step(x, v, 0.75, 0.6, kind=kind, noise_level=NOISE_LEVEL[kind],
+                     generator=torch.Generator(device=device).manual_seed(11), impl=other)
+    assert_close(again.prev_sample, _f64(out.prev_sample))
+
+
+def test_scalar_and_tensor_sigmas_agree(device):
+    x, v, noise, _ = _inputs((3, 2, 5), torch.float32, device, 8)
+    a = sde_step(x, v, 0.8, 0.7, noise=noise, impl="triton")
+    # float64 tensors hold the same values as the python floats (a float32 0.8 would not).
+    b = sde_step(x, v, torch.tensor(0.8, dtype=torch.float64, device=device),
+                 torch.full((3,), 0.7, dtype=torch.float64, device=device), noise=noise, impl="triton")
+    assert torch.equal(a.log_prob, b.log_prob) and torch.equal(a.prev_sample, b.prev_sample)
+
+
+def test_ode_kind(device):
+    x, v, noise, _ = _inputs((2, 3, 4), torch.float32, device, 9)
+    out = sde_step(x, v, 0.5, 0.25, kind="ode", noise=noise, impl="triton")
+    assert_close(out.mean, _f64(x) - 0.25 * _f64(v))
+    assert torch.equal(out.prev_sample, out.mean)
+    assert torch.count_nonzero(out.log_prob) == 0 and torch.count_nonzero(out.std) == 0
+
+
+def test_deterministic_and_non_contiguous(device):
+    x, v, noise, _ = _inputs((3, 8, 6), torch.float32, device, 10)
+    xt, vt, nt = (t.transpose(1, 2) for t in (x, v, noise))  # non-contiguous views
+    a = sde_step(xt, vt, 0.9, 0.3, noise=nt, impl="triton")
+    b = sde_step(xt.contiguous(), vt.contiguous(), 0.9, 0.3, noise=nt.contiguous(), impl="triton")
+    assert torch.equal(a.log_prob, b.log_prob) and torch.equal(a.prev_sample, b.prev_sample)
+    assert a.prev_sample.shape == xt.shape
+    assert_close(a.log_prob, sde_step_ref(_f64(xt), _f64(vt), 0.9, 0.3, noise=_f64(nt)).log_prob)
+
+
+def test_large_latent_spans_many_programs(device):
+    """16 x 32 x 40 per sample: several chunks per sample, reduced in a fixed order."""
+    x, v, noise, dv = _inputs((2, 16, 32, 40), torch.float32, device, 12)
+    out = sde_step(x, v, 0.9, 0.8, noise=noise, v_ref=v + dv, impl="triton")
+    ref = _ref64(x, v, 0.9, 0.8, "flow_grpo", noise=noise, v_ref=v + dv)
+    assert_close(out.log_prob, ref.log_prob)
+    assert_close(out.kl, ref.kl)
+    assert torch.equal(out.log_prob, sde_step(x, v, 0.9, 0.8, noise=noise, v_ref=v + dv, impl="triton").log_prob)
+
+
+def test_extreme_magnitudes(device):
+    """Large latents and velocities, tiny steps: the log-prob stays finite and accurate."""
+    x, v, noise, _ = _inputs((2, 3, 17), torch.float32, device, 13)
+    out = sde_step(x * 1e3, v * 1e3, 0.5, 0.4999, noise=noise, impl="triton")
+    ref = _ref64(x * 1e3, v * 1e3, 0.5, 0.4999, "flow_grpo", noise=noise)
+    assert torch.isfinite(out.log_prob).all()
+    assert_close(out.mean, ref.mean)
+    # The sample differs from the mean by ~std*eps; fp32 rounding of prev (~1e3 * 6e-8) limits the log-prob.
+    assert (out.log_prob.double() - ref.log_prob).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_batch(impl, device):
+    x = torch.zeros(0, 4, 5, device=device)
+    out = sde_step(x, x, 0.5, 0.4, impl=impl)
+    assert out.prev_sample.shape == (0, 4, 5) and out.log_prob.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(v=torch.zeros(2, 3, 5)), "v must have the shape of x"),
+        (dict(noise=torch.zeros(2, 3)), "noise must have the shape of x"),
+        (dict(prev_sample=torch.zeros(2, 4, 4)), "prev_sample must have the shape of x"),
+        (dict(v_ref=torch.zeros(1, 3, 4)), "v_ref must have the shape of x"),
+        (dict(sigma=0.5, sigma_next=0.5), "sigma_next must be smaller than sigma"),
+        (dict(sigma=0.4, sigma_next=0.5), "sigma_next must be smaller than sigma"),
+        (dict(sigma=1.2, sigma_next=0.5), r"\[0, 1\]"),
+        (dict(sigma=0.5, sigma_next=-0.1), r"\[0, 1\]"),
+        (dict(sigma=1.0, sigma_next=0.9), "sigma_max"),
+        (dict(sigma=torch.tensor([0.5, 1.0]), sigma_next=0.3), "sigma_max"),
+        (dict(sigma=torch.tensor([0.5, 0.6, 0.7]), sigma_next=0.3), r"sigma must be a float or a tensor of shape \[2\]"),
+        (dict(sigma="0.5"), "sigma must be a float"),
+        (dict(kind="euler"), "kind must be one of"),
+        (dict(kl_convention="kl3"), "kl_convention must be one of"),
+        (dict(kind="ode", v_ref=torch.zeros(2, 3, 4)), "v_ref was given with kind='ode'"),
+        (dict(kind="cps", sigma_next=0.0, v_ref=torch.zeros(2, 3, 4)), "sigma_next == 0"),
+        (dict(x=torch.zeros(2, 3, 4, dtype=torch.int64)), "x must be a floating tensor"),
+        (dict(v=torch.zeros(2, 3, 4, dtype=torch.int32)), "v must be a floating tensor"),
+        (dict(x=torch.zeros(2)), "at least one non-batch dim"),
+        (dict(noise_level=0.0), "noise_level must be > 0"),
+        (dict(sigma_max=1.0, sigma=1.0), "sigma_max must be in"),
+        (dict(impl="cuda"), "impl must be one of"),
+        (dict(impl="cpp"), "impl='cpp'"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_argument(kwargs, match):
+    args = dict(x=torch.zeros(2, 3, 4), v=torch.zeros(2, 3, 4), sigma=0.5, sigma_next=0.4)
+    args.update(kwargs)
+    x, v, s, sn = args.pop("x"), args.pop("v"), args.pop("sigma"), args.pop("sigma_next")
+    with pytest.raises(ValueError, match=match):
+        sde_step(x, v, s, sn, **args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to put one tensor elsewhere")
+def test_devices_must_match():
+    x = torch.zeros(2, 3, device="cuda")
+    with pytest.raises(ValueError, match="v is on cpu"):
+        sde_step(x, torch.zeros(2, 3), 0.5, 0.4)
+
+
+def test_devices_must_match_meta():
+    """Without a GPU: a tensor on the meta device stands in for 'another device'."""
+    with pytest.raises(ValueError, match="noise is on meta"):
+        sde_step(torch.zeros(2, 3), torch.zeros(2, 3), 0.5, 0.4, noise=torch.zeros(2, 3, device="meta"))
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        sde_step(torch.zeros(2, 3), torch.zeros(2, 3), 0.5, 0.4, impl="triton")
+
+
+def test_auto_on_cpu_uses_torch_reference():
+    x, v, noise, _ = _inputs((2, 3, 4), torch.float32, torch.device("cpu"), 14)
+    a = sde_step(x, v, 0.5, 0.4, noise=noise)
+    b = sde_step_ref(x, v, 0.5, 0.4, noise=noise)
+    assert torch.equal(a.log_prob, b.log_prob)
