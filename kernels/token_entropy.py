@@ -1,19 +1,21 @@
 """Token log-prob + entropy kernels over a row of V logits: forward statistics, their merge, and the backward.
 
 With ``z = logits / T`` for one token row, the forward pass reads the row once and keeps three running numbers in
-float32, relative to the running max ``m`` (initialised to -inf, never 0: a row of -1e4 logits must not underflow)::
+float32, relative to the running max ``m`` of the raw logits ``x`` (initialised to -inf, never 0: a row of -1e4
+logits must not underflow), with ``d_j = (x_j - m) / T``::
 
-    s = sum_j exp(z_j - m)                 w = sum_j exp(z_j - m) * (z_j - m)
+    s = sum_j exp(d_j)                     w = sum_j exp(d_j) * d_j
 
-so ``lse = m + log s``, ``E_p[z] = m + w/s`` and ``entropy = lse - E_p[z] = log s - w/s``: the large offset ``m``
-cancels exactly instead of being subtracted in float32. When the max moves from ``m`` to ``m'`` both sums are
-rescaled by ``exp(m - m')`` and ``w`` picks up ``s * (m - m')``. Entries equal to -inf (masked vocabulary) add
+so ``lse = m/T + log s``, ``E_p[z] = m/T + w/s`` and ``entropy = lse - E_p[z] = log s - w/s``: the large offset
+``m`` cancels exactly instead of being subtracted in float32 (``x - m`` is exact for nearby values; ``x/T - m/T``
+would round at the scale of ``m``). When the max moves from ``m`` to ``m'`` both sums are rescaled by
+``exp((m - m')/T)`` and ``w`` picks up ``s * (m - m')/T``. Entries equal to -inf (masked vocabulary) add
 nothing; a fully masked block never computes ``0 * (-inf)`` or ``exp(-inf - (-inf))``.
 
 Long rows are split across programs (``n_split`` chunks of ``BLOCK * ITERS`` logits, a function of V only); each
 writes its partial (m, s, w), and a merge kernel combines the chunks of a row in a fixed order (deterministic).
-Per row the merge saves only ``rowmax``, ``log s`` and ``w / s`` for the backward, which recomputes
-``p = exp(z - rowmax - log s)`` in one more pass over V and writes, into a fresh buffer of the logits' dtype::
+Per row the merge saves only ``rowmax`` (raw logits), ``log s`` and ``w / s`` for the backward, which recomputes
+``p = exp((x - rowmax)/T - log s)`` in one more pass over V and writes, into a fresh buffer of the logits' dtype::
 
     dlogits = [ g_logp * (onehot(target) - p) - g_H * p * (z - E_p[z]) ] / T
 
@@ -50,15 +52,15 @@ def token_stats_fwd_kernel(
     for it in range(ITERS):
         offs = (split * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
         inb = (offs < V) & valid
-        z = tl.load(base + offs, mask=inb, other=-float("inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(z, 0))
+        x = tl.load(base + offs, mask=inb, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
         # Any finite reference works while every value so far is -inf (then s = w = 0).
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-        d = z - m_ref
+        d = (x - m_ref) * inv_t  # x - max is exact in fp32 for nearby values; (x * inv_t) - max would not be
         e = tl.exp(d)
-        ed = tl.where(e > 0.0, e * d, 0.0)
-        alpha = tl.exp(m - m_ref)
-        shift = tl.where(s > 0.0, m - m_ref, 0.0)
+        ed = e * tl.where(e > 0.0, d, 0.0)  # masked lanes: e = 0, d = -inf
+        alpha = tl.exp((m - m_ref) * inv_t)
+        shift = tl.where(s > 0.0, (m - m_ref) * inv_t, 0.0)
         w = alpha * (w + s * shift) + tl.sum(ed, 0)
         s = alpha * s + tl.sum(e, 0)
         m = m_new  # stays -inf until a finite logit is seen: a later block of -1e4 logits must set the max
@@ -66,14 +68,14 @@ def token_stats_fwd_kernel(
     tl.store(m_ptr + out, m)
     tl.store(s_ptr + out, s)
     tl.store(w_ptr + out, w)
-    zt = tl.load(base + tl.where(valid, tgt, 0), mask=valid, other=0.0).to(tl.float32) * inv_t
-    tl.store(zt_ptr + row, zt, mask=split == 0)
+    xt = tl.load(base + tl.where(valid, tgt, 0), mask=valid, other=0.0).to(tl.float32)
+    tl.store(zt_ptr + row, xt, mask=split == 0)
 
 
 @triton.jit
 def token_stats_merge_kernel(
     m_ptr, s_ptr, w_ptr, zt_ptr, targets_ptr, logp_ptr, ent_ptr, rowmax_ptr, logs_ptr, meanrel_ptr,
-    n_split, ignore_index, ent_scale,
+    n_split, inv_t, ignore_index, ent_scale,
     S_PAD: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -84,17 +86,17 @@ def token_stats_merge_kernel(
     w = tl.load(w_ptr + row * n_split + j, mask=mk, other=0.0)
     big = tl.max(m, 0)
     big = tl.where(big == -float("inf"), 0.0, big)
-    c = tl.exp(m - big)
-    shift = tl.where(s > 0.0, m - big, 0.0)
+    c = tl.exp((m - big) * inv_t)
+    shift = tl.where(s > 0.0, (m - big) * inv_t, 0.0)
     total = tl.sum(c * s, 0)
     wsum = tl.sum(c * (w + s * shift), 0)
     tgt = tl.load(targets_ptr + row)
     valid = tgt != ignore_index
     total = tl.where(valid, total, 1.0)  # ignored rows: neutral statistics, no log(0)
     logs = tl.log(total)
-    mean_rel = tl.where(valid, wsum / total, 0.0)  # E_p[z] - rowmax
-    zt = tl.load(zt_ptr + row)
-    logp = tl.where(valid, zt - big - logs, 0.0)
+    mean_rel = tl.where(valid, wsum / total, 0.0)  # E_p[z] - rowmax / T
+    xt = tl.load(zt_ptr + row)
+    logp = tl.where(valid, (xt - big) * inv_t - logs, 0.0)
     ent = tl.where(valid, (logs - mean_rel) * ent_scale, 0.0)
     tl.store(logp_ptr + row, logp)
     tl.store(ent_ptr + row, ent)
@@ -127,11 +129,11 @@ def token_stats_bwd_kernel(
     for it in range(ITERS):
         offs = (split * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
         inb = offs < V
-        x = tl.load(base + offs, mask=inb & valid, other=0.0).to(tl.float32)
-        d = x * inv_t - big
+        x = tl.load(base + offs, mask=inb & valid, other=-float("inf")).to(tl.float32)
+        d = (x - big) * inv_t
         p = tl.exp(d - logs)
         # dH/dz = -p (z - E_p[z]); p = 0 on -inf logits, where (z - E_p[z]) is -inf: keep the product 0.
-        g = -ge * tl.where(p > 0.0, p * (d - mean_rel), 0.0) - gl * p + tl.where(offs == tgt, gl, 0.0)
+        g = -ge * p * tl.where(p > 0.0, d - mean_rel, 0.0) - gl * p + tl.where(offs == tgt, gl, 0.0)
         g = tl.where(valid, g * inv_t, 0.0)
         tl.store(out + offs, g.to(dlogits_ptr.dtype.element_ty), mask=inb)
 
@@ -169,7 +171,7 @@ def token_stats_fwd(logits3, targets, inv_t: float, ignore_index: int, ent_scale
             BLOCK=block, ITERS=iters, num_warps=8 if block >= 2048 else 4,
         )
         token_stats_merge_kernel[(R,)](
-            part_m, part_s, part_w, zt, targets, logp, ent, rowmax, logs, mean_rel, n_split, ignore_index,
+            part_m, part_s, part_w, zt, targets, logp, ent, rowmax, logs, mean_rel, n_split, inv_t, ignore_index,
             ent_scale, S_PAD=max(16, triton.next_power_of_2(n_split)), num_warps=1,
         )
     return logp, ent, rowmax, logs, mean_rel
@@ -215,7 +217,7 @@ def compile_specs():
     merge = {
         "m_ptr": "*fp32", "s_ptr": "*fp32", "w_ptr": "*fp32", "zt_ptr": "*fp32", "targets_ptr": "*i64",
         "logp_ptr": "*fp32", "ent_ptr": "*fp32", "rowmax_ptr": "*fp32", "logs_ptr": "*fp32", "meanrel_ptr": "*fp32",
-        "n_split": "i32", "ignore_index": "i32", "ent_scale": "fp32",
+        "n_split": "i32", "inv_t": "fp32", "ignore_index": "i32", "ent_scale": "fp32",
     }
     specs.append((token_stats_merge_kernel, merge, {"S_PAD": 16}))
     return specs

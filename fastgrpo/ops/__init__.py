@@ -3,5 +3,12 @@
 No diffusers/transformers imports here.
 """
 from .sde import SDEStep, sde_step, sde_step_ref
+from .token_entropy import token_logprob_entropy, token_logprob_entropy_ref
+from .eg_grpo import (EGShaping, eg_grpo_shaping, eg_grpo_shaping_ref, eg_token_advantages, eg_token_advantages_ref,
+                      eg_token_masks, eg_token_masks_ref)
+from .grpo_loss import grpo_token_loss, grpo_token_loss_ref
 
 __all__ = ["SDEStep", "sde_step", "sde_step_ref"]
+__all__ += ["token_logprob_entropy", "token_logprob_entropy_ref", "EGShaping", "eg_grpo_shaping",
+            "eg_grpo_shaping_ref", "eg_token_advantages", "eg_token_advantages_ref", "eg_token_masks",
+            "eg_token_masks_ref", "grpo_token_loss", "grpo_token_loss_ref"]

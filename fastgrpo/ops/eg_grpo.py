@@ -1,0 +1,321 @@
+"""EG-GRPO token shaping: per-row, per-modality entropy masks and entropy-shaped token advantages.
+
+EG-GRPO (seed 001, "From Broad Exploration to Stable Synthesis: Entropy-Guided Optimization for Autoregressive Image
+Generation", §5.3-5.4; released code minebetter/EG-GRPO @b0bdd65, ``eg_grpo_trainer.py``) ranks the normalised
+token entropies ``H`` of each sequence, separately for the text chain-of-thought (modality 0) and the image tokens
+(modality 1), and
+
+* removes the reward-driven advantage of the lowest-entropy tokens (``low``; they keep only the KL term),
+* adds a bonus to the advantage of the highest-entropy tokens (``high``).
+
+Thresholds (DESIGN.md §3.2), per row and modality over its n valid tokens with entropies ``s`` sorted ascending:
+
+* ``rule="released"`` (the released code, without its padding quirk: it indexes text thresholds in a sorted tensor
+  that still holds the padding)::
+
+      tau_hi = s[n - max(1, floor(high_frac * n))]      tau_lo = s[min(n - 1, max(1, floor(low_frac * n)))]
+
+* ``rule="quantile"``: numpy's ``nanquantile`` with linear interpolation, ``tau_hi = q(1 - high_frac)``,
+  ``tau_lo = q(low_frac)`` (computed in float64, as numpy does for float32 data).
+
+``high = H > tau_hi``, ``low = H < tau_lo`` (strict), both False where modality == -1.
+
+Advantages (A: one advantage per sequence, broadcast over its tokens; H detached)::
+
+    released:   b = min(bonus * |A|, bonus * H) * high          token_adv = (A + b) * (1 - low)
+    calibrate:  alpha = bonus * mean_B(|A|) / mean(H[high])     b = min(alpha * H, bonus * |A|) * high
+
+The calibrated bonus is our reconstruction of the paper's Proposition 1 (per-batch budget balance, eq. 8 and
+Appendix B.1), whose equations are lost in our copy of the paper; it is batch-level (one alpha for the whole
+batch). The released code (the default, ``calibrate=False``) uses the fixed ``bonus * H`` instead.
+
+Decisions where DESIGN.md is silent (written down here, as it asks):
+
+* Masks run on device without a host sync per row: each modality is one ``torch.sort`` of the [B, L] entropies
+  with the other tokens pushed to +inf, then a gather of the threshold positions. Not ``torch.quantile`` (it fails
+  above 2^24 elements).
+* A row/modality with no valid token has no threshold and empty masks; with n = 1 both masks are empty (the one
+  token is its own threshold and comparisons are strict).
+* Modality values other than -1, 0, 1 raise ValueError (one host sync per call, with the shape checks).
+* ``mean(H[high])`` of the calibrated rule is over every high token of the batch; a batch without high tokens has
+  no bonus (alpha = 0 instead of 0/0).
+* In `eg_grpo_shaping`, a token with modality -1 *or* target == -100 is ignored: not read, logp = entropy = 0,
+  token_adv = 0, in no mask and no threshold.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ._backend import check_float, check_same_device
+from .token_entropy import token_logprob_entropy
+
+RULES = ("released", "quantile")
+MODALITIES = (0, 1)  # text (CoT), image; -1 = ignored
+IGNORE_INDEX = -100
+
+
+class EGShaping(NamedTuple):
+    """Result of `eg_grpo_shaping`.
+
+    logp:      float32 [B, L] log-prob of each target token (differentiable w.r.t. logits; 0 on ignored tokens).
+    entropy:   float32 [B, L] normalised entropy H / ln V (detached; 0 on ignored tokens).
+    token_adv: float32 [B, L] shaped advantage per token (0 on ignored tokens).
+    low:       bool [B, L] low-entropy tokens (advantage removed, KL only).
+    high:      bool [B, L] high-entropy tokens (advantage + bonus).
+    """
+
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    token_adv: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _check_fraction(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{name} must be a float in (0, 1), got {value!r}")
+
+
+def _check_rule(low_frac, high_frac, rule):
+    _check_fraction("low_frac", low_frac)
+    _check_fraction("high_frac", high_frac)
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+
+
+def _check_modality(modality, shape):
+    """modality: integer tensor of ``shape`` holding -1, 0, 1 (one host sync)."""
+    if not isinstance(modality, torch.Tensor) or modality.dtype.is_floating_point or modality.dtype == torch.bool:
+        got = modality.dtype if isinstance(modality, torch.Tensor) else type(modality).__name__
+        raise ValueError(f"modality must be an integer tensor of shape {tuple(shape)} (0 text, 1 image, "
+                         f"-1 ignored), got {got}")
+    if modality.shape != shape:
+        raise ValueError(f"modality must have shape [B, L] = {tuple(shape)}, got {tuple(modality.shape)}")
+    if modality.numel() and bool(((modality < -1) | (modality > 1)).any()):
+        raise ValueError("modality must hold only -1 (ignored), 0 (text) or 1 (image)")
+
+
+def _check_mask_inputs(entropy, modality, low_frac, high_frac, rule):
+    check_float("entropy", entropy)
+    if entropy.ndim != 2:
+        raise ValueError(f"entropy must have shape [B, L], got {tuple(entropy.shape)}")
+    _check_modality(modality, entropy.shape)
+    check_same_device([("entropy", entropy), ("modality", modality)])
+    _check_rule(low_frac, high_frac, rule)
+
+
+def _check_advantage_inputs(advantages, entropy, low, high, bonus):
+    check_float("entropy", entropy)
+    if entropy.ndim != 2:
+        raise ValueError(f"entropy must have shape [B, L], got {tuple(entropy.shape)}")
+    check_float("advantages", advantages)
+    if advantages.shape != entropy.shape[:1]:
+        raise ValueError(f"advantages must have shape [B] = [{entropy.shape[0]}] (one per sequence), "
+                         f"got {tuple(advantages.shape)}")
+    for name, t in (("low", low), ("high", high)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.bool:
+            raise ValueError(f"{name} must be a bool tensor of shape {tuple(entropy.shape)}")
+        if t.shape != entropy.shape:
+            raise ValueError(f"{name} must have the shape of entropy {tuple(entropy.shape)}, got {tuple(t.shape)}")
+    check_same_device([("advantages", advantages), ("entropy", entropy), ("low", low), ("high", high)])
+    if isinstance(bonus, bool) or not isinstance(bonus, (int, float)) or not (bonus >= 0 and math.isfinite(bonus)):
+        raise ValueError(f"bonus must be a finite float >= 0, got {bonus!r}")
+
+
+# ----------------------------------------------------------------------------------------------- references
+
+
+def _released_positions(n: int, low_frac: float, high_frac: float) -> tuple[int, int]:
+    """Sorted positions of (tau_lo, tau_hi) among n >= 1 values, released rule."""
+    return min(n - 1, max(1, math.floor(low_frac * n))), n - max(1, math.floor(high_frac * n))
+
+
+def _lerp_quantile(s: torch.Tensor, n, q: float) -> torch.Tensor:
+    """numpy's linear quantile of the first n sorted values of each row of ``s`` (float64; n >= 1 where used)."""
+    h = (n.to(torch.float64) - 1) * q
+    lo = torch.floor(h)
+    gamma = h - lo
+    lo = lo.long().clamp(min=0)
+    hi = torch.minimum(lo + 1, (n - 1).clamp(min=0))
+    a = s.gather(-1, lo.unsqueeze(-1)).squeeze(-1).to(torch.float64)
+    b = s.gather(-1, hi.unsqueeze(-1)).squeeze(-1).to(torch.float64)
+    diff = b - a
+    # numpy's _lerp: a + diff*t, evaluated from b for t >= 0.5 (bit-identical thresholds, strict masks agree).
+    return torch.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+
+
+def eg_token_masks_ref(entropy, modality, *, low_frac=0.2, high_frac=0.5, rule="released"):
+    """Plain-PyTorch twin of `eg_token_masks`: a python loop over rows and modalities, one sort per segment."""
+    _check_mask_inputs(entropy, modality, low_frac, high_frac, rule)
+    low = torch.zeros(entropy.shape, dtype=torch.bool, device=entropy.device)
+    high = torch.zeros_like(low)
+    for b in range(entropy.shape[0]):
+        for mod in MODALITIES:
+            sel = modality[b] == mod
+            vals = entropy[b][sel]
+            n = vals.numel()
+            if n == 0:
+                continue
+            s = vals.sort().values
+            if rule == "released":
+                i_lo, i_hi = _released_positions(n, low_frac, high_frac)
+                tau_lo, tau_hi = s[i_lo], s[i_hi]
+            else:
+                nn = torch.tensor(n, device=s.device)
+                tau_lo, tau_hi = _lerp_quantile(s, nn, low_frac), _lerp_quantile(s, nn, 1 - high_frac)
+                vals = vals.to(torch.float64)
+            low[b][sel] = vals < tau_lo
+            high[b][sel] = vals > tau_hi
+    return low, high
+
+
+def _token_advantages(advantages, entropy, low, high, bonus, calibrate):
+    """Body of `eg_token_advantages` (and its ref) on validated inputs: float32 [B, L]."""
+    A = advantages.detach().float().unsqueeze(1)
+    H = entropy.detach().float()
+    hf = high.float()
+    cap = bonus * A.abs()
+    if calibrate:
+        n_high = hf.sum()
+        mean_h_high = (H * hf).sum() / n_high.clamp_min(1)
+        alpha = bonus * A.abs().mean() / mean_h_high.clamp_min(torch.finfo(torch.float32).tiny)
+        alpha = torch.where(n_high > 0, alpha, torch.zeros_like(alpha))  # no high token: no bonus, not 0/0
+        b = torch.minimum(alpha * H, cap) * hf
+    else:
+        b = torch.minimum(cap, bonus * H) * hf
+    return (A + b) * (1 - low.float())
+
+
+def eg_token_advantages_ref(advantages, entropy, low, high, *, bonus=0.3, calibrate=False):
+    """Plain-PyTorch twin of `eg_token_advantages`. These are a few elementwise ops with no kernel, so the op
+    and its reference share one body; the tests check both against an independent numpy implementation."""
+    _check_advantage_inputs(advantages, entropy, low, high, bonus)
+    return _token_advantages(advantages, entropy, low, high, bonus, calibrate)
+
+
+def eg_grpo_shaping_ref(logits, targets, modality, advantages, *, temperature=1.0, low_frac=0.2, high_frac=0.5,
+                        bonus=0.3, rule="released", calibrate=False) -> EGShaping:
+    """Plain-PyTorch twin of `eg_grpo_shaping`: the eager token statistics, then the looped masks."""
+    return _shaping(logits, targets, modality, advantages, temperature, low_frac, high_frac, bonus, rule, calibrate,
+                    impl="torch", masks=eg_token_masks_ref)
+
+
+# ----------------------------------------------------------------------------------------------- ops
+
+
+def eg_token_masks(entropy, modality, *, low_frac=0.2, high_frac=0.5, rule="released"):
+    """Low- and high-entropy token masks, per row and per modality, on device.
+
+    Args:
+        entropy: [B, L] float token entropies (normalised or not; only their order and ties matter).
+        modality: [B, L] int: 0 text (CoT), 1 image, -1 ignored (padding, prompt).
+        low_frac, high_frac: fractions in (0, 1) (EG-GRPO: 0.2 and 0.5).
+        rule: "released" (minebetter/EG-GRPO's index rule, the default) or "quantile" (numpy nanquantile, linear).
+
+    Returns:
+        (low, high): bool [B, L]; ``low = H < tau_lo``, ``high = H > tau_hi``, both False where modality == -1.
+    """
+    _check_mask_inputs(entropy, modality, low_frac, high_frac, rule)
+    B, L = entropy.shape
+    low = torch.zeros((B, L), dtype=torch.bool, device=entropy.device)
+    high = torch.zeros_like(low)
+    if entropy.numel() == 0:
+        return low, high
+    inf = torch.tensor(float("inf"), dtype=entropy.dtype, device=entropy.device)
+    for mod in MODALITIES:
+        sel = modality == mod
+        s = torch.where(sel, entropy, inf).sort(dim=1).values  # the row's valid values first, ascending
+        n = sel.sum(dim=1)
+        if rule == "released":
+            nf = n.to(torch.float64)
+            i_hi = n - torch.floor(high_frac * nf).long().clamp(min=1)
+            i_lo = torch.minimum(n - 1, torch.floor(low_frac * nf).long().clamp(min=1))
+            tau_hi = s.gather(1, i_hi.clamp(0, L - 1).unsqueeze(1))
+            tau_lo = s.gather(1, i_lo.clamp(0, L - 1).unsqueeze(1))
+            vals = entropy
+        else:
+            tau_hi = _lerp_quantile(s, n, 1 - high_frac).unsqueeze(1)
+            tau_lo = _lerp_quantile(s, n, low_frac).unsqueeze(1)
+            vals = entropy.to(torch.float64)
+        low |= sel & (vals < tau_lo)
+        high |= sel & (vals > tau_hi)
+    return low, high
+
+
+def eg_token_advantages(advantages, entropy, low, high, *, bonus=0.3, calibrate=False):
+    """EG-GRPO's shaped token advantages.
+
+    Args:
+        advantages: [B] float, one group-relative advantage per sequence (broadcast over its tokens).
+        entropy: [B, L] float (normalised) token entropies; used detached.
+        low, high: bool [B, L] masks from `eg_token_masks`.
+        bonus: the bonus coefficient (EG-GRPO: 0.3), also the cap ``bonus * |A|``.
+        calibrate: False: the released bonus ``min(bonus*|A|, bonus*H)``; True: the batch-calibrated bonus
+            ``min(alpha*H, bonus*|A|)`` with ``alpha = bonus*mean(|A|)/mean(H[high])`` (our reconstruction of the
+            paper's Proposition 1; see the module docstring).
+
+    Returns:
+        token_adv: float32 [B, L], ``(A + b) * (1 - low)``; no gradient.
+    """
+    _check_advantage_inputs(advantages, entropy, low, high, bonus)
+    return _token_advantages(advantages, entropy, low, high, bonus, calibrate)
+
+
+def _check_shaping_inputs(logits, targets, modality, advantages, low_frac, high_frac, rule):
+    check_float("logits", logits)
+    if logits.ndim != 3:
+        raise ValueError(f"logits must have shape [B, L, V], got {tuple(logits.shape)}")
+    B, L, _ = logits.shape
+    _check_modality(modality, logits.shape[:2])
+    check_float("advantages", advantages)
+    if advantages.shape != (B,):
+        raise ValueError(f"advantages must have shape [B] = ({B},) (one per sequence), got {tuple(advantages.shape)}")
+    _check_rule(low_frac, high_frac, rule)
+
+
+def _shaping(logits, targets, modality, advantages, temperature, low_frac, high_frac, bonus, rule, calibrate, impl,
+             masks):
+    _check_shaping_inputs(logits, targets, modality, advantages, low_frac, high_frac, rule)
+    if isinstance(targets, torch.Tensor) and targets.shape == modality.shape and not targets.dtype.is_floating_point:
+        ignored = (modality == -1) | (targets == IGNORE_INDEX)
+        targets = torch.where(ignored, torch.full_like(targets, IGNORE_INDEX), targets)
+        modality = torch.where(ignored, torch.full_like(modality, -1), modality)
+    # Pass 1: one pass over V per token (ignored tokens are not read).
+    logp, entropy = token_logprob_entropy(logits, targets, temperature=temperature, normalize=True,
+                                          ignore_index=IGNORE_INDEX, impl=impl)
+    entropy = entropy.detach()
+    # Pass 2: per row and modality thresholds, masks, shaped advantages.
+    low, high = masks(entropy, modality, low_frac=low_frac, high_frac=high_frac, rule=rule)
+    token_adv = eg_token_advantages(advantages, entropy, low, high, bonus=bonus, calibrate=calibrate)
+    token_adv = token_adv * (modality != -1)
+    return EGShaping(logp, entropy, token_adv, low, high)
+
+
+def eg_grpo_shaping(logits, targets, modality, advantages, *, temperature=1.0, low_frac=0.2, high_frac=0.5,
+                    bonus=0.3, rule="released", calibrate=False, impl="auto") -> EGShaping:
+    """EG-GRPO's fused entry point: token log-probs and entropies, masks and shaped advantages.
+
+    Pass 1 (`token_logprob_entropy`, one pass over V) gives logp and the normalised entropy H / ln V per token;
+    pass 2 gives per-row, per-modality thresholds, masks and shaped advantages. ``logp`` keeps its gradient;
+    the entropy enters the shaping detached.
+
+    Args:
+        logits: [B, L, V] float32/float16/bfloat16, shifted so that ``logits[b, t]`` predicts ``targets[b, t]``.
+        targets: [B, L] int64 sampled tokens (-100 = ignored).
+        modality: [B, L] int: 0 text (CoT), 1 image, -1 ignored.
+        advantages: [B] float group-relative advantages, one per sequence.
+        temperature: sampling temperature T (> 0).
+        low_frac, high_frac, rule: see `eg_token_masks`.  bonus, calibrate: see `eg_token_advantages`.
+        impl: "auto" | "triton" | "torch" for pass 1.
+
+    Returns:
+        EGShaping(logp, entropy, token_adv, low, high), all [B, L].
+    """
+    return _shaping(logits, targets, modality, advantages, temperature, low_frac, high_frac, bonus, rule, calibrate,
+                    impl=impl, masks=eg_token_masks)

@@ -1,0 +1,168 @@
+"""Per-token log-prob of the target and entropy of the next-token distribution, from autoregressive logits.
+
+For one token row of V logits and temperature T (DESIGN.md §3.2), with ``z = logits / T`` and ``p = softmax(z)``::
+
+    logp    = log_softmax(z)[target] = z[target] - logsumexp(z)
+    entropy = -sum_j p_j log p_j = logsumexp(z) - E_p[z]            (nats; / ln V when normalize=True)
+
+``normalize=True`` gives EG-GRPO's normalised entropy ``H / log V`` (EG-GRPO, "From Broad Exploration to Stable
+Synthesis", §5.3; minebetter/EG-GRPO). Both outputs are differentiable::
+
+    d logp / d logits    = (onehot(target) - p) / T
+    d entropy / d logits = -p * (z - E_p[z]) / T          (times 1/ln V when normalized)
+
+The reference (`token_logprob_entropy_ref`) is the usual eager computation that TRL's and EG-GRPO's trainers run
+(log_softmax, softmax * log_softmax, gather), which materialises [rows, V] intermediates in float32. The fused
+path (Triton, ``fastgrpo.kernels.token_entropy``) reads the logits once with an online max / sum / sum(p*z) in
+float32 starting from -inf, saves three float32 numbers per row, and recomputes p in the backward pass.
+
+Decisions where DESIGN.md is silent (written down here, as it asks):
+
+* ``logp`` and ``entropy`` are float32 whatever the logits' dtype (the statistics are accumulated in float32;
+  returning bf16 would throw that away). The gradient w.r.t. ``logits`` has the logits' dtype.
+* Rows whose target equals ``ignore_index`` give ``logp = 0`` *and* ``entropy = 0`` and no gradient to their
+  logits; the fused path does not read their logits at all (padding and prompt rows cost no bandwidth). This
+  follows ``torch.nn.functional.cross_entropy(ignore_index=...)``.
+* Logits equal to -inf (a masked vocabulary) are allowed: they get p = 0 and add nothing to the entropy. A row
+  whose logits are all -inf has no distribution and gives NaN, like ``torch.log_softmax``.
+* ``targets`` are validated on the host (values in [0, V) or ``ignore_index``): one device sync per call.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._backend import check_float, check_same_device, resolve_impl
+
+
+def _check_token_inputs(logits, targets, temperature, ignore_index):
+    """Validate `token_logprob_entropy`'s inputs (one host sync for the target range)."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a floating tensor [..., V] (float32, float16 or bfloat16), got {got}")
+    check_float("logits", logits)
+    if logits.ndim < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool \
+            or targets.is_complex():
+        got = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ValueError(f"targets must be an integer (int64) tensor of shape {tuple(logits.shape[:-1])}, got {got}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])} (logits without the vocabulary dim), "
+                         f"got {tuple(targets.shape)}")
+    check_same_device([("logits", logits), ("targets", targets)])
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
+            or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    V = logits.shape[-1]
+    if targets.numel() and bool((((targets < 0) | (targets >= V)) & (targets != ignore_index)).any()):
+        raise ValueError(f"targets must lie in [0, {V}) (the vocabulary of logits) or equal ignore_index="
+                         f"{ignore_index}")
+
+
+# ----------------------------------------------------------------------------------------------- reference
+
+
+def token_logprob_entropy_ref(logits, targets, *, temperature=1.0, normalize=False, ignore_index=-100):
+    """Plain-PyTorch twin of `token_logprob_entropy` (test oracle and benchmark baseline).
+
+    The eager computation of TRL / EG-GRPO trainers: ``log_softmax``, ``softmax * log_softmax`` summed over V,
+    ``gather`` of the target. Runs in float32 (float64 for float64 logits, the oracle) and materialises [..., V]
+    intermediates; differentiable through torch autograd.
+    """
+    _check_token_inputs(logits, targets, temperature, ignore_index)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    x = logits.to(dtype)
+    # Shift by the (detached) row max before dividing by T: softmax is shift-invariant, and x - max is exact in
+    # float32 where x / T would round at the scale of the logits (rows of -1e4 with T != 1).
+    logp_all = torch.log_softmax((x - x.amax(-1, keepdim=True).detach()) / temperature, dim=-1)
+    # p log p is 0 where p = 0 (logits of -inf); keep that out of autograd's 0 * inf.
+    finite = torch.where(torch.isfinite(logp_all), logp_all, torch.zeros_like(logp_all))
+    entropy = -(logp_all.exp() * finite).sum(-1)
+    if normalize:
+        entropy = entropy / math.log(logits.shape[-1]) if logits.shape[-1] > 1 else entropy * 0
+    ignored = targets == ignore_index
+    safe = torch.where(ignored, torch.zeros_like(targets), targets).long()
+    logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros((), dtype=dtype, device=logits.device)
+    return torch.where(ignored, zero, logp), torch.where(ignored, zero, entropy)
+
+
+# ----------------------------------------------------------------------------------------------- fused path
+
+
+class _TokenLogprobEntropyFn(torch.autograd.Function):
+    """Forward statistics in one pass over V; backward recomputes p from the saved per-row statistics."""
+
+    @staticmethod
+    def forward(ctx, logits3, targets, inv_t, ignore_index, ent_scale):
+        from fastgrpo.kernels.token_entropy import token_stats_fwd
+
+        logp, ent, rowmax, logs, mean_rel = token_stats_fwd(logits3, targets, inv_t, ignore_index, ent_scale)
+        ctx.save_for_backward(logits3, targets, rowmax, logs, mean_rel)
+        ctx.consts = (inv_t, ignore_index, ent_scale)
+        ctx.set_materialize_grads(False)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        from fastgrpo.kernels.token_entropy import token_stats_bwd
+
+        logits3, targets, rowmax, logs, mean_rel = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or (g_logp is None and g_ent is None):
+            return None, None, None, None, None
+        prep = lambda g: g.float().contiguous() if g is not None else None  # noqa: E731
+        dlogits = token_stats_bwd(logits3, targets, rowmax, logs, mean_rel, prep(g_logp), prep(g_ent), *ctx.consts)
+        return dlogits, None, None, None, None
+
+
+def _as_rows(logits):
+    """View logits [..., V] as [P, L, V] without copying when possible (unit stride along V is required)."""
+    V = logits.shape[-1]
+    lead = logits.shape[:-1]
+    L = lead[-1] if len(lead) else 1
+    P = math.prod(lead[:-1]) if len(lead) > 1 else 1
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    try:
+        return logits.view(P, L, V)
+    except RuntimeError:  # leading dims not collapsible into one: one copy
+        return logits.reshape(P, L, V)
+
+
+def token_logprob_entropy(logits, targets, *, temperature=1.0, normalize=False, ignore_index=-100, impl="auto"):
+    """Log-prob of each target token and entropy of each next-token distribution, fused over the vocabulary.
+
+    Args:
+        logits: [..., V] float32/float16/bfloat16 (e.g. [B, L, V] from a causal LM, already shifted so that
+            ``logits[b, t]`` predicts ``targets[b, t]``). Differentiable. Any strides along the leading dims
+            (a slice ``out.logits[:, p-1:-1]`` is read in place); unit stride along V is needed, else one copy.
+        targets: [...] int64, the sampled tokens, in [0, V) or equal to ``ignore_index``.
+        temperature: the sampling temperature T (> 0); logits are divided by it.
+        normalize: divide the entropy by ln V (EG-GRPO's normalised entropy, in [0, 1]).
+        ignore_index: target value marking rows to skip (logp = entropy = 0, zero gradient, logits not read).
+        impl: "auto" | "triton" | "torch" (see ``fastgrpo.ops._backend``).
+
+    Returns:
+        (logp, entropy): float32 tensors of shape [...]; both differentiable w.r.t. ``logits``.
+
+    Example:
+        >>> logits = model(input_ids).logits[:, prompt_len - 1:-1]      # [B, L, V]
+        >>> logp, ent = token_logprob_entropy(logits, completion_ids, temperature=1.0)
+    """
+    _check_token_inputs(logits, targets, temperature, ignore_index)
+    backend = resolve_impl(impl, logits.device)
+    if backend == "torch":
+        logp, ent = token_logprob_entropy_ref(logits, targets, temperature=temperature, normalize=normalize,
+                                              ignore_index=ignore_index)
+        return logp.float(), ent.float()
+    V = logits.shape[-1]
+    ent_scale = 1.0 / math.log(V) if (normalize and V > 1) else (0.0 if normalize else 1.0)
+    logits3 = _as_rows(logits)
+    flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
+    logp, ent = _TokenLogprobEntropyFn.apply(logits3, flat_targets, 1.0 / float(temperature), int(ignore_index),
+                                             ent_scale)
+    return logp.view(targets.shape), ent.view(targets.shape)
