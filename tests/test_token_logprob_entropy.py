@@ -1,0 +1,218 @@
+"""token_logprob_entropy against its float64 reference: both backends, three dtypes, hard rows, gradients."""
+import math
+
+import pytest
+import torch
+
+from fastgrpo import token_logprob_entropy, token_logprob_entropy_ref
+from fastgrpo.testing import assert_close, poisoned_allocations
+
+IMPLS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+IGNORE = -100
+
+
+def _logits(B, L, V, dtype, device, seed):
+    """Random logits with hard rows: very negative, uniform, one-hot-like; plus ignored targets."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, V, generator=g) * 3
+    x[0, 0] = x[0, 0] / 3 - 1e4  # very negative row (a running max started at 0 would underflow)
+    x[0, 1] = 0.7  # uniform row: entropy = log V
+    x[1, 0, V // 3] += 80.0  # one-hot-like row: entropy ~ 0
+    t = torch.randint(0, V, (B, L), generator=g)
+    t[1, 0] = V // 3
+    t[1, 1] = IGNORE
+    t[-1, -1] = IGNORE
+    return x.to(dtype).to(device), t.to(device)
+
+
+def _ref64(x, t, **kw):
+    return token_logprob_entropy_ref(x.detach().double(), t, **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [7, 4099])
+@pytest.mark.parametrize("temperature, normalize", [(1.0, False), (0.7, True)])
+def test_forward_matches_float64_reference(impl, dtype, V, temperature, normalize, device):
+    x, t = _logits(3, 5, V, dtype, device, seed=V)
+    with poisoned_allocations():
+        logp, ent = token_logprob_entropy(x, t, temperature=temperature, normalize=normalize, impl=impl)
+    ref_logp, ref_ent = _ref64(x, t, temperature=temperature, normalize=normalize)
+    assert logp.dtype == ent.dtype == torch.float32 and logp.shape == ent.shape == t.shape
+    assert_close(logp, ref_logp, name="logp")
+    assert_close(ent, ref_ent, name="entropy")
+    # Independent facts: the uniform row has entropy log V, the ignored rows give zeros.
+    full = math.log(V) / (math.log(V) if normalize else 1.0)
+    assert_close(ent[0, 1:2], torch.tensor([full], dtype=torch.float64), name="uniform entropy")
+    assert_close(ent[0, 0:1], ref_ent[0, 0:1], name="very negative row")
+    assert ent[1, 0] < 1e-3 and abs(logp[1, 0]) < 1e-3  # one-hot-like row
+    assert logp[1, 1] == 0 and ent[1, 1] == 0 and logp[-1, -1] == 0 and ent[-1, -1] == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [33, 4099])
+def test_gradients_match_float64_autograd(impl, dtype, V, device):
+    x, t = _logits(2, 4, V, dtype, device, seed=10 + V)
+    g = torch.Generator().manual_seed(3)
+    w_lp, w_h = torch.randn(2, 4, generator=g).to(device), torch.randn(2, 4, generator=g).to(device)
+    xl = x.clone().requires_grad_(True)
+    with poisoned_allocations():
+        logp, ent = token_logprob_entropy(xl, t, temperature=0.9, normalize=True, impl=impl)
+        (grad,) = torch.autograd.grad((w_lp * logp).sum() + (w_h * ent).sum(), xl)
+    x64 = x.detach().double().requires_grad_(True)
+    ref_logp, ref_ent = token_logprob_entropy_ref(x64, t, temperature=0.9, normalize=True)
+    (grad64,) = torch.autograd.grad((w_lp.double() * ref_logp).sum() + (w_h.double() * ref_ent).sum(), x64)
+    assert grad.dtype == dtype and grad.shape == x.shape
+    assert_close(grad, grad64, name="grad logits")
+    ignored = t == IGNORE
+    assert torch.count_nonzero(grad[ignored]) == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("which", ["logp", "entropy"])
+def test_gradient_of_one_output(impl, which, device):
+    """Backward with only logp or only the entropy used (the fused backward drops the other term)."""
+    x, t = _logits(2, 3, 301, torch.float32, device, seed=4)
+    xl = x.clone().requires_grad_(True)
+    out = dict(zip(("logp", "entropy"), token_logprob_entropy(xl, t, impl=impl)))
+    (grad,) = torch.autograd.grad(out[which].sum(), xl)
+    x64 = x.double().requires_grad_(True)
+    ref = dict(zip(("logp", "entropy"), token_logprob_entropy_ref(x64, t)))
+    (grad64,) = torch.autograd.grad(ref[which].sum(), x64)
+    assert_close(grad, grad64, name=f"grad of {which}")
+
+
+def test_closed_form_gradients(device):
+    """dlogp = (onehot - p)/T and dH = -p (z - E_p z)/T, against softmax in float64 (not via autograd)."""
+    V, T = 129, 1.3
+    x, t = _logits(2, 3, V, torch.float32, device, seed=5)  # rows [0, 1:]: the uniform row and a random one
+    z = x.double() / T
+    p = torch.softmax(z, -1)
+    onehot = torch.nn.functional.one_hot(t.clamp(min=0), V).double()  # ignored rows are not compared
+    for which, want in (("logp", (onehot - p) / T),
+                        ("entropy", -p * (z - (p * z).sum(-1, keepdim=True)) / T)):
+        xl = x.clone().requires_grad_(True)
+        logp, ent = token_logprob_entropy(xl, t, temperature=T, impl="triton")
+        (grad,) = torch.autograd.grad((logp if which == "logp" else ent)[0, 1:].sum(), xl)
+        assert_close(grad[0, 1:], want[0, 1:], name=f"closed-form grad of {which}")
+
+
+def test_rows_split_across_programs_merge_exactly(monkeypatch, device):
+    """Small blocks force many chunks per row: a chunk of -1e4 logits, a chunk of -inf, targets in late chunks."""
+    import fastgrpo.kernels.token_entropy as k
+
+    monkeypatch.setattr(k, "MAX_BLOCK", 256)
+    monkeypatch.setattr(k, "MAX_ITERS", 2)
+    V = 4099
+    assert k.blocking(V)[2] == 9
+    x, t = _logits(2, 3, V, torch.float32, device, seed=6)
+    x[1, 1, :600] -= 1e4  # first chunk far below the rest
+    x[1, 2, 512:1024] = -float("inf")  # one whole chunk masked out
+    x[1, 2, 3000:3005] = -float("inf")
+    t[1, 1], t[1, 2] = 4098, 4000
+    xl = x.clone().requires_grad_(True)
+    logp, ent = token_logprob_entropy(xl, t, temperature=0.8, impl="triton")
+    (grad,) = torch.autograd.grad(logp.sum() + ent.sum(), xl)
+    x64 = x.double().requires_grad_(True)
+    ref_logp, ref_ent = token_logprob_entropy_ref(x64, t, temperature=0.8)
+    (grad64,) = torch.autograd.grad(ref_logp.sum() + ref_ent.sum(), x64)
+    assert_close(logp, ref_logp, name="logp")
+    assert_close(ent, ref_ent, name="entropy")
+    assert_close(grad, grad64, name="grad")
+    assert torch.count_nonzero(grad[1, 2, 512:1024]) == 0
+
+
+def test_long_rows_default_split(device):
+    """V = 40,000 spans several programs at the default blocking."""
+    import fastgrpo.kernels.token_entropy as k
+
+    V = 40_000
+    assert k.blocking(V)[2] > 1
+    x, t = _logits(2, 2, V, torch.bfloat16, device, seed=7)
+    logp, ent = token_logprob_entropy(x, t, normalize=True, impl="triton")
+    ref_logp, ref_ent = _ref64(x, t, normalize=True)
+    assert_close(logp, ref_logp, name="logp")
+    assert_close(ent, ref_ent, name="entropy")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_slice_is_read_in_place(impl, device):
+    """logits[:, p-1:-1] of a causal LM output: leading dims that do not collapse, any batch stride."""
+    full, t_full = _logits(3, 9, 65, torch.float32, device, seed=8)
+    x = full[:, 2:-1]
+    t = t_full[:, 3:]
+    assert not x.is_contiguous()
+    xl = full.clone().requires_grad_(True)
+    logp, ent = token_logprob_entropy(xl[:, 2:-1], t, impl=impl)
+    (grad,) = torch.autograd.grad(logp.sum() + ent.sum(), xl)
+    x64 = full.double().requires_grad_(True)
+    ref_logp, ref_ent = token_logprob_entropy_ref(x64[:, 2:-1], t)
+    (grad64,) = torch.autograd.grad(ref_logp.sum() + ref_ent.sum(), x64)
+    assert_close(logp, ref_logp)
+    assert_close(ent, ref_ent)
+    assert_close(grad, grad64)
+    assert torch.count_nonzero(grad[:, :2]) == 0 and torch.count_nonzero(grad[:, -1]) == 0
+
+
+def test_deterministic_and_shapes(device):
+    x, t = _logits(2, 3, 1000, torch.bfloat16, device, seed=9)
+    a = token_logprob_entropy(x, t, impl="triton")
+    b = token_logprob_entropy(x, t, impl="triton")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    flat = token_logprob_entropy(x.reshape(-1, 1000), t.reshape(-1), impl="triton")
+    assert torch.equal(flat[0], a[0].reshape(-1))
+    one = token_logprob_entropy(x[0, 0], t[0, 0], impl="triton")  # a single row [V], target 0-d
+    assert one[0].shape == () and one[0] == a[0][0, 0]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_and_single_token_vocabulary(impl, device):
+    logp, ent = token_logprob_entropy(torch.zeros(0, 4, 11, device=device), torch.zeros(0, 4, dtype=torch.long,
+                                      device=device), impl=impl)
+    assert logp.shape == (0, 4) and ent.shape == (0, 4)
+    logp, ent = token_logprob_entropy(torch.randn(2, 3, 1, device=device), torch.zeros(2, 3, dtype=torch.long,
+                                      device=device), normalize=True, impl=impl)
+    assert torch.count_nonzero(logp) == 0 and torch.count_nonzero(ent) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(targets=torch.full((2, 3), 5)), r"targets must lie in \[0, 5\)"),
+        (dict(targets=torch.full((2, 3), -1)), r"targets must lie in \[0, 5\)"),
+        (dict(targets=torch.zeros(2, 4, dtype=torch.long)), "targets must have shape"),
+        (dict(targets=torch.zeros(2, 3)), "targets must be an integer"),
+        (dict(logits=torch.zeros(2, 3, 5, dtype=torch.long)), "logits must be a floating tensor"),
+        (dict(temperature=0.0), "temperature must be"),
+        (dict(temperature=float("nan")), "temperature must be"),
+        (dict(ignore_index=1.5), "ignore_index must be an int"),
+        (dict(impl="cuda"), "impl must be one of"),
+        (dict(impl="cpp"), "impl='cpp'"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_argument(kwargs, match):
+    args = dict(logits=torch.zeros(2, 3, 5), targets=torch.zeros(2, 3, dtype=torch.long))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        token_logprob_entropy(args.pop("logits"), args.pop("targets"), **args)
+
+
+def test_ignore_index_is_allowed_outside_the_vocabulary():
+    t = torch.tensor([[0, -100, 4]])
+    logp, ent = token_logprob_entropy(torch.randn(1, 3, 5), t)
+    assert logp[0, 1] == 0 and ent[0, 1] == 0
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        token_logprob_entropy(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), impl="triton")
+
+
+def test_auto_on_cpu_uses_torch_reference():
+    x, t = _logits(2, 3, 17, torch.float32, torch.device("cpu"), seed=11)
+    a = token_logprob_entropy(x, t)
+    b = token_logprob_entropy_ref(x, t)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
