@@ -16,7 +16,7 @@ Thresholds (DESIGN.md §3.2), per row and modality over its n valid tokens with 
       tau_hi = s[n - max(1, floor(high_frac * n))]      tau_lo = s[min(n - 1, max(1, floor(low_frac * n)))]
 
 * ``rule="quantile"``: numpy's ``nanquantile`` with linear interpolation, ``tau_hi = q(1 - high_frac)``,
-  ``tau_lo = q(low_frac)`` (computed in float64, as numpy does for float32 data).
+  ``tau_lo = q(low_frac)``, reproduced bit for bit (position in float64, interpolation in the entropies' dtype).
 
 ``high = H > tau_hi``, ``low = H < tau_lo`` (strict), both False where modality == -1.
 
@@ -137,17 +137,22 @@ def _released_positions(n: int, low_frac: float, high_frac: float) -> tuple[int,
 
 
 def _lerp_quantile(s: torch.Tensor, n, q: float) -> torch.Tensor:
-    """numpy's linear quantile of the first n sorted values of each row of ``s`` (float64; n >= 1 where used)."""
+    """numpy's linear quantile of the first n sorted values of each row of ``s`` (n >= 1 where used).
+
+    Bit-identical to ``np.nanquantile(values, q)`` for a python float q, so that strict masks agree at ties:
+    the position ``(n - 1) * q`` and its fraction are float64, the interpolation runs in the values' dtype
+    (numpy's NEP 50 casts the weak python weight to it), evaluated from the upper value when the fraction is
+    >= 0.5 (numpy's ``_lerp``).
+    """
     h = (n.to(torch.float64) - 1) * q
     lo = torch.floor(h)
     gamma = h - lo
     lo = lo.long().clamp(min=0)
     hi = torch.minimum(lo + 1, (n - 1).clamp(min=0))
-    a = s.gather(-1, lo.unsqueeze(-1)).squeeze(-1).to(torch.float64)
-    b = s.gather(-1, hi.unsqueeze(-1)).squeeze(-1).to(torch.float64)
+    a = s.gather(-1, lo.unsqueeze(-1)).squeeze(-1)
+    b = s.gather(-1, hi.unsqueeze(-1)).squeeze(-1)
     diff = b - a
-    # numpy's _lerp: a + diff*t, evaluated from b for t >= 0.5 (bit-identical thresholds, strict masks agree).
-    return torch.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+    return torch.where(gamma >= 0.5, b - diff * (1 - gamma).to(s.dtype), a + diff * gamma.to(s.dtype))
 
 
 def eg_token_masks_ref(entropy, modality, *, low_frac=0.2, high_frac=0.5, rule="released"):
@@ -169,7 +174,6 @@ def eg_token_masks_ref(entropy, modality, *, low_frac=0.2, high_frac=0.5, rule="
             else:
                 nn = torch.tensor(n, device=s.device)
                 tau_lo, tau_hi = _lerp_quantile(s, nn, low_frac), _lerp_quantile(s, nn, 1 - high_frac)
-                vals = vals.to(torch.float64)
             low[b][sel] = vals < tau_lo
             high[b][sel] = vals > tau_hi
     return low, high
@@ -238,13 +242,11 @@ def eg_token_masks(entropy, modality, *, low_frac=0.2, high_frac=0.5, rule="rele
             i_lo = torch.minimum(n - 1, torch.floor(low_frac * nf).long().clamp(min=1))
             tau_hi = s.gather(1, i_hi.clamp(0, L - 1).unsqueeze(1))
             tau_lo = s.gather(1, i_lo.clamp(0, L - 1).unsqueeze(1))
-            vals = entropy
         else:
             tau_hi = _lerp_quantile(s, n, 1 - high_frac).unsqueeze(1)
             tau_lo = _lerp_quantile(s, n, low_frac).unsqueeze(1)
-            vals = entropy.to(torch.float64)
-        low |= sel & (vals < tau_lo)
-        high |= sel & (vals > tau_hi)
+        low |= sel & (entropy < tau_lo)
+        high |= sel & (entropy > tau_hi)
     return low, high
 
 

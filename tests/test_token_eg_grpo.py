@@ -1,0 +1,277 @@
+"""EG-GRPO masks, advantages and the fused shaping, against an independent numpy implementation of the rules."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastgrpo import (eg_grpo_shaping, eg_grpo_shaping_ref, eg_token_advantages, eg_token_advantages_ref,
+                      eg_token_masks, eg_token_masks_ref, token_logprob_entropy_ref)
+from fastgrpo.testing import assert_close
+
+IMPLS = ["torch", "triton"]
+IMAGE_TOKENS = 576  # Janus-Pro: 24 x 24 image tokens
+
+
+# ------------------------------------------------------------------------------------------ numpy oracle
+
+
+def np_masks(entropy, modality, low_frac, high_frac, rule):
+    """The released index rule / numpy nanquantile rule, row by row and modality by modality."""
+    H = entropy.cpu().numpy()
+    mod = modality.cpu().numpy()
+    low = np.zeros(H.shape, dtype=bool)
+    high = np.zeros(H.shape, dtype=bool)
+    for b in range(H.shape[0]):
+        for m in (0, 1):
+            idx = np.nonzero(mod[b] == m)[0]
+            n = len(idx)
+            if n == 0:
+                continue
+            vals = H[b, idx]
+            if rule == "released":
+                s = np.sort(vals)
+                tau_hi = s[n - max(1, int(np.floor(high_frac * n)))]
+                tau_lo = s[min(n - 1, max(1, int(np.floor(low_frac * n))))]
+            else:
+                tau_hi = np.nanquantile(vals, 1 - high_frac)
+                tau_lo = np.nanquantile(vals, low_frac)
+            high[b, idx] = vals > tau_hi
+            low[b, idx] = vals < tau_lo
+    return torch.from_numpy(low), torch.from_numpy(high)
+
+
+def np_advantages(A, H, low, high, bonus, calibrate):
+    A = A.double().cpu().numpy()[:, None]
+    H = H.double().cpu().numpy()
+    low = low.cpu().numpy()
+    high = high.cpu().numpy()
+    if calibrate:
+        alpha = bonus * np.abs(A).mean() / H[high].mean() if high.any() else 0.0
+        b = np.where(high, np.minimum(alpha * H, bonus * np.abs(A)), 0.0)
+    else:
+        b = np.where(high, np.minimum(bonus * np.abs(A), bonus * H), 0.0)
+    return torch.from_numpy(np.where(low, 0.0, A + b))
+
+
+def ragged_batch(seed, text_lens=(0, 1, 2, 5, 17, 40, 33), prompt=3, text_max=40, image=IMAGE_TOKENS):
+    """[prompt -1][text n_b][pad -1 ... up to text_max][image tokens]; one row without image tokens; ties."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(text_lens)
+    L = prompt + text_max + image
+    modality = torch.full((B, L), -1, dtype=torch.long)
+    for b, n in enumerate(text_lens):
+        modality[b, prompt:prompt + n] = 0
+        if b != 3:
+            modality[b, prompt + text_max:] = 1
+    entropy = torch.rand(B, L, generator=g)
+    entropy[2] = torch.round(entropy[2] * 8) / 8  # many ties
+    entropy[-1, prompt:prompt + text_lens[-1]] = 0.25  # a constant text segment
+    entropy[modality == -1] = torch.rand(int((modality == -1).sum()), generator=g) * 5  # garbage, must be ignored
+    return entropy, modality
+
+
+# ------------------------------------------------------------------------------------------ masks
+
+
+@pytest.mark.parametrize("masks", [eg_token_masks, eg_token_masks_ref], ids=["ondevice", "ref"])
+@pytest.mark.parametrize("rule", ["released", "quantile"])
+@pytest.mark.parametrize("fracs", [(0.2, 0.5), (0.1, 0.3), (0.35, 0.8)])
+def test_masks_match_numpy_rules(masks, rule, fracs, device):
+    low_frac, high_frac = fracs
+    for seed in range(3):
+        entropy, modality = ragged_batch(seed)
+        low, high = masks(entropy.to(device), modality.to(device), low_frac=low_frac, high_frac=high_frac, rule=rule)
+        want_low, want_high = np_masks(entropy, modality, low_frac, high_frac, rule)
+        assert low.dtype == high.dtype == torch.bool
+        assert torch.equal(low.cpu(), want_low), f"low differs (seed {seed})"
+        assert torch.equal(high.cpu(), want_high), f"high differs (seed {seed})"
+        assert not (low | high)[modality == -1].any()
+
+
+def test_released_rule_counts_at_the_image_segment(device):
+    """576 distinct image entropies: exactly 287 tokens above tau_hi (s[288]) and 115 below tau_lo (s[115])."""
+    entropy, modality = ragged_batch(5)
+    low, high = eg_token_masks(entropy.to(device), modality.to(device))
+    img = modality == 1
+    distinct = [b for b in range(len(img)) if img[b].any() and entropy[b][img[b]].unique().numel() == IMAGE_TOKENS]
+    assert len(distinct) >= 4  # row 2 has ties, row 3 no image
+    assert (high & img.to(device)).sum(1)[distinct].tolist() == [287] * len(distinct)
+    assert (low & img.to(device)).sum(1)[distinct].tolist() == [115] * len(distinct)
+    assert (high | low)[3].cpu()[img[3]].sum() == 0
+
+
+def test_masks_bf16_and_float64_entropies(device):
+    entropy, modality = ragged_batch(7)
+    for dtype in (torch.bfloat16, torch.float64):
+        e = entropy.to(dtype)
+        low, high = eg_token_masks(e.to(device), modality.to(device), rule="released")
+        want_low, want_high = np_masks(e.double(), modality, 0.2, 0.5, "released")
+        assert torch.equal(low.cpu(), want_low) and torch.equal(high.cpu(), want_high)
+
+
+# ------------------------------------------------------------------------------------------ advantages
+
+
+@pytest.mark.parametrize("op", [eg_token_advantages, eg_token_advantages_ref], ids=["op", "ref"])
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_advantages_match_numpy(op, calibrate, device):
+    entropy, modality = ragged_batch(11)
+    low, high = eg_token_masks(entropy, modality)
+    A = torch.randn(entropy.shape[0], generator=torch.Generator().manual_seed(2))
+    A[1] = 0.0  # GRPO equilibrium row: no bonus
+    got = op(A.to(device), entropy.to(device), low.to(device), high.to(device), bonus=0.3, calibrate=calibrate)
+    want = np_advantages(A, entropy, low, high, 0.3, calibrate)
+    assert got.dtype == torch.float32 and got.shape == entropy.shape
+    assert_close(got, want, name="token_adv")
+    assert torch.count_nonzero(got[1]) == 0  # A = 0 -> bonus 0 (fixed-point neutrality)
+    assert torch.count_nonzero(got[low.to(device)]) == 0  # low-entropy tokens: no reward-driven advantage
+
+
+def test_calibrated_bonus_without_high_tokens_is_zero(device):
+    H = torch.rand(2, 9).to(device)
+    A = torch.tensor([0.5, -1.0], device=device)
+    none = torch.zeros(2, 9, dtype=torch.bool, device=device)
+    got = eg_token_advantages(A, H, none, none, calibrate=True)
+    assert torch.equal(got, A.unsqueeze(1).expand(2, 9))
+
+
+def test_advantages_ignore_entropy_gradient(device):
+    H = torch.rand(2, 5, device=device, requires_grad=True)
+    m = torch.ones(2, 5, dtype=torch.bool, device=device)
+    out = eg_token_advantages(torch.ones(2, device=device), H, ~m, m)
+    assert not out.requires_grad
+
+
+# ------------------------------------------------------------------------------------------ shaping
+
+
+def _shaping_inputs(device, dtype, V=257):
+    entropy_layout, modality = ragged_batch(3, text_lens=(0, 3, 9, 14), text_max=14, image=24)
+    B, L = modality.shape
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(B, L, V, generator=g) * 2).to(dtype)
+    targets = torch.randint(0, V, (B, L), generator=g)
+    targets[modality == -1] = 0  # pad token ids on ignored positions: allowed, not read
+    targets[2, 3] = -100  # an ignored target inside the text segment
+    A = torch.randn(B, generator=g)
+    return logits.to(device), targets.to(device), modality.to(device), A.to(device)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rule, calibrate", [("released", False), ("quantile", True)])
+def test_shaping_matches_references(impl, dtype, rule, calibrate, device):
+    logits, targets, modality, A = _shaping_inputs(device, dtype)
+    V = logits.shape[-1]
+    x = logits.clone().requires_grad_(True)
+    out = eg_grpo_shaping(x, targets, modality, A, temperature=0.9, rule=rule, calibrate=calibrate, impl=impl)
+    ignored = (modality == -1) | (targets == -100)
+    # Pass 1 vs the float64 reference, normalised entropy.
+    t_ref = torch.where(ignored, torch.full_like(targets, -100), targets)
+    x64 = logits.double().requires_grad_(True)
+    ref_logp, ref_ent = token_logprob_entropy_ref(x64, t_ref, temperature=0.9, normalize=True)
+    assert_close(out.logp, ref_logp, name="logp")
+    assert_close(out.entropy, ref_ent, name="entropy")
+    assert not out.entropy.requires_grad and out.logp.requires_grad
+    # Pass 2 vs numpy, on the entropies the op returned (ties make masks sensitive to the last bit).
+    mod_eff = torch.where(ignored, torch.full_like(modality, -1), modality)
+    want_low, want_high = np_masks(out.entropy, mod_eff, 0.2, 0.5, rule)
+    assert torch.equal(out.low.cpu(), want_low) and torch.equal(out.high.cpu(), want_high)
+    want_adv = np_advantages(A, out.entropy, want_low, want_high, 0.3, calibrate) * (~ignored).cpu()
+    assert_close(out.token_adv, want_adv, name="token_adv")
+    # logp keeps its gradient.
+    (grad,) = torch.autograd.grad(out.logp.sum(), x)
+    (grad64,) = torch.autograd.grad(ref_logp.sum(), x64)
+    assert_close(grad, grad64, name="grad logits")
+    assert torch.count_nonzero(grad[ignored]) == 0
+    # The reference entry point agrees (same pass-2 decisions on the same entropies).
+    ref = eg_grpo_shaping_ref(logits, targets, modality, A, temperature=0.9, rule=rule, calibrate=calibrate)
+    assert_close(ref.logp, ref_logp.detach(), name="ref logp")
+    assert V == 257
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+
+def _mask_args():
+    return dict(entropy=torch.rand(2, 6), modality=torch.zeros(2, 6, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(low_frac=0.0), "low_frac must be a float in"),
+        (dict(low_frac=1.0), "low_frac must be a float in"),
+        (dict(high_frac=1.5), "high_frac must be a float in"),
+        (dict(high_frac=-0.1), "high_frac must be a float in"),
+        (dict(rule="median"), "rule must be one of"),
+        (dict(modality=torch.zeros(2, 5, dtype=torch.long)), "modality must have shape"),
+        (dict(modality=torch.zeros(2, 6)), "modality must be an integer tensor"),
+        (dict(modality=torch.full((2, 6), 2)), "modality must hold only"),
+        (dict(entropy=torch.rand(2, 6, 1)), r"entropy must have shape \[B, L\]"),
+        (dict(entropy=torch.zeros(2, 6, dtype=torch.long)), "entropy must be a floating tensor"),
+    ],
+)
+def test_masks_bad_input(kwargs, match):
+    args = _mask_args()
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        eg_token_masks(args.pop("entropy"), args.pop("modality"), **args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(advantages=torch.zeros(2, 1)), r"advantages must have shape \[B\]"),
+        (dict(advantages=torch.zeros(2, dtype=torch.long)), "advantages must be a floating tensor"),
+        (dict(low=torch.zeros(2, 6)), "low must be a bool tensor"),
+        (dict(high=torch.zeros(2, 5, dtype=torch.bool)), "high must have the shape of entropy"),
+        (dict(bonus=-0.1), "bonus must be"),
+        (dict(entropy=torch.rand(2, 6, 1)), r"entropy must have shape \[B, L\]"),
+    ],
+)
+def test_advantages_bad_input(kwargs, match):
+    args = dict(advantages=torch.zeros(2), entropy=torch.rand(2, 6), low=torch.zeros(2, 6, dtype=torch.bool),
+                high=torch.zeros(2, 6, dtype=torch.bool))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        eg_token_advantages(args.pop("advantages"), args.pop("entropy"), args.pop("low"), args.pop("high"), **args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(logits=torch.zeros(2, 6, 5, dtype=torch.int32)), "logits must be a floating tensor"),
+        (dict(logits=torch.zeros(12, 5)), r"logits must have shape \[B, L, V\]"),
+        (dict(targets=torch.full((2, 6), 7)), r"targets must lie in \[0, 5\)"),
+        (dict(targets=torch.zeros(2, 5, dtype=torch.long)), "targets must have shape"),
+        (dict(modality=torch.zeros(3, 6, dtype=torch.long)), "modality must have shape"),
+        (dict(modality=torch.full((2, 6), 3)), "modality must hold only"),
+        (dict(advantages=torch.zeros(3)), r"advantages must have shape \[B\]"),
+        (dict(low_frac=0.0), "low_frac must be a float in"),
+        (dict(high_frac=1.0), "high_frac must be a float in"),
+        (dict(rule="x"), "rule must be one of"),
+        (dict(bonus=float("inf")), "bonus must be"),
+        (dict(temperature=-1.0), "temperature must be"),
+    ],
+)
+def test_shaping_bad_input(kwargs, match):
+    args = dict(logits=torch.zeros(2, 6, 5), targets=torch.zeros(2, 6, dtype=torch.long),
+                modality=torch.zeros(2, 6, dtype=torch.long), advantages=torch.zeros(2))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        eg_grpo_shaping(args.pop("logits"), args.pop("targets"), args.pop("modality"), args.pop("advantages"),
+                        **args)
+
+
+def test_quantile_rule_never_calls_torch_quantile(monkeypatch, device):
+    """torch.quantile fails above 2^24 elements; the op must not depend on it."""
+    def boom(*a, **k):
+        raise AssertionError("torch.quantile called")
+
+    monkeypatch.setattr(torch, "quantile", boom)
+    monkeypatch.setattr(torch, "nanquantile", boom)
+    entropy, modality = ragged_batch(1)
+    eg_token_masks(entropy.to(device), modality.to(device), rule="quantile")
+    assert math.isfinite(float(entropy.sum()))
