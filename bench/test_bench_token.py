@@ -1,0 +1,150 @@
+"""token_logprob_entropy and eg_grpo_shaping: fused (Triton) vs the torch eager reference, bf16 logits at T2I-R1 shapes.
+
+Shapes (Janus-Pro T2I-R1 / EG-GRPO, 16 sequences per step):
+* ``image``: 16 x 576 image tokens, V = 16,384 (the image codebook);
+* ``text``: 16 x 256 CoT tokens, V = 102,400 (the text vocabulary).
+
+Cases: ``forward`` (logp + entropy, no grad), ``train`` (forward + backward of ``logp.sum() + entropy.sum()``),
+``shaping`` (`eg_grpo_shaping` forward: logp, normalised entropy, masks, shaped advantages).
+Minimum bytes: the bf16 logits read once per pass over V (forward 1x, train 2x) plus the gradient written once.
+
+Peak extra memory (``peak_extra_memory_bytes``), measured on one extra call outside the timed rounds: on CUDA the
+growth of ``torch.cuda.max_memory_allocated`` over the memory allocated before the call; on CPU the growth of the
+process's peak resident set (``VmHWM`` in /proc/self/status, reset through /proc/self/clear_refs before the call),
+which sees every page torch's CPU allocator touches (None where /proc is not writable).
+
+On CPU only the torch reference runs, at a scaled-down batch (``cpu_scale`` in extra_info: 2 sequences instead of
+16), so that the eager float32 intermediates of V = 102,400 stay within seconds and a few GB.
+"""
+import gc
+
+import pytest
+import torch
+
+from fastgrpo import eg_grpo_shaping, token_logprob_entropy, token_logprob_entropy_ref
+from fastgrpo.testing import assert_close
+from harness import HAS_CUDA, measure, require_cuda, sync
+
+SHAPES = {"image": (16, 576, 16_384), "text": (16, 256, 102_400)}
+CPU_SEQUENCES = 2
+IMPLS = ["torch", "triton"]
+
+
+def peak_extra_memory(fn) -> int | None:
+    """Bytes allocated at the peak of one ``fn()`` call beyond what was allocated before it (see module doc)."""
+    gc.collect()
+    if HAS_CUDA:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        sync()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return int(peak)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS to the current RSS
+    except OSError:
+        return None
+
+    def rss(field):
+        with open("/proc/self/status") as f:
+            line = next(ln for ln in f if ln.startswith(field))
+        return int(line.split()[1]) * 1024
+
+    base = rss("VmRSS:")
+    out = fn()
+    peak = rss("VmHWM:") - base
+    del out
+    return int(peak)
+
+
+def _inputs(shape_name, device):
+    B, L, V = SHAPES[shape_name]
+    scale = None
+    if not HAS_CUDA:
+        B, scale = CPU_SEQUENCES, f"{CPU_SEQUENCES}/{SHAPES[shape_name][0]} sequences on CPU"
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(B, L, V, generator=g) * 2).to(device=device, dtype=torch.bfloat16)
+    targets = torch.randint(0, V, (B, L), generator=g).to(device)
+    return logits, targets, scale
+
+
+def _run(benchmark, fn, check, logits, targets, impl, case, shape_name, scale, passes):
+    R, V = targets.numel(), logits.shape[-1]
+    peak = peak_extra_memory(fn)
+    measure(benchmark, fn, check=check, bytes_moved=passes * R * V * logits.element_size() + 16 * R,
+            dtype=logits.dtype, shapes={"logits": tuple(logits.shape)}, impl=impl, case=case,
+            shape_name=shape_name, cpu_scale=scale, peak_extra_memory_bytes=peak, rounds=5 if not HAS_CUDA else 20,
+            warmup=1 if not HAS_CUDA else 3)
+
+
+def _rows_check(logits, targets, rows=64, **kw):
+    """Check against the float64 oracle on a slice of rows (the full float64 [R, V] would not fit beside)."""
+    x64 = logits.reshape(-1, logits.shape[-1])[:rows].double()
+    return token_logprob_entropy_ref(x64, targets.reshape(-1)[:rows], **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_forward(benchmark, bench_device, impl, shape_name):
+    if impl == "triton":
+        require_cuda(impl)
+    logits, targets, scale = _inputs(shape_name, bench_device)
+
+    def fn():
+        with torch.no_grad():
+            return token_logprob_entropy(logits, targets, impl=impl)
+
+    def check(out):
+        ref_logp, ref_ent = _rows_check(logits, targets)
+        assert_close(out[0].reshape(-1)[:64], ref_logp, name="logp")
+        assert_close(out[1].reshape(-1)[:64], ref_ent, name="entropy")
+
+    _run(benchmark, fn, check, logits, targets, impl, "forward", shape_name, scale, passes=1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_train(benchmark, bench_device, impl, shape_name):
+    if impl == "triton":
+        require_cuda(impl)
+    logits, targets, scale = _inputs(shape_name, bench_device)
+    logits.requires_grad_(True)
+
+    def fn():
+        logp, ent = token_logprob_entropy(logits, targets, impl=impl)
+        (grad,) = torch.autograd.grad(logp.sum() + ent.sum(), logits)
+        return logp.detach(), grad
+
+    def check(out):
+        x64 = logits.detach().reshape(-1, logits.shape[-1])[:16].double().requires_grad_(True)
+        ref_logp, ref_ent = token_logprob_entropy_ref(x64, targets.reshape(-1)[:16])
+        (g64,) = torch.autograd.grad(ref_logp.sum() + ref_ent.sum(), x64)
+        assert_close(out[0].reshape(-1)[:16], ref_logp.detach(), name="logp")
+        assert_close(out[1].reshape(-1, logits.shape[-1])[:16], g64, name="grad logits")
+
+    _run(benchmark, fn, check, logits, targets, impl, "train", shape_name, scale, passes=3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_shaping(benchmark, bench_device, impl, shape_name):
+    if impl == "triton":
+        require_cuda(impl)
+    logits, targets, scale = _inputs(shape_name, bench_device)
+    modality = torch.full(targets.shape, 1 if shape_name == "image" else 0, device=bench_device)
+    advantages = torch.randn(targets.shape[0], generator=torch.Generator().manual_seed(1)).to(bench_device)
+
+    def fn():
+        with torch.no_grad():
+            return eg_grpo_shaping(logits, targets, modality, advantages, impl=impl)
+
+    def check(out):
+        ref_logp, ref_ent = _rows_check(logits, targets, normalize=True)
+        assert_close(out.logp.reshape(-1)[:64], ref_logp, name="logp")
+        assert_close(out.entropy.reshape(-1)[:64], ref_ent, name="entropy")
+        assert out.high.any() and out.low.any()
+
+    _run(benchmark, fn, check, logits, targets, impl, "shaping", shape_name, scale, passes=1)
