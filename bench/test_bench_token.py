@@ -88,21 +88,29 @@ def _rows_check(logits, targets, rows=64, **kw):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_forward(benchmark, bench_device, impl, shape_name):
+@pytest.mark.parametrize("case", ["forward", "shaping"])
+def test_forward(benchmark, bench_device, impl, shape_name, case):
+    """``forward``: token_logprob_entropy without grad; ``shaping``: eg_grpo_shaping (normalised entropy)."""
     if impl == "triton":
         require_cuda(impl)
     logits, targets, scale = _inputs(shape_name, bench_device)
+    modality = torch.full(targets.shape, 1 if shape_name == "image" else 0, device=bench_device)
+    advantages = torch.randn(targets.shape[0], generator=torch.Generator().manual_seed(1)).to(bench_device)
 
     def fn():
         with torch.no_grad():
+            if case == "shaping":
+                return eg_grpo_shaping(logits, targets, modality, advantages, impl=impl)
             return token_logprob_entropy(logits, targets, impl=impl)
 
     def check(out):
-        ref_logp, ref_ent = _rows_check(logits, targets)
+        ref_logp, ref_ent = _rows_check(logits, targets, normalize=case == "shaping")
         assert_close(out[0].reshape(-1)[:64], ref_logp, name="logp")
         assert_close(out[1].reshape(-1)[:64], ref_ent, name="entropy")
+        if case == "shaping":
+            assert out.high.any() and out.low.any()
 
-    _run(benchmark, fn, check, logits, targets, impl, "forward", shape_name, scale, passes=1)
+    _run(benchmark, fn, check, logits, targets, impl, case, shape_name, scale, passes=1)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -126,25 +134,3 @@ def test_train(benchmark, bench_device, impl, shape_name):
         assert_close(out[1].reshape(-1, logits.shape[-1])[:16], g64, name="grad logits")
 
     _run(benchmark, fn, check, logits, targets, impl, "train", shape_name, scale, passes=3)
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_shaping(benchmark, bench_device, impl, shape_name):
-    if impl == "triton":
-        require_cuda(impl)
-    logits, targets, scale = _inputs(shape_name, bench_device)
-    modality = torch.full(targets.shape, 1 if shape_name == "image" else 0, device=bench_device)
-    advantages = torch.randn(targets.shape[0], generator=torch.Generator().manual_seed(1)).to(bench_device)
-
-    def fn():
-        with torch.no_grad():
-            return eg_grpo_shaping(logits, targets, modality, advantages, impl=impl)
-
-    def check(out):
-        ref_logp, ref_ent = _rows_check(logits, targets, normalize=True)
-        assert_close(out.logp.reshape(-1)[:64], ref_logp, name="logp")
-        assert_close(out.entropy.reshape(-1)[:64], ref_ent, name="entropy")
-        assert out.high.any() and out.low.any()
-
-    _run(benchmark, fn, check, logits, targets, impl, "shaping", shape_name, scale, passes=1)
