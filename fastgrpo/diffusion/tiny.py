@@ -26,3 +26,26 @@ def tiny_sd3_transformer(seed: int = 0, **overrides):
         torch.manual_seed(seed)
         model = SD3Transformer2DModel(**config)
     return model.eval()
+
+
+TINY_FLUX = dict(
+    patch_size=1, in_channels=16, num_layers=3, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+)
+
+
+def tiny_flux_transformer(seed: int = 0, **overrides):
+    """A FLUX-shaped ``FluxTransformer2DModel`` (3 double-stream + 1 single-stream blocks, RoPE, qk-norm) with
+    random weights (float32, eval mode).
+
+    Inputs: packed latents ``hidden_states`` [B, L, 16], ``encoder_hidden_states`` [B, T, 32],
+    ``pooled_projections`` [B, 16], ``timestep`` [B] in [0, 1], ``img_ids`` [L, 3], ``txt_ids`` [T, 3]
+    (``sum(axes_dims_rope)`` = the head dim, 16).
+    """
+    from diffusers import FluxTransformer2DModel
+
+    config = {**TINY_FLUX, **overrides}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = FluxTransformer2DModel(**config)
+    return model.eval()

@@ -1,0 +1,297 @@
+"""Attention processors that measure AEGPO's Entropy(t), and the collector that installs them (DESIGN.md §3.3).
+
+`AttentionEntropyCollector(transformer, layers=(5, 10, 15), mode="mixture")` is a context manager. Inside it, the
+joint attention of the selected blocks (``transformer.transformer_blocks[i].attn``) runs through
+`fastgrpo.attention_with_text_entropy` instead of SDPA, and after every forward of the transformer
+``collector.pop()`` returns that forward's Entropy(t) per sample, in bits (AEGPO eq. 1-4)::
+
+    with AttentionEntropyCollector(transformer, layers=(5, 10, 15)) as collector:
+        for t in timesteps:
+            v = transformer(latents, encoder_hidden_states=..., timestep=t, ...).sample
+            entropy_t = collector.pop()          # float32 [B], bits
+            ...
+
+Supported models, detected from the processors found on the selected blocks:
+
+* SD3 / SD3.5 (`SD3Transformer2DModel`, ``JointAttnProcessor2_0``): sequence = image tokens, then text tokens,
+  layout [B, H, S, D]; qk-norm (``norm_q``/``norm_k``, ``norm_added_q``/``norm_added_k``) as in diffusers; the last
+  block's ``context_pre_only`` (no ``to_add_out``). SD3.5's ``attn2`` (image-only self-attention) and every other
+  block keep their processors.
+* FLUX (`FluxTransformer2DModel`, ``FluxAttnProcessor``): sequence = text tokens, then image tokens, layout
+  [B, S, H, D]; qk-norm, then RoPE (``image_rotary_emb``) on the joint sequence, as in diffusers. ``layers`` index
+  the double-stream blocks (``transformer_blocks``); the single-stream blocks are untouched.
+
+Modes: ``"mixture"`` is the paper's definition (average the text-key probabilities over the selected layers and
+heads, renormalise over the text keys, entropy, mean over image queries): each layer adds its head-summed
+probabilities into one float32 [B, N, T] buffer (`text_attention_probs`). ``"head_mean"`` averages the per-head,
+per-layer text entropies instead (no buffer; a mean of entropies, not the entropy of the mean).
+
+Decisions where DESIGN.md is silent:
+
+* Only the stock processors are replaced (``JointAttnProcessor2_0`` / ``FluxAttnProcessor``, exact types): any other
+  processor on a selected block (IP-adapter, PAG, a user's own) raises ValueError, since replacing it would change
+  the model. peft LoRA adapters live in the projection layers, which the processors call, so they are honoured.
+* ``attention_mask``: SD3's processor ignores it, and so do we; FLUX's processor applies it, and ours raises
+  ValueError (the kernel has no mask).
+* Passes with grad enabled and inputs that require grad (training) compute the block output with SDPA (so it is
+  differentiable, as before) and the entropy from detached q, k with the forward-only op.
+* ``pop()`` is first in, first out: each transformer forward inside the context appends one result; popping with
+  none pending raises RuntimeError. Calls of the processors outside a transformer forward (e.g. recomputation by
+  gradient checkpointing during backward) record nothing.
+* ``impl="auto"``: the Triton kernels on CUDA, the torch path on CPU (``impl`` forces one).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastgrpo.ops.attention import attention_with_text_entropy, text_attention_probs, text_entropy_from_probs
+from fastgrpo.ops._backend import IMPLS
+
+MODES = ("mixture", "head_mean")
+_LN2 = math.log(2.0)
+
+
+def _joint_blocks(transformer):
+    """The joint (double-stream) blocks of an SD3/FLUX transformer, looking through a peft wrapper."""
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if blocks is None and hasattr(transformer, "get_base_model"):
+        blocks = getattr(transformer.get_base_model(), "transformer_blocks", None)
+    if blocks is None:
+        raise ValueError(f"transformer must be a diffusers SD3Transformer2DModel or FluxTransformer2DModel (with "
+                         f"`transformer_blocks`), got {type(transformer).__name__}")
+    return blocks
+
+
+def _model_kind(processor) -> Optional[str]:
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    if type(processor) is JointAttnProcessor2_0:
+        return "sd3"
+    if type(processor) is FluxAttnProcessor:
+        return "flux"
+    return None
+
+
+class _EntropyAttnProcessor:
+    """Shared part of the two processors: attention through the entropy op, and the report to the collector."""
+
+    def __init__(self, collector: "AttentionEntropyCollector", layer: int):
+        self.collector = collector
+        self.layer = layer
+
+    def _attend(self, q, k, v, *, layout, text_start, text_len, image_start, image_len):
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        with torch.no_grad():
+            qd, kd = q.detach(), k.detach()
+            res = attention_with_text_entropy(qd, kd, v.detach(), text_start=text_start, text_len=text_len,
+                                              layout=layout, impl=self.collector.impl)
+            self.collector._record(self.layer, qd, kd, res, layout=layout, text_start=text_start,
+                                   text_len=text_len, image_start=image_start, image_len=image_len)
+        if not training:
+            return res.out
+        if layout == "bhsd":
+            return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+class SD3EntropyAttnProcessor(_EntropyAttnProcessor):
+    """``JointAttnProcessor2_0`` semantics (SD3/SD3.5 joint blocks), attention through the entropy op."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if encoder_hidden_states is None:
+            raise ValueError(f"encoder_hidden_states is None in joint block {self.layer}: the entropy processor "
+                             "needs the text tokens")
+        B, n_image = hidden_states.shape[0], hidden_states.shape[1]
+        n_text = encoder_hidden_states.shape[1]
+        heads = attn.heads
+
+        def split(x):  # [B, L, H*D] -> [B, H, L, D]
+            return x.view(B, x.shape[1], heads, -1).transpose(1, 2)
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        tq = split(attn.add_q_proj(encoder_hidden_states))
+        tk = split(attn.add_k_proj(encoder_hidden_states))
+        tv = split(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            tq = attn.norm_added_q(tq)
+        if attn.norm_added_k is not None:
+            tk = attn.norm_added_k(tk)
+        q, k, v = torch.cat([q, tq], dim=2), torch.cat([k, tk], dim=2), torch.cat([v, tv], dim=2)
+
+        out = self._attend(q, k, v, layout="bhsd", text_start=n_image, text_len=n_text, image_start=0,
+                           image_len=n_image)
+        out = out.transpose(1, 2).reshape(B, n_image + n_text, -1).to(q.dtype)
+        image_out, text_out = out[:, :n_image], out[:, n_image:]
+        if not attn.context_pre_only:
+            text_out = attn.to_add_out(text_out)
+        image_out = attn.to_out[1](attn.to_out[0](image_out))
+        return image_out, text_out
+
+
+class FluxEntropyAttnProcessor(_EntropyAttnProcessor):
+    """``FluxAttnProcessor`` semantics (FLUX double-stream blocks), attention through the entropy op."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if encoder_hidden_states is None:
+            raise ValueError(f"encoder_hidden_states is None in double-stream block {self.layer}: the entropy "
+                             "processor needs the text tokens")
+        if attention_mask is not None:
+            raise ValueError("attention_mask is not supported by the entropy processor (the kernel has no mask); "
+                             "run without AttentionEntropyCollector when masking")
+        if getattr(attn, "fused_projections", False):
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            tq, tk, tv = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+            tq = attn.add_q_proj(encoder_hidden_states)
+            tk = attn.add_k_proj(encoder_hidden_states)
+            tv = attn.add_v_proj(encoder_hidden_states)
+        split = lambda x: x.unflatten(-1, (-1, attn.head_dim))  # noqa: E731  [B, L, H*D] -> [B, L, H, D]
+        q, k, v = attn.norm_q(split(q)), attn.norm_k(split(k)), split(v)
+        tq, tk, tv = attn.norm_added_q(split(tq)), attn.norm_added_k(split(tk)), split(tv)
+        q, k, v = torch.cat([tq, q], dim=1), torch.cat([tk, k], dim=1), torch.cat([tv, v], dim=1)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+
+        n_text = encoder_hidden_states.shape[1]
+        n_image = hidden_states.shape[1]
+        out = self._attend(q, k, v, layout="bshd", text_start=0, text_len=n_text, image_start=n_text,
+                           image_len=n_image)
+        out = out.flatten(2, 3).to(q.dtype)
+        text_out, image_out = out[:, :n_text], out[:, n_text:]
+        image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
+        text_out = attn.to_add_out(text_out.contiguous())
+        return image_out, text_out
+
+
+class AttentionEntropyCollector:
+    """Measure AEGPO's Entropy(t) (bits, per sample) on every forward of an SD3/SD3.5 or FLUX transformer.
+
+    Args:
+        transformer: a diffusers ``SD3Transformer2DModel`` or ``FluxTransformer2DModel`` (peft adapters allowed).
+        layers: indices into ``transformer.transformer_blocks`` (the joint / double-stream blocks); AEGPO uses
+            (5, 10, 15).
+        mode: "mixture" (the paper: entropy of the layer- and head-averaged text attention) or "head_mean"
+            (mean of per-head entropies).
+        impl: "auto" | "triton" | "torch", passed to the ops.
+
+    Use as a context manager; ``pop()`` after each forward (see the module docstring).
+    """
+
+    def __init__(self, transformer, layers: Sequence[int] = (5, 10, 15), mode: str = "mixture", impl: str = "auto"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        blocks = _joint_blocks(transformer)
+        if isinstance(layers, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise ValueError(f"layers must be a sequence of block indices (ints), got {layers!r}")
+        layers = tuple(layers)
+        if not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"layers must be a non-empty sequence of distinct block indices, got {layers!r}")
+        bad = [i for i in layers if not 0 <= i < len(blocks)]
+        if bad:
+            raise ValueError(f"layers {bad} do not exist: the transformer has {len(blocks)} joint blocks "
+                             f"(transformer_blocks[0..{len(blocks) - 1}])")
+        kinds = set()
+        for i in layers:
+            proc = blocks[i].attn.processor
+            kind = _model_kind(proc)
+            if kind is None:
+                raise ValueError(f"layers: transformer_blocks[{i}].attn uses {type(proc).__name__}; the collector "
+                                 "replaces only diffusers' JointAttnProcessor2_0 (SD3) or FluxAttnProcessor (FLUX)")
+            kinds.add(kind)
+        self.transformer = transformer
+        self.layers = layers
+        self.mode = mode
+        self.impl = impl
+        self.kind = kinds.pop()
+        self._blocks = blocks
+        self._originals: Optional[dict] = None
+        self._hooks: list = []
+        self._results: list[torch.Tensor] = []
+        self._in_forward = False
+        self._reset()
+
+    # --------------------------------------------------------------------------------------- context manager
+
+    def __enter__(self) -> "AttentionEntropyCollector":
+        if self._originals is not None:
+            raise RuntimeError("this AttentionEntropyCollector is already installed")
+        cls = SD3EntropyAttnProcessor if self.kind == "sd3" else FluxEntropyAttnProcessor
+        self._originals = {i: self._blocks[i].attn.processor for i in self.layers}
+        for i in self.layers:
+            self._blocks[i].attn.set_processor(cls(self, i))
+        self._hooks = [self.transformer.register_forward_pre_hook(self._begin_forward),
+                       self.transformer.register_forward_hook(self._end_forward)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self._originals is not None:
+            for i, proc in self._originals.items():
+                self._blocks[i].attn.set_processor(proc)
+        self._originals = None
+        self._in_forward = False
+
+    # --------------------------------------------------------------------------------------- results
+
+    def pop(self) -> torch.Tensor:
+        """Entropy(t) of the oldest forward not popped yet: float32 [B], bits (AEGPO eq. 4)."""
+        if not self._results:
+            raise RuntimeError("no transformer forward recorded since the last pop(): run the transformer inside "
+                               "the collector's context first")
+        return self._results.pop(0)
+
+    def _reset(self):
+        self._seen: list[int] = []
+        self._probs: Optional[torch.Tensor] = None
+        self._entropy_sum: Optional[torch.Tensor] = None
+
+    def _begin_forward(self, module, args):
+        self._reset()
+        self._in_forward = True
+
+    def _end_forward(self, module, args, output):
+        self._in_forward = False
+        if not self._seen:
+            return
+        if sorted(self._seen) != sorted(self.layers):
+            raise RuntimeError(f"the forward ran layers {sorted(self._seen)} of the selected {sorted(self.layers)}")
+        if self.mode == "mixture":
+            per_query = text_entropy_from_probs(self._probs)  # [B, N] nats
+            entropy = per_query.mean(dim=1) / _LN2
+        else:
+            entropy = self._entropy_sum / (len(self.layers) * _LN2)
+        self._results.append(entropy.float())
+        self._reset()
+
+    def _record(self, layer, q, k, res, *, layout, text_start, text_len, image_start, image_len):
+        """Called by the processors with one layer's q, k (detached) and attention statistics."""
+        if not self._in_forward:
+            return
+        if layer in self._seen:
+            raise RuntimeError(f"joint block {layer} ran twice in one transformer forward")
+        self._seen.append(layer)
+        if self.mode == "mixture":
+            if self._probs is None:
+                self._probs = torch.zeros((q.shape[0], image_len, text_len), dtype=torch.float32, device=q.device)
+            text_attention_probs(q, k, res.lse, text_start=text_start, text_len=text_len, query_start=image_start,
+                                 query_len=image_len, layout=layout, out=self._probs, impl=self.impl)
+        else:
+            per_sample = res.text_entropy[:, :, image_start:image_start + image_len].mean(dim=(1, 2))
+            self._entropy_sum = per_sample if self._entropy_sum is None else self._entropy_sum + per_sample

@@ -1,0 +1,313 @@
+"""Joint attention that also returns the entropy of each query's attention over the text keys (AEGPO).
+
+AEGPO (Wang et al., "AEGPO: Adaptive Entropy-Guided Policy Optimization for Diffusion Models", eq. 1-4) measures,
+at each denoising step t, how the image queries of an MMDiT's joint attention spread over the T text keys::
+
+    A_t = softmax(Q K^T / sqrt(d))                                                     (1)
+    Abar_t = A_t averaged over the selected layers and heads
+    Prob_t[i, tau] = Abar_t[i, tau] / sum_tau' Abar_t[i, tau']      (image query i, text key tau)   (2)
+    Entropy_t[q_i] = - sum_tau Prob_t[i, tau] log2 Prob_t[i, tau]                      (3)
+    Entropy(t) = mean over the N image queries of Entropy_t[q_i]                       (4)
+
+Materialising A_t ([B, H, L, L] per layer) is what made this cost AEGPO 11% of a step and 1 GB; here it is computed
+inside a flash-attention forward (DESIGN.md §3.3):
+
+``attention_with_text_entropy(q, k, v, text_start=, text_len=)`` returns, besides ``out = softmax(s) v`` with
+``s = scale * q k^T``, three float32 [B, H, S] statistics in natural log: ``lse = logsumexp_j s_j`` over all keys,
+``text_lse = logsumexp_{t in text} s_t``, and ``text_entropy = -sum_t p_t log p_t`` with ``p = softmax`` over the
+text keys only (the row restricted to the text keys and renormalised). Since ``log p_t = s_t - text_lse``::
+
+    text_entropy = text_lse - E_p[s_t] = text_lse - scale * <q, softmax_text(q K_T^T) K_T>
+
+i.e. attention over the text keys with V = K (an identity the tests check).
+
+``text_attention_probs`` adds the full-softmax probabilities of the text keys, ``exp(s_t - lse)``, summed over
+heads, into a float32 [B, N, T] buffer; several layers add into one buffer, and ``text_entropy_from_probs``
+renormalises each row (the average over layers and heads is a constant factor that the renormalisation removes)
+and returns its entropy: eq. 2-3 exactly ("mixture"). Averaging ``text_entropy`` over heads and layers instead
+gives the cheaper "head_mean" variant (a mean of per-head entropies, not the paper's entropy of the mean).
+
+Decisions where DESIGN.md is silent (written down here, as it asks):
+
+* Forward only: the ops serve no-grad sampling passes (training passes keep SDPA). Inputs that require grad with
+  grad mode on raise ValueError instead of silently returning outputs without gradient.
+* ``text_len >= 1`` (an entropy over no keys is undefined); ``text_start + text_len <= S``.
+* q, k, v share one shape and dtype (joint self-attention; no cross-attention or GQA).
+* The Triton kernel takes any head dim up to 128 (64 and 128 are the targets; others are padded to a power of
+  two >= 16 with masked loads); larger head dims raise ValueError under impl="triton" (the torch path has no limit).
+* The torch path computes ``out`` with ``torch.nn.functional.scaled_dot_product_attention`` (so on CPU the model
+  output is exactly what diffusers computes) and the statistics from float32 logits in query chunks (memory
+  O(B*H*chunk*S), never [B, H, S, S] at once; lse needs every logit anyway). With float64 inputs it runs in
+  float64. Its entropy is ``-sum_t p_t (s_t - text_lse)``, a sum of terms of one sign: the identity's
+  ``text_lse - E_p[s]`` subtracts two numbers of the size of the largest logit and loses ~|s_max| * 2^-24 in
+  float32 on peaked rows (the kernel avoids that with its max-centred sum). The tests check the identity.
+* ``text_attention_probs`` takes ``impl`` like every op (DESIGN.md's signature omits it); its ``out`` must be a
+  float32 [B, query_len, text_len] tensor with unit stride along the text dim; without ``out`` a zero buffer is
+  returned.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import check_float, check_same_device, resolve_impl
+
+LAYOUTS = ("bhsd", "bshd")
+MAX_TRITON_HEAD_DIM = 128
+_QUERY_CHUNK = 1024  # torch path: queries per chunk of materialised logits
+
+
+class AttnTextEntropy(NamedTuple):
+    """Result of `attention_with_text_entropy`.
+
+    out:          softmax(scale q k^T) v, same shape, layout and dtype as q.
+    text_entropy: float32 [B, H, S], nats: entropy of each row over the text keys, renormalised over them.
+    lse:          float32 [B, H, S], logsumexp of each row's logits over all keys.
+    text_lse:     float32 [B, H, S], logsumexp over the text keys only.
+    """
+
+    out: torch.Tensor
+    text_entropy: torch.Tensor
+    lse: torch.Tensor
+    text_lse: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The logical [B, H, S, D] view of a tensor in ``layout``."""
+    return t if layout == "bhsd" else t.transpose(1, 2)
+
+
+def _check_int(name: str, value, low: int, high: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}] ({what}), got {value}")
+    return value
+
+
+def _check_qk(q, k, layout, named_v=None):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    check_float("q", q)
+    check_float("k", k)
+    if q.ndim != 4:
+        expected = "[B, H, S, D]" if layout == "bhsd" else "[B, S, H, D]"
+        raise ValueError(f"q must have 4 dims {expected} for layout={layout!r}, got shape {tuple(q.shape)}")
+    for name, t in (("k", k),) + ((("v", named_v),) if named_v is not None else ()):
+        if name == "v":
+            check_float("v", t)
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)} (joint self-attention), "
+                             f"got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    check_same_device([("q", q), ("k", k), ("v", named_v)])
+    B, H, S, D = _bhsd(q, layout).shape
+    if D == 0:
+        raise ValueError(f"q must have a head dim >= 1, got shape {tuple(q.shape)}")
+    return B, H, S, D
+
+
+def _check_scale(scale, D):
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive float (default 1/sqrt(head_dim)), got {scale!r}")
+    return float(scale)
+
+
+def _check_forward_only(*tensors):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise ValueError("q, k, v require grad: attention_with_text_entropy and text_attention_probs are "
+                         "forward-only (sampling passes); run them under torch.no_grad() or on detached tensors "
+                         "and keep scaled_dot_product_attention for training passes")
+
+
+def _check_triton_head_dim(D):
+    if D > MAX_TRITON_HEAD_DIM:
+        raise ValueError(f"head dim {D} is not supported by the Triton kernel (head dims 1..{MAX_TRITON_HEAD_DIM}; "
+                         "64 and 128 are the tuned ones); use impl='torch'")
+
+
+def _check_attention(q, k, v, text_start, text_len, scale, layout):
+    B, H, S, D = _check_qk(q, k, layout, v)
+    _check_forward_only(q, k, v)
+    _check_int("text_start", text_start, 0, max(S - 1, 0), f"a position in the sequence of S={S} tokens")
+    _check_int("text_len", text_len, 1, S - text_start,
+               f"at least one text key, and text_start + text_len <= S={S}")
+    return _check_scale(scale, D)
+
+
+# ----------------------------------------------------------------------------------------------- reference
+
+
+def _attention_torch(q, k, v, text_start, text_len, scale, layout) -> AttnTextEntropy:
+    """Plain-PyTorch path on validated inputs (see the module docstring)."""
+    qh, kh, vh = (_bhsd(t, layout) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
+    out = out if layout == "bhsd" else out.transpose(1, 2).contiguous()
+    acc = torch.promote_types(q.dtype, torch.float32)
+    B, H, S, _ = qh.shape
+    lse = torch.empty((B, H, S), dtype=acc, device=q.device)
+    text_lse, text_ent = torch.empty_like(lse), torch.empty_like(lse)
+    kf = kh.to(acc)
+    for c in range(0, S, _QUERY_CHUNK):
+        qc = qh[:, :, c:c + _QUERY_CHUNK].to(acc)
+        s = scale * (qc @ kf.transpose(-1, -2))  # [B, H, chunk, S]
+        lse[:, :, c:c + _QUERY_CHUNK] = torch.logsumexp(s, dim=-1)
+        s_text = s[..., text_start:text_start + text_len]
+        t_lse = torch.logsumexp(s_text, dim=-1)
+        log_p = s_text - t_lse[..., None]  # <= 0: the sum below has no cancellation, unlike lse - E_p[s]
+        text_lse[:, :, c:c + _QUERY_CHUNK] = t_lse
+        text_ent[:, :, c:c + _QUERY_CHUNK] = -(log_p.exp() * log_p).sum(-1)
+    if acc != torch.float64:
+        lse, text_lse, text_ent = lse.float(), text_lse.float(), text_ent.float()
+    return AttnTextEntropy(out, text_ent, lse, text_lse)
+
+
+def attention_with_text_entropy_ref(q, k, v, *, text_start, text_len, scale=None, layout="bhsd") -> AttnTextEntropy:
+    """Plain-PyTorch twin of `attention_with_text_entropy` (benchmark baseline; float64 inputs give float64).
+
+    ``out`` from ``scaled_dot_product_attention``; ``lse``, ``text_lse`` and ``text_entropy`` from logits
+    materialised in chunks of queries, the entropy through the identity of the module docstring.
+    """
+    scale = _check_attention(q, k, v, text_start, text_len, scale, layout)
+    return _attention_torch(q, k, v, text_start, text_len, scale, layout)
+
+
+# ----------------------------------------------------------------------------------------------- public ops
+
+
+def attention_with_text_entropy(q, k, v, *, text_start, text_len, scale=None, layout="bhsd",
+                                impl="auto") -> AttnTextEntropy:
+    """softmax(scale q k^T) v, plus each row's logsumexp and its entropy over the text keys, in one pass.
+
+    Args:
+        q, k, v: one shape and dtype (float32/float16/bfloat16), ``[B, H, S, D]`` for ``layout="bhsd"`` (SD3's
+            ``JointAttnProcessor2_0``: image tokens, then text) or ``[B, S, H, D]`` for ``layout="bshd"`` (FLUX's
+            ``FluxAttnProcessor``: text tokens, then image). Any strides with unit stride along D are read in
+            place (others are copied).
+        text_start, text_len: the text keys are positions ``[text_start, text_start + text_len)`` of S;
+            ``text_len >= 1``.
+        scale: logit scale, default ``1 / sqrt(D)``.
+        layout: "bhsd" or "bshd".
+        impl: "auto" | "triton" | "torch" (see ``fastgrpo.ops._backend``).
+
+    Returns:
+        AttnTextEntropy(out (like q), text_entropy, lse, text_lse (float32 [B, H, S], natural log)).
+        Forward only: inputs that require grad raise ValueError.
+
+    Example:
+        >>> r = attention_with_text_entropy(q, k, v, text_start=1024, text_len=333)   # SD3-512, [B, H, S, D]
+        >>> per_head_bits = r.text_entropy[:, :, :1024] / math.log(2)                  # image queries
+    """
+    scale = _check_attention(q, k, v, text_start, text_len, scale, layout)
+    backend = resolve_impl(impl, q.device)
+    if backend == "torch":
+        return _attention_torch(q, k, v, text_start, text_len, scale, layout)
+    _check_triton_head_dim(q.shape[-1])
+    if q.dtype == torch.float64:
+        raise ValueError("q is float64: the Triton kernel takes float32/float16/bfloat16; use impl='torch'")
+    from fastgrpo.kernels.attention_entropy import attention_text_entropy_fwd
+
+    unit = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
+    qh, kh, vh = (_bhsd(unit(t), layout) for t in (q, k, v))
+    out, lse, text_lse, text_ent = attention_text_entropy_fwd(qh, kh, vh, text_start, text_len, scale)
+    return AttnTextEntropy(_bhsd(out, layout), text_ent, lse, text_lse)
+
+
+def _check_probs(q, k, lse, text_start, text_len, query_start, query_len, scale, layout, out):
+    B, H, S, D = _check_qk(q, k, layout)
+    _check_forward_only(q, k)
+    if not isinstance(lse, torch.Tensor) or lse.shape != (B, H, S) or lse.dtype != torch.float32:
+        got = f"{tuple(lse.shape)} {lse.dtype}" if isinstance(lse, torch.Tensor) else type(lse).__name__
+        raise ValueError(f"lse must be a float32 tensor [B, H, S] = {(B, H, S)} (attention_with_text_entropy's "
+                         f"lse), got {got}")
+    _check_int("text_start", text_start, 0, max(S - 1, 0), f"a position in the sequence of S={S} tokens")
+    _check_int("text_len", text_len, 1, S - text_start, f"at least one text key, and text_start + text_len <= S={S}")
+    _check_int("query_start", query_start, 0, S, f"a position in the sequence of S={S} tokens")
+    _check_int("query_len", query_len, 0, S - query_start, f"query_start + query_len <= S={S}")
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.shape != (B, query_len, text_len) \
+                or out.dtype != torch.float32 or (out.numel() and out.stride(-1) != 1):
+            got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"out must be a float32 tensor [B, query_len, text_len] = {(B, query_len, text_len)} "
+                             f"with unit stride on the last dim, got {got}")
+    check_same_device([("q", q), ("lse", lse), ("out", out)])
+    return _check_scale(scale, D)
+
+
+def _text_probs_torch(q, k, lse, text_start, text_len, query_start, query_len, scale, layout, out):
+    qh, kh = _bhsd(q, layout), _bhsd(k, layout)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    total = torch.zeros(out.shape, dtype=acc, device=q.device)
+    qs = slice(query_start, query_start + query_len)
+    ks = slice(text_start, text_start + text_len)
+    for h in range(qh.shape[1]):  # one head at a time: [B, N, T] of memory, never [B, H, N, T]
+        s = scale * (qh[:, h, qs].to(acc) @ kh[:, h, ks].to(acc).transpose(-1, -2))
+        total += torch.exp(s - lse[:, h, qs, None].to(acc))
+    out += total.to(out.dtype)
+    return out
+
+
+def text_attention_probs_ref(q, k, lse, *, text_start, text_len, query_start, query_len, scale=None, layout="bhsd",
+                             out=None) -> torch.Tensor:
+    """Plain-PyTorch twin of `text_attention_probs` (one head at a time)."""
+    return text_attention_probs(q, k, lse, text_start=text_start, text_len=text_len, query_start=query_start,
+                                query_len=query_len, scale=scale, layout=layout, out=out, impl="torch")
+
+
+def text_attention_probs(q, k, lse, *, text_start, text_len, query_start, query_len, scale=None, layout="bhsd",
+                         out=None, impl="auto") -> torch.Tensor:
+    """Add ``sum_h exp(scale q_i . k_t - lse[h, i])`` (full-softmax probabilities of the text keys, summed over
+    heads) into ``out[b, i - query_start, t - text_start]``.
+
+    Args:
+        q, k: as in `attention_with_text_entropy` (``layout``), one shape and dtype.
+        lse: float32 [B, H, S], the ``lse`` that `attention_with_text_entropy` returned for these q, k.
+        text_start, text_len: the text keys ``[text_start, text_start + text_len)``.
+        query_start, query_len: the queries (e.g. the image tokens) ``[query_start, query_start + query_len)``.
+        scale: logit scale, default ``1 / sqrt(D)``; must be the one used for ``lse``.
+        out: float32 [B, query_len, text_len] to add into (several layers share one buffer); None -> zeros.
+        impl: "auto" | "triton" | "torch".
+
+    Returns:
+        ``out`` (float32 [B, query_len, text_len]). Forward only.
+    """
+    scale = _check_probs(q, k, lse, text_start, text_len, query_start, query_len, scale, layout, out)
+    B = q.shape[0]
+    if out is None:
+        out = torch.zeros((B, query_len, text_len), dtype=torch.float32, device=q.device)
+    backend = resolve_impl(impl, q.device)
+    if backend == "torch":
+        return _text_probs_torch(q, k, lse, text_start, text_len, query_start, query_len, scale, layout, out)
+    _check_triton_head_dim(q.shape[-1])
+    if q.dtype == torch.float64:
+        raise ValueError("q is float64: the Triton kernel takes float32/float16/bfloat16; use impl='torch'")
+    from fastgrpo.kernels.attention_entropy import text_probs_accumulate
+
+    unit = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
+    return text_probs_accumulate(_bhsd(unit(q), layout), _bhsd(unit(k), layout), lse.contiguous(), out,
+                                 query_start, query_len, text_start, text_len, scale)
+
+
+def text_entropy_from_probs(probs_sum: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row of ``probs_sum`` [B, N, T] after renormalising it over T: float32 [B, N].
+
+    Rows are the head- (and layer-) summed text probabilities of `text_attention_probs` (AEGPO eq. 2-3 up to
+    the log base). ``0 log 0 = 0``. An all-zero row (no probability mass on the text at all) gives NaN.
+    """
+    if not isinstance(probs_sum, torch.Tensor) or probs_sum.ndim != 3 or not probs_sum.is_floating_point():
+        got = tuple(probs_sum.shape) if isinstance(probs_sum, torch.Tensor) else type(probs_sum).__name__
+        raise ValueError(f"probs_sum must be a floating tensor [B, N, T], got {got}")
+    acc = torch.promote_types(probs_sum.dtype, torch.float32)
+    p = probs_sum.to(acc)
+    p = p / p.sum(-1, keepdim=True)
+    ent = -torch.special.xlogy(p, p).sum(-1)
+    return ent if acc == torch.float64 else ent.float()
