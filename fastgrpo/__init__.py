@@ -8,3 +8,6 @@ from .ops import SDEStep, sde_step, sde_step_ref
 
 __version__ = "0.1.0"
 __all__ = ["SDEStep", "sde_step", "sde_step_ref", "__version__"]
+from .ops import OVFSelection, ovf_select, ovf_select_ref  # noqa: E402
+
+__all__ += ["OVFSelection", "ovf_select", "ovf_select_ref"]

@@ -7,4 +7,4 @@ Every kernel module lists, in ``compile_specs()``, the argument types and conste
 the test suite can compile each kernel for a real GPU target (sm_90) on a machine without a GPU.
 """
 
-KERNEL_MODULES = ("sde_step",)
+KERNEL_MODULES = ("sde_step", "ovf")

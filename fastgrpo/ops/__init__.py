@@ -5,3 +5,6 @@ No diffusers/transformers imports here.
 from .sde import SDEStep, sde_step, sde_step_ref
 
 __all__ = ["SDEStep", "sde_step", "sde_step_ref"]
+from .ovf import OVFSelection, ovf_select, ovf_select_ref
+
+__all__ += ["OVFSelection", "ovf_select", "ovf_select_ref"]
