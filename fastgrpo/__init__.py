@@ -11,3 +11,6 @@ __all__ = ["SDEStep", "sde_step", "sde_step_ref", "__version__"]
 from .ops import OVFSelection, ovf_select, ovf_select_ref  # noqa: E402
 
 __all__ += ["OVFSelection", "ovf_select", "ovf_select_ref"]
+from .ops import ADVANTAGE_CONVENTIONS, group_advantages, group_advantages_ref  # noqa: E402
+
+__all__ += ["ADVANTAGE_CONVENTIONS", "group_advantages", "group_advantages_ref"]
