@@ -79,7 +79,8 @@ def ovf_select_ref(rewards: torch.Tensor, k: int) -> OVFSelection:
     """Plain-PyTorch twin of `ovf_select`, vectorised over groups (the test oracle and benchmark baseline).
 
     The same algorithm and tie rule as the kernel (stable sort, k + 1 candidates from prefix and suffix sums,
-    first best j), computed in float32, or in float64 for float64 rewards.
+    first best j), computed in float32, or in float64 for float64 rewards (then the variance is float64 too:
+    the oracle keeps its precision).
     """
     _check_inputs(rewards, k)
     return _ovf_torch(rewards, k)
@@ -106,7 +107,7 @@ def _ovf_torch(rewards: torch.Tensor, k: int) -> OVFSelection:
     indices = torch.sort(order[chosen].view(P, k), dim=1).values
     picked = d[chosen].view(P, k)
     dev = picked - picked.mean(dim=1, keepdim=True)
-    variance = (dev * dev).mean(dim=1).float()
+    variance = (dev * dev).mean(dim=1)
     if squeeze:
         return OVFSelection(indices[0], variance[0])
     return OVFSelection(indices, variance)
@@ -157,5 +158,6 @@ def ovf_select(rewards: torch.Tensor, k: int, *, impl: str = "auto") -> OVFSelec
                              f"group), got G={G}; use impl='torch' or 'auto'")
         backend = "torch"
     if backend == "torch":
-        return _ovf_torch(rewards, k)
+        indices, variance = _ovf_torch(rewards, k)
+        return OVFSelection(indices, variance.float())
     return _ovf_triton(rewards, k)
