@@ -146,8 +146,9 @@ def ovf_select(rewards: torch.Tensor, k: int, *, impl: str = "auto") -> OVFSelec
         [G] input, indices [k] and a 0-d variance.
 
     Example:
-        >>> keep, var = ovf_select(preview_rewards.view(P, 48), 24)     # Pro-GRPO's first checkpoint: 48 -> 24
-        >>> latents = latents.view(P, 48, *shape).gather(1, keep...)     # continue only the survivors
+        >>> sel = ovf_select(preview_rewards.view(P, 48), 24)       # Pro-GRPO's first checkpoint: 48 -> 24
+        >>> rows = (sel.indices + 48 * torch.arange(P, device=sel.indices.device)[:, None]).reshape(-1)
+        >>> latents = latents[rows]                                     # [P*48, ...] -> the [P*24, ...] survivors
     """
     _check_inputs(rewards, k)
     backend = resolve_impl(impl, rewards.device)
