@@ -1,8 +1,7 @@
 """Optimal Variance Filtering (OVF): per group, the size-k subset of rewards with the largest variance.
 
 Pro-GRPO ("Expand and Prune: Maximizing Trajectory Diversity for Effective GRPO in Generative Models",
-eq. 10 and 17) keeps, per prompt group of G
-trajectories, the k whose rewards have the largest population variance
+eq. 10 and 17) keeps, per prompt group of G trajectories, the k whose rewards have the largest population variance
 
     K* = argmax_{|K| = k}  (1/k) sum_{g in K} (R_g - mean_K)^2
 
@@ -14,7 +13,9 @@ problem is exact and cheap:
     it, and some optimum takes every member from the extremes: the j smallest plus the k - j largest, j in 0..k.
 
 Hence: sort the group, prefix sums of R and R^2, evaluate the k + 1 candidates, keep the best -- O(G log G) per
-group instead of O(C(G, k)). The tests check this against brute force over all subsets.
+group instead of O(C(G, k)). The tests check this against brute force over all subsets. (The same argument
+applied to the bottom part's largest member shows that for k >= 2 some optimum holds both the minimum and the
+maximum: j = 0 and j = k only ever tie with j = 1 and j = k - 1.)
 
 Conventions (DESIGN.md §3.4, and decisions where it is silent):
 
@@ -27,7 +28,8 @@ Conventions (DESIGN.md §3.4, and decisions where it is silent):
   ``-0.0`` and ``+0.0`` are the same reward. Ties between candidates are decided on computed scores: exact for
   rewards whose sums are exact in float32 (small integers, dyadic fractions), arbitrary within rounding otherwise.
 * Rewards are compared in float32 (float64 rewards are rounded to float32 first on the Triton path; the torch
-  path computes in float64 for float64 input, so it is the float64 oracle). Scores centre the sorted rewards on
+  path computes in float64 for float64 input, so it is the float64 oracle; ``ovf_select_ref`` then returns a
+  float64 variance, ``ovf_select`` always float32). Scores centre the sorted rewards on
   the middle one, prefix sums serve the bottom part and suffix sums the top part, and the returned variance is
   recomputed in two passes over the chosen rewards: its error is plain float32 rounding.
 * ``k`` is a python int with ``1 <= k <= G``; NaN or infinite rewards, or a tensor that is not 1-d or 2-d,
