@@ -1,1 +1,1 @@
-KERNEL_MODULES = ("sde_step", "token_entropy", "attention_entropy")
+KERNEL_MODULES = ("sde_step", "token_entropy", "attention_entropy", "ovf")

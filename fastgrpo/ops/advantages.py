@@ -1,0 +1,163 @@
+"""Group-relative advantages: the normalisations of Flow-GRPO, DanceGRPO and EG-GRPO, one or several rewards.
+
+For rewards ``r [P, G]`` (P prompt groups of G rollouts), every variant computes
+
+    A[p, g] = (r[p, g] - mean_g r[p, :]) / (s + eps),   optionally clamped to [-clip, clip]
+
+and differs only in ``s`` (DESIGN.md §3.4):
+
+* Flow-GRPO (yifan123/flow_grpo, ``flow_grpo/stat_tracking.py``, ``PerPromptStatTracker`` with
+  ``global_std=True``): ``s = np.std`` of *all* rewards of the batch (ddof 0), ``eps = 1e-4``; the trainer clamps
+  advantages to ``+-train.adv_clip_max = 5``. ``global_std=False`` ("Flow-GRPO (Fixed)") uses the group's std.
+* DanceGRPO (XueZeyue/DanceGRPO, ``train_grpo_*.py`` with ``use_group``): ``s = group_rewards.std()`` (torch's
+  default, ddof 1), ``eps = 1e-8``; advantages clamped to ``+-adv_clip_max`` (default 5).
+* EG-GRPO (minebetter/EG-GRPO): group std, ddof 1, ``eps = 1e-4``, no clamp.
+
+`ADVANTAGE_CONVENTIONS` holds these as keyword sets: ``group_advantages(r, **ADVANTAGE_CONVENTIONS["dance_grpo"])``.
+
+Several rewards, ``r [P, G, R]`` with weights ``w [R]`` (default all 1):
+
+* ``aggregate="rewards"``: normalise the weighted sum ``sum_i w_i r_i`` (Flow-GRPO's multi-reward ``avg``).
+* ``aggregate="advantages"``: normalise each reward on its own, then ``A = sum_i w_i A_i`` (MixGRPO's advantage
+  aggregation, arXiv 2507.21802): a reward with a large scale cannot drown the others.
+
+Decisions where DESIGN.md is silent:
+
+* Statistics are computed in float64 (as Flow-GRPO's tracker does in numpy) and the advantages returned as
+  float32 ``[P, G]`` (``[G]`` for a ``[G]`` input, one group). They carry no gradient: advantages are constants
+  of the policy-gradient loss.
+* ``std="global"`` pools the rewards of all P groups given (gather across ranks before calling, as the trainer
+  does); the mean is always per group.
+* ``eps`` must be > 0 (a constant group then gets advantages 0, not NaN); ``ddof`` must leave at least one degree
+  of freedom (``ddof < G``, or ``< P*G`` for the global std); NaN or infinite rewards raise ValueError.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ._backend import check_float
+
+STD_MODES = ("group", "global")
+AGGREGATES = ("rewards", "advantages")
+
+ADVANTAGE_CONVENTIONS = {
+    "flow_grpo": dict(std="global", ddof=0, eps=1e-4, clip=5.0),
+    "flow_grpo_fixed": dict(std="group", ddof=0, eps=1e-4, clip=5.0),
+    "dance_grpo": dict(std="group", ddof=1, eps=1e-8, clip=5.0),
+    "eg_grpo": dict(std="group", ddof=1, eps=1e-4, clip=None),
+}
+
+Weights = Union[None, Sequence[float], torch.Tensor]
+
+
+def _check_inputs(rewards, std, ddof, eps, clip, weights, aggregate) -> torch.Tensor:
+    """Validate; returns the weights as a float64 [R] tensor (R = 1 for a single reward)."""
+    check_float("rewards", rewards)
+    if rewards.ndim not in (1, 2, 3):
+        raise ValueError(f"rewards must have shape [P, G], [G], or [P, G, R] for R rewards, "
+                         f"got {tuple(rewards.shape)}")
+    if std not in STD_MODES:
+        raise ValueError(f"std must be one of {STD_MODES}, got {std!r}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    if isinstance(ddof, bool) or not isinstance(ddof, int) or ddof < 0:
+        raise ValueError(f"ddof must be an int >= 0 (0: Flow-GRPO, 1: DanceGRPO/EG-GRPO), got {ddof!r}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a float > 0 (1e-4 Flow-GRPO/EG-GRPO, 1e-8 DanceGRPO), got {eps!r}")
+    if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+        raise ValueError(f"clip must be None or a float > 0 (Flow-GRPO clamps to 5), got {clip!r}")
+    G = rewards.shape[1] if rewards.ndim == 3 else rewards.shape[-1]
+    n = G if std == "group" else (rewards.shape[0] * G if rewards.ndim == 3 else rewards.numel())
+    if rewards.numel() and ddof >= n:
+        raise ValueError(f"ddof={ddof} needs more than {ddof} rewards per std ({std} std over {n}); "
+                         f"rewards shape {tuple(rewards.shape)}")
+    R = rewards.shape[2] if rewards.ndim == 3 else 1
+    if weights is None:
+        w = torch.ones(R, dtype=torch.float64)
+    else:
+        if rewards.ndim != 3:
+            raise ValueError(f"weights are for several rewards, rewards [P, G, R]; got rewards of shape "
+                             f"{tuple(rewards.shape)}")
+        w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu().reshape(-1)
+        if w.numel() != R:
+            raise ValueError(f"weights must have one entry per reward (R = {R}), got {w.numel()}")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("weights must be finite")
+    if rewards.numel() and not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards contain NaN or infinite values")
+    return w.to(rewards.device)
+
+
+def _normalise(r: torch.Tensor, std: str, ddof: int, eps: float) -> torch.Tensor:
+    """(r - group mean) / (s + eps) for float64 r [P, G, R] (each reward r[..., i] separately)."""
+    mean = r.mean(dim=1, keepdim=True)
+    if std == "group":
+        s = r.std(dim=1, correction=ddof, keepdim=True)
+    else:
+        s = r.reshape(-1, r.shape[2]).std(dim=0, correction=ddof).view(1, 1, -1)
+    return (r - mean) / (s + eps)
+
+
+def group_advantages(rewards: torch.Tensor, *, std: str = "group", ddof: int = 0, eps: float = 1e-4,
+                     clip: Optional[float] = None, weights: Weights = None,
+                     aggregate: str = "rewards") -> torch.Tensor:
+    """Group-normalised GRPO advantages.
+
+    Args:
+        rewards: [P, G] (P groups of G rollouts), [G] (one group), or [P, G, R] (R reward models).
+        std: "group" (each group's std) or "global" (the std of all rewards given; Flow-GRPO's default).
+        ddof: 0 (population std: Flow-GRPO) or 1 (sample std: DanceGRPO, EG-GRPO).
+        eps: added to the std (1e-4 Flow-GRPO and EG-GRPO, 1e-8 DanceGRPO).
+        clip: clamp the advantages to [-clip, clip] (Flow-GRPO and DanceGRPO: 5), or None.
+        weights: [R] weights of the rewards (default all 1); only with [P, G, R] rewards.
+        aggregate: "rewards" (normalise the weighted reward sum) or "advantages" (sum of the weighted
+            per-reward advantages, MixGRPO).
+
+    Returns:
+        float32 advantages [P, G] ([G] for a [G] input), without gradient.
+
+    Example:
+        >>> adv = group_advantages(rewards.view(P, G), **ADVANTAGE_CONVENTIONS["flow_grpo"])
+    """
+    w = _check_inputs(rewards, std, ddof, eps, clip, weights, aggregate)
+    squeeze = rewards.ndim == 1
+    r = rewards.detach().to(torch.float64)
+    r = r.view(1, -1, 1) if squeeze else (r if r.ndim == 3 else r.unsqueeze(2))
+    if aggregate == "rewards":
+        adv = _normalise((r * w).sum(dim=2, keepdim=True), std, ddof, eps)[..., 0]
+    else:
+        adv = (_normalise(r, std, ddof, eps) * w).sum(dim=2)
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    adv = adv.float()
+    return adv[0] if squeeze else adv
+
+
+def group_advantages_ref(rewards: torch.Tensor, *, std: str = "group", ddof: int = 0, eps: float = 1e-4,
+                         clip: Optional[float] = None, weights: Weights = None,
+                         aggregate: str = "rewards") -> torch.Tensor:
+    """Plain twin of `group_advantages` (the test oracle): a loop over groups and rewards written like the
+    sources' trackers, std from its definition ``sqrt(sum (r - mean)^2 / (n - ddof))``; float64 output."""
+    w = _check_inputs(rewards, std, ddof, eps, clip, weights, aggregate)
+    squeeze = rewards.ndim == 1
+    r = rewards.detach().to(torch.float64)
+    r = r.view(1, -1, 1) if squeeze else (r if r.ndim == 3 else r.unsqueeze(2))
+    if aggregate == "rewards":
+        r = (r * w.view(1, 1, -1)).sum(dim=2, keepdim=True)
+        w = torch.ones(1, dtype=torch.float64, device=r.device)
+
+    def std_of(x):
+        return torch.sqrt(((x - x.mean()) ** 2).sum() / (x.numel() - ddof))
+
+    out = torch.zeros(r.shape[:2], dtype=torch.float64, device=r.device)
+    for i in range(r.shape[2]):
+        pooled = std_of(r[:, :, i].reshape(-1))
+        for p in range(r.shape[0]):
+            group = r[p, :, i]
+            s = std_of(group) if std == "group" else pooled
+            out[p] += w[i] * (group - group.mean()) / (s + eps)
+    if clip is not None:
+        out = out.clamp(-clip, clip)
+    return out[0] if squeeze else out

@@ -1,0 +1,166 @@
+"""Optimal Variance Filtering (OVF): per group, the size-k subset of rewards with the largest variance.
+
+Pro-GRPO ("Expand and Prune: Maximizing Trajectory Diversity for Effective GRPO in Generative Models",
+eq. 10 and 17) keeps, per prompt group of G trajectories, the k whose rewards have the largest population variance
+
+    K* = argmax_{|K| = k}  (1/k) sum_{g in K} (R_g - mean_K)^2
+
+and gives neither an algorithm nor code. Searching all C(G, k) subsets is hopeless (C(48, 12) ~ 7e10), but the
+problem is exact and cheap:
+
+    k*Var(K) = sum_K R^2 - (sum_K R)^2 / k is, in any one member R_g (the others fixed), a convex quadratic
+    (coefficient 1 - 1/k >= 0). So swapping one member for the smallest or the largest unused reward never lowers
+    it, and some optimum takes every member from the extremes: the j smallest plus the k - j largest, j in 0..k.
+
+Hence: sort the group, prefix sums of R and R^2, evaluate the k + 1 candidates, keep the best -- O(G log G) per
+group instead of O(C(G, k)). The tests check this against brute force over all subsets. (The same argument
+applied to the bottom part's largest member shows that for k >= 2 some optimum holds both the minimum and the
+maximum: j = 0 and j = k only ever tie with j = 1 and j = k - 1.)
+
+Conventions (DESIGN.md §3.4, and decisions where it is silent):
+
+* ``rewards [P, G]`` (or ``[G]``, one group: then ``indices [k]`` and a 0-d ``variance``). Returns
+  ``(indices [P, k] int64, ascending; variance [P] float32)``, the population variance (ddof 0) of the chosen
+  rewards, as in eq. 17. Nothing is differentiable (a selection is piecewise constant); outputs carry no grad.
+* Ties: one stable ascending sort (equal rewards ordered by index), then the smallest j among the best
+  candidates. So with ``k = 1`` (all variances 0) the answer is the largest reward, and among equal largest
+  rewards the one with the largest index (it sorts last); with ``k = G`` every candidate is the whole group.
+  ``-0.0`` and ``+0.0`` are the same reward. Ties between candidates are decided on computed scores: exact for
+  rewards whose sums are exact in float32 (small integers, dyadic fractions), arbitrary within rounding otherwise.
+* Rewards are compared in float32 (float64 rewards are rounded to float32 first on the Triton path; the torch
+  path computes in float64 for float64 input, so it is the float64 oracle; ``ovf_select_ref`` then returns a
+  float64 variance, ``ovf_select`` always float32). Scores centre the sorted rewards on
+  the middle one, prefix sums serve the bottom part and suffix sums the top part, and the returned variance is
+  recomputed in two passes over the chosen rewards: its error is plain float32 rounding.
+* ``k`` is a python int with ``1 <= k <= G``; NaN or infinite rewards, or a tensor that is not 1-d or 2-d,
+  raise ValueError (checking for NaN costs one host sync).
+* ``impl="auto"`` runs the Triton kernel on CUDA tensors with ``G <= 1024`` (one program per group holds the
+  whole sorted group in registers), and the torch path otherwise; ``impl="triton"`` with ``G > 1024`` raises.
+  There is no C++ kernel (the torch path is already one sort and a few vector ops on CPU).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._backend import check_float, resolve_impl
+
+
+# Largest group the kernel takes (fastgrpo.kernels.ovf.MAX_GROUP; not imported here, see _ovf_triton).
+TRITON_MAX_GROUP = 1024
+
+
+class OVFSelection(NamedTuple):
+    """Result of `ovf_select`: ``indices [P, k]`` int64 ascending, ``variance [P]`` float32."""
+
+    indices: torch.Tensor
+    variance: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _check_inputs(rewards, k) -> None:
+    check_float("rewards", rewards)
+    if rewards.ndim not in (1, 2):
+        raise ValueError(f"rewards must have shape [P, G] (groups x group size) or [G], got {tuple(rewards.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k must be a python int (the number of survivors per group), got {type(k).__name__}")
+    G = rewards.shape[-1]
+    if not 1 <= k <= G:
+        raise ValueError(f"k must satisfy 1 <= k <= G = {G} (rewards shape {tuple(rewards.shape)}), got k={k}")
+    if rewards.numel() and not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards contain NaN or infinite values; OVF needs finite rewards to compare variances")
+
+
+# ----------------------------------------------------------------------------------------------- reference
+
+
+def ovf_select_ref(rewards: torch.Tensor, k: int) -> OVFSelection:
+    """Plain-PyTorch twin of `ovf_select`, vectorised over groups (the test oracle and benchmark baseline).
+
+    The same algorithm and tie rule as the kernel (stable sort, k + 1 candidates from prefix and suffix sums,
+    first best j), computed in float32, or in float64 for float64 rewards (then the variance is float64 too:
+    the oracle keeps its precision).
+    """
+    _check_inputs(rewards, k)
+    return _ovf_torch(rewards, k)
+
+
+def _ovf_torch(rewards: torch.Tensor, k: int) -> OVFSelection:
+    squeeze = rewards.ndim == 1
+    r = rewards.detach().reshape(-1, rewards.shape[-1]).to(torch.promote_types(rewards.dtype, torch.float32))
+    P, G = r.shape
+    xs, order = torch.sort(r, dim=1, stable=True)
+    d = xs - xs[:, G // 2:G // 2 + 1]  # centre on the middle reward (exact for small-integer rewards)
+    pre1, pre2 = d.cumsum(1), (d * d).cumsum(1)
+    suf1, suf2 = d.flip(1).cumsum(1).flip(1), (d * d).flip(1).cumsum(1).flip(1)
+    j = torch.arange(k + 1, device=r.device)
+    lo = (j - 1).clamp(min=0).expand(P, -1)
+    hi = (G - k + j).clamp(max=G - 1).expand(P, -1)
+    has_bot, has_top = j > 0, j < k
+    zero = d.new_zeros(())
+    s1 = torch.where(has_bot, pre1.gather(1, lo), zero) + torch.where(has_top, suf1.gather(1, hi), zero)
+    s2 = torch.where(has_bot, pre2.gather(1, lo), zero) + torch.where(has_top, suf2.gather(1, hi), zero)
+    best = torch.argmax(k * s2 - s1 * s1, dim=1, keepdim=True)  # first maximum: smallest j on ties
+    pos = torch.arange(G, device=r.device)
+    chosen = (pos < best) | (pos >= G - k + best)  # exactly k per row
+    indices = torch.sort(order[chosen].view(P, k), dim=1).values
+    picked = d[chosen].view(P, k)
+    dev = picked - picked.mean(dim=1, keepdim=True)
+    variance = (dev * dev).mean(dim=1)
+    if squeeze:
+        return OVFSelection(indices[0], variance[0])
+    return OVFSelection(indices, variance)
+
+
+# ----------------------------------------------------------------------------------------------- fused path
+
+
+def _ovf_triton(rewards: torch.Tensor, k: int) -> OVFSelection:
+    from fastgrpo.kernels.ovf import ovf_select_launch
+
+    squeeze = rewards.ndim == 1
+    r = rewards.detach().reshape(-1, rewards.shape[-1])
+    if r.dtype == torch.float64:
+        r = r.float()
+    if r.stride(1) != 1:
+        r = r.contiguous()
+    indices, variance = ovf_select_launch(r, k)
+    if squeeze:
+        return OVFSelection(indices[0], variance[0])
+    return OVFSelection(indices, variance)
+
+
+def ovf_select(rewards: torch.Tensor, k: int, *, impl: str = "auto") -> OVFSelection:
+    """Per group, the indices of the k rewards with the largest population variance (Pro-GRPO's OVF), exactly.
+
+    Args:
+        rewards: [P, G] (P groups of G trajectories, e.g. prompts x rollouts) or [G]; float32/float16/bfloat16
+            (float64 accepted). Finite.
+        k: survivors per group, a python int with 1 <= k <= G.
+        impl: "auto" | "triton" | "torch" (see ``fastgrpo.ops._backend``); "auto" takes Triton on CUDA for
+            G <= 1024, else the torch path.
+
+    Returns:
+        OVFSelection(indices [P, k] int64 ascending, variance [P] float32 of the chosen rewards, ddof 0); for
+        [G] input, indices [k] and a 0-d variance.
+
+    Example:
+        >>> sel = ovf_select(preview_rewards.view(P, 48), 24)       # Pro-GRPO's first checkpoint: 48 -> 24
+        >>> rows = (sel.indices + 48 * torch.arange(P, device=sel.indices.device)[:, None]).reshape(-1)
+        >>> latents = latents[rows]                                     # [P*48, ...] -> the [P*24, ...] survivors
+    """
+    _check_inputs(rewards, k)
+    backend = resolve_impl(impl, rewards.device)
+    G = rewards.shape[-1]
+    if backend == "triton" and G > TRITON_MAX_GROUP:
+        if impl == "triton":
+            raise ValueError(f"impl='triton' handles groups of up to {TRITON_MAX_GROUP} rewards (one program per "
+                             f"group), got G={G}; use impl='torch' or 'auto'")
+        backend = "torch"
+    if backend == "torch":
+        indices, variance = _ovf_torch(rewards, k)
+        return OVFSelection(indices, variance.float())
+    return _ovf_triton(rewards, k)
