@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# The main job: Flow-GRPO on a tiny random SD3 pipeline (CPU, under a minute); prints where curves.png is.
 demo: install
-	$(PY) -m fastgrpo demo
+	$(PY) -m fastgrpo train --preset tiny-flow-grpo --out runs/tiny-flow-grpo
 
 test: install
 	$(PY) -m pytest tests -q

@@ -49,3 +49,102 @@ def tiny_flux_transformer(seed: int = 0, **overrides):
         torch.manual_seed(seed)
         model = FluxTransformer2DModel(**config)
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------------ tiny pipelines
+# Whole diffusers pipelines (tokenizers, text encoders, VAE, transformer, scheduler) at toy size, so the same
+# loading and prompt-encoding code serves tiny runs, tests (saved to a folder and loaded back) and real checkpoints.
+
+_CHARS = [chr(c) for c in range(33, 127)]
+
+
+def tiny_clip_tokenizer(max_length: int = 32):
+    """A character-level CLIP BPE tokenizer (no merges) built in code."""
+    from transformers import CLIPTokenizer
+
+    vocab = {c: i for i, c in enumerate(_CHARS)}
+    vocab.update({c + "</w>": len(_CHARS) + i for i, c in enumerate(_CHARS)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def tiny_t5_tokenizer(max_length: int = 32):
+    """A character-level fast tokenizer standing in for T5's (pad 0, eos 1, unk 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    vocab.update({c: i + 3 for i, c in enumerate(_CHARS)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=max_length)
+
+
+def _tiny_clip_text(with_projection: bool, vocab_size: int, hidden: int = 16, proj: int = 8):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=32, projection_dim=proj,
+                         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
+
+
+def _tiny_t5(d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(_CHARS) + 3, d_model=d_model, d_kv=8, d_ff=32, num_layers=1,
+                                   num_heads=2))
+
+
+def _tiny_vae(shift_factor: float, scaling_factor: float, latent_channels: int):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=latent_channels, norm_num_groups=4, sample_size=32,
+                         shift_factor=shift_factor, scaling_factor=scaling_factor)
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A ``StableDiffusion3Pipeline`` of tiny random components (two CLIP encoders, T5, VAE with 2x down-sampling).
+
+    Images of 32x32 px give 16x16 latents with 4 channels; the VAE keeps SD3's shift/scaling factors.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip_tok = tiny_clip_tokenizer()
+        vocab = len(clip_tok)
+        pipe = StableDiffusion3Pipeline(
+            transformer=tiny_sd3_transformer(seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=_tiny_vae(0.0609, 1.5305, latent_channels=4),
+            text_encoder=_tiny_clip_text(True, vocab), tokenizer=clip_tok,
+            text_encoder_2=_tiny_clip_text(True, vocab), tokenizer_2=tiny_clip_tokenizer(),
+            text_encoder_3=_tiny_t5(TINY_SD3["joint_attention_dim"]), tokenizer_3=tiny_t5_tokenizer(),
+        )
+    return pipe
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """A ``FluxPipeline`` of tiny random components: 32x32 px -> 16x16x4 latents -> 64 packed tokens of 16.
+
+    The transformer is `tiny_flux_transformer` with 2 double-stream blocks and FLUX.1-dev's guidance embedding.
+    """
+    from diffusers import FluxPipeline, FlowMatchEulerDiscreteScheduler
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip_tok = tiny_clip_tokenizer()
+        pipe = FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                      max_shift=1.15, base_image_seq_len=256,
+                                                      max_image_seq_len=4096),
+            vae=_tiny_vae(0.1159, 0.3611, latent_channels=4),
+            text_encoder=_tiny_clip_text(False, len(clip_tok)), tokenizer=clip_tok,
+            text_encoder_2=_tiny_t5(TINY_FLUX["joint_attention_dim"]), tokenizer_2=tiny_t5_tokenizer(),
+            transformer=tiny_flux_transformer(seed, num_layers=2, guidance_embeds=True),
+        )
+    return pipe

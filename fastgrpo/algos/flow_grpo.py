@@ -1,0 +1,24 @@
+"""Flow-GRPO (arXiv 2505.05470; yifan123/flow_grpo, config/grpo.py).
+
+SDE at every step with ``kind="flow_grpo"`` and a = 0.7; trains the first ``floor(0.99 * T)`` steps in order;
+PPO clip 1e-4; advantages clipped to +-5; per-prompt means with the *global* std over the batch, ddof 0, + 1e-4
+(the paper's default; ``train.adv_std=group`` gives "Flow-GRPO (Fixed)"); KL weight per preset (0.01-0.04 in their
+configs; 0 here unless the preset sets it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastgrpo.train.strategy import Strategy
+
+
+@dataclass
+class FlowGRPO(Strategy):
+    name: str = "flow_grpo"
+    sde_kind: str = "flow_grpo"
+    noise_level: float = 0.7
+    timestep_fraction: float = 0.99
+    beta: float = 0.0
+    adv_std: str = "global"
+    adv_ddof: int = 0
+    adv_eps: float = 1e-4

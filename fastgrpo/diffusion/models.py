@@ -1,0 +1,202 @@
+"""Flow-matching text-to-image policies (SD3/SD3.5 and FLUX through diffusers) with what GRPO needs.
+
+`FlowModel` wraps a diffusers pipeline's components and gives the trainer five things: cached prompt embeddings,
+initial latents, the sigma schedule, the velocity ``v(x, sigma)`` (with classifier-free guidance as the family
+uses it), and decoded images. The transformer is the policy; with LoRA (peft, through diffusers' adapter API) the
+reference policy is the same transformer with its adapters disabled, otherwise a frozen copy.
+
+Family conventions, as in the diffusers pipelines:
+* SD3 (``StableDiffusion3Pipeline``): latents [B, C, h, w]; timestep input ``sigma * 1000``; CFG on the batch
+  ``[uncond, cond]`` with the empty prompt as the negative, ``v = v_u + g * (v_c - v_u)`` (Flow-GRPO uses 4.5).
+* FLUX (``FluxPipeline``): packed latents [B, (h/2)*(w/2), 4C]; timestep input ``sigma``; guidance-distilled, so
+  ``g`` (3.5) enters through the guidance embedding and there is no CFG batch. Initial noise is drawn directly in
+  the packed layout (the same distribution as the pipeline's draw-then-pack).
+
+``model_forwards`` counts per-sample transformer evaluations (a CFG pair counts 2), sampling and training alike.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+
+from .schedules import flux_sigmas, sd3_sigmas
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_pipeline(family: str, path: str, dtype: torch.dtype, seed: int = 0):
+    """A diffusers pipeline: ``path="tiny"`` builds a tiny random one, else ``from_pretrained`` (folder or hub id)."""
+    from . import tiny
+
+    if path == "tiny":
+        pipe = tiny.tiny_sd3_pipeline(seed) if family == "sd3" else tiny.tiny_flux_pipeline(seed)
+        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise ValueError(f"model.path {path!r} does not exist (give a local pipeline folder, a hub id, or 'tiny')")
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    cls = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
+    try:
+        with warnings.catch_warnings():  # diffusers >= 0.42 renames torch_dtype to dtype; older ones know only this
+            warnings.simplefilter("ignore", FutureWarning)
+            return cls.from_pretrained(str(Path(path).expanduser()) if looks_local else path, torch_dtype=dtype)
+    except (OSError, EnvironmentError) as e:
+        raise ValueError(f"model.path {path!r}: could not load a {cls.__name__} from it ({e})") from e
+
+
+class FlowModel:
+    def __init__(self, pipe, family: str, *, height: int, width: int, guidance_scale: float,
+                 max_sequence_length: int, device: torch.device | str = "cpu"):
+        if family not in ("sd3", "flux"):
+            raise ValueError(f"family must be 'sd3' or 'flux', got {family!r}")
+        self.pipe = pipe
+        self.family = family
+        self.device = torch.device(device)
+        self.height, self.width = height, width
+        self.guidance_scale = guidance_scale
+        self.max_sequence_length = max_sequence_length
+        self.transformer = pipe.transformer
+        self.dtype = next(self.transformer.parameters()).dtype  # of the base weights (LoRA weights are fp32)
+        self.vae = pipe.vae
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if height % (2 * self.vae_scale) or width % (2 * self.vae_scale):
+            raise ValueError(f"model.height and model.width must be multiples of {2 * self.vae_scale} "
+                             f"for this VAE, got {height}x{width}")
+        self.lat_h, self.lat_w = height // self.vae_scale, width // self.vae_scale
+        self.uses_lora = False
+        self._ref_transformer = None
+        self._cache: dict[str, dict] = {}
+        self.model_forwards = 0
+        for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), getattr(pipe, "text_encoder_3", None),
+                  self.vae, self.transformer):
+            if m is not None:
+                m.to(self.device).requires_grad_(False).eval()
+
+    # ----------------------------------------------------------------------------------------- training set-up
+    def add_lora(self, rank: int, alpha: float, targets) -> list:
+        """Attach a LoRA adapter (Gaussian init, as Flow-GRPO) and return its parameters (cast to float32)."""
+        from peft import LoraConfig
+
+        self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                                target_modules=list(targets)))
+        self.uses_lora = True
+        params = [p for n, p in self.transformer.named_parameters() if "lora_" in n]
+        if not params:
+            raise ValueError(f"model.lora.targets {list(targets)} matched no module of the transformer")
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        return params
+
+    def full_finetune(self, keep_reference: bool) -> list:
+        """Train every transformer weight; keep a frozen copy as the reference policy when a KL is used."""
+        if keep_reference:
+            self._ref_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+        self.transformer.requires_grad_(True)
+        return list(self.transformer.parameters())
+
+    def trainable_state(self) -> dict:
+        return {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Within the block, ``velocity(..., reference=True)`` evaluates the reference policy."""
+        if self.uses_lora:
+            self.transformer.disable_adapters()
+            try:
+                yield self.transformer
+            finally:
+                self.transformer.enable_adapters()
+        elif self._ref_transformer is not None:
+            yield self._ref_transformer
+        else:
+            raise ValueError("train.beta > 0 needs a reference policy: use LoRA, or full fine-tuning with beta set "
+                             "before the trainer is built")
+
+    # ----------------------------------------------------------------------------------------------- prompts
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict:
+        """Embeddings for each prompt, computed once per distinct prompt and cached; stacked per sample."""
+        missing = sorted({p for p in prompts if p not in self._cache})
+        if missing:
+            if self.family == "sd3":
+                pe, npe, pp, npp = self.pipe.encode_prompt(
+                    prompt=missing, prompt_2=None, prompt_3=None, device=self.device,
+                    do_classifier_free_guidance=True, negative_prompt=[""] * len(missing),
+                    max_sequence_length=self.max_sequence_length)
+                for i, p in enumerate(missing):
+                    self._cache[p] = {"embeds": pe[i], "pooled": pp[i], "neg_embeds": npe[i], "neg_pooled": npp[i]}
+            else:
+                pe, pp, text_ids = self.pipe.encode_prompt(prompt=missing, prompt_2=None, device=self.device,
+                                                           max_sequence_length=self.max_sequence_length)
+                for i, p in enumerate(missing):
+                    self._cache[p] = {"embeds": pe[i], "pooled": pp[i]}
+                self._text_ids = text_ids
+        return {k: torch.stack([self._cache[p][k] for p in prompts]) for k in self._cache[prompts[0]]}
+
+    # ---------------------------------------------------------------------------------------------- latents
+    def latent_shape(self, n: int) -> tuple:
+        c = self.transformer.config.in_channels
+        if self.family == "sd3":
+            return (n, c, self.lat_h, self.lat_w)
+        return (n, (self.lat_h // 2) * (self.lat_w // 2), c)
+
+    def initial_latents(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(self.latent_shape(n), generator=generator, dtype=torch.float32).to(self.device)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        if self.family == "sd3":
+            return sd3_sigmas(num_steps, shift=self.pipe.scheduler.config.shift)
+        return flux_sigmas(num_steps, (self.lat_h // 2) * (self.lat_w // 2))
+
+    # --------------------------------------------------------------------------------------------- velocity
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, emb: dict, *, cfg: bool = True,
+                 transformer=None) -> torch.Tensor:
+        """v(x, sigma) in float32. ``sigma``: [B]. ``transformer``: another module to evaluate (the reference)."""
+        net = transformer if transformer is not None else self.transformer
+        dtype = self.dtype
+        B = x.shape[0]
+        sigma = sigma.to(self.device, torch.float32).reshape(B)
+        if self.family == "sd3":
+            if cfg and self.guidance_scale > 1:
+                out = net(hidden_states=torch.cat([x, x]).to(dtype), timestep=torch.cat([sigma, sigma]) * 1000,
+                          encoder_hidden_states=torch.cat([emb["neg_embeds"], emb["embeds"]]).to(dtype),
+                          pooled_projections=torch.cat([emb["neg_pooled"], emb["pooled"]]).to(dtype)).sample
+                self.model_forwards += 2 * B
+                v_u, v_c = out.float().chunk(2)
+                return v_u + self.guidance_scale * (v_c - v_u)
+            self.model_forwards += B
+            return net(hidden_states=x.to(dtype), timestep=sigma * 1000, encoder_hidden_states=emb["embeds"].to(dtype),
+                       pooled_projections=emb["pooled"].to(dtype)).sample.float()
+        guidance = (torch.full((B,), self.guidance_scale, device=self.device, dtype=torch.float32)
+                    if net.config.guidance_embeds else None)
+        img_ids = self._image_ids(dtype)
+        self.model_forwards += B
+        return net(hidden_states=x.to(dtype), timestep=sigma, guidance=guidance,
+                   pooled_projections=emb["pooled"].to(dtype), encoder_hidden_states=emb["embeds"].to(dtype),
+                   txt_ids=self._text_ids.to(self.device, dtype), img_ids=img_ids).sample.float()
+
+    def _image_ids(self, dtype):
+        h, w = self.lat_h // 2, self.lat_w // 2
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1] += torch.arange(h)[:, None]
+        ids[..., 2] += torch.arange(w)[None, :]
+        return ids.reshape(h * w, 3).to(self.device, dtype)
+
+    # ----------------------------------------------------------------------------------------------- decode
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] float32 in [0, 1]."""
+        if self.family == "flux":
+            B, L, C = x.shape
+            x = x.view(B, self.lat_h // 2, self.lat_w // 2, C // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+            x = x.reshape(B, C // 4, self.lat_h, self.lat_w)
+        cfg = self.vae.config
+        z = x / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        img = self.vae.decode(z.to(self.vae.dtype)).sample.float()
+        return (img / 2 + 0.5).clamp(0, 1)

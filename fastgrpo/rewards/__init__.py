@@ -1,0 +1,63 @@
+"""Rewards: callables ``(images, prompts) -> Tensor[B]`` and their registry.
+
+``images`` is a float tensor [B, 3, H, W] in [0, 1] or a list of PIL images; ``prompts`` a list of B strings.
+`build_reward(specs)` combines several by a weighted sum and also returns each component (for logging).
+
+Built in:
+* cheap pixel rewards for CPU demos: ``brightness``, ``colorfulness``, ``jpeg_compressibility`` (DDPO's);
+* CLIP-based rewards through transformers: ``clip_score`` and ``pickscore`` (a ``CLIPModel`` + processor from a
+  local folder or a hub id; ``hps`` is the same scorer pointed at an HPS-v2 checkpoint converted to the
+  transformers CLIP format).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .clip import ClipPreference
+from .pixel import brightness, colorfulness, jpeg_compressibility
+
+REWARDS: dict[str, Callable[..., Callable]] = {
+    "brightness": lambda: brightness,
+    "colorfulness": lambda: colorfulness,
+    "jpeg_compressibility": lambda: jpeg_compressibility,
+    "clip_score": lambda **kw: ClipPreference(**{"model": "openai/clip-vit-large-patch14", **kw}),
+    "pickscore": lambda **kw: ClipPreference(**{"model": "yuvalkirstain/PickScore_v1",
+                                                "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", **kw}),
+    "hps": lambda **kw: ClipPreference(**kw),
+}
+
+
+class WeightedReward:
+    """Weighted sum of named rewards; ``__call__`` returns (total [B], {name: component [B]})."""
+
+    def __init__(self, parts: Sequence[tuple[str, float, Callable]]):
+        self.parts = list(parts)
+
+    def __call__(self, images, prompts):
+        comps = {}
+        total = None
+        for name, weight, fn in self.parts:
+            r = torch.as_tensor(fn(images, prompts), dtype=torch.float32).reshape(-1).cpu()
+            if r.shape[0] != len(prompts):
+                raise ValueError(f"reward {name!r} returned {r.shape[0]} values for {len(prompts)} images")
+            comps[name] = r
+            total = weight * r if total is None else total + weight * r
+        return total, comps
+
+
+def build_reward(specs) -> WeightedReward:
+    """``specs``: items with ``name``, ``weight``, ``args`` (RewardSpec or dicts). Unknown names raise ValueError."""
+    parts = []
+    for spec in specs:
+        name, weight, args = (spec["name"], spec.get("weight", 1.0), spec.get("args", {})) if isinstance(
+            spec, dict) else (spec.name, spec.weight, spec.args)
+        if name not in REWARDS:
+            raise ValueError(f"unknown reward {name!r}; known: {', '.join(sorted(REWARDS))}")
+        parts.append((name, float(weight), REWARDS[name](**args)))
+    return WeightedReward(parts)
+
+
+__all__ = ["REWARDS", "WeightedReward", "build_reward", "brightness", "colorfulness", "jpeg_compressibility",
+           "ClipPreference"]

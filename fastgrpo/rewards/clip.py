@@ -1,0 +1,64 @@
+"""CLIP-based preference rewards through transformers (PickScore, CLIP score, HPS in CLIP format).
+
+score = logit_scale * cos(image_embed, text_embed), as PickScore's reference inference computes it
+(yuvalkirstain/PickScore README); CLIP score uses the same form with the CLIP model's own scale.
+The model and processor load with ``from_pretrained`` from a local folder or a hub id, once, lazily.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .pixel import as_pil_images
+
+
+class ClipPreference:
+    def __init__(self, model: str | None = None, processor: str | None = None, device: str | None = None,
+                 dtype: str = "float32", batch_size: int = 32):
+        if not model:
+            raise ValueError("model: give the CLIP reward model's local folder or hub id")
+        self.model_id = model
+        self.processor_id = processor or model
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = getattr(torch, dtype)
+        self.batch_size = batch_size
+        self._model = self._processor = None
+
+    def _load(self):
+        from transformers import AutoProcessor, CLIPModel
+
+        for what, ident in (("model", self.model_id), ("processor", self.processor_id)):
+            if ident.startswith((".", "/")) and not Path(ident).exists():
+                raise ValueError(f"{what} path {ident!r} does not exist")
+        self._processor = AutoProcessor.from_pretrained(self.processor_id)
+        self._model = CLIPModel.from_pretrained(self.model_id, torch_dtype=self.dtype).to(self.device).eval()
+
+    @torch.no_grad()
+    def __call__(self, images, prompts) -> torch.Tensor:
+        if self._model is None:
+            self._load()
+        pil = as_pil_images(images)
+        out = []
+        for i in range(0, len(pil), self.batch_size):
+            im = self._processor(images=pil[i:i + self.batch_size], return_tensors="pt")
+            tx = self._processor(text=list(prompts[i:i + self.batch_size]), padding=True, truncation=True,
+                                 return_tensors="pt")
+            img = self._model.get_image_features(pixel_values=im["pixel_values"].to(self.device, self.dtype))
+            txt = self._model.get_text_features(**{k: v.to(self.device) for k, v in tx.items()})
+            img = _features(img)
+            txt = _features(txt)
+            img = img / img.norm(dim=-1, keepdim=True)
+            txt = txt / txt.norm(dim=-1, keepdim=True)
+            out.append(self._model.logit_scale.exp() * (img * txt).sum(-1))
+        return torch.cat(out).float().cpu()
+
+
+def _features(x):
+    """transformers 5 may return a model output instead of a tensor from get_*_features."""
+    if isinstance(x, torch.Tensor):
+        return x
+    for attr in ("pooler_output", "image_embeds", "text_embeds"):
+        if getattr(x, attr, None) is not None:
+            return getattr(x, attr)
+    raise TypeError(f"unexpected feature output {type(x).__name__}")

@@ -1,0 +1,52 @@
+"""Cheap pixel rewards for CPU demos and tests (no model weights)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+
+def as_tensor_images(images) -> torch.Tensor:
+    """[B, 3, H, W] float in [0, 1] from a tensor or a list of PIL images."""
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        return images.detach().float().cpu()
+    arrs = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
+
+
+def as_pil_images(images):
+    from PIL import Image
+
+    if isinstance(images, torch.Tensor):
+        arr = (as_tensor_images(images).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return [Image.fromarray(a) for a in arr]
+    return list(images)
+
+
+def brightness(images, prompts=None) -> torch.Tensor:
+    """Mean pixel value in [0, 1]."""
+    return as_tensor_images(images).mean(dim=(1, 2, 3))
+
+
+def colorfulness(images, prompts=None) -> torch.Tensor:
+    """Hasler & Suesstrunk (2003) colourfulness on [0, 1] RGB: sigma_rgyb + 0.3 * mu_rgyb."""
+    x = as_tensor_images(images)
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    rg = (r - g).flatten(1)
+    yb = (0.5 * (r + g) - b).flatten(1)
+    std = torch.sqrt(rg.var(dim=1, unbiased=False) + yb.var(dim=1, unbiased=False))
+    mean = torch.sqrt(rg.mean(dim=1) ** 2 + yb.mean(dim=1) ** 2)
+    return std + 0.3 * mean
+
+
+def jpeg_compressibility(images, prompts=None) -> torch.Tensor:
+    """DDPO's reward: minus the JPEG size (quality 95) in kB."""
+    sizes = []
+    for im in as_pil_images(images):
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=95)
+        sizes.append(buf.tell() / 1000.0)
+    return -torch.tensor(sizes, dtype=torch.float32)

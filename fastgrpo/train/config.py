@@ -1,0 +1,330 @@
+"""Training configuration: dataclasses validated when built, YAML presets, ``--set key=value`` overrides.
+
+A config is built from a nested dict (a YAML preset, a config file, overrides); an unknown key or a bad value
+raises ``ValueError`` naming the dotted key (``train.lr must be > 0, got -1``). Presets are YAML files in the
+repository's ``configs/`` folder (shipped inside the package as ``fastgrpo/configs``); ``fastgrpo presets`` lists
+them with the first line of their ``description``.
+
+Variant defaults (SDE kind, noise level, which steps are trained, advantage conventions) live in the variant's
+strategy module in ``fastgrpo.algos``; a preset only sets what differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+PRESET_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[2] / "configs")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 32
+    alpha: float = 64.0
+    # Flow-GRPO's targets (config/grpo.py): the joint-attention projections of every block.
+    targets: list = field(default_factory=lambda: [
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    ])
+
+    def validate(self, p):
+        _positive(p, "rank", self.rank)
+        _positive(p, "alpha", self.alpha)
+        if not self.targets:
+            raise ValueError(f"{p}targets must list at least one module name")
+
+
+@dataclass
+class ModelConfig:
+    family: str = "sd3"  # sd3 | flux
+    path: str = "tiny"  # "tiny" (random, built in code), a local pipeline folder, or a hub id
+    dtype: str = "float32"  # weights of the frozen parts: float32 | bfloat16 | float16
+    height: int = 32
+    width: int = 32
+    max_sequence_length: int = 32  # T5 tokens (SD3: 256, FLUX: 512 in the papers)
+    lora: Optional[LoraConfig] = field(default_factory=LoraConfig)  # None: full fine-tuning
+
+    def validate(self, p):
+        _choice(p, "family", self.family, ("sd3", "flux"))
+        _choice(p, "dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _positive(p, "height", self.height)
+        _positive(p, "width", self.width)
+        _positive(p, "max_sequence_length", self.max_sequence_length)
+        if not self.path:
+            raise ValueError(f"{p}path must be 'tiny', a local pipeline folder or a hub id")
+
+
+@dataclass
+class SampleConfig:
+    num_steps: int = 10
+    guidance_scale: float = 4.5  # SD3: classifier-free guidance; FLUX: the guidance embedding
+    noise_level: Optional[float] = None  # None: the variant's default (Flow-GRPO a=0.7, DanceGRPO eta=0.3)
+    prompts_per_step: int = 2
+    group_size: int = 8
+    batch_size: int = 8  # per process; also the training micro-batch (SD3 outputs depend on batch size)
+    same_noise_per_group: bool = False  # DanceGRPO's option: one initial noise for a prompt's group
+
+    def validate(self, p):
+        for k in ("num_steps", "prompts_per_step", "group_size", "batch_size"):
+            _positive(p, k, getattr(self, k))
+        if self.guidance_scale < 0:
+            raise ValueError(f"{p}guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.noise_level is not None and not self.noise_level > 0:
+            raise ValueError(f"{p}noise_level must be > 0, got {self.noise_level}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20  # optimizer steps; one per sampled batch of groups
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    beta: Optional[float] = None  # KL weight; None: the variant's default
+    clip_range: float = 1e-4
+    adv_clip: Optional[float] = 5.0
+    timestep_fraction: Optional[float] = None  # None: the variant's default
+    cfg: bool = True  # classifier-free guidance in the training forward (SD3; must match sampling for ratio 1)
+    ema_decay: float = 0.9
+    adv_std: Optional[str] = None  # "global" | "group"; None: the variant's default
+    adv_ddof: Optional[int] = None
+    adv_eps: Optional[float] = None
+
+    def validate(self, p):
+        _positive(p, "steps", self.steps)
+        _positive(p, "lr", self.lr)
+        if self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise ValueError(f"{p}weight_decay must be >= 0 and {p}max_grad_norm > 0")
+        if self.beta is not None and self.beta < 0:
+            raise ValueError(f"{p}beta must be >= 0, got {self.beta}")
+        _positive(p, "clip_range", self.clip_range)
+        if self.adv_clip is not None:
+            _positive(p, "adv_clip", self.adv_clip)
+        if self.timestep_fraction is not None and not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"{p}timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"{p}ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.adv_std is not None:
+            _choice(p, "adv_std", self.adv_std, ("global", "group"))
+        if self.adv_ddof is not None:
+            _choice(p, "adv_ddof", self.adv_ddof, (0, 1))
+        if self.adv_eps is not None:
+            _positive(p, "adv_eps", self.adv_eps)
+
+
+@dataclass
+class RewardSpec:
+    name: str = "brightness"
+    weight: float = 1.0
+    args: dict = field(default_factory=dict)  # passed to the reward's factory (e.g. model path)
+
+    def validate(self, p):
+        from fastgrpo.rewards import REWARDS
+
+        _choice(p, "name", self.name, tuple(sorted(REWARDS)))
+
+
+@dataclass
+class PromptConfig:
+    source: str = "builtin"  # "builtin" or a text file with one prompt per line
+
+    def validate(self, p):
+        if self.source != "builtin" and not Path(self.source).is_file():
+            raise ValueError(f"{p}source: prompt file {self.source!r} does not exist "
+                             "(give 'builtin' or a text file with one prompt per line)")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 10
+
+    def validate(self, p):
+        _positive(p, "every", self.every)
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    algo: str = "flow_grpo"
+    description: str = ""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: list = field(default_factory=lambda: [RewardSpec()])
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self, p=""):
+        from fastgrpo.algos import STRATEGIES
+
+        _choice(p, "algo", self.algo, tuple(sorted(STRATEGIES)))
+        if not self.reward:
+            raise ValueError("reward must list at least one reward")
+        total = self.sample.prompts_per_step * self.sample.group_size
+        if total % self.sample.batch_size:
+            raise ValueError(f"sample.batch_size ({self.sample.batch_size}) must divide prompts_per_step * "
+                             f"group_size ({total})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- building
+
+
+def _positive(p, key, value):
+    if not value > 0:
+        raise ValueError(f"{p}{key} must be > 0, got {value}")
+
+
+def _choice(p, key, value, options):
+    if value not in options:
+        raise ValueError(f"{p}{key} must be one of {list(options)}, got {value!r}")
+
+
+def _convert(key: str, tp, value):
+    """Coerce a YAML / --set value to the field's type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(key, args[0], value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}")
+        return value
+    if tp in (list, dict):
+        if not isinstance(value, tp):
+            raise ValueError(f"{key} must be a {tp.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + name
+        if cls is Config and name == "reward":
+            if isinstance(value, dict):
+                value = [value]
+            if not isinstance(value, list):
+                raise ValueError(f"reward must be a list of {{name, weight, args}} mappings, got {value!r}")
+            kwargs[name] = [_build(RewardSpec, r, f"reward[{i}].") if isinstance(r, dict) else
+                            _fail(f"reward[{i}] must be a mapping, got {r!r}") for i, r in enumerate(value)]
+            continue
+        kwargs[name] = _convert(key, hints[name], value)
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(prefix)
+    return obj
+
+
+def _fail(msg):
+    raise ValueError(msg)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a Config from a nested dict (unknown keys and bad values raise ValueError)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a config must be a mapping, got {type(data).__name__}")
+    return _build(Config, data)  # validates every section as it is built
+
+
+def preset_paths() -> dict:
+    """Preset name -> YAML path, from the packaged configs and the checkout's configs/ folder."""
+    out = {}
+    for d in PRESET_DIRS:
+        if d.is_dir():
+            for p in sorted(d.glob("*.yaml")):
+                out.setdefault(p.stem, p)
+    return out
+
+
+def load_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping")
+    return data
+
+
+def load_preset(name: str) -> dict:
+    presets = preset_paths()
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; `fastgrpo presets` lists them: {', '.join(sorted(presets))}")
+    return load_yaml(presets[name])
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``key.sub=value`` (value parsed as YAML: numbers, booleans, null, lists)."""
+    if "=" not in assignment:
+        raise ValueError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ValueError(f"--set: bad key {key!r}")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {key}: {part} is not a mapping")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def resolve_config(config_path=None, preset=None, overrides=()) -> Config:
+    """The config a run uses: a preset and/or a YAML file (file keys win), then ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    if preset:
+        data = load_preset(preset)
+    if config_path:
+        _merge(data, load_yaml(config_path))
+    for o in overrides:
+        apply_override(data, o)
+    return config_from_dict(data)
+
+
+def _merge(base: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v

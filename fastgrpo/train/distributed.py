@@ -1,0 +1,86 @@
+"""Groups across processes: the K-repeat prompt sampler and advantages computed on gathered rewards.
+
+Each optimizer step draws ``prompts_per_step`` prompts (the same draw on every rank: it is seeded by the run seed
+and the step), repeats each ``group_size`` times (Flow-GRPO's K-repeat sampler), and gives rank r the contiguous
+slice ``[r * n_local, (r + 1) * n_local)`` of the ``P * G`` samples. Rewards are all-gathered before the
+per-prompt statistics, so N processes compute exactly the advantages one process would.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A generator for one (run seed, step, stream): resuming at any step replays the same randomness."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + stream)
+
+
+class GroupSampler:
+    """K-repeat sampler over a prompt list."""
+
+    def __init__(self, num_prompts: int, prompts_per_step: int, group_size: int, seed: int):
+        if num_prompts < 1:
+            raise ValueError("the prompt list is empty")
+        self.num_prompts, self.per_step, self.group_size, self.seed = num_prompts, prompts_per_step, group_size, seed
+
+    def groups(self, step: int) -> torch.Tensor:
+        """Prompt indices of this step's P groups (without replacement within a step when possible)."""
+        g = step_generator(self.seed, step, stream=7)
+        reps = -(-self.per_step // self.num_prompts)
+        order = torch.cat([torch.randperm(self.num_prompts, generator=g) for _ in range(reps)])
+        return order[: self.per_step]
+
+    def local(self, step: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt index, group index) of every sample this rank handles."""
+        total = self.per_step * self.group_size
+        if total % world_size:
+            raise ValueError(f"prompts_per_step * group_size ({total}) must be divisible by the number of "
+                             f"processes ({world_size})")
+        n = total // world_size
+        group = torch.arange(total) // self.group_size
+        prompt = self.groups(step)[group]
+        sl = slice(rank * n, (rank + 1) * n)
+        return prompt[sl], group[sl]
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-sized tensors from every rank in rank order (identity in one process)."""
+    rank, ws = world()
+    if ws == 1:
+        return t
+    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else t.device
+    src = t.contiguous().to(backend_device)
+    out = [torch.empty_like(src) for _ in range(ws)]
+    dist.all_gather(out, src)
+    return torch.cat(out).to(t.device)
+
+
+def gathered_advantages(local_rewards: torch.Tensor, group_size: int, *, std: str, ddof: int, eps: float,
+                        clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages of this rank's samples from the rewards of all ranks; also returns all rewards [P * G]."""
+    from fastgrpo.ops import group_advantages
+
+    rank, ws = world()
+    rewards = all_gather_cat(local_rewards.float())
+    adv = group_advantages(rewards.view(-1, group_size), std=std, ddof=ddof, eps=eps, clip=clip).reshape(-1)
+    n = local_rewards.shape[0]
+    return adv[rank * n:(rank + 1) * n], rewards
+
+
+def average_gradients(params) -> None:
+    """Mean of the gradients over ranks (what DDP does), after local accumulation."""
+    rank, ws = world()
+    if ws == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= ws

@@ -1,0 +1,23 @@
+"""Prompt lists: a small built-in list for demos, or a text file with one prompt per line."""
+from __future__ import annotations
+
+from pathlib import Path
+
+BUILTIN_PROMPTS = [
+    "a red apple on a table", "a cat sleeping in the sun", "a lighthouse at night", "a bowl of blue berries",
+    "a snowy mountain", "a yellow taxi in the rain", "a green forest path", "an orange sunset over the sea",
+    "a white horse in a field", "a purple flower", "a black and white photo of a city", "a bright desert",
+    "a dog playing with a ball", "a cup of coffee", "a sailing boat", "a field of sunflowers",
+]
+
+
+def load_prompts(source: str) -> list[str]:
+    if source == "builtin":
+        return list(BUILTIN_PROMPTS)
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"prompts.source: prompt file {source!r} does not exist")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts.source: {source!r} holds no prompts (one per line expected)")
+    return prompts
