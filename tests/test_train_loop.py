@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastgrpo.rewards import REWARDS
-from fastgrpo.train import Trainer, TrainingDiverged, resolve_config, train
+from fastgrpo.train import TrainingDiverged, make_trainer, resolve_config, train
 from fastgrpo.train.checkpoint import latest_checkpoint
 from fastgrpo.train.metrics import read_metrics, reward_improvement
 
@@ -109,9 +109,9 @@ def test_nan_reward_stops_with_last_checkpoint_intact(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_before_the_update(tmp_path, monkeypatch):
-    import fastgrpo.train.loop as loop
+    import fastgrpo.train.flow as flow
 
-    real = loop.sde_step
+    real = flow.sde_step
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -119,8 +119,8 @@ def test_nan_loss_stops_before_the_update(tmp_path, monkeypatch):
             return out._replace(log_prob=out.log_prob * float("nan"))
         return out
 
-    monkeypatch.setattr(loop, "sde_step", poisoned)
-    trainer = Trainer(small_cfg("tiny-flow-grpo", "train.steps=1"), tmp_path / "run")
+    monkeypatch.setattr(flow, "sde_step", poisoned)
+    trainer = make_trainer(small_cfg("tiny-flow-grpo", "train.steps=1"), tmp_path / "run")
     before = {k: v.detach().clone() for k, v in trainer.named.items()}
     with pytest.raises(TrainingDiverged, match="loss"):
         trainer.run()
@@ -129,7 +129,7 @@ def test_nan_loss_stops_before_the_update(tmp_path, monkeypatch):
 
 def test_bad_model_path_and_prompt_file(tmp_path):
     with pytest.raises(ValueError, match="model.path '/no/such/pipeline' does not exist"):
-        Trainer(small_cfg("tiny-flow-grpo", "model.path=/no/such/pipeline"), tmp_path / "r")
+        make_trainer(small_cfg("tiny-flow-grpo", "model.path=/no/such/pipeline"), tmp_path / "r")
     with pytest.raises(ValueError, match="prompts.source"):
         small_cfg("tiny-flow-grpo", f"prompts.source={tmp_path / 'missing.txt'}")
 
@@ -137,7 +137,7 @@ def test_bad_model_path_and_prompt_file(tmp_path):
 def test_prompt_file_is_used(tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("a single prompt\n\n")
-    trainer = Trainer(small_cfg("tiny-flow-grpo", f"prompts.source={f}", "train.steps=1"), tmp_path / "r")
+    trainer = make_trainer(small_cfg("tiny-flow-grpo", f"prompts.source={f}", "train.steps=1"), tmp_path / "r")
     assert trainer.prompts == ["a single prompt"]
 
 
@@ -155,9 +155,9 @@ def test_loading_a_saved_pipeline_folder(tmp_path, family):
 
 
 def test_full_finetuning_with_kl_uses_a_frozen_copy(tmp_path):
-    trainer = Trainer(small_cfg("tiny-flow-grpo", "train.beta=0.1", "train.steps=1",
+    trainer = make_trainer(small_cfg("tiny-flow-grpo", "train.beta=0.1", "train.steps=1",
                                 "train.lr=1e-3"), tmp_path / "r")
-    ref = {k: v.clone() for k, v in trainer.model._ref_transformer.state_dict().items()}
+    ref = {k: v.clone() for k, v in trainer.policy._ref_transformer.state_dict().items()}
     trainer.run()
-    assert all(torch.equal(ref[k], v) for k, v in trainer.model._ref_transformer.state_dict().items())
-    assert not all(torch.equal(ref[k], v) for k, v in trainer.model.transformer.state_dict().items())
+    assert all(torch.equal(ref[k], v) for k, v in trainer.policy._ref_transformer.state_dict().items())
+    assert not all(torch.equal(ref[k], v) for k, v in trainer.policy.transformer.state_dict().items())

@@ -9,13 +9,6 @@ from .eg_grpo import (EGShaping, eg_grpo_shaping, eg_grpo_shaping_ref, eg_token_
 from .grpo_loss import grpo_token_loss, grpo_token_loss_ref
 from .attention import (AttnTextEntropy, attention_with_text_entropy, attention_with_text_entropy_ref,
                         text_attention_probs, text_attention_probs_ref, text_entropy_from_probs)
-
-from .token_entropy import token_logprob_entropy, token_logprob_entropy_ref
-from .eg_grpo import (EGShaping, eg_grpo_shaping, eg_grpo_shaping_ref, eg_token_advantages, eg_token_advantages_ref,
-                      eg_token_masks, eg_token_masks_ref)
-from .grpo_loss import grpo_token_loss, grpo_token_loss_ref
-from .attention import (AttnTextEntropy, attention_with_text_entropy, attention_with_text_entropy_ref,
-                        text_attention_probs, text_attention_probs_ref, text_entropy_from_probs)
 from .ovf import OVFSelection, ovf_select, ovf_select_ref
 from .advantages import ADVANTAGE_CONVENTIONS, group_advantages, group_advantages_ref
 
