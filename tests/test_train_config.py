@@ -24,7 +24,7 @@ def test_every_preset_builds():
         ({"algo": "ppo"}, "algo must be one of"),
         ({"reward": [{"name": "beauty"}]}, r"reward\[0\].name must be one of"),
         ({"prompts": {"source": "/nonexistent/prompts.txt"}}, "prompts.source: prompt file"),
-        ({"sample": {"batch_size": 3}}, "sample.batch_size"),
+        ({"sample": {"batch_size": 0}}, "batch_size must be > 0"),
         ({"model": {"lora": {"rank": 0}}}, "model.lora.rank must be > 0"),
         ({"train": {"adv_std": "batch"}}, "train.adv_std must be one of"),
         ({"checkpoint": {"every": 0}}, "checkpoint.every must be > 0"),

@@ -2,12 +2,18 @@
 
 ``STRATEGIES`` maps a config's ``algo`` to its `fastgrpo.train.strategy.Strategy` subclass.
 """
+from .branch_grpo import BranchGRPO
 from .dance_grpo import DanceGRPO
 from .flow_grpo import FlowGRPO
+from .pro_grpo import ProGRPO
+from .tempflow_grpo import TempFlowGRPO
 
 STRATEGIES = {
     "flow_grpo": FlowGRPO,
     "dance_grpo": DanceGRPO,
+    "tempflow_grpo": TempFlowGRPO,
+    "pro_grpo": ProGRPO,
+    "branch_grpo": BranchGRPO,
 }
 
-__all__ = ["STRATEGIES", "FlowGRPO", "DanceGRPO"]
+__all__ = ["STRATEGIES", "FlowGRPO", "DanceGRPO", "TempFlowGRPO", "ProGRPO", "BranchGRPO"]

@@ -56,11 +56,13 @@ small survivor batches, cost more time than their FLOPs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, Optional, Tuple
+from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 
+from fastgrpo.algos.flow_grpo import FlowGRPO
 from fastgrpo.ops.ovf import OVFSelection, ovf_select
+from fastgrpo.train.strategy import GroupPlan
 
 
 @dataclass(frozen=True)
@@ -227,3 +229,70 @@ class CostModel:
 
 # The accounting that reproduces Table 4 (module docstring): previews as separate forwards, all T steps trained.
 TABLE4_ACCOUNTING = replace(CostModel(), preview_forward=True, train_fraction=1.0)
+
+
+# ------------------------------------------------------------------------------------------------ strategy
+
+
+@dataclass
+class ProGRPO(FlowGRPO):
+    """Pro-GRPO on the one loop: Flow-GRPO's SDE and update, with expand-and-prune inside the sampler.
+
+    ``algo_args``: ``schedule`` -- a preset name ("standard", "flash", "dance") or ``{checkpoints: [...],
+    survivors: [...]}`` (`PruneSchedule`). The schedule's ``num_steps`` must equal ``sample.num_steps`` and its
+    last survivor count ``sample.group_size`` (GRPO normalises over the K survivors). Each group starts G_max
+    trajectories; at a checkpoint step the sampler has just evaluated every active trajectory's velocity ``v``, so
+    the one-step ODE preview ``x0_hat = x_t - sigma_t * v`` costs no forward; the previews are decoded and scored,
+    `ovf_select` keeps the next count per group, and the pruned trajectories take no further step (their earlier
+    transitions are not trained: they have no final reward). ``survivors`` is logged per step.
+    """
+
+    name: str = "pro_grpo"
+    schedule: Optional[PruneSchedule] = None
+    ARGS: ClassVar[tuple] = ("schedule",)
+
+    def configure(self, cfg) -> None:
+        spec = cfg.algo_args.get("schedule")
+        if spec is None:
+            raise ValueError("algo_args.schedule is required for pro_grpo: a preset name "
+                             f"({', '.join(sorted(PRESETS))}) or {{checkpoints: [...], survivors: [...]}}")
+        if isinstance(spec, str):
+            sched = PruneSchedule.preset(spec)
+        elif isinstance(spec, dict) and set(spec) <= {"checkpoints", "survivors"}:
+            try:
+                sched = PruneSchedule(cfg.sample.num_steps, tuple(spec.get("checkpoints", ())),
+                                      tuple(spec.get("survivors", ())))
+            except ValueError as e:
+                raise ValueError(f"algo_args.schedule: {e}") from e
+        else:
+            raise ValueError(f"algo_args.schedule must be a preset name or {{checkpoints, survivors}}, got {spec!r}")
+        if sched.num_steps != cfg.sample.num_steps:
+            raise ValueError(f"algo_args.schedule is for {sched.num_steps} steps but sample.num_steps is "
+                             f"{cfg.sample.num_steps}")
+        if sched.k != cfg.sample.group_size:
+            raise ValueError(f"sample.group_size must be the schedule's final survivor count K = {sched.k}, "
+                             f"got {cfg.sample.group_size}")
+        self.schedule = sched
+
+    def group_plan(self, num_steps, group_size, generator):
+        return GroupPlan(roots=self.schedule.g_max, sde=torch.ones(num_steps, dtype=torch.bool),
+                         same_noise=self.same_noise, pruned_to=self.schedule.k)
+
+    def prune(self, trainer, step, rows):
+        if step not in self.schedule.checkpoints:
+            if step == 0:
+                trainer.wave_log["survivors"] = [self.schedule.g_max]
+            return None
+        x, v, group = rows["x"], rows["v"], rows["group"]
+        sigma = float(trainer.sigmas[step])
+        x0_hat = x - sigma * v  # one Euler step to sigma = 0 with the velocity already computed
+        prompts = [rows["prompts"][g] for g in group.tolist()]
+        images = torch.cat([trainer.policy.decode(x0_hat[i:i + trainer.cfg.sample.batch_size])
+                            for i in range(0, x.shape[0], trainer.cfg.sample.batch_size)])
+        preview, _ = trainer.reward_fn(images, prompts)
+        n_groups = int(group.max()) + 1
+        active = self.schedule.active(step)
+        sel = self.schedule.select(step, preview.view(n_groups, active).float())
+        keep = (sel.indices + torch.arange(n_groups).unsqueeze(1) * active).reshape(-1)
+        trainer.wave_log.setdefault("survivors", [self.schedule.g_max]).append(self.schedule.survivors_after(step))
+        return keep

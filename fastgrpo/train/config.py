@@ -65,7 +65,7 @@ class SampleConfig:
     noise_level: Optional[float] = None  # None: the variant's default (Flow-GRPO a=0.7, DanceGRPO eta=0.3)
     prompts_per_step: int = 2
     group_size: int = 8
-    batch_size: int = 8  # per process; also the training micro-batch (SD3 outputs depend on batch size)
+    batch_size: int = 8  # rows per transformer forward (sampling and training chunks)
     same_noise_per_group: bool = False  # DanceGRPO's option: one initial noise for a prompt's group
 
     def validate(self, p):
@@ -154,6 +154,7 @@ class LogConfig:
 @dataclass
 class Config:
     algo: str = "flow_grpo"
+    algo_args: dict = field(default_factory=dict)  # variant settings, validated by the variant's strategy
     description: str = ""
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -168,12 +169,9 @@ class Config:
         from fastgrpo.algos import STRATEGIES
 
         _choice(p, "algo", self.algo, tuple(sorted(STRATEGIES)))
+        STRATEGIES[self.algo].check_args(self)
         if not self.reward:
             raise ValueError("reward must list at least one reward")
-        total = self.sample.prompts_per_step * self.sample.group_size
-        if total % self.sample.batch_size:
-            raise ValueError(f"sample.batch_size ({self.sample.batch_size}) must divide prompts_per_step * "
-                             f"group_size ({total})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,16 +1,27 @@
-"""The flow-matching family's phases (SD3/SD3.5, FLUX): SDE rollouts and the per-transition GRPO update.
+"""The flow-matching family's phases (SD3/SD3.5, FLUX): tree-shaped SDE rollouts and the per-transition update.
 
-* **sample** stores every latent x_0..x_T and each transition's log-prob, calling `fastgrpo.sde_step` at every
-  step with the variant's SDE kind and noise level;
-* **train** goes over the same micro-batches as sampling (SD3's outputs depend on the batch size, and the
-  importance ratio must be exactly 1 on the first inner step) and, per micro-batch and trained step (the
-  strategy's plan, per sample), recomputes the transition's log-prob and the KL to the reference in one fused
-  ``sde_step(prev_sample=..., v_ref=...)`` call, then the clipped surrogate ``max(-A r, -A clip(r, 1-e, 1+e))``
-  (Flow-GRPO's ``policy_loss``) plus ``beta * kl``, accumulating gradients over all of them.
+**sample** -- a rank's groups are sampled in waves of whole groups (as many as fit ``sample.batch_size`` rows at the
+start), each wave scored in a worker thread while the next one samples. Within a wave every group follows its
+strategy's `GroupPlan`: ``roots`` trajectories from noise; at a split step each active trajectory becomes that many
+children, each taking the step with its own noise; stochastic steps call `fastgrpo.sde_step` with the variant's
+kind, the others ``kind="ode"``; after each velocity evaluation the strategy may prune rows (Pro-GRPO). Forwards
+run in chunks of at most ``sample.batch_size`` rows. Every stochastic transition is kept (x_t, x_{t-1}, its
+log-prob, its node of the tree); ODE transitions have no density and are never trained.
+
+**train** -- the trained transitions (per node: the strategy's steps for trees without splits, every stochastic
+transition otherwise) in chunks of ``sample.batch_size``: the transition's new log-prob and the KL to the reference
+in one fused ``sde_step(prev_sample=..., v_ref=...)`` call, the clipped surrogate ``max(-A r, -A clip(r, 1-e,
+1+e))`` (Flow-GRPO's ``policy_loss``) times the strategy's weight, plus ``beta * kl``, averaged over all trained
+transitions; gradients accumulate over the chunks. A transition's advantage is its node's (`Strategy.
+node_advantages`: the leaf's, or BranchGRPO's depth-wise one).
+
+With plain GRPO and G a multiple of the batch size, the training chunks are the sampling chunks of each step, so the
+importance ratio is exactly 1 on the first inner step (``first_ratio_dev`` in the log).
 """
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -19,6 +30,40 @@ from fastgrpo.ops import sde_step
 
 from .distributed import step_generator
 from .loop import GRPOTrainer, MicroBatch, TrainingDiverged
+
+
+@dataclass
+class Tree:
+    """One wave's rollouts: nodes (trajectory segments between splits) and their stochastic transitions."""
+
+    parent: list = field(default_factory=list)
+    depth: list = field(default_factory=list)
+    group: list = field(default_factory=list)
+    train_steps: dict = field(default_factory=dict)  # node -> set of steps it trains (trees without splits)
+    transitions: list = field(default_factory=list)  # dicts: step, node [m], x, x_next, log_prob [m], std [m]
+    leaf_nodes: torch.Tensor | None = None
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.parent)
+
+    def add_nodes(self, parents, depth, groups) -> torch.Tensor:
+        start = len(self.parent)
+        self.parent += list(parents)
+        self.depth += list(depth)
+        self.group += list(groups)
+        return torch.arange(start, len(self.parent))
+
+    def leaves_of(self, node: int) -> list:
+        """Leaf positions (indices into ``leaf_nodes``) below ``node``."""
+        out = []
+        for pos, leaf in enumerate(self.leaf_nodes.tolist()):
+            n = leaf
+            while n != -1 and n != node:
+                n = self.parent[n]
+            if n == node:
+                out.append(pos)
+        return out
 
 
 class FlowTrainer(GRPOTrainer):
@@ -37,89 +82,174 @@ class FlowTrainer(GRPOTrainer):
         self.sigmas = model.sigmas(cfg.sample.num_steps)
         return model, model.trainable_state()
 
+    # ------------------------------------------------------------------------------------------------ sample
+    def velocity(self, x, step_idx, emb, rows_group, *, cfg=True, transformer=None):
+        """v for rows ``x`` at steps ``step_idx`` [n] (int), prompt embeddings per group, in batch-size chunks."""
+        bs = self.cfg.sample.batch_size
+        out = []
+        for i in range(0, x.shape[0], bs):
+            sl = slice(i, i + bs)
+            e = {k: v[rows_group[sl]] for k, v in emb.items()}
+            out.append(self.policy.velocity(x[sl], self.sigmas[step_idx[sl]], e, cfg=cfg, transformer=transformer))
+        return torch.cat(out) if out else x.new_empty(x.shape)
+
     @torch.no_grad()
     def sample(self, step: int, gen: torch.Generator, pool: ThreadPoolExecutor) -> list:
-        cfg, model = self.cfg, self.policy
-        prompt_idx, group_idx = self.sampler.local(step, self.rank, self.world_size)
-        bs = cfg.sample.batch_size
+        cfg, strat = self.cfg, self.strategy
+        prompt_idx, _ = self.sampler.local(step, self.rank, self.world_size)
+        G, T = cfg.sample.group_size, cfg.sample.num_steps
+        group_prompts = [self.prompts[i] for i in prompt_idx[::G].tolist()]
+        plans = [strat.group_plan(T, G, gen) for _ in group_prompts]
+        for p in plans:
+            if p.leaves() != G:
+                raise ValueError(f"{strat.name}: a group plan yields {p.leaves()} rollouts but sample.group_size is "
+                                 f"{G}; set sample.group_size={p.leaves()}")
+        widest = max(max(p.roots, p.leaves()) for p in plans)
+        per_wave = max(1, cfg.sample.batch_size // widest)
         batches, futures = [], []
-        T = cfg.sample.num_steps
-        sigma_max = self.sigmas[1].item()
-        for start in tqdm(range(0, len(prompt_idx), bs), desc="sample", leave=False,
-                          disable=not (cfg.log.progress and self.is_main)):
-            pids, gids = prompt_idx[start:start + bs], group_idx[start:start + bs]
-            prompts = [self.prompts[i] for i in pids.tolist()]
-            emb = model.encode_prompts(prompts)
-            if cfg.sample.same_noise_per_group:
-                x = torch.cat([model.initial_latents(1, step_generator(cfg.seed, step, 1000 + int(g)))
-                               for g in gids.tolist()])
-            else:
-                x = model.initial_latents(len(prompts), gen)
-            lat, lps = [x], []
-            for i in range(T):
-                sig = self.sigmas[i].expand(len(prompts))
-                v = model.velocity(x, sig, emb, cfg=True)
-                out = sde_step(x, v, self.sigmas[i].item(), self.sigmas[i + 1].item(), kind=self.strategy.sde_kind,
-                               noise_level=self.strategy.noise_level, sigma_max=sigma_max, generator=gen)
-                x = out.prev_sample
-                lat.append(x)
-                lps.append(out.log_prob)
-            batches.append(MicroBatch(prompts, {"emb": emb, "latents": torch.stack(lat, 1),
-                                                "log_probs": torch.stack(lps, 1)}))
-            futures.append(self.submit_score(pool, model.decode(x), prompts))  # scored while the next samples
+        self.wave_log = {}
+        waves = range(0, len(group_prompts), per_wave)
+        for w in tqdm(waves, desc="sample", leave=False, disable=not (cfg.log.progress and self.is_main)):
+            prompts, wave_plans = group_prompts[w:w + per_wave], plans[w:w + per_wave]
+            first_group = self.rank * len(group_prompts) + w  # global group index, for group-shared noise
+            tree, x_final = self._rollout(prompts, wave_plans, gen, step, first_group)
+            leaf_prompts = [prompts[g] for g in tree_groups(tree)]
+            batches.append(MicroBatch(leaf_prompts, {"tree": tree, "prompts": prompts,
+                                                     "emb": self.policy.encode_prompts(prompts)}))
+            futures.append(self.submit_score(pool, self.policy.decode(x_final), leaf_prompts))
         self.collect_scores(batches, futures)
-        self.samples += len(prompt_idx) * self.world_size
+        self.samples += sum(max(p.roots, p.leaves()) for p in plans) * self.world_size
         return batches
+
+    def _rollout(self, prompts, plans, gen, step, first_group):
+        cfg, strat, model = self.cfg, self.strategy, self.policy
+        T = cfg.sample.num_steps
+        emb = model.encode_prompts(prompts)
+        tree = Tree()
+        xs, groups = [], []
+        for g, plan in enumerate(plans):
+            if plan.same_noise:
+                x0 = model.initial_latents(1, step_generator(cfg.seed, step, 1000 + first_group + g))
+                xs.append(x0.expand(plan.roots, *x0.shape[1:]).clone())
+            else:
+                xs.append(model.initial_latents(plan.roots, gen))
+            groups += [g] * plan.roots
+        x = torch.cat(xs)
+        group = torch.tensor(groups)
+        node = tree.add_nodes([-1] * len(groups), [0] * len(groups), groups)
+        for g, plan in enumerate(plans):  # trees without splits train the strategy's steps per trajectory
+            if not plan.splits:
+                roots = node[group == g]
+                for n, s in zip(roots.tolist(), strat.train_steps(T, len(roots), gen).tolist()):
+                    tree.train_steps[n] = set(s)
+        sigma_max = self.sigmas[1].item()
+        for i in range(T):
+            factors = torch.tensor([plans[g].splits.get(i, 1) for g in group.tolist()])
+            if bool((factors > 1).any()):
+                x, group, parent = (x.repeat_interleave(factors, 0), group.repeat_interleave(factors),
+                                    node.repeat_interleave(factors))
+                node = tree.add_nodes(parent.tolist(), [tree.depth[p] + 1 for p in parent.tolist()], group.tolist())
+            steps = torch.full((x.shape[0],), i)
+            v = self.velocity(x, steps, emb, group)
+            keep = strat.prune(self, i, {"x": x, "v": v, "group": group, "prompts": prompts, "emb": emb})
+            if keep is not None:
+                x, v, group, node = x[keep], v[keep], group[keep], node[keep]
+            sde = torch.tensor([bool(plans[g].sde[i]) for g in group.tolist()])
+            x_next = torch.empty_like(x)
+            s, sn = self.sigmas[i].item(), self.sigmas[i + 1].item()
+            if bool(sde.any()):
+                scale = strat.noise_scale(i, plans[int(group[sde][0])])
+                noise = None if scale == 1.0 else scale * torch.randn(x[sde].shape, generator=gen).to(x.device)
+                out = sde_step(x[sde], v[sde], s, sn, kind=strat.sde_kind, noise_level=strat.noise_level,
+                               sigma_max=sigma_max, generator=gen, noise=noise)
+                x_next[sde] = out.prev_sample
+                tree.transitions.append({"step": i, "node": node[sde], "x": x[sde], "x_next": out.prev_sample,
+                                         "log_prob": out.log_prob, "std": out.std})
+            if bool((~sde).any()):
+                x_next[~sde] = sde_step(x[~sde], v[~sde], s, sn, kind="ode").prev_sample
+            x = x_next
+        tree.leaf_nodes = node
+        return tree, x
+
+    # ------------------------------------------------------------------------------------------------- train
+    def _trained_rows(self, batches):
+        """All trained transitions of this step: x, x_next, step, old log-prob, advantage, weight, group, wave."""
+        strat = self.strategy
+        cols = {k: [] for k in ("x", "x_next", "step", "old", "adv", "weight", "group", "wave")}
+        for w, mb in enumerate(batches):
+            tree = mb.data["tree"]
+            node_adv = strat.node_advantages(tree, mb.rewards, mb.advantages.cpu())
+            for tr in tree.transitions:
+                nodes = tr["node"].tolist()
+                # Trained: the node's planned steps (trees without splits) or every stochastic transition; never a
+                # node without an advantage (a trajectory pruned before the end).
+                mask = torch.tensor([(tr["step"] in tree.train_steps[n] if n in tree.train_steps else True)
+                                     and not bool(torch.isnan(node_adv[n])) for n in nodes], dtype=torch.bool)
+                if not bool(mask.any()):
+                    continue
+                steps = torch.full((int(mask.sum()),), tr["step"])
+                weights = strat.step_weights(tr["std"][mask].cpu(), steps, self.sigmas)
+                cols["x"].append(tr["x"][mask])
+                cols["x_next"].append(tr["x_next"][mask])
+                cols["step"].append(steps)
+                cols["old"].append(tr["log_prob"][mask])
+                cols["adv"].append(node_adv[tr["node"][mask]])
+                cols["weight"].append(weights if weights is not None else torch.ones(len(steps)))
+                cols["group"].append(torch.tensor([tree.group[n] for n in tr["node"][mask].tolist()]))
+                cols["wave"].append(torch.full((len(steps),), w))
+        return {k: torch.cat(v) for k, v in cols.items()}
 
     def train(self, batches: list, gen: torch.Generator) -> dict:
         cfg, model, strat = self.cfg, self.policy, self.strategy
         beta, clip = strat.beta, cfg.train.clip_range
-        T = cfg.sample.num_steps
         sigma_max = self.sigmas[1].item()
+        rows = self._trained_rows(batches)
+        n = rows["step"].shape[0]
+        if n == 0:
+            raise ValueError(f"{strat.name}: no transition is trained (check train.timestep_fraction and the plan)")
         model.transformer.train()
-        plans = [strat.train_steps(T, len(mb.prompts), gen) for mb in batches]
-        n_terms = sum(p.shape[1] for p in plans)
         stats = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "ratio_mean": 0.0, "clip_frac": 0.0}
         first_ratio_dev = None
-        bar = tqdm(total=n_terms, desc="train", leave=False, disable=not (cfg.log.progress and self.is_main))
-        for mb, plan in zip(batches, plans):
-            b = len(mb.prompts)
-            emb, latents, log_probs = mb.data["emb"], mb.data["latents"], mb.data["log_probs"]
-            rows = torch.arange(b)
-            weights = strat.step_weights(self.sigmas, plan)
-            for k in range(plan.shape[1]):
-                j = plan[:, k]
-                x_t, x_next = latents[rows, j], latents[rows, j + 1]
-                s, sn = self.sigmas[j].to(self.device), self.sigmas[j + 1].to(self.device)
-                v = model.velocity(x_t, s, emb, cfg=cfg.train.cfg)
-                v_ref = None
-                if beta > 0:
-                    with torch.no_grad(), model.reference() as ref_net:
-                        v_ref = model.velocity(x_t, s, emb, cfg=cfg.train.cfg, transformer=ref_net)
-                out = sde_step(x_t, v, s.double(), sn.double(), kind=strat.sde_kind, noise_level=strat.noise_level,
-                               sigma_max=sigma_max, prev_sample=x_next, v_ref=v_ref)
-                old = log_probs[rows, j].to(self.device)
-                ratio = torch.exp(out.log_prob - old)
-                if first_ratio_dev is None:
-                    first_ratio_dev = (ratio.detach() - 1).abs().max().item()
-                adv = mb.advantages
-                surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
-                w = weights[:, k].to(self.device) if weights is not None else 1.0
-                policy = (w * surrogate).mean()
-                kl = out.kl.mean() if out.kl is not None else torch.zeros((), device=self.device)
-                loss = policy + beta * kl
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"the loss became {loss.item()} at denoising step {j.tolist()}; "
-                                           "weights not updated")
-                (loss / n_terms).backward()
-                stats["loss"] += loss.item() / n_terms
-                stats["policy_loss"] += policy.item() / n_terms
-                stats["kl"] += kl.item() / n_terms
-                stats["ratio_mean"] += ratio.detach().mean().item() / n_terms
-                stats["clip_frac"] += ((ratio.detach() - 1).abs() > clip).float().mean().item() / n_terms
-                bar.update(1)
-        bar.close()
+        bs = cfg.sample.batch_size
+        for start in tqdm(range(0, n, bs), desc="train", leave=False,
+                          disable=not (cfg.log.progress and self.is_main)):
+            sl = slice(start, start + bs)
+            x_t, x_next, j = rows["x"][sl], rows["x_next"][sl], rows["step"][sl]
+            waves = rows["wave"][sl]
+            emb = {k: torch.cat([batches[int(w)].data["emb"][k][rows["group"][sl][waves == w]]
+                                 for w in waves.unique_consecutive()]) for k in batches[0].data["emb"]}
+            s, sn = self.sigmas[j].to(self.device), self.sigmas[j + 1].to(self.device)
+            v = model.velocity(x_t, s, emb, cfg=cfg.train.cfg)
+            v_ref = None
+            if beta > 0:
+                with torch.no_grad(), model.reference() as ref_net:
+                    v_ref = model.velocity(x_t, s, emb, cfg=cfg.train.cfg, transformer=ref_net)
+            out = sde_step(x_t, v, s.double(), sn.double(), kind=strat.sde_kind, noise_level=strat.noise_level,
+                           sigma_max=sigma_max, prev_sample=x_next, v_ref=v_ref)
+            ratio = torch.exp(out.log_prob - rows["old"][sl].to(self.device))
+            if first_ratio_dev is None:
+                first_ratio_dev = (ratio.detach() - 1).abs().max().item()
+            adv = rows["adv"][sl].to(self.device)
+            surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
+            policy = (rows["weight"][sl].to(self.device) * surrogate).sum()
+            kl = out.kl.sum() if out.kl is not None else torch.zeros((), device=self.device)
+            loss = (policy + beta * kl) / n
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"the loss became {loss.item()} at denoising steps {j.tolist()}; "
+                                       "weights not updated")
+            loss.backward()
+            stats["loss"] += loss.item()
+            stats["policy_loss"] += policy.item() / n
+            stats["kl"] += kl.item() / n
+            stats["ratio_mean"] += ratio.detach().sum().item() / n
+            stats["clip_frac"] += ((ratio.detach() - 1).abs() > clip).float().sum().item() / n
         model.transformer.eval()
         stats["first_ratio_dev"] = first_ratio_dev
+        stats["trained_transitions"] = n * self.world_size
+        stats.update(getattr(self, "wave_log", {}))
         return stats
 
+
+def tree_groups(tree: Tree) -> list:
+    """The group of each leaf, in leaf order."""
+    return [tree.group[n] for n in tree.leaf_nodes.tolist()]

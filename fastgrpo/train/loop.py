@@ -91,10 +91,9 @@ class GRPOTrainer:
         self.strategy = STRATEGIES[cfg.algo].from_config(cfg)
         self.prompts = load_prompts(cfg.prompts.source)
         self.reward_fn = build_reward(cfg.reward)
-        total = cfg.sample.prompts_per_step * cfg.sample.group_size
-        if total % (self.world_size * cfg.sample.batch_size):
-            raise ValueError(f"prompts_per_step * group_size ({total}) must be a multiple of sample.batch_size "
-                             f"({cfg.sample.batch_size}) times the number of processes ({self.world_size})")
+        if cfg.sample.prompts_per_step % self.world_size:
+            raise ValueError(f"sample.prompts_per_step ({cfg.sample.prompts_per_step}) must be a multiple of the "
+                             f"number of processes ({self.world_size}): each process samples whole groups")
         self.sampler = GroupSampler(len(self.prompts), cfg.sample.prompts_per_step, cfg.sample.group_size, cfg.seed)
 
         torch.manual_seed(cfg.seed)

@@ -3,13 +3,35 @@
 A variant (``fastgrpo.algos``) is a `Strategy` subclass with its defaults (SDE kind, noise level, which denoising
 steps are trained, advantage conventions, KL weight) plus, where needed, overridden hooks. The config's
 ``sample.noise_level`` and ``train.*`` values override the defaults when set.
+
+Rollouts of one prompt form a tree (`fastgrpo.train.flow`): ``GroupPlan.roots`` trajectories start from noise,
+and at a step listed in ``GroupPlan.splits`` every active trajectory splits into that many children, each taking
+the step with its own noise. Plain GRPO is the tree with G roots and no splits (Flow-GRPO, DanceGRPO); trajectory
+branching is one root split into G at step k (TempFlow-GRPO); BranchGRPO splits in 2 at several steps. The leaves
+are the group's G rollouts; a node is the segment of a trajectory between two splits.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
+
+
+@dataclass
+class GroupPlan:
+    """How one prompt's rollouts unfold over the T steps."""
+
+    roots: int  # trajectories started from noise
+    sde: torch.Tensor  # bool [T]: stochastic steps (the others are deterministic ODE steps)
+    splits: dict = field(default_factory=dict)  # step -> children per active trajectory
+    same_noise: bool = False  # the roots share one initial noise
+    pruned_to: int | None = None  # rollouts left at the end when the strategy prunes (Pro-GRPO)
+
+    def leaves(self) -> int:
+        """The group's final rollouts."""
+        return self.pruned_to if self.pruned_to is not None else self.roots * math.prod(self.splits.values())
 
 
 @dataclass
@@ -22,6 +44,7 @@ class Strategy:
     adv_std: str = "global"
     adv_ddof: int = 0
     adv_eps: float = 1e-4
+    same_noise: bool = False
 
     @classmethod
     def from_config(cls, cfg) -> "Strategy":
@@ -32,20 +55,59 @@ class Strategy:
             value = getattr(cfg.train, key)
             if value is not None:
                 setattr(s, key, value)
+        s.same_noise = cfg.sample.same_noise_per_group
+        s.configure(cfg)
         return s
 
+    ARGS: ClassVar[tuple] = ()  # the keys of ``algo_args`` this variant accepts
+
+    @classmethod
+    def check_args(cls, cfg) -> None:
+        """Validate ``cfg.algo_args`` when the config is built (unknown keys and bad values raise ValueError)."""
+        unknown = sorted(set(cfg.algo_args) - set(cls.ARGS))
+        if unknown:
+            raise ValueError(f"algo_args.{unknown[0]} is not a setting of {cfg.algo} "
+                             f"(known: {', '.join(cls.ARGS) or 'none'})")
+        cls().configure(cfg)
+
+    def configure(self, cfg) -> None:
+        """Read ``cfg.algo_args`` into this strategy, validating against the rest of the config (default: none)."""
+
+    # ------------------------------------------------------------------------------------------- rollouts
+    def group_plan(self, num_steps: int, group_size: int, generator: torch.Generator) -> GroupPlan:
+        """Plain GRPO: ``group_size`` independent SDE trajectories."""
+        return GroupPlan(roots=group_size, sde=torch.ones(num_steps, dtype=torch.bool), same_noise=self.same_noise)
+
+    def noise_scale(self, step: int, plan: GroupPlan) -> float:
+        """Scale of the noise drawn at ``step`` (the log-prob stays under the unscaled std); BranchGRPO's option."""
+        return 1.0
+
+    def prune(self, trainer, step: int, rows) -> torch.Tensor | None:
+        """Called at every step after the velocity is computed; return the indices of the rows to keep (sorted),
+        or None to keep all (Pro-GRPO overrides it)."""
+        return None
+
+    # ------------------------------------------------------------------------------------------- training
     def num_train_steps(self, num_steps: int) -> int:
         return max(1, int(num_steps * self.timestep_fraction))
 
     def train_steps(self, num_steps: int, batch: int, generator: torch.Generator) -> torch.Tensor:
-        """Indices of the denoising steps each sample trains on, [batch, n] int64. Default (Flow-GRPO): the first
-        ``floor(timestep_fraction * T)`` steps, in order, for every sample."""
+        """For trajectories without splits: the steps each one trains on, [batch, n] int64. Default (Flow-GRPO):
+        the first ``floor(timestep_fraction * T)`` steps, in order."""
         n = self.num_train_steps(num_steps)
         return torch.arange(n).expand(batch, n)
 
-    def step_weights(self, sigmas: torch.Tensor, steps: torch.Tensor) -> torch.Tensor | None:
-        """Per-(sample, trained step) loss weights, or None for uniform (TempFlow-GRPO overrides this)."""
+    def step_weights(self, stds: torch.Tensor, steps: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor | None:
+        """Per-transition loss weights from the transition stds [n] at ``steps`` [n] of the schedule ``sigmas``,
+        or None for uniform (TempFlow-GRPO overrides this)."""
         return None
+
+    def node_advantages(self, tree, leaf_rewards: torch.Tensor, leaf_advantages: torch.Tensor) -> torch.Tensor:
+        """Advantage of every node of a wave's trees [N]. Default: a node's advantage is its leaf's (the trained
+        transitions of plain GRPO and of single-split trees belong to one leaf each); BranchGRPO overrides it."""
+        adv = torch.full((tree.num_nodes,), float("nan"))
+        adv[tree.leaf_nodes] = leaf_advantages.float().cpu()
+        return adv
 
 
 def random_train_steps(num_steps: int, batch: int, fraction: float, generator: torch.Generator,
