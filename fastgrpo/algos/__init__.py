@@ -3,11 +3,15 @@
 ``STRATEGIES`` maps a config's ``algo`` to its `fastgrpo.train.strategy.Strategy` subclass.
 """
 from .dance_grpo import DanceGRPO
+from .eg_grpo import EGGRPO
 from .flow_grpo import FlowGRPO
+from .t2i_r1 import T2IR1
 
 STRATEGIES = {
     "flow_grpo": FlowGRPO,
     "dance_grpo": DanceGRPO,
+    "eg_grpo": EGGRPO,
+    "t2i_r1": T2IR1,
 }
 
-__all__ = ["STRATEGIES", "FlowGRPO", "DanceGRPO"]
+__all__ = ["STRATEGIES", "FlowGRPO", "DanceGRPO", "EGGRPO", "T2IR1"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -22,6 +23,7 @@ class Strategy:
     adv_std: str = "global"
     adv_ddof: int = 0
     adv_eps: float = 1e-4
+    families: ClassVar[tuple] = ("sd3", "flux")  # the model families (config model.family) the variant trains
 
     @classmethod
     def from_config(cls, cfg) -> "Strategy":
