@@ -23,7 +23,7 @@ _CHARS = ["\n"] + [chr(c) for c in range(32, 127)]
 TINY_JANUS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, grid=8, codebook=64, vq_base_channels=32,
                   vq_channel_multiplier=(1, 1, 2), vq_embed_dim=8)
-HEAD_GAIN = 1.0  # std * sqrt(fan_in) of lm_head and the generation head (see `_trained_like_scales`)
+HEAD_GAIN = 2.0  # std * sqrt(fan_in) of lm_head and the generation head (see `_trained_like_scales`)
 DECODER_GAIN = 10.0  # scale of the VQ decoder's output convolution
 
 
