@@ -159,6 +159,7 @@ def test_saved_checkpoint_folder_loads_the_same_model(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------- memory
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
 def _peak_rss_growth(fn) -> int:
@@ -185,15 +186,22 @@ def test_training_forward_memory_with_fused_shaping(modality, V, rows):
     """At Janus-Pro's vocabularies (16,384 image codes, 102,400 text tokens), the training forward through
     `eg_grpo_shaping` (Triton kernel; its interpreter on CPU) + `grpo_token_loss` allocates a small fraction of what
     the eager reference (log_softmax + softmax over the logits, impl="torch") needs beyond the logits."""
-    from fastgrpo.algos import EGGRPO
-    from fastgrpo.ops import grpo_token_loss
-
     try:
         open("/proc/self/clear_refs", "w").close()
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         pytest.skip("needs a writable /proc/self/clear_refs and glibc to measure the peak RSS")
-    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: fixed at 64 KiB
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 16)  # fixed at 64 KiB while measuring
+    try:
+        _measure_fused_against_reference(modality, V, rows)
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's ceiling of its dynamic threshold: the usual steady state
+
+
+def _measure_fused_against_reference(modality, V, rows):
+    from fastgrpo.algos import EGGRPO
+    from fastgrpo.ops import grpo_token_loss
+
     strategy = EGGRPO()
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
     logits = (torch.randn(1, rows, V, generator=g) * 3).requires_grad_(True)
@@ -214,6 +222,6 @@ def test_training_forward_memory_with_fused_shaping(modality, V, rows):
     logits_bytes = logits.numel() * 4
     assert ref >= 2 * logits_bytes, (ref, logits_bytes)  # the reference's float32 [rows, V] intermediates
     assert fused <= 0.05 * ref, (fused, ref)
-    (lf, tf), (lr, tr) = forward("triton")(), forward("torch")()
-    assert_close(tf.logp, tr.logp.double(), name="fused logp")
-    assert torch.equal(tf.low, tr.low) and torch.equal(tf.high, tr.high)
+    _, terms = forward("triton")()
+    ref64 = torch.log_softmax(logits.detach().double(), -1).gather(-1, targets[..., None])[..., 0]
+    assert_close(terms.logp, ref64, name="fused logp")
