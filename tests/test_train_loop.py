@@ -76,7 +76,8 @@ def test_dance_trains_random_steps_never_the_last():
     assert len({tuple(r.tolist()) for r in plan}) > 1
 
 
-@pytest.mark.parametrize("preset", ["tiny-flow-grpo", "tiny-dance-grpo"])
+# tiny-t2i-r1 is not here: on its tiny Janus it does not raise the reward reliably in 40 steps (README, AR section).
+@pytest.mark.parametrize("preset", ["tiny-flow-grpo", "tiny-dance-grpo", "tiny-eg-grpo"])
 def test_short_training_raises_the_reward(tmp_path, preset):
     """A shorter version of the presets' learning check (half the steps): the mean reward of the last quarter of
     steps exceeds the first quarter's by more than two standard errors."""

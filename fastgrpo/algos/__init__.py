@@ -4,8 +4,10 @@
 """
 from .branch_grpo import BranchGRPO
 from .dance_grpo import DanceGRPO
+from .eg_grpo import EGGRPO
 from .flow_grpo import FlowGRPO
 from .pro_grpo import ProGRPO
+from .t2i_r1 import T2IR1
 from .tempflow_grpo import TempFlowGRPO
 
 STRATEGIES = {
@@ -14,6 +16,8 @@ STRATEGIES = {
     "tempflow_grpo": TempFlowGRPO,
     "pro_grpo": ProGRPO,
     "branch_grpo": BranchGRPO,
+    "eg_grpo": EGGRPO,
+    "t2i_r1": T2IR1,
 }
 
-__all__ = ["STRATEGIES", "FlowGRPO", "DanceGRPO", "TempFlowGRPO", "ProGRPO", "BranchGRPO"]
+__all__ = ["STRATEGIES", "FlowGRPO", "DanceGRPO", "TempFlowGRPO", "ProGRPO", "BranchGRPO", "EGGRPO", "T2IR1"]

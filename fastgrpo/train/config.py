@@ -40,8 +40,8 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    family: str = "sd3"  # sd3 | flux
-    path: str = "tiny"  # "tiny" (random, built in code), a local pipeline folder, or a hub id
+    family: str = "sd3"  # sd3 | flux | janus
+    path: str = "tiny"  # "tiny" (random, built in code), a local pipeline/checkpoint folder, or a hub id
     dtype: str = "float32"  # weights of the frozen parts: float32 | bfloat16 | float16
     height: int = 32
     width: int = 32
@@ -49,7 +49,7 @@ class ModelConfig:
     lora: Optional[LoraConfig] = field(default_factory=LoraConfig)  # None: full fine-tuning
 
     def validate(self, p):
-        _choice(p, "family", self.family, ("sd3", "flux"))
+        _choice(p, "family", self.family, ("sd3", "flux", "janus"))
         _choice(p, "dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _positive(p, "height", self.height)
         _positive(p, "width", self.width)
@@ -116,6 +116,46 @@ class TrainConfig:
 
 
 @dataclass
+class ARConfig:
+    """Autoregressive families (model.family janus): two-stage rollouts and EG-GRPO's token shaping.
+
+    The CFG weight is ``sample.guidance_scale`` (> 1 for Janus), the KL weight ``train.beta``, the PPO clip
+    ``train.clip_range`` (used only when ``inner_epochs > 1``). Shaping defaults: EG-GRPO (minebetter/EG-GRPO)."""
+
+    image_tokens: int = 576  # must equal the model's VQ grid (24x24 for Janus-Pro at 384 px)
+    cot_max_tokens: int = 256  # textual chain of thought, cut here when no EOS came
+    temperature: float = 1.0  # sampling temperature of both stages (T2I-R1: 1)
+    cot_template: str = ("<|User|>: Describe the image to generate for this prompt, precisely and briefly: every "
+                         "object with its colour, shape, texture and position.\nPrompt: {prompt}\n\n<|Assistant|>:")
+    image_template: str = "<|User|>: {prompt}\n{cot}\n\n<|Assistant|>:"  # <begin_of_image> is appended
+    shape_text: Optional[bool] = None  # entropy shaping of the CoT tokens; None: the variant's default
+    shape_image: Optional[bool] = None  # entropy shaping of the image tokens; None: the variant's default
+    low_frac: float = 0.2
+    high_frac: float = 0.5
+    bonus: float = 0.3
+    rule: str = "released"  # released | quantile (fastgrpo.ops.eg_token_masks)
+    calibrate: bool = False  # the paper's batch-calibrated bonus (reconstructed) instead of the released one
+    inner_epochs: int = 1  # > 1: several updates per batch of rollouts, with PPO clipping (train.clip_range)
+    impl: str = "auto"  # backend of the token ops: auto | triton | torch
+
+    def validate(self, p):
+        for k in ("image_tokens", "cot_max_tokens", "inner_epochs"):
+            _positive(p, k, getattr(self, k))
+        _positive(p, "temperature", self.temperature)
+        for k in ("low_frac", "high_frac"):
+            if not 0 < getattr(self, k) < 1:
+                raise ValueError(f"{p}{k} must be in (0, 1), got {getattr(self, k)}")
+        if self.bonus < 0:
+            raise ValueError(f"{p}bonus must be >= 0, got {self.bonus}")
+        _choice(p, "rule", self.rule, ("released", "quantile"))
+        _choice(p, "impl", self.impl, ("auto", "triton", "torch"))
+        for key, fields in (("cot_template", ("{prompt}",)), ("image_template", ("{prompt}", "{cot}"))):
+            missing = [f for f in fields if f not in getattr(self, key)]
+            if missing:
+                raise ValueError(f"{p}{key} must contain {' and '.join(fields)}, missing {', '.join(missing)}")
+
+
+@dataclass
 class RewardSpec:
     name: str = "brightness"
     weight: float = 1.0
@@ -162,6 +202,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: list = field(default_factory=lambda: [RewardSpec()])
     prompts: PromptConfig = field(default_factory=PromptConfig)
+    ar: ARConfig = field(default_factory=ARConfig)  # autoregressive families only
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -170,6 +211,16 @@ class Config:
 
         _choice(p, "algo", self.algo, tuple(sorted(STRATEGIES)))
         STRATEGIES[self.algo].check_args(self)
+        families = STRATEGIES[self.algo].families
+        if self.model.family not in families:
+            raise ValueError(f"model.family {self.model.family!r} does not fit algo {self.algo!r} "
+                             f"(it trains {' / '.join(families)})")
+        if self.model.family == "janus" and not self.sample.guidance_scale > 1:
+            raise ValueError(f"sample.guidance_scale must be > 1 for model.family janus: Janus samples image tokens "
+                             f"with classifier-free guidance (T2I-R1 / EG-GRPO use 5), got {self.sample.guidance_scale}")
+        if self.model.family == "janus" and self.ar.inner_epochs > 1 and not 0 < self.train.clip_range < 1:
+            raise ValueError(f"train.clip_range must be in (0, 1) for PPO clipping with ar.inner_epochs > 1, "
+                             f"got {self.train.clip_range}")
         if not self.reward:
             raise ValueError("reward must list at least one reward")
 

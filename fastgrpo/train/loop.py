@@ -3,7 +3,7 @@
 Each optimizer step runs:
 
 1. **sample**  -- this rank's share of ``prompts_per_step`` groups of ``group_size`` rollouts, in micro-batches of
-   ``sample.batch_size``, keeping what the train phase needs (family-specific: `fastgrpo.train.flow`);
+   ``sample.batch_size``, keeping what the train phase needs (family-specific: `fastgrpo.train.flow`, `fastgrpo.train.ar`);
 2. **score**   -- the reward of each micro-batch, computed in a worker thread while the next one samples;
 3. **advantages** -- rewards gathered across ranks, then per-prompt statistics (`fastgrpo.ops.group_advantages`
    with the variant's conventions), each rank keeping its slice;
@@ -222,6 +222,10 @@ class GRPOTrainer:
 
 def make_trainer(cfg: Config, out_dir, *, resume: bool = False, device=None) -> GRPOTrainer:
     """The trainer for the config's model family."""
+    if cfg.model.family == "janus":
+        from .ar import ARTrainer
+
+        return ARTrainer(cfg, out_dir, resume=resume, device=device)
     from .flow import FlowTrainer
 
     return FlowTrainer(cfg, out_dir, resume=resume, device=device)

@@ -56,7 +56,8 @@ def plot_curves(run_dir: Path) -> Path:
     if not rows:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} has no rows yet")
     steps = [r["step"] for r in rows]
-    panels = [("reward", "reward_mean")] + [(k, k) for k in ("loss", "kl", "entropy_t") if k in rows[0]]
+    panels = [("reward", "reward_mean")] + [(k, k) for k in ("loss", "kl", "entropy_t", "entropy_text",
+                                                            "entropy_image") if k in rows[0]]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (title, key) in zip(axes[0], panels):
         ys = [r.get(key, float("nan")) for r in rows]

@@ -45,6 +45,7 @@ class Strategy:
     adv_ddof: int = 0
     adv_eps: float = 1e-4
     same_noise: bool = False
+    families: ClassVar[tuple] = ("sd3", "flux")  # the model families (config model.family) the variant trains
 
     @classmethod
     def from_config(cls, cfg) -> "Strategy":
