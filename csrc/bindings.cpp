@@ -171,6 +171,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using namespace fastgrpo;
   m.doc() = "fastgrpo._C: fused CPU kernels (OpenMP) of sde_step, token_logprob_entropy and ovf_select";
+  m.attr("BLOCK") = BLOCK;            // logits per staging block of a token row (tests place hard blocks with it)
+  m.attr("SDE_CHUNK") = SDE_CHUNK;    // latent elements per parallel sde_step task
   m.def("sde_step_fwd", &sde_step_fwd_py, py::arg("x"), py::arg("v"), py::arg("cx"), py::arg("cv"),
         py::arg("std"), py::kw_only(), py::arg("eps") = py::none(), py::arg("prev") = py::none(),
         py::arg("v_ref") = py::none(),

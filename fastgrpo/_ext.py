@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 import threading
 import time
@@ -45,8 +46,10 @@ def disabled() -> bool:
 
 
 def source_dir() -> Path:
-    """csrc/ beside the package (a source checkout or an editable install)."""
-    return Path(__file__).resolve().parent.parent / "csrc"
+    """The C++ sources: fastgrpo/csrc in an installed package, csrc/ beside it in a checkout (editable install)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "csrc"
+    return installed if (installed / SOURCES[0]).is_file() else here.parent / "csrc"
 
 
 def build_dir() -> Path:
@@ -92,13 +95,19 @@ def _build(verbose: bool = False) -> ModuleType:
     )
 
 
+_COMPILER_ERROR = re.compile(r"([^\s:]+):(\d+):(?:\d+:)? (?:fatal )?error: (.*)")
+
+
 def _reason(exc: BaseException) -> str:
-    """A short why: the exception's first line plus the first compiler error line, if any."""
+    """A short why: the first compiler error (file:line: error: message) if there is one, else the exception's
+    first line."""
     text = str(exc).strip() or type(exc).__name__
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    first = lines[0] if lines else type(exc).__name__
-    err = next((ln for ln in lines[1:] if "error" in ln.lower()), None)
-    return f"{first} ({err})" if err and err not in first else first
+    for line in text.splitlines():
+        m = _COMPILER_ERROR.search(line)
+        if m:
+            return f"{Path(m.group(1)).name}:{m.group(2)}: error: {m.group(3).strip()}"
+    first = text.splitlines()[0].strip()
+    return first if len(first) <= 300 else first[:297] + "..."
 
 
 def load(*, strict: bool = False, verbose: bool = False) -> Optional[ModuleType]:

@@ -82,6 +82,9 @@ def resolve_impl(impl: str, device: torch.device, *, has_cpp: bool = False) -> s
     if impl == "cpp":
         if not has_cpp:
             raise ValueError("impl='cpp': this op has no C++ kernel yet; use 'auto', 'triton' or 'torch'")
+        if device.type != "cpu":
+            raise ValueError(f"impl='cpp' runs the C++ CPU kernels and got tensors on {device}; move them to the "
+                             "CPU or use 'auto'")
         if not cpp_available():
             from fastgrpo import _ext
 

@@ -29,8 +29,9 @@ Conventions (DESIGN.md §3.4, and decisions where it is silent):
   rewards whose sums are exact in float32 (small integers, dyadic fractions), arbitrary within rounding otherwise.
 * Rewards are compared in float32 (float64 rewards are rounded to float32 first on the Triton and C++ paths;
   the torch path computes in float64 for float64 input, so it is the float64 oracle; ``ovf_select_ref`` then
-  returns a float64 variance, ``ovf_select`` always float32). Scores centre the sorted rewards on the middle one, prefix sums serve the bottom part and suffix sums the top part, and the returned variance is
-  recomputed in two passes over the chosen rewards: its error is plain float32 rounding.
+  returns a float64 variance, ``ovf_select`` always float32). Scores centre the sorted rewards on the middle one,
+  prefix sums serve the bottom part and suffix sums the top part, and the returned variance is recomputed in
+  two passes over the chosen rewards: its error is plain float32 rounding.
 * ``k`` is a python int with ``1 <= k <= G``; NaN or infinite rewards, or a tensor that is not 1-d or 2-d,
   raise ValueError (checking for NaN costs one host sync).
 * ``impl="auto"`` runs the Triton kernel on CUDA tensors with ``G <= 1024`` (one program per group holds the
