@@ -8,6 +8,7 @@ with ``FASTGRPO_BUILD_EXT=1`` it is compiled ahead of time into the package, e.g
 Without it the package is pure Python and `fastgrpo._ext` builds the extension lazily with ninja on first use
 (cached), or the ops fall back to their torch path.
 """
+import glob
 import os
 
 from setuptools import setup
@@ -16,9 +17,8 @@ kwargs = {}
 if os.environ.get("FASTGRPO_BUILD_EXT", "").strip() == "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    sources = ["bindings.cpp", "sde_step.cpp", "token_entropy.cpp", "ovf.cpp"]  # = fastgrpo._ext.SOURCES
-    kwargs = dict(
-        ext_modules=[CppExtension("fastgrpo._C", [os.path.join("csrc", s) for s in sources],
+    kwargs = dict(  # the same sources and flags as the lazy build (fastgrpo._ext)
+        ext_modules=[CppExtension("fastgrpo._C", sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
                                   include_dirs=[os.path.abspath("csrc")],
                                   extra_compile_args=["-O3", "-fopenmp", "-DNDEBUG"], extra_link_args=["-fopenmp"])],
         cmdclass={"build_ext": BuildExtension},

@@ -71,6 +71,9 @@ def test_real_compile_error_is_reported(cpp_fresh, tmp_path):
         (src / name).write_text("#error deliberately broken source\n" if name == "ovf.cpp" else "\n")
     with cpp_fresh() as m:
         m.delenv("FASTGRPO_BUILD_EXT", raising=False)
+        # Another module name: torch versions JIT extensions by name within a process, and a second source set
+        # under the real name would make the real build in this process (and its cache) a new version.
+        m.setattr(_ext, "NAME", "fastgrpo_C_broken_for_test")
         m.setattr(_ext, "source_dir", lambda: src)
         m.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
         _ext._with_ninja_on_path()
