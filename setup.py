@@ -20,7 +20,7 @@ if os.environ.get("FASTGRPO_BUILD_EXT", "").strip() == "1":
     kwargs = dict(  # the same sources and flags as the lazy build (fastgrpo._ext)
         ext_modules=[CppExtension("fastgrpo._C", sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
                                   include_dirs=[os.path.abspath("csrc")],
-                                  extra_compile_args=["-O3", "-fopenmp", "-DNDEBUG"], extra_link_args=["-fopenmp"])],
+                                  extra_compile_args=["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-DNDEBUG"], extra_link_args=["-fopenmp"])],
         cmdclass={"build_ext": BuildExtension},
     )
 

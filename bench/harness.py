@@ -58,13 +58,37 @@ def impl_device(impl: str, bench_device: torch.device) -> torch.device:
     return torch.device("cpu") if impl == "cpp" else bench_device
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _fixed_mmap_threshold() -> bool:
+    """Make glibc serve every allocation of 64 KiB or more with its own mmap, returned to the OS on free.
+
+    glibc's default threshold grows after large frees, after which big buffers are carved from the heap and stay
+    resident when freed: the peak RSS of a later call would then not grow however much it allocates. Setting the
+    threshold explicitly turns that adjustment off, so the RSS follows torch's CPU allocations (torch's CPU
+    allocator does not cache). Returns False where this is not glibc.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024))
+    except (OSError, AttributeError):
+        return False
+
+
+_MMAP_FIXED = _fixed_mmap_threshold() if platform.system() == "Linux" else False
+
+
 def peak_extra_memory(fn, device: torch.device) -> int | None:
     """Bytes allocated at the peak of one ``fn()`` call beyond what was allocated before it.
 
     On CUDA: the growth of ``torch.cuda.max_memory_allocated`` over the memory allocated before the call. On CPU:
     the growth of the process's peak resident set (``VmHWM`` in /proc/self/status, reset to the current RSS
-    through /proc/self/clear_refs just before the call), which sees every page torch's CPU allocator touches
-    (None where /proc is not writable).
+    through /proc/self/clear_refs just before the call), which sees every page the call touches; large buffers
+    are mmapped and unmapped on free (`_fixed_mmap_threshold`), so earlier calls do not hide them. None where /proc
+    is not writable or the allocator cannot be set up that way.
     """
     gc.collect()
     if device.type == "cuda":
@@ -76,6 +100,8 @@ def peak_extra_memory(fn, device: torch.device) -> int | None:
         peak = torch.cuda.max_memory_allocated() - base
         del out
         return int(peak)
+    if not _MMAP_FIXED:
+        return None
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS to the current RSS
@@ -91,7 +117,7 @@ def peak_extra_memory(fn, device: torch.device) -> int | None:
     out = fn()
     peak = rss("VmHWM:") - base
     del out
-    return int(peak)
+    return max(0, int(peak))
 
 
 def measure(benchmark, fn, *, check, bytes_moved: int, dtype: torch.dtype, shapes: dict, rounds: int = 20,

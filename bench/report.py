@@ -20,14 +20,24 @@ START, END = "<!-- cpu-bench:start -->", "<!-- cpu-bench:end -->"
 
 
 def _case(bench: dict) -> str:
-    """The benchmark's name without its impl parameter: the key that pairs torch with cpp."""
-    params = {k: v for k, v in (bench.get("params") or {}).items() if k != "impl"}
-    base = bench["name"].split("[")[0]
-    return base + "[" + "-".join(str(params[k]) for k in sorted(params)) + "]" if params else base
+    """The benchmark's name without its impl id: the key that pairs torch with cpp."""
+    name = bench["name"]
+    if "[" not in name:
+        return name
+    base, ids = name[:-1].split("[", 1)
+    kept = [p for p in ids.split("-") if p not in ("torch", "cpp")]
+    return f"{base}[{'-'.join(kept)}]" if kept else base
 
 
 def _mib(n) -> str:
-    return "n/a" if n is None else f"{n / 2**20:,.1f}"
+    return "n/a" if n is None else f"{n / 2**20:,.2f}"
+
+
+def _ratio(num, den) -> str:
+    if num is None or not den:
+        return "n/a"
+    r = num / den
+    return f"{r:.3f}" if r >= 0.001 else f"{r:.1e}"
 
 
 def table(results: dict) -> str:
@@ -40,7 +50,7 @@ def table(results: dict) -> str:
     first = next(iter(pairs.values()))["cpp"]["extra_info"] if pairs else {}
     lines = [
         f"CPU: {info.get('cpu', {}).get('brand_raw', info.get('processor', '?'))}, "
-        f"{first.get('device', '?')} threads; torch {first.get('torch', '?')}; recorded {results.get('datetime', '?')}"
+        f"{first.get('device', '?')}; torch {first.get('torch', '?')}; recorded {results.get('datetime', '?')}"
         f" ({Path(results.get('_source', '')).name}).",
         "",
         "| case | shapes | torch ms | cpp ms | speed-up | torch peak MiB | cpp peak MiB | memory ratio |",
@@ -53,7 +63,7 @@ def table(results: dict) -> str:
         t, c = p["torch"], p["cpp"]
         tm, cm = t["stats"]["median"], c["stats"]["median"]
         tp, cp = t["extra_info"].get("peak_extra_memory_bytes"), c["extra_info"].get("peak_extra_memory_bytes")
-        ratio = "n/a" if not tp or cp is None else f"{cp / tp:.3f}"
+        ratio = _ratio(cp, tp)
         shapes = "; ".join(f"{k} {'x'.join(map(str, v))}" for k, v in c["extra_info"].get("shapes", {}).items())
         lines.append(f"| {case} | {shapes} | {tm * 1e3:,.1f} | {cm * 1e3:,.1f} | {tm / cm:.1f}x | {_mib(tp)} | "
                      f"{_mib(cp)} | {ratio} |")

@@ -4,9 +4,9 @@
 // The kernel files include only this header (no torch headers: they compile in seconds); csrc/bindings.cpp turns
 // tensors into raw pointers. Every kernel works on blocks: a block of a row is converted to float32 in a small
 // buffer on the stack (a no-op view for float32 inputs), and the arithmetic runs on plain float arrays in loops
-// without branches, which the compiler vectorises. Reductions keep LANES independent partial sums (a vector
-// register's worth) so that they vectorise without -ffast-math, then add the lanes in a fixed order: results do
-// not depend on the number of threads.
+// without branches, which the compiler vectorises. Reductions are `#pragma omp simd reduction` loops: OpenMP
+// allows the vector lanes to be summed separately (no -ffast-math needed), in an order fixed at compile time, so
+// results do not depend on the number of threads.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -21,7 +21,6 @@ namespace fastgrpo {
 // float64 is accepted like the Triton kernels do: read and converted to float32, gradients written back.
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
 
-constexpr int LANES = 16;
 constexpr int BLOCK = 1024;  // elements per float32 staging block: 4 KiB, stays in L1 beside its peers
 
 // A read-only array of some element type.

@@ -20,8 +20,8 @@ struct Partial {
 FASTGRPO_HOT
 Partial sde_fwd_chunk(const In& x, const In& v, const In& eps, const In& prev, const In& vref, float cx, float cv,
                       float sd, int64_t begin, int64_t end, float* mean, float* new_prev) {
-  alignas(64) float bx[BLOCK], bv[BLOCK], bn[BLOCK], br[BLOCK], bm[BLOCK];
-  float acc[LANES] = {0}, kacc[LANES] = {0};
+  alignas(64) float bx[BLOCK], bv[BLOCK], bn[BLOCK], br[BLOCK];
+  float ssq = 0.0f, klssq = 0.0f;  // block sums are added in block order
   const bool sample = eps.present(), given = prev.present(), has_ref = vref.present();
   for (int64_t off = begin; off < end; off += BLOCK) {
     const int n = static_cast<int>(end - off < BLOCK ? end - off : BLOCK);
@@ -39,30 +39,20 @@ Partial sde_fwd_chunk(const In& x, const In& v, const In& eps, const In& prev, c
       } else {
         pp = load_block(prev, off, n, bn);
       }
-      for (int i = 0; i < n; ++i) bm[i] = pp[i] - pm[i];
-      int i = 0;
-      for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; ++l) acc[l] += bm[i + l] * bm[i + l];
-      for (; i < n; ++i) acc[0] += bm[i] * bm[i];
+      float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+      for (int i = 0; i < n; ++i) a += (pp[i] - pm[i]) * (pp[i] - pm[i]);
+      ssq += a;
     }
     if (has_ref) {
       const float* pr = load_block(vref, off, n, br);
-      for (int i = 0; i < n; ++i) {
-        const float d = cv * (pv[i] - pr[i]);
-        bm[i] = d * d;
-      }
-      int i = 0;
-      for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; ++l) kacc[l] += bm[i + l];
-      for (; i < n; ++i) kacc[0] += bm[i];
+      float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+      for (int i = 0; i < n; ++i) a += (cv * (pv[i] - pr[i])) * (cv * (pv[i] - pr[i]));
+      klssq += a;
     }
   }
-  Partial out;
-  for (int l = 0; l < LANES; ++l) {
-    out.ssq += acc[l];
-    out.klssq += kacc[l];
-  }
-  return out;
+  return {ssq, klssq};
 }
 
 FASTGRPO_HOT

@@ -36,15 +36,10 @@ inline const void* row_ptr(const TokenRows& t, int64_t r) {
   return nullptr;
 }
 
-inline float max_lanes(const float* x, int n) {
-  float lane[LANES];
-  for (int l = 0; l < LANES; ++l) lane[l] = NEG_INF;
-  int i = 0;
-  for (; i + LANES <= n; i += LANES)
-    for (int l = 0; l < LANES; ++l) lane[l] = lane[l] > x[i + l] ? lane[l] : x[i + l];
-  for (; i < n; ++i) lane[0] = lane[0] > x[i] ? lane[0] : x[i];
+inline float block_max(const float* x, int n) {
   float m = NEG_INF;
-  for (int l = 0; l < LANES; ++l) m = m > lane[l] ? m : lane[l];
+#pragma omp simd reduction(max : m)
+  for (int i = 0; i < n; ++i) m = m > x[i] ? m : x[i];
   return m;
 }
 
@@ -59,7 +54,7 @@ RowStats row_stats(In row, int64_t V, float inv_t) {
   for (int64_t off = 0; off < V; off += BLOCK) {
     const int n = static_cast<int>(V - off < BLOCK ? V - off : BLOCK);
     const float* x = load_block(row, off, n, buf);
-    const float bm = max_lanes(x, n);
+    const float bm = block_max(x, n);
     const float m_new = m > bm ? m : bm;
     if (m_new == NEG_INF) continue;  // every logit so far is -inf: s = w = 0 stay
     if (m != NEG_INF && m_new != m) {
@@ -68,26 +63,13 @@ RowStats row_stats(In row, int64_t V, float inv_t) {
       w = a * (w + s * shift);
       s = a * s;
     }
-    float ls[LANES] = {0}, lw[LANES] = {0};
-    int i = 0;
-    for (; i + LANES <= n; i += LANES) {
-      for (int l = 0; l < LANES; ++l) {
-        const float d = (x[i + l] - m_new) * inv_t;  // x - max is exact for nearby values; x/T - m/T would round
-        const float e = exp_f32(d);
-        ls[l] += e;
-        lw[l] += e > 0.0f ? e * d : 0.0f;  // e = 0 where d = -inf
-      }
-    }
-    for (; i < n; ++i) {
-      const float d = (x[i] - m_new) * inv_t;
-      const float e = exp_f32(d);
-      ls[0] += e;
-      lw[0] += e > 0.0f ? e * d : 0.0f;
-    }
     float bs = 0.0f, bw = 0.0f;
-    for (int l = 0; l < LANES; ++l) {
-      bs += ls[l];
-      bw += lw[l];
+#pragma omp simd reduction(+ : bs, bw)
+    for (int i = 0; i < n; ++i) {
+      const float d = (x[i] - m_new) * inv_t;  // x - max is exact for nearby values; x/T - m/T would round
+      const float e = exp_f32(d);
+      bs += e;
+      bw += e > 0.0f ? e * d : 0.0f;  // e = 0 where d = -inf
     }
     s += bs;
     w += bw;
@@ -103,6 +85,7 @@ void row_grad(In row, int64_t V, float inv_t, float big, float logs, float mean_
   for (int64_t off = 0; off < V; off += BLOCK) {
     const int n = static_cast<int>(V - off < BLOCK ? V - off : BLOCK);
     const float* x = load_block(row, off, n, buf);
+#pragma omp simd
     for (int i = 0; i < n; ++i) {
       const float d = (x[i] - big) * inv_t;
       const float p = exp_f32(d - logs);
