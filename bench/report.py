@@ -1,8 +1,10 @@
-"""CPU comparison table of the C++ extension against the torch reference, from recorded benchmark results.
+r"""CPU comparison table of the C++ extension against the torch reference, from recorded benchmark results.
 
-    pytest bench -k "torch or cpp" --benchmark-json=bench/results/cpu.json    # record (a quiet machine, please)
-    python bench/report.py bench/results/cpu.json                            # print the markdown table
-    python bench/report.py bench/results/cpu.json --readme README.md         # rewrite the README's table
+    # record (on a quiet machine, please):
+    pytest bench/test_bench_token.py bench/test_bench_sde.py bench/test_bench_ovf.py -k "torch or cpp" \
+        --benchmark-json=bench/results/cpu.json
+    python bench/report.py bench/results/cpu.json                      # print the markdown table
+    python bench/report.py bench/results/cpu.json --readme README.md   # rewrite the README's table
 
 For every benchmark case run with both impl="torch" and impl="cpp" on CPU, the table gives both median times, the
 speed-up (torch / cpp), both peak extra memories (``peak_extra_memory_bytes``, see bench/harness.py) and their
