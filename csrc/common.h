@@ -120,8 +120,11 @@ inline float exp_f32(float x) {
 // Hot loops are compiled twice on x86-64 with GCC -- for AVX2+FMA (x86-64-v3) and for the baseline -- and the
 // loader picks the clone the CPU supports at run time, so one build is both fast and portable (a build cache may
 // be shared by machines). Elsewhere (clang, ARM) they are compiled once for the target.
+// (-DFASTGRPO_HOT= builds the baseline only.)
+#ifndef FASTGRPO_HOT
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FASTGRPO_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define FASTGRPO_HOT
+#endif
 #endif
