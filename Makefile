@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastgrpo-installed
 
-.PHONY: install demo test bench compile-check clean
+.PHONY: install ext ext-clean demo test bench compile-check clean
 
 install: $(STAMP)
 
@@ -21,10 +21,19 @@ $(STAMP): pyproject.toml setup.py
 demo: install
 	$(PY) -m fastgrpo train --preset tiny-flow-grpo --out runs/tiny-flow-grpo
 
-test: install
+# Build (or find cached) the C++ extension fastgrpo._C now and fail loudly if it does not build; with
+# FASTGRPO_BUILD_EXT=0 it only says that the extension is disabled.
+ext: install
+	$(PY) -m fastgrpo._ext
+
+# Remove the extension's build cache (the next use rebuilds it from scratch).
+ext-clean: install
+	rm -rf "$$($(PY) -c 'from fastgrpo._ext import build_dir; print(build_dir())')"
+
+test: ext
 	$(PY) -m pytest tests -q
 
-bench: install
+bench: ext
 	$(PY) -m pytest bench
 
 compile-check: install

@@ -4,14 +4,15 @@
 1. runs ``fn`` once and calls ``check(result)`` -- a wrong kernel is never timed;
 2. warms up, then times ``fn`` with a CUDA synchronisation inside every timed call;
 3. records in ``benchmark.extra_info``: device name, torch/triton/fastgrpo versions, dtype, shapes, the bytes the op
-   must move at least (inputs read once, outputs written once), the median time and the achieved GB/s, and on
-   CUDA the peak extra memory.
+   must move at least (inputs read once, outputs written once), the median time and the achieved GB/s, and the
+   peak extra memory of one call (`peak_extra_memory`).
 
 Save results with ``pytest bench/ --benchmark-json=bench/results/NAME.json``. Cases that need a GPU skip with a
 reason on CPU (Triton's interpreter is a correctness tool, not something to time).
 """
 from __future__ import annotations
 
+import gc
 import importlib.metadata as md
 import platform
 
@@ -44,12 +45,89 @@ def require_cuda(impl: str):
         pytest.skip(f"impl={impl!r} is timed on a CUDA device only (this machine has none)")
 
 
+def require_cpp():
+    """The C++ kernels (CPU): skip with the reason when the extension is disabled or did not build."""
+    from fastgrpo import _ext
+
+    if not _ext.available():
+        pytest.skip(f"impl='cpp' needs the C++ extension fastgrpo._C: {_ext.failure_reason()}")
+
+
+def impl_device(impl: str, bench_device: torch.device) -> torch.device:
+    """The C++ kernels run on CPU tensors; everything else on the bench device."""
+    return torch.device("cpu") if impl == "cpp" else bench_device
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _fixed_mmap_threshold() -> bool:
+    """Make glibc serve every allocation of 64 KiB or more with its own mmap, returned to the OS on free.
+
+    glibc's default threshold grows after large frees, after which big buffers are carved from the heap and stay
+    resident when freed: the peak RSS of a later call would then not grow however much it allocates. Setting the
+    threshold explicitly turns that adjustment off, so the RSS follows torch's CPU allocations (torch's CPU
+    allocator does not cache). Returns False where this is not glibc.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024))
+    except (OSError, AttributeError):
+        return False
+
+
+_MMAP_FIXED = _fixed_mmap_threshold() if platform.system() == "Linux" else False
+
+
+def peak_extra_memory(fn, device: torch.device) -> int | None:
+    """Bytes allocated at the peak of one ``fn()`` call beyond what was allocated before it.
+
+    On CUDA: the growth of ``torch.cuda.max_memory_allocated`` over the memory allocated before the call. On CPU:
+    the growth of the process's peak resident set (``VmHWM`` in /proc/self/status, reset to the current RSS
+    through /proc/self/clear_refs just before the call), which sees every page the call touches; large buffers
+    are mmapped and unmapped on free (`_fixed_mmap_threshold`), so earlier calls do not hide them. None where /proc
+    is not writable or the allocator cannot be set up that way.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        sync()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return int(peak)
+    if not _MMAP_FIXED:
+        return None
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS to the current RSS
+    except OSError:
+        return None
+
+    def rss(field):
+        with open("/proc/self/status") as f:
+            line = next(ln for ln in f if ln.startswith(field))
+        return int(line.split()[1]) * 1024
+
+    base = rss("VmRSS:")
+    out = fn()
+    peak = rss("VmHWM:") - base
+    del out
+    return max(0, int(peak))
+
+
 def measure(benchmark, fn, *, check, bytes_moved: int, dtype: torch.dtype, shapes: dict, rounds: int = 20,
-            warmup: int = 3, **info):
+            warmup: int = 3, device: torch.device | None = None, **info):
+    device = device or torch.device("cuda" if HAS_CUDA else "cpu")
     result = fn()
     sync()
     check(result)
     del result
+    peak = peak_extra_memory(fn, device)
 
     def timed():
         out = fn()
@@ -57,7 +135,7 @@ def measure(benchmark, fn, *, check, bytes_moved: int, dtype: torch.dtype, shape
         return out
 
     benchmark.extra_info.update({
-        "device": device_name(),
+        "device": device_name() if device.type == "cuda" or not HAS_CUDA else f"cpu x{torch.get_num_threads()}",
         "torch": torch.__version__,
         "triton": _version("triton"),
         "fastgrpo": _version("fastgrpo"),
@@ -65,14 +143,10 @@ def measure(benchmark, fn, *, check, bytes_moved: int, dtype: torch.dtype, shape
         "dtype": str(dtype).replace("torch.", ""),
         "shapes": {k: list(v) for k, v in shapes.items()},
         "bytes_moved": int(bytes_moved),
+        "peak_extra_memory_bytes": peak,
         **info,
     })
-    if HAS_CUDA:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
-    if HAS_CUDA:
-        benchmark.extra_info["peak_extra_memory_bytes"] = int(torch.cuda.max_memory_allocated() - base)
     stats = getattr(benchmark, "stats", None)
     if stats is not None:  # absent under --benchmark-disable
         median = stats.stats.median

@@ -3,7 +3,8 @@
 Three ways, each checked against the float64 torch reference before timing:
 * ``triton``: one launch, one program per group (CUDA only);
 * ``torch``: the vectorised torch reference (sort, prefix sums, k + 1 candidates for all groups at once);
-* ``loop``: a Python loop over groups calling the reference on each row (what a per-prompt trainer loop does).
+* ``loop``: a Python loop over groups calling the reference on each row (what a per-prompt trainer loop does);
+* ``cpp``: the C++ extension on CPU tensors (OpenMP over groups).
 Brute force is out of reach at this size (C(48, 12) ~ 7e10 subsets per group); tests/test_ovf.py checks it on
 small groups. Minimum bytes: read P*G rewards, write P*k int64 indices and P float32 variances.
 """
@@ -12,7 +13,7 @@ import torch
 
 from fastgrpo import ovf_select, ovf_select_ref
 from fastgrpo.testing import assert_close
-from harness import measure, require_cuda
+from harness import impl_device, measure, require_cpp, require_cuda
 
 P, G, K = 10_000, 48, 12
 
@@ -37,12 +38,15 @@ def _check(rewards):
     return check
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch", "loop"])
+@pytest.mark.parametrize("impl", ["triton", "torch", "loop", "cpp"])
 def test_ovf_select(benchmark, bench_device, impl):
     if impl == "triton":
         require_cuda(impl)
+    if impl == "cpp":
+        require_cpp()
+    device = impl_device(impl, bench_device)
     g = torch.Generator().manual_seed(0)
-    rewards = (torch.randn(P, G, generator=g) * 0.5 + 22.0).to(bench_device)  # PickScore-like previews
+    rewards = (torch.randn(P, G, generator=g) * 0.5 + 22.0).to(device)  # PickScore-like previews
     if impl == "loop":
         fn = lambda: _loop(rewards, K)  # noqa: E731
         rounds, warmup = 3, 1
@@ -51,4 +55,4 @@ def test_ovf_select(benchmark, bench_device, impl):
         rounds, warmup = 20, 3
     measure(benchmark, fn, check=_check(rewards), bytes_moved=P * G * 4 + P * K * 8 + P * 4,
             dtype=torch.float32, shapes={"rewards": (P, G)}, rounds=rounds, warmup=warmup, impl=impl, k=K,
-            launches=1 if impl == "triton" else None)
+            launches=1 if impl == "triton" else None, device=device)

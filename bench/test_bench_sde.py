@@ -1,23 +1,25 @@
-"""sde_step: fused (Triton) vs the torch eager reference, at SD3.5-512 and FLUX-1024 latent shapes.
+"""sde_step: fused (Triton, C++) vs the torch eager reference, at SD3.5-512 and FLUX-1024 latent shapes.
 
 Two cases:
 * ``sample``: a rollout step -- read x, v, noise; write prev_sample, mean (fp32).
 * ``train``: forward + backward of a training step -- read x, v, prev_sample, v_ref; write mean (fp32) and
   grad v; the loss uses log_prob and kl.
 Minimum bytes count every input read once and every output written once.
+
+The C++ path (``impl="cpp"``) runs on CPU tensors, at the full shapes (a few million elements: CPU-sized already).
 """
 import pytest
 import torch
 
 from fastgrpo import sde_step, sde_step_ref
 from fastgrpo.testing import assert_close
-from harness import measure, require_cuda
+from harness import impl_device, measure, require_cpp, require_cuda
 
 SHAPES = {
     "sd35-512": (24, 16, 64, 64),  # B=24 latents of SD3.5 at 512 px
     "flux-1024": (12, 4096, 64),  # B=12 packed FLUX latents at 1024 px
 }
-IMPLS = ["torch", "triton"]
+IMPLS = ["torch", "triton", "cpp"]
 
 
 def _inputs(shape, dtype, device):
@@ -36,8 +38,11 @@ def _f64(t):
 def test_sample(benchmark, bench_device, impl, dtype, shape_name):
     if impl == "triton":
         require_cuda(impl)
+    if impl == "cpp":
+        require_cpp()
+    device = impl_device(impl, bench_device)
     shape = SHAPES[shape_name]
-    x, v, noise, _ = _inputs(shape, dtype, bench_device)
+    x, v, noise, _ = _inputs(shape, dtype, device)
     noise = noise.float()
     fn = lambda: sde_step(x, v, 0.8, 0.7, noise=noise, impl=impl)  # noqa: E731
 
@@ -48,7 +53,7 @@ def test_sample(benchmark, bench_device, impl, dtype, shape_name):
 
     n, es = x.numel(), x.element_size()
     measure(benchmark, fn, check=check, bytes_moved=n * (2 * es + 4 + 4 + 4), dtype=dtype,
-            shapes={"x": shape}, impl=impl, case="sample", shape_name=shape_name)
+            shapes={"x": shape}, impl=impl, case="sample", shape_name=shape_name, device=device)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -57,8 +62,11 @@ def test_sample(benchmark, bench_device, impl, dtype, shape_name):
 def test_train_fwd_bwd(benchmark, bench_device, impl, dtype, shape_name):
     if impl == "triton":
         require_cuda(impl)
+    if impl == "cpp":
+        require_cpp()
+    device = impl_device(impl, bench_device)
     shape = SHAPES[shape_name]
-    x, v, prev, v_ref = _inputs(shape, dtype, bench_device)
+    x, v, prev, v_ref = _inputs(shape, dtype, device)
     prev = prev.float()
     v = v.requires_grad_(True)
 
@@ -78,4 +86,4 @@ def test_train_fwd_bwd(benchmark, bench_device, impl, dtype, shape_name):
 
     n, es = x.numel(), x.element_size()
     measure(benchmark, fn, check=check, bytes_moved=n * (3 * es + 4 + 4 + es), dtype=dtype,
-            shapes={"x": shape}, impl=impl, case="train", shape_name=shape_name)
+            shapes={"x": shape}, impl=impl, case="train", shape_name=shape_name, device=device)

@@ -1,4 +1,4 @@
-"""token_logprob_entropy and eg_grpo_shaping: fused (Triton) vs the torch eager reference, bf16 logits at T2I-R1 shapes.
+"""token_logprob_entropy and eg_grpo_shaping: fused (Triton, C++) vs the torch eager reference, bf16 T2I-R1 shapes.
 
 Shapes (Janus-Pro T2I-R1 / EG-GRPO, 16 sequences per step):
 * ``image``: 16 x 576 image tokens, V = 16,384 (the image codebook);
@@ -8,62 +8,30 @@ Cases: ``forward`` (logp + entropy, no grad), ``train`` (forward + backward of `
 ``shaping`` (`eg_grpo_shaping` forward: logp, normalised entropy, masks, shaped advantages).
 Minimum bytes: the bf16 logits read once per pass over V (forward 1x, train 2x) plus the gradient written once.
 
-Peak extra memory (``peak_extra_memory_bytes``), measured on one extra call outside the timed rounds: on CUDA the
-growth of ``torch.cuda.max_memory_allocated`` over the memory allocated before the call; on CPU the growth of the
-process's peak resident set (``VmHWM`` in /proc/self/status, reset through /proc/self/clear_refs before the call),
-which sees every page torch's CPU allocator touches (None where /proc is not writable).
+Peak extra memory (``peak_extra_memory_bytes``) is measured on one extra call outside the timed rounds
+(``harness.peak_extra_memory``: CUDA allocator peak, or the growth of the process's peak RSS on CPU).
 
-On CPU only the torch reference runs, at a scaled-down batch (``cpu_scale`` in extra_info: 2 sequences instead of
-16), so that the eager float32 intermediates of V = 102,400 stay within seconds and a few GB.
+On CPU the torch reference and the C++ extension (``impl="cpp"``) run, at a scaled-down batch (``cpu_scale`` in
+extra_info: 2 sequences instead of 16), so that the eager float32 intermediates of V = 102,400 stay within seconds
+and a few GB. The C++ path always runs on CPU tensors; it is compared with the torch reference on machines without
+CUDA (``bench/report.py`` prints the ratios).
 """
-import gc
-
 import pytest
 import torch
 
 from fastgrpo import eg_grpo_shaping, token_logprob_entropy, token_logprob_entropy_ref
 from fastgrpo.testing import assert_close
-from harness import HAS_CUDA, measure, require_cuda, sync
+from harness import impl_device, measure, require_cpp, require_cuda
 
 SHAPES = {"image": (16, 576, 16_384), "text": (16, 256, 102_400)}
 CPU_SEQUENCES = 2
-IMPLS = ["torch", "triton"]
-
-
-def peak_extra_memory(fn) -> int | None:
-    """Bytes allocated at the peak of one ``fn()`` call beyond what was allocated before it (see module doc)."""
-    gc.collect()
-    if HAS_CUDA:
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = fn()
-        sync()
-        peak = torch.cuda.max_memory_allocated() - base
-        del out
-        return int(peak)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS to the current RSS
-    except OSError:
-        return None
-
-    def rss(field):
-        with open("/proc/self/status") as f:
-            line = next(ln for ln in f if ln.startswith(field))
-        return int(line.split()[1]) * 1024
-
-    base = rss("VmRSS:")
-    out = fn()
-    peak = rss("VmHWM:") - base
-    del out
-    return int(peak)
+IMPLS = ["torch", "triton", "cpp"]
 
 
 def _inputs(shape_name, device):
     B, L, V = SHAPES[shape_name]
     scale = None
-    if not HAS_CUDA:
+    if device.type == "cpu":
         B, scale = CPU_SEQUENCES, f"{CPU_SEQUENCES}/{SHAPES[shape_name][0]} sequences on CPU"
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(B, L, V, generator=g) * 2).to(device=device, dtype=torch.bfloat16)
@@ -73,11 +41,11 @@ def _inputs(shape_name, device):
 
 def _run(benchmark, fn, check, logits, targets, impl, case, shape_name, scale, passes):
     R, V = targets.numel(), logits.shape[-1]
-    peak = peak_extra_memory(fn)
+    on_cpu = logits.device.type == "cpu"
     measure(benchmark, fn, check=check, bytes_moved=passes * R * V * logits.element_size() + 16 * R,
             dtype=logits.dtype, shapes={"logits": tuple(logits.shape)}, impl=impl, case=case,
-            shape_name=shape_name, cpu_scale=scale, peak_extra_memory_bytes=peak, rounds=5 if not HAS_CUDA else 20,
-            warmup=1 if not HAS_CUDA else 3)
+            shape_name=shape_name, cpu_scale=scale, rounds=5 if on_cpu else 20, warmup=1 if on_cpu else 3,
+            device=logits.device)
 
 
 def _rows_check(logits, targets, rows=64, **kw):
@@ -93,9 +61,12 @@ def test_forward(benchmark, bench_device, impl, shape_name, case):
     """``forward``: token_logprob_entropy without grad; ``shaping``: eg_grpo_shaping (normalised entropy)."""
     if impl == "triton":
         require_cuda(impl)
-    logits, targets, scale = _inputs(shape_name, bench_device)
-    modality = torch.full(targets.shape, 1 if shape_name == "image" else 0, device=bench_device)
-    advantages = torch.randn(targets.shape[0], generator=torch.Generator().manual_seed(1)).to(bench_device)
+    if impl == "cpp":
+        require_cpp()
+    device = impl_device(impl, bench_device)
+    logits, targets, scale = _inputs(shape_name, device)
+    modality = torch.full(targets.shape, 1 if shape_name == "image" else 0, device=device)
+    advantages = torch.randn(targets.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
 
     def fn():
         with torch.no_grad():
@@ -118,7 +89,9 @@ def test_forward(benchmark, bench_device, impl, shape_name, case):
 def test_train(benchmark, bench_device, impl, shape_name):
     if impl == "triton":
         require_cuda(impl)
-    logits, targets, scale = _inputs(shape_name, bench_device)
+    if impl == "cpp":
+        require_cpp()
+    logits, targets, scale = _inputs(shape_name, impl_device(impl, bench_device))
     logits.requires_grad_(True)
 
     def fn():

@@ -6,6 +6,7 @@ import platform
 
 import torch
 
+from fastgrpo import _ext
 from fastgrpo.ops._backend import triton_interpreting, usable_backends
 
 PACKAGES = ("torch", "triton", "diffusers", "transformers", "accelerate", "peft")
@@ -43,7 +44,7 @@ def format_env(info: dict) -> str:
                 "triton": "CUDA present" if torch.cuda.is_available() else
                 ("TRITON_INTERPRET=1 (interpreter)" if info["triton_interpret"] else
                  "needs CUDA or TRITON_INTERPRET=1"),
-                "cpp": "fastgrpo._C built" if v["cpp"] else "fastgrpo._C not built",
+                "cpp": _ext.describe(),
                 "torch": "always",
             }
             for name, ok in v.items():

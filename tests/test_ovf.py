@@ -8,7 +8,7 @@ import torch
 from fastgrpo import ovf_select, ovf_select_ref
 from fastgrpo.testing import assert_close, poisoned_allocations
 
-IMPLS = ["torch", "triton"]
+IMPLS = ["torch", "triton", "cpp"]
 
 
 def _rule_oracle(row, k):
@@ -184,3 +184,21 @@ def test_triton_group_limit(device):
         ovf_select(r, 3, impl="triton")
     out = ovf_select(r, 3, impl="auto")  # falls back to the torch path
     _assert_optimal(r.cpu(), out, 3)
+
+
+@pytest.mark.parametrize("impl", ["cpp"])
+def test_cpp_any_group_size_and_strides(impl, device):
+    """The C++ kernel has no group limit: G = 2000 against the exact oracle; bf16 rewards read through a
+    transposed view; float64 rewards rounded to float32 first."""
+    big = _rewards((2, 2000), 13)
+    for k in (1, 37, 1999):
+        _assert_optimal(big, ovf_select(big, k, impl=impl), k)
+    ties = _rewards((9, 15), 14, ties=True).to(torch.bfloat16)
+    view = ties.t().contiguous().t()  # same values, column stride != 1
+    assert view.stride(1) != 1
+    for k in (2, 7, 15):
+        out = ovf_select(view, k, impl=impl)
+        _assert_optimal(ties, out, k)
+        assert torch.equal(out.indices, ovf_select(ties, k, impl=impl).indices)
+    r64 = _rewards((4, 29), 15).double()
+    _assert_optimal(r64.float(), ovf_select(r64, 9, impl=impl), 9)

@@ -7,7 +7,8 @@ import torch
 from fastgrpo import sde_step, sde_step_ref
 from fastgrpo.testing import assert_close, poisoned_allocations
 
-IMPLS = ["torch", "triton"]
+IMPLS = ["torch", "triton", "cpp"]
+FUSED = ["triton", "cpp"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 KINDS = ["flow_grpo", "dance", "cps", "ode"]
 NOISE_LEVEL = {"flow_grpo": 0.7, "dance": 0.3, "cps": 0.8, "ode": 0.7}
@@ -137,13 +138,14 @@ def test_gradient_of_log_prob_only_and_kl_only(impl, device):
         assert_close(gv, gv64, name=f"grad v of {pick}")
 
 
-def test_kl_conventions_differ_by_minus_dt(device):
+@pytest.mark.parametrize("impl", FUSED)
+def test_kl_conventions_differ_by_minus_dt(impl, device):
     """flow_grpo divides by sd^2, exact by std^2 = sd^2 * (-dt): their ratio is -dt per sample."""
     x, v, _, dv = _inputs((3, 4, 8), torch.float32, device, 7)
     s = torch.tensor([0.9, 0.7, 0.4], device=device)
     sn = torch.tensor([0.8, 0.45, 0.1], device=device)
-    a = sde_step(x, v, s, sn, v_ref=v + dv, kl_convention="flow_grpo", impl="triton").kl
-    b = sde_step(x, v, s, sn, v_ref=v + dv, kl_convention="exact", impl="triton").kl
+    a = sde_step(x, v, s, sn, v_ref=v + dv, kl_convention="flow_grpo", impl=impl).kl
+    b = sde_step(x, v, s, sn, v_ref=v + dv, kl_convention="exact", impl=impl).kl
     assert_close(a / b, (s - sn).double())
 
 
@@ -169,47 +171,52 @@ def test_internal_noise_is_standard_normal(impl, kind, device):
     assert_close(again.prev_sample, _f64(out.prev_sample))
 
 
-def test_scalar_and_tensor_sigmas_agree(device):
+@pytest.mark.parametrize("impl", FUSED)
+def test_scalar_and_tensor_sigmas_agree(impl, device):
     x, v, noise, _ = _inputs((3, 2, 5), torch.float32, device, 8)
-    a = sde_step(x, v, 0.8, 0.7, noise=noise, impl="triton")
+    a = sde_step(x, v, 0.8, 0.7, noise=noise, impl=impl)
     # float64 tensors hold the same values as the python floats (a float32 0.8 would not).
     b = sde_step(x, v, torch.tensor(0.8, dtype=torch.float64, device=device),
-                 torch.full((3,), 0.7, dtype=torch.float64, device=device), noise=noise, impl="triton")
+                 torch.full((3,), 0.7, dtype=torch.float64, device=device), noise=noise, impl=impl)
     assert torch.equal(a.log_prob, b.log_prob) and torch.equal(a.prev_sample, b.prev_sample)
 
 
-def test_ode_kind(device):
+@pytest.mark.parametrize("impl", FUSED)
+def test_ode_kind(impl, device):
     x, v, noise, _ = _inputs((2, 3, 4), torch.float32, device, 9)
-    out = sde_step(x, v, 0.5, 0.25, kind="ode", noise=noise, impl="triton")
+    out = sde_step(x, v, 0.5, 0.25, kind="ode", noise=noise, impl=impl)
     assert_close(out.mean, _f64(x) - 0.25 * _f64(v))
     assert torch.equal(out.prev_sample, out.mean)
     assert torch.count_nonzero(out.log_prob) == 0 and torch.count_nonzero(out.std) == 0
 
 
-def test_deterministic_and_non_contiguous(device):
+@pytest.mark.parametrize("impl", FUSED)
+def test_deterministic_and_non_contiguous(impl, device):
     x, v, noise, _ = _inputs((3, 8, 6), torch.float32, device, 10)
     xt, vt, nt = (t.transpose(1, 2) for t in (x, v, noise))  # non-contiguous views
-    a = sde_step(xt, vt, 0.9, 0.3, noise=nt, impl="triton")
-    b = sde_step(xt.contiguous(), vt.contiguous(), 0.9, 0.3, noise=nt.contiguous(), impl="triton")
+    a = sde_step(xt, vt, 0.9, 0.3, noise=nt, impl=impl)
+    b = sde_step(xt.contiguous(), vt.contiguous(), 0.9, 0.3, noise=nt.contiguous(), impl=impl)
     assert torch.equal(a.log_prob, b.log_prob) and torch.equal(a.prev_sample, b.prev_sample)
     assert a.prev_sample.shape == xt.shape
     assert_close(a.log_prob, sde_step_ref(_f64(xt), _f64(vt), 0.9, 0.3, noise=_f64(nt)).log_prob)
 
 
-def test_large_latent_spans_many_programs(device):
+@pytest.mark.parametrize("impl", FUSED)
+def test_large_latent_spans_many_programs(impl, device):
     """16 x 32 x 40 per sample: several chunks per sample, reduced in a fixed order."""
     x, v, noise, dv = _inputs((2, 16, 32, 40), torch.float32, device, 12)
-    out = sde_step(x, v, 0.9, 0.8, noise=noise, v_ref=v + dv, impl="triton")
+    out = sde_step(x, v, 0.9, 0.8, noise=noise, v_ref=v + dv, impl=impl)
     ref = _ref64(x, v, 0.9, 0.8, "flow_grpo", noise=noise, v_ref=v + dv)
     assert_close(out.log_prob, ref.log_prob)
     assert_close(out.kl, ref.kl)
-    assert torch.equal(out.log_prob, sde_step(x, v, 0.9, 0.8, noise=noise, v_ref=v + dv, impl="triton").log_prob)
+    assert torch.equal(out.log_prob, sde_step(x, v, 0.9, 0.8, noise=noise, v_ref=v + dv, impl=impl).log_prob)
 
 
-def test_extreme_magnitudes(device):
+@pytest.mark.parametrize("impl", FUSED)
+def test_extreme_magnitudes(impl, device):
     """Large latents and velocities, tiny steps: the log-prob stays finite and accurate."""
     x, v, noise, _ = _inputs((2, 3, 17), torch.float32, device, 13)
-    out = sde_step(x * 1e3, v * 1e3, 0.5, 0.4999, noise=noise, impl="triton")
+    out = sde_step(x * 1e3, v * 1e3, 0.5, 0.4999, noise=noise, impl=impl)
     ref = _ref64(x * 1e3, v * 1e3, 0.5, 0.4999, "flow_grpo", noise=noise)
     assert torch.isfinite(out.log_prob).all()
     assert_close(out.mean, ref.mean)
@@ -249,7 +256,6 @@ def test_empty_batch(impl, device):
         (dict(noise_level=0.0), "noise_level must be > 0"),
         (dict(sigma_max=1.0, sigma=1.0), "sigma_max must be in"),
         (dict(impl="cuda"), "impl must be one of"),
-        (dict(impl="cpp"), "impl='cpp'"),
     ],
 )
 def test_bad_input_raises_value_error_naming_argument(kwargs, match):
@@ -279,8 +285,16 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         sde_step(torch.zeros(2, 3), torch.zeros(2, 3), 0.5, 0.4, impl="triton")
 
 
-def test_auto_on_cpu_uses_torch_reference():
+def test_auto_on_cpu_uses_cpp_when_built_else_torch(cpp_disabled):
+    """"auto" on CPU tensors: the C++ kernel when the extension is usable, the torch reference when it is not."""
+    from fastgrpo import _ext
+
     x, v, noise, _ = _inputs((2, 3, 4), torch.float32, torch.device("cpu"), 14)
-    a = sde_step(x, v, 0.5, 0.4, noise=noise)
     b = sde_step_ref(x, v, 0.5, 0.4, noise=noise)
-    assert torch.equal(a.log_prob, b.log_prob)
+    with cpp_disabled():
+        assert not _ext.available()
+        a = sde_step(x, v, 0.5, 0.4, noise=noise)
+        assert torch.equal(a.log_prob, b.log_prob)
+    if _ext.available():
+        a = sde_step(x, v, 0.5, 0.4, noise=noise)
+        assert torch.equal(a.log_prob, sde_step(x, v, 0.5, 0.4, noise=noise, impl="cpp").log_prob)

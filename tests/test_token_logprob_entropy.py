@@ -7,7 +7,8 @@ import torch
 from fastgrpo import token_logprob_entropy, token_logprob_entropy_ref
 from fastgrpo.testing import assert_close, poisoned_allocations
 
-IMPLS = ["torch", "triton"]
+IMPLS = ["torch", "triton", "cpp"]
+FUSED = ["triton", "cpp"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IGNORE = -100
 
@@ -84,7 +85,8 @@ def test_gradient_of_one_output(impl, which, device):
     assert_close(grad, grad64, name=f"grad of {which}")
 
 
-def test_closed_form_gradients(device):
+@pytest.mark.parametrize("impl", FUSED)
+def test_closed_form_gradients(impl, device):
     """dlogp = (onehot - p)/T and dH = -p (z - E_p z)/T, against softmax in float64 (not via autograd)."""
     V, T = 129, 1.3
     x, t = _logits(2, 3, V, torch.float32, device, seed=5)  # rows [0, 1:]: the uniform row and a random one
@@ -94,7 +96,7 @@ def test_closed_form_gradients(device):
     for which, want in (("logp", (onehot - p) / T),
                         ("entropy", -p * (z - (p * z).sum(-1, keepdim=True)) / T)):
         xl = x.clone().requires_grad_(True)
-        logp, ent = token_logprob_entropy(xl, t, temperature=T, impl="triton")
+        logp, ent = token_logprob_entropy(xl, t, temperature=T, impl=impl)
         (grad,) = torch.autograd.grad((logp if which == "logp" else ent)[0, 1:].sum(), xl)
         assert_close(grad[0, 1:], want[0, 1:], name=f"closed-form grad of {which}")
 
@@ -124,14 +126,47 @@ def test_rows_split_across_programs_merge_exactly(monkeypatch, device):
     assert torch.count_nonzero(grad[1, 2, 512:1024]) == 0
 
 
-def test_long_rows_default_split(device):
-    """V = 40,000 spans several programs at the default blocking."""
+def test_cpp_rows_spanning_many_blocks(device):
+    """The C++ kernel's online softmax across its staging blocks: a first block of -1e4 logits, a whole block of
+    -inf, a row whose first block is all -inf, the max in the last partial block, targets in late blocks, a low
+    temperature, float64 logits; forward and gradient against float64 autograd."""
+    from fastgrpo import _ext
+
+    if not _ext.available():
+        pytest.skip(f"the C++ extension fastgrpo._C is not usable: {_ext.failure_reason()}")
+    blk = _ext.load().BLOCK
+    V = 4 * blk + 5
+    for dtype, temperature in ((torch.float32, 0.8), (torch.bfloat16, 0.05), (torch.float64, 1.7)):
+        x, t = _logits(2, 3, V, torch.float32, torch.device("cpu"), seed=16)
+        x[1, 1, :blk + 3] -= 1e4  # first block (and a bit) far below the rest
+        x[1, 2, blk:2 * blk] = -float("inf")  # one whole block masked out
+        x[1, 2, 3 * blk + 1:3 * blk + 9] = -float("inf")
+        x[0, 2, :blk] = -float("inf")  # the running max stays -inf through a whole block
+        x[0, 2, V - 2] += 30.0  # and the max arrives in the last, partial block
+        t[1, 1], t[1, 2], t[0, 2] = V - 1, 3 * blk, V - 2
+        x = x.to(dtype)
+        xl = x.clone().requires_grad_(True)
+        logp, ent = token_logprob_entropy(xl, t, temperature=temperature, normalize=True, impl="cpp")
+        (grad,) = torch.autograd.grad(logp.sum() + 0.5 * ent.sum(), xl)
+        x64 = x.double().requires_grad_(True)
+        ref_logp, ref_ent = token_logprob_entropy_ref(x64, t, temperature=temperature, normalize=True)
+        (grad64,) = torch.autograd.grad(ref_logp.sum() + 0.5 * ref_ent.sum(), x64)
+        assert_close(logp, ref_logp, name=f"logp {dtype} T={temperature}")
+        assert_close(ent, ref_ent, name=f"entropy {dtype} T={temperature}")
+        assert_close(grad, grad64, name=f"grad {dtype} T={temperature}")
+        assert grad.dtype == dtype
+        assert torch.count_nonzero(grad[1, 2, blk:2 * blk]) == 0 and torch.count_nonzero(grad[0, 2, :blk]) == 0
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_long_rows_default_split(impl, device):
+    """V = 40,000 spans several programs (Triton) or staging blocks (C++) at the default blocking."""
     import fastgrpo.kernels.token_entropy as k
 
     V = 40_000
     assert k.blocking(V)[2] > 1
     x, t = _logits(2, 2, V, torch.bfloat16, device, seed=7)
-    logp, ent = token_logprob_entropy(x, t, normalize=True, impl="triton")
+    logp, ent = token_logprob_entropy(x, t, normalize=True, impl=impl)
     ref_logp, ref_ent = _ref64(x, t, normalize=True)
     assert_close(logp, ref_logp, name="logp")
     assert_close(ent, ref_ent, name="entropy")
@@ -156,14 +191,15 @@ def test_strided_slice_is_read_in_place(impl, device):
     assert torch.count_nonzero(grad[:, :2]) == 0 and torch.count_nonzero(grad[:, -1]) == 0
 
 
-def test_deterministic_and_shapes(device):
+@pytest.mark.parametrize("impl", FUSED)
+def test_deterministic_and_shapes(impl, device):
     x, t = _logits(2, 3, 1000, torch.bfloat16, device, seed=9)
-    a = token_logprob_entropy(x, t, impl="triton")
-    b = token_logprob_entropy(x, t, impl="triton")
+    a = token_logprob_entropy(x, t, impl=impl)
+    b = token_logprob_entropy(x, t, impl=impl)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    flat = token_logprob_entropy(x.reshape(-1, 1000), t.reshape(-1), impl="triton")
+    flat = token_logprob_entropy(x.reshape(-1, 1000), t.reshape(-1), impl=impl)
     assert torch.equal(flat[0], a[0].reshape(-1))
-    one = token_logprob_entropy(x[0, 0], t[0, 0], impl="triton")  # a single row [V], target 0-d
+    one = token_logprob_entropy(x[0, 0], t[0, 0], impl=impl)  # a single row [V], target 0-d
     assert one[0].shape == () and one[0] == a[0][0, 0]
 
 
@@ -189,7 +225,6 @@ def test_empty_and_single_token_vocabulary(impl, device):
         (dict(temperature=float("nan")), "temperature must be"),
         (dict(ignore_index=1.5), "ignore_index must be an int"),
         (dict(impl="cuda"), "impl must be one of"),
-        (dict(impl="cpp"), "impl='cpp'"),
     ],
 )
 def test_bad_input_raises_value_error_naming_argument(kwargs, match):
@@ -211,8 +246,15 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         token_logprob_entropy(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), impl="triton")
 
 
-def test_auto_on_cpu_uses_torch_reference():
+def test_auto_on_cpu_uses_cpp_when_built_else_torch(cpp_disabled):
+    from fastgrpo import _ext
+
     x, t = _logits(2, 3, 17, torch.float32, torch.device("cpu"), seed=11)
-    a = token_logprob_entropy(x, t)
     b = token_logprob_entropy_ref(x, t)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with cpp_disabled():
+        a = token_logprob_entropy(x, t)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    if _ext.available():
+        a = token_logprob_entropy(x, t)
+        c = token_logprob_entropy(x, t, impl="cpp")
+        assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])

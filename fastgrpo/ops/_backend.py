@@ -5,7 +5,8 @@
 * ``"triton"`` -- the Triton kernel; on CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1`` set
   before the first kernel is imported, as the test suite does).
 * ``"torch"``  -- the plain PyTorch reference (`*_ref`).
-* ``"cpp"``    -- the C++ extension `fastgrpo._C` (ValueError when it is not built).
+* ``"cpp"``    -- the C++ extension `fastgrpo._C`, built on first use (ValueError when it is disabled with
+  ``FASTGRPO_BUILD_EXT=0`` or its build failed; see ``fastgrpo._ext``).
 """
 from __future__ import annotations
 
@@ -29,8 +30,20 @@ def triton_available() -> bool:
 
 
 def cpp_available() -> bool:
-    """True when the compiled extension `fastgrpo._C` can be imported."""
-    return importlib.util.find_spec("fastgrpo._C") is not None
+    """True when the extension `fastgrpo._C` is usable; builds it (once, cached) on the first call."""
+    from fastgrpo import _ext
+
+    return _ext.available()
+
+
+def kernel_module(backend: str, triton_module: str):
+    """The launchers of one op for a resolved backend: the C++ extension (same launcher names and arguments as
+    the Triton module), or the Triton module itself (imported lazily: importing triton costs seconds)."""
+    if backend == "cpp":
+        from fastgrpo import _ext
+
+        return _ext.load()
+    return importlib.import_module(triton_module)
 
 
 def usable_backends() -> dict[str, bool]:
@@ -69,8 +82,14 @@ def resolve_impl(impl: str, device: torch.device, *, has_cpp: bool = False) -> s
     if impl == "cpp":
         if not has_cpp:
             raise ValueError("impl='cpp': this op has no C++ kernel yet; use 'auto', 'triton' or 'torch'")
+        if device.type != "cpu":
+            raise ValueError(f"impl='cpp' runs the C++ CPU kernels and got tensors on {device}; move them to the "
+                             "CPU or use 'auto'")
         if not cpp_available():
-            raise ValueError("impl='cpp': the extension fastgrpo._C is not built (see csrc/README.md)")
+            from fastgrpo import _ext
+
+            raise ValueError(f"impl='cpp': the C++ extension fastgrpo._C is not usable ({_ext.failure_reason()}); "
+                             "use 'auto' or 'torch' (see csrc/README.md)")
         return "cpp"
     return "torch"
 

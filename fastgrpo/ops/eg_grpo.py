@@ -314,7 +314,7 @@ def eg_grpo_shaping(logits, targets, modality, advantages, *, temperature=1.0, l
         advantages: [B] float group-relative advantages, one per sequence.
         temperature: sampling temperature T (> 0).
         low_frac, high_frac, rule: see `eg_token_masks`.  bonus, calibrate: see `eg_token_advantages`.
-        impl: "auto" | "triton" | "torch" for pass 1.
+        impl: "auto" | "triton" | "torch" | "cpp" for pass 1.
 
     Returns:
         EGShaping(logp, entropy, token_adv, low, high), all [B, L].

@@ -27,16 +27,17 @@ Conventions (DESIGN.md §3.4, and decisions where it is silent):
   rewards the one with the largest index (it sorts last); with ``k = G`` every candidate is the whole group.
   ``-0.0`` and ``+0.0`` are the same reward. Ties between candidates are decided on computed scores: exact for
   rewards whose sums are exact in float32 (small integers, dyadic fractions), arbitrary within rounding otherwise.
-* Rewards are compared in float32 (float64 rewards are rounded to float32 first on the Triton path; the torch
-  path computes in float64 for float64 input, so it is the float64 oracle; ``ovf_select_ref`` then returns a
-  float64 variance, ``ovf_select`` always float32). Scores centre the sorted rewards on
-  the middle one, prefix sums serve the bottom part and suffix sums the top part, and the returned variance is
-  recomputed in two passes over the chosen rewards: its error is plain float32 rounding.
+* Rewards are compared in float32 (float64 rewards are rounded to float32 first on the Triton and C++ paths;
+  the torch path computes in float64 for float64 input, so it is the float64 oracle; ``ovf_select_ref`` then
+  returns a float64 variance, ``ovf_select`` always float32). Scores centre the sorted rewards on the middle one,
+  prefix sums serve the bottom part and suffix sums the top part, and the returned variance is recomputed in
+  two passes over the chosen rewards: its error is plain float32 rounding.
 * ``k`` is a python int with ``1 <= k <= G``; NaN or infinite rewards, or a tensor that is not 1-d or 2-d,
   raise ValueError (checking for NaN costs one host sync).
 * ``impl="auto"`` runs the Triton kernel on CUDA tensors with ``G <= 1024`` (one program per group holds the
-  whole sorted group in registers), and the torch path otherwise; ``impl="triton"`` with ``G > 1024`` raises.
-  There is no C++ kernel (the torch path is already one sort and a few vector ops on CPU).
+  whole sorted group in registers), the C++ extension on CPU tensors when it is built (any G; csrc/ovf.cpp, the
+  same algorithm with float64 sums and scores, so it separates near-ties the float32 kernel cannot), and the
+  torch path otherwise; ``impl="triton"`` with ``G > 1024`` raises.
 """
 from __future__ import annotations
 
@@ -44,10 +45,10 @@ from typing import NamedTuple
 
 import torch
 
-from ._backend import check_float, resolve_impl
+from ._backend import check_float, kernel_module, resolve_impl
 
 
-# Largest group the kernel takes (fastgrpo.kernels.ovf.MAX_GROUP; not imported here, see _ovf_triton).
+# Largest group the kernel takes (fastgrpo.kernels.ovf.MAX_GROUP; not imported here, see _ovf_fused).
 TRITON_MAX_GROUP = 1024
 
 
@@ -118,9 +119,8 @@ def _ovf_torch(rewards: torch.Tensor, k: int) -> OVFSelection:
 # ----------------------------------------------------------------------------------------------- fused path
 
 
-def _ovf_triton(rewards: torch.Tensor, k: int) -> OVFSelection:
-    from fastgrpo.kernels.ovf import ovf_select_launch
-
+def _ovf_fused(rewards: torch.Tensor, k: int, backend: str) -> OVFSelection:
+    ovf_select_launch = kernel_module(backend, "fastgrpo.kernels.ovf").ovf_select_launch
     squeeze = rewards.ndim == 1
     r = rewards.detach().reshape(-1, rewards.shape[-1])
     if r.dtype == torch.float64:
@@ -140,8 +140,8 @@ def ovf_select(rewards: torch.Tensor, k: int, *, impl: str = "auto") -> OVFSelec
         rewards: [P, G] (P groups of G trajectories, e.g. prompts x rollouts) or [G]; float32/float16/bfloat16
             (float64 accepted). Finite.
         k: survivors per group, a python int with 1 <= k <= G.
-        impl: "auto" | "triton" | "torch" (see ``fastgrpo.ops._backend``); "auto" takes Triton on CUDA for
-            G <= 1024, else the torch path.
+        impl: "auto" | "triton" | "torch" | "cpp" (see ``fastgrpo.ops._backend``); "auto" takes Triton on CUDA
+            for G <= 1024, the C++ extension on CPU when built, else the torch path.
 
     Returns:
         OVFSelection(indices [P, k] int64 ascending, variance [P] float32 of the chosen rewards, ddof 0); for
@@ -153,7 +153,7 @@ def ovf_select(rewards: torch.Tensor, k: int, *, impl: str = "auto") -> OVFSelec
         >>> latents = latents[rows]                                     # [P*48, ...] -> the [P*24, ...] survivors
     """
     _check_inputs(rewards, k)
-    backend = resolve_impl(impl, rewards.device)
+    backend = resolve_impl(impl, rewards.device, has_cpp=True)
     G = rewards.shape[-1]
     if backend == "triton" and G > TRITON_MAX_GROUP:
         if impl == "triton":
@@ -163,4 +163,4 @@ def ovf_select(rewards: torch.Tensor, k: int, *, impl: str = "auto") -> OVFSelec
     if backend == "torch":
         indices, variance = _ovf_torch(rewards, k)
         return OVFSelection(indices, variance.float())
-    return _ovf_triton(rewards, k)
+    return _ovf_fused(rewards, k, backend)

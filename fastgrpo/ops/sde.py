@@ -39,8 +39,8 @@ Decisions where DESIGN.md is silent (written down here, as it asks):
   KL is undefined (Flow-GRPO never trains that last step).
 * Tensor sigmas are validated on the host, which costs one device sync per call; python floats cost none.
 
-The fused path (Triton) computes the per-sample coefficients of ``mean = cx*x + cv*v`` once on ``[B]`` tensors
-in float64, then one kernel reads x, v (and eps or prev_sample, and v_ref) once, writes mean (and prev_sample),
+The fused paths (Triton; on CPU the C++ extension, csrc/sde_step.cpp) compute the per-sample coefficients of
+``mean = cx*x + cv*v`` once on ``[B]`` tensors in float64, then one kernel reads x, v (and eps or prev_sample, and v_ref) once, writes mean (and prev_sample),
 and reduces the per-sample sums of squares from which log_prob and kl follow.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._backend import check_float, check_same_device, check_same_shape, resolve_impl
+from ._backend import check_float, check_same_device, check_same_shape, kernel_module, resolve_impl
 
 KINDS = ("flow_grpo", "dance", "cps", "ode")
 KL_CONVENTIONS = ("flow_grpo", "exact")
@@ -254,10 +254,10 @@ class _SDEStepFn(torch.autograd.Function):
     """Elementwise mean (and sample) plus per-sample sums of squares; autograd finishes log_prob/kl on [B]."""
 
     @staticmethod
-    def forward(ctx, x, v, v_ref, eps, prev, cx, cv, std):
-        from fastgrpo.kernels.sde_step import sde_step_fwd
-
-        new_prev, mean, ssq, klssq = sde_step_fwd(x, v, cx, cv, std, eps=eps, prev=prev, v_ref=v_ref)
+    def forward(ctx, x, v, v_ref, eps, prev, cx, cv, std, backend):
+        launch = kernel_module(backend, "fastgrpo.kernels.sde_step")
+        new_prev, mean, ssq, klssq = launch.sde_step_fwd(x, v, cx, cv, std, eps=eps, prev=prev, v_ref=v_ref)
+        ctx.backend = backend
         used_prev = new_prev if new_prev is not None else prev
         ctx.save_for_backward(x, v, v_ref, used_prev, cx, cv)
         ctx.set_materialize_grads(False)
@@ -269,8 +269,7 @@ class _SDEStepFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_mean, g_ssq, g_klssq, _g_prev):
-        from fastgrpo.kernels.sde_step import sde_step_bwd
-
+        sde_step_bwd = kernel_module(ctx.backend, "fastgrpo.kernels.sde_step").sde_step_bwd
         x, v, v_ref, prev, cx, cv = ctx.saved_tensors
         need_gx, need_gv, need_gvref = ctx.needs_input_grad[:3]
         gx, gv, gvref = sde_step_bwd(
@@ -280,11 +279,11 @@ class _SDEStepFn(torch.autograd.Function):
             g_klssq=g_klssq.float().contiguous() if (g_klssq is not None and g_klssq.numel()) else None,
             need_gx=need_gx, need_gv=need_gv, need_gvref=need_gvref,
         )
-        return gx, gv, gvref, None, None, None, None, None
+        return gx, gv, gvref, None, None, None, None, None, None
 
 
 def _sde_step_fused(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sample, generator, v_ref,
-                    kl_convention) -> SDEStep:
+                    kl_convention, backend) -> SDEStep:
     B = x.shape[0]
     shape = x.shape
     cx, cv, std, kl_d = _coefficients(kind, s, sn, noise_level, sigma_max, kl_convention)
@@ -302,7 +301,7 @@ def _sde_step_fused(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sampl
         else:
             eps = torch.randn(shape, generator=generator, device=x.device, dtype=torch.float32).reshape(B, n)
     f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
-    mean, ssq, klssq, new_prev = _SDEStepFn.apply(x2, v2, vref2, eps, prev, f32(cx), f32(cv), f32(std))
+    mean, ssq, klssq, new_prev = _SDEStepFn.apply(x2, v2, vref2, eps, prev, f32(cx), f32(cv), f32(std), backend)
     if kind in ("flow_grpo", "dance"):
         log_prob = -ssq / (2 * n * f32(std) ** 2) - torch.log(f32(std)) - _LOG_SQRT_2PI
     elif kind == "cps":
@@ -337,7 +336,7 @@ def sde_step(x, v, sigma, sigma_next, *, kind="flow_grpo", noise_level=0.7, sigm
         generator: torch.Generator for the internal draw.
         v_ref: the reference policy's velocity [B, ...]; gives ``kl``.
         kl_convention: "flow_grpo" (``/(2 sd^2)``, Flow-GRPO's term) or "exact" (``/(2 std^2)``).
-        impl: "auto" | "triton" | "torch" (see ``fastgrpo.ops._backend``).
+        impl: "auto" | "triton" | "torch" | "cpp" (see ``fastgrpo.ops._backend``).
 
     Returns:
         SDEStep(prev_sample [B, ...] f32, log_prob [B] f32, mean [B, ...] f32, std [B] f32, kl [B] f32 or None).
@@ -348,7 +347,7 @@ def sde_step(x, v, sigma, sigma_next, *, kind="flow_grpo", noise_level=0.7, sigm
     """
     s, sn = _check_inputs(x, v, sigma, sigma_next, kind, noise_level, sigma_max, noise, prev_sample, v_ref,
                           kl_convention)
-    backend = resolve_impl(impl, x.device)
+    backend = resolve_impl(impl, x.device, has_cpp=True)
     if backend == "torch":
         out = _sde_step_torch(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sample, generator, v_ref,
                               kl_convention)
@@ -356,4 +355,4 @@ def sde_step(x, v, sigma, sigma_next, *, kind="flow_grpo", noise_level=0.7, sigm
             out = SDEStep(*(t.float() if t is not None else None for t in out))
         return out
     return _sde_step_fused(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sample, generator, v_ref,
-                           kl_convention)
+                           kl_convention, backend)

@@ -13,8 +13,9 @@ Synthesis", §5.3; minebetter/EG-GRPO). Both outputs are differentiable::
 
 The reference (`token_logprob_entropy_ref`) is the usual eager computation that TRL's and EG-GRPO's trainers run
 (log_softmax, softmax * log_softmax, gather), which materialises [rows, V] intermediates in float32. The fused
-path (Triton, ``fastgrpo.kernels.token_entropy``) reads the logits once with an online max / sum / sum(p*z) in
-float32 starting from -inf, saves three float32 numbers per row, and recomputes p in the backward pass.
+paths (Triton, ``fastgrpo.kernels.token_entropy``; on CPU the C++ extension, ``csrc/token_entropy.cpp``) read the
+logits once with an online max / sum / sum(p*z) in float32 starting from -inf, save three float32 numbers per
+row, and recompute p in the backward pass.
 
 Decisions where DESIGN.md is silent (written down here, as it asks):
 
@@ -33,7 +34,7 @@ import math
 
 import torch
 
-from ._backend import check_float, check_same_device, resolve_impl
+from ._backend import check_float, check_same_device, kernel_module, resolve_impl
 
 
 def _check_token_inputs(logits, targets, temperature, ignore_index):
@@ -98,25 +99,24 @@ class _TokenLogprobEntropyFn(torch.autograd.Function):
     """Forward statistics in one pass over V; backward recomputes p from the saved per-row statistics."""
 
     @staticmethod
-    def forward(ctx, logits3, targets, inv_t, ignore_index, ent_scale):
-        from fastgrpo.kernels.token_entropy import token_stats_fwd
-
-        logp, ent, rowmax, logs, mean_rel = token_stats_fwd(logits3, targets, inv_t, ignore_index, ent_scale)
+    def forward(ctx, logits3, targets, inv_t, ignore_index, ent_scale, backend):
+        launch = kernel_module(backend, "fastgrpo.kernels.token_entropy")
+        logp, ent, rowmax, logs, mean_rel = launch.token_stats_fwd(logits3, targets, inv_t, ignore_index, ent_scale)
         ctx.save_for_backward(logits3, targets, rowmax, logs, mean_rel)
         ctx.consts = (inv_t, ignore_index, ent_scale)
+        ctx.backend = backend
         ctx.set_materialize_grads(False)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        from fastgrpo.kernels.token_entropy import token_stats_bwd
-
+        token_stats_bwd = kernel_module(ctx.backend, "fastgrpo.kernels.token_entropy").token_stats_bwd
         logits3, targets, rowmax, logs, mean_rel = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (g_logp is None and g_ent is None):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         prep = lambda g: g.float().contiguous() if g is not None else None  # noqa: E731
         dlogits = token_stats_bwd(logits3, targets, rowmax, logs, mean_rel, prep(g_logp), prep(g_ent), *ctx.consts)
-        return dlogits, None, None, None, None
+        return dlogits, None, None, None, None, None
 
 
 def _as_rows(logits):
@@ -144,7 +144,7 @@ def token_logprob_entropy(logits, targets, *, temperature=1.0, normalize=False, 
         temperature: the sampling temperature T (> 0); logits are divided by it.
         normalize: divide the entropy by ln V (EG-GRPO's normalised entropy, in [0, 1]).
         ignore_index: target value marking rows to skip (logp = entropy = 0, zero gradient, logits not read).
-        impl: "auto" | "triton" | "torch" (see ``fastgrpo.ops._backend``).
+        impl: "auto" | "triton" | "torch" | "cpp" (see ``fastgrpo.ops._backend``).
 
     Returns:
         (logp, entropy): float32 tensors of shape [...]; both differentiable w.r.t. ``logits``.
@@ -154,7 +154,7 @@ def token_logprob_entropy(logits, targets, *, temperature=1.0, normalize=False, 
         >>> logp, ent = token_logprob_entropy(logits, completion_ids, temperature=1.0)
     """
     _check_token_inputs(logits, targets, temperature, ignore_index)
-    backend = resolve_impl(impl, logits.device)
+    backend = resolve_impl(impl, logits.device, has_cpp=True)
     if backend == "torch":
         logp, ent = token_logprob_entropy_ref(logits, targets, temperature=temperature, normalize=normalize,
                                               ignore_index=ignore_index)
@@ -164,5 +164,5 @@ def token_logprob_entropy(logits, targets, *, temperature=1.0, normalize=False, 
     logits3 = _as_rows(logits)
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
     logp, ent = _TokenLogprobEntropyFn.apply(logits3, flat_targets, 1.0 / float(temperature), int(ignore_index),
-                                             ent_scale)
+                                             ent_scale, backend)
     return logp.view(targets.shape), ent.view(targets.shape)

@@ -1,0 +1,193 @@
+// Python bindings of fastgrpo._C (pybind11 through torch.utils.cpp_extension): tensors in, raw arrays to the
+// kernels of csrc/*.cpp, tensors out. The signatures mirror the Triton launchers in kernels/ so that one
+// autograd.Function per op (fastgrpo/ops/) drives either backend. User-facing validation happens in Python before
+// these are called; the checks here guard the internal contract (CPU, layout, dtypes) with clear messages.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <optional>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace fastgrpo {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+DType dtype_of(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    case at::kDouble: return DType::F64;
+    default: TORCH_CHECK(false, name, " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+  }
+  return DType::F32;
+}
+
+void check_cpu_contiguous(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+In as_in(const OptTensor& t, const char* name, int64_t numel) {
+  if (!t.has_value()) return In{};
+  check_cpu_contiguous(*t, name);
+  TORCH_CHECK(t->numel() == numel, name, " must have ", numel, " elements, got ", t->numel());
+  return In{t->data_ptr(), dtype_of(*t, name)};
+}
+
+const float* f32_ptr(const OptTensor& t, const char* name, int64_t numel) {
+  if (!t.has_value()) return nullptr;
+  check_cpu_contiguous(*t, name);
+  TORCH_CHECK(t->scalar_type() == at::kFloat, name, " must be float32, got ", t->scalar_type());
+  TORCH_CHECK(t->numel() == numel, name, " must have ", numel, " elements, got ", t->numel());
+  return t->data_ptr<float>();
+}
+
+at::TensorOptions f32_on(const Tensor& like) { return like.options().dtype(at::kFloat); }
+
+// ---- sde_step ---------------------------------------------------------------------------------------------------
+
+std::tuple<OptTensor, Tensor, OptTensor, OptTensor> sde_step_fwd_py(const Tensor& x, const Tensor& v,
+                                                                    const Tensor& cx, const Tensor& cv,
+                                                                    const Tensor& std, const OptTensor& eps,
+                                                                    const OptTensor& prev, const OptTensor& v_ref) {
+  TORCH_CHECK(x.dim() == 2, "x must be [B, N], got ", x.dim(), " dims");
+  TORCH_CHECK(!(eps.has_value() && prev.has_value()), "give eps (sample) or prev (given sample), not both");
+  const int64_t B = x.size(0), N = x.size(1);
+  const In ix = as_in(x, "x", B * N), iv = as_in(v, "v", B * N);
+  const In ie = as_in(eps, "eps", B * N), ip = as_in(prev, "prev", B * N), ir = as_in(v_ref, "v_ref", B * N);
+  Tensor mean = at::empty({B, N}, f32_on(x));
+  OptTensor new_prev, ssq, klssq;
+  if (eps.has_value()) new_prev = at::empty({B, N}, f32_on(x));
+  if (eps.has_value() || prev.has_value()) ssq = at::empty({B}, f32_on(x));
+  if (v_ref.has_value()) klssq = at::empty({B}, f32_on(x));
+  if (B > 0) {
+    sde_step_fwd(ix, iv, ie, ip, ir, f32_ptr(cx, "cx", B), f32_ptr(cv, "cv", B), f32_ptr(std, "std", B), B, N,
+                 mean.data_ptr<float>(), new_prev ? new_prev->data_ptr<float>() : nullptr,
+                 ssq ? ssq->data_ptr<float>() : nullptr, klssq ? klssq->data_ptr<float>() : nullptr);
+  }
+  return {new_prev, mean, ssq, klssq};
+}
+
+std::tuple<OptTensor, OptTensor, OptTensor> sde_step_bwd_py(const Tensor& x, const Tensor& v, const Tensor& cx,
+                                                            const Tensor& cv, const OptTensor& prev,
+                                                            const OptTensor& v_ref, const OptTensor& g_mean,
+                                                            const OptTensor& g_ssq, const OptTensor& g_klssq,
+                                                            bool need_gx, bool need_gv, bool need_gvref) {
+  const int64_t B = x.size(0), N = x.size(1);
+  const bool has_diff = g_ssq.has_value() && prev.has_value();
+  const bool has_ref = g_klssq.has_value() && v_ref.has_value();
+  OptTensor gx, gv, gvref;
+  if (need_gx) gx = at::empty_like(x);
+  if (need_gv) gv = at::empty_like(v);
+  if (need_gvref && v_ref.has_value()) {
+    // Without a KL gradient, v_ref influences nothing that was differentiated.
+    gvref = has_ref ? at::empty_like(*v_ref) : at::zeros_like(*v_ref);
+  }
+  const bool write_gvref = gvref.has_value() && has_ref;
+  if (B > 0 && (need_gx || need_gv || write_gvref)) {
+    sde_step_bwd(as_in(x, "x", B * N), as_in(v, "v", B * N), has_diff ? as_in(prev, "prev", B * N) : In{},
+                 has_ref ? as_in(v_ref, "v_ref", B * N) : In{}, f32_ptr(g_mean, "g_mean", B * N),
+                 has_diff ? f32_ptr(g_ssq, "g_ssq", B) : nullptr, has_ref ? f32_ptr(g_klssq, "g_klssq", B) : nullptr,
+                 f32_ptr(cx, "cx", B), f32_ptr(cv, "cv", B), B, N, gx ? gx->data_ptr() : nullptr,
+                 gx ? dtype_of(*gx, "x") : DType::F32, gv ? gv->data_ptr() : nullptr,
+                 gv ? dtype_of(*gv, "v") : DType::F32, write_gvref ? gvref->data_ptr() : nullptr,
+                 write_gvref ? dtype_of(*gvref, "v_ref") : DType::F32);
+  }
+  return {gx, gv, gvref};
+}
+
+// ---- token_logprob_entropy --------------------------------------------------------------------------------------
+
+TokenRows token_rows(const Tensor& logits3, const Tensor& targets, double inv_t, int64_t ignore_index,
+                     double ent_scale) {
+  TORCH_CHECK(logits3.dim() == 3, "logits3 must be [P, L, V], got ", logits3.dim(), " dims");
+  TORCH_CHECK(logits3.device().is_cpu(), "logits must be a CPU tensor, got one on ", logits3.device());
+  TORCH_CHECK(logits3.size(2) == 0 || logits3.stride(2) == 1, "logits must have unit stride along V");
+  check_cpu_contiguous(targets, "targets");
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets must be int64, got ", targets.scalar_type());
+  TORCH_CHECK(targets.numel() == logits3.size(0) * logits3.size(1), "targets must have P * L elements");
+  return TokenRows{In{logits3.data_ptr(), dtype_of(logits3, "logits")}, logits3.size(0), logits3.size(1),
+                   logits3.size(2), logits3.stride(0), logits3.stride(1), targets.data_ptr<int64_t>(),
+                   static_cast<float>(inv_t), ignore_index, static_cast<float>(ent_scale)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats_fwd_py(const Tensor& logits3, const Tensor& targets,
+                                                                      double inv_t, int64_t ignore_index,
+                                                                      double ent_scale) {
+  const TokenRows rows = token_rows(logits3, targets, inv_t, ignore_index, ent_scale);
+  const int64_t R = rows.P * rows.L;
+  auto o = f32_on(logits3);
+  Tensor logp = at::empty({R}, o), ent = at::empty({R}, o), rowmax = at::empty({R}, o), logs = at::empty({R}, o),
+         mean_rel = at::empty({R}, o);
+  if (R > 0) {
+    token_stats_fwd(rows, logp.data_ptr<float>(), ent.data_ptr<float>(), rowmax.data_ptr<float>(),
+                    logs.data_ptr<float>(), mean_rel.data_ptr<float>());
+  }
+  return {logp, ent, rowmax, logs, mean_rel};
+}
+
+Tensor token_stats_bwd_py(const Tensor& logits3, const Tensor& targets, const Tensor& rowmax, const Tensor& logs,
+                          const Tensor& mean_rel, const OptTensor& g_logp, const OptTensor& g_ent, double inv_t,
+                          int64_t ignore_index, double ent_scale) {
+  const TokenRows rows = token_rows(logits3, targets, inv_t, ignore_index, ent_scale);
+  const int64_t R = rows.P * rows.L;
+  Tensor dlogits = at::empty({rows.P, rows.L, rows.V}, logits3.options());
+  if (R > 0) {
+    token_stats_bwd(rows, f32_ptr(rowmax, "rowmax", R), f32_ptr(logs, "logs", R), f32_ptr(mean_rel, "mean_rel", R),
+                    f32_ptr(g_logp, "g_logp", R), f32_ptr(g_ent, "g_ent", R), dlogits.data_ptr());
+  }
+  return dlogits;
+}
+
+// ---- ovf_select -------------------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> ovf_select_py(const Tensor& rewards, int64_t k) {
+  TORCH_CHECK(rewards.dim() == 2, "rewards must be [P, G], got ", rewards.dim(), " dims");
+  TORCH_CHECK(rewards.device().is_cpu(), "rewards must be a CPU tensor, got one on ", rewards.device());
+  const int64_t P = rewards.size(0), G = rewards.size(1);
+  TORCH_CHECK(k >= 1 && k <= G, "k must satisfy 1 <= k <= G = ", G, ", got ", k);
+  TORCH_CHECK(G < (int64_t(1) << 32), "groups must have fewer than 2^32 rewards");
+  Tensor idx = at::empty({P, k}, rewards.options().dtype(at::kLong));
+  Tensor var = at::empty({P}, f32_on(rewards));
+  if (P > 0) {
+    ovf_select(In{rewards.data_ptr(), dtype_of(rewards, "rewards")}, P, G, rewards.stride(0), rewards.stride(1), k,
+               idx.data_ptr<int64_t>(), var.data_ptr<float>());
+  }
+  return {idx, var};
+}
+
+}  // namespace
+}  // namespace fastgrpo
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using namespace fastgrpo;
+  m.doc() = "fastgrpo._C: fused CPU kernels (OpenMP) of sde_step, token_logprob_entropy and ovf_select";
+  m.attr("BLOCK") = BLOCK;            // logits per staging block of a token row (tests place hard blocks with it)
+  m.attr("SDE_CHUNK") = SDE_CHUNK;    // latent elements per parallel sde_step task
+  m.def("sde_step_fwd", &sde_step_fwd_py, py::arg("x"), py::arg("v"), py::arg("cx"), py::arg("cv"),
+        py::arg("std"), py::kw_only(), py::arg("eps") = py::none(), py::arg("prev") = py::none(),
+        py::arg("v_ref") = py::none(),
+        "sde_step forward on [B, N] rows: (prev or None, mean, ssq [B] or None, klssq [B] or None), float32");
+  m.def("sde_step_bwd", &sde_step_bwd_py, py::arg("x"), py::arg("v"), py::arg("cx"), py::arg("cv"), py::kw_only(),
+        py::arg("prev") = py::none(), py::arg("v_ref") = py::none(), py::arg("g_mean") = py::none(),
+        py::arg("g_ssq") = py::none(), py::arg("g_klssq") = py::none(), py::arg("need_gx") = true,
+        py::arg("need_gv") = true, py::arg("need_gvref") = false,
+        "sde_step backward: (g_x or None, g_v or None, g_vref or None) in the inputs' dtypes");
+  m.def("token_stats_fwd", &token_stats_fwd_py, py::arg("logits3"), py::arg("targets"), py::arg("inv_t"),
+        py::arg("ignore_index"), py::arg("ent_scale"),
+        "token log-prob and entropy forward: float32 [R] (logp, entropy, rowmax, log_s, mean_rel)");
+  m.def("token_stats_bwd", &token_stats_bwd_py, py::arg("logits3"), py::arg("targets"), py::arg("rowmax"),
+        py::arg("logs"), py::arg("mean_rel"), py::arg("g_logp"), py::arg("g_ent"), py::arg("inv_t"),
+        py::arg("ignore_index"), py::arg("ent_scale"), "token log-prob and entropy backward: dlogits [P, L, V]");
+  m.def("ovf_select_launch", &ovf_select_py, py::arg("rewards"), py::arg("k"),
+        "OVF on [P, G] rewards: (indices [P, k] int64 ascending, variance [P] float32)");
+}

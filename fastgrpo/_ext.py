@@ -1,0 +1,186 @@
+"""The optional C++ extension `fastgrpo._C` (csrc/): found prebuilt, or built lazily with ninja on first use.
+
+Order of attempts, once per process (the outcome is remembered):
+
+1. ``FASTGRPO_BUILD_EXT=0`` in the environment: disabled, nothing is built or imported, no warning.
+2. A module ``fastgrpo._C`` built ahead of time (``FASTGRPO_BUILD_EXT=1 pip install .``, see setup.py).
+3. ``torch.utils.cpp_extension.load`` on the sources in csrc/: ninja compiles them into a cache directory
+   (``$TORCH_EXTENSIONS_DIR/fastgrpo_C`` when that variable is set, else ``~/.cache/fastgrpo/<python>-<torch>/``,
+   or under ``$XDG_CACHE_HOME``) and reuses the result while the sources and flags are unchanged. Concurrent
+   processes wait on torch's lock file in that directory instead of building twice.
+
+When step 3 fails (no compiler, no ninja, a compile error) the ops fall back to their torch path, with one
+``RuntimeWarning`` per process that says why; ``fastgrpo env`` and `failure_reason` report it too. The module
+is registered as ``sys.modules["fastgrpo._C"]`` so ``import fastgrpo._C`` works either way.
+
+The kernels are plain C++ with OpenMP (``-fopenmp``); the OpenMP runtime is the one torch already loaded
+(``libgomp.so.1``), so ``torch.set_num_threads`` also sets the kernels' thread count.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+ENV_FLAG = "FASTGRPO_BUILD_EXT"
+MODULE = "fastgrpo._C"
+NAME = "fastgrpo_C"  # torch's name for the lazily built module (no dots allowed there)
+SOURCES = ("bindings.cpp", "sde_step.cpp", "token_entropy.cpp", "ovf.cpp")
+# -fno-trapping-math and -fno-math-errno let g++ if-convert and vectorise the loops; neither changes a result
+# (unlike -ffast-math: no reassociation, no flush of NaN/inf handling).
+CFLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-DNDEBUG"]
+LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_state: dict = {"done": False, "module": None, "reason": None, "build_s": None, "where": None}
+
+
+def disabled() -> bool:
+    """True when the environment disables the extension (``FASTGRPO_BUILD_EXT=0``)."""
+    return os.environ.get(ENV_FLAG, "").strip() == "0"
+
+
+def source_dir() -> Path:
+    """The C++ sources: fastgrpo/csrc in an installed package, csrc/ beside it in a checkout (editable install)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "csrc"
+    return installed if (installed / SOURCES[0]).is_file() else here.parent / "csrc"
+
+
+def build_dir() -> Path:
+    """Where the lazily built extension is cached (see the module docstring)."""
+    import torch
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root) / NAME
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.replace('+', '_')}"
+    return cache / "fastgrpo" / tag
+
+
+def _with_ninja_on_path():
+    """Put the ninja of the `ninja` PyPI package (a dependency) on PATH: an unactivated venv does not."""
+    try:
+        import ninja
+    except ImportError:
+        return None
+    bin_dir = getattr(ninja, "BIN_DIR", None)
+    path = os.environ.get("PATH", "")
+    if bin_dir and bin_dir not in path.split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + path
+    return bin_dir
+
+
+def _build(verbose: bool = False) -> ModuleType:
+    """Compile csrc/ with ninja through torch.utils.cpp_extension (a no-op when the cache is fresh)."""
+    from torch.utils import cpp_extension
+
+    src = source_dir()
+    missing = [s for s in SOURCES if not (src / s).is_file()]
+    if missing:
+        raise RuntimeError(f"C++ sources not found in {src} (missing {', '.join(missing)}); install from a source "
+                           f"checkout, or build ahead of time with {ENV_FLAG}=1")
+    _with_ninja_on_path()
+    out = build_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=NAME, sources=[str(src / s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+        extra_include_paths=[str(src)], build_directory=str(out), verbose=verbose,
+    )
+
+
+_COMPILER_ERROR = re.compile(r"([^\s:]+):(\d+):(?:\d+:)? (?:fatal )?error: (.*)")
+
+
+def _reason(exc: BaseException) -> str:
+    """A short why: the first compiler error (file:line: error: message) if there is one, else the exception's
+    first line."""
+    text = str(exc).strip() or type(exc).__name__
+    for line in text.splitlines():
+        m = _COMPILER_ERROR.search(line)
+        if m:
+            return f"{Path(m.group(1)).name}:{m.group(2)}: error: {m.group(3).strip()}"
+    first = text.splitlines()[0].strip()
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
+def load(*, strict: bool = False, verbose: bool = False) -> Optional[ModuleType]:
+    """The extension module, building it on the first call; None when disabled or when the build failed.
+
+    The outcome is remembered for the process. ``strict=True`` retries a failed build and raises its error instead
+    of warning (``make ext`` uses it, so CI fails loudly rather than skipping the C++ tests).
+    """
+    with _lock:
+        if not _state["done"] or (strict and _state["module"] is None and not disabled()):
+            _attempt(strict, verbose)
+        return _state["module"]
+
+
+def _attempt(strict: bool, verbose: bool) -> None:
+    if disabled():
+        _state.update(done=True, module=None, reason=f"disabled by {ENV_FLAG}=0", build_s=None, where=None)
+        return
+    try:
+        mod = importlib.import_module(MODULE)  # built ahead of time by setup.py (or loaded earlier)
+        _state.update(done=True, module=mod, reason=None, build_s=0.0, where=getattr(mod, "__file__", None))
+        return
+    except ImportError:
+        pass
+    start = time.perf_counter()
+    try:
+        mod = _build(verbose=verbose)
+    except Exception as exc:  # any build failure: fall back to torch, say why once
+        reason = _reason(exc)
+        _state.update(done=True, module=None, reason=f"build failed: {reason}", build_s=None, where=None)
+        if strict:
+            raise
+        warnings.warn(f"fastgrpo: the C++ extension {MODULE} could not be built ({reason}); CPU ops use the "
+                      f"torch path. Set {ENV_FLAG}=0 to skip the build.", RuntimeWarning, stacklevel=4)
+        return
+    sys.modules[MODULE] = mod
+    _state.update(done=True, module=mod, reason=None, build_s=time.perf_counter() - start,
+                  where=getattr(mod, "__file__", None))
+
+
+def available() -> bool:
+    """True when the extension is usable (builds it on the first call)."""
+    return load() is not None
+
+
+def failure_reason() -> Optional[str]:
+    """Why the extension is not usable (after `load`), or None."""
+    load()
+    return _state["reason"]
+
+
+def describe() -> str:
+    """One line for `fastgrpo env`: built (and where), disabled, or why the build failed."""
+    mod = load()
+    if mod is None:
+        return f"{MODULE} not usable: {_state['reason']}"
+    return f"{MODULE} built ({_state['where']})"
+
+
+def reset() -> None:
+    """Forget the outcome so the next call tries again (tests; a changed environment)."""
+    with _lock:
+        _state.update(done=False, module=None, reason=None, build_s=None, where=None)
+        if sys.modules.get(MODULE) is not None and getattr(sys.modules[MODULE], "__name__", "") == NAME:
+            del sys.modules[MODULE]
+
+
+if __name__ == "__main__":  # python -m fastgrpo._ext: build now (verbose), report the time, fail loudly
+    t0 = time.perf_counter()
+    m = load(strict=True, verbose="-v" in sys.argv)
+    if m is None:
+        print(f"{MODULE}: {_state['reason']}")
+    else:
+        print(f"{MODULE} ready in {time.perf_counter() - t0:.1f}s: {m.__file__}")
