@@ -14,11 +14,6 @@ from fastgrpo.train.strategy import Strategy
 
 @dataclass
 class FlowGRPO(Strategy):
+    """The `Strategy` defaults are Flow-GRPO's (kind flow_grpo, a = 0.7, 99% of steps, global std, ddof 0, +1e-4)."""
+
     name: str = "flow_grpo"
-    sde_kind: str = "flow_grpo"
-    noise_level: float = 0.7
-    timestep_fraction: float = 0.99
-    beta: float = 0.0
-    adv_std: str = "global"
-    adv_ddof: int = 0
-    adv_eps: float = 1e-4

@@ -40,12 +40,13 @@ Decisions where DESIGN.md is silent (written down here, as it asks):
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from fastgrpo.reference import reference_network
 
 from .tiny import BOI
 
@@ -183,20 +184,9 @@ class JanusPolicy:
         self.parts.language_model.train(on)
         self.parts.lm_head.train(on)
 
-    @contextlib.contextmanager
     def reference(self):
-        """Within the block, the yielded `LMParts` evaluate the reference policy."""
-        if self.uses_lora:
-            self.model.disable_adapters()
-            try:
-                yield self.parts
-            finally:
-                self.model.enable_adapters()
-        elif self._ref is not None:
-            yield self._ref
-        else:
-            raise ValueError("train.beta > 0 needs a reference policy: use LoRA, or full fine-tuning with beta set "
-                             "before the trainer is built")
+        """Context manager: within the block, the yielded `LMParts` evaluate the reference policy."""
+        return reference_network(self.model, self.parts, self._ref, uses_lora=self.uses_lora)
 
     # ----------------------------------------------------------------------------------------------- prompts
     def _encode(self, text: str) -> list[int]:

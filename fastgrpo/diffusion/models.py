@@ -16,12 +16,13 @@ Family conventions, as in the diffusers pipelines:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
 from pathlib import Path
 
 import torch
+
+from fastgrpo.reference import reference_network
 
 from .schedules import flux_sigmas, sd3_sigmas
 
@@ -103,20 +104,10 @@ class FlowModel:
     def trainable_state(self) -> dict:
         return {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
 
-    @contextlib.contextmanager
     def reference(self):
-        """Within the block, ``velocity(..., reference=True)`` evaluates the reference policy."""
-        if self.uses_lora:
-            self.transformer.disable_adapters()
-            try:
-                yield self.transformer
-            finally:
-                self.transformer.enable_adapters()
-        elif self._ref_transformer is not None:
-            yield self._ref_transformer
-        else:
-            raise ValueError("train.beta > 0 needs a reference policy: use LoRA, or full fine-tuning with beta set "
-                             "before the trainer is built")
+        """Context manager yielding the reference transformer (pass it to ``velocity(transformer=...)``)."""
+        return reference_network(self.transformer, self.transformer, self._ref_transformer,
+                                 uses_lora=self.uses_lora)
 
     # ----------------------------------------------------------------------------------------------- prompts
     @torch.no_grad()
