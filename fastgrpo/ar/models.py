@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from fastgrpo.reference import reference_network
+from fastgrpo.reference import lora_parameters, reference_network
 
 from .tiny import BOI
 
@@ -162,11 +162,7 @@ class JanusPolicy:
             raise ValueError(f"model.lora.targets {list(targets)} matched no module of the Janus language model "
                              f"(e.g. {JANUS_LORA_TARGETS}): {e}") from e
         self.uses_lora = True
-        params = [p for n, p in self.model.named_parameters() if "lora_" in n]
-        for p in params:
-            p.data = p.data.float()
-            p.requires_grad_(True)
-        return params
+        return lora_parameters(self.model)
 
     def full_finetune(self, keep_reference: bool) -> list:
         """Train the language model and ``lm_head``; keep a frozen copy of both as the reference when a KL is used."""

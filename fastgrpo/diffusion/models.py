@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fastgrpo.reference import reference_network
+from fastgrpo.reference import lora_parameters, reference_network
 
 from .schedules import flux_sigmas, sd3_sigmas
 
@@ -86,12 +86,9 @@ class FlowModel:
         self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                                 target_modules=list(targets)))
         self.uses_lora = True
-        params = [p for n, p in self.transformer.named_parameters() if "lora_" in n]
+        params = lora_parameters(self.transformer)
         if not params:
             raise ValueError(f"model.lora.targets {list(targets)} matched no module of the transformer")
-        for p in params:
-            p.data = p.data.float()
-            p.requires_grad_(True)
         return params
 
     def full_finetune(self, keep_reference: bool) -> list:
