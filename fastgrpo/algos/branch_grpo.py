@@ -27,10 +27,7 @@ class BranchGRPO(Strategy):
     sde_kind: str = "dance"
     noise_level: float = 0.3
     timestep_fraction: float = 1.0
-    beta: float = 0.0
     adv_std: str = "group"
-    adv_ddof: int = 0
-    adv_eps: float = 1e-4
     split_steps: tuple = (0, 3, 6, 9)
     split_noise_scale: float = 1.0
     ARGS: ClassVar[tuple] = ("split_steps", "split_noise_scale")

@@ -20,7 +20,6 @@ class DanceGRPO(Strategy):
     sde_kind: str = "dance"
     noise_level: float = 0.3
     timestep_fraction: float = 0.6
-    beta: float = 0.0
     adv_std: str = "group"
     adv_ddof: int = 1
     adv_eps: float = 1e-8

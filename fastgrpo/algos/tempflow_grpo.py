@@ -29,13 +29,7 @@ from fastgrpo.train.strategy import GroupPlan, Strategy
 @dataclass
 class TempFlowGRPO(Strategy):
     name: str = "tempflow_grpo"
-    sde_kind: str = "flow_grpo"
-    noise_level: float = 0.7
-    timestep_fraction: float = 0.99
-    beta: float = 0.0
     adv_std: str = "group"
-    adv_ddof: int = 0
-    adv_eps: float = 1e-4
     branch_steps: tuple | None = None
     branch_choice: str = "random"
     ARGS: ClassVar[tuple] = ("branch_steps", "branch_choice")

@@ -36,6 +36,8 @@ class GroupPlan:
 
 @dataclass
 class Strategy:
+    """Defaults are Flow-GRPO's; a variant states only what it changes."""
+
     name: str = "base"
     sde_kind: str = "flow_grpo"
     noise_level: float = 0.7
