@@ -10,6 +10,15 @@ For every benchmark case run with both impl="torch" and impl="cpp" on CPU, the t
 speed-up (torch / cpp), both peak extra memories (``peak_extra_memory_bytes``, see bench/harness.py) and their
 ratio (cpp / torch), plus the machine, thread count and versions recorded with the numbers. Nothing is typed by
 hand: the README section between the markers is replaced by this output.
+
+GPU results (``pytest bench/ --benchmark-json=bench/results/h100.json`` on a CUDA machine) get their own table,
+written between ``<!-- gpu-bench:start -->`` and ``<!-- gpu-bench:end -->`` by ``--gpu``::
+
+    python bench/report.py bench/results/h100.json --gpu --readme README.md
+
+It sets every Triton case against the baseline DESIGN.md §5 names (SDPA flash attention; the torch eager
+references; OVF's per-group loop), checks the targets (speed-up, fraction of the measured copy bandwidth, peak
+extra memory, AEGPO's whole-step overhead) and says "met" or "gap" for each.
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ import re
 from pathlib import Path
 
 START, END = "<!-- cpu-bench:start -->", "<!-- cpu-bench:end -->"
+GPU_START, GPU_END = "<!-- gpu-bench:start -->", "<!-- gpu-bench:end -->"
 
 
 def _case(bench: dict) -> str:
@@ -72,22 +82,174 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------ GPU table
+
+# test function -> (baseline impl, minimum speed-up over it, minimum fraction of the copy bandwidth, maximum peak
+# extra memory relative to the baseline); None where DESIGN.md §5 sets no such target.
+GPU_TARGETS = {
+    "test_attention_with_text_entropy": ("sdpa", 0.90, None, None),
+    "test_forward": ("torch", 4.0, 0.80, 0.10),
+    "test_train": ("torch", 4.0, 0.80, 0.10),
+    "test_sample": ("torch", 3.0, 0.80, None),
+    "test_train_fwd_bwd": ("torch", 3.0, 0.80, None),
+    "test_ovf_select": ("loop", None, None, None),
+}
+OVF_TARGET_S = 1e-3  # "one launch for 10^4 groups of 48 in well under 1 ms"
+STEP_OVERHEAD_TARGET = 0.01  # collector: "< 1% of a denoising step"
+
+
+def _fn(bench: dict) -> str:
+    return bench["name"].split("[", 1)[0]
+
+
+def _key(bench: dict, drop=("impl", "way")) -> tuple:
+    params = {k: str(v) for k, v in (bench.get("params") or {}).items() if k not in drop}
+    return (_fn(bench), tuple(sorted(params.items())))
+
+
+def _ms(bench: dict) -> str:
+    e = bench["extra_info"]
+    med = e.get("median_s", bench["stats"]["median"])
+    if "q20_s" in e:
+        return f"{med * 1e3:.3f} ({e['q20_s'] * 1e3:.3f}-{e['q80_s'] * 1e3:.3f})"
+    return f"{med * 1e3:.3f}"
+
+
+def _median(bench: dict) -> float:
+    return bench["extra_info"].get("median_s", bench["stats"]["median"])
+
+
+def _verdict(checks: list[tuple[str, bool]]) -> str:
+    if not checks:
+        return "n/a"
+    gaps = [what for what, ok in checks if not ok]
+    return "met" if not gaps else "gap: " + ", ".join(gaps)
+
+
+def gpu_table(results: dict) -> str:
+    benches = [b for b in results["benchmarks"] if str(b["extra_info"].get("device", "")).startswith("NVIDIA")
+               or (b["extra_info"].get("cuda") and not str(b["extra_info"].get("device", "")).startswith("cpu"))]
+    if not benches:
+        raise SystemExit("no CUDA results in this file")
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for b in benches:
+        params = b.get("params") or {}
+        by_key.setdefault(_key(b), {})[str(params.get("impl", params.get("way", "")))] = b
+    ceil = {b["params"]["ceiling"]: b for b in benches if _fn(b) == "test_ceiling"}
+    copy_gbps = ceil["copy"]["extra_info"]["gb_per_s"] if "copy" in ceil else None
+    e0 = benches[0]["extra_info"]
+    lines = [f"GPU: {e0.get('device')}, driver {e0.get('driver')}, CUDA {e0.get('cuda')}; torch {e0.get('torch')}, "
+             f"triton {e0.get('triton')}; recorded {results.get('datetime', '?')} "
+             f"({Path(results.get('_source', '')).name}). Times: median of CUDA-event timings with the L2 flushed "
+             "before each call (20th-80th percentile in brackets).", ""]
+    if ceil:
+        parts = []
+        if "copy" in ceil:
+            parts.append(f"device-to-device copy {copy_gbps:,.0f} GB/s (read + write, "
+                         f"{'x'.join(map(str, ceil['copy']['extra_info']['shapes']['src']))} bf16)")
+        if "gemm" in ceil:
+            parts.append(f"bf16 GEMM {ceil['gemm']['extra_info']['tflops']:,.0f} TFLOP/s "
+                         f"({ceil['gemm']['extra_info']['shapes']['a'][0]}^3)")
+        lines += ["Ceilings: " + "; ".join(parts) + ".", ""]
+    lines += ["| op | case | ours ms | baseline | baseline ms | speed-up | GB/s (% of copy) | TFLOP/s | "
+              "peak extra MiB ours / baseline | target | verdict |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
+    for key in sorted(by_key):
+        fn, params = key
+        group = by_key[key]
+        if fn not in GPU_TARGETS or "triton" not in group:
+            continue
+        base_impl, min_speedup, min_bw, max_mem = GPU_TARGETS[fn]
+        ours = group["triton"]
+        base = group.get(base_impl)
+        e = ours["extra_info"]
+        case = ", ".join(f"{k}={v}" for k, v in params)
+        checks, target = [], []
+        speed = f"{_median(base) / _median(ours):.2f}x" if base else "n/a"
+        if base and min_speedup:
+            target.append(f">= {min_speedup:g}x {base_impl}")
+            checks.append((f"{speed} < {min_speedup:g}x", _median(base) / _median(ours) >= min_speedup))
+        bw = e.get("gb_per_s")
+        bw_cell = f"{bw:,.0f}" if bw else "n/a"
+        if bw and copy_gbps:
+            bw_cell += f" ({bw / copy_gbps:.0%})"
+            if min_bw:
+                target.append(f">= {min_bw:.0%} of copy")
+                checks.append((f"{bw / copy_gbps:.0%} of copy", bw / copy_gbps >= min_bw))
+        mine, theirs = e.get("peak_extra_memory_bytes"), base["extra_info"].get("peak_extra_memory_bytes") if base else None
+        if max_mem and mine is not None and theirs:
+            target.append(f"memory <= {max_mem:g}x")
+            checks.append((f"memory {mine / theirs:.2f}x", mine <= max_mem * theirs))
+        if fn == "test_ovf_select":
+            target.append("well under 1 ms")
+            checks.append((f"{_median(ours) * 1e3:.3f} ms", _median(ours) < OVF_TARGET_S))
+        tflops = e.get("tflops")
+        lines.append(f"| {fn.removeprefix('test_')} | {case} | {_ms(ours)} | {base_impl if base else 'n/a'} | "
+                     f"{_ms(base) if base else 'n/a'} | {speed} | {bw_cell} | "
+                     f"{f'{tflops:,.0f}' if tflops else ''} | {_mib(mine)} / {_mib(theirs)} | "
+                     f"{'; '.join(target) or 'n/a'} | {_verdict(checks)} |")
+    steps = {k: g for k, g in by_key.items() if k[0] == "test_denoising_step" and "plain" in g}
+    if steps:
+        first = next(iter(steps.values()))["plain"]["extra_info"]
+        lines += ["", f"AEGPO whole step: one no-grad forward of an SD3.5-Medium-shaped transformer "
+                  f"({first.get('num_layers')} joint blocks, {first.get('heads')} heads x {first.get('head_dim')}, "
+                  f"{first.get('params', 0) / 1e9:.2f} B random bf16 weights, {first.get('n_image')} image + "
+                  f"{first.get('n_text')} text tokens), Entropy(t) from layers {first.get('layers')} "
+                  "(mode mixture). AEGPO reports 11.1% time and +1 GB for its map extraction.", "",
+                  "| batch | way | ms | time over plain | peak extra MiB | memory over plain MiB | target | verdict |",
+                  "|---:|---|---:|---:|---:|---:|---|---|"]
+        for key in sorted(steps, key=lambda k: int(dict(k[1]).get("batch", 0))):
+            group = steps[key]
+            plain = group["plain"]
+            pm = plain["extra_info"].get("peak_extra_memory_bytes") or 0
+            for way in ("plain", "collector", "eager_maps"):
+                if way not in group:
+                    continue
+                b = group[way]
+                over = _median(b) / _median(plain) - 1
+                mem = b["extra_info"].get("peak_extra_memory_bytes")
+                target, verdict = "", ""
+                if way == "collector":
+                    target = f"< {STEP_OVERHEAD_TARGET:.0%} of the step"
+                    verdict = _verdict([(f"{over:+.1%}", over < STEP_OVERHEAD_TARGET)])
+                lines.append(f"| {dict(key[1]).get('batch')} | {way} | {_ms(b)} | "
+                             f"{'' if way == 'plain' else f'{over:+.1%}'} | {_mib(mem)} | "
+                             f"{'' if way == 'plain' or mem is None else _mib(mem - pm)} | {target} | {verdict} |")
+    return "\n".join(lines)
+
+
+def merge(runs: list[dict]) -> dict:
+    """One results dict from several pytest-benchmark runs (the first run's machine info and date)."""
+    merged = dict(runs[0])
+    merged["benchmarks"] = [b for run in runs for b in run["benchmarks"]]
+    return merged
+
+
+def _rewrite(path: Path, start: str, end: str, out: str) -> None:
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} section")
+    text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: f"{start}\n{out}\n{end}", text, flags=re.S)
+    path.write_text(text)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("results", help="pytest-benchmark JSON (--benchmark-json)")
-    ap.add_argument("--readme", help=f"rewrite the section between {START} and {END} of this file")
+    ap.add_argument("results", nargs="+", help="pytest-benchmark JSON files (--benchmark-json); several are merged")
+    ap.add_argument("--gpu", action="store_true", help="the GPU table (CUDA results) instead of the CPU one")
+    ap.add_argument("--readme", help="rewrite the table's section (between its markers) in this file")
+    ap.add_argument("--save-merged", help="write the merged results to this JSON file")
     args = ap.parse_args(argv)
-    results = json.loads(Path(args.results).read_text())
-    results["_source"] = args.results
-    out = table(results)
+    runs = [json.loads(Path(f).read_text()) for f in args.results if Path(f).stat().st_size]  # empty: run died
+    if not runs:
+        raise SystemExit(f"no results in {args.results}")
+    results = merge(runs)
+    if args.save_merged:
+        Path(args.save_merged).write_text(json.dumps(results, indent=1))
+    results["_source"] = args.save_merged or args.results[0]
+    out = gpu_table(results) if args.gpu else table(results)
     if args.readme:
-        path = Path(args.readme)
-        text = path.read_text()
-        if START not in text or END not in text:
-            raise SystemExit(f"{path} has no {START} ... {END} section")
-        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: f"{START}\n{out}\n{END}", text,
-                      flags=re.S)
-        path.write_text(text)
+        _rewrite(Path(args.readme), *((GPU_START, GPU_END) if args.gpu else (START, END)), out)
     print(out)
 
 

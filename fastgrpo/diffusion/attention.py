@@ -190,6 +190,9 @@ class AttentionEntropyCollector:
     Use as a context manager; ``pop()`` after each forward (see the module docstring).
     """
 
+    # The processors installed per model kind (a subclass may swap them, e.g. bench/'s eager map extraction).
+    processor_classes = {"sd3": SD3EntropyAttnProcessor, "flux": FluxEntropyAttnProcessor}
+
     def __init__(self, transformer, layers: Sequence[int] = (5, 10, 15), mode: str = "mixture", impl: str = "auto"):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -230,7 +233,7 @@ class AttentionEntropyCollector:
     def __enter__(self) -> "AttentionEntropyCollector":
         if self._originals is not None:
             raise RuntimeError("this AttentionEntropyCollector is already installed")
-        cls = SD3EntropyAttnProcessor if self.kind == "sd3" else FluxEntropyAttnProcessor
+        cls = self.processor_classes[self.kind]
         self._originals = {i: self._blocks[i].attn.processor for i in self.layers}
         for i in self.layers:
             self._blocks[i].attn.set_processor(cls(self, i))

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (the `device` tool; see bench/README-gpu notes in README.md "Benchmarks"):
+#   bench/gpu_session.sh bench [-k expr] [timeout_s]  pytest bench/ on the GPU -> $OUT/gpu.json (+ logs)
+#   bench/gpu_session.sh tests                    the test suite on the GPU, Triton compiled (no interpreter)
+# The machine has its own python3 with a CUDA torch and Triton; packages it lacks (diffusers and its small
+# dependencies) travel as wheels in .whl/ (git-ignored; the command names `.whl` in `carry`). fastgrpo itself
+# is laid out in /tmp as installed (no pip, no dependencies), so the machine's torch/triton are what is measured
+# (recorded in every result).
+set -uo pipefail
+OUT=${OUT:-/tmp/fastgrpo-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+# fastgrpo as its installed layout (kernels/ -> fastgrpo.kernels, configs/, csrc/), without pip or its deps.
+rm -rf /tmp/fastgrpo-pkg && mkdir -p /tmp/fastgrpo-pkg && cp -r fastgrpo /tmp/fastgrpo-pkg/ \
+    && for d in kernels configs csrc; do cp -r "$d" "/tmp/fastgrpo-pkg/fastgrpo/$d"; done || exit 1
+export PYTHONPATH=/tmp/fastgrpo-pkg${PYTHONPATH:+:$PYTHONPATH}
+unset TRITON_INTERPRET
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+case "${1:-bench}" in
+bench)
+    # Two runs, each writing its own JSON, so that one that overruns does not lose the other's results.
+    i=0
+    for files in "bench/test_bench_ceilings.py bench/test_bench_sde.py bench/test_bench_ovf.py bench/test_bench_token.py" \
+                 "bench/test_bench_attention.py bench/test_bench_collector.py"; do
+        i=$((i + 1))
+        timeout "${3:-270}" python3 -m pytest $files -q -p no:cacheprovider -k "${2:-not cpp}" \
+            --benchmark-json="$OUT/gpu$i.json" --benchmark-columns=median,iqr,rounds 2>&1 | tee "$OUT/bench$i.log"
+    done
+    python3 bench/report.py "$OUT"/gpu*.json --gpu --save-merged "$OUT/gpu.json"
+    ;;
+tests)
+    timeout "${2:-540}" python3 -m pytest tests -q -ra -p no:cacheprovider --durations=15 2>&1 | tee "$OUT/tests.log"
+    ;;
+*)
+    echo "usage: $0 bench [-k expr] | tests [timeout_s]" >&2
+    exit 2
+    ;;
+esac
