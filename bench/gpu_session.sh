@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (the `device` tool; see bench/README-gpu notes in README.md "Benchmarks"):
 #   bench/gpu_session.sh bench [-k expr] [timeout_s]  pytest bench/ on the GPU -> $OUT/gpu.json (+ logs)
-#   bench/gpu_session.sh tests                    the test suite on the GPU, Triton compiled (no interpreter)
+#   bench/gpu_session.sh tests [timeout_s] [args]     the test suite on the GPU, Triton compiled (no interpreter)
+#   bench/gpu_session.sh probe [timeout_s]            bench/gpu_probe.py: kernel vs host time, attention tiles
 # The machine has its own python3 with a CUDA torch and Triton; packages it lacks (diffusers and its small
 # dependencies) travel as wheels in .whl/ (git-ignored; the command names `.whl` in `carry`). fastgrpo itself
 # is laid out in /tmp as installed (no pip, no dependencies), so the machine's torch/triton are what is measured
@@ -16,9 +17,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site
 fi
 # fastgrpo as its installed layout (kernels/ -> fastgrpo.kernels, configs/, csrc/), without pip or its deps.
-rm -rf /tmp/fastgrpo-pkg && mkdir -p /tmp/fastgrpo-pkg && cp -r fastgrpo /tmp/fastgrpo-pkg/ \
-    && for d in kernels configs csrc; do cp -r "$d" "/tmp/fastgrpo-pkg/fastgrpo/$d"; done || exit 1
-export PYTHONPATH=/tmp/fastgrpo-pkg${PYTHONPATH:+:$PYTHONPATH}
+# (links in this throw-away checkout: python -m puts the checkout first on sys.path, so it must be complete)
+for d in kernels configs csrc; do ln -sfn "../$d" "fastgrpo/$d"; done
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset TRITON_INTERPRET
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
@@ -36,10 +37,14 @@ bench)
     python3 bench/report.py "$OUT"/gpu*.json --gpu --save-merged "$OUT/gpu.json"
     ;;
 tests)
-    timeout "${2:-540}" python3 -m pytest tests -q -ra -p no:cacheprovider --durations=15 2>&1 | tee "$OUT/tests.log"
+    timeout "${2:-540}" python3 -m pytest tests -q -ra -p no:cacheprovider --durations=15 "${@:3}" 2>&1 \
+        | tee "$OUT/tests.log"
+    ;;
+probe)  # where the ops' time goes (kernels vs host) and attention tile configs: $OUT/probe.json
+    timeout "${2:-300}" python3 bench/gpu_probe.py --out "$OUT" 2>&1 | tee "$OUT/probe.log"
     ;;
 *)
-    echo "usage: $0 bench [-k expr] | tests [timeout_s]" >&2
+    echo "usage: $0 bench [-k expr] [timeout_s] | tests [timeout_s] [pytest args] | probe [timeout_s]" >&2
     exit 2
     ;;
 esac

@@ -16,17 +16,20 @@ from fastgrpo.diffusion.tiny import tiny_sd3_transformer
 
 @torch.no_grad()
 def run_demo(batch: int = 4, steps: int = 10, seed: int = 0, noise_level: float = 0.7, impl: str = "auto",
-             prompt_tokens: int = 7) -> dict:
+             prompt_tokens: int = 7, device: str | torch.device | None = None) -> dict:
+    """Run the demo on ``device`` (default: CUDA when present, else CPU); the draws come from one CPU generator,
+    so the noise is the same on either device."""
     if batch < 1 or steps < 1:
         raise ValueError(f"batch and steps must be >= 1, got batch={batch}, steps={steps}")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     gen = torch.Generator().manual_seed(seed)
-    model = tiny_sd3_transformer(seed)
+    model = tiny_sd3_transformer(seed).to(device)
     cfg = model.config
-    prompt = torch.randn(batch, prompt_tokens, cfg.joint_attention_dim, generator=gen)
-    pooled = torch.randn(batch, cfg.pooled_projection_dim, generator=gen)
-    x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen)
+    prompt = torch.randn(batch, prompt_tokens, cfg.joint_attention_dim, generator=gen).to(device)
+    pooled = torch.randn(batch, cfg.pooled_projection_dim, generator=gen).to(device)
+    x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen).to(device)
     sigmas = sd3_sigmas(steps)
-    ts = timesteps(sigmas)
+    ts = timesteps(sigmas).to(device)
     sigma_max = sigmas[1].item()
     transitions = []
     for i in tqdm(range(steps), desc="sampling", leave=False):

@@ -3,6 +3,7 @@ loading a saved checkpoint folder, and the training forward's memory with the fu
 import copy
 import ctypes
 import gc
+import os
 
 import pytest
 import torch
@@ -188,6 +189,9 @@ def test_training_forward_memory_with_fused_shaping(modality, V, rows):
     """At Janus-Pro's vocabularies (16,384 image codes, 102,400 text tokens), the training forward through
     `eg_grpo_shaping` (Triton kernel; its interpreter on CPU) + `grpo_token_loss` allocates a small fraction of what
     the eager reference (log_softmax + softmax over the logits, impl="torch") needs beyond the logits."""
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("measures the CPU peak RSS with Triton's interpreter; on CUDA machines "
+                    "bench/test_bench_token.py records the kernels' GPU peak memory against the reference")
     try:
         open("/proc/self/clear_refs", "w").close()
         libc = ctypes.CDLL("libc.so.6")

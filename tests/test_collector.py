@@ -102,9 +102,9 @@ def _processors(model):
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("mode", ["mixture", "head_mean"])
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
-def test_collector_matches_eager_and_keeps_outputs(kind, mode, impl):
-    model = _model(kind)
-    inputs = _inputs(kind)
+def test_collector_matches_eager_and_keeps_outputs(kind, mode, impl, device):
+    model = _model(kind).to(device)
+    inputs = {k: t.to(device) for k, t in _inputs(kind).items()}
     layers = LAYERS[kind]
     before = _processors(model)
     with torch.no_grad(), capture_qk(model, kind, layers) as captured:

@@ -164,11 +164,17 @@ def test_internal_noise_is_standard_normal(impl, kind, device):
     assert abs(z.std().item() - 1) < 5 / math.sqrt(2 * n)
     # Fourth moment too, so a uniform or a scaled draw cannot pass.
     assert abs((z**4).mean().item() - 3) < 5 * math.sqrt(96 / n)
-    # Same generator state -> same draw on both backends.
-    other = "torch" if impl == "triton" else "triton"
+    # Same generator state -> same draw on another backend (Triton runs on CPU tensors only when interpreted).
+    other = "torch" if impl == "triton" or (device.type == "cpu" and torch.cuda.is_available()) else "triton"
     again = sde_step(x, v, 0.75, 0.6, kind=kind, noise_level=NOISE_LEVEL[kind],
                      generator=torch.Generator(device=device).manual_seed(11), impl=other)
     assert_close(again.prev_sample, _f64(out.prev_sample))
+    # A CPU generator with latents elsewhere draws on the CPU: the same noise whatever the device.
+    cpu_draw = sde_step(x.cpu(), v.cpu(), 0.75, 0.6, kind=kind, noise_level=NOISE_LEVEL[kind],
+                        generator=torch.Generator().manual_seed(12), impl="torch")
+    moved = sde_step(x, v, 0.75, 0.6, kind=kind, noise_level=NOISE_LEVEL[kind],
+                     generator=torch.Generator().manual_seed(12), impl=impl)
+    assert_close(moved.prev_sample, _f64(cpu_draw.prev_sample))
 
 
 @pytest.mark.parametrize("impl", FUSED)

@@ -161,6 +161,17 @@ def sde_step_ref(x, v, sigma, sigma_next, *, kind="flow_grpo", noise_level=0.7, 
                            kl_convention)
 
 
+def standard_normal(shape, generator, device) -> torch.Tensor:
+    """float32 N(0, 1) noise of ``shape`` on ``device``, drawn on the generator's own device.
+
+    A CPU generator with CUDA latents draws on the CPU and copies (torch.randn refuses a generator of another
+    device): the noise then depends only on the generator's seed, not on where the model runs, which is what the
+    trainer's per-step CPU generators rely on. Without a generator the draw is on ``device`` from torch's global RNG.
+    """
+    gen_device = generator.device if generator is not None else torch.device(device)
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+
+
 def _sde_step_torch(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sample, generator, v_ref,
                     kl_convention) -> SDEStep:
     """Body of `sde_step_ref` on validated inputs (s, sn: float64 [B])."""
@@ -202,8 +213,7 @@ def _sde_step_torch(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sampl
     elif kind == "ode":
         prev = mean.detach()
     else:
-        eps = noise.to(dtype) if noise is not None else torch.randn(
-            x.shape, generator=generator, device=x.device, dtype=torch.float32).to(dtype)
+        eps = noise.to(dtype) if noise is not None else standard_normal(x.shape, generator, x.device).to(dtype)
         prev = (mean + std * eps).detach()
 
     if kind in ("flow_grpo", "dance"):
@@ -299,7 +309,7 @@ def _sde_step_fused(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sampl
         elif noise is not None:
             eps = flat(noise)
         else:
-            eps = torch.randn(shape, generator=generator, device=x.device, dtype=torch.float32).reshape(B, n)
+            eps = standard_normal(shape, generator, x.device).reshape(B, n)
     f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
     mean, ssq, klssq, new_prev = _SDEStepFn.apply(x2, v2, vref2, eps, prev, f32(cx), f32(cv), f32(std), backend)
     if kind in ("flow_grpo", "dance"):
@@ -331,7 +341,8 @@ def sde_step(x, v, sigma, sigma_next, *, kind="flow_grpo", noise_level=0.7, sigm
         kind: "flow_grpo" (Flow-GRPO SDE), "dance" (DanceGRPO), "cps" (coefficient-preserving), "ode" (Euler).
         noise_level: Flow-GRPO's ``a`` (0.7), DanceGRPO's ``eta`` (0.3), or the cps angle fraction.
         sigma_max: the schedule's ``sigmas[1]``; required by kind="flow_grpo" when any ``sigma == 1``.
-        noise: explicit standard-normal ``eps`` [B, ...]; else drawn with ``torch.randn(generator=generator)``.
+        noise: explicit standard-normal ``eps`` [B, ...]; else drawn with ``torch.randn(generator=generator)`` on the
+            generator's device and moved to x's (a CPU generator gives the same noise on any device).
         prev_sample: a given x_{t-1} [B, ...]: no noise is drawn and its log-prob is returned (training).
         generator: torch.Generator for the internal draw.
         v_ref: the reference policy's velocity [B, ...]; gives ``kl``.

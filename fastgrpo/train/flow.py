@@ -146,7 +146,7 @@ class FlowTrainer(GRPOTrainer):
         for i in range(T):
             factors = torch.tensor([plans[g].splits.get(i, 1) for g in group.tolist()])
             if bool((factors > 1).any()):
-                x, group, parent = (x.repeat_interleave(factors, 0), group.repeat_interleave(factors),
+                x, group, parent = (x.repeat_interleave(factors.to(x.device), 0), group.repeat_interleave(factors),
                                     node.repeat_interleave(factors))
                 node = tree.add_nodes(parent.tolist(), [tree.depth[p] + 1 for p in parent.tolist()], group.tolist())
             steps = torch.full((x.shape[0],), i)

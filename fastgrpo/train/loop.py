@@ -231,9 +231,9 @@ def make_trainer(cfg: Config, out_dir, *, resume: bool = False, device=None) -> 
     return FlowTrainer(cfg, out_dir, resume=resume, device=device)
 
 
-def train(cfg: Config, out_dir, *, resume: bool = False) -> Path:
-    """Run (or resume) a training; returns the run folder."""
-    trainer = make_trainer(cfg, out_dir, resume=resume)
+def train(cfg: Config, out_dir, *, resume: bool = False, device=None) -> Path:
+    """Run (or resume) a training; returns the run folder. ``device``: default accelerate's (CUDA when present)."""
+    trainer = make_trainer(cfg, out_dir, resume=resume, device=device)
     try:
         return trainer.run()
     except TrainingDiverged:

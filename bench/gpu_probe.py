@@ -1,0 +1,171 @@
+"""GPU probes that pytest-benchmark does not give: where each op's time goes, and attention tile configs.
+
+    python bench/gpu_probe.py --out DIR        (on a CUDA machine; bench/gpu_session.sh probe runs it)
+
+1. ``ops``: for each op at the benchmark shapes, the CUDA-event time of one call (``triton.testing.do_bench``,
+   L2 flushed) beside the summed device time of the kernels it launches (torch.profiler), kernel by kernel. The
+   difference is host work the GPU waits for (Python, launches, a validation sync).
+2. ``attention``: ``attention_with_text_entropy`` under each candidate (BLOCK_M, BLOCK_N, num_warps, num_stages)
+   against SDPA's flash backend at the SD3-512 and FLUX-1024 shapes.
+
+Writes ``DIR/probe.json`` and prints a short table.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def _event_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def _kernel_ms(fn, calls: int = 20) -> tuple[float, dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[evt.name[:80]] = per_kernel.get(evt.name[:80], 0.0) + evt.device_time / 1e3 / calls
+    return sum(per_kernel.values()), dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
+
+
+def ops_cases():
+    from fastgrpo import eg_grpo_shaping, ovf_select, sde_step, token_logprob_entropy
+
+    dev = "cuda"
+    g = torch.Generator().manual_seed(0)
+    cases = {}
+    for name, shape in {"sd35-512": (24, 16, 64, 64), "flux-1024": (12, 4096, 64)}.items():
+        x, v, prev, vref = (torch.randn(shape, generator=g).to(dev, torch.bfloat16) for _ in range(4))
+        noise = torch.randn(shape, generator=g).to(dev)
+        n, es = x.numel(), 2
+        cases[f"sde_sample_{name}_bf16"] = (lambda x=x, v=v, noise=noise: sde_step(x, v, 0.8, 0.7, noise=noise),
+                                            n * (2 * es + 12))
+        vg = v.clone().requires_grad_(True)
+        prevf = prev.float()
+
+        def train(x=x, vg=vg, prevf=prevf, vref=vref):
+            out = sde_step(x, vg, 0.8, 0.7, prev_sample=prevf, v_ref=vref)
+            return torch.autograd.grad(out.log_prob.sum() + 0.01 * out.kl.sum(), vg)
+
+        cases[f"sde_train_{name}_bf16"] = (train, n * (3 * es + 8 + es))
+    for name, (B, L, V) in {"image": (16, 576, 16_384), "text": (16, 256, 102_400)}.items():
+        logits = (torch.randn(B, L, V, generator=g) * 2).to(dev, torch.bfloat16)
+        targets = torch.randint(0, V, (B, L), generator=g).to(dev)
+        modality = torch.full((B, L), int(name == "image"), device=dev)
+        adv = torch.randn(B, generator=g).to(dev)
+        R = B * L
+        cases[f"token_forward_{name}"] = (lambda lg=logits, t=targets: token_logprob_entropy(lg, t), R * V * 2)
+        cases[f"token_shaping_{name}"] = (
+            lambda lg=logits, t=targets, m=modality, a=adv: eg_grpo_shaping(lg, t, m, a), R * V * 2)
+        lr = logits.clone().requires_grad_(True)
+
+        def ttrain(lr=lr, t=targets):
+            logp, ent = token_logprob_entropy(lr, t)
+            return torch.autograd.grad(logp.sum() + ent.sum(), lr)
+
+        cases[f"token_train_{name}"] = (ttrain, 3 * R * V * 2)
+    rewards = (torch.randn(10_000, 48, generator=g) * 0.5 + 22).to(dev)
+    cases["ovf_select_1e4x48_k12"] = (lambda: ovf_select(rewards, 12), 10_000 * (48 * 4 + 12 * 8 + 4))
+    return cases
+
+
+def probe_ops(copy_gbps: float) -> dict:
+    res = {}
+    for name, (fn, nbytes) in ops_cases().items():
+        with torch.no_grad() if "train" not in name else torch.enable_grad():
+            ev = _event_ms(fn)
+            kern, per = _kernel_ms(fn)
+        res[name] = {"event_ms": ev, "kernel_ms": kern, "bytes": nbytes, "gb_per_s_event": nbytes / ev / 1e6,
+                     "gb_per_s_kernels": nbytes / kern / 1e6, "kernels": per}
+        print(f"{name:32s} event {ev:8.3f} ms  kernels {kern:8.3f} ms  "
+              f"{nbytes / kern / 1e6 / copy_gbps:6.1%} of copy (kernels)  {len(per)} kernels", flush=True)
+    return res
+
+
+def _attention_probe() -> dict:
+    from fastgrpo import attention_with_text_entropy
+    from fastgrpo.kernels import attention_entropy as mod
+
+    original = mod._attention_config
+    shapes = {"sd3-512-b2": (2, 24, 1024, 333, 64, "bhsd"), "sd3-512-b8": (8, 24, 1024, 333, 64, "bhsd"),
+              "flux-1024-b1": (1, 24, 4096, 512, 128, "bshd")}
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    for case, (B, H, n_img, n_txt, D, layout) in shapes.items():
+        S = n_img + n_txt
+        ts = n_img if layout == "bhsd" else 0
+        shape = (B, H, S, D) if layout == "bhsd" else (B, S, H, D)
+        q, k, v = (torch.randn(shape, generator=g).to("cuda", torch.bfloat16) for _ in range(3))
+        qh, kh, vh = (t if layout == "bhsd" else t.transpose(1, 2) for t in (q, k, v))
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            sdpa_ms = _event_ms(lambda: F.scaled_dot_product_attention(qh, kh, vh))
+            ref = F.scaled_dot_product_attention(qh, kh, vh)
+        ref = ref if layout == "bhsd" else ref.transpose(1, 2)
+        rows = []
+        grid = itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
+        for bm, bn, nw, ns in grid:
+            if D == 128 and bn == 128 and bm == 128:
+                continue
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
+            mod._attention_config = lambda head_dim, interpret, dtype=None, cfg=cfg: dict(cfg)
+            try:
+                fn = lambda: attention_with_text_entropy(q, k, v, text_start=ts, text_len=n_txt,  # noqa: E731
+                                                         layout=layout, impl="triton")
+                res = fn()
+                err = float((res.out.float() - ref.float()).abs().max())
+                ms = _event_ms(fn)
+                rows.append({**cfg, "ms": ms, "vs_sdpa": sdpa_ms / ms, "max_abs_err_vs_sdpa": err})
+            except Exception as e:  # noqa: BLE001  (out of shared memory, say)
+                rows.append({**cfg, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+            finally:
+                mod._attention_config = original
+        ok = sorted((r for r in rows if "ms" in r and r["max_abs_err_vs_sdpa"] < 0.05), key=lambda r: r["ms"])
+        out[case] = {"sdpa_ms": sdpa_ms, "current": original(D, False, torch.bfloat16), "configs": rows,
+                     "best": ok[:5]}
+        best = ok[0] if ok else None
+        print(f"{case}: sdpa {sdpa_ms:.3f} ms; best {best}", flush=True)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--only", choices=["ops", "attention"], default=None)
+    args = ap.parse_args(argv)
+    n = 1 << 29
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_gbps = 2 * n * 2 / _event_ms(lambda: dst.copy_(src)) / 1e6
+    del src, dst
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gb_per_s": copy_gbps}
+    import triton
+
+    result["triton"] = triton.__version__
+    print(f"copy {copy_gbps:,.0f} GB/s", flush=True)
+    if args.only in (None, "ops"):
+        result["ops"] = probe_ops(copy_gbps)
+        Path(args.out, "probe.json").write_text(json.dumps(result, indent=1))
+    if args.only in (None, "attention"):
+        result["attention"] = _attention_probe()
+    Path(args.out, "probe.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
