@@ -208,9 +208,12 @@ def _attention_config(head_dim: int, interpret: bool, dtype: torch.dtype = torch
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    # Chosen on an H100 (bench/gpu_probe.py sweep, bf16, 2026-11-24; bench/results/h100-probe.json): D=64 at
+    # SD3-512 b8 0.91x of SDPA flash with (128, 32, 4 warps, 3 stages) vs 0.85x with (128, 64, 4, 3);
+    # D=128 at FLUX-1024 b1 1.16x with (128, 64, 8, 3) vs 0.96x with 2 stages.
     if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
 
 
 def attention_text_entropy_fwd(q, k, v, text_start: int, text_len: int, scale: float):

@@ -88,8 +88,11 @@ def ovf_select_launch(rewards: torch.Tensor, k: int):
     var = torch.empty((P,), dtype=torch.float32, device=rewards.device)
     if P > 0:
         block = triton.next_power_of_2(max(G, 2))
+        # No FMA contraction: score = k*s2 - s1*s1 fused into one fma rounds the two products differently, so
+        # exactly tied candidates (k = 1: every variance is 0) stop comparing equal on a GPU and the tie rule
+        # (smallest j) breaks; without fusion both products round alike, as in the interpreter (H100, 2026-11).
         ovf_select_kernel[(P,)](rewards, idx, var, G, k, rewards.stride(0), BLOCK_G=block,
-                                num_warps=_num_warps(block))
+                                num_warps=_num_warps(block), enable_fp_fusion=False)
     return idx, var
 
 

@@ -32,7 +32,8 @@ def test_run_folder_metrics_and_ratio_one(tmp_path, preset, extra):
     assert rows[-1]["samples"] == 2 * 8
     # The stored sampling log-probs are the conditional ones the training forward recomputes: ratio 1.
     seen = [(r["first_ratio_dev"], r["kl"], r["ratio_mean"]) for r in rows]
-    assert all(dev < 1e-5 and kl >= 0 and ratio == 1.0 for dev, kl, ratio in seen), seen
+    # (k3 KL is >= 0 in exact arithmetic; a GPU's rounding gave -1.1e-10 at the first step)
+    assert all(dev < 1e-5 and kl >= -1e-8 and ratio == 1.0 for dev, kl, ratio in seen), seen
     assert rows[0]["kl"] < 1e-12  # the policy equals its reference before the first update
     # T2I-R1 shapes nothing; EG-GRPO's masks cover part of the tokens.
     shaped = rows[0]["high_frac_tokens"] + rows[0]["low_frac_tokens"]

@@ -80,9 +80,11 @@ def test_dance_trains_random_steps_never_the_last():
 @pytest.mark.parametrize("preset", ["tiny-flow-grpo", "tiny-dance-grpo", "tiny-eg-grpo"])
 def test_short_training_raises_the_reward(tmp_path, preset):
     """A shorter version of the presets' learning check (half the steps): the mean reward of the last quarter of
-    steps exceeds the first quarter's by more than two standard errors."""
+    steps exceeds the first quarter's by more than two standard errors. On the CPU, where the presets' claim is
+    made (seed 0, 2 cores), also on GPU machines: a GPU's rounding makes a different run (tiny-eg-grpo gave
+    z = 0.24 on an H100)."""
     out = train(resolve_config(preset=preset, overrides=["log.progress=false", "log.tensorboard=false",
-                                                         "train.steps=40"]), tmp_path / "run")
+                                                         "train.steps=40"]), tmp_path / "run", device="cpu")
     check = reward_improvement(read_metrics(out / "metrics.jsonl"))
     assert check["z"] > 2, check
 

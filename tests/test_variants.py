@@ -227,8 +227,8 @@ def test_branch_group_size_must_match_the_tree():
 
 @pytest.mark.parametrize("preset", ["tiny-tempflow-grpo", "tiny-pro-grpo", "tiny-branch-grpo"])
 def test_tiny_variant_learns(tmp_path, preset):
-    """Shorter version of the presets' learning check: half the steps."""
-    out = train(cfg_of(preset, "train.steps=40"), tmp_path / "run")
+    """Shorter version of the presets' learning check: half the steps, on the CPU (see test_train_loop.py)."""
+    out = train(cfg_of(preset, "train.steps=40"), tmp_path / "run", device="cpu")
     rows = read_metrics(out / "metrics.jsonl")
     check = reward_improvement(rows)
     assert check["z"] > 2, check

@@ -95,7 +95,8 @@ def _as_sigma(name: str, value, batch: int, device: torch.device) -> torch.Tenso
 
 def _check_inputs(x, v, sigma, sigma_next, kind, noise_level, sigma_max, noise, prev_sample, v_ref,
                   kl_convention):
-    """Validate everything `sde_step` accepts; returns (sigma, sigma_next) as float64 [B] tensors."""
+    """Validate everything `sde_step` accepts; returns (sigma, sigma_next) as float64 [B] tensors (on the CPU when
+    both were given as numbers, else on x's device)."""
     check_float("x", x)
     check_float("v", v)
     if x.ndim < 2:
@@ -122,8 +123,12 @@ def _check_inputs(x, v, sigma, sigma_next, kind, noise_level, sigma_max, noise, 
     if sigma_max is not None and not 0 < float(sigma_max) < 1:
         raise ValueError(f"sigma_max must be in (0, 1) (the schedule's first sigma below 1), got {sigma_max}")
     B = x.shape[0]
-    s = _as_sigma("sigma", sigma, B, x.device)
-    sn = _as_sigma("sigma_next", sigma_next, B, x.device)
+    # Float sigmas (the usual sampling loop) are checked and turned into coefficients on the CPU: no device sync
+    # and no tiny float64 kernels per step; tensor sigmas stay on x's device (their check syncs once).
+    scalar = not isinstance(sigma, torch.Tensor) and not isinstance(sigma_next, torch.Tensor)
+    where = torch.device("cpu") if scalar else x.device
+    s = _as_sigma("sigma", sigma, B, where)
+    sn = _as_sigma("sigma_next", sigma_next, B, where)
     if B == 0:
         return s, sn
     bad_range = ~((s <= 1) & (sn >= 0))
@@ -175,6 +180,7 @@ def standard_normal(shape, generator, device) -> torch.Tensor:
 def _sde_step_torch(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sample, generator, v_ref,
                     kl_convention) -> SDEStep:
     """Body of `sde_step_ref` on validated inputs (s, sn: float64 [B])."""
+    s, sn = s.to(x.device), sn.to(x.device)
     dtype = torch.promote_types(x.dtype, torch.float32)
     x = x.to(dtype)
     v = v.to(dtype)
@@ -297,6 +303,9 @@ def _sde_step_fused(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sampl
     B = x.shape[0]
     shape = x.shape
     cx, cv, std, kl_d = _coefficients(kind, s, sn, noise_level, sigma_max, kl_convention)
+    # One float32 [4, B] block on x's device (one copy when computed on the CPU); its rows are contiguous [B].
+    cx, cv, std, kl_d = torch.stack([cx, cv, std, kl_d if kl_d is not None else std]).to(
+        device=x.device, dtype=torch.float32).unbind(0)
     n = math.prod(shape[1:])
     flat = lambda t: t.detach().reshape(B, n).contiguous() if t is not None else None  # noqa: E731
     x2 = x.reshape(B, n).contiguous()
@@ -310,15 +319,14 @@ def _sde_step_fused(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sampl
             eps = flat(noise)
         else:
             eps = standard_normal(shape, generator, x.device).reshape(B, n)
-    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
-    mean, ssq, klssq, new_prev = _SDEStepFn.apply(x2, v2, vref2, eps, prev, f32(cx), f32(cv), f32(std), backend)
+    mean, ssq, klssq, new_prev = _SDEStepFn.apply(x2, v2, vref2, eps, prev, cx, cv, std, backend)
     if kind in ("flow_grpo", "dance"):
-        log_prob = -ssq / (2 * n * f32(std) ** 2) - torch.log(f32(std)) - _LOG_SQRT_2PI
+        log_prob = -ssq / (2 * n * std ** 2) - torch.log(std) - _LOG_SQRT_2PI
     elif kind == "cps":
         log_prob = -ssq / n
     else:
         log_prob = torch.zeros(B, dtype=torch.float32, device=x.device)
-    kl = klssq / (2 * n * f32(kl_d) ** 2) if v_ref is not None else None
+    kl = klssq / (2 * n * kl_d ** 2) if v_ref is not None else None
     mean = mean.view(shape)
     if kind == "ode":
         out_prev = mean.detach()
@@ -326,7 +334,7 @@ def _sde_step_fused(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sampl
         out_prev = prev_sample.detach().to(torch.float32)
     else:
         out_prev = new_prev.view(shape)
-    return SDEStep(out_prev, log_prob, mean, f32(std), kl)
+    return SDEStep(out_prev, log_prob, mean, std, kl)
 
 
 def sde_step(x, v, sigma, sigma_next, *, kind="flow_grpo", noise_level=0.7, sigma_max=None, noise=None,
