@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (the `device` tool; see bench/README-gpu notes in README.md "Benchmarks"):
+# One call on a lent GPU machine (the `device` tool; README.md, "Benchmarks" / "GPU"):
 #   bench/gpu_session.sh bench [-k expr] [timeout_s]  pytest bench/ on the GPU -> $OUT/gpu.json (+ logs)
 #   bench/gpu_session.sh tests [timeout_s] [args]     the test suite on the GPU, Triton compiled (no interpreter)
 #   bench/gpu_session.sh probe [timeout_s]            bench/gpu_probe.py: kernel vs host time, attention tiles
 # The machine has its own python3 with a CUDA torch and Triton; packages it lacks (diffusers and its small
 # dependencies) travel as wheels in .whl/ (git-ignored; the command names `.whl` in `carry`). fastgrpo itself
-# is laid out in /tmp as installed (no pip, no dependencies), so the machine's torch/triton are what is measured
-# (recorded in every result).
+# is used from the checkout (links give it its installed layout; no pip, no dependencies), so the machine's own
+# torch/triton are what is measured (recorded in every result).
 set -uo pipefail
 OUT=${OUT:-/tmp/fastgrpo-out}
 mkdir -p "$OUT"

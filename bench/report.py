@@ -14,7 +14,7 @@ hand: the README section between the markers is replaced by this output.
 GPU results (``pytest bench/ --benchmark-json=bench/results/h100.json`` on a CUDA machine) get their own table,
 written between ``<!-- gpu-bench:start -->`` and ``<!-- gpu-bench:end -->`` by ``--gpu``::
 
-    python bench/report.py bench/results/h100.json --gpu --readme README.md
+    python bench/report.py bench/results/h100.json --gpu --probe bench/results/h100-probe.json --readme README.md
 
 It sets every Triton case against the baseline DESIGN.md §5 names (SDPA flash attention; the torch eager
 references; OVF's per-group loop), checks the targets (speed-up, fraction of the measured copy bandwidth, peak
@@ -102,8 +102,13 @@ def _fn(bench: dict) -> str:
     return bench["name"].split("[", 1)[0]
 
 
+def _param(v) -> str:
+    text = str(v)  # pytest-benchmark stores torch dtypes as "UNSERIALIZABLE[torch.bfloat16]"
+    return re.sub(r"UNSERIALIZABLE\[torch\.(\w+)\]", r"\1", text)
+
+
 def _key(bench: dict, drop=("impl", "way")) -> tuple:
-    params = {k: str(v) for k, v in (bench.get("params") or {}).items() if k not in drop}
+    params = {k: _param(v) for k, v in (bench.get("params") or {}).items() if k not in drop}
     return (_fn(bench), tuple(sorted(params.items())))
 
 
@@ -225,6 +230,33 @@ def merge(runs: list[dict]) -> dict:
     return merged
 
 
+def probe_table(probe: dict) -> str:
+    """Where each op's time goes (bench/gpu_probe.py): one call's CUDA-event time beside the summed time of the
+    kernels it launches (torch.profiler, 20 calls back to back, so inputs under the 50 MB L2 may be served from it)."""
+    copy = probe["copy_gb_per_s"]
+    lines = [f"Where the time goes ({probe['device']}, torch {probe['torch']}, triton {probe['triton']}; "
+             "bench/gpu_probe.py): one call timed with CUDA events beside the summed device time of the kernels it "
+             "launches (torch.profiler; back-to-back calls, so inputs smaller than the L2 may be read from it).", "",
+             "| op | call ms | kernels ms | kernels | GB/s of the kernels (% of copy) | largest kernel |",
+             "|---|---:|---:|---:|---:|---|"]
+    for name, r in probe.get("ops", {}).items():
+        top = next(iter(r["kernels"].items()), ("", 0.0))
+        gbps = r["bytes"] / r["kernel_ms"] / 1e6
+        lines.append(f"| {name} | {r['event_ms']:.3f} | {r['kernel_ms']:.3f} | {len(r['kernels'])} | "
+                     f"{gbps:,.0f} ({gbps / copy:.0%}) | {top[0][:40]} ({top[1] * 1e3:.1f} us) |")
+    att = probe.get("attention")
+    if att:
+        lines += ["", "Attention tiles (bench/gpu_probe.py sweep, bf16): the two fastest per case; the tiles the kernel "
+                  "uses per head dim are in kernels/attention_entropy.py (_attention_config).", "",
+                  "| case | SDPA flash ms | best (BLOCK_M, BLOCK_N, warps, stages) | ms | vs SDPA |",
+                  "|---|---:|---|---:|---:|"]
+        for case, r in att.items():
+            for b in r["best"][:2]:
+                lines.append(f"| {case} | {r['sdpa_ms']:.3f} | ({b['BLOCK_M']}, {b['BLOCK_N']}, {b['num_warps']}, "
+                             f"{b['num_stages']}) | {b['ms']:.3f} | {b['vs_sdpa']:.2f}x |")
+    return "\n".join(lines)
+
+
 def _rewrite(path: Path, start: str, end: str, out: str) -> None:
     text = path.read_text()
     if start not in text or end not in text:
@@ -239,6 +271,7 @@ def main(argv=None):
     ap.add_argument("--gpu", action="store_true", help="the GPU table (CUDA results) instead of the CPU one")
     ap.add_argument("--readme", help="rewrite the table's section (between its markers) in this file")
     ap.add_argument("--save-merged", help="write the merged results to this JSON file")
+    ap.add_argument("--probe", help="with --gpu: also the table of bench/gpu_probe.py's probe.json")
     args = ap.parse_args(argv)
     runs = [json.loads(Path(f).read_text()) for f in args.results if Path(f).stat().st_size]  # empty: run died
     if not runs:
@@ -248,6 +281,8 @@ def main(argv=None):
         Path(args.save_merged).write_text(json.dumps(results, indent=1))
     results["_source"] = args.save_merged or args.results[0]
     out = gpu_table(results) if args.gpu else table(results)
+    if args.gpu and args.probe:
+        out += "\n\n" + probe_table(json.loads(Path(args.probe).read_text()))
     if args.readme:
         _rewrite(Path(args.readme), *((GPU_START, GPU_END) if args.gpu else (START, END)), out)
     print(out)
