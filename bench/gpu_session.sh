@@ -41,7 +41,7 @@ tests)
         | tee "$OUT/tests.log"
     ;;
 probe)  # where the ops' time goes (kernels vs host) and attention tile configs: $OUT/probe.json
-    timeout "${2:-300}" python3 bench/gpu_probe.py --out "$OUT" 2>&1 | tee "$OUT/probe.log"
+    timeout "${2:-300}" python3 bench/gpu_probe.py --out "$OUT" "${@:3}" 2>&1 | tee "$OUT/probe.log"
     ;;
 *)
     echo "usage: $0 bench [-k expr] [timeout_s] | tests [timeout_s] [pytest args] | probe [timeout_s]" >&2
