@@ -79,6 +79,15 @@ def all_gather_varlen(t: torch.Tensor) -> tuple[torch.Tensor, list]:
     return torch.cat([p[:n] for p, n in zip(parts, lengths)]), lengths
 
 
+def all_sum(x):
+    """The sum of a number over ranks (identity in one process): counters that differ between ranks."""
+    rank, ws = world()
+    if ws == 1:
+        return x
+    total = all_gather_cat(torch.tensor([x], dtype=torch.float64)).sum().item()
+    return int(total) if isinstance(x, int) else total
+
+
 def gathered_advantages(local_rewards: torch.Tensor, group_sizes, *, std: str, ddof: int, eps: float,
                         clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Advantages of this rank's samples from the rewards of all ranks; also returns all rewards.

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from fastgrpo.ops import sde_step
 
-from .distributed import step_generator
+from .distributed import all_sum, step_generator
 from .loop import GRPOTrainer, MicroBatch, TrainingDiverged
 
 
@@ -119,7 +119,7 @@ class FlowTrainer(GRPOTrainer):
                                                      "emb": self.policy.encode_prompts(prompts)}, group_sizes=sizes))
             futures.append(self.submit_score(pool, self.policy.decode(x_final), leaf_prompts))
         self.collect_scores(batches, futures)
-        self.samples += sum(max(p.roots, p.leaves()) for p in plans) * self.world_size
+        self.samples += all_sum(sum(max(p.roots, p.leaves()) for p in plans))
         return batches
 
     def _rollout(self, prompts, plans, gen, step, first_group):
@@ -269,7 +269,7 @@ class FlowTrainer(GRPOTrainer):
             stats["clip_frac"] += ((ratio.detach() - 1).abs() > clip).float().sum().item() / n
         model.transformer.eval()
         stats["first_ratio_dev"] = first_ratio_dev
-        stats["trained_transitions"] = n * self.world_size
+        stats["trained_transitions"] = all_sum(n)
         stats.update(getattr(self, "wave_log", {}))
         return stats
 

@@ -38,7 +38,7 @@ from fastgrpo.rewards import build_reward
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
-from .distributed import GroupSampler, average_gradients, gathered_advantages, step_generator, world
+from .distributed import GroupSampler, all_sum, average_gradients, gathered_advantages, step_generator, world
 from .metrics import MetricsLogger, plot_curves
 from .prompts import load_prompts
 
@@ -104,6 +104,7 @@ class GRPOTrainer:
                                            weight_decay=cfg.train.weight_decay, eps=1e-8)
         self.ema = EMA(self.named, cfg.train.ema_decay)
         self.step, self.samples, self.elapsed = 0, 0, 0.0
+        self.model_forwards, self._forwards_seen = 0, 0  # all ranks' total; this rank's counter when last summed
         self.ckpt_dir = self.out / "checkpoints"
 
         self.is_main = self.rank == 0
@@ -117,7 +118,7 @@ class GRPOTrainer:
             state = load_checkpoint(ckpt, trainable=self.named, ema=self.ema.shadow, optimizer=self.optimizer,
                                     strategy=self.strategy)
             self.step, self.samples, self.elapsed = state["step"], state["samples"], state["elapsed_s"]
-            self.policy.model_forwards = state["model_forwards"]
+            self.model_forwards = state["model_forwards"]
             resumed_from = self.step
         if self.is_main:
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -195,11 +196,14 @@ class GRPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 stats = self.train(batches, gen)
                 stats["grad_norm"] = self.optimizer_step()
+                # Ranks may run different numbers of forwards (groups of different sizes): sum them.
+                self.model_forwards += all_sum(self.policy.model_forwards - self._forwards_seen)
+                self._forwards_seen = self.policy.model_forwards
                 self.step = step + 1
                 self.elapsed = time.time() - t0
                 row = {"step": self.step, "reward_mean": all_rewards.mean().item(),
                        "reward_std": all_rewards.std(unbiased=False).item(), **stats, "time_s": self.elapsed,
-                       "samples": self.samples, "model_forwards": self.policy.model_forwards * self.world_size,
+                       "samples": self.samples, "model_forwards": self.model_forwards,
                        "lr": self.optimizer.param_groups[0]["lr"]}
                 parts = {}
                 for mb in batches:
@@ -221,7 +225,7 @@ class GRPOTrainer:
             return
         save_checkpoint(self.ckpt_dir, self.step, trainable=self.named, ema=self.ema.shadow,
                         optimizer=self.optimizer,
-                        state={"samples": self.samples, "model_forwards": self.policy.model_forwards,
+                        state={"samples": self.samples, "model_forwards": self.model_forwards,
                                "elapsed_s": self.elapsed, "config": self.cfg.to_dict()},
                         strategy_state=self.strategy.state_dict())
         plot_curves(self.out)
