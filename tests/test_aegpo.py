@@ -249,6 +249,32 @@ def test_probe_is_the_shared_prefix(tmp_path, monkeypatch):
     assert trainer.policy.model_forwards - before == 2 * 3 * T + plans_rows
 
 
+def test_sd3_lora_probe_conditional_rows_and_adapters_disabled_reference(tmp_path):
+    """SD3 runs CFG as [uncond, cond]: the probe's entropy is the conditional rows'. With LoRA the base is the
+    transformer with its adapters disabled: identical to the policy before the first update (delta exactly 0)."""
+    from fastgrpo.diffusion import AttentionEntropyCollector
+
+    trainer = make_trainer(cfg_of("model.family=sd3", "sample.guidance_scale=4.5", "model.lora={rank: 4, alpha: 8}",
+                                  "train.lr=1e-2", "train.steps=2"), tmp_path / "r")
+    s, policy = trainer.strategy, trainer.policy
+    x = policy.initial_latents(2, torch.Generator().manual_seed(0))
+    emb = policy.encode_prompts(["a red apple on a table", "a purple flower"])
+    with torch.no_grad():
+        _, entropy = s.probe(trainer, x, emb)
+        sigma = trainer.sigmas[:1].expand(2)
+        for cond, want_close in ((True, True), (False, False)):
+            e = {k: v for k, v in emb.items()}
+            if not cond:  # the unconditional half: the empty prompt's embeddings
+                e["embeds"], e["pooled"] = e["neg_embeds"], e["neg_pooled"]
+            with AttentionEntropyCollector(policy.transformer, s.layers) as col:
+                policy.velocity(x, sigma, e, cfg=False)
+                single = col.pop()
+            assert torch.allclose(single, entropy[:, 0], rtol=1e-4, atol=1e-5) == want_close
+    trainer.run()
+    rows = read_metrics(tmp_path / "r/metrics.jsonl")
+    assert rows[0]["entropy_delta"] == [0.0, 0.0] and min(rows[1]["entropy_delta"]) > 0
+
+
 # ---------------------------------------------------------------------------------------------- advantages
 
 

@@ -148,10 +148,11 @@ def _int_arg(args: dict, key: str, default: int, low: int, high: int | None = No
 @dataclass
 class AEGPO(Strategy):
     name: str = "aegpo"
-    sde_kind: str = "dance"
-    noise_level: float = 0.3
-    timestep_fraction: float = 1.0
-    adv_std: str = "group"
+    # BranchGRPO's SDE and conventions (DanceGRPO's kind, eta 0.3; every stochastic transition trains; group std).
+    sde_kind: str = BranchGRPO.sde_kind
+    noise_level: float = BranchGRPO.noise_level
+    timestep_fraction: float = BranchGRPO.timestep_fraction
+    adv_std: str = BranchGRPO.adv_std
     r_high: int = 16
     r_low: int = 8
     warmup_steps: int = 20
