@@ -8,8 +8,8 @@ split step each active trajectory becomes that many children, each taking the st
 steps call `fastgrpo.sde_step` with the variant's kind, the others ``kind="ode"``; after each velocity evaluation
 the strategy may prune rows (Pro-GRPO). Rows stay ordered by group, so a group's leaves are contiguous and its
 size is its number of leaves (``MicroBatch.group_sizes``). Forwards run in chunks of at most ``sample.batch_size``
-rows. Every stochastic transition is kept (x_t, x_{t-1}, its
-log-prob, its node of the tree); ODE transitions have no density and are never trained.
+rows. Every stochastic transition is kept (x_t, x_{t-1}, its log-prob, its node of the tree); ODE transitions have
+no density and are never trained.
 
 **train** -- the trained transitions (per node: the strategy's steps for trees without splits, every stochastic
 transition otherwise) in chunks of ``sample.batch_size``: the transition's new log-prob and the KL to the reference
