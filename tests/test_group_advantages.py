@@ -112,3 +112,51 @@ def test_bad_inputs_raise():
         group_advantages(torch.ones(3, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="ddof=1 needs more than"):  # one rollout per group has no sample std
         group_advantages(torch.ones(3, 1), ddof=1)
+
+
+@pytest.mark.parametrize("std,ddof,clip", [("group", 0, None), ("group", 1, 5.0), ("global", 0, 5.0),
+                                           ("global", 1, None)])
+def test_groups_of_different_sizes_match_numpy_per_group(std, ddof, clip):
+    """Ragged groups (AEGPO's 16 / 12 / 8 rollouts per prompt): each group normalised on its own in numpy."""
+    sizes = [16, 8, 12, 8, 3]
+    r = _rewards((sum(sizes),), 11).numpy()
+    want, start = [], 0
+    pooled = np.std(r, ddof=ddof)
+    for n in sizes:
+        g = r[start:start + n]
+        s = np.std(g, ddof=ddof) if std == "group" else pooled
+        want.append((g - g.mean()) / (s + 1e-4))
+        start += n
+    want = np.concatenate(want)
+    if clip is not None:
+        want = np.clip(want, -clip, clip)
+    kw = dict(std=std, ddof=ddof, eps=1e-4, clip=clip, group_sizes=sizes)
+    got = group_advantages(torch.from_numpy(r).float(), **kw)
+    assert got.shape == (sum(sizes),) and got.dtype == torch.float32
+    assert_close(got, torch.from_numpy(want))
+    assert_close(group_advantages_ref(torch.from_numpy(r), **kw), torch.from_numpy(want))
+
+
+def test_equal_group_sizes_are_the_fixed_size_computation():
+    r = _rewards((5, 6), 12)
+    for std in ("group", "global"):
+        fixed = group_advantages(r, std=std, ddof=1, clip=5.0)
+        ragged = group_advantages(r.reshape(-1), std=std, ddof=1, clip=5.0, group_sizes=torch.full((5,), 6))
+        assert torch.equal(ragged, fixed.reshape(-1))  # bit-identical: the same float operations
+    several = torch.stack([r, 3 * r], dim=2)
+    assert_close(group_advantages(several.reshape(30, 2), aggregate="advantages", group_sizes=[6, 9, 15]),
+                 group_advantages_ref(several.reshape(30, 2), aggregate="advantages", group_sizes=[6, 9, 15]))
+
+
+def test_bad_group_sizes_raise():
+    r = _rewards((10,), 13)
+    cases = [([4, 5], "group_sizes sum to 9 but rewards has 10"), ([10, 0], "group_sizes must all be >= 1"),
+             ([2.0, 8.0], "group_sizes must be a non-empty 1-D sequence of ints"),
+             ([], "group_sizes must be a non-empty")]
+    for sizes, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            group_advantages(r, group_sizes=sizes)
+    with pytest.raises(ValueError, match="ddof=1 needs more than 1 rewards per std .* smallest group has 1"):
+        group_advantages(r, ddof=1, group_sizes=[9, 1])
+    with pytest.raises(ValueError, match="with group_sizes, rewards must have shape"):
+        group_advantages(r.view(1, 2, 5), group_sizes=[1])

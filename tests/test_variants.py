@@ -1,4 +1,5 @@
-"""The mechanics of TempFlow-GRPO, Pro-GRPO and BranchGRPO on tiny models, and that each tiny preset learns."""
+"""The mechanics of TempFlow-GRPO, Pro-GRPO and BranchGRPO on tiny models, and that each tiny preset learns
+(AEGPO's mechanics are in tests/test_aegpo.py; its learning check is here with the others)."""
 import math
 
 import numpy as np
@@ -225,7 +226,7 @@ def test_branch_group_size_must_match_the_tree():
 # ---------------------------------------------------------------------------------------------- learning
 
 
-@pytest.mark.parametrize("preset", ["tiny-tempflow-grpo", "tiny-pro-grpo", "tiny-branch-grpo"])
+@pytest.mark.parametrize("preset", ["tiny-tempflow-grpo", "tiny-pro-grpo", "tiny-branch-grpo", "tiny-aegpo"])
 def test_tiny_variant_learns(tmp_path, preset):
     """Shorter version of the presets' learning check: half the steps, on the CPU (see test_train_loop.py)."""
     out = train(cfg_of(preset, "train.steps=40"), tmp_path / "run", device="cpu")

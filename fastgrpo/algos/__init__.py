@@ -2,6 +2,7 @@
 
 ``STRATEGIES`` maps a config's ``algo`` to its `fastgrpo.train.strategy.Strategy` subclass.
 """
+from .aegpo import AEGPO
 from .branch_grpo import BranchGRPO
 from .dance_grpo import DanceGRPO
 from .eg_grpo import EGGRPO
@@ -16,8 +17,9 @@ STRATEGIES = {
     "tempflow_grpo": TempFlowGRPO,
     "pro_grpo": ProGRPO,
     "branch_grpo": BranchGRPO,
+    "aegpo": AEGPO,
     "eg_grpo": EGGRPO,
     "t2i_r1": T2IR1,
 }
 
-__all__ = ["STRATEGIES", "FlowGRPO", "DanceGRPO", "TempFlowGRPO", "ProGRPO", "BranchGRPO", "EGGRPO", "T2IR1"]
+__all__ = ["STRATEGIES", "FlowGRPO", "DanceGRPO", "TempFlowGRPO", "ProGRPO", "BranchGRPO", "AEGPO", "EGGRPO", "T2IR1"]

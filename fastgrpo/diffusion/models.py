@@ -169,6 +169,14 @@ class FlowModel:
                    pooled_projections=emb["pooled"].to(dtype), encoder_hidden_states=emb["embeds"].to(dtype),
                    txt_ids=self._text_ids.to(self.device, dtype), img_ids=img_ids).sample.float()
 
+    def conditional_rows(self, per_row: torch.Tensor, *, cfg: bool = True) -> torch.Tensor:
+        """The conditional rows of a per-row quantity measured in one `velocity` forward (e.g. the attention
+        entropy of `AttentionEntropyCollector`): with SD3's CFG the forward runs ``[uncond, cond]`` (the last half);
+        FLUX has no CFG batch."""
+        if self.family == "sd3" and cfg and self.guidance_scale > 1:
+            return per_row[per_row.shape[0] // 2:]
+        return per_row
+
     def _image_ids(self, dtype):
         h, w = self.lat_h // 2, self.lat_w // 2
         ids = torch.zeros(h, w, 3)

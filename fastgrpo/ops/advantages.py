@@ -30,6 +30,10 @@ Decisions where DESIGN.md is silent:
   does); the mean is always per group.
 * ``eps`` must be > 0 (a constant group then gets advantages 0, not NaN); ``ddof`` must leave at least one degree
   of freedom (``ddof < G``, or ``< P*G`` for the global std); NaN or infinite rewards raise ValueError.
+* Groups of different sizes (AEGPO gives 16 rollouts to some prompts and 8 to others): ``rewards [N]`` (or
+  ``[N, R]``) holds the groups one after another and ``group_sizes [P]`` their sizes. The mean (and the group std)
+  is each group's own; the global std pools all N rewards, each rollout counting once (so a larger group weighs
+  more in it). When all sizes are equal this is exactly the ``[P, G]`` computation (the same float operations).
 """
 from __future__ import annotations
 
@@ -90,6 +94,39 @@ def _check_inputs(rewards, std, ddof, eps, clip, weights, aggregate) -> torch.Te
     return w.to(rewards.device)
 
 
+def _check_group_sizes(rewards, group_sizes, std, ddof) -> torch.Tensor:
+    """Validate ragged groups; returns their sizes as an int64 [P] tensor on the rewards' device."""
+    sizes = torch.as_tensor(group_sizes)
+    if sizes.ndim != 1 or sizes.numel() == 0 or sizes.dtype.is_floating_point or sizes.dtype == torch.bool:
+        raise ValueError(f"group_sizes must be a non-empty 1-D sequence of ints, got {group_sizes!r}")
+    check_float("rewards", rewards)
+    if rewards.ndim not in (1, 2):
+        raise ValueError(f"with group_sizes, rewards must have shape [N] (the groups one after another) or [N, R], "
+                         f"got {tuple(rewards.shape)}")
+    if bool((sizes < 1).any()):
+        raise ValueError(f"group_sizes must all be >= 1, got {sizes.tolist()}")
+    if int(sizes.sum()) != rewards.shape[0]:
+        raise ValueError(f"group_sizes sum to {int(sizes.sum())} but rewards has {rewards.shape[0]} rows")
+    if std == "group" and isinstance(ddof, int) and ddof >= int(sizes.min()):
+        raise ValueError(f"ddof={ddof} needs more than {ddof} rewards per std (group std; the smallest group has "
+                         f"{int(sizes.min())})")
+    return sizes.to(device=rewards.device, dtype=torch.int64)
+
+
+def _normalise_ragged(r: torch.Tensor, sizes: torch.Tensor, std: str, ddof: int, eps: float) -> torch.Tensor:
+    """(r - group mean) / (s + eps) for float64 r [N, R] holding groups of ``sizes`` [P] one after another."""
+    gid = torch.repeat_interleave(torch.arange(sizes.numel(), device=r.device), sizes)
+    n = sizes.to(torch.float64).unsqueeze(1)
+    mean = torch.zeros(sizes.numel(), r.shape[1], dtype=r.dtype, device=r.device).index_add_(0, gid, r) / n
+    dev = r - mean[gid]
+    if std == "group":
+        var = torch.zeros_like(mean).index_add_(0, gid, dev * dev) / (n - ddof)
+        s = var.sqrt()[gid]
+    else:
+        s = r.std(dim=0, correction=ddof, keepdim=True)
+    return dev / (s + eps)
+
+
 def _normalise(r: torch.Tensor, std: str, ddof: int, eps: float) -> torch.Tensor:
     """(r - group mean) / (s + eps) for float64 r [P, G, R] (each reward r[..., i] separately)."""
     mean = r.mean(dim=1, keepdim=True)
@@ -102,7 +139,7 @@ def _normalise(r: torch.Tensor, std: str, ddof: int, eps: float) -> torch.Tensor
 
 def group_advantages(rewards: torch.Tensor, *, std: str = "group", ddof: int = 0, eps: float = 1e-4,
                      clip: Optional[float] = None, weights: Weights = None,
-                     aggregate: str = "rewards") -> torch.Tensor:
+                     aggregate: str = "rewards", group_sizes=None) -> torch.Tensor:
     """Group-normalised GRPO advantages.
 
     Args:
@@ -114,21 +151,40 @@ def group_advantages(rewards: torch.Tensor, *, std: str = "group", ddof: int = 0
         weights: [R] weights of the rewards (default all 1); only with [P, G, R] rewards.
         aggregate: "rewards" (normalise the weighted reward sum) or "advantages" (sum of the weighted
             per-reward advantages, MixGRPO).
+        group_sizes: [P] ints, for groups of different sizes: then ``rewards`` is [N] (or [N, R]) with the groups
+            one after another, ``N = sum(group_sizes)``.
 
     Returns:
-        float32 advantages [P, G] ([G] for a [G] input), without gradient.
+        float32 advantages [P, G] ([G] for a [G] input; [N] with ``group_sizes``), without gradient.
 
     Example:
         >>> adv = group_advantages(rewards.view(P, G), **ADVANTAGE_CONVENTIONS["flow_grpo"])
     """
-    w = _check_inputs(rewards, std, ddof, eps, clip, weights, aggregate)
-    squeeze = rewards.ndim == 1
-    r = rewards.detach().to(torch.float64)
-    r = r.view(1, -1, 1) if squeeze else (r if r.ndim == 3 else r.unsqueeze(2))
-    if aggregate == "rewards":
-        adv = _normalise((r * w).sum(dim=2, keepdim=True), std, ddof, eps)[..., 0]
+    kw = dict(std=std, ddof=ddof, eps=eps, clip=clip, weights=weights, aggregate=aggregate)
+    if group_sizes is not None:
+        sizes = _check_group_sizes(rewards, group_sizes, std, ddof)
+        if bool((sizes == sizes[0]).all()):  # equal groups: exactly the [P, G] computation
+            return group_advantages(rewards.reshape(sizes.numel(), int(sizes[0]), *rewards.shape[1:]),
+                                    **kw).reshape(-1)
+        w = _check_inputs(rewards.unsqueeze(0), std, ddof, eps, clip, weights, aggregate)
+        r = rewards.detach().to(torch.float64)
+        r = r.unsqueeze(1) if r.ndim == 1 else r  # [N, R]
+        squeeze = False
+
+        def normalise(x):
+            return _normalise_ragged(x, sizes, std, ddof, eps)
     else:
-        adv = (_normalise(r, std, ddof, eps) * w).sum(dim=2)
+        w = _check_inputs(rewards, std, ddof, eps, clip, weights, aggregate)
+        squeeze = rewards.ndim == 1
+        r = rewards.detach().to(torch.float64)
+        r = r.view(1, -1, 1) if squeeze else (r if r.ndim == 3 else r.unsqueeze(2))  # [P, G, R]
+
+        def normalise(x):
+            return _normalise(x, std, ddof, eps)
+    if aggregate == "rewards":
+        adv = normalise((r * w).sum(dim=-1, keepdim=True))[..., 0]
+    else:
+        adv = (normalise(r) * w).sum(dim=-1)
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     adv = adv.float()
@@ -137,27 +193,35 @@ def group_advantages(rewards: torch.Tensor, *, std: str = "group", ddof: int = 0
 
 def group_advantages_ref(rewards: torch.Tensor, *, std: str = "group", ddof: int = 0, eps: float = 1e-4,
                          clip: Optional[float] = None, weights: Weights = None,
-                         aggregate: str = "rewards") -> torch.Tensor:
+                         aggregate: str = "rewards", group_sizes=None) -> torch.Tensor:
     """Plain twin of `group_advantages` (the test oracle): a loop over groups and rewards written like the
     sources' trackers, std from its definition ``sqrt(sum (r - mean)^2 / (n - ddof))``; float64 output."""
-    w = _check_inputs(rewards, std, ddof, eps, clip, weights, aggregate)
-    squeeze = rewards.ndim == 1
     r = rewards.detach().to(torch.float64)
-    r = r.view(1, -1, 1) if squeeze else (r if r.ndim == 3 else r.unsqueeze(2))
+    if group_sizes is not None:
+        sizes = _check_group_sizes(rewards, group_sizes, std, ddof).tolist()
+        w = _check_inputs(rewards.unsqueeze(0), std, ddof, eps, clip, weights, aggregate)
+        groups = list(torch.split(r if r.ndim == 2 else r.unsqueeze(1), sizes))  # each [n_p, R]
+        shape = (r.shape[0],)
+    else:
+        w = _check_inputs(rewards, std, ddof, eps, clip, weights, aggregate)
+        r = r.view(1, -1, 1) if rewards.ndim == 1 else (r if r.ndim == 3 else r.unsqueeze(2))
+        groups = list(r)
+        shape = rewards.shape[:1] if rewards.ndim == 1 else rewards.shape[:2]
     if aggregate == "rewards":
-        r = (r * w.view(1, 1, -1)).sum(dim=2, keepdim=True)
+        groups = [(g * w.view(1, -1)).sum(dim=1, keepdim=True) for g in groups]
         w = torch.ones(1, dtype=torch.float64, device=r.device)
 
     def std_of(x):
         return torch.sqrt(((x - x.mean()) ** 2).sum() / (x.numel() - ddof))
 
-    out = torch.zeros(r.shape[:2], dtype=torch.float64, device=r.device)
-    for i in range(r.shape[2]):
-        pooled = std_of(r[:, :, i].reshape(-1))
-        for p in range(r.shape[0]):
-            group = r[p, :, i]
-            s = std_of(group) if std == "group" else pooled
-            out[p] += w[i] * (group - group.mean()) / (s + eps)
+    out = []
+    for group in groups:
+        adv = torch.zeros(group.shape[0], dtype=torch.float64, device=r.device)
+        for i in range(group.shape[1]):
+            s = std_of(group[:, i]) if std == "group" else std_of(torch.cat([g[:, i] for g in groups]))
+            adv += w[i] * (group[:, i] - group[:, i].mean()) / (s + eps)
+        out.append(adv)
+    out = torch.cat(out).reshape(shape)
     if clip is not None:
         out = out.clamp(-clip, clip)
-    return out[0] if squeeze else out
+    return out

@@ -4,7 +4,9 @@
 * ``ema.safetensors`` -- their exponential moving average;
 * ``optimizer.pt`` -- the optimizer state;
 * ``rng.pt`` -- python/numpy/torch RNG states (the loop also derives each step's randomness from (seed, step));
-* ``state.json`` -- step, samples, model forwards, elapsed time, and the config.
+* ``state.json`` -- step, samples, model forwards, elapsed time, and the config;
+* ``strategy.pt`` -- the variant's own state, when it keeps one (`Strategy.state_dict`: AEGPO's per-prompt
+  base-entropy cache).
 
 A checkpoint is written to a temporary folder and renamed into place, so a crash never leaves half of one.
 """
@@ -24,7 +26,8 @@ from safetensors.torch import load_file, save_file
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-def save_checkpoint(root: Path, step: int, *, trainable: dict, ema: dict, optimizer, state: dict) -> Path:
+def save_checkpoint(root: Path, step: int, *, trainable: dict, ema: dict, optimizer, state: dict,
+                    strategy_state: dict | None = None) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
@@ -37,6 +40,8 @@ def save_checkpoint(root: Path, step: int, *, trainable: dict, ema: dict, optimi
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    if strategy_state:
+        torch.save(strategy_state, tmp / "strategy.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -50,7 +55,9 @@ def latest_checkpoint(root: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def load_checkpoint(path: Path, *, trainable: dict, ema: dict, optimizer) -> dict:
+def load_checkpoint(path: Path, *, trainable: dict, ema: dict, optimizer, strategy=None) -> dict:
+    """Restore the weights, EMA, optimizer, RNG states (and ``strategy``'s state when saved); returns
+    ``state.json``."""
     path = Path(path)
     weights = load_file(str(path / "trainable.safetensors"))
     missing = set(trainable) - set(weights)
@@ -69,4 +76,6 @@ def load_checkpoint(path: Path, *, trainable: dict, ema: dict, optimizer) -> dic
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+    if strategy is not None and (path / "strategy.pt").exists():
+        strategy.load_state_dict(torch.load(path / "strategy.pt", weights_only=False))
     return json.loads((path / "state.json").read_text())

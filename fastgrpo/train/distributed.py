@@ -4,6 +4,9 @@ Each optimizer step draws ``prompts_per_step`` prompts (the same draw on every r
 and the step), repeats each ``group_size`` times (Flow-GRPO's K-repeat sampler), and gives rank r the contiguous
 slice ``[r * n_local, (r + 1) * n_local)`` of the ``P * G`` samples. Rewards are all-gathered before the
 per-prompt statistics, so N processes compute exactly the advantages one process would.
+
+A variant may give its prompts different numbers of rollouts (AEGPO); the group sizes are then gathered with the
+rewards, and each rank's rewards may be of a different length (`all_gather_varlen`).
 """
 from __future__ import annotations
 
@@ -63,16 +66,47 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out).to(t.device)
 
 
-def gathered_advantages(local_rewards: torch.Tensor, group_size: int, *, std: str, ddof: int, eps: float,
+def all_gather_varlen(t: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """Concatenate tensors whose first dimension differs between ranks, in rank order; also returns each rank's
+    length (identity in one process)."""
+    rank, ws = world()
+    if ws == 1:
+        return t, [t.shape[0]]
+    lengths = all_gather_cat(torch.tensor([t.shape[0]], dtype=torch.int64)).tolist()
+    padded = t.new_zeros((max(lengths), *t.shape[1:]))
+    padded[:t.shape[0]] = t
+    parts = all_gather_cat(padded).split(max(lengths))
+    return torch.cat([p[:n] for p, n in zip(parts, lengths)]), lengths
+
+
+def all_sum(x):
+    """The sum of a number over ranks (identity in one process): counters that differ between ranks."""
+    rank, ws = world()
+    if ws == 1:
+        return x
+    total = all_gather_cat(torch.tensor([x], dtype=torch.float64)).sum().item()
+    return int(total) if isinstance(x, int) else total
+
+
+def gathered_advantages(local_rewards: torch.Tensor, group_sizes, *, std: str, ddof: int, eps: float,
                         clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages of this rank's samples from the rewards of all ranks; also returns all rewards [P * G]."""
+    """Advantages of this rank's samples from the rewards of all ranks; also returns all rewards.
+
+    ``group_sizes``: an int (every group has that many rollouts, the K-repeat sampler's G) or this rank's group
+    sizes [p_local] (groups of different sizes, laid out one after another in ``local_rewards``)."""
     from fastgrpo.ops import group_advantages
 
     rank, ws = world()
-    rewards = all_gather_cat(local_rewards.float())
-    adv = group_advantages(rewards.view(-1, group_size), std=std, ddof=ddof, eps=eps, clip=clip).reshape(-1)
-    n = local_rewards.shape[0]
-    return adv[rank * n:(rank + 1) * n], rewards
+    if isinstance(group_sizes, int):
+        rewards = all_gather_cat(local_rewards.float())
+        adv = group_advantages(rewards.view(-1, group_sizes), std=std, ddof=ddof, eps=eps, clip=clip).reshape(-1)
+        n = local_rewards.shape[0]
+        return adv[rank * n:(rank + 1) * n], rewards
+    rewards, lengths = all_gather_varlen(local_rewards.float())
+    sizes, _ = all_gather_varlen(torch.as_tensor(group_sizes, dtype=torch.int64))
+    adv = group_advantages(rewards, std=std, ddof=ddof, eps=eps, clip=clip, group_sizes=sizes)
+    start = sum(lengths[:rank])
+    return adv[start:start + lengths[rank]], rewards
 
 
 def average_gradients(params) -> None:

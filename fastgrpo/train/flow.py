@@ -1,12 +1,15 @@
 """The flow-matching family's phases (SD3/SD3.5, FLUX): tree-shaped SDE rollouts and the per-transition update.
 
-**sample** -- a rank's groups are sampled in waves of whole groups (as many as fit ``sample.batch_size`` rows at the
-start), each wave scored in a worker thread while the next one samples. Within a wave every group follows its
-strategy's `GroupPlan`: ``roots`` trajectories from noise; at a split step each active trajectory becomes that many
-children, each taking the step with its own noise; stochastic steps call `fastgrpo.sde_step` with the variant's
-kind, the others ``kind="ode"``; after each velocity evaluation the strategy may prune rows (Pro-GRPO). Forwards
-run in chunks of at most ``sample.batch_size`` rows. Every stochastic transition is kept (x_t, x_{t-1}, its
-log-prob, its node of the tree); ODE transitions have no density and are never trained.
+**sample** -- the strategy plans this rank's groups (`Strategy.plan_groups`), then they are sampled in waves of
+whole groups (as many as fit ``sample.batch_size`` rows at the widest point), each wave scored in a worker thread
+while the next one samples. Within a wave every group follows its `GroupPlan`: ``roots`` trajectories from noise
+(or, from step ``start`` on, from the given ``x_start``: a prefix sampled elsewhere joins the wave there); at a
+split step each active trajectory becomes that many children, each taking the step with its own noise; stochastic
+steps call `fastgrpo.sde_step` with the variant's kind, the others ``kind="ode"``; after each velocity evaluation
+the strategy may prune rows (Pro-GRPO). Rows stay ordered by group, so a group's leaves are contiguous and its
+size is its number of leaves (``MicroBatch.group_sizes``). Forwards run in chunks of at most ``sample.batch_size``
+rows. Every stochastic transition is kept (x_t, x_{t-1}, its log-prob, its node of the tree); ODE transitions have
+no density and are never trained.
 
 **train** -- the trained transitions (per node: the strategy's steps for trees without splits, every stochastic
 transition otherwise) in chunks of ``sample.batch_size``: the transition's new log-prob and the KL to the reference
@@ -28,7 +31,7 @@ from tqdm.auto import tqdm
 
 from fastgrpo.ops import sde_step
 
-from .distributed import step_generator
+from .distributed import all_sum, step_generator
 from .loop import GRPOTrainer, MicroBatch, TrainingDiverged
 
 
@@ -78,7 +81,7 @@ class FlowTrainer(GRPOTrainer):
         if cfg.model.lora is not None:
             model.add_lora(cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.targets)
         else:
-            model.full_finetune(keep_reference=self.strategy.beta > 0)
+            model.full_finetune(keep_reference=self.strategy.beta > 0 or self.strategy.needs_reference)
         self.sigmas = model.sigmas(cfg.sample.num_steps)
         return model, model.trainable_state()
 
@@ -97,28 +100,26 @@ class FlowTrainer(GRPOTrainer):
     def sample(self, step: int, gen: torch.Generator, pool: ThreadPoolExecutor) -> list:
         cfg, strat = self.cfg, self.strategy
         prompt_idx, _ = self.sampler.local(step, self.rank, self.world_size)
-        G, T = cfg.sample.group_size, cfg.sample.num_steps
-        group_prompts = [self.prompts[i] for i in prompt_idx[::G].tolist()]
-        plans = [strat.group_plan(T, G, gen) for _ in group_prompts]
-        for p in plans:
-            if p.leaves() != G:
-                raise ValueError(f"{strat.name}: a group plan yields {p.leaves()} rollouts but sample.group_size is "
-                                 f"{G}; set sample.group_size={p.leaves()}")
+        group_idx = prompt_idx[::cfg.sample.group_size].tolist()
+        group_prompts = [self.prompts[i] for i in group_idx]
+        self.wave_log = {}
+        plans = strat.plan_groups(self, step, group_idx, gen)
         widest = max(max(p.roots, p.leaves()) for p in plans)
         per_wave = max(1, cfg.sample.batch_size // widest)
         batches, futures = [], []
-        self.wave_log = {}
         waves = range(0, len(group_prompts), per_wave)
         for w in tqdm(waves, desc="sample", leave=False, disable=not (cfg.log.progress and self.is_main)):
             prompts, wave_plans = group_prompts[w:w + per_wave], plans[w:w + per_wave]
             first_group = self.rank * len(group_prompts) + w  # global group index, for group-shared noise
             tree, x_final = self._rollout(prompts, wave_plans, gen, step, first_group)
-            leaf_prompts = [prompts[g] for g in tree_groups(tree)]
+            leaf_groups = tree_groups(tree)
+            leaf_prompts = [prompts[g] for g in leaf_groups]
+            sizes = torch.bincount(torch.tensor(leaf_groups), minlength=len(prompts)).tolist()
             batches.append(MicroBatch(leaf_prompts, {"tree": tree, "prompts": prompts,
-                                                     "emb": self.policy.encode_prompts(prompts)}))
+                                                     "emb": self.policy.encode_prompts(prompts)}, group_sizes=sizes))
             futures.append(self.submit_score(pool, self.policy.decode(x_final), leaf_prompts))
         self.collect_scores(batches, futures)
-        self.samples += sum(max(p.roots, p.leaves()) for p in plans) * self.world_size
+        self.samples += all_sum(sum(max(p.roots, p.leaves()) for p in plans))
         return batches
 
     def _rollout(self, prompts, plans, gen, step, first_group):
@@ -126,24 +127,19 @@ class FlowTrainer(GRPOTrainer):
         T = cfg.sample.num_steps
         emb = model.encode_prompts(prompts)
         tree = Tree()
-        xs, groups = [], []
         for g, plan in enumerate(plans):
-            if plan.same_noise:
-                x0 = model.initial_latents(1, step_generator(cfg.seed, step, 1000 + first_group + g))
-                xs.append(x0.expand(plan.roots, *x0.shape[1:]).clone())
-            else:
-                xs.append(model.initial_latents(plan.roots, gen))
-            groups += [g] * plan.roots
-        x = torch.cat(xs)
-        group = torch.tensor(groups)
-        node = tree.add_nodes([-1] * len(groups), [0] * len(groups), groups)
-        for g, plan in enumerate(plans):  # trees without splits train the strategy's steps per trajectory
-            if not plan.splits:
-                roots = node[group == g]
-                for n, s in zip(roots.tolist(), strat.train_steps(T, len(roots), gen).tolist()):
-                    tree.train_steps[n] = set(s)
+            if not 0 <= plan.start < T or (plan.start > 0 and plan.x_start is None):
+                raise ValueError(f"{strat.name}: a group plan starts at step {plan.start} "
+                                 f"{'without x_start' if 0 < plan.start < T else f'outside [0, {T})'}")
+        x = torch.empty(model.latent_shape(0), device=self.device)
+        group = node = torch.empty(0, dtype=torch.long)
         sigma_max = self.sigmas[1].item()
         for i in range(T):
+            joining = [g for g, plan in enumerate(plans) if plan.start == i]
+            if joining:
+                x, group, node = self._add_roots(tree, joining, plans, (x, group, node), gen, step, first_group)
+            if x.shape[0] == 0:
+                continue
             factors = torch.tensor([plans[g].splits.get(i, 1) for g in group.tolist()])
             if bool((factors > 1).any()):
                 x, group, parent = (x.repeat_interleave(factors.to(x.device), 0), group.repeat_interleave(factors),
@@ -170,6 +166,34 @@ class FlowTrainer(GRPOTrainer):
             x = x_next
         tree.leaf_nodes = node
         return tree, x
+
+    def _add_roots(self, tree, joining, plans, rows, gen, step, first_group):
+        """Start the roots of the groups ``joining`` (from initial noise, or their plan's ``x_start``) and add them
+        to the active ``rows`` (x, group, node), which stay ordered by group."""
+        model, T = self.policy, self.cfg.sample.num_steps
+        xs, groups = [], []
+        for g in joining:
+            plan = plans[g]
+            if plan.x_start is not None:
+                x0 = plan.x_start.to(self.device, torch.float32)
+                xs.append(x0.expand(plan.roots, *x0.shape[1:]).clone())
+            elif plan.same_noise:
+                x0 = model.initial_latents(1, step_generator(self.cfg.seed, step, 1000 + first_group + g))
+                xs.append(x0.expand(plan.roots, *x0.shape[1:]).clone())
+            else:
+                xs.append(model.initial_latents(plan.roots, gen))
+            groups += [g] * plan.roots
+        new_group = torch.tensor(groups)
+        new_node = tree.add_nodes([-1] * len(groups), [0] * len(groups), groups)
+        for g in joining:  # trees without splits train the strategy's steps per trajectory
+            if not plans[g].splits:
+                roots = new_node[new_group == g]
+                for n, s in zip(roots.tolist(), self.strategy.train_steps(T, len(roots), gen).tolist()):
+                    tree.train_steps[n] = set(s)
+        x, group, node = rows
+        x, group, node = torch.cat([x, *xs]), torch.cat([group, new_group]), torch.cat([node, new_node])
+        order = torch.sort(group, stable=True).indices
+        return x[order], group[order], node[order]
 
     # ------------------------------------------------------------------------------------------------- train
     def _trained_rows(self, batches):
@@ -245,7 +269,7 @@ class FlowTrainer(GRPOTrainer):
             stats["clip_frac"] += ((ratio.detach() - 1).abs() > clip).float().sum().item() / n
         model.transformer.eval()
         stats["first_ratio_dev"] = first_ratio_dev
-        stats["trained_transitions"] = n * self.world_size
+        stats["trained_transitions"] = all_sum(n)
         stats.update(getattr(self, "wave_log", {}))
         return stats
 

@@ -6,7 +6,7 @@ Each optimizer step runs:
    ``sample.batch_size``, keeping what the train phase needs (family-specific: `fastgrpo.train.flow`, `fastgrpo.train.ar`);
 2. **score**   -- the reward of each micro-batch, computed in a worker thread while the next one samples;
 3. **advantages** -- rewards gathered across ranks, then per-prompt statistics (`fastgrpo.ops.group_advantages`
-   with the variant's conventions), each rank keeping its slice;
+   with the variant's conventions; groups may differ in size), each rank keeping its slice;
 4. **select**  -- the variant's filter (none for Flow-GRPO / DanceGRPO);
 5. **train**   -- the family's policy-gradient pass over the kept rollouts, one optimizer step;
 6. **log**     -- one ``metrics.jsonl`` row, tensorboard, progress bar; checkpoints every ``checkpoint.every``
@@ -38,7 +38,7 @@ from fastgrpo.rewards import build_reward
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
-from .distributed import GroupSampler, average_gradients, gathered_advantages, step_generator, world
+from .distributed import GroupSampler, all_sum, average_gradients, gathered_advantages, step_generator, world
 from .metrics import MetricsLogger, plot_curves
 from .prompts import load_prompts
 
@@ -54,6 +54,7 @@ class MicroBatch:
 
     prompts: list
     data: dict
+    group_sizes: list | None = None  # rollouts of each group, in order; None: every group has sample.group_size
     rewards: torch.Tensor | None = None
     reward_parts: dict = field(default_factory=dict)
     advantages: torch.Tensor | None = None
@@ -103,6 +104,7 @@ class GRPOTrainer:
                                            weight_decay=cfg.train.weight_decay, eps=1e-8)
         self.ema = EMA(self.named, cfg.train.ema_decay)
         self.step, self.samples, self.elapsed = 0, 0, 0.0
+        self.model_forwards, self._forwards_seen = 0, 0  # all ranks' total; this rank's counter when last summed
         self.ckpt_dir = self.out / "checkpoints"
 
         self.is_main = self.rank == 0
@@ -113,9 +115,10 @@ class GRPOTrainer:
             ckpt = latest_checkpoint(self.ckpt_dir)
             if ckpt is None:
                 raise ValueError(f"--resume: no checkpoint under {self.ckpt_dir}")
-            state = load_checkpoint(ckpt, trainable=self.named, ema=self.ema.shadow, optimizer=self.optimizer)
+            state = load_checkpoint(ckpt, trainable=self.named, ema=self.ema.shadow, optimizer=self.optimizer,
+                                    strategy=self.strategy)
             self.step, self.samples, self.elapsed = state["step"], state["samples"], state["elapsed_s"]
-            self.policy.model_forwards = state["model_forwards"]
+            self.model_forwards = state["model_forwards"]
             resumed_from = self.step
         if self.is_main:
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -151,10 +154,14 @@ class GRPOTrainer:
         return total, parts
 
     def advantages(self, batches: list) -> torch.Tensor:
+        """Per-group statistics over the rewards of all ranks. Groups may differ in size (a micro-batch's
+        ``group_sizes``, AEGPO): then each group is normalised by its own mean (and std), and a global std pools
+        every rollout of the batch."""
         local = torch.cat([mb.rewards for mb in batches])
-        s, tc = self.strategy, self.cfg.train
-        adv, all_rewards = gathered_advantages(local, self.cfg.sample.group_size, std=s.adv_std, ddof=s.adv_ddof,
-                                               eps=s.adv_eps, clip=tc.adv_clip)
+        s, tc, G = self.strategy, self.cfg.train, self.cfg.sample.group_size
+        sizes = [n for mb in batches for n in (mb.group_sizes or [G] * (len(mb.prompts) // G))]
+        adv, all_rewards = gathered_advantages(local, sizes, std=s.adv_std, ddof=s.adv_ddof, eps=s.adv_eps,
+                                               clip=tc.adv_clip)
         n = 0
         for mb in batches:
             mb.advantages = adv[n:n + len(mb.prompts)].to(self.device)
@@ -189,11 +196,14 @@ class GRPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 stats = self.train(batches, gen)
                 stats["grad_norm"] = self.optimizer_step()
+                # Ranks may run different numbers of forwards (groups of different sizes): sum them.
+                self.model_forwards += all_sum(self.policy.model_forwards - self._forwards_seen)
+                self._forwards_seen = self.policy.model_forwards
                 self.step = step + 1
                 self.elapsed = time.time() - t0
                 row = {"step": self.step, "reward_mean": all_rewards.mean().item(),
                        "reward_std": all_rewards.std(unbiased=False).item(), **stats, "time_s": self.elapsed,
-                       "samples": self.samples, "model_forwards": self.policy.model_forwards * self.world_size,
+                       "samples": self.samples, "model_forwards": self.model_forwards,
                        "lr": self.optimizer.param_groups[0]["lr"]}
                 parts = {}
                 for mb in batches:
@@ -215,8 +225,9 @@ class GRPOTrainer:
             return
         save_checkpoint(self.ckpt_dir, self.step, trainable=self.named, ema=self.ema.shadow,
                         optimizer=self.optimizer,
-                        state={"samples": self.samples, "model_forwards": self.policy.model_forwards,
-                               "elapsed_s": self.elapsed, "config": self.cfg.to_dict()})
+                        state={"samples": self.samples, "model_forwards": self.model_forwards,
+                               "elapsed_s": self.elapsed, "config": self.cfg.to_dict()},
+                        strategy_state=self.strategy.state_dict())
         plot_curves(self.out)
 
 

@@ -45,7 +45,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_curves(run_dir: Path) -> Path:
-    """(Re)draw ``run_dir/curves.png`` from ``run_dir/metrics.jsonl``: reward (mean +- std), loss, KL, entropy."""
+    """(Re)draw ``run_dir/curves.png`` from ``run_dir/metrics.jsonl``: reward (mean +- std), loss, KL, entropy (a
+    list-valued field such as AEGPO's ``entropy_t`` draws one line per element)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,6 +71,8 @@ def plot_curves(run_dir: Path) -> Path:
                 smooth = [sum(ys[i - w + 1:i + 1]) / w for i in range(w - 1, len(ys))]
                 ax.plot(steps[w - 1:], smooth, lw=2.5, label=f"mean of {w}")
                 ax.legend(loc="best", fontsize=8)
+        if isinstance(ys[0], list):  # one value per denoising step (AEGPO's entropy_t): one line per step
+            title += " (a line per denoising step)"
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)

@@ -8,7 +8,10 @@ Rollouts of one prompt form a tree (`fastgrpo.train.flow`): ``GroupPlan.roots`` 
 and at a step listed in ``GroupPlan.splits`` every active trajectory splits into that many children, each taking
 the step with its own noise. Plain GRPO is the tree with G roots and no splits (Flow-GRPO, DanceGRPO); trajectory
 branching is one root split into G at step k (TempFlow-GRPO); BranchGRPO splits in 2 at several steps. The leaves
-are the group's G rollouts; a node is the segment of a trajectory between two splits.
+are the group's G rollouts; a node is the segment of a trajectory between two splits. A plan may start its roots at
+a later step from latents computed elsewhere (``start``, ``x_start``: AEGPO's probe trajectory is the shared
+prefix), and a variant that plans all groups of a step together (`Strategy.plan_groups`) may give them different
+numbers of rollouts; the advantages phase then normalises each group by its own statistics.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ class GroupPlan:
     splits: dict = field(default_factory=dict)  # step -> children per active trajectory
     same_noise: bool = False  # the roots share one initial noise
     pruned_to: int | None = None  # rollouts left at the end when the strategy prunes (Pro-GRPO)
+    start: int = 0  # the step the roots begin at; the steps before it are not sampled
+    x_start: torch.Tensor | None = None  # the roots' latent at ``start`` ([1 or roots, ...]); None: initial noise
 
     def leaves(self) -> int:
         """The group's final rollouts."""
@@ -48,6 +53,7 @@ class Strategy:
     adv_eps: float = 1e-4
     same_noise: bool = False
     families: ClassVar[tuple] = ("sd3", "flux")  # the model families (config model.family) the variant trains
+    needs_reference: ClassVar[bool] = False  # evaluates the reference policy even without a KL term (AEGPO)
 
     @classmethod
     def from_config(cls, cfg) -> "Strategy":
@@ -76,7 +82,26 @@ class Strategy:
     def configure(self, cfg) -> None:
         """Read ``cfg.algo_args`` into this strategy, validating against the rest of the config (default: none)."""
 
+    def state_dict(self) -> dict:
+        """What the variant keeps between steps and a checkpoint must carry (AEGPO's base-entropy cache)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict` on ``--resume``."""
+
     # ------------------------------------------------------------------------------------------- rollouts
+    def plan_groups(self, trainer, step: int, prompt_idx: list, generator: torch.Generator) -> list:
+        """The plans of this rank's groups at optimizer ``step`` (``prompt_idx``: their prompts' indices into
+        ``trainer.prompts``, in order). Default: one `group_plan` per group, each yielding ``sample.group_size``
+        rollouts. AEGPO overrides it: it probes every prompt first and plans the groups from what it measured."""
+        T, G = trainer.cfg.sample.num_steps, trainer.cfg.sample.group_size
+        plans = [self.group_plan(T, G, generator) for _ in prompt_idx]
+        for p in plans:
+            if p.leaves() != G:
+                raise ValueError(f"{self.name}: a group plan yields {p.leaves()} rollouts but sample.group_size is "
+                                 f"{G}; set sample.group_size={p.leaves()}")
+        return plans
+
     def group_plan(self, num_steps: int, group_size: int, generator: torch.Generator) -> GroupPlan:
         """Plain GRPO: ``group_size`` independent SDE trajectories."""
         return GroupPlan(roots=group_size, sde=torch.ones(num_steps, dtype=torch.bool), same_noise=self.same_noise)
