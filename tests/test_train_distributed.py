@@ -45,6 +45,28 @@ def test_two_processes_match_one(tmp_path):
     assert torch.equal(torch.cat([p["groups"] for p in parts]), one[1])
 
 
+def test_accelerate_fsdp_config_selects_fsdp(monkeypatch):
+    """distributed.strategy auto follows `accelerate launch`'s FSDP config; what fastgrpo cannot do raises."""
+    from fastgrpo.train import resolve_config
+    from fastgrpo.train.sharding import Replicated, Sharded, parallelism
+
+    full = resolve_config(preset="tiny-flow-grpo")  # full fine-tuning
+    lora = resolve_config(preset="tiny-flow-grpo", overrides=["model.lora={rank: 4, alpha: 8}"])
+    ddp = resolve_config(preset="tiny-flow-grpo", overrides=["distributed.strategy=ddp"])
+    assert type(parallelism(full, 2)) is Replicated and type(parallelism(lora, 2)) is Replicated
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for distributed_type: FSDP
+    assert type(parallelism(full, 2)) is Sharded and parallelism(full, 2).reshard_after_forward
+    assert type(parallelism(full, 1)) is Replicated  # one process: nothing to shard
+    assert type(parallelism(ddp, 2)) is Replicated  # the explicit key wins
+    with pytest.raises(ValueError, match="FSDP config.*model.lora=null"):
+        parallelism(lora, 2)
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    assert not parallelism(full, 2).reshard_after_forward
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ValueError, match="fsdp_offload_params"):
+        parallelism(full, 2)
+
+
 def test_sampler_rejects_indivisible_world():
     with pytest.raises(ValueError, match="divisible by the number of processes"):
         GroupSampler(10, 3, 3, seed=0).local(0, 0, 2)

@@ -13,9 +13,9 @@ Each optimizer step runs:
    steps and at the end; ``curves.png`` at every checkpoint.
 
 `GRPOTrainer` holds everything family-independent (config, strategy, prompts, rewards, the K-repeat sampler,
-how the weights live across processes (`fastgrpo.train.sharding`: DDP or FSDP), optimizer, EMA, checkpoints,
-logging, the run loop). A family subclass implements ``build_policy`` (returns the
-policy object, which counts ``model_forwards``, and its trainable parameters by name), ``sample`` and ``train``.
+where the weights live across processes (`fastgrpo.train.sharding`: DDP or FSDP), optimizer, EMA, checkpoints,
+logging, the run loop). A family subclass implements ``build_policy`` (returns the policy object, which counts
+``model_forwards``, and its trainable parameters by name), ``sample`` and ``train``.
 
 Randomness is derived from (seed, step, rank) for every step, so ``--resume`` from a checkpoint replays exactly the
 steps a straight run would take (bit-identical weights on CPU).
@@ -86,13 +86,10 @@ class GRPOTrainer:
         self.out = Path(out_dir)
         if device is None:
             # accelerate sets up the process group under `accelerate launch` (gloo on CPU, NCCL on GPU) and picks
-            # this process's device; in a single process it only picks the device. Without a GPU (or with `--cpu`)
-            # it must be told cpu=True, or it starts no process group and every process believes it is rank 0.
+            # this process's device; in a single process it only picks the device.
             from accelerate import PartialState
-            from accelerate.utils import parse_flag_from_env
 
-            cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-            device = PartialState(cpu=cpu).device
+            device = PartialState().device
         self.device = torch.device(device)
         self.rank, self.world_size = world()
         self.strategy = STRATEGIES[cfg.algo].from_config(cfg)
