@@ -104,6 +104,10 @@ def _fsdp_worker(rank, world_size, port, out_dir):
                   "total": sum(p.numel() for p in t.params), "weights": _local_numel(t.params),
                   "moments": _local_numel(moments) / 2, "ema": _local_numel(t.ema.shadow.values()),
                   "reference": _local_numel(ref.parameters())}
+        try:  # processes about to run different numbers of training forwards all stop instead of hanging
+            t.parallel.check_same_forwards(1 + rank)
+        except ValueError as e:
+            shards["mismatch"] = str(e)
         run("fsdp_resumed", "fsdp", 2)
         run("fsdp_resumed", "fsdp", 4, resume=True)
         run("ddp", "ddp", 4)
@@ -131,6 +135,7 @@ def test_fsdp_shards_matches_ddp_and_resumes(tmp_path):
         assert all(s["units"]) and len(s["units"]) == 2 * 3  # (root + 2 blocks) x (policy, reference)
         for key in ("weights", "moments", "ema", "reference"):
             assert 0.45 * total < s[key] < 0.55 * total, (key, s[key], total)
+        assert "same number of training forwards on every process, got [1, 2]" in s.get("mismatch", "")
 
     ckpt = {name: tmp_path / name / "checkpoints/step_4" for name in ("fsdp", "fsdp_resumed", "ddp")}
     state = json.loads((ckpt["fsdp"] / "state.json").read_text())
