@@ -87,6 +87,7 @@ def _fsdp_worker(rank, world_size, port, out_dir):
     from fastgrpo.train import make_trainer, resolve_config
     from fastgrpo.train.sharding import is_fsdp_unit
 
+    torch.set_num_threads(1)  # two processes share the CI machine's cores
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:

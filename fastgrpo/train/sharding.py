@@ -16,14 +16,14 @@
   e.g. ``configs/accelerate/fsdp.yaml``), else ``ddp``.
 
 Why FSDP2 directly and not ``Accelerator.prepare``: the loop owns its optimizer step, gradient accumulation and
-checkpoint format (one format for every strategy), it must gather the policy's weights for sampling, and the
-reference copy must be sharded without being trained; ``prepare`` would wrap the optimizer, and its FSDP2 path
-assumes a transformers language model (input embeddings, final norm, lm_head). The units are the same as
-accelerate's. Of an accelerate FSDP config fastgrpo reads ``distributed_type`` and ``fsdp_reshard_after_forward``
-(false keeps each block's gathered weights from forward to backward, ZeRO-2 style); FSDP version, wrap policy and
-state-dict type are fixed (FSDP2, per block, full state dicts); what it does not implement (parameter offload,
-activation checkpointing, CPU-RAM-efficient loading) raises ValueError instead of being ignored. Mixed precision
-stays what ``model.dtype`` says, as under DDP.
+checkpoint format (one format for every strategy) and must gather the policy's weights for sampling; ``prepare``
+would wrap the optimizer and take over state saving, and its FSDP2 path is shaped around transformers language
+models (it carves input embeddings, final norm and lm_head into units of their own). The units here are the ones
+accelerate picks for the transformer blocks. Of an accelerate FSDP config fastgrpo reads ``distributed_type`` and
+``fsdp_reshard_after_forward`` (false keeps each block's gathered weights from forward to backward, ZeRO-2 style);
+FSDP version, wrap policy and state-dict type are fixed (FSDP2, per block, full state dicts); what it does not
+implement (parameter offload, activation checkpointing, CPU-RAM-efficient loading) raises ValueError instead of
+being ignored. accelerate's ``mixed_precision`` is not used: precision is ``model.dtype``, as under DDP.
 
 **Sampling** is no-grad forwards whose number can differ between processes (TempFlow-GRPO's branch step sets how
 many rows a forward has), while FSDP's per-forward all-gathers need every process to run the same forwards. So the
