@@ -1,9 +1,12 @@
 """`fastgrpo train | presets | plot` as a user runs them, including `accelerate launch` with 2 CPU processes."""
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from fastgrpo.train.metrics import read_metrics
 
@@ -46,12 +49,17 @@ def test_train_errors_are_clear(tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
-def test_accelerate_launch_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_accelerate_launch_two_cpu_processes(tmp_path, strategy):
+    """The README's commands with the shipped accelerate configs: torchrun starts 2 processes, gloo on CPU; the FSDP
+    config makes distributed.strategy auto shard (tiny-flow-grpo is full fine-tuning)."""
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
-    proc = _run([accelerate, "launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision",
-                 "no", "--dynamo_backend", "no", "-m", "fastgrpo", "train", "--preset", "tiny-flow-grpo", "--out",
-                 "run", "--set", "train.steps=2", *SMALL], tmp_path)
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{strategy}.yaml"
+    proc = _run([accelerate, "launch", "--config_file", str(config), "--num_processes", "2", "-m", "fastgrpo",
+                 "train", "--preset", "tiny-flow-grpo", "--out", "run", "--set", "train.steps=2", *SMALL], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "run/metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]  # one writer (rank 0)
     assert rows[-1]["samples"] == 2 * 2 * 4  # both ranks' samples counted: 2 prompts x 4 per step
+    state = json.loads((tmp_path / "run/checkpoints/step_2/state.json").read_text())
+    assert (state["world_size"], state["distributed"]) == (2, strategy)

@@ -28,6 +28,13 @@ def test_every_preset_builds():
         ({"model": {"lora": {"rank": 0}}}, "model.lora.rank must be > 0"),
         ({"train": {"adv_std": "batch"}}, "train.adv_std must be one of"),
         ({"checkpoint": {"every": 0}}, "checkpoint.every must be > 0"),
+        ({"train": {"ema_decay": 1.0}}, r"train.ema_decay must be in \[0, 1\), or null"),
+        ({"train": {"ema_decay": "off"}}, "train.ema_decay must be a number"),
+        ({"distributed": {"strategy": "zero3"}}, "distributed.strategy must be one of"),
+        ({"distributed": {"strategy": "fsdp"}}, "distributed.strategy fsdp shards full fine-tuning only: set "
+                                                "model.lora=null"),
+        ({"algo": "eg_grpo", "model": {"family": "janus", "lora": None}, "sample": {"guidance_scale": 5.0},
+          "distributed": {"strategy": "fsdp"}}, "distributed.strategy fsdp supports model.family sd3 and flux"),
     ],
 )
 def test_bad_config_raises_naming_the_key(data, match):

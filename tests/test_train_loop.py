@@ -48,23 +48,42 @@ def test_first_inner_step_ratio_is_one(tmp_path, preset, lora):
         assert row["kl"] >= 0
 
 
-@pytest.mark.parametrize("preset, extra", [("tiny-flow-grpo", [LORA]), ("tiny-dance-grpo", [])])
+@pytest.mark.parametrize("preset, extra", [("tiny-flow-grpo", [LORA]), ("tiny-dance-grpo", []),
+                                           ("tiny-dance-grpo", ["train.ema_decay=null"])])
 def test_resume_is_bit_identical(tmp_path, preset, extra):
-    """4 steps straight == 2 steps, then --resume to 4: weights, EMA and the logged rewards."""
+    """4 steps straight == 2 steps, then --resume to 4: weights, EMA (when kept) and the logged rewards."""
     straight = train(small_cfg(preset, "train.steps=4", "checkpoint.every=2", *extra), tmp_path / "a")
     train(small_cfg(preset, "train.steps=2", "checkpoint.every=2", *extra), tmp_path / "b")
     resumed = train(small_cfg(preset, "train.steps=4", "checkpoint.every=2", *extra), tmp_path / "b", resume=True)
     wa = load_file(str(straight / "checkpoints/step_4/trainable.safetensors"))
     wb = load_file(str(resumed / "checkpoints/step_4/trainable.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    ea = load_file(str(straight / "checkpoints/step_4/ema.safetensors"))
-    eb = load_file(str(resumed / "checkpoints/step_4/ema.safetensors"))
-    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    keeps_ema = "train.ema_decay=null" not in extra
+    for run in (straight, resumed):
+        assert (run / "checkpoints/step_4/ema.safetensors").exists() == keeps_ema
+    if keeps_ema:
+        ea = load_file(str(straight / "checkpoints/step_4/ema.safetensors"))
+        eb = load_file(str(resumed / "checkpoints/step_4/ema.safetensors"))
+        assert ea.keys() == wa.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
     ra, rb = read_metrics(straight / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
     assert [r["reward_mean"] for r in ra] == [r["reward_mean"] for r in rb]
     assert not torch.equal(wa[next(iter(wa))], load_file(str(resumed / "checkpoints/step_2/trainable.safetensors"))[
         next(iter(wa))])  # the weights did move between steps 2 and 4
+
+
+def test_ema_switch(tmp_path):
+    """train.ema_decay=null keeps no EMA (no float32 copy of the weights, none in checkpoints); a run with an EMA
+    refuses to resume such a checkpoint, naming the switch."""
+    off = small_cfg("tiny-flow-grpo", "train.steps=1", "train.ema_decay=null")
+    trainer = make_trainer(off, tmp_path / "run")
+    assert trainer.ema is None
+    trainer.run()
+    assert not (tmp_path / "run/checkpoints/step_1/ema.safetensors").exists()
+    on = small_cfg("tiny-flow-grpo", "train.steps=2")
+    assert make_trainer(on, tmp_path / "fresh").ema.shadow.keys() == trainer.named.keys()
+    with pytest.raises(ValueError, match="train.ema_decay=null"):
+        make_trainer(on, tmp_path / "run", resume=True)
 
 
 def test_dance_trains_random_steps_never_the_last():

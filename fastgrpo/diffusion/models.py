@@ -98,6 +98,11 @@ class FlowModel:
         self.transformer.requires_grad_(True)
         return list(self.transformer.parameters())
 
+    @property
+    def frozen_reference(self):
+        """The frozen copy that serves as the reference policy in full fine-tuning with a KL, else None."""
+        return self._ref_transformer
+
     def trainable_state(self) -> dict:
         return {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
 

@@ -1,14 +1,17 @@
 """Checkpoints: ``DIR/checkpoints/step_N/`` with everything ``--resume`` needs to continue bit-exactly.
 
 * ``trainable.safetensors`` -- the trainable weights (LoRA or the whole transformer), by parameter name;
-* ``ema.safetensors`` -- their exponential moving average;
-* ``optimizer.pt`` -- the optimizer state;
+* ``ema.safetensors`` -- their exponential moving average (absent when ``train.ema_decay`` is null);
+* ``optimizer.pt`` -- the optimizer state (``optimizer.state_dict()``, moments indexed by parameter position);
 * ``rng.pt`` -- python/numpy/torch RNG states (the loop also derives each step's randomness from (seed, step));
 * ``state.json`` -- step, samples, model forwards, elapsed time, and the config;
-* ``strategy.pt`` -- the variant's own state, when it keeps one (`Strategy.state_dict`: AEGPO's per-prompt
-  base-entropy cache).
+* ``strategy.pt`` -- the variant's own state, when it has one (AEGPO's cached base entropies).
 
 A checkpoint is written to a temporary folder and renamed into place, so a crash never leaves half of one.
+
+Tensors are always whole, whatever ``distributed.strategy`` trained them: under FSDP every process calls
+`save_checkpoint` (the shards are gathered one tensor at a time) and only the writer (rank 0) keeps and writes them;
+`load_checkpoint` gives each process its own shard (`fastgrpo.train.sharding`).
 """
 from __future__ import annotations
 
@@ -23,20 +26,31 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .sharding import gather_full, is_sharded, local_like
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-def save_checkpoint(root: Path, step: int, *, trainable: dict, ema: dict, optimizer, state: dict,
-                    strategy_state: dict | None = None) -> Path:
+def save_checkpoint(root: Path, step: int, *, trainable: dict, ema: dict | None, optimizer, state: dict,
+                    strategy_state: dict | None = None, write: bool = True) -> Path | None:
+    """Write ``root/step_N``; with sharded tensors every process must call it, and only ``write=True`` writes."""
+    weights = gather_full(trainable, keep=write)
+    ema_weights = gather_full(ema, keep=write) if ema is not None else None
+    opt = optimizer.state_dict()
+    opt["state"] = {i: gather_full(s, keep=write) if any(map(is_sharded, s.values())) else s
+                    for i, s in opt["state"].items()}
+    if not write:
+        return None
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = root / f".tmp_step_{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    if ema_weights is not None:
+        save_file(ema_weights, str(tmp / "ema.safetensors"))
+    torch.save(opt, tmp / "optimizer.pt")
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
@@ -55,21 +69,31 @@ def latest_checkpoint(root: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def load_checkpoint(path: Path, *, trainable: dict, ema: dict, optimizer, strategy=None) -> dict:
-    """Restore the weights, EMA, optimizer, RNG states (and ``strategy``'s state when saved); returns
-    ``state.json``."""
+def load_checkpoint(path: Path, *, trainable: dict, ema: dict | None, optimizer, strategy=None) -> dict:
+    """Restore weights, EMA (None: the run keeps none), optimizer and RNG states (and ``strategy``'s state when
+    saved) from ``path``; return state.json."""
     path = Path(path)
     weights = load_file(str(path / "trainable.safetensors"))
     missing = set(trainable) - set(weights)
     if missing:
         raise ValueError(f"checkpoint {path} lacks trainable weights {sorted(missing)[:3]}... "
                          "(was it written by a run with another model or LoRA config?)")
+    if ema is not None and not (path / "ema.safetensors").is_file():
+        raise ValueError(f"checkpoint {path} has no EMA (written with train.ema_decay null): resume with "
+                         "train.ema_decay=null")
     with torch.no_grad():
         for k, p in trainable.items():
-            p.copy_(weights[k].to(p.device, p.dtype))
-        for k, v in load_file(str(path / "ema.safetensors")).items():
-            ema[k].copy_(v.to(ema[k].device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+            p.copy_(local_like(weights[k], p))
+        if ema is not None:
+            for k, v in load_file(str(path / "ema.safetensors")).items():
+                ema[k].copy_(local_like(v, ema[k]))
+    opt = torch.load(path / "optimizer.pt", weights_only=False)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, s in opt["state"].items():  # whole moments -> this process's shards
+        if is_sharded(params[i]):
+            opt["state"][i] = {k: local_like(v, params[i]) if torch.is_tensor(v) and v.shape == params[i].shape
+                               else v for k, v in s.items()}
+    optimizer.load_state_dict(opt)
     rng = torch.load(path / "rng.pt", weights_only=False)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])

@@ -88,7 +88,7 @@ class TrainConfig:
     adv_clip: Optional[float] = 5.0
     timestep_fraction: Optional[float] = None  # None: the variant's default
     cfg: bool = True  # classifier-free guidance in the training forward (SD3; must match sampling for ratio 1)
-    ema_decay: float = 0.9
+    ema_decay: Optional[float] = 0.9  # EMA of the trainable weights; null: no EMA (no fp32 copy, none in checkpoints)
     adv_std: Optional[str] = None  # "global" | "group"; None: the variant's default
     adv_ddof: Optional[int] = None
     adv_eps: Optional[float] = None
@@ -105,8 +105,8 @@ class TrainConfig:
             _positive(p, "adv_clip", self.adv_clip)
         if self.timestep_fraction is not None and not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"{p}timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"{p}ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"{p}ema_decay must be in [0, 1), or null for no EMA, got {self.ema_decay}")
         if self.adv_std is not None:
             _choice(p, "adv_std", self.adv_std, ("global", "group"))
         if self.adv_ddof is not None:
@@ -186,6 +186,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How the trainable weights are spread over processes (`fastgrpo.train.sharding`)."""
+
+    # auto: fsdp when `accelerate launch` was given an FSDP config (distributed_type: FSDP), ddp otherwise;
+    # ddp: every process holds all weights, gradients averaged; fsdp: FSDP2, weights, gradients and optimizer state
+    # sharded per transformer block (full fine-tuning of the flow families only).
+    strategy: str = "auto"
+
+    def validate(self, p):
+        _choice(p, "strategy", self.strategy, ("auto", "ddp", "fsdp"))
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = True
     progress: bool = True
@@ -204,6 +217,7 @@ class Config:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     ar: ARConfig = field(default_factory=ARConfig)  # autoregressive families only
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self, p=""):
@@ -223,6 +237,10 @@ class Config:
                              f"got {self.train.clip_range}")
         if not self.reward:
             raise ValueError("reward must list at least one reward")
+        if self.distributed.strategy == "fsdp":
+            from .sharding import check_fsdp_fits
+
+            check_fsdp_fits(self, "distributed.strategy fsdp")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -82,6 +82,7 @@ class FlowTrainer(GRPOTrainer):
             model.add_lora(cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.targets)
         else:
             model.full_finetune(keep_reference=self.strategy.beta > 0 or self.strategy.needs_reference)
+            self.parallel.shard(model.transformer, reference=model.frozen_reference)
         self.sigmas = model.sigmas(cfg.sample.num_steps)
         return model, model.trainable_state()
 
@@ -229,12 +230,13 @@ class FlowTrainer(GRPOTrainer):
         sigma_max = self.sigmas[1].item()
         rows = self._trained_rows(batches)
         n = rows["step"].shape[0]
+        bs = cfg.sample.batch_size
+        self.parallel.check_same_forwards(-(-n // bs))
         if n == 0:
             raise ValueError(f"{strat.name}: no transition is trained (check train.timestep_fraction and the plan)")
         model.transformer.train()
         stats = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "ratio_mean": 0.0, "clip_frac": 0.0}
         first_ratio_dev = None
-        bs = cfg.sample.batch_size
         for start in tqdm(range(0, n, bs), desc="train", leave=False,
                           disable=not (cfg.log.progress and self.is_main)):
             sl = slice(start, start + bs)

@@ -13,8 +13,9 @@ Each optimizer step runs:
    steps and at the end; ``curves.png`` at every checkpoint.
 
 `GRPOTrainer` holds everything family-independent (config, strategy, prompts, rewards, the K-repeat sampler,
-optimizer, EMA, checkpoints, logging, the run loop). A family subclass implements ``build_policy`` (returns the
-policy object, which counts ``model_forwards``, and its trainable parameters by name), ``sample`` and ``train``.
+where the weights live across processes (`fastgrpo.train.sharding`: DDP or FSDP), optimizer, EMA, checkpoints,
+logging, the run loop). A family subclass implements ``build_policy`` (returns the policy object, which counts
+``model_forwards``, and its trainable parameters by name), ``sample`` and ``train``.
 
 Randomness is derived from (seed, step, rank) for every step, so ``--resume`` from a checkpoint replays exactly the
 steps a straight run would take (bit-identical weights on CPU).
@@ -38,9 +39,10 @@ from fastgrpo.rewards import build_reward
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
-from .distributed import GroupSampler, all_sum, average_gradients, gathered_advantages, step_generator, world
+from .distributed import GroupSampler, all_sum, gathered_advantages, step_generator, world
 from .metrics import MetricsLogger, plot_curves
 from .prompts import load_prompts
+from .sharding import full_tensor, parallelism
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,7 +63,9 @@ class MicroBatch:
 
 
 class EMA:
-    """Exponential moving average of the trainable weights: ``s = d*s + (1-d)*p`` after every optimizer step."""
+    """Exponential moving average of the trainable weights: ``s = d*s + (1-d)*p`` after every optimizer step, in
+    float32. Under FSDP the weights are shards (DTensors), so each process averages its own shard: the EMA is
+    sharded like the weights and gathered whole only into checkpoints."""
 
     def __init__(self, named_params: dict, decay: float):
         self.decay = decay
@@ -97,12 +101,14 @@ class GRPOTrainer:
                              f"number of processes ({self.world_size}): each process samples whole groups")
         self.sampler = GroupSampler(len(self.prompts), cfg.sample.prompts_per_step, cfg.sample.group_size, cfg.seed)
 
+        self.parallel = parallelism(cfg, self.world_size)
+
         torch.manual_seed(cfg.seed)
-        self.policy, self.named = self.build_policy()
+        self.policy, self.named = self.build_policy()  # sharded already under FSDP
         self.params = list(self.named.values())
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.train.lr, betas=(0.9, 0.999),
                                            weight_decay=cfg.train.weight_decay, eps=1e-8)
-        self.ema = EMA(self.named, cfg.train.ema_decay)
+        self.ema = EMA(self.named, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
         self.step, self.samples, self.elapsed = 0, 0, 0.0
         self.model_forwards, self._forwards_seen = 0, 0  # all ranks' total; this rank's counter when last summed
         self.ckpt_dir = self.out / "checkpoints"
@@ -115,8 +121,8 @@ class GRPOTrainer:
             ckpt = latest_checkpoint(self.ckpt_dir)
             if ckpt is None:
                 raise ValueError(f"--resume: no checkpoint under {self.ckpt_dir}")
-            state = load_checkpoint(ckpt, trainable=self.named, ema=self.ema.shadow, optimizer=self.optimizer,
-                                    strategy=self.strategy)
+            state = load_checkpoint(ckpt, trainable=self.named, ema=self.ema.shadow if self.ema else None,
+                                    optimizer=self.optimizer, strategy=self.strategy)
             self.step, self.samples, self.elapsed = state["step"], state["samples"], state["elapsed_s"]
             self.model_forwards = state["model_forwards"]
             resumed_from = self.step
@@ -126,7 +132,8 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------------ phases
     def build_policy(self):
-        """Load the model, set up what trains; return (policy with a ``model_forwards`` counter, {name: param})."""
+        """Load the model, set up what trains (sharded with ``self.parallel.shard`` where it supports FSDP); return
+        (policy with a ``model_forwards`` counter, {name: trainable param})."""
         raise NotImplementedError
 
     def sample(self, step: int, gen: torch.Generator, pool: ThreadPoolExecutor) -> list:
@@ -172,13 +179,15 @@ class GRPOTrainer:
         return batches
 
     def optimizer_step(self) -> float:
-        """Average gradients over ranks, clip, step, update the EMA; returns the gradient norm."""
-        average_gradients(self.params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
+        """Average gradients over ranks (DDP; FSDP did it in backward), clip, step, update the EMA; returns the
+        gradient norm."""
+        self.parallel.reduce_gradients(self.params)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm))
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"the gradient norm became {grad_norm.item()}; weights not updated")
         self.optimizer.step()
-        self.ema.update(self.named)
+        if self.ema is not None:
+            self.ema.update(self.named)
         return grad_norm.item()
 
     # --------------------------------------------------------------------------------------------------- run
@@ -190,11 +199,13 @@ class GRPOTrainer:
         with ThreadPoolExecutor(max_workers=1) as pool:
             for step in outer:
                 gen = step_generator(cfg.seed, step, stream=1 + self.rank)
-                batches = self.sample(step, gen, pool)
+                with self.parallel.sampling():
+                    batches = self.sample(step, gen, pool)
                 all_rewards = self.advantages(batches)
                 batches = self.select(batches)
                 self.optimizer.zero_grad(set_to_none=True)
-                stats = self.train(batches, gen)
+                with self.parallel.training():
+                    stats = self.train(batches, gen)
                 stats["grad_norm"] = self.optimizer_step()
                 # Ranks may run different numbers of forwards (groups of different sizes): sum them.
                 self.model_forwards += all_sum(self.policy.model_forwards - self._forwards_seen)
@@ -221,14 +232,15 @@ class GRPOTrainer:
         return self.out
 
     def save(self) -> None:
-        if not self.is_main:
-            return
-        save_checkpoint(self.ckpt_dir, self.step, trainable=self.named, ema=self.ema.shadow,
-                        optimizer=self.optimizer,
+        """Every process calls it (FSDP gathers the shards); rank 0 writes."""
+        save_checkpoint(self.ckpt_dir, self.step, trainable=self.named, ema=self.ema.shadow if self.ema else None,
+                        optimizer=self.optimizer, write=self.is_main,
                         state={"samples": self.samples, "model_forwards": self.model_forwards,
-                               "elapsed_s": self.elapsed, "config": self.cfg.to_dict()},
+                               "elapsed_s": self.elapsed, "world_size": self.world_size,
+                               "distributed": self.parallel.name, "config": self.cfg.to_dict()},
                         strategy_state=self.strategy.state_dict())
-        plot_curves(self.out)
+        if self.is_main:
+            plot_curves(self.out)
 
 
 def make_trainer(cfg: Config, out_dir, *, resume: bool = False, device=None) -> GRPOTrainer:
