@@ -75,6 +75,9 @@ def test_accelerate_fsdp_config_selects_fsdp(monkeypatch):
     assert type(parallelism(ddp, 2)) is Replicated  # the explicit key wins
     with pytest.raises(ValueError, match="FSDP config.*model.lora=null"):
         parallelism(lora, 2)
+    aegpo = resolve_config(preset="tiny-aegpo", overrides=["model.lora=null"])
+    with pytest.raises(ValueError, match="algo aegpo.*distributed.strategy=ddp"):
+        parallelism(aegpo, 2)
     monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
     assert not parallelism(full, 2).reshard_after_forward
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")

@@ -30,8 +30,9 @@ many rows a forward has), while FSDP's per-forward all-gathers need every proces
 sample phase gathers the policy's blocks once, samples without collectives, and reshards afterwards: while sampling
 each process holds the whole transformer, as under DDP; gradients, optimizer state, EMA and reference stay sharded
 throughout. **Training** runs FSDP's per-block all-gather and reduce-scatter, so every process must run the same
-number of training forwards: every built-in variant trains the same number of transitions per process, and a
-mismatch raises ValueError instead of hanging.
+number of training forwards: every built-in variant except AEGPO trains the same number of transitions per
+process (AEGPO's groups differ in size, and its reference probes depend on each process's cache: it is refused
+with FSDP), and a mismatch raises ValueError instead of hanging.
 
 **Checkpoints** hold full (gathered) tensors in the same files as DDP and single-process runs
 (`fastgrpo.train.checkpoint`): every process takes part in gathering, rank 0 writes; on resume every process reads
@@ -69,6 +70,11 @@ def check_fsdp_fits(cfg, why: str) -> None:
     if cfg.model.family not in ("sd3", "flux"):
         raise ValueError(f"{why} supports model.family sd3 and flux, not {cfg.model.family!r} (its rollouts decode "
                          "token by token, a different number of forwards per process); use distributed.strategy=ddp")
+    if cfg.algo == "aegpo":
+        raise ValueError(f"{why} cannot run algo aegpo: its groups differ in size between processes (16 / 8 "
+                         "rollouts per prompt) and its base-entropy probes run on the reference only where a prompt "
+                         "is not cached yet, so processes would run different numbers of sharded forwards; use "
+                         "distributed.strategy=ddp")
 
 
 def _reshard_after_forward_from_accelerate() -> bool:
