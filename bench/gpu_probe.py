@@ -45,11 +45,14 @@ def _kernel_ms(fn, calls: int = 20) -> tuple[float, dict]:
 
 def ops_cases():
     from fastgrpo import eg_grpo_shaping, ovf_select, sde_step, token_logprob_entropy
+    from test_bench_ovf import G, K, P
+    from test_bench_sde import SHAPES as SDE_SHAPES
+    from test_bench_token import SHAPES as TOKEN_SHAPES
 
     dev = "cuda"
     g = torch.Generator().manual_seed(0)
     cases = {}
-    for name, shape in {"sd35-512": (24, 16, 64, 64), "flux-1024": (12, 4096, 64)}.items():
+    for name, shape in SDE_SHAPES.items():
         x, v, prev, vref = (torch.randn(shape, generator=g).to(dev, torch.bfloat16) for _ in range(4))
         noise = torch.randn(shape, generator=g).to(dev)
         n, es = x.numel(), 2
@@ -63,7 +66,7 @@ def ops_cases():
             return torch.autograd.grad(out.log_prob.sum() + 0.01 * out.kl.sum(), vg)
 
         cases[f"sde_train_{name}_bf16"] = (train, n * (3 * es + 8 + es))
-    for name, (B, L, V) in {"image": (16, 576, 16_384), "text": (16, 256, 102_400)}.items():
+    for name, (B, L, V) in TOKEN_SHAPES.items():
         logits = (torch.randn(B, L, V, generator=g) * 2).to(dev, torch.bfloat16)
         targets = torch.randint(0, V, (B, L), generator=g).to(dev)
         modality = torch.full((B, L), int(name == "image"), device=dev)
@@ -79,8 +82,8 @@ def ops_cases():
             return torch.autograd.grad(logp.sum() + ent.sum(), lr)
 
         cases[f"token_train_{name}"] = (ttrain, 3 * R * V * 2)
-    rewards = (torch.randn(10_000, 48, generator=g) * 0.5 + 22).to(dev)
-    cases["ovf_select_1e4x48_k12"] = (lambda: ovf_select(rewards, 12), 10_000 * (48 * 4 + 12 * 8 + 4))
+    rewards = (torch.randn(P, G, generator=g) * 0.5 + 22).to(dev)
+    cases[f"ovf_select_{P}x{G}_k{K}"] = (lambda: ovf_select(rewards, K), P * (G * 4 + K * 8 + 4))
     return cases
 
 
@@ -100,10 +103,10 @@ def probe_ops(copy_gbps: float) -> dict:
 def _attention_probe() -> dict:
     from fastgrpo import attention_with_text_entropy
     from fastgrpo.kernels import attention_entropy as mod
+    from test_bench_attention import CASES
 
     original = mod._attention_config
-    shapes = {"sd3-512-b2": (2, 24, 1024, 333, 64, "bhsd"), "sd3-512-b8": (8, 24, 1024, 333, 64, "bhsd"),
-              "flux-1024-b1": (1, 24, 4096, 512, 128, "bshd")}
+    shapes = {case: CASES[case] for case in ("sd3-512-b2", "sd3-512-b8", "flux-1024-b1")}
     out = {}
     g = torch.Generator().manual_seed(0)
     for case, (B, H, n_img, n_txt, D, layout) in shapes.items():
@@ -144,16 +147,19 @@ def _attention_probe() -> dict:
     return out
 
 
+def _copy_gbps(n: int = 1 << 29) -> float:
+    """Device-to-device copy bandwidth of a 1 GiB bf16 tensor, bytes read + written."""
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return 2 * n * 2 / _event_ms(lambda: dst.copy_(src)) / 1e6
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--only", choices=["ops", "attention"], default=None)
     args = ap.parse_args(argv)
-    n = 1 << 29
-    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    copy_gbps = 2 * n * 2 / _event_ms(lambda: dst.copy_(src)) / 1e6
-    del src, dst
+    copy_gbps = _copy_gbps()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gb_per_s": copy_gbps}
     import triton
 
