@@ -86,7 +86,7 @@ def test_pro_grpo_prunes_and_never_steps_pruned_trajectories(tmp_path, monkeypat
     real = trainer.velocity
 
     def spy(x, steps, emb, group, **kw):
-        rows_per_step.append((int(steps[0]), x.shape[0]))
+        rows_per_step.append((steps if isinstance(steps, int) else int(steps[0]), x.shape[0]))
         return real(x, steps, emb, group, **kw)
 
     monkeypatch.setattr(trainer, "velocity", spy)

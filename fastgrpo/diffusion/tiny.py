@@ -82,11 +82,12 @@ def tiny_t5_tokenizer(max_length: int = 32):
                                    model_max_length=max_length)
 
 
-def _tiny_clip_text(with_projection: bool, vocab_size: int, hidden: int = 16, proj: int = 8):
+def _tiny_clip_text(with_projection: bool, vocab_size: int, hidden: int = 16, proj: int = 8, positions: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=32, projection_dim=proj,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=positions,
+                         projection_dim=proj,
                          bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
 
@@ -148,3 +149,50 @@ def tiny_flux_pipeline(seed: int = 0):
             transformer=tiny_flux_transformer(seed, num_layers=2, guidance_embeds=True),
         )
     return pipe
+
+
+# ------------------------------------------------------------------------------- SD3.5-Medium-shaped, random
+# The shape of a real SD3.5-Medium round (bench/test_bench_round.py, bench/test_bench_collector.py): the
+# transformer and VAE at their real sizes with random weights; text encoders tiny but emitting the real token
+# count and widths (77 CLIP + 256 T5 tokens of 4096, pooled 2048), since their cost is paid once per prompt.
+SD35_MEDIUM = dict(
+    sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+SD3_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=16, norm_num_groups=32, sample_size=1024, shift_factor=0.0609, scaling_factor=1.5305,
+    use_quant_conv=False, use_post_quant_conv=False,
+)
+
+
+def random_sd3_pipeline(transformer: dict | None = None, *, vae: dict | None = None, seed: int = 0,
+                        device="cpu", dtype=torch.bfloat16, clip_tokens: int = 77, t5_tokens: int = 256):
+    """A ``StableDiffusion3Pipeline`` with random weights built on ``device`` from configs: by default SD3.5-Medium's
+    transformer (2.24 B parameters) and SD3's VAE (8x down-sampling, 16 latent channels), so 512 px images give
+    1024 image tokens, and tiny text encoders that still emit ``clip_tokens + t5_tokens`` text tokens (333) of the
+    transformer's width. For measuring speed and memory at the real shape without downloading weights (pass it as
+    ``make_trainer(..., pipeline=pipe)`` with ``model.max_sequence_length = t5_tokens``)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import StableDiffusion3Pipeline
+
+    tcfg = {**SD35_MEDIUM, **(transformer or {})}
+    half = tcfg["pooled_projection_dim"] // 2
+    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            clip_tok = tiny_clip_tokenizer(clip_tokens)
+            vocab = len(clip_tok)
+            pipe = StableDiffusion3Pipeline(
+                transformer=SD3Transformer2DModel(**tcfg).eval(),
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                vae=AutoencoderKL(**{**SD3_VAE, **(vae or {})}).eval(),
+                text_encoder=_tiny_clip_text(True, vocab, proj=half, positions=clip_tokens), tokenizer=clip_tok,
+                text_encoder_2=_tiny_clip_text(True, vocab, proj=tcfg["pooled_projection_dim"] - half,
+                                               positions=clip_tokens),
+                tokenizer_2=tiny_clip_tokenizer(clip_tokens),
+                text_encoder_3=_tiny_t5(tcfg["joint_attention_dim"]), tokenizer_3=tiny_t5_tokenizer(t5_tokens),
+            )
+    return pipe.to(dtype=dtype)

@@ -47,9 +47,18 @@ class ModelConfig:
     width: int = 32
     max_sequence_length: int = 32  # T5 tokens (SD3: 256, FLUX: 512 in the papers)
     lora: Optional[LoraConfig] = field(default_factory=LoraConfig)  # None: full fine-tuning
+    # Regional torch.compile: each repeated transformer block is compiled (once per block variant, reused by the
+    # other blocks), for sampling and training. Flow families only; the first step pays the compilation.
+    compile: bool = False
+    # Backend of fastgrpo's fused ops in the loop (sde_step): auto | triton | cpp | torch. "torch" is the eager
+    # path the public trainers run (the baseline of bench/test_bench_round.py).
+    impl: str = "auto"
 
     def validate(self, p):
         _choice(p, "family", self.family, ("sd3", "flux", "janus"))
+        _choice(p, "impl", self.impl, ("auto", "triton", "cpp", "torch"))
+        if self.compile and self.family == "janus":
+            raise ValueError(f"{p}compile is for the flow families (sd3, flux); Janus samples token by token")
         _choice(p, "dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _positive(p, "height", self.height)
         _positive(p, "width", self.width)
@@ -67,6 +76,9 @@ class SampleConfig:
     group_size: int = 8
     batch_size: int = 8  # rows per transformer forward (sampling and training chunks)
     same_noise_per_group: bool = False  # DanceGRPO's option: one initial noise for a prompt's group
+    # CUDA graphs for the sampling forwards (one graph per chunk size, captured on first use, replayed after).
+    # Needs a CUDA device (elsewhere: a warning, and sampling runs eagerly); not with distributed.strategy fsdp.
+    cuda_graphs: bool = False
 
     def validate(self, p):
         for k in ("num_steps", "prompts_per_step", "group_size", "batch_size"):
@@ -237,6 +249,11 @@ class Config:
                              f"got {self.train.clip_range}")
         if not self.reward:
             raise ValueError("reward must list at least one reward")
+        if self.sample.cuda_graphs and self.model.family == "janus":
+            raise ValueError("sample.cuda_graphs is for the flow families (sd3, flux); Janus samples token by token")
+        if self.sample.cuda_graphs and self.distributed.strategy == "fsdp":
+            raise ValueError("sample.cuda_graphs cannot be used with distributed.strategy fsdp (FSDP gathers the "
+                             "weights in every forward); use ddp")
         if self.distributed.strategy == "fsdp":
             from .sharding import check_fsdp_fits
 

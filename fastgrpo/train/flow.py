@@ -23,12 +23,14 @@ importance ratio is exactly 1 on the first inner step (``first_ratio_dev`` in th
 """
 from __future__ import annotations
 
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
+from fastgrpo.diffusion.graphs import randn_on, to_device
 from fastgrpo.ops import sde_step
 
 from .distributed import all_sum, step_generator
@@ -74,7 +76,8 @@ class FlowTrainer(GRPOTrainer):
         from fastgrpo.diffusion.models import DTYPES, FlowModel, load_pipeline
 
         cfg = self.cfg
-        pipe = load_pipeline(cfg.model.family, cfg.model.path, DTYPES[cfg.model.dtype], seed=cfg.seed)
+        pipe = self.pipeline if self.pipeline is not None else load_pipeline(
+            cfg.model.family, cfg.model.path, DTYPES[cfg.model.dtype], seed=cfg.seed)
         model = FlowModel(pipe, cfg.model.family, height=cfg.model.height, width=cfg.model.width,
                           guidance_scale=cfg.sample.guidance_scale, max_sequence_length=cfg.model.max_sequence_length,
                           device=self.device)
@@ -83,18 +86,46 @@ class FlowTrainer(GRPOTrainer):
         else:
             model.full_finetune(keep_reference=self.strategy.beta > 0 or self.strategy.needs_reference)
             self.parallel.shard(model.transformer, reference=model.frozen_reference)
+        if cfg.model.compile:
+            model.compile_blocks()
+        self.graphed = None
+        if cfg.sample.cuda_graphs:
+            if self.device.type != "cuda":
+                warnings.warn(f"sample.cuda_graphs needs a CUDA device; this run is on {self.device}, so sampling "
+                              "runs eagerly", RuntimeWarning, stacklevel=2)
+            elif self.parallel.name == "fsdp":
+                raise ValueError("sample.cuda_graphs cannot be used with FSDP (it gathers the weights in every "
+                                 "forward); use distributed.strategy=ddp")
+            else:
+                from fastgrpo.diffusion.graphs import GraphedVelocity
+
+                self.graphed = GraphedVelocity(model)
         self.sigmas = model.sigmas(cfg.sample.num_steps)
+        self.sigmas_dev = self.sigmas.to(self.device, torch.float32)  # once: no host->device copy per step
         return model, model.trainable_state()
 
     # ------------------------------------------------------------------------------------------------ sample
-    def velocity(self, x, step_idx, emb, rows_group, *, cfg=True, transformer=None):
-        """v for rows ``x`` at steps ``step_idx`` [n] (int), prompt embeddings per group, in batch-size chunks."""
+    def velocity(self, x, step_idx, emb, rows_group, *, cfg=True, transformer=None, graphs=False):
+        """v for rows ``x`` at steps ``step_idx`` (an int for all rows, or [n] ints), prompt embeddings per group
+        (``rows_group`` [n]: each row's group, best on x's device), in ``sample.batch_size`` chunks. ``graphs``: the
+        policy's no-grad forwards may replay CUDA graphs (``sample.cuda_graphs``; the rollout only)."""
         bs = self.cfg.sample.batch_size
+        n = x.shape[0]
+        if isinstance(step_idx, int):  # one step for every row: a view of the device schedule, no copy
+            sigma = self.sigmas_dev[step_idx:step_idx + 1].expand(n)
+        else:
+            sigma = to_device(self.sigmas[step_idx].float(), x.device)
+        rows_group = to_device(rows_group, x.device)
+        run = self.graphed if (graphs and self.graphed is not None and transformer is None
+                               and not torch.is_grad_enabled()) else None
         out = []
-        for i in range(0, x.shape[0], bs):
+        for i in range(0, n, bs):
             sl = slice(i, i + bs)
-            e = {k: v[rows_group[sl]] for k, v in emb.items()}
-            out.append(self.policy.velocity(x[sl], self.sigmas[step_idx[sl]], e, cfg=cfg, transformer=transformer))
+            e = {k: v.index_select(0, rows_group[sl]) for k, v in emb.items()}
+            if run is not None:
+                out.append(run(x[sl], sigma[sl], e, cfg=cfg))
+            else:
+                out.append(self.policy.velocity(x[sl], sigma[sl], e, cfg=cfg, transformer=transformer))
         return torch.cat(out) if out else x.new_empty(x.shape)
 
     @torch.no_grad()
@@ -124,6 +155,9 @@ class FlowTrainer(GRPOTrainer):
         return batches
 
     def _rollout(self, prompts, plans, gen, step, first_group):
+        """One wave's trees. Nothing here waits for the device per denoising step: schedule values are views of a
+        device copy, row indices go to the device from pinned memory, noise is drawn on the CPU generator (as
+        ``sde_step(generator=)`` would) and copied without blocking; only splits and pruning touch the host."""
         cfg, strat, model = self.cfg, self.strategy, self.policy
         T = cfg.sample.num_steps
         emb = model.encode_prompts(prompts)
@@ -134,36 +168,50 @@ class FlowTrainer(GRPOTrainer):
                                  f"{'without x_start' if 0 < plan.start < T else f'outside [0, {T})'}")
         x = torch.empty(model.latent_shape(0), device=self.device)
         group = node = torch.empty(0, dtype=torch.long)
+        group_dev = to_device(group, self.device)
         sigma_max = self.sigmas[1].item()
         for i in range(T):
             joining = [g for g, plan in enumerate(plans) if plan.start == i]
             if joining:
                 x, group, node = self._add_roots(tree, joining, plans, (x, group, node), gen, step, first_group)
+                group_dev = to_device(group, self.device)
             if x.shape[0] == 0:
                 continue
             factors = torch.tensor([plans[g].splits.get(i, 1) for g in group.tolist()])
             if bool((factors > 1).any()):
-                x, group, parent = (x.repeat_interleave(factors.to(x.device), 0), group.repeat_interleave(factors),
-                                    node.repeat_interleave(factors))
+                x = x.repeat_interleave(to_device(factors, x.device), 0, output_size=int(factors.sum()))
+                group, parent = group.repeat_interleave(factors), node.repeat_interleave(factors)
                 node = tree.add_nodes(parent.tolist(), [tree.depth[p] + 1 for p in parent.tolist()], group.tolist())
-            steps = torch.full((x.shape[0],), i)
-            v = self.velocity(x, steps, emb, group)
+                group_dev = to_device(group, self.device)
+            v = self.velocity(x, i, emb, group_dev, graphs=True)
             keep = strat.prune(self, i, {"x": x, "v": v, "group": group, "prompts": prompts, "emb": emb})
             if keep is not None:
                 x, v, group, node = x[keep], v[keep], group[keep], node[keep]
-            sde = torch.tensor([bool(plans[g].sde[i]) for g in group.tolist()])
-            x_next = torch.empty_like(x)
+                group_dev = to_device(group, self.device)
+            sde = torch.tensor([bool(plans[g].sde[i]) for g in group.tolist()], dtype=torch.bool)
             s, sn = self.sigmas[i].item(), self.sigmas[i + 1].item()
-            if bool(sde.any()):
+            n_sde = int(sde.sum())
+            if n_sde == x.shape[0]:  # every row stochastic (plain GRPO): no indexing
+                rows, x_s, v_s = None, x, v
+            elif n_sde:
+                rows = to_device(sde.nonzero().flatten(), x.device)
+                x_s, v_s = x.index_select(0, rows), v.index_select(0, rows)
+            x_next = None
+            if n_sde:
                 scale = strat.noise_scale(i, plans[int(group[sde][0])])
-                noise = None if scale == 1.0 else scale * torch.randn(x[sde].shape, generator=gen).to(x.device)
-                out = sde_step(x[sde], v[sde], s, sn, kind=strat.sde_kind, noise_level=strat.noise_level,
-                               sigma_max=sigma_max, generator=gen, noise=noise)
-                x_next[sde] = out.prev_sample
-                tree.transitions.append({"step": i, "node": node[sde], "x": x[sde], "x_next": out.prev_sample,
+                noise = randn_on(x_s.shape, gen, x.device, scale)
+                out = sde_step(x_s, v_s, s, sn, kind=strat.sde_kind, noise_level=strat.noise_level,
+                               sigma_max=sigma_max, noise=noise, impl=self.cfg.model.impl)
+                tree.transitions.append({"step": i, "node": node[sde], "x": x_s, "x_next": out.prev_sample,
                                          "log_prob": out.log_prob, "std": out.std})
-            if bool((~sde).any()):
-                x_next[~sde] = sde_step(x[~sde], v[~sde], s, sn, kind="ode").prev_sample
+                x_next = out.prev_sample if rows is None else torch.empty_like(x).index_copy_(0, rows,
+                                                                                             out.prev_sample)
+            if n_sde < x.shape[0]:
+                det = to_device((~sde).nonzero().flatten(), x.device) if n_sde else None
+                x_d = x if det is None else x.index_select(0, det)
+                v_d = v if det is None else v.index_select(0, det)
+                step_d = sde_step(x_d, v_d, s, sn, kind="ode", impl=self.cfg.model.impl).prev_sample
+                x_next = step_d if det is None else x_next.index_copy_(0, det, step_d)
             x = x_next
         tree.leaf_nodes = node
         return tree, x
@@ -198,7 +246,8 @@ class FlowTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------------- train
     def _trained_rows(self, batches):
-        """All trained transitions of this step: x, x_next, step, old log-prob, advantage, weight, group, wave."""
+        """All trained transitions of this step: x, x_next, old log-prob (on the device), step, advantage, weight,
+        group, wave (on the CPU). Selecting rows uses device index tensors: no sync per transition."""
         strat = self.strategy
         cols = {k: [] for k in ("x", "x_next", "step", "old", "adv", "weight", "group", "wave")}
         for w, mb in enumerate(batches):
@@ -212,19 +261,24 @@ class FlowTrainer(GRPOTrainer):
                                      and not bool(torch.isnan(node_adv[n])) for n in nodes], dtype=torch.bool)
                 if not bool(mask.any()):
                     continue
+                take = _row_selector(mask, tr["x"].device)
                 steps = torch.full((int(mask.sum()),), tr["step"])
-                weights = strat.step_weights(tr["std"][mask].cpu(), steps, self.sigmas)
-                cols["x"].append(tr["x"][mask])
-                cols["x_next"].append(tr["x_next"][mask])
+                weights = strat.step_weights(take(tr["std"]), steps, self.sigmas)
+                cols["x"].append(take(tr["x"]))
+                cols["x_next"].append(take(tr["x_next"]))
                 cols["step"].append(steps)
-                cols["old"].append(tr["log_prob"][mask])
+                cols["old"].append(take(tr["log_prob"]))
                 cols["adv"].append(node_adv[tr["node"][mask]])
-                cols["weight"].append(weights if weights is not None else torch.ones(len(steps)))
+                cols["weight"].append(weights.cpu() if weights is not None else torch.ones(len(steps)))
                 cols["group"].append(torch.tensor([tree.group[n] for n in tr["node"][mask].tolist()]))
                 cols["wave"].append(torch.full((len(steps),), w))
         return {k: torch.cat(v) for k, v in cols.items()}
 
     def train(self, batches: list, gen: torch.Generator) -> dict:
+        """The policy-gradient pass. Per chunk nothing waits for the device: the chunk's rows, advantages,
+        weights and sigmas go to the device once for the whole phase (pinned, non-blocking), the statistics and the
+        finiteness of every chunk's loss accumulate on the device and are read once at the end (a non-finite loss
+        still stops the run before the optimizer step, naming the chunk's denoising steps)."""
         cfg, model, strat = self.cfg, self.policy, self.strategy
         beta, clip = strat.beta, cfg.train.clip_range
         sigma_max = self.sigmas[1].item()
@@ -234,46 +288,74 @@ class FlowTrainer(GRPOTrainer):
         self.parallel.check_same_forwards(-(-n // bs))
         if n == 0:
             raise ValueError(f"{strat.name}: no transition is trained (check train.timestep_fraction and the plan)")
+        dev = self.device
+        # Each row's prompt embedding: the waves' embeddings stacked, indexed by (wave offset + group) on the device.
+        keys = list(batches[0].data["emb"])
+        offsets = torch.tensor([0] + [mb.data["emb"][keys[0]].shape[0] for mb in batches]).cumsum(0)
+        emb_all = {k: torch.cat([mb.data["emb"][k] for mb in batches]) for k in keys}
+        emb_row = to_device(offsets[rows["wave"]] + rows["group"], dev)
+        s_cpu, sn_cpu = self.sigmas[rows["step"]].double(), self.sigmas[rows["step"] + 1].double()
+        s_dev = to_device(s_cpu.float(), dev)
+        adv_all, weight_all = to_device(rows["adv"].float(), dev), to_device(rows["weight"].float(), dev)
         model.transformer.train()
-        stats = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "ratio_mean": 0.0, "clip_frac": 0.0}
-        first_ratio_dev = None
+        zero = torch.zeros((), device=dev)
+        acc = {k: zero.clone() for k in ("loss", "policy_loss", "kl", "ratio_mean", "clip_frac")}
+        losses, first_ratio_dev = [], None
         for start in tqdm(range(0, n, bs), desc="train", leave=False,
                           disable=not (cfg.log.progress and self.is_main)):
             sl = slice(start, start + bs)
-            x_t, x_next, j = rows["x"][sl], rows["x_next"][sl], rows["step"][sl]
-            waves = rows["wave"][sl]
-            emb = {k: torch.cat([batches[int(w)].data["emb"][k][rows["group"][sl][waves == w]]
-                                 for w in waves.unique_consecutive()]) for k in batches[0].data["emb"]}
-            s, sn = self.sigmas[j].to(self.device), self.sigmas[j + 1].to(self.device)
-            v = model.velocity(x_t, s, emb, cfg=cfg.train.cfg)
+            x_t, x_next = rows["x"][sl], rows["x_next"][sl]
+            emb = {k: v.index_select(0, emb_row[sl]) for k, v in emb_all.items()}
+            v = model.velocity(x_t, s_dev[sl], emb, cfg=cfg.train.cfg)
             v_ref = None
             if beta > 0:
                 with torch.no_grad(), model.reference() as ref_net:
-                    v_ref = model.velocity(x_t, s, emb, cfg=cfg.train.cfg, transformer=ref_net)
-            out = sde_step(x_t, v, s.double(), sn.double(), kind=strat.sde_kind, noise_level=strat.noise_level,
-                           sigma_max=sigma_max, prev_sample=x_next, v_ref=v_ref)
-            ratio = torch.exp(out.log_prob - rows["old"][sl].to(self.device))
+                    v_ref = model.velocity(x_t, s_dev[sl], emb, cfg=cfg.train.cfg, transformer=ref_net)
+            # CPU float64 sigmas: checked on the host and copied without a sync (sde_step's contract).
+            out = sde_step(x_t, v, s_cpu[sl], sn_cpu[sl], kind=strat.sde_kind, noise_level=strat.noise_level,
+                           sigma_max=sigma_max, prev_sample=x_next, v_ref=v_ref, impl=cfg.model.impl)
+            ratio = torch.exp(out.log_prob - rows["old"][sl])
             if first_ratio_dev is None:
-                first_ratio_dev = (ratio.detach() - 1).abs().max().item()
-            adv = rows["adv"][sl].to(self.device)
+                first_ratio_dev = (ratio.detach() - 1).abs().max()
+            adv = adv_all[sl]
             surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
-            policy = (rows["weight"][sl].to(self.device) * surrogate).sum()
-            kl = out.kl.sum() if out.kl is not None else torch.zeros((), device=self.device)
+            policy = (weight_all[sl] * surrogate).sum()
+            kl = out.kl.sum() if out.kl is not None else zero
             loss = (policy + beta * kl) / n
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"the loss became {loss.item()} at denoising steps {j.tolist()}; "
-                                       "weights not updated")
+            losses.append(loss.detach())
             loss.backward()
-            stats["loss"] += loss.item()
-            stats["policy_loss"] += policy.item() / n
-            stats["kl"] += kl.item() / n
-            stats["ratio_mean"] += ratio.detach().sum().item() / n
-            stats["clip_frac"] += ((ratio.detach() - 1).abs() > clip).float().sum().item() / n
+            acc["loss"] += loss.detach()
+            acc["policy_loss"] += policy.detach() / n
+            acc["kl"] += kl.detach() / n
+            acc["ratio_mean"] += ratio.detach().sum() / n
+            acc["clip_frac"] += ((ratio.detach() - 1).abs() > clip).float().sum() / n
         model.transformer.eval()
-        stats["first_ratio_dev"] = first_ratio_dev
+        names = list(acc)
+        values = torch.stack([acc[k] for k in names] + [first_ratio_dev.float()] + losses).tolist()  # one sync
+        values, chunk_losses = values[:len(names) + 1], values[len(names) + 1:]
+        bad = next((i for i, v in enumerate(chunk_losses) if not _finite(v)), None)
+        if bad is not None:
+            steps = rows["step"][bad * bs:(bad + 1) * bs].tolist()
+            raise TrainingDiverged(f"the loss became {chunk_losses[bad]} at denoising steps {steps}; "
+                                   "weights not updated")
+        stats = dict(zip(names, values[:-1]))
+        stats["first_ratio_dev"] = values[-1]
         stats["trained_transitions"] = all_sum(n)
         stats.update(getattr(self, "wave_log", {}))
         return stats
+
+
+def _finite(v: float) -> bool:
+    return v == v and abs(v) != float("inf")
+
+
+def _row_selector(mask: torch.Tensor, device):
+    """A function taking the rows ``mask`` (CPU bool [n]) of a tensor on ``device``: identity when every row is
+    taken, else ``index_select`` with the indices copied to the device without a sync."""
+    if bool(mask.all()):
+        return lambda t: t
+    idx = to_device(mask.nonzero().flatten(), device)
+    return lambda t: t.index_select(0, idx)
 
 
 def tree_groups(tree: Tree) -> list:

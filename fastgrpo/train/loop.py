@@ -80,10 +80,12 @@ class EMA:
 class GRPOTrainer:
     """The family-independent loop; subclasses implement `build_policy`, `sample` and `train`."""
 
-    def __init__(self, cfg: Config, out_dir, *, resume: bool = False, device: str | None = None):
+    def __init__(self, cfg: Config, out_dir, *, resume: bool = False, device: str | None = None, pipeline=None):
         from fastgrpo.algos import STRATEGIES
 
         self.cfg = cfg
+        # A pipeline object built by the caller (flow families): used instead of loading ``model.path``.
+        self.pipeline = pipeline
         self.out = Path(out_dir)
         if device is None:
             # accelerate sets up the process group under `accelerate launch` (gloo on CPU, NCCL on GPU) and picks
@@ -191,6 +193,43 @@ class GRPOTrainer:
         return grad_norm.item()
 
     # --------------------------------------------------------------------------------------------------- run
+    def round(self, step: int, pool: ThreadPoolExecutor, *, phase_times: dict | None = None) -> dict:
+        """One optimizer step (sample, score, advantages, select, train, optimizer step); returns its log row.
+
+        ``phase_times``: a dict that receives each phase's wall time in seconds (``sample`` includes the scoring
+        that overlaps it; on CUDA the device is synchronised at each phase boundary, which a normal run does not
+        do). `bench/test_bench_round.py` times rounds through this."""
+        cfg = self.cfg
+        clock = _PhaseClock(self.device, phase_times)
+        gen = step_generator(cfg.seed, step, stream=1 + self.rank)
+        with self.parallel.sampling():
+            batches = self.sample(step, gen, pool)
+        clock("sample")
+        all_rewards = self.advantages(batches)
+        batches = self.select(batches)
+        clock("advantages")
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.parallel.training():
+            stats = self.train(batches, gen)
+        clock("train")
+        stats["grad_norm"] = self.optimizer_step()
+        clock("optimizer")
+        # Ranks may run different numbers of forwards (groups of different sizes): sum them.
+        self.model_forwards += all_sum(self.policy.model_forwards - self._forwards_seen)
+        self._forwards_seen = self.policy.model_forwards
+        self.step = step + 1
+        row = {"step": self.step, "reward_mean": all_rewards.mean().item(),
+               "reward_std": all_rewards.std(unbiased=False).item(), **stats, "time_s": None,
+               "samples": self.samples, "model_forwards": self.model_forwards,
+               "lr": self.optimizer.param_groups[0]["lr"]}
+        parts = {}
+        for mb in batches:
+            for k, v in mb.reward_parts.items():
+                parts.setdefault(k, []).append(v)
+        if len(parts) > 1:
+            row.update({f"reward_{k}": torch.cat(v).mean().item() for k, v in parts.items()})
+        return row
+
     def run(self) -> Path:
         cfg = self.cfg
         t0 = time.time() - self.elapsed
@@ -198,30 +237,9 @@ class GRPOTrainer:
                      total=cfg.train.steps, disable=not (cfg.log.progress and self.is_main))
         with ThreadPoolExecutor(max_workers=1) as pool:
             for step in outer:
-                gen = step_generator(cfg.seed, step, stream=1 + self.rank)
-                with self.parallel.sampling():
-                    batches = self.sample(step, gen, pool)
-                all_rewards = self.advantages(batches)
-                batches = self.select(batches)
-                self.optimizer.zero_grad(set_to_none=True)
-                with self.parallel.training():
-                    stats = self.train(batches, gen)
-                stats["grad_norm"] = self.optimizer_step()
-                # Ranks may run different numbers of forwards (groups of different sizes): sum them.
-                self.model_forwards += all_sum(self.policy.model_forwards - self._forwards_seen)
-                self._forwards_seen = self.policy.model_forwards
-                self.step = step + 1
+                row = self.round(step, pool)
                 self.elapsed = time.time() - t0
-                row = {"step": self.step, "reward_mean": all_rewards.mean().item(),
-                       "reward_std": all_rewards.std(unbiased=False).item(), **stats, "time_s": self.elapsed,
-                       "samples": self.samples, "model_forwards": self.model_forwards,
-                       "lr": self.optimizer.param_groups[0]["lr"]}
-                parts = {}
-                for mb in batches:
-                    for k, v in mb.reward_parts.items():
-                        parts.setdefault(k, []).append(v)
-                if len(parts) > 1:
-                    row.update({f"reward_{k}": torch.cat(v).mean().item() for k, v in parts.items()})
+                row["time_s"] = self.elapsed
                 if self.is_main:
                     self.logger.log(row)
                     outer.set_postfix(reward=f"{row['reward_mean']:.4f}", kl=f"{row['kl']:.2e}")
@@ -243,15 +261,39 @@ class GRPOTrainer:
             plot_curves(self.out)
 
 
-def make_trainer(cfg: Config, out_dir, *, resume: bool = False, device=None) -> GRPOTrainer:
-    """The trainer for the config's model family."""
+class _PhaseClock:
+    """Records the wall time since the previous call under a phase name (synchronising CUDA first), when given a
+    dict; does nothing otherwise."""
+
+    def __init__(self, device: torch.device, times: dict | None):
+        self.device, self.times = device, times
+        self.last = time.perf_counter() if times is not None else None
+        if times is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+            self.last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        if self.times is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - self.last
+        self.last = now
+
+
+def make_trainer(cfg: Config, out_dir, *, resume: bool = False, device=None, pipeline=None) -> GRPOTrainer:
+    """The trainer for the config's model family. ``pipeline``: a diffusers pipeline object to train instead of
+    loading ``model.path`` (flow families; e.g. one built from configs with random weights)."""
     if cfg.model.family == "janus":
+        if pipeline is not None:
+            raise ValueError("pipeline= is for the flow families (sd3, flux); Janus loads model.path")
         from .ar import ARTrainer
 
         return ARTrainer(cfg, out_dir, resume=resume, device=device)
     from .flow import FlowTrainer
 
-    return FlowTrainer(cfg, out_dir, resume=resume, device=device)
+    return FlowTrainer(cfg, out_dir, resume=resume, device=device, pipeline=pipeline)
 
 
 def train(cfg: Config, out_dir, *, resume: bool = False, device=None) -> Path:
