@@ -281,8 +281,11 @@ class AttentionEntropyCollector:
         if self.mode == "mixture":
             per_query = text_entropy_from_probs(self._probs)  # [B, N] nats, float32 (float64 for float64 models)
             entropy = per_query.mean(dim=1).mul_(1.0 / _LN2)
-        else:
+        elif self._entropy_sum is not None:  # torch backend: summed per layer
             entropy = self._entropy_sum.mul_(1.0 / (len(self.layers) * _LN2))
+        else:  # Triton backend: [layers, B, H, S] text entropies, reduced here once
+            start, n = self._image
+            entropy = self._stats[-1][2:, :, :, start:start + n].mean(dim=(0, 2, 3)).mul_(1.0 / _LN2)
         self._results.append(entropy if entropy.dtype == torch.float32 else entropy.float())
         self._reset()
 
@@ -300,20 +303,29 @@ class AttentionEntropyCollector:
         statistics added to the forward's. Host work: the plan look-up, one output allocation, the two kernel
         launches (the statistics and [B, N, T] buffers are allocated once per forward); no device sync."""
         plan = self._plan(q, k, v, layout, text_start, text_len, image_start, image_len)
+        triton = plan.backend == "triton"
         if not self._in_forward:  # e.g. recomputation by gradient checkpointing: nothing is recorded
-            return plan.attention(q, k, v, plan.new_stats() if plan.backend == "triton" else None)[0]
+            return plan.attention(q, k, v, plan.new_stats()[:3] if triton else None)[0]
         if layer in self._seen:
             raise RuntimeError(f"joint block {layer} ran twice in one transformer forward")
         first = not self._seen
+        j = len(self._seen)
         self._seen.append(layer)
-        if self._stats is None:
-            self._stats = plan.new_stats() if plan.backend == "triton" else ()
-        out, lse, text_entropy = plan.attention(q, k, v, self._stats)
+        if first and triton:
+            # One allocation per forward: lse and text_lse shared by the layers, and in "head_mean" mode one
+            # text-entropy row per layer (reduced once, at the end of the forward).
+            self._stats = plan.new_stats(len(self.layers) if self.mode == "head_mean" else 1)
+            self._image = (image_start, image_len)
+        if triton:
+            out, lse, text_entropy = plan.attention(q, k, v, (self._stats[0], self._stats[1],
+                                                              self._stats[2 + j if self.mode == "head_mean" else 2]))
+        else:
+            out, lse, text_entropy = plan.attention(q, k, v, None)
         if self.mode == "mixture":
             if first:
                 self._probs = plan.new_probs()
             plan.probs(q, k, lse, self._probs, accumulate=not first)
-        else:
+        elif not triton:  # torch backend: the statistics are fresh tensors per call
             per_sample = text_entropy[:, :, image_start:image_start + image_len].mean(dim=(1, 2))
             if first:
                 self._entropy_sum = per_sample

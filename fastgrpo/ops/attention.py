@@ -330,8 +330,9 @@ class TextEntropyPlan:
 
     * ``out`` is allocated in [B, S, H, D] memory order whatever the layout (that is FLUX's layout, and the order
       of SDPA's flash output, so SD3's ``out.transpose(1, 2).reshape(B, S, H * D)`` stays a view, as after SDPA).
-    * ``lse`` and the text statistics go into a float32 [3, B, H, S] buffer the caller allocates once per
-      forward (`new_stats`) and reuses across layers (the kernels of one stream run in order).
+    * ``lse`` and the text statistics go into float32 [B, H, S] buffers the caller allocates once per forward
+      (`new_stats`: one allocation) and reuses across layers (the kernels of one stream run in order); the text
+      entropies can get one buffer per layer, so a per-layer reduction becomes one per forward.
     * ``probs(accumulate=False)`` writes instead of adding, so the first layer of a forward needs no zeroed buffer
       (`new_probs` is ``torch.empty``; on the torch backend it is zeroed and always added to).
     * Inputs without unit stride along D fall back to the public ops (validated per call).
@@ -375,9 +376,12 @@ class TextEntropyPlan:
                                         text_start, text_len, query_start, query_len, (query_len * text_len, text_len),
                                         scale)
 
-    def new_stats(self):
-        """(lse, text_lse, text_entropy) buffers, float32 [B, H, S] each (views of one allocation)."""
-        return torch.empty(self.stats_shape, dtype=torch.float32, device=self.device).unbind(0)
+    def new_stats(self, n_entropy: int = 1):
+        """(lse, text_lse, text_entropy_1, ..., text_entropy_n) buffers, float32 [B, H, S] each: views of one
+        float32 [2 + n, B, H, S] allocation (returned last), so several layers can keep their text entropies."""
+        _, B, H, S = self.stats_shape
+        base = torch.empty((2 + n_entropy, B, H, S), dtype=torch.float32, device=self.device)
+        return (*base.unbind(0), base)
 
     def new_probs(self) -> torch.Tensor:
         """The float32 [B, query_len, text_len] buffer for `probs` (uninitialised on the Triton backend)."""
@@ -386,7 +390,8 @@ class TextEntropyPlan:
         return torch.zeros(self.probs_shape, dtype=torch.float32, device=self.device)
 
     def attention(self, q, k, v, stats):
-        """(out in q's layout, lse, text_entropy); on the Triton backend the statistics land in ``stats``."""
+        """(out in q's layout, lse, text_entropy); on the Triton backend the statistics land in ``stats``
+        (lse, text_lse, text_entropy buffers, e.g. from `new_stats`)."""
         if self.backend == "triton":
             buf = torch.empty(self.out_shape, dtype=self.store_dtype, device=self.device)
             lse, text_lse, text_ent = stats
