@@ -23,7 +23,7 @@ Supported models, detected from the processors found on the selected blocks:
 
 Modes: ``"mixture"`` is the paper's definition (average the text-key probabilities over the selected layers and
 heads, renormalise over the text keys, entropy, mean over image queries): each layer adds its head-summed
-probabilities into one float32 [B, N, T] buffer (`text_attention_probs`). ``"head_mean"`` averages the per-head,
+probabilities into one float32 [B, N, T] buffer (`text_attention_probs`; the first layer of a forward writes it). ``"head_mean"`` averages the per-head,
 per-layer text entropies instead (no buffer; a mean of entropies, not the entropy of the mean).
 
 Decisions where DESIGN.md is silent:
@@ -39,6 +39,15 @@ Decisions where DESIGN.md is silent:
   none pending raises RuntimeError. Calls of the processors outside a transformer forward (e.g. recomputation by
   gradient checkpointing during backward) record nothing.
 * ``impl="auto"``: the Triton kernels on CUDA, the torch path on CPU (``impl`` forces one).
+* Host cost (issue 19: at batch 2 the SD3.5-Medium forward is host-bound, so every host op shows in its time):
+  the ops' checks run once per q/k/v geometry (`fastgrpo.ops.attention.TextEntropyPlan`, kept by the collector),
+  not per call; a no-grad pass takes no detach and no extra no_grad context. Per selected layer on the Triton
+  backend: one output allocation (in [B, S, H, D] order, so SD3's reshape after it is a view, as after SDPA's
+  flash kernel) and two kernel launches ("head_mean": one). Per forward: one statistics buffer (lse, text lse,
+  and in "head_mean" one text-entropy row per layer, reduced once at the end), one uninitialised [B, N, T] buffer
+  that the first layer writes and the others add to in-kernel, and Entropy(t) from it (a few small ops). Nothing
+  reads device data on the host (no sync); the checks that remain (layers seen, a block run twice) use Python
+  state only. The non-selected blocks keep diffusers' processors: the collector does no work there.
 """
 from __future__ import annotations
 
