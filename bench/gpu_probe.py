@@ -7,6 +7,12 @@
    difference is host work the GPU waits for (Python, launches, a validation sync).
 2. ``attention``: ``attention_with_text_entropy`` under each candidate (BLOCK_M, BLOCK_N, num_warps, num_stages)
    against SDPA's flash backend at the SD3-512 and FLUX-1024 shapes.
+3. ``collector``: AEGPO's whole step (bench/test_bench_collector.py's SD3.5-Medium forward, bf16, no grad) at
+   batch 2 and 8, plain and inside ``AttentionEntropyCollector(layers=(5, 10, 15), mode="mixture")``: the forward
+   timed with CUDA events (median of a few), the host's issue time of the call (until it returns, before the
+   synchronisation: when it is close to the event time the forward is host-bound and every host op the collector
+   adds shows), and, from torch.profiler, the CPU ops and device kernels per forward with and without it. About
+   20 s of GPU time. On CPU (``probe_collector()`` without CUDA) a scaled-down model runs as a smoke test.
 
 Writes ``DIR/probe.json`` and prints a short table.
 """
@@ -147,6 +153,74 @@ def _attention_probe() -> dict:
     return out
 
 
+def _profile_counts(fn) -> dict:
+    """CPU ops (aten, top level and nested) and device kernels of one call of ``fn``, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    cpu_ops = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::"))
+    launches = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU
+                   and e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"))
+    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return {"cpu_aten_ops": cpu_ops, "launch_calls": launches, "device_kernels": kernels}
+
+
+def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
+    """Plain vs collector forward of bench/test_bench_collector.py's model (SD3.5 Medium on CUDA, its scaled-down
+    CPU configuration otherwise): times, host issue time, ops and kernels per forward, overhead."""
+    import statistics
+    import time
+
+    from test_bench_collector import LAYERS, _forward, _inputs, _model
+
+    from fastgrpo.diffusion.attention import AttentionEntropyCollector
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    model = _model(device)
+    out = {"layers": list(LAYERS), "mode": "mixture", "scaled_down": not cuda, "dtype": str(model.dtype)}
+    for batch in batches:
+        inputs = _inputs(model, batch, device)
+        row = {}
+        for way, cls in (("plain", None), ("collector", AttentionEntropyCollector)):
+            fn = _forward(model, inputs, cls)
+            for _ in range(2):  # warm-up: kernels compiled, allocator primed
+                fn()
+            if cuda:
+                torch.cuda.synchronize()
+            ev, host = [], []
+            for _ in range(repeats):
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                t0 = time.perf_counter()
+                fn()
+                host.append((time.perf_counter() - t0) * 1e3)
+                if cuda:
+                    end.record()
+                    torch.cuda.synchronize()
+                    ev.append(start.elapsed_time(end))
+            row[way] = {"ms": statistics.median(ev or host), "host_issue_ms": statistics.median(host),
+                        "ms_all": ev or host, **_profile_counts(fn)}
+        p, c = row["plain"], row["collector"]
+        row["overhead"] = c["ms"] / p["ms"] - 1
+        row["host_issue_overhead_ms"] = c["host_issue_ms"] - p["host_issue_ms"]
+        row["extra_kernels_per_forward"] = c["device_kernels"] - p["device_kernels"]
+        row["extra_cpu_ops_per_forward"] = c["cpu_aten_ops"] - p["cpu_aten_ops"]
+        row["host_bound"] = p["host_issue_ms"] > 0.8 * p["ms"]
+        out[f"b{batch}"] = row
+        print(f"collector b{batch}: plain {p['ms']:.2f} ms (host {p['host_issue_ms']:.2f}), collector {c['ms']:.2f} ms "
+              f"(host {c['host_issue_ms']:.2f}): {row['overhead']:+.1%}; kernels {p['device_kernels']} -> "
+              f"{c['device_kernels']}, cpu ops {p['cpu_aten_ops']} -> {c['cpu_aten_ops']}", flush=True)
+    return out
+
+
 def _copy_gbps(n: int = 1 << 29) -> float:
     """Device-to-device copy bandwidth of a 1 GiB bf16 tensor, bytes read + written."""
     src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
@@ -157,7 +231,7 @@ def _copy_gbps(n: int = 1 << 29) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
-    ap.add_argument("--only", choices=["ops", "attention"], default=None)
+    ap.add_argument("--only", choices=["ops", "attention", "collector"], default=None)
     args = ap.parse_args(argv)
     copy_gbps = _copy_gbps()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gb_per_s": copy_gbps}
@@ -167,6 +241,9 @@ def main(argv=None):
     print(f"copy {copy_gbps:,.0f} GB/s", flush=True)
     if args.only in (None, "ops"):
         result["ops"] = probe_ops(copy_gbps)
+        Path(args.out, "probe.json").write_text(json.dumps(result, indent=1))
+    if args.only in (None, "collector"):
+        result["collector"] = probe_collector()
         Path(args.out, "probe.json").write_text(json.dumps(result, indent=1))
     if args.only in (None, "attention"):
         result["attention"] = _attention_probe()

@@ -125,3 +125,18 @@ def test_denoising_step(benchmark, bench_device, way, batch):
             params=sum(p.numel() for p in model.parameters()), scaled_down=not HAS_CUDA,
             rounds=10 if HAS_CUDA else 2, warmup=2 if HAS_CUDA else 1)
     benchmark.extra_info.update(errors)
+
+
+def test_gpu_probe_collector_section():
+    """bench/gpu_probe.py's ``collector`` section (plain vs collector forward: times, host issue time, ops and
+    kernels per forward) runs and writes its numbers; scaled down and untimed on CPU, the real probe on CUDA."""
+    import gpu_probe
+
+    res = gpu_probe.probe_collector(batches=(2,), repeats=1 if not HAS_CUDA else 3)
+    row = res["b2"]
+    for way in ("plain", "collector"):
+        assert row[way]["ms"] > 0 and row[way]["host_issue_ms"] > 0 and row[way]["cpu_aten_ops"] > 0
+    assert res["scaled_down"] == (not HAS_CUDA)
+    if HAS_CUDA:
+        assert row["collector"]["device_kernels"] > row["plain"]["device_kernels"] > 0
+    assert {"overhead", "extra_kernels_per_forward", "extra_cpu_ops_per_forward", "host_bound"} <= row.keys()

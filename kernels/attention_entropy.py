@@ -26,7 +26,8 @@ two >= 16 (tl.dot's minimum) with masked loads.
 `text_probs_kernel` is the second op: for a range of queries, the full-softmax probabilities of the text keys
 ``2^(s - lse*log2e)`` summed over heads, added into a float32 [B, query_len, text_len] buffer (a QK^T pass over
 the text keys only, no PV). Each program owns one output tile and loops over the heads, so no atomics are needed
-and the sum over heads has a fixed order (deterministic).
+and the sum over heads has a fixed order (deterministic). With ``ACCUMULATE=False`` it stores the tile instead of
+adding to it, so the first layer of a forward needs no zero-filled buffer (one launch less).
 
 Under Triton's interpreter (INTERPRET=True) dot operands are upcast to float32: the interpreter's dot on
 bf16/fp16 operands is not reliable.
@@ -151,7 +152,7 @@ def text_probs_kernel(
     stride_ob, stride_on,
     H, S, query_start, query_len, text_start, text_len, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
-    INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -182,7 +183,9 @@ def text_probs_kernel(
         acc += tl.exp2(s - lse[:, None])  # padded text columns are finite and never stored
     o_ptrs = out_ptr + b * stride_ob + offs_m[:, None].to(tl.int64) * stride_on + offs_t[None, :]
     o_mask = m_ok[:, None] & t_ok[None, :]
-    tl.store(o_ptrs, tl.load(o_ptrs, mask=o_mask, other=0.0) + acc, mask=o_mask)
+    if ACCUMULATE:
+        acc += tl.load(o_ptrs, mask=o_mask, other=0.0)
+    tl.store(o_ptrs, acc, mask=o_mask)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -250,9 +253,10 @@ def attention_text_entropy_fwd(q, k, v, text_start: int, text_len: int, scale: f
 
 
 def text_probs_accumulate(q, k, lse, out, query_start: int, query_len: int, text_start: int, text_len: int,
-                          scale: float):
-    """Add the head-summed text-key probabilities into ``out`` (float32 [B, query_len, text_len], unit stride on
-    the last dim). q, k: logical [B, H, S, D] views; lse: contiguous float32 [B, H, S]."""
+                          scale: float, accumulate: bool = True):
+    """Add (``accumulate=False``: write) the head-summed text-key probabilities into ``out`` (float32
+    [B, query_len, text_len], unit stride on the last dim). q, k: logical [B, H, S, D] views; lse: contiguous
+    float32 [B, H, S]."""
     B, H, S, D = q.shape
     if B == 0 or query_len == 0 or text_len == 0:
         return out
@@ -266,9 +270,47 @@ def text_probs_accumulate(q, k, lse, out, query_start: int, query_len: int, text
         out.stride(0), out.stride(1),
         H, S, query_start, query_len, text_start, text_len, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, BLOCK_T=block_t, INTERPRET=interpret,
-        PRECISION=_precision(q.dtype), num_warps=4,
+        PRECISION=_precision(q.dtype), ACCUMULATE=bool(accumulate), num_warps=4,
     )
     return out
+
+
+class PlannedLaunches:
+    """Both kernels' launches for one fixed geometry, with grids, strides and constants computed once.
+
+    For callers that run the same shapes again and again (the AEGPO collector: the same q/k/v geometry in every
+    selected layer of every forward): per call only the tensors' pointers are passed, with no validation, no
+    allocation and no shape arithmetic. The caller validates once (``fastgrpo.ops.attention``) and keeps one
+    plan per geometry. ``strides``: the logical [B, H, S] strides of q, k, v (unit stride along D); ``out`` must
+    have ``out_strides`` and ``lse`` be contiguous [B, H, S].
+    """
+
+    def __init__(self, shape, q_strides, k_strides, v_strides, out_strides, dtype, text_start: int, text_len: int,
+                 query_start: int, query_len: int, probs_strides, scale: float):
+        B, H, S, D = shape
+        interpret = _interpreting()
+        cfg = _attention_config(D, interpret, dtype)
+        prec = _precision(dtype)
+        self.attention_grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * H)
+        self.attention_args = (*q_strides, *k_strides, *v_strides, *out_strides, H, S, text_start, text_len,
+                               scale * LOG2E)
+        self.attention_kw = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), INTERPRET=interpret, PRECISION=prec, **cfg)
+        block_m, block_t = (32, 16) if interpret else (64, 64)
+        self.probs_grid = (triton.cdiv(query_len, block_m), triton.cdiv(text_len, block_t), B)
+        self.probs_args = (*q_strides, *k_strides, *probs_strides, H, S, query_start, query_len, text_start,
+                           text_len, scale * LOG2E)
+        self.probs_kw = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, BLOCK_T=block_t, INTERPRET=interpret,
+                             PRECISION=prec, num_warps=4)
+        self.has_probs = B > 0 and query_len > 0 and text_len > 0
+
+    def attention(self, q, k, v, out, lse, text_lse, text_ent) -> None:
+        attention_text_entropy_fwd_kernel[self.attention_grid](q, k, v, out, lse, text_lse, text_ent,
+                                                               *self.attention_args, **self.attention_kw)
+
+    def probs(self, q, k, lse, out, accumulate: bool) -> None:
+        if self.has_probs:
+            text_probs_kernel[self.probs_grid](q, k, lse, out, *self.probs_args, ACCUMULATE=accumulate,
+                                               **self.probs_kw)
 
 
 def compile_specs():
@@ -296,7 +338,8 @@ def compile_specs():
                 "H": "i32", "S": "i32", "query_start": "i32", "query_len": "i32", "text_start": "i32",
                 "text_len": "i32", "qk_scale": "fp32",
             }
-            specs.append((text_probs_kernel, sig, {
-                "HEAD_DIM": d, "BLOCK_D": _block_d(d), "BLOCK_M": 64, "BLOCK_T": 64, "INTERPRET": False,
-                "PRECISION": prec}))
+            for accumulate in (True, False):
+                specs.append((text_probs_kernel, sig, {
+                    "HEAD_DIM": d, "BLOCK_D": _block_d(d), "BLOCK_M": 64, "BLOCK_T": 64, "INTERPRET": False,
+                    "PRECISION": prec, "ACCUMULATE": accumulate}))
     return specs

@@ -215,3 +215,123 @@ def test_flux_attention_mask_is_rejected():
         with pytest.raises(ValueError, match="attention_mask is not supported"):
             model(**inputs, joint_attention_kwargs={"attention_mask": mask})
     assert type(model.transformer_blocks[0].attn.processor).__name__ == "FluxAttnProcessor"
+
+
+# ----------------------------------------------------------------------------------------------- host cost
+
+# What the collector may add to a forward on the host (the SD3.5-Medium forward at batch 2 is host-bound, so every
+# added op or launch shows in its time, and a device sync drains the queue). Counted on CPU with the Triton kernels
+# stubbed out (their launches counted instead, the interpreter's own tensor ops kept out of the count).
+MAX_EXTRA_OPS_PER_LAYER = 0  # +1 output allocation, -1 SDPA (its transpose and view replace SDPA's reshape)
+MAX_EXTRA_OPS_PER_FORWARD = 11  # statistics + [B, N, T] buffers, Entropy(t) from the buffer (~8 small ops)
+LAUNCHES_PER_LAYER = {"mixture": 2, "head_mean": 1}
+SYNC_OPS = {"aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.nonzero", "aten.equal",
+            "aten._assert_async", "aten.masked_select", "aten.unique", "aten._unique2"}
+
+
+class _CountOps:
+    def __init__(self):
+        import collections
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops = self.ops = collections.Counter()
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                ops[str(func.overloadpacket)] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self.ops
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("mode", ["mixture", "head_mean"])
+def test_collector_host_ops_and_launches_per_layer(mode, monkeypatch):
+    import collections
+
+    import fastgrpo.kernels.attention_entropy as kernels
+
+    launches = collections.Counter()
+
+    class Stub:  # `kernel[grid](...)` counts instead of running the interpreter
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.update([self.name])
+
+    monkeypatch.setattr(kernels, "attention_text_entropy_fwd_kernel", Stub("attention"))
+    monkeypatch.setattr(kernels, "text_probs_kernel", Stub("probs"))
+    model = _model("sd3")
+    inputs = _inputs("sd3")
+    with torch.no_grad():
+        with _CountOps() as plain:
+            model(**inputs)
+        extra = {}
+        for layers in [(1,), (0, 1, 2, 3)]:
+            with AttentionEntropyCollector(model, layers=layers, mode=mode, impl="triton") as collector:
+                model(**inputs)  # the first forward builds the plan (validation) once
+                collector.pop()
+                launches.clear()
+                with _CountOps() as ops:
+                    model(**inputs)
+                    collector.pop()
+            assert (launches["attention"], launches["probs"]) == (len(layers), len(layers) * (mode == "mixture"))
+            synced = {op: n for op, n in ops.items() if op in SYNC_OPS and n > plain[op]}
+            assert not synced, f"the collector's forward runs ops that sync a device: {synced}"
+            extra[len(layers)] = sum(ops.values()) - sum(plain.values())
+    per_layer = (extra[4] - extra[1]) / 3
+    per_forward = extra[1] - per_layer
+    assert per_layer <= MAX_EXTRA_OPS_PER_LAYER, (per_layer, extra)
+    assert per_forward <= MAX_EXTRA_OPS_PER_FORWARD, (per_forward, extra)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device syncs are checked on CUDA only "
+                    "(torch.cuda.set_sync_debug_mode); on CPU, test_collector_host_ops_and_launches_per_layer "
+                    "checks that no syncing op runs")
+@pytest.mark.parametrize("mode", ["mixture", "head_mean"])
+def test_collector_forward_does_not_sync_cuda(mode):
+    import warnings
+
+    model = tiny_sd3_transformer(num_layers=4, dual_attention_layers=(0, 1)).to("cuda", torch.bfloat16)
+    inputs = {k: t.to("cuda", torch.bfloat16 if t.is_floating_point() and k != "timestep" else t.dtype)
+              for k, t in _inputs("sd3").items()}
+
+    def syncs(fn):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+    with torch.no_grad():
+        model(**inputs)
+        torch.cuda.synchronize()
+        plain_syncs = syncs(lambda: model(**inputs))  # diffusers' own forward, for comparison (expected: none)
+    with torch.no_grad(), AttentionEntropyCollector(model, layers=(1, 3), mode=mode) as collector:
+        model(**inputs)  # compiles the kernels, builds the plan
+        collector.pop()
+        torch.cuda.synchronize()
+        results = []
+        collector_syncs = syncs(lambda: (model(**inputs), results.append(collector.pop())))
+    assert len(collector_syncs) == len(plain_syncs), collector_syncs
+    assert results[0].shape == (B,) and torch.isfinite(results[0]).all()
+    if not plain_syncs:
+        with torch.no_grad(), AttentionEntropyCollector(model, layers=(1, 3), mode=mode) as collector:
+            model(**inputs)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                model(**inputs)
+                collector.pop()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)

@@ -23,7 +23,7 @@ Supported models, detected from the processors found on the selected blocks:
 
 Modes: ``"mixture"`` is the paper's definition (average the text-key probabilities over the selected layers and
 heads, renormalise over the text keys, entropy, mean over image queries): each layer adds its head-summed
-probabilities into one float32 [B, N, T] buffer (`text_attention_probs`). ``"head_mean"`` averages the per-head,
+probabilities into one float32 [B, N, T] buffer (`text_attention_probs`; the first layer of a forward writes it). ``"head_mean"`` averages the per-head,
 per-layer text entropies instead (no buffer; a mean of entropies, not the entropy of the mean).
 
 Decisions where DESIGN.md is silent:
@@ -39,6 +39,15 @@ Decisions where DESIGN.md is silent:
   none pending raises RuntimeError. Calls of the processors outside a transformer forward (e.g. recomputation by
   gradient checkpointing during backward) record nothing.
 * ``impl="auto"``: the Triton kernels on CUDA, the torch path on CPU (``impl`` forces one).
+* Host cost (issue 19: at batch 2 the SD3.5-Medium forward is host-bound, so every host op shows in its time):
+  the ops' checks run once per q/k/v geometry (`fastgrpo.ops.attention.TextEntropyPlan`, kept by the collector),
+  not per call; a no-grad pass takes no detach and no extra no_grad context. Per selected layer on the Triton
+  backend: one output allocation (in [B, S, H, D] order, so SD3's reshape after it is a view, as after SDPA's
+  flash kernel) and two kernel launches ("head_mean": one). Per forward: one statistics buffer (lse, text lse,
+  and in "head_mean" one text-entropy row per layer, reduced once at the end), one uninitialised [B, N, T] buffer
+  that the first layer writes and the others add to in-kernel, and Entropy(t) from it (a few small ops). Nothing
+  reads device data on the host (no sync); the checks that remain (layers seen, a block run twice) use Python
+  state only. The non-selected blocks keep diffusers' processors: the collector does no work there.
 """
 from __future__ import annotations
 
@@ -48,7 +57,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastgrpo.ops.attention import attention_with_text_entropy, text_attention_probs, text_entropy_from_probs
+from fastgrpo.ops.attention import TextEntropyPlan, text_entropy_from_probs
 from fastgrpo.ops._backend import IMPLS
 
 MODES = ("mixture", "head_mean")
@@ -85,15 +94,16 @@ class _EntropyAttnProcessor:
         self.layer = layer
 
     def _attend(self, q, k, v, *, layout, text_start, text_len, image_start, image_len):
-        training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return self._attend_training(q, k, v, layout=layout, text_start=text_start, text_len=text_len,
+                                         image_start=image_start, image_len=image_len)
+        return self.collector._attend(self.layer, q, k, v, layout, text_start, text_len, image_start, image_len)
+
+    def _attend_training(self, q, k, v, *, layout, text_start, text_len, image_start, image_len):
+        """Grad-enabled pass: the block output from SDPA (differentiable), the statistics from detached q, k."""
         with torch.no_grad():
-            qd, kd = q.detach(), k.detach()
-            res = attention_with_text_entropy(qd, kd, v.detach(), text_start=text_start, text_len=text_len,
-                                              layout=layout, impl=self.collector.impl)
-            self.collector._record(self.layer, qd, kd, res, layout=layout, text_start=text_start,
-                                   text_len=text_len, image_start=image_start, image_len=image_len)
-        if not training:
-            return res.out
+            self.collector._attend(self.layer, q.detach(), k.detach(), v.detach(), layout, text_start, text_len,
+                                   image_start, image_len)
         if layout == "bhsd":
             return F.scaled_dot_product_attention(q, k, v)
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
@@ -226,6 +236,7 @@ class AttentionEntropyCollector:
         self._hooks: list = []
         self._results: list[torch.Tensor] = []
         self._in_forward = False
+        self._plans: dict = {}  # TextEntropyPlan per q/k/v geometry (validated once)
         self._reset()
 
     # --------------------------------------------------------------------------------------- context manager
@@ -263,6 +274,7 @@ class AttentionEntropyCollector:
     def _reset(self):
         self._seen: list[int] = []
         self._probs: Optional[torch.Tensor] = None
+        self._stats: Optional[tuple] = None
         self._entropy_sum: Optional[torch.Tensor] = None
 
     def _begin_forward(self, module, args):
@@ -273,28 +285,59 @@ class AttentionEntropyCollector:
         self._in_forward = False
         if not self._seen:
             return
-        if sorted(self._seen) != sorted(self.layers):
+        if len(self._seen) != len(self.layers):
             raise RuntimeError(f"the forward ran layers {sorted(self._seen)} of the selected {sorted(self.layers)}")
         if self.mode == "mixture":
-            per_query = text_entropy_from_probs(self._probs)  # [B, N] nats
-            entropy = per_query.mean(dim=1) / _LN2
-        else:
-            entropy = self._entropy_sum / (len(self.layers) * _LN2)
-        self._results.append(entropy.float())
+            per_query = text_entropy_from_probs(self._probs)  # [B, N] nats, float32 (float64 for float64 models)
+            entropy = per_query.mean(dim=1).mul_(1.0 / _LN2)
+        elif self._entropy_sum is not None:  # torch backend: summed per layer
+            entropy = self._entropy_sum.mul_(1.0 / (len(self.layers) * _LN2))
+        else:  # Triton backend: [layers, B, H, S] text entropies, reduced here once
+            start, n = self._image
+            entropy = self._stats[-1][2:, :, :, start:start + n].mean(dim=(0, 2, 3)).mul_(1.0 / _LN2)
+        self._results.append(entropy if entropy.dtype == torch.float32 else entropy.float())
         self._reset()
 
-    def _record(self, layer, q, k, res, *, layout, text_start, text_len, image_start, image_len):
-        """Called by the processors with one layer's q, k (detached) and attention statistics."""
-        if not self._in_forward:
-            return
+    def _plan(self, q, k, v, layout, text_start, text_len, image_start, image_len) -> TextEntropyPlan:
+        key = TextEntropyPlan.key(q, k, v, layout, text_start, text_len, image_start, image_len)
+        plan = self._plans.get(key)
+        if plan is None:  # first call with this geometry: every check of the ops runs here, once
+            plan = TextEntropyPlan(q, k, v, layout=layout, text_start=text_start, text_len=text_len,
+                                   query_start=image_start, query_len=image_len, impl=self.impl)
+            self._plans[key] = plan
+        return plan
+
+    def _attend(self, layer, q, k, v, layout, text_start, text_len, image_start, image_len):
+        """One selected layer under no grad: the attention output, and (inside a transformer forward) this layer's
+        statistics added to the forward's. Host work: the plan look-up, one output allocation, the two kernel
+        launches (the statistics and [B, N, T] buffers are allocated once per forward); no device sync."""
+        plan = self._plan(q, k, v, layout, text_start, text_len, image_start, image_len)
+        triton = plan.backend == "triton"
+        if not self._in_forward:  # e.g. recomputation by gradient checkpointing: nothing is recorded
+            return plan.attention(q, k, v, plan.new_stats()[:3] if triton else None)[0]
         if layer in self._seen:
             raise RuntimeError(f"joint block {layer} ran twice in one transformer forward")
+        first = not self._seen
+        j = len(self._seen)
         self._seen.append(layer)
-        if self.mode == "mixture":
-            if self._probs is None:
-                self._probs = torch.zeros((q.shape[0], image_len, text_len), dtype=torch.float32, device=q.device)
-            text_attention_probs(q, k, res.lse, text_start=text_start, text_len=text_len, query_start=image_start,
-                                 query_len=image_len, layout=layout, out=self._probs, impl=self.impl)
+        if first and triton:
+            # One allocation per forward: lse and text_lse shared by the layers, and in "head_mean" mode one
+            # text-entropy row per layer (reduced once, at the end of the forward).
+            self._stats = plan.new_stats(len(self.layers) if self.mode == "head_mean" else 1)
+            self._image = (image_start, image_len)
+        if triton:
+            out, lse, text_entropy = plan.attention(q, k, v, (self._stats[0], self._stats[1],
+                                                              self._stats[2 + j if self.mode == "head_mean" else 2]))
         else:
-            per_sample = res.text_entropy[:, :, image_start:image_start + image_len].mean(dim=(1, 2))
-            self._entropy_sum = per_sample if self._entropy_sum is None else self._entropy_sum + per_sample
+            out, lse, text_entropy = plan.attention(q, k, v, None)
+        if self.mode == "mixture":
+            if first:
+                self._probs = plan.new_probs()
+            plan.probs(q, k, lse, self._probs, accumulate=not first)
+        elif not triton:  # torch backend: the statistics are fresh tensors per call
+            per_sample = text_entropy[:, :, image_start:image_start + image_len].mean(dim=(1, 2))
+            if first:
+                self._entropy_sum = per_sample
+            else:
+                self._entropy_sum += per_sample
+        return out

@@ -311,3 +311,112 @@ def text_entropy_from_probs(probs_sum: torch.Tensor) -> torch.Tensor:
     p = p / p.sum(-1, keepdim=True)
     ent = -torch.special.xlogy(p, p).sum(-1)
     return ent if acc == torch.float64 else ent.float()
+
+
+# ----------------------------------------------------------------------------------------------- repeated calls
+
+
+class TextEntropyPlan:
+    """`attention_with_text_entropy` + `text_attention_probs` for one fixed geometry, validated once.
+
+    For callers that run the same q/k/v geometry many times, such as `AttentionEntropyCollector` (every selected
+    layer of every forward). The constructor runs every check of the two ops on the first tensors (shapes,
+    dtypes, device, text and query ranges, head dim, backend) and, on the Triton backend, precomputes the kernels'
+    grids, strides and constants; the calls then pass the tensors' pointers and nothing else: no checks, no shape
+    arithmetic, no views, and no device synchronisation. The caller must key its plans by everything the
+    constructor saw (``key``) and call under no grad.
+
+    Decisions:
+
+    * ``out`` is allocated in [B, S, H, D] memory order whatever the layout (that is FLUX's layout, and the order
+      of SDPA's flash output, so SD3's ``out.transpose(1, 2).reshape(B, S, H * D)`` stays a view, as after SDPA).
+    * ``lse`` and the text statistics go into float32 [B, H, S] buffers the caller allocates once per forward
+      (`new_stats`: one allocation) and reuses across layers (the kernels of one stream run in order); the text
+      entropies can get one buffer per layer, so a per-layer reduction becomes one per forward.
+    * ``probs(accumulate=False)`` writes instead of adding, so the first layer of a forward needs no zeroed buffer
+      (`new_probs` is ``torch.empty``; on the torch backend it is zeroed and always added to).
+    * Inputs without unit stride along D fall back to the public ops (validated per call).
+    """
+
+    @staticmethod
+    def key(q, k, v, layout, text_start, text_len, query_start, query_len):
+        return (layout, q.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, text_start, text_len,
+                query_start, query_len)
+
+    def __init__(self, q, k, v, *, layout, text_start, text_len, query_start, query_len, impl="auto"):
+        scale = _check_attention(q, k, v, text_start, text_len, None, layout)
+        B, H, S, D = _bhsd(q, layout).shape
+        _check_int("query_start", query_start, 0, S, f"a position in the sequence of S={S} tokens")
+        _check_int("query_len", query_len, 0, S - query_start, f"query_start + query_len <= S={S}")
+        self.layout, self.scale, self.impl = layout, scale, impl
+        self.text_start, self.text_len, self.query_start, self.query_len = text_start, text_len, query_start, query_len
+        self.stats_shape = (3, B, H, S)
+        self.probs_shape = (B, query_len, text_len)
+        self.device = q.device
+        backend = resolve_impl(impl, q.device)
+        if backend == "triton":
+            _check_triton_head_dim(D)
+            if q.dtype == torch.float64:
+                raise ValueError("q is float64: the Triton kernel takes float32/float16/bfloat16; use impl='torch'")
+            if any(t.stride(-1) != 1 for t in (q, k, v)):
+                backend = "public"
+        self.backend = backend
+        self.empty = q.numel() == 0
+        if backend != "triton":
+            return
+        from fastgrpo.kernels.attention_entropy import PlannedLaunches, _interpreting
+
+        self.out_shape = (B, S, H, D)
+        self.dtype = q.dtype
+        # The interpreter truncates float32 -> bf16/fp16 stores: there the kernel writes float32, torch rounds.
+        self.store_dtype = torch.float32 if _interpreting() else q.dtype
+        logical = lambda t: tuple(_bhsd(t, layout).stride()[:3])  # noqa: E731
+        out_strides = (S * H * D, D, H * D)  # logical [B, H, S] strides of a [B, S, H, D] buffer
+        self.launches = PlannedLaunches((B, H, S, D), logical(q), logical(k), logical(v), out_strides, q.dtype,
+                                        text_start, text_len, query_start, query_len, (query_len * text_len, text_len),
+                                        scale)
+
+    def new_stats(self, n_entropy: int = 1):
+        """(lse, text_lse, text_entropy_1, ..., text_entropy_n) buffers, float32 [B, H, S] each: views of one
+        float32 [2 + n, B, H, S] allocation (returned last), so several layers can keep their text entropies."""
+        _, B, H, S = self.stats_shape
+        base = torch.empty((2 + n_entropy, B, H, S), dtype=torch.float32, device=self.device)
+        return (*base.unbind(0), base)
+
+    def new_probs(self) -> torch.Tensor:
+        """The float32 [B, query_len, text_len] buffer for `probs` (uninitialised on the Triton backend)."""
+        if self.backend == "triton":
+            return torch.empty(self.probs_shape, dtype=torch.float32, device=self.device)
+        return torch.zeros(self.probs_shape, dtype=torch.float32, device=self.device)
+
+    def attention(self, q, k, v, stats):
+        """(out in q's layout, lse, text_entropy); on the Triton backend the statistics land in ``stats``
+        (lse, text_lse, text_entropy buffers, e.g. from `new_stats`)."""
+        if self.backend == "triton":
+            buf = torch.empty(self.out_shape, dtype=self.store_dtype, device=self.device)
+            lse, text_lse, text_ent = stats
+            if not self.empty:
+                self.launches.attention(q, k, v, buf, lse, text_lse, text_ent)
+            if self.store_dtype != self.dtype:
+                buf = buf.to(self.dtype)
+            return (buf.transpose(1, 2) if self.layout == "bhsd" else buf), lse, text_ent
+        if self.backend == "torch":
+            res = _attention_torch(q, k, v, self.text_start, self.text_len, self.scale, self.layout)
+        else:
+            res = attention_with_text_entropy(q, k, v, text_start=self.text_start, text_len=self.text_len,
+                                              layout=self.layout, impl=self.impl)
+        return res.out, res.lse, res.text_entropy
+
+    def probs(self, q, k, lse, out, accumulate: bool) -> None:
+        """Add (or, on the Triton backend with ``accumulate=False``, write) the head-summed text probabilities of
+        the queries into ``out`` (from `new_probs`)."""
+        if self.backend == "triton":
+            if not self.empty:
+                self.launches.probs(q, k, lse, out, accumulate)
+        elif self.backend == "torch":
+            _text_probs_torch(q, k, lse, self.text_start, self.text_len, self.query_start, self.query_len,
+                              self.scale, self.layout, out)
+        else:
+            text_attention_probs(q, k, lse, text_start=self.text_start, text_len=self.text_len,
+                                 query_start=self.query_start, query_len=self.query_len, layout=self.layout, out=out,
+                                 impl=self.impl)
