@@ -24,6 +24,7 @@ bf16 GEMM ceiling measured in the same test (8192^3 on CUDA).
 """
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,6 +38,9 @@ ROUNDS = 3 if HAS_CUDA else 1  # timed rounds per path (after one warm-up round 
 REWARD_RTOL = 5e-2 if HAS_CUDA else 1e-4
 LATENT_RTOL = 5e-2 if HAS_CUDA else 1e-4
 GRAD_NORM_RTOL = 1e-1 if HAS_CUDA else 1e-3
+# FASTGRPO_ROUND_COMPILE=0: the fast path without model.compile (bench/gpu_session.sh falls back to it when the
+# compiled round fails or overruns its time).
+COMPILE = os.environ.get("FASTGRPO_ROUND_COMPILE", "1") != "0"
 
 
 def _config(fast: bool, device: torch.device):
@@ -49,7 +53,7 @@ def _config(fast: bool, device: torch.device):
                   "height": 512 if real else 32, "width": 512 if real else 32,
                   "max_sequence_length": 256 if real else 32,
                   "lora": {"rank": 32 if real else 4, "alpha": 64 if real else 8},
-                  "compile": fast, "impl": "auto" if fast else "torch"},
+                  "compile": fast and COMPILE, "impl": "auto" if fast else "torch"},
         "sample": {"num_steps": 10 if real else 4, "guidance_scale": 4.5, "noise_level": 0.7,
                    "prompts_per_step": P, "group_size": G, "batch_size": P * G, "cuda_graphs": fast and real},
         "train": {"steps": 1000, "lr": 3e-4, "beta": 0.01, "clip_range": 1e-4, "adv_clip": 5.0,
