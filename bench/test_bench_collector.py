@@ -19,15 +19,11 @@ import pytest
 import torch
 
 from fastgrpo.diffusion.attention import AttentionEntropyCollector, SD3EntropyAttnProcessor
+from fastgrpo.diffusion.tiny import SD35_MEDIUM
 from fastgrpo.testing import rel_err
 from harness import HAS_CUDA, measure
 
 LAYERS = (5, 10, 15)
-SD35_MEDIUM = dict(
-    sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
-)
 CPU_CONFIG = dict(
     sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=16, attention_head_dim=8,
     num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16,

@@ -96,3 +96,18 @@ def poisoned_allocations():
         yield
     finally:
         torch.empty, torch.empty_like = real_empty, real_empty_like
+
+
+def cuda_syncs(fn) -> list:
+    """Run ``fn()`` under ``torch.cuda.set_sync_debug_mode("warn")`` and return the messages of the device syncs it
+    caused (from any thread), e.g. to prove a loop does not wait for the GPU per step."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fastgrpo.diffusion import AttentionEntropyCollector
 from fastgrpo.diffusion.tiny import tiny_flux_transformer, tiny_sd3_transformer
-from fastgrpo.testing import assert_close
+from fastgrpo.testing import assert_close, cuda_syncs
 
 B, T = 2, 7  # batch, text tokens (SD3 images: 16x16 latents, patch 2 -> 64 image tokens; FLUX: 37 image tokens)
 FLUX_IMAGE_TOKENS = 37
@@ -298,22 +298,11 @@ def test_collector_host_ops_and_launches_per_layer(mode, monkeypatch):
                     "checks that no syncing op runs")
 @pytest.mark.parametrize("mode", ["mixture", "head_mean"])
 def test_collector_forward_does_not_sync_cuda(mode):
-    import warnings
-
     model = tiny_sd3_transformer(num_layers=4, dual_attention_layers=(0, 1)).to("cuda", torch.bfloat16)
     inputs = {k: t.to("cuda", torch.bfloat16 if t.is_floating_point() and k != "timestep" else t.dtype)
               for k, t in _inputs("sd3").items()}
 
-    def syncs(fn):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                fn()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-
+    syncs = cuda_syncs
     with torch.no_grad():
         model(**inputs)
         torch.cuda.synchronize()

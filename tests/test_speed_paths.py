@@ -9,12 +9,12 @@ case runs in CI).
 """
 from __future__ import annotations
 
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from fastgrpo.testing import cuda_syncs
 from fastgrpo.train.config import resolve_config
 from fastgrpo.train.distributed import step_generator
 from fastgrpo.train.loop import make_trainer
@@ -155,18 +155,7 @@ def test_nonfinite_loss_still_stops_before_the_step(tmp_path, monkeypatch):
 
 
 def _count_syncs(fn) -> int:
-    n = 0
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    for w in rec:
-        if "synchroniz" in str(w.message).lower():
-            n += 1
-    return n
+    return len(cuda_syncs(fn))
 
 
 @pytest.mark.skipif(not CUDA, reason="counts CUDA device syncs: needs a CUDA device (runs in the GPU session)")
