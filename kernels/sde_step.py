@@ -50,7 +50,9 @@ def _sigma(ptr, val, stride, b, FROM_PTR: tl.constexpr):
     if FROM_PTR:
         s = tl.load(ptr + b * stride).to(tl.float64)
     else:
-        s = val
+        # Through tl.full: Triton's interpreter hands python floats to the kernel as float32 scalars; compiled, the
+        # tl.float64 annotation already makes them float64 arguments.
+        s = tl.full([], val, tl.float64)
     return s
 
 
@@ -58,6 +60,9 @@ def _sigma(ptr, val, stride, b, FROM_PTR: tl.constexpr):
 def _coefficients(s, sn, noise_level, sigma_max, sin_a,
                   KIND: tl.constexpr, KL_EXACT: tl.constexpr, HAS_SIGMA_MAX: tl.constexpr, HAS_VREF: tl.constexpr):
     """float64 (cx, cv, std, kl_d) of one sample; NaN when its sigmas are invalid."""
+    noise_level = tl.full([], noise_level, tl.float64)
+    sigma_max = tl.full([], sigma_max, tl.float64)
+    sin_a = tl.full([], sin_a, tl.float64)
     dt = sn - s
     ok = (s <= 1.0) & (sn >= 0.0) & (sn < s)
     if KIND == 0 or KIND == 1:
@@ -256,7 +261,7 @@ def _schedule_args(sched, like):
     """Kernel arguments and constexprs of a `fastgrpo.ops.sde._Schedule`."""
     s_t, sn_t = sched.s_tensor, sched.sn_tensor
     args = (s_t if s_t is not None else like, sn_t if sn_t is not None else like, sched.s, sched.sn,
-            s_t.stride(0) if s_t is not None else 0, sn_t.stride(0) if sn_t is not None else 0,
+            sched.s_stride, sched.sn_stride,
             sched.noise_level, sched.sigma_max, sched.sin_a)
     consts = dict(KIND=KIND_IDS[sched.kind], KL_EXACT=sched.kl_exact, HAS_SIGMA_MAX=sched.has_sigma_max,
                   S_PTR=s_t is not None, SN_PTR=sn_t is not None)
