@@ -37,11 +37,30 @@ Decisions where DESIGN.md is silent (written down here, as it asks):
   ``mean``, detached (same storage).
 * ``kind="cps"`` with ``v_ref`` at a step with ``sigma_next == 0`` raises: its transition std is 0 there, so the
   KL is undefined (Flow-GRPO never trains that last step).
-* Tensor sigmas are validated on the host, which costs one device sync per call; python floats cost none.
+* Sigmas and device syncs. ``sde_step`` never syncs the device and never copies host->device synchronously, so
+  a sampling or training loop runs ahead of the GPU and a call can be captured in a CUDA graph:
 
-The fused paths (Triton; on CPU the C++ extension, csrc/sde_step.cpp) compute the per-sample coefficients of
-``mean = cx*x + cv*v`` once on ``[B]`` tensors in float64, then one kernel reads x, v (and eps or prev_sample, and v_ref) once, writes mean (and prev_sample),
-and reduces the per-sample sums of squares from which log_prob and kl follow.
+  - python floats (the sampling loop) are checked with plain python math and reach the kernels as float64 scalar
+    arguments; the kernels compute the coefficients from them in float64;
+  - CPU tensors are accepted with latents on any device (a change: they used to raise with CUDA latents). They
+    are checked on the host (reading a CPU tensor needs no sync); one with a single value is passed as a scalar,
+    [B] ones go to x's device as one float64 [2, B] tensor copied from pinned memory with ``non_blocking=True``;
+  - tensors on x's device (CUDA) are trusted by the host, which cannot read them without a sync: the kernels
+    check them, and a sample whose sigmas are invalid gets NaN ``prev_sample``/``mean``/``log_prob``/``std``/
+    ``kl`` -- never a finite wrong number. Pass the schedule as floats or CPU tensors to get the ValueError.
+
+  ``impl="torch"`` (the eager reference, the benchmarks' baseline) keeps its behaviour: device tensor sigmas are
+  checked with one sync per call.
+
+The Triton path (fastgrpo/kernels/sde_step.py) computes the per-sample coefficients of ``mean = cx*x + cv*v``
+inside the kernels, in float64, from the sigmas (so a sigma in (1 - 3e-8, 1) is not rounded to 1). Per call: one
+elementwise kernel reads x, v (and eps or prev_sample, and v_ref) once, writes mean (and prev_sample) and
+per-chunk partial sums of squares; a second one (one program per sample) adds them in a fixed order and writes
+log_prob, std and kl -- 2 launches (plus ``torch.randn`` when it draws the noise), no torch op on [B] tensors.
+Under ``torch.no_grad`` (or when nothing requires grad) no autograd.Function is involved; with gradients, the
+backward is one kernel that takes the gradients of log_prob and kl directly. The C++ path (CPU,
+csrc/sde_step.cpp) keeps the coefficients and the [B] epilogue as float64/float32 torch ops on the host (there
+is no device to wait for) and passes the same tests.
 """
 from __future__ import annotations
 
