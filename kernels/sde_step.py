@@ -1,22 +1,33 @@
-"""Fused SDE step + Gaussian log-prob (+ KL) kernels, forward and backward.
+"""Fused SDE step + Gaussian log-prob (+ KL) kernels: forward, finish, backward.
 
 Every kind of step in DESIGN.md §3.1 is affine in the latent and the velocity, with per-sample coefficients:
 
     mean = cx[b] * x + cv[b] * v          prev = mean + std[b] * eps
 
-so one elementwise kernel serves them all. Besides ``mean`` (and ``prev`` when it samples) the forward pass
-reduces, per sample b and per chunk of its N = C*H*W elements,
+so one elementwise kernel serves them all. The coefficients are computed inside the kernels (`_coefficients`, in
+float64, once per program) from sigma and sigma_next, each given either as a float64 scalar argument (python float
+sigmas: nothing on the device but the kernels) or as a [B] pointer with a stride (tensor sigmas; stride 0 for one
+sigma shared by the batch). A sample whose sigmas are invalid (outside 0 <= sigma_next < sigma <= 1, sigma == 1
+for flow_grpo without sigma_max, sigma_next == 0 for cps with a KL) gets NaN coefficients, hence NaN outputs: the
+host validates every sigma it can see without a device sync (python floats and CPU tensors, with a ValueError);
+sigmas that live on the GPU are checked here instead, and never give a silent wrong number.
 
-    ssq[b]   = sum (prev - mean)^2                      (-> log-prob, finished on [B] in fastgrpo.ops.sde)
-    klssq[b] = sum (cv[b] * (v - v_ref))^2 = sum (mean - mean_ref)^2   (-> KL)
+Per call: `sde_step_fwd_kernel` (grid [n_chunks, B]) writes mean (and prev when it samples) and per-chunk partial
+sums of squares,
 
-Partial sums go to a [B, n_chunks] buffer that the host sums in a fixed order, so the reduction is
-deterministic and large latents (16x128x128) spread over many programs. The backward pass recomputes ``mean``
-from x and v instead of saving it.
+    ssq[b, c]   = sum (prev - mean)^2                      (-> log-prob)
+    klssq[b, c] = sum (cv[b] * (v - v_ref))^2 = sum (mean - mean_ref)^2   (-> KL)
+
+then `sde_step_finish_kernel` (one program per sample) adds a sample's partials in chunk order in float64
+(deterministic run to run) and writes log_prob, std and kl. Two launches in all. The backward kernel recomputes
+``mean`` from x and v instead of saving it and takes the gradients of log_prob and kl directly (with their strides:
+the gradient of a ``.sum()`` is an expanded tensor, no copy needed).
 
 Bytes moved (forward, sampling with given noise, fp32): read x, v, eps; write prev, mean = 5 * 4 * numel.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -27,20 +38,93 @@ NO_SAMPLE = 0  # ODE: prev = mean, no log-prob
 SAMPLE = 1  # prev = mean + std * eps, eps read from memory
 GIVEN = 2  # prev read from memory (log-prob of a given sample)
 
+# KIND constexpr of every kernel.
+KIND_IDS = {"flow_grpo": 0, "dance": 1, "cps": 2, "ode": 3}
+
+# @triton.jit device functions called by the kernels below (compiled with them; see tests/compile_for_gpu.py).
+JIT_HELPERS = ("_sigma", "_coefficients")
+
+NAN = tl.constexpr(float("nan"))
+LOG_SQRT_2PI = tl.constexpr(0.5 * math.log(2 * math.pi))
+
+
+@triton.jit
+def _sigma(ptr, val, stride, b, FROM_PTR: tl.constexpr):
+    if FROM_PTR:
+        s = tl.load(ptr + b * stride).to(tl.float64)
+    else:
+        # Through tl.full: Triton's interpreter hands python floats to the kernel as float32 scalars; compiled, the
+        # tl.float64 annotation already makes them float64 arguments.
+        s = tl.full([], val, tl.float64)
+    return s
+
+
+@triton.jit
+def _coefficients(s, sn, noise_level, sigma_max, sin_a,
+                  KIND: tl.constexpr, KL_EXACT: tl.constexpr, HAS_SIGMA_MAX: tl.constexpr, HAS_VREF: tl.constexpr):
+    """float64 (cx, cv, std, kl_d) of one sample; NaN when its sigmas are invalid."""
+    noise_level = tl.full([], noise_level, tl.float64)
+    sigma_max = tl.full([], sigma_max, tl.float64)
+    sin_a = tl.full([], sin_a, tl.float64)
+    dt = sn - s
+    ok = (s <= 1.0) & (sn >= 0.0) & (sn < s)
+    if KIND == 0 or KIND == 1:
+        if KIND == 0:
+            if HAS_SIGMA_MAX:
+                guard = tl.where(s == 1.0, sigma_max, s)
+            else:
+                ok = ok & (s != 1.0)
+                guard = tl.where(s == 1.0, 0.5, s)
+            sd = noise_level * tl.sqrt(s / (1.0 - guard))
+        else:
+            sd = noise_level + 0.0 * s
+        sd2 = sd * sd
+        cx = 1.0 + sd2 * dt / (2.0 * s)
+        cv = (1.0 + sd2 * (1.0 - s) / (2.0 * s)) * dt
+        std = sd * tl.sqrt(tl.maximum(-dt, 0.0))
+        if KL_EXACT:
+            kl_d = std
+        else:
+            kl_d = sd
+    elif KIND == 2:
+        std = sn * sin_a
+        c = tl.sqrt(tl.maximum(sn * sn - std * std, 0.0))
+        cx = (1.0 - sn) + c  # x0*(1-sn) + x1*c with x0 = x - s*v, x1 = x + (1-s)*v
+        cv = -s * (1.0 - sn) + (1.0 - s) * c
+        kl_d = std
+        if HAS_VREF:
+            ok = ok & (sn != 0.0)
+    else:
+        cx = 1.0 + 0.0 * s
+        cv = dt
+        std = 0.0 * s
+        kl_d = 1.0 + 0.0 * s
+    cx = tl.where(ok, cx, NAN)
+    cv = tl.where(ok, cv, NAN)
+    std = tl.where(ok, std, NAN)
+    kl_d = tl.where(ok, kl_d, NAN)
+    return cx, cv, std, kl_d
+
 
 @triton.jit
 def sde_step_fwd_kernel(
     x_ptr, v_ptr, eps_ptr, prev_ptr, vref_ptr, mean_ptr, ssq_ptr, klssq_ptr,
-    cx_ptr, cv_ptr, std_ptr,
+    s_ptr, sn_ptr, s_val: tl.float64, sn_val: tl.float64, s_stride, sn_stride,
+    noise_level: tl.float64, sigma_max: tl.float64, sin_a: tl.float64,
     N, n_chunks,
-    NOISE: tl.constexpr, HAS_VREF: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    KIND: tl.constexpr, KL_EXACT: tl.constexpr, HAS_SIGMA_MAX: tl.constexpr, S_PTR: tl.constexpr,
+    SN_PTR: tl.constexpr, NOISE: tl.constexpr, HAS_VREF: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     b = tl.program_id(1)
     base = b.to(tl.int64) * N
-    cx = tl.load(cx_ptr + b)
-    cv = tl.load(cv_ptr + b)
-    std = tl.load(std_ptr + b)
+    s = _sigma(s_ptr, s_val, s_stride, b, S_PTR)
+    sn = _sigma(sn_ptr, sn_val, sn_stride, b, SN_PTR)
+    cx64, cv64, std64, _kl_d = _coefficients(s, sn, noise_level, sigma_max, sin_a, KIND, KL_EXACT, HAS_SIGMA_MAX,
+                                             HAS_VREF)
+    cx = cx64.to(tl.float32)
+    cv = cv64.to(tl.float32)
+    std = std64.to(tl.float32)
     ssq = tl.zeros([BLOCK], dtype=tl.float32)
     klssq = tl.zeros([BLOCK], dtype=tl.float32)
     for it in range(ITERS):
@@ -71,20 +155,78 @@ def sde_step_fwd_kernel(
 
 
 @triton.jit
+def sde_step_finish_kernel(
+    ssq_ptr, klssq_ptr, log_prob_ptr, std_ptr, kl_ptr,
+    s_ptr, sn_ptr, s_val: tl.float64, sn_val: tl.float64, s_stride, sn_stride,
+    noise_level: tl.float64, sigma_max: tl.float64, sin_a: tl.float64,
+    N, n_chunks,
+    KIND: tl.constexpr, KL_EXACT: tl.constexpr, HAS_SIGMA_MAX: tl.constexpr, S_PTR: tl.constexpr,
+    SN_PTR: tl.constexpr, HAS_SAMPLE: tl.constexpr, HAS_VREF: tl.constexpr, CBLOCK: tl.constexpr,
+):
+    # One program per sample: the chunk partials in a fixed order (float64), then the [B] epilogue.
+    b = tl.program_id(0)
+    s = _sigma(s_ptr, s_val, s_stride, b, S_PTR)
+    sn = _sigma(sn_ptr, sn_val, sn_stride, b, SN_PTR)
+    cx, cv, std, kl_d = _coefficients(s, sn, noise_level, sigma_max, sin_a, KIND, KL_EXACT, HAS_SIGMA_MAX,
+                                      HAS_VREF)
+    n = N.to(tl.float64)
+    tl.store(std_ptr + b, std.to(tl.float32))
+    lp = 0.0 * std  # kind="ode": no density; NaN with invalid sigmas
+    if HAS_SAMPLE:
+        acc = tl.zeros([CBLOCK], dtype=tl.float64)
+        for c0 in range(0, n_chunks, CBLOCK):
+            offs = c0 + tl.arange(0, CBLOCK)
+            acc += tl.load(ssq_ptr + b * n_chunks + offs, mask=offs < n_chunks, other=0.0).to(tl.float64)
+        ssq = tl.sum(acc, 0)
+        if KIND == 2:
+            lp = -ssq / n + 0.0 * std
+        else:
+            lp = -ssq / (2.0 * n * std * std) - tl.log(std) - LOG_SQRT_2PI
+    tl.store(log_prob_ptr + b, lp.to(tl.float32))
+    if HAS_VREF:
+        acck = tl.zeros([CBLOCK], dtype=tl.float64)
+        for c0 in range(0, n_chunks, CBLOCK):
+            offs = c0 + tl.arange(0, CBLOCK)
+            acck += tl.load(klssq_ptr + b * n_chunks + offs, mask=offs < n_chunks, other=0.0).to(tl.float64)
+        kl = tl.sum(acck, 0) / (2.0 * n * kl_d * kl_d)
+        tl.store(kl_ptr + b, kl.to(tl.float32))
+
+
+@triton.jit
 def sde_step_bwd_kernel(
-    x_ptr, v_ptr, prev_ptr, vref_ptr, gmean_ptr, gssq_ptr, gklssq_ptr,
-    cx_ptr, cv_ptr, gx_ptr, gv_ptr, gvref_ptr,
+    x_ptr, v_ptr, prev_ptr, vref_ptr, gmean_ptr, glp_ptr, gkl_ptr, glp_stride, gkl_stride,
+    gx_ptr, gv_ptr, gvref_ptr,
+    s_ptr, sn_ptr, s_val: tl.float64, sn_val: tl.float64, s_stride, sn_stride,
+    noise_level: tl.float64, sigma_max: tl.float64, sin_a: tl.float64,
     N,
+    KIND: tl.constexpr, KL_EXACT: tl.constexpr, HAS_SIGMA_MAX: tl.constexpr, S_PTR: tl.constexpr,
+    SN_PTR: tl.constexpr,
     HAS_DIFF: tl.constexpr, HAS_VREF: tl.constexpr, HAS_GMEAN: tl.constexpr,
     NEED_GX: tl.constexpr, NEED_GV: tl.constexpr, NEED_GVREF: tl.constexpr,
     BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
-    # d mean/dx = cx, d mean/dv = cv; d ssq/d mean = -2 (prev - mean); d klssq/dv = 2 cv^2 (v - v_ref) = -d/dv_ref.
+    # d mean/dx = cx, d mean/dv = cv; d ssq/d mean = -2 (prev - mean); d klssq/dv = 2 cv^2 (v - v_ref) = -d/dv_ref;
+    # d log_prob/d ssq = -1/(2 N std^2) (cps: -1/N); d kl/d klssq = 1/(2 N kl_d^2).
     chunk = tl.program_id(0)
     b = tl.program_id(1)
     base = b.to(tl.int64) * N
-    cx = tl.load(cx_ptr + b)
-    cv = tl.load(cv_ptr + b)
+    s = _sigma(s_ptr, s_val, s_stride, b, S_PTR)
+    sn = _sigma(sn_ptr, sn_val, sn_stride, b, SN_PTR)
+    cx64, cv64, std64, kl_d64 = _coefficients(s, sn, noise_level, sigma_max, sin_a, KIND, KL_EXACT,
+                                              HAS_SIGMA_MAX, HAS_VREF)
+    n = N.to(tl.float64)
+    cx = cx64.to(tl.float32)
+    cv = cv64.to(tl.float32)
+    gssq = 0.0
+    gkl = 0.0
+    if HAS_DIFF:
+        glp = tl.load(glp_ptr + b * glp_stride).to(tl.float64)
+        if KIND == 2:
+            gssq = (-glp / n).to(tl.float32)
+        else:
+            gssq = (-glp / (2.0 * n * std64 * std64)).to(tl.float32)
+    if HAS_VREF:
+        gkl = (tl.load(gkl_ptr + b * gkl_stride).to(tl.float64) / (2.0 * n * kl_d64 * kl_d64)).to(tl.float32)
     for it in range(ITERS):
         offs = (chunk * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
         m = offs < N
@@ -95,7 +237,6 @@ def sde_step_bwd_kernel(
         if HAS_DIFF or HAS_VREF:
             v = tl.load(v_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
         if HAS_DIFF:
-            gssq = tl.load(gssq_ptr + b)
             x = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
             prev = tl.load(prev_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
             g += -2.0 * gssq * (prev - (cx * x + cv * v))
@@ -103,7 +244,6 @@ def sde_step_bwd_kernel(
             tl.store(gx_ptr + base + offs, (cx * g).to(gx_ptr.dtype.element_ty), mask=m)
         gv = cv * g
         if HAS_VREF:
-            gkl = tl.load(gklssq_ptr + b)
             vr = tl.load(vref_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
             gk = 2.0 * gkl * cv * cv * (v - vr)
             gv += gk
@@ -120,40 +260,60 @@ def _blocking(n: int) -> tuple[int, int, int]:
     return block, iters, triton.cdiv(n, block * iters)
 
 
-def sde_step_fwd(x, v, cx, cv, std, *, eps=None, prev=None, v_ref=None):
-    """Launch the forward kernel. x, v, eps, prev, v_ref: contiguous [B, N]; cx, cv, std: float32 [B].
+def _schedule_args(sched, like):
+    """Kernel arguments and constexprs of a `fastgrpo.ops.sde._Schedule`."""
+    s_t, sn_t = sched.s_tensor, sched.sn_tensor
+    args = (s_t if s_t is not None else like, sn_t if sn_t is not None else like, sched.s, sched.sn,
+            sched.s_stride, sched.sn_stride,
+            sched.noise_level, sched.sigma_max, sched.sin_a)
+    consts = dict(KIND=KIND_IDS[sched.kind], KL_EXACT=sched.kl_exact, HAS_SIGMA_MAX=sched.has_sigma_max,
+                  S_PTR=s_t is not None, SN_PTR=sn_t is not None)
+    return args, consts
 
-    Returns (prev or None, mean, ssq [B] or None, klssq [B] or None), all float32.
+
+def sde_step_fwd(x, v, sched, *, eps=None, prev=None, v_ref=None):
+    """Forward + finish (2 launches). x, v, eps, prev, v_ref: contiguous [B, N]; ``sched``: the step's sigmas and
+    constants (`fastgrpo.ops.sde._Schedule`).
+
+    Returns (new prev or None, mean [B, N], log_prob [B], std [B], kl [B] or None), all float32.
     """
     B, N = x.shape
-    mode = SAMPLE if eps is not None else GIVEN if prev is not None else NO_SAMPLE
+    mode = NO_SAMPLE if sched.kind == "ode" else SAMPLE if eps is not None else GIVEN if prev is not None \
+        else NO_SAMPLE
     block, iters, n_chunks = _blocking(N)
-    mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    new_prev = torch.empty((B, N), dtype=torch.float32, device=x.device) if mode == SAMPLE else None
-    ssq = torch.empty((B, n_chunks), dtype=torch.float32, device=x.device) if mode != NO_SAMPLE else None
-    klssq = torch.empty((B, n_chunks), dtype=torch.float32, device=x.device) if v_ref is not None else None
+    dev = x.device
+    mean = torch.empty((B, N), dtype=torch.float32, device=dev)
+    new_prev = torch.empty((B, N), dtype=torch.float32, device=dev) if mode == SAMPLE else None
+    has_vref = v_ref is not None
+    n_parts = (mode != NO_SAMPLE) + has_vref
+    parts = torch.empty((n_parts, B, n_chunks), dtype=torch.float32, device=dev) if n_parts else mean
+    ssq = parts[0] if mode != NO_SAMPLE else mean
+    klssq = parts[n_parts - 1] if has_vref else mean
+    log_prob = torch.empty(B, dtype=torch.float32, device=dev)
+    std = torch.empty(B, dtype=torch.float32, device=dev)
+    kl = torch.empty(B, dtype=torch.float32, device=dev) if has_vref else None
     if B > 0:
+        sargs, consts = _schedule_args(sched, mean)
         sde_step_fwd_kernel[(n_chunks, B)](
             x, v, eps if eps is not None else x, new_prev if mode == SAMPLE else (prev if prev is not None else mean),
-            v_ref if v_ref is not None else x, mean, ssq if ssq is not None else mean,
-            klssq if klssq is not None else mean, cx, cv, std, N, n_chunks,
-            NOISE=mode, HAS_VREF=v_ref is not None, BLOCK=block, ITERS=iters, num_warps=4,
+            v_ref if has_vref else x, mean, ssq, klssq, *sargs, N, n_chunks,
+            NOISE=mode, HAS_VREF=has_vref, BLOCK=block, ITERS=iters, num_warps=4, **consts,
         )
-    # Fixed-order sum over chunks: deterministic run to run.
-    return (
-        new_prev,
-        mean,
-        ssq.sum(1) if ssq is not None else None,
-        klssq.sum(1) if klssq is not None else None,
-    )
+        sde_step_finish_kernel[(B,)](
+            ssq, klssq, log_prob, std, kl if kl is not None else log_prob, *sargs, N, n_chunks,
+            HAS_SAMPLE=mode != NO_SAMPLE, HAS_VREF=has_vref,
+            CBLOCK=min(128, triton.next_power_of_2(n_chunks)), num_warps=1, **consts,
+        )
+    return new_prev, mean, log_prob, std, kl
 
 
-def sde_step_bwd(x, v, cx, cv, *, prev=None, v_ref=None, g_mean=None, g_ssq=None, g_klssq=None,
+def sde_step_bwd(x, v, sched, *, prev=None, v_ref=None, g_mean=None, g_log_prob=None, g_kl=None,
                  need_gx=True, need_gv=True, need_gvref=False):
-    """Launch the backward kernel. Returns (g_x or None, g_v or None, g_vref or None) in the inputs' dtypes."""
+    """Launch the backward kernel (1 launch). g_log_prob, g_kl: [B] float32, any stride (None when unused).
+    Returns (g_x or None, g_v or None, g_vref or None) in the inputs' dtypes."""
     B, N = x.shape
-    has_diff = g_ssq is not None and prev is not None
-    has_vref = g_klssq is not None and v_ref is not None
+    has_diff = g_log_prob is not None and prev is not None and sched.kind != "ode"
+    has_vref = g_kl is not None and v_ref is not None
     gx = torch.empty_like(x) if need_gx else None
     gv = torch.empty_like(v) if need_gv else None
     gvref = None
@@ -162,39 +322,66 @@ def sde_step_bwd(x, v, cx, cv, *, prev=None, v_ref=None, g_mean=None, g_ssq=None
         gvref = torch.empty_like(v_ref) if has_vref else torch.zeros_like(v_ref)
     block, iters, n_chunks = _blocking(N)
     if B > 0 and (need_gx or need_gv or (gvref is not None and has_vref)):
+        sargs, consts = _schedule_args(sched, x)
         sde_step_bwd_kernel[(n_chunks, B)](
             x, v, prev if has_diff else x, v_ref if has_vref else x, g_mean if g_mean is not None else x,
-            g_ssq if has_diff else cx, g_klssq if has_vref else cx, cx, cv,
+            g_log_prob if has_diff else x, g_kl if has_vref else x,
+            g_log_prob.stride(0) if has_diff else 0, g_kl.stride(0) if has_vref else 0,
             gx if gx is not None else x, gv if gv is not None else v, gvref if gvref is not None else v,
-            N,
+            *sargs, N,
             HAS_DIFF=has_diff, HAS_VREF=has_vref, HAS_GMEAN=g_mean is not None,
             NEED_GX=need_gx, NEED_GV=need_gv, NEED_GVREF=gvref is not None and has_vref,
-            BLOCK=block, ITERS=iters, num_warps=4,
+            BLOCK=block, ITERS=iters, num_warps=4, **consts,
         )
     return gx, gv, gvref
 
 
 def compile_specs():
-    """(kernel, signature, constexprs) triples covering the variants the launchers use, for the sm_90 check."""
+    """(kernel, signature, constexprs) triples covering the variants the launchers use, for the sm_90 check:
+    every kind (with both KL conventions where they differ), scalar and per-sample (fp32/fp64) sigmas, each
+    noise mode with and without v_ref, three input dtypes."""
+    sched = {"s_val": "fp64", "sn_val": "fp64", "s_stride": "i32", "sn_stride": "i32", "noise_level": "fp64",
+             "sigma_max": "fp64", "sin_a": "fp64"}
+    variants = []  # (KIND, KL_EXACT, HAS_SIGMA_MAX, S_PTR, SN_PTR, sigma dtype)
+    for kind in KIND_IDS.values():
+        for kl_exact in ((False, True) if kind in (0, 1) else (False,)):
+            variants.append((kind, kl_exact, True, False, False, "fp64"))
+        variants.append((kind, False, kind != 0, True, True, "fp32"))
+        variants.append((kind, False, True, True, False, "fp64"))
     specs = []
-    for dt in ("fp32", "bf16", "fp16"):
-        for noise in (NO_SAMPLE, SAMPLE, GIVEN):
-            for has_vref in (False, True):
+    for kind, kl_exact, has_max, s_ptr, sn_ptr, sdt in variants:
+        consts = {"KIND": kind, "KL_EXACT": kl_exact, "HAS_SIGMA_MAX": has_max, "S_PTR": s_ptr, "SN_PTR": sn_ptr}
+        sig_ptrs = {"s_ptr": f"*{sdt}", "sn_ptr": f"*{sdt}"}
+        modes = (NO_SAMPLE,) if kind == 3 else (SAMPLE, GIVEN)
+        vrefs = (False,) if kind == 3 else (False, True)
+        dts = ("fp32", "bf16", "fp16") if (s_ptr, sn_ptr, kl_exact) == (False, False, False) else ("bf16",)
+        for dt in dts:
+            for noise in modes:
+                for has_vref in vrefs:
+                    sig = {
+                        "x_ptr": f"*{dt}", "v_ptr": f"*{dt}", "eps_ptr": "*fp32", "prev_ptr": "*fp32",
+                        "vref_ptr": f"*{dt}", "mean_ptr": "*fp32", "ssq_ptr": "*fp32", "klssq_ptr": "*fp32",
+                        **sig_ptrs, **sched, "N": "i32", "n_chunks": "i32",
+                    }
+                    specs.append((sde_step_fwd_kernel, sig, {**consts, "NOISE": noise, "HAS_VREF": has_vref,
+                                                             "BLOCK": 1024, "ITERS": 4}))
+            bwd_cases = ((False, False, True),) if kind == 3 else (
+                (True, True, True), (True, False, False), (False, True, False))
+            for has_diff, has_vref, has_gmean in bwd_cases:
                 sig = {
-                    "x_ptr": f"*{dt}", "v_ptr": f"*{dt}", "eps_ptr": "*fp32", "prev_ptr": "*fp32",
-                    "vref_ptr": f"*{dt}", "mean_ptr": "*fp32", "ssq_ptr": "*fp32", "klssq_ptr": "*fp32",
-                    "cx_ptr": "*fp32", "cv_ptr": "*fp32", "std_ptr": "*fp32", "N": "i32", "n_chunks": "i32",
+                    "x_ptr": f"*{dt}", "v_ptr": f"*{dt}", "prev_ptr": "*fp32", "vref_ptr": f"*{dt}",
+                    "gmean_ptr": "*fp32", "glp_ptr": "*fp32", "gkl_ptr": "*fp32", "glp_stride": "i32",
+                    "gkl_stride": "i32", "gx_ptr": f"*{dt}", "gv_ptr": f"*{dt}", "gvref_ptr": f"*{dt}",
+                    **sig_ptrs, **sched, "N": "i32",
                 }
-                specs.append((sde_step_fwd_kernel, sig,
-                              {"NOISE": noise, "HAS_VREF": has_vref, "BLOCK": 1024, "ITERS": 4}))
-        for has_diff, has_vref, has_gmean in ((True, True, True), (True, False, False), (False, True, False)):
-            sig = {
-                "x_ptr": f"*{dt}", "v_ptr": f"*{dt}", "prev_ptr": "*fp32", "vref_ptr": f"*{dt}",
-                "gmean_ptr": "*fp32", "gssq_ptr": "*fp32", "gklssq_ptr": "*fp32", "cx_ptr": "*fp32",
-                "cv_ptr": "*fp32", "gx_ptr": f"*{dt}", "gv_ptr": f"*{dt}", "gvref_ptr": f"*{dt}", "N": "i32",
-            }
-            specs.append((sde_step_bwd_kernel, sig, {
-                "HAS_DIFF": has_diff, "HAS_VREF": has_vref, "HAS_GMEAN": has_gmean, "NEED_GX": True,
-                "NEED_GV": True, "NEED_GVREF": has_vref, "BLOCK": 1024, "ITERS": 4,
-            }))
+                specs.append((sde_step_bwd_kernel, sig, {
+                    **consts, "HAS_DIFF": has_diff, "HAS_VREF": has_vref, "HAS_GMEAN": has_gmean, "NEED_GX": True,
+                    "NEED_GV": True, "NEED_GVREF": has_vref, "BLOCK": 1024, "ITERS": 4,
+                }))
+        for has_sample in ((False,) if kind == 3 else (True,)):
+            for has_vref in vrefs:
+                sig = {"ssq_ptr": "*fp32", "klssq_ptr": "*fp32", "log_prob_ptr": "*fp32", "std_ptr": "*fp32",
+                       "kl_ptr": "*fp32", **sig_ptrs, **sched, "N": "i32", "n_chunks": "i32"}
+                specs.append((sde_step_finish_kernel, sig, {**consts, "HAS_SAMPLE": has_sample,
+                                                            "HAS_VREF": has_vref, "CBLOCK": 128}))
     return specs

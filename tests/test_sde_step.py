@@ -304,3 +304,261 @@ def test_auto_on_cpu_uses_cpp_when_built_else_torch(cpp_disabled):
     if _ext.available():
         a = sde_step(x, v, 0.5, 0.4, noise=noise)
         assert torch.equal(a.log_prob, sde_step(x, v, 0.5, 0.4, noise=noise, impl="cpp").log_prob)
+
+
+# ---------------------------------------------------------------------------------------------- host work per call
+
+
+class _LaunchRecorder:
+    """Stands in for a @triton.jit kernel: records ``kernel[grid](...)`` launches instead of running them."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append(self.name)
+
+
+@pytest.fixture
+def recorded_launches(monkeypatch):
+    from fastgrpo.kernels import sde_step as mod
+
+    log = []
+    for name in ("sde_step_fwd_kernel", "sde_step_finish_kernel", "sde_step_bwd_kernel"):
+        monkeypatch.setattr(mod, name, _LaunchRecorder(name, log))
+    return log
+
+
+def _aten_ops(fn):
+    """The aten ops ``fn`` runs (CPU tensors: what would be device work or a host<->device copy on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        out = fn()
+    return out, ops
+
+
+# Allocations and views only: no arithmetic on [B] tensors, no copy, no reduction, no .item()/.tolist().
+_HOST_ONLY_OPS = {"empty", "new_empty", "view", "select", "detach", "alias", "_reshape_alias", "reshape", "_unsafe_view"}
+
+
+def test_sampling_is_two_launches_and_no_torch_op(recorded_launches):
+    x, v, noise, _ = _inputs((3, 4, 37), torch.float32, torch.device("cpu"), 20)
+    with torch.no_grad():
+        out, ops = _aten_ops(lambda: sde_step(x, v, 0.8, 0.7, noise=noise, impl="triton"))
+    assert recorded_launches == ["sde_step_fwd_kernel", "sde_step_finish_kernel"]
+    assert set(ops) <= _HOST_ONLY_OPS, sorted(set(ops) - _HOST_ONLY_OPS)
+    assert ops.count("empty") == 5  # mean, prev, one partial-sums buffer, log_prob, std
+    assert out.mean.grad_fn is None  # no autograd.Function under no_grad
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_is_two_launches_with_float_sigmas(kind, recorded_launches):
+    x, v, noise, dv = _inputs((2, 3, 5), torch.float32, torch.device("cpu"), 21)
+    v_ref = None if kind == "ode" else v + dv
+    _, ops = _aten_ops(lambda: sde_step(x, v, 1.0, 0.0 if kind != "cps" else 0.5, kind=kind, sigma_max=SIGMA_MAX,
+                                        noise_level=NOISE_LEVEL[kind], noise=noise, v_ref=v_ref, impl="triton"))
+    assert recorded_launches == ["sde_step_fwd_kernel", "sde_step_finish_kernel"]
+    assert set(ops) <= _HOST_ONLY_OPS, sorted(set(ops) - _HOST_ONLY_OPS)
+
+
+def test_training_step_is_three_launches(recorded_launches):
+    """Forward (2) + one fused backward that takes the gradients of log_prob and kl as they come."""
+    x, v, prev, dv = _inputs((3, 4, 37), torch.float32, torch.device("cpu"), 22)
+    vv, v_ref = v.clone().requires_grad_(True), v + dv
+    out, ops = _aten_ops(lambda: sde_step(x, vv, 0.8, 0.7, prev_sample=prev, v_ref=v_ref, impl="triton"))
+    assert set(ops) <= _HOST_ONLY_OPS, sorted(set(ops) - _HOST_ONLY_OPS)
+    assert recorded_launches == ["sde_step_fwd_kernel", "sde_step_finish_kernel"]
+    torch.autograd.grad(out.log_prob.sum() + 0.01 * out.kl.sum(), vv)
+    assert recorded_launches[2:] == ["sde_step_bwd_kernel"]
+
+
+def test_cpu_sigma_tensors_are_one_copy(recorded_launches):
+    """Per-sample sigmas from the CPU: checked on the host, then one [2, B] float64 tensor for the kernels."""
+    x, v, noise, _ = _inputs((3, 4, 5), torch.float32, torch.device("cpu"), 23)
+    s, sn = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0.8, 0.7, 0.6])
+    with torch.no_grad():
+        _, ops = _aten_ops(lambda: sde_step(x, v, s, sn, noise=noise, impl="triton"))
+    assert recorded_launches == ["sde_step_fwd_kernel", "sde_step_finish_kernel"]
+    assert not {"stack", "sum", "log", "mul", "div", "sqrt", "where", "any"} & set(ops), ops
+
+
+# ---------------------------------------------------------------------------------------------- sigma checks
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("sigma, sigma_next, match", [
+    (torch.tensor([0.5, 1.2]), 0.3, r"\[0, 1\]"),
+    (torch.tensor([0.5, 0.6], dtype=torch.float64), torch.tensor([0.4, 0.6]), "smaller than sigma"),
+    (0.5, torch.tensor([0.4, -0.1]), r"\[0, 1\]"),
+    (torch.tensor([0.5, float("nan")]), 0.3, r"\[0, 1\]"),
+    (torch.tensor([0.5, 1.0]), torch.tensor([0.4, 0.9]), "sigma_max"),
+])
+def test_bad_cpu_sigma_tensor_raises(impl, sigma, sigma_next, match, device):
+    x = torch.zeros(2, 3, 4, device=device)
+    with pytest.raises(ValueError, match=match):
+        sde_step(x, x, sigma, sigma_next, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_cpu_sigmas_with_latents_on_another_device(impl):
+    """CPU sigma tensors are accepted with latents elsewhere (the meta device stands in for CUDA here) and
+    checked on the host before anything runs."""
+    x = torch.zeros(2, 3, 4, device="meta")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        sde_step(x, x, torch.tensor([0.5, 1.5]), torch.tensor([0.4, 0.3]), impl=impl)
+    with pytest.raises(ValueError, match="sigma_max"):
+        sde_step(x, x, torch.tensor([1.0, 0.5]), 0.3, impl=impl)
+    with pytest.raises(ValueError, match="sigma is on meta"):
+        sde_step(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, device="meta"), 0.3, impl=impl)
+    if impl == "torch":
+        out = sde_step(x, x, torch.tensor([0.5, 0.6]), torch.tensor([0.4, 0.3]), noise=x, impl=impl)
+        assert out.prev_sample.device.type == "meta" and out.log_prob.shape == (2,)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the interpreter
+def test_sigmas_on_the_device_are_checked_by_the_kernels():
+    """Sigmas the host cannot read without a sync (tensors on the GPU) are checked in the kernels: an invalid
+    sample gets NaN outputs, never a finite wrong number, and the valid samples are untouched."""
+    from fastgrpo.kernels.sde_step import sde_step_fwd
+    from fastgrpo.ops.sde import _Schedule
+
+    B, N = 5, 37
+    x, v, noise, dv = _inputs((B, N), torch.float32, torch.device("cpu"), 24)
+    s = torch.tensor([0.5, 1.0, 0.3, 0.6, 1.2], dtype=torch.float64)
+    sn = torch.tensor([0.4, 0.5, 0.4, -0.1, 0.5], dtype=torch.float64)
+    bad = torch.tensor([False, True, True, True, True])  # ok, sigma_max missing, order, range, range
+    sched = _Schedule("flow_grpo", 0.0, 0.0, s, sn, 1, 1, 0.7, 0.5, 0.0, False, False)
+    prev, mean, log_prob, std, kl = sde_step_fwd(x, v, sched, eps=noise, v_ref=v + dv)
+    for t in (prev, mean):
+        assert torch.isnan(t[bad]).all() and torch.isfinite(t[~bad]).all()
+    for t in (log_prob, std, kl):
+        assert torch.isnan(t[bad]).all() and torch.isfinite(t[~bad]).all()
+    ref = _ref64(x[:1], v[:1], 0.5, 0.4, "flow_grpo", noise=noise[:1], v_ref=(v + dv)[:1])
+    assert_close(log_prob[:1], ref.log_prob)
+    # cps with a KL at sigma_next == 0
+    cps = _Schedule("cps", 0.5, 0.0, None, sn.clamp(min=0)[:2] * 0, 0, 1, 0.8, 0.5, math.sin(0.4 * math.pi), True,
+                    False)
+    _, _, log_prob, std, kl = sde_step_fwd(x[:2], v[:2], cps, eps=noise[:2], v_ref=(v + dv)[:2])
+    assert torch.isnan(kl).all()
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_sigma_just_below_one(impl, as_tensor, device):
+    """sigma in (1 - 3e-8, 1): float32 would round it to 1 (and take sigma_max); the kernels work in float64."""
+    x, v, noise, dv = _inputs((2, 3, 17), torch.float32, device, 25)
+    s, sn = 1 - 2e-8, 0.999
+    if as_tensor:
+        s, sn = (torch.full((2,), t, dtype=torch.float64, device=device) for t in (s, sn))
+    out = sde_step(x, v, s, sn, sigma_max=SIGMA_MAX, noise=noise, v_ref=v + dv, impl=impl)
+    ref = _ref64(x, v, s, sn, "flow_grpo", noise=noise, v_ref=v + dv)
+    assert_close(out.std, ref.std, name="std")
+    assert_close(out.mean, ref.mean, name="mean")
+    assert_close(out.kl, ref.kl, name="kl")
+    assert (out.log_prob.double() - ref.log_prob).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("kind", KINDS)
+def test_float_sigma_gradients_and_expanded_inputs(impl, kind, device):
+    """Scalar sigmas (the kernels' scalar arguments), the exact KL, a broadcast (stride-0) v_ref and x."""
+    shape = (3, 5, 7)
+    x, v, prev, dv = _inputs(shape, torch.bfloat16, device, 26)
+    x = x[:1].expand(shape)
+    v_ref = None if kind == "ode" else (v.float()[:1] + dv.float()[:1]).to(torch.bfloat16).expand(shape)
+    s, sn = (0.6, 0.35) if kind != "ode" else (1.0, 0.0)
+    leaves = [x.clone().requires_grad_(True), v.clone().requires_grad_(True)]
+    kw = dict(kind=kind, noise_level=NOISE_LEVEL[kind], kl_convention="exact")
+    out = sde_step(leaves[0], leaves[1], s, sn, prev_sample=prev, v_ref=v_ref, impl=impl, **kw)
+    loss = out.log_prob.sum() + (out.kl.sum() if out.kl is not None else 0) + out.mean.square().mean()
+    grads = torch.autograd.grad(loss, leaves)
+    l64 = [_f64(t).requires_grad_(True) for t in leaves]
+    ref = sde_step_ref(l64[0], l64[1], s, sn, prev_sample=_f64(prev), v_ref=_f64(v_ref), **kw)
+    loss64 = ref.log_prob.sum() + (ref.kl.sum() if ref.kl is not None else 0) + ref.mean.square().mean()
+    for name, got, want in zip(("x", "v"), grads, torch.autograd.grad(loss64, l64)):
+        assert_close(got, want, name=f"grad {name}")
+    for name in ("log_prob", "mean", "std"):
+        assert_close(getattr(out, name), getattr(ref, name), name=name)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and sync checks need a CUDA device")
+def test_cuda_graph_capture_and_no_sync():
+    dev = torch.device("cuda")
+    x, v, noise, dv = _inputs((4, 16, 24, 24), torch.bfloat16, dev, 27)
+    noise = noise.float()
+    call = lambda: sde_step(x, v, 0.8, 0.7, noise=noise, impl="triton")  # noqa: E731
+    with torch.no_grad():
+        eager = call()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = call()
+        graph.replay()
+        torch.cuda.synchronize()
+        for name in ("prev_sample", "log_prob", "mean", "std"):
+            assert torch.equal(getattr(captured, name), getattr(eager, name)), name
+        x.copy_(x * 0.5)  # new inputs in place: the replay follows them
+        graph.replay()
+        again = call()
+        torch.cuda.synchronize()
+        assert torch.equal(captured.prev_sample, again.prev_sample)
+        assert torch.equal(captured.log_prob, again.log_prob)
+
+    vg = v.clone().requires_grad_(True)
+    prev = eager.prev_sample
+    s_cpu, sn_cpu = torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([0.8, 0.7, 0.6, 0.5])
+    s_dev, sn_dev = s_cpu.to(dev), sn_cpu.to(dev)
+
+    def steps():
+        with torch.no_grad():
+            sde_step(x, v, 0.8, 0.7, noise=noise, impl="triton")
+            sde_step(x, v, s_cpu, sn_cpu, noise=noise, impl="triton")  # pinned, non_blocking copy
+            sde_step(x, v, s_dev, sn_dev, noise=noise, impl="triton")
+        out = sde_step(x, vg, s_dev, sn_dev, prev_sample=prev, v_ref=v + dv, impl="triton")
+        return torch.autograd.grad(out.log_prob.sum() + 0.01 * out.kl.sum(), vg)
+
+    steps()  # compiles every variant first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_and_cuda_sigma_tensors_on_cuda():
+    dev = torch.device("cuda")
+    x, v, noise, dv = _inputs((3, 4, 37), torch.float32, dev, 28)
+    s64 = torch.tensor([1.0, 0.6, 0.3], dtype=torch.float64)
+    sn64 = torch.tensor([SIGMA_MAX, 0.0, 0.2], dtype=torch.float64)
+    kw = dict(sigma_max=SIGMA_MAX, noise=noise, v_ref=v + dv, impl="triton")
+    a = sde_step(x, v, s64, sn64, **kw)
+    b = sde_step(x, v, s64.to(dev), sn64.to(dev), **kw)
+    ref = _ref64(x, v, s64, sn64, "flow_grpo", noise=noise, v_ref=v + dv)
+    for name in ("prev_sample", "log_prob", "mean", "std", "kl"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert_close(getattr(a, name), getattr(ref, name), name=name)
+    with pytest.raises(ValueError, match="smaller than sigma"):
+        sde_step(x, v, torch.tensor([0.5, 0.5, 0.5]), 0.6, impl="triton")
+    bad = sde_step(x, v, torch.tensor([0.5, 0.5, 0.5], device=dev), torch.tensor([0.4, 0.6, 0.4], device=dev),
+                   noise=noise, impl="triton")  # not checked on the host (that would sync): NaN for sample 1
+    assert torch.isnan(bad.log_prob[1]) and torch.isfinite(bad.log_prob[[0, 2]]).all()

@@ -37,11 +37,30 @@ Decisions where DESIGN.md is silent (written down here, as it asks):
   ``mean``, detached (same storage).
 * ``kind="cps"`` with ``v_ref`` at a step with ``sigma_next == 0`` raises: its transition std is 0 there, so the
   KL is undefined (Flow-GRPO never trains that last step).
-* Tensor sigmas are validated on the host, which costs one device sync per call; python floats cost none.
+* Sigmas and device syncs. ``sde_step`` never syncs the device and never copies host->device synchronously, so
+  a sampling or training loop runs ahead of the GPU and a call can be captured in a CUDA graph:
 
-The fused paths (Triton; on CPU the C++ extension, csrc/sde_step.cpp) compute the per-sample coefficients of
-``mean = cx*x + cv*v`` once on ``[B]`` tensors in float64, then one kernel reads x, v (and eps or prev_sample, and v_ref) once, writes mean (and prev_sample),
-and reduces the per-sample sums of squares from which log_prob and kl follow.
+  - python floats (the sampling loop) are checked with plain python math and reach the kernels as float64 scalar
+    arguments; the kernels compute the coefficients from them in float64;
+  - CPU tensors are accepted with latents on any device (a change: they used to raise with CUDA latents). They
+    are checked on the host (reading a CPU tensor needs no sync); one with a single value is passed as a scalar,
+    [B] ones go to x's device as one float64 [2, B] tensor copied from pinned memory with ``non_blocking=True``;
+  - tensors on x's device (CUDA) are trusted by the host, which cannot read them without a sync: the kernels
+    check them, and a sample whose sigmas are invalid gets NaN ``prev_sample``/``mean``/``log_prob``/``std``/
+    ``kl`` -- never a finite wrong number. Pass the schedule as floats or CPU tensors to get the ValueError.
+
+  ``impl="torch"`` (the eager reference, the benchmarks' baseline) keeps its behaviour: device tensor sigmas are
+  checked with one sync per call.
+
+The Triton path (fastgrpo/kernels/sde_step.py) computes the per-sample coefficients of ``mean = cx*x + cv*v``
+inside the kernels, in float64, from the sigmas (so a sigma in (1 - 3e-8, 1) is not rounded to 1). Per call: one
+elementwise kernel reads x, v (and eps or prev_sample, and v_ref) once, writes mean (and prev_sample) and
+per-chunk partial sums of squares; a second one (one program per sample) adds them in a fixed order and writes
+log_prob, std and kl -- 2 launches (plus ``torch.randn`` when it draws the noise), no torch op on [B] tensors.
+Under ``torch.no_grad`` (or when nothing requires grad) no autograd.Function is involved; with gradients, the
+backward is one kernel that takes the gradients of log_prob and kl directly. The C++ path (CPU,
+csrc/sde_step.cpp) keeps the coefficients and the [B] epilogue as float64/float32 torch ops on the host (there
+is no device to wait for) and passes the same tests.
 """
 from __future__ import annotations
 
@@ -78,25 +97,32 @@ class SDEStep(NamedTuple):
 
 
 def _as_sigma(name: str, value, batch: int, device: torch.device) -> torch.Tensor:
-    """A float, 0-d, [1] or [B] sigma as a float64 [B] tensor on ``device``."""
+    """A float, 0-d, [1] or [B] sigma as a float64 [B] tensor on ``device`` (a CPU tensor is moved there)."""
+    _check_sigma_type(name, value, batch, device)
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=torch.float64).reshape(-1).expand(batch)
+    return torch.full((batch,), float(value), dtype=torch.float64, device=device)
+
+
+def _check_sigma_type(name: str, value, batch: int, device: torch.device) -> None:
+    """Type, shape and device of one sigma: a number, or a floating 0-d/[1]/[B] tensor on x's device or the CPU."""
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point():
             raise ValueError(f"{name} must be a float or a floating tensor of shape [B], got dtype {value.dtype}")
-        if value.device != device:
-            raise ValueError(f"{name} is on {value.device} but x is on {device}; put them on one device")
+        if value.device != device and value.device.type != "cpu":
+            raise ValueError(f"{name} is on {value.device} but x is on {device}; put them on one device "
+                             "(or on the CPU)")
         if value.ndim > 1 or (value.ndim == 1 and value.shape[0] not in (1, batch)):
             raise ValueError(f"{name} must be a float or a tensor of shape [{batch}] (one per sample), "
                              f"got shape {tuple(value.shape)}")
-        return value.detach().to(torch.float64).reshape(-1).expand(batch)
+        return
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.full((batch,), float(value), dtype=torch.float64, device=device)
+        return
     raise ValueError(f"{name} must be a float or a tensor of shape [B], got {type(value).__name__}")
 
 
-def _check_inputs(x, v, sigma, sigma_next, kind, noise_level, sigma_max, noise, prev_sample, v_ref,
-                  kl_convention):
-    """Validate everything `sde_step` accepts; returns (sigma, sigma_next) as float64 [B] tensors (on the CPU when
-    both were given as numbers, else on x's device)."""
+def _check_args(x, v, kind, noise_level, sigma_max, noise, prev_sample, v_ref, kl_convention):
+    """Validate everything `sde_step` accepts except the sigmas' values."""
     check_float("x", x)
     check_float("v", v)
     if x.ndim < 2:
@@ -122,11 +148,31 @@ def _check_inputs(x, v, sigma, sigma_next, kind, noise_level, sigma_max, noise, 
         raise ValueError(f"noise_level must be in [0, 1] for kind='cps', got {noise_level}")
     if sigma_max is not None and not 0 < float(sigma_max) < 1:
         raise ValueError(f"sigma_max must be in (0, 1) (the schedule's first sigma below 1), got {sigma_max}")
+
+
+_MSG_RANGE = "sigma and sigma_next must lie in [0, 1] (0 <= sigma_next < sigma <= 1)"
+_MSG_ORDER = "sigma_next must be smaller than sigma for every sample (0 <= sigma_next < sigma <= 1)"
+_MSG_MAX = ("sigma == 1 with kind='flow_grpo' needs sigma_max (the schedule's sigmas[1]): "
+            "sqrt(sigma / (1 - sigma)) is infinite at sigma = 1")
+_MSG_CPS = ("kind='cps' with v_ref at sigma_next == 0: the transition std is 0 there, so the KL is "
+            "undefined; do not train the last step")
+
+
+def _check_inputs(x, v, sigma, sigma_next, kind, noise_level, sigma_max, noise, prev_sample, v_ref,
+                  kl_convention):
+    """Validate everything (the reference path, impl="torch"); returns (sigma, sigma_next) as float64 [B] tensors
+    (on the CPU when both were given as numbers or CPU tensors, else on x's device; tensor sigmas on x's device
+    cost one device sync here)."""
+    _check_args(x, v, kind, noise_level, sigma_max, noise, prev_sample, v_ref, kl_convention)
+    return _reference_sigmas(x, sigma, sigma_next, kind, sigma_max, v_ref)
+
+
+def _reference_sigmas(x, sigma, sigma_next, kind, sigma_max, v_ref):
     B = x.shape[0]
-    # Float sigmas (the usual sampling loop) are checked and turned into coefficients on the CPU: no device sync
-    # and no tiny float64 kernels per step; tensor sigmas stay on x's device (their check syncs once).
-    scalar = not isinstance(sigma, torch.Tensor) and not isinstance(sigma_next, torch.Tensor)
-    where = torch.device("cpu") if scalar else x.device
+    on_host = all(not isinstance(t, torch.Tensor) or t.device.type == "cpu" for t in (sigma, sigma_next))
+    where = torch.device("cpu") if on_host else x.device
+    _check_sigma_type("sigma", sigma, B, x.device)
+    _check_sigma_type("sigma_next", sigma_next, B, x.device)
     s = _as_sigma("sigma", sigma, B, where)
     sn = _as_sigma("sigma_next", sigma_next, B, where)
     if B == 0:
@@ -136,17 +182,81 @@ def _check_inputs(x, v, sigma, sigma_next, kind, noise_level, sigma_max, noise, 
     needs_max = (s == 1) if (kind == "flow_grpo" and sigma_max is None) else torch.zeros_like(s, dtype=torch.bool)
     zero_std = (sn == 0) if (kind == "cps" and v_ref is not None) else torch.zeros_like(s, dtype=torch.bool)
     flags = torch.stack([bad_range.any(), bad_order.any(), needs_max.any(), zero_std.any()]).tolist()  # one sync
-    if flags[0]:
-        raise ValueError("sigma and sigma_next must lie in [0, 1] (0 <= sigma_next < sigma <= 1)")
-    if flags[1]:
-        raise ValueError("sigma_next must be smaller than sigma for every sample (0 <= sigma_next < sigma <= 1)")
-    if flags[2]:
-        raise ValueError("sigma == 1 with kind='flow_grpo' needs sigma_max (the schedule's sigmas[1]): "
-                         "sqrt(sigma / (1 - sigma)) is infinite at sigma = 1")
-    if flags[3]:
-        raise ValueError("kind='cps' with v_ref at sigma_next == 0: the transition std is 0 there, so the KL is "
-                         "undefined; do not train the last step")
+    for flag, msg in zip(flags, (_MSG_RANGE, _MSG_ORDER, _MSG_MAX, _MSG_CPS)):
+        if flag:
+            raise ValueError(msg)
     return s, sn
+
+
+class _Schedule(NamedTuple):
+    """The sigmas and constants of one step as the fused kernels take them.
+
+    A sigma is a python float (``s``/``sn``, its tensor field None) or a [B] (stride 1 or more) or [1] (stride 0)
+    tensor on x's device. ``sigma_max`` is 0.5 when not given (then ``has_sigma_max`` is False: sigma == 1 is an
+    error); ``sin_a = sin(noise_level * pi / 2)`` is cps's std factor.
+    """
+
+    kind: str
+    s: float
+    sn: float
+    s_tensor: Optional[torch.Tensor]
+    sn_tensor: Optional[torch.Tensor]
+    s_stride: int
+    sn_stride: int
+    noise_level: float
+    sigma_max: float
+    sin_a: float
+    has_sigma_max: bool
+    kl_exact: bool
+
+
+def _host_sigma(value) -> Optional[list]:
+    """The values of a sigma the host can read without a device sync (a number or a CPU tensor), else None."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(torch.float64).reshape(-1).tolist() if value.device.type == "cpu" else None
+    return [float(value)]
+
+
+def _schedule(x, sigma, sigma_next, kind, noise_level, sigma_max, v_ref, kl_convention) -> _Schedule:
+    """Check the sigmas (type, shape, device; values wherever the host sees them: python floats and CPU tensors,
+    plain python math, no torch op) and pack them for the kernels. No device sync, no synchronous copy: CPU
+    tensors of B > 1 values go to x's device in one copy from pinned memory (non_blocking)."""
+    B, device = x.shape[0], x.device
+    _check_sigma_type("sigma", sigma, B, device)
+    _check_sigma_type("sigma_next", sigma_next, B, device)
+    hs, hn = _host_sigma(sigma), _host_sigma(sigma_next)
+    if B > 0:
+        if (hs is not None and any(not a <= 1 for a in hs)) or (hn is not None and any(not b >= 0 for b in hn)):
+            raise ValueError(_MSG_RANGE)
+        if hs is not None and hn is not None:
+            k = max(len(hs), len(hn))  # a one-value side broadcasts
+            pairs = zip(hs * (k // len(hs)), hn * (k // len(hn)))
+            if any(not b < a for a, b in pairs):
+                raise ValueError(_MSG_ORDER)
+        if kind == "flow_grpo" and sigma_max is None and hs is not None and any(a == 1 for a in hs):
+            raise ValueError(_MSG_MAX)
+        if kind == "cps" and v_ref is not None and hn is not None and any(b == 0 for b in hn):
+            raise ValueError(_MSG_CPS)
+    vals, tensors, strides = [0.0, 0.0], [None, None], [0, 0]
+    to_copy = []
+    for i, (value, host) in enumerate(((sigma, hs), (sigma_next, hn))):
+        if host is not None and len(host) == 1:
+            vals[i] = host[0]  # a number, or a one-element CPU tensor: a scalar argument
+        elif host is not None:
+            to_copy.append((i, host))
+        else:  # on x's device: read by the kernel, which checks it (NaN outputs for invalid values)
+            t = value.detach().reshape(-1)
+            tensors[i], strides[i] = t, (0 if t.numel() == 1 else t.stride(0))
+    if to_copy:
+        rows = torch.tensor([h for _, h in to_copy], dtype=torch.float64, pin_memory=device.type == "cuda")
+        if device.type != "cpu":
+            rows = rows.to(device, non_blocking=True)
+        for (i, _), row in zip(to_copy, rows):
+            tensors[i], strides[i] = row, 1
+    return _Schedule(kind, vals[0], vals[1], tensors[0], tensors[1], strides[0], strides[1], float(noise_level),
+                     float(sigma_max) if sigma_max is not None else 0.5,
+                     math.sin(noise_level * math.pi / 2) if kind == "cps" else 0.0,
+                     sigma_max is not None, kl_convention == "exact")
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -266,14 +376,16 @@ def _coefficients(kind, s, sn, noise_level, sigma_max, kl_convention):
     return cx, cv, std, kl_d
 
 
-class _SDEStepFn(torch.autograd.Function):
-    """Elementwise mean (and sample) plus per-sample sums of squares; autograd finishes log_prob/kl on [B]."""
+class _SDEStepCppFn(torch.autograd.Function):
+    """C++ path: elementwise mean (and sample) plus per-sample sums of squares; autograd finishes log_prob/kl on
+    [B] (CPU tensors: a few tiny host ops, no device to wait for)."""
 
     @staticmethod
-    def forward(ctx, x, v, v_ref, eps, prev, cx, cv, std, backend):
-        launch = kernel_module(backend, "fastgrpo.kernels.sde_step")
+    def forward(ctx, x, v, v_ref, eps, prev, cx, cv, std):
+        from fastgrpo import _ext
+
+        launch = _ext.load()
         new_prev, mean, ssq, klssq = launch.sde_step_fwd(x, v, cx, cv, std, eps=eps, prev=prev, v_ref=v_ref)
-        ctx.backend = backend
         used_prev = new_prev if new_prev is not None else prev
         ctx.save_for_backward(x, v, v_ref, used_prev, cx, cv)
         ctx.set_materialize_grads(False)
@@ -285,28 +397,51 @@ class _SDEStepFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_mean, g_ssq, g_klssq, _g_prev):
-        sde_step_bwd = kernel_module(ctx.backend, "fastgrpo.kernels.sde_step").sde_step_bwd
+        from fastgrpo import _ext
+
         x, v, v_ref, prev, cx, cv = ctx.saved_tensors
         need_gx, need_gv, need_gvref = ctx.needs_input_grad[:3]
-        gx, gv, gvref = sde_step_bwd(
+        gx, gv, gvref = _ext.load().sde_step_bwd(
             x, v, cx, cv, prev=prev, v_ref=v_ref,
             g_mean=g_mean.contiguous() if g_mean is not None else None,
             g_ssq=g_ssq.float().contiguous() if (g_ssq is not None and g_ssq.numel()) else None,
             g_klssq=g_klssq.float().contiguous() if (g_klssq is not None and g_klssq.numel()) else None,
             need_gx=need_gx, need_gv=need_gv, need_gvref=need_gvref,
         )
-        return gx, gv, gvref, None, None, None, None, None, None
+        return gx, gv, gvref, None, None, None, None, None
 
 
-def _sde_step_fused(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sample, generator, v_ref,
-                    kl_convention, backend) -> SDEStep:
-    B = x.shape[0]
-    shape = x.shape
-    cx, cv, std, kl_d = _coefficients(kind, s, sn, noise_level, sigma_max, kl_convention)
-    # One float32 [4, B] block on x's device (one copy when computed on the CPU); its rows are contiguous [B].
-    cx, cv, std, kl_d = torch.stack([cx, cv, std, kl_d if kl_d is not None else std]).to(
-        device=x.device, dtype=torch.float32).unbind(0)
-    n = math.prod(shape[1:])
+class _SDEStepTritonFn(torch.autograd.Function):
+    """Triton path with gradients: forward + finish kernels; the backward kernel takes g_log_prob and g_kl."""
+
+    @staticmethod
+    def forward(ctx, x, v, v_ref, eps, prev, sched, launch):
+        new_prev, mean, log_prob, std, kl = launch.sde_step_fwd(x, v, sched, eps=eps, prev=prev, v_ref=v_ref)
+        ctx.sched, ctx.launch = sched, launch
+        ctx.save_for_backward(x, v, v_ref, new_prev if new_prev is not None else prev)
+        ctx.set_materialize_grads(False)
+        kl = kl if kl is not None else mean.new_empty(0)
+        new_prev = new_prev if new_prev is not None else mean.new_empty(0)
+        ctx.mark_non_differentiable(std, new_prev)
+        return mean, log_prob, kl, std, new_prev
+
+    @staticmethod
+    def backward(ctx, g_mean, g_log_prob, g_kl, _g_std, _g_prev):
+        x, v, v_ref, prev = ctx.saved_tensors
+        need_gx, need_gv, need_gvref = ctx.needs_input_grad[:3]
+        gx, gv, gvref = ctx.launch.sde_step_bwd(
+            x, v, ctx.sched, prev=prev, v_ref=v_ref,
+            g_mean=g_mean.contiguous() if g_mean is not None else None,
+            g_log_prob=g_log_prob.float() if g_log_prob is not None else None,
+            g_kl=g_kl.float() if (g_kl is not None and g_kl.numel()) else None,
+            need_gx=need_gx, need_gv=need_gv, need_gvref=need_gvref,
+        )
+        return gx, gv, gvref, None, None, None, None
+
+
+def _flat_inputs(x, v, kind, noise, prev_sample, generator, v_ref):
+    """x, v, v_ref, eps, prev as contiguous [B, N] (views when already contiguous)."""
+    B, n = x.shape[0], math.prod(x.shape[1:])
     flat = lambda t: t.detach().reshape(B, n).contiguous() if t is not None else None  # noqa: E731
     x2 = x.reshape(B, n).contiguous()
     v2 = v.reshape(B, n).contiguous()
@@ -318,8 +453,49 @@ def _sde_step_fused(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sampl
         elif noise is not None:
             eps = flat(noise)
         else:
-            eps = standard_normal(shape, generator, x.device).reshape(B, n)
-    mean, ssq, klssq, new_prev = _SDEStepFn.apply(x2, v2, vref2, eps, prev, cx, cv, std, backend)
+            eps = standard_normal(x.shape, generator, x.device).reshape(B, n)
+    return x2, v2, vref2, eps, prev
+
+
+def _sde_step_triton(x, v, sched, noise, prev_sample, generator, v_ref) -> SDEStep:
+    """Two launches (forward, finish), one more in backward; no torch op on [B] tensors, no sync."""
+    launch = kernel_module("triton", "fastgrpo.kernels.sde_step")
+    kind = sched.kind
+    x2, v2, vref2, eps, prev = _flat_inputs(x, v, kind, noise, prev_sample, generator, v_ref)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or v.requires_grad
+                                              or (v_ref is not None and v_ref.requires_grad))
+    if needs_grad:
+        mean, log_prob, kl, std, new_prev = _SDEStepTritonFn.apply(x2, v2, vref2, eps, prev, sched, launch)
+        kl = kl if v_ref is not None else None
+    else:  # sampling (no_grad): no autograd.Function at all
+        new_prev, mean, log_prob, std, kl = launch.sde_step_fwd(x2, v2, sched, eps=eps, prev=prev, v_ref=vref2)
+    mean = mean.view(x.shape)
+    if kind == "ode":
+        out_prev = mean.detach()
+    elif prev_sample is not None:
+        out_prev = prev_sample.detach().to(torch.float32)
+    else:
+        out_prev = new_prev.view(x.shape)
+    return SDEStep(out_prev, log_prob, mean, std, kl)
+
+
+def _sde_step_cpp(x, v, sched, noise, prev_sample, generator, v_ref) -> SDEStep:
+    """The C++ kernels (CPU): coefficients and the [B] epilogue as float64/float32 torch ops on the host."""
+    B, kind = x.shape[0], sched.kind
+    n = math.prod(x.shape[1:])
+
+    def as_b(val, t):
+        if t is None:
+            return torch.full((B,), val, dtype=torch.float64)
+        return t.to(torch.float64).expand(B) if t.numel() == 1 else t.to(torch.float64)
+
+    s, sn = as_b(sched.s, sched.s_tensor), as_b(sched.sn, sched.sn_tensor)
+    cx, cv, std, kl_d = _coefficients(kind, s, sn, sched.noise_level,
+                                      sched.sigma_max if sched.has_sigma_max else None,
+                                      "exact" if sched.kl_exact else "flow_grpo")
+    cx, cv, std, kl_d = torch.stack([cx, cv, std, kl_d if kl_d is not None else std]).to(torch.float32).unbind(0)
+    x2, v2, vref2, eps, prev = _flat_inputs(x, v, kind, noise, prev_sample, generator, v_ref)
+    mean, ssq, klssq, new_prev = _SDEStepCppFn.apply(x2, v2, vref2, eps, prev, cx, cv, std)
     if kind in ("flow_grpo", "dance"):
         log_prob = -ssq / (2 * n * std ** 2) - torch.log(std) - _LOG_SQRT_2PI
     elif kind == "cps":
@@ -327,13 +503,13 @@ def _sde_step_fused(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sampl
     else:
         log_prob = torch.zeros(B, dtype=torch.float32, device=x.device)
     kl = klssq / (2 * n * kl_d ** 2) if v_ref is not None else None
-    mean = mean.view(shape)
+    mean = mean.view(x.shape)
     if kind == "ode":
         out_prev = mean.detach()
     elif prev_sample is not None:
         out_prev = prev_sample.detach().to(torch.float32)
     else:
-        out_prev = new_prev.view(shape)
+        out_prev = new_prev.view(x.shape)
     return SDEStep(out_prev, log_prob, mean, std, kl)
 
 
@@ -364,14 +540,16 @@ def sde_step(x, v, sigma, sigma_next, *, kind="flow_grpo", noise_level=0.7, sigm
         >>> out = sde_step(x, v, 0.8, 0.7, noise_level=0.7)            # sample, as in rollouts
         >>> again = sde_step(x, v_new, 0.8, 0.7, prev_sample=out.prev_sample, v_ref=v_ref)  # training
     """
-    s, sn = _check_inputs(x, v, sigma, sigma_next, kind, noise_level, sigma_max, noise, prev_sample, v_ref,
-                          kl_convention)
+    _check_args(x, v, kind, noise_level, sigma_max, noise, prev_sample, v_ref, kl_convention)
     backend = resolve_impl(impl, x.device, has_cpp=True)
     if backend == "torch":
+        s, sn = _reference_sigmas(x, sigma, sigma_next, kind, sigma_max, v_ref)
         out = _sde_step_torch(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sample, generator, v_ref,
                               kl_convention)
         if out.mean.dtype != torch.float32:  # float64 inputs to the torch path: keep the contract's dtypes
             out = SDEStep(*(t.float() if t is not None else None for t in out))
         return out
-    return _sde_step_fused(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sample, generator, v_ref,
-                           kl_convention, backend)
+    sched = _schedule(x, sigma, sigma_next, kind, noise_level, sigma_max, v_ref, kl_convention)
+    if backend == "cpp":
+        return _sde_step_cpp(x, v, sched, noise, prev_sample, generator, v_ref)
+    return _sde_step_triton(x, v, sched, noise, prev_sample, generator, v_ref)
