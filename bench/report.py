@@ -94,8 +94,13 @@ GPU_TARGETS = {
     "test_train_fwd_bwd": ("torch", 3.0, 0.80, None),
     "test_ovf_select": ("loop", None, None, None),
 }
+# Per-case minimum fraction of the copy bandwidth where an issue changed DESIGN.md's (issue 19: eg_grpo_shaping at
+# the T2I-R1 shapes, >= 50% of copy).
+CASE_MIN_BW = {("test_forward", "shaping"): 0.50}
 OVF_TARGET_S = 1e-3  # "one launch for 10^4 groups of 48 in well under 1 ms"
 STEP_OVERHEAD_TARGET = 0.01  # collector: "< 1% of a denoising step"
+STEP_OVERHEAD_TARGET_BY_BATCH = {2: 0.03}  # issue 19: "at batch 2 adds under 3% to the forward"
+ROUND_SPEEDUP_TARGET = 1.3  # issue 19: a whole round at >= 1.3x the eager round's images/s
 
 
 def _fn(bench: dict) -> str:
@@ -165,6 +170,7 @@ def gpu_table(results: dict) -> str:
         if fn not in GPU_TARGETS or "triton" not in group:
             continue
         base_impl, min_speedup, min_bw, max_mem = GPU_TARGETS[fn]
+        min_bw = CASE_MIN_BW.get((fn, dict(params).get("case")), min_bw)
         ours = group["triton"]
         base = group.get(base_impl)
         e = ours["extra_info"]
@@ -215,11 +221,58 @@ def gpu_table(results: dict) -> str:
                 mem = b["extra_info"].get("peak_extra_memory_bytes")
                 target, verdict = "", ""
                 if way == "collector":
-                    target = f"< {STEP_OVERHEAD_TARGET:.0%} of the step"
-                    verdict = _verdict([(f"{over:+.1%}", over < STEP_OVERHEAD_TARGET)])
+                    limit = STEP_OVERHEAD_TARGET_BY_BATCH.get(int(dict(key[1]).get("batch", 0)), STEP_OVERHEAD_TARGET)
+                    target = f"< {limit:.0%} of the step"
+                    verdict = _verdict([(f"{over:+.1%}", over < limit)])
                 lines.append(f"| {dict(key[1]).get('batch')} | {way} | {_ms(b)} | "
                              f"{'' if way == 'plain' else f'{over:+.1%}'} | {_mib(mem)} | "
                              f"{'' if way == 'plain' or mem is None else _mib(mem - pm)} | {target} | {verdict} |")
+    rounds = round_table(results)
+    if rounds:
+        lines += ["", rounds]
+    return "\n".join(lines)
+
+
+def round_table(results: dict) -> str:
+    """The whole-round benchmark (bench/test_bench_round.py) on CUDA: fast path against the eager path."""
+    rounds = [b for b in results["benchmarks"] if _fn(b) == "test_round" and b["extra_info"].get("cuda")
+              and not str(b["extra_info"].get("device", "")).startswith("cpu")]
+    if not rounds:
+        return ""
+    lines = []
+    for b in rounds:
+        e, sh = b["extra_info"], b["extra_info"]["shape"]
+        graphs = e.get("cuda_graphs") or {}
+        fast = ", ".join(p for p, on in (("impl=auto", True), ("model.compile", e.get("compiled_blocks")),
+                                          ("sample.cuda_graphs", graphs.get("captured"))) if on)
+        lines += [f"Whole Flow-GRPO round (bench/test_bench_round.py): SD3.5-Medium-shaped transformer "
+                  f"({sh['layers']} joint blocks, {sh['heads']} heads x {sh['head_dim']}, {sh['params'] / 1e9:.2f} B "
+                  f"random {sh['dtype']} weights, {sh['image_tokens']} image + {sh['text_tokens']} text tokens), "
+                  f"LoRA r = {sh['lora_rank']}, {sh['prompts']} prompts x {sh['group_size']} rollouts, "
+                  f"{sh['num_steps']} steps, CFG, KL; median of {len(e['round_times_s'])} rounds after a warm-up "
+                  f"round ({e['warmup_round_s']:.0f} s for the fast path: compilation and graph capture). "
+                  f"Fast path: {fast}. MFU: transformer FLOPs per second over the bf16 GEMM rate measured in the "
+                  f"same test ({e['gemm_tflops']:,.0f} TFLOP/s). The two paths agree before timing: rewards "
+                  f"{e['agreement']['rewards_rel_l2']:.1e}, final latents {e['agreement']['latents_rel_l2']:.1e}, "
+                  f"gradient norm {e['agreement']['grad_norm_rel']:.1e} relative; first-step ratio deviation "
+                  f"{e['agreement']['first_ratio_dev_fast']:.1e} (fast) / "
+                  f"{e['agreement']['first_ratio_dev_eager']:.1e} (eager).", "",
+                  "| path | images/s | round s | sample s | advantages s | train s | optimizer s | peak GiB | MFU | "
+                  "speed-up | target | verdict |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+        speed = e["speedup_vs_eager"]
+        for name, pre in (("eager", "eager_"), ("fast", "")):
+            ph = e[f"{pre}phases_s"]
+            mem = e.get(f"{pre}peak_memory_bytes")
+            row = (f"| {name} | {e[f'{pre}images_per_s']:.3f} | {e[f'{pre}round_s']:.2f} | "
+                   f"{ph['sample']:.2f} | {ph['advantages']:.3f} | {ph['train']:.2f} | {ph['optimizer']:.3f} | "
+                   f"{'n/a' if mem is None else f'{mem / 2**30:.1f}'} | {e[f'{pre}mfu']:.1%} | ")
+            if name == "fast":
+                row += (f"{speed:.2f}x | >= {ROUND_SPEEDUP_TARGET:g}x eager | "
+                        f"{_verdict([(f'{speed:.2f}x', speed >= ROUND_SPEEDUP_TARGET)])} |")
+            else:
+                row += " |  |  |"
+            lines.append(row)
     return "\n".join(lines)
 
 
@@ -272,6 +325,8 @@ def main(argv=None):
     ap.add_argument("--readme", help="rewrite the table's section (between its markers) in this file")
     ap.add_argument("--save-merged", help="write the merged results to this JSON file")
     ap.add_argument("--probe", help="with --gpu: also the table of bench/gpu_probe.py's probe.json")
+    ap.add_argument("--section", default="gpu-bench",
+                    help="with --gpu --readme: the README section's marker name (<!-- NAME:start --> ... end)")
     args = ap.parse_args(argv)
     runs = [json.loads(Path(f).read_text()) for f in args.results if Path(f).stat().st_size]  # empty: run died
     if not runs:
@@ -284,7 +339,8 @@ def main(argv=None):
     if args.gpu and args.probe:
         out += "\n\n" + probe_table(json.loads(Path(args.probe).read_text()))
     if args.readme:
-        _rewrite(Path(args.readme), *((GPU_START, GPU_END) if args.gpu else (START, END)), out)
+        markers = (f"<!-- {args.section}:start -->", f"<!-- {args.section}:end -->") if args.gpu else (START, END)
+        _rewrite(Path(args.readme), *markers, out)
     print(out)
 
 

@@ -34,7 +34,7 @@ import torch
 from harness import HAS_CUDA, device_name, driver_version, _version
 
 P, G = 2, 4
-ROUNDS = 3 if HAS_CUDA else 1  # timed rounds per path (after one warm-up round each)
+ROUNDS = 2 if HAS_CUDA else 1  # timed rounds per path (after one warm-up round each)
 REWARD_RTOL = 5e-2 if HAS_CUDA else 1e-4
 LATENT_RTOL = 5e-2 if HAS_CUDA else 1e-4
 GRAD_NORM_RTOL = 1e-1 if HAS_CUDA else 1e-3

@@ -170,7 +170,10 @@ class FlowModel:
         return (n, (self.lat_h // 2) * (self.lat_w // 2), c)
 
     def initial_latents(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randn(self.latent_shape(n), generator=generator, dtype=torch.float32).to(self.device)
+        """float32 N(0, 1) latents drawn with the (CPU) generator, moved to the device without blocking."""
+        from .graphs import randn_on
+
+        return randn_on(self.latent_shape(n), generator, self.device)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         if self.family == "sd3":

@@ -242,7 +242,7 @@ class FlowTrainer(GRPOTrainer):
         x, group, node = rows
         x, group, node = torch.cat([x, *xs]), torch.cat([group, new_group]), torch.cat([node, new_node])
         order = torch.sort(group, stable=True).indices
-        return x[order], group[order], node[order]
+        return x.index_select(0, to_device(order, x.device)), group[order], node[order]
 
     # ------------------------------------------------------------------------------------------------- train
     def _trained_rows(self, batches):
