@@ -231,7 +231,8 @@ def _copy_gbps(n: int = 1 << 29) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
-    ap.add_argument("--only", choices=["ops", "attention", "collector"], default=None)
+    ap.add_argument("--only", nargs="+", choices=["ops", "attention", "collector"], default=None,
+                    help="run only these sections (default: all)")
     args = ap.parse_args(argv)
     copy_gbps = _copy_gbps()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gb_per_s": copy_gbps}
@@ -239,13 +240,13 @@ def main(argv=None):
 
     result["triton"] = triton.__version__
     print(f"copy {copy_gbps:,.0f} GB/s", flush=True)
-    if args.only in (None, "ops"):
+    if args.only is None or "ops" in args.only:
         result["ops"] = probe_ops(copy_gbps)
         Path(args.out, "probe.json").write_text(json.dumps(result, indent=1))
-    if args.only in (None, "collector"):
+    if args.only is None or "collector" in args.only:
         result["collector"] = probe_collector()
         Path(args.out, "probe.json").write_text(json.dumps(result, indent=1))
-    if args.only in (None, "attention"):
+    if args.only is None or "attention" in args.only:
         result["attention"] = _attention_probe()
     Path(args.out, "probe.json").write_text(json.dumps(result, indent=1))
 
