@@ -187,10 +187,15 @@ def token_stats_bwd(logits3, targets, rowmax, logs, mean_rel, g_logp, g_ent, inv
 
 @triton.jit
 def _round_as(x, ET: tl.constexpr, ROUND: tl.constexpr):
-    """x rounded to the entropies' dtype ET (bf16/fp16) and back: one torch op in that dtype."""
+    """float32 x rounded to the entropies' dtype and back (one torch op in that dtype). ROUND: 0 float32/64 (no-op),
+    1 bfloat16, 2 float16. bf16 rounds to nearest-even on the bits: Triton's interpreter truncates in .to(bf16)."""
     y = x
-    if ROUND:
-        y = x.to(ET).to(tl.float32)
+    if ROUND == 1:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
+        y = bits.to(tl.float32, bitcast=True)
+    elif ROUND == 2:
+        y = x.to(tl.float16).to(tl.float32)
     return y
 
 
@@ -355,7 +360,7 @@ def eg_shaping(entropy, modality, *, low_frac, high_frac, rule, flag, eff_target
         L, entropy.stride(0), entropy.stride(1), modality.stride(0), modality.stride(1), ignore_index,
         *qlo, *qhi, float(bonus),
         QUANTILE=quantile, HAS_TGT=eff_targets is not None, ADV=adv_mode, F64=entropy.dtype == torch.float64,
-        ROUND=entropy.dtype in (torch.bfloat16, torch.float16), BLOCK_L=block_l,
+        ROUND={torch.bfloat16: 1, torch.float16: 2}.get(entropy.dtype, 0), BLOCK_L=block_l,
         num_warps=8 if block_l >= 2048 else 4, enable_fp_fusion=False,
     )
     if adv_mode == 2:
@@ -399,7 +404,7 @@ def compile_specs():
             "bonus": "fp32",
         }
         return (eg_shaping_kernel, sig, {"QUANTILE": quantile, "HAS_TGT": adv > 0, "ADV": adv, "F64": et == "fp64",
-                                         "ROUND": et in ("bf16", "fp16"), "BLOCK_L": block_l})
+                                         "ROUND": {"bf16": 1, "fp16": 2}.get(et, 0), "BLOCK_L": block_l})
 
     for quantile in (False, True):
         for adv in (0, 1, 2):  # eg_token_masks; eg_grpo_shaping released / calibrated
