@@ -12,12 +12,25 @@ would round at the scale of ``m``). When the max moves from ``m`` to ``m'`` both
 ``exp((m - m')/T)`` and ``w`` picks up ``s * (m - m')/T``. Entries equal to -inf (masked vocabulary) add
 nothing; a fully masked block never computes ``0 * (-inf)`` or ``exp(-inf - (-inf))``.
 
-Long rows are split across programs (``n_split`` chunks of ``BLOCK * ITERS`` logits, a function of V only); each
-writes its partial (m, s, w), and a merge kernel combines the chunks of a row in a fixed order (deterministic).
-Per row the merge saves only ``rowmax`` (raw logits), ``log s`` and ``w / s`` for the backward, which recomputes
-``p = exp((x - rowmax)/T - log s)`` in one more pass over V and writes, into a fresh buffer of the logits' dtype::
+The forward runs one program per row, which loops over all V in blocks of ``BLOCK`` logits and writes the row's
+results directly (one launch; no partials and no merge kernel; the summation order is a function of V only, so
+results do not depend on R). With thousands of rows per call (T2I-R1: 4,096 and 9,216) that is enough programs to
+fill the GPU. Per row it saves only ``rowmax`` (raw logits), ``log s`` and ``w / s`` for the backward, which is
+split into ``n_split`` chunks of ``BLOCK * ITERS`` logits per row (no merge needed there) and recomputes
+``p = exp((x - rowmax)/T - log s)`` in one more pass over V, writing, into a fresh buffer of the logits' dtype::
 
     dlogits = [ g_logp * (onehot(target) - p) - g_H * p * (z - E_p[z]) ] / T
+
+Targets outside ``[0, V)`` (and not ignored) are not read; they set ``flag[0] = 1``, which the caller reads once
+after all of the call's kernels are queued and turns into the ValueError of the host check.
+
+EG-GRPO pass 2 (`eg_shaping_kernel`, see fastgrpo/ops/eg_grpo.py): one program per (row, modality) sorts that
+modality's entropies with ``tl.sort`` (others pushed to +inf; a row of L <= ``MAX_SHAPING_L`` tokens fits in one
+block), picks both thresholds (released index rule, or numpy's linear quantile: position and fraction in float64
+from the fractions passed as three float32 scalars that sum exactly to the float64 value, interpolation rounded
+to the entropies' dtype after every operation, fused multiply-adds disabled), and writes the modality's
+``low``/``high`` masks and shaped advantages in one pass; it also sets ``flag[1]`` for modality values other than
+-1/0/1. The calibrated bonus (batch-level ``alpha``) adds one small launch, `eg_calibrate_kernel`.
 
 Rows whose target equals ``ignore_index`` read no logits, give logp = entropy = 0 and a zero gradient.
 

@@ -294,14 +294,14 @@ def hard_rows(seed, L=37):
     modality[0][modality[0] == 0] = 1  # no text
     modality[1] = -1  # nothing valid
     modality[2] = -1
-    modality[2, 5], modality[2, 30] = 0, 1  # n = 1 in each modality
+    modality[2, 5], modality[2, L - 2] = 0, 1  # n = 1 in each modality
     entropy[3] = torch.round(entropy[3] * 4) / 4  # ties
     entropy[4] = 0.5  # uniform
     entropy[5] = 1e-4
     entropy[5, 7] = 0.99  # peaked
     base = torch.tensor(0.3)
-    steps = torch.randint(0, 4, (L,), generator=g).float()
-    entropy[6] = torch.nextafter(base.expand(L), torch.tensor(1.0)) * 0 + base + steps * 2.9802322e-08  # ~ulp apart
+    ulp = torch.nextafter(base, torch.tensor(1.0)) - base
+    entropy[6] = base + torch.randint(0, 4, (L,), generator=g).float() * ulp  # values one float32 ulp apart
     return entropy, modality
 
 

@@ -31,12 +31,26 @@ batch). The released code (the default, ``calibrate=False``) uses the fixed ``bo
 
 Decisions where DESIGN.md is silent (written down here, as it asks):
 
-* Masks run on device without a host sync per row: each modality is one ``torch.sort`` of the [B, L] entropies
-  with the other tokens pushed to +inf, then a gather of the threshold positions. Not ``torch.quantile`` (it fails
-  above 2^24 elements).
+* Where the masks are computed: on CUDA (``impl`` "auto"/"triton") one Triton kernel per call
+  (``fastgrpo.kernels.token_entropy.eg_shaping_kernel``, one program per row and modality) sorts the modality's
+  entropies in registers (``tl.sort``), picks both thresholds of the chosen rule and writes ``low``, ``high`` and
+  the shaped ``token_adv`` in one pass; ``calibrate=True`` adds one small kernel for the batch-level alpha. The
+  quantile rule is exact there too: the fractions travel as three float32 scalars whose float64 sum is the python
+  float, the position is computed in float64, the interpolation is rounded to the entropies' dtype after each
+  operation (bf16 by its bits) with fused multiply-adds off; the tests compare the masks with ``np.nanquantile``
+  on rows of values one ulp apart. Rows longer than ``MAX_SHAPING_L`` (8,192) and the torch/cpp impls use torch
+  ops: per modality one ``torch.sort`` of the [B, L] entropies with the other tokens pushed to +inf, then a gather
+  of the threshold positions. Not ``torch.quantile`` (it fails above 2^24 elements).
+* Launches and syncs of `eg_grpo_shaping` on CUDA: a zeroed int32 flag pair, the pass-1 kernel (one program per
+  token), the pass-2 kernel (plus the calibrate kernel), then one host read of the flag pair at the very end
+  (after every kernel is queued): 3 launches (4 with calibrate) and one device-to-host read, instead of 29 kernels
+  with a validation sync in the middle. Pass 1 also ignores modality -1 tokens itself and hands pass 2 the
+  effective targets, so no torch op prepares the inputs.
 * A row/modality with no valid token has no threshold and empty masks; with n = 1 both masks are empty (the one
   token is its own threshold and comparisons are strict).
-* Modality values other than -1, 0, 1 raise ValueError (one host sync per call, with the shape checks).
+* Modality values other than -1, 0, 1 raise ValueError: checked in the pass-2 kernel (flag read at the end of
+  the call) on the Triton path, on the host (one sync, with the shape checks) on the torch/cpp paths. When both a
+  modality value and a target are wrong, the modality error is the one raised, on every path.
 * ``mean(H[high])`` of the calibrated rule is over every high token of the batch; a batch without high tokens has
   no bonus (alpha = 0 instead of 0/0).
 * In `eg_grpo_shaping`, a token with modality -1 *or* target == -100 is ignored: not read, logp = entropy = 0,

@@ -26,7 +26,11 @@ Decisions where DESIGN.md is silent (written down here, as it asks):
   follows ``torch.nn.functional.cross_entropy(ignore_index=...)``.
 * Logits equal to -inf (a masked vocabulary) are allowed: they get p = 0 and add nothing to the entropy. A row
   whose logits are all -inf has no distribution and gives NaN, like ``torch.log_softmax``.
-* ``targets`` are validated on the host (values in [0, V) or ``ignore_index``): one device sync per call.
+* ``targets`` must lie in [0, V) or equal ``ignore_index``. The Triton path checks this in its kernel (an
+  out-of-range target is never read) and the host reads the flag once, after the kernel is queued: one launch and
+  one small device-to-host read per call, no sync before the work. The C++ and torch paths check on the host
+  before the call (CPU tensors: no device to wait for). All raise the same ValueError.
+* The Triton forward is one launch (one program per row, looping over V); the earlier chunk-merge kernel is gone.
 """
 from __future__ import annotations
 
