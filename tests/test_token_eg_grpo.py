@@ -465,12 +465,8 @@ def test_triton_shaping_strided_logits_and_expanded_modality(device):
     modality = torch.randint(0, 2, (1, logits.shape[1])).expand(logits.shape[0], -1).to(device)
     out = eg_grpo_shaping(x, targets, modality, A, rule="quantile", impl="triton")
     want = eg_grpo_shaping(x.contiguous(), targets, modality.contiguous(), A, rule="quantile", impl="triton")
-    for name in EGShaping_fields():
+    for name in ("logp", "entropy", "token_adv", "low", "high"):
         assert torch.equal(getattr(out, name), getattr(want, name)), name
-
-
-def EGShaping_fields():
-    return ("logp", "entropy", "token_adv", "low", "high")
 
 
 @pytest.mark.parametrize("calibrate", [False, True])
