@@ -41,9 +41,6 @@ GIVEN = 2  # prev read from memory (log-prob of a given sample)
 # KIND constexpr of every kernel.
 KIND_IDS = {"flow_grpo": 0, "dance": 1, "cps": 2, "ode": 3}
 
-# @triton.jit device functions called by the kernels below (compiled with them; see tests/compile_for_gpu.py).
-JIT_HELPERS = ("_sigma", "_coefficients")
-
 NAN = tl.constexpr(float("nan"))
 LOG_SQRT_2PI = tl.constexpr(0.5 * math.log(2 * math.pi))
 

@@ -12,12 +12,25 @@ would round at the scale of ``m``). When the max moves from ``m`` to ``m'`` both
 ``exp((m - m')/T)`` and ``w`` picks up ``s * (m - m')/T``. Entries equal to -inf (masked vocabulary) add
 nothing; a fully masked block never computes ``0 * (-inf)`` or ``exp(-inf - (-inf))``.
 
-Long rows are split across programs (``n_split`` chunks of ``BLOCK * ITERS`` logits, a function of V only); each
-writes its partial (m, s, w), and a merge kernel combines the chunks of a row in a fixed order (deterministic).
-Per row the merge saves only ``rowmax`` (raw logits), ``log s`` and ``w / s`` for the backward, which recomputes
-``p = exp((x - rowmax)/T - log s)`` in one more pass over V and writes, into a fresh buffer of the logits' dtype::
+The forward runs one program per row, which loops over all V in blocks of ``BLOCK`` logits and writes the row's
+results directly (one launch; no partials and no merge kernel; the summation order is a function of V only, so
+results do not depend on R). With thousands of rows per call (T2I-R1: 4,096 and 9,216) that is enough programs to
+fill the GPU. Per row it saves only ``rowmax`` (raw logits), ``log s`` and ``w / s`` for the backward, which is
+split into ``n_split`` chunks of ``BLOCK * ITERS`` logits per row (no merge needed there) and recomputes
+``p = exp((x - rowmax)/T - log s)`` in one more pass over V, writing, into a fresh buffer of the logits' dtype::
 
     dlogits = [ g_logp * (onehot(target) - p) - g_H * p * (z - E_p[z]) ] / T
+
+Targets outside ``[0, V)`` (and not ignored) are not read; they set ``flag[0] = 1``, which the caller reads once
+after all of the call's kernels are queued and turns into the ValueError of the host check.
+
+EG-GRPO pass 2 (`eg_shaping_kernel`, see fastgrpo/ops/eg_grpo.py): one program per (row, modality) sorts that
+modality's entropies with ``tl.sort`` (others pushed to +inf; a row of L <= ``MAX_SHAPING_L`` tokens fits in one
+block), picks both thresholds (released index rule, or numpy's linear quantile: position and fraction in float64
+from the fractions passed as three float32 scalars that sum exactly to the float64 value, interpolation rounded
+to the entropies' dtype after every operation, fused multiply-adds disabled), and writes the modality's
+``low``/``high`` masks and shaped advantages in one pass; it also sets ``flag[1]`` for modality values other than
+-1/0/1. The calibrated bonus (batch-level ``alpha``) adds one small launch, `eg_calibrate_kernel`.
 
 Rows whose target equals ``ignore_index`` read no logits, give logp = entropy = 0 and a zero gradient.
 
@@ -37,22 +50,32 @@ MAX_ITERS = 4
 
 @triton.jit
 def token_stats_fwd_kernel(
-    logits_ptr, targets_ptr, m_ptr, s_ptr, w_ptr, zt_ptr,
-    L, stride_b, stride_l, V, n_split, inv_t, ignore_index,
-    BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    logits_ptr, targets_ptr, mod_ptr, efft_ptr, logp_ptr, ent_ptr, rowmax_ptr, logs_ptr, meanrel_ptr, flag_ptr,
+    L, stride_b, stride_l, mod_sb, mod_sl, V, inv_t, ignore_index, ent_scale,
+    HAS_MOD: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """One program per row: the whole pass over V and the per-row statistics (no partials, no merge launch)."""
     row = tl.program_id(0)
-    split = tl.program_id(1)
-    base = logits_ptr + (row // L).to(tl.int64) * stride_b + (row % L).to(tl.int64) * stride_l
+    pb = (row // L).to(tl.int64)
+    pl = (row % L).to(tl.int64)
+    base = logits_ptr + pb * stride_b + pl * stride_l
     tgt = tl.load(targets_ptr + row)
     valid = tgt != ignore_index
+    if HAS_MOD:  # eg_grpo_shaping: modality -1 also means "not read"
+        mod = tl.load(mod_ptr + pb * mod_sb + pl * mod_sl)
+        valid = valid & (mod != -1)
+    bad = valid & ((tgt < 0) | (tgt >= V))
+    tl.store(flag_ptr, 1, mask=bad)  # the host reads the flag once, after every kernel of the call is queued
+    valid = valid & (tgt >= 0) & (tgt < V)  # a bad row reads nothing (the call raises)
+    if HAS_MOD:
+        tl.store(efft_ptr + row, tl.where(valid, tgt, ignore_index))  # the backward's and pass 2's targets
     m = -float("inf")
     s = 0.0
     w = 0.0
-    for it in range(ITERS):
-        offs = (split * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
-        inb = (offs < V) & valid
-        x = tl.load(base + offs, mask=inb, other=-float("inf")).to(tl.float32)
+    n_read = tl.where(valid, V, 0)  # ignored rows loop zero times
+    for start in range(0, n_read, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(base + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, 0))
         # Any finite reference works while every value so far is -inf (then s = w = 0).
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
@@ -64,42 +87,13 @@ def token_stats_fwd_kernel(
         w = alpha * (w + s * shift) + tl.sum(ed, 0)
         s = alpha * s + tl.sum(e, 0)
         m = m_new  # stays -inf until a finite logit is seen: a later block of -1e4 logits must set the max
-    out = row * n_split + split
-    tl.store(m_ptr + out, m)
-    tl.store(s_ptr + out, s)
-    tl.store(w_ptr + out, w)
-    xt = tl.load(base + tl.where(valid, tgt, 0), mask=valid, other=0.0).to(tl.float32)
-    tl.store(zt_ptr + row, xt, mask=split == 0)
-
-
-@triton.jit
-def token_stats_merge_kernel(
-    m_ptr, s_ptr, w_ptr, zt_ptr, targets_ptr, logp_ptr, ent_ptr, rowmax_ptr, logs_ptr, meanrel_ptr,
-    n_split, inv_t, ignore_index, ent_scale,
-    S_PAD: tl.constexpr,
-):
-    row = tl.program_id(0)
-    j = tl.arange(0, S_PAD)
-    mk = j < n_split
-    m = tl.load(m_ptr + row * n_split + j, mask=mk, other=-float("inf"))
-    s = tl.load(s_ptr + row * n_split + j, mask=mk, other=0.0)
-    w = tl.load(w_ptr + row * n_split + j, mask=mk, other=0.0)
-    big = tl.max(m, 0)
-    big = tl.where(big == -float("inf"), 0.0, big)
-    c = tl.exp((m - big) * inv_t)
-    shift = tl.where(s > 0.0, (m - big) * inv_t, 0.0)
-    total = tl.sum(c * s, 0)
-    wsum = tl.sum(c * (w + s * shift), 0)
-    tgt = tl.load(targets_ptr + row)
-    valid = tgt != ignore_index
-    total = tl.where(valid, total, 1.0)  # ignored rows: neutral statistics, no log(0)
+    big = tl.where(m == -float("inf"), 0.0, m)
+    total = tl.where(valid, s, 1.0)  # ignored rows: neutral statistics, no log(0)
     logs = tl.log(total)
-    mean_rel = tl.where(valid, wsum / total, 0.0)  # E_p[z] - rowmax / T
-    xt = tl.load(zt_ptr + row)
-    logp = tl.where(valid, (xt - big) * inv_t - logs, 0.0)
-    ent = tl.where(valid, (logs - mean_rel) * ent_scale, 0.0)
-    tl.store(logp_ptr + row, logp)
-    tl.store(ent_ptr + row, ent)
+    mean_rel = tl.where(valid, w / total, 0.0)  # E_p[z] - rowmax / T
+    xt = tl.load(base + tl.where(valid, tgt, 0), mask=valid, other=0.0).to(tl.float32)
+    tl.store(logp_ptr + row, tl.where(valid, (xt - big) * inv_t - logs, 0.0))
+    tl.store(ent_ptr + row, tl.where(valid, (logs - mean_rel) * ent_scale, 0.0))
     tl.store(rowmax_ptr + row, big)
     tl.store(logs_ptr + row, logs)
     tl.store(meanrel_ptr + row, mean_rel)
@@ -139,7 +133,9 @@ def token_stats_bwd_kernel(
 
 
 def blocking(V: int) -> tuple[int, int, int]:
-    """(BLOCK, ITERS, n_split) for rows of V logits: a function of V only, so results do not depend on R."""
+    """(BLOCK, ITERS, n_split) for rows of V logits: a function of V only, so results do not depend on R.
+
+    The forward runs one program per row and loops over all V in BLOCK steps (n_split is the backward's grid)."""
     block = min(MAX_BLOCK, triton.next_power_of_2(max(V, 16)))
     iters = max(1, min(MAX_ITERS, triton.cdiv(V, block)))
     return block, iters, triton.cdiv(V, block * iters)
@@ -150,31 +146,35 @@ def _row_strides(logits3):
     return max(L, 1), logits3.stride(0), logits3.stride(1)
 
 
-def token_stats_fwd(logits3, targets, inv_t: float, ignore_index: int, ent_scale: float):
-    """Forward. logits3: [P, L, V] with unit stride along V; targets: contiguous int64 [P*L].
+def token_stats_fwd(logits3, targets, inv_t: float, ignore_index: int, ent_scale: float, *, modality=None,
+                    flag=None):
+    """Forward: one launch. logits3: [P, L, V] with unit stride along V; targets: contiguous int64 [P*L].
 
-    Returns float32 [P*L] tensors (logp, entropy, rowmax, log_s, mean_rel); the last three are the backward's
-    per-row statistics.
+    modality: optional integer [P, L] (any strides); rows where it is -1 are ignored like ignore_index.
+    flag: optional int32 tensor whose element 0 is set to 1 when a non-ignored target lies outside [0, V)
+    (the kernel never reads out of bounds; the caller raises after reading the flag once).
+
+    Returns float32 [P*L] tensors (logp, entropy, rowmax, log_s, mean_rel) -- the last three are the backward's
+    per-row statistics -- and the effective targets (ignore_index where modality == -1 or the target is out of
+    range; the given targets when modality is None).
     """
     P, L, V = logits3.shape
     R = P * L
-    block, iters, n_split = blocking(V)
+    block = blocking(V)[0]
     dev = logits3.device
-    f32 = dict(dtype=torch.float32, device=dev)
-    part_m, part_s, part_w = (torch.empty((R, n_split), **f32) for _ in range(3))
-    zt = torch.empty(R, **f32)
-    logp, ent, rowmax, logs, mean_rel = (torch.empty(R, **f32) for _ in range(5))
+    logp, ent, rowmax, logs, mean_rel = (torch.empty(R, dtype=torch.float32, device=dev) for _ in range(5))
+    if flag is None:
+        flag = torch.zeros(1, dtype=torch.int32, device=dev)
+    eff = torch.empty_like(targets) if modality is not None else targets
     if R > 0:
         Lr, sb, sl = _row_strides(logits3)
-        token_stats_fwd_kernel[(R, n_split)](
-            logits3, targets, part_m, part_s, part_w, zt, Lr, sb, sl, V, n_split, inv_t, ignore_index,
-            BLOCK=block, ITERS=iters, num_warps=8 if block >= 2048 else 4,
+        msb, msl = (modality.stride(0), modality.stride(1)) if modality is not None else (0, 0)
+        token_stats_fwd_kernel[(R,)](
+            logits3, targets, modality if modality is not None else targets, eff, logp, ent, rowmax, logs, mean_rel,
+            flag, Lr, sb, sl, msb, msl, V, inv_t, ignore_index, ent_scale,
+            HAS_MOD=modality is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4,
         )
-        token_stats_merge_kernel[(R,)](
-            part_m, part_s, part_w, zt, targets, logp, ent, rowmax, logs, mean_rel, n_split, inv_t, ignore_index,
-            ent_scale, S_PAD=max(16, triton.next_power_of_2(n_split)), num_warps=1,
-        )
-    return logp, ent, rowmax, logs, mean_rel
+    return logp, ent, rowmax, logs, mean_rel, eff
 
 
 def token_stats_bwd(logits3, targets, rowmax, logs, mean_rel, g_logp, g_ent, inv_t: float, ignore_index: int,
@@ -195,16 +195,209 @@ def token_stats_bwd(logits3, targets, rowmax, logs, mean_rel, g_logp, g_ent, inv
     return dlogits
 
 
+# ------------------------------------------------------------------------------------------ EG-GRPO pass 2
+
+
+@triton.jit
+def _round_as(x, ET: tl.constexpr, ROUND: tl.constexpr):
+    """float32 x rounded to the entropies' dtype and back (one torch op in that dtype). ROUND: 0 float32/64 (no-op),
+    1 bfloat16, 2 float16. bf16 rounds to nearest-even on the bits: Triton's interpreter truncates in .to(bf16)."""
+    y = x
+    if ROUND == 1:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
+        y = bits.to(tl.float32, bitcast=True)
+    elif ROUND == 2:
+        y = x.to(tl.float16).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _pick(s, offs, k):
+    """s[k] of a register tensor (k a scalar; 0 when k is outside)."""
+    return tl.sum(tl.where(offs == k, s, 0.0), 0)
+
+
+@triton.jit
+def _quantile(s, offs, n, q, ET: tl.constexpr, F64: tl.constexpr, ROUND: tl.constexpr):
+    """numpy's linear quantile of the n first (sorted) values of s: position and fraction in float64, the
+    interpolation in the entropies' dtype, from the upper value when the fraction is >= 0.5 (numpy's _lerp)."""
+    h = (n.to(tl.float64) - 1.0) * q
+    lo = h.to(tl.int32)  # h >= 0 wherever the result is used (n >= 1): truncation is floor
+    gamma = h - lo.to(tl.float64)
+    hi = tl.minimum(lo + 1, tl.maximum(n - 1, 0))
+    a = _pick(s, offs, lo)
+    b = _pick(s, offs, hi)
+    if F64:
+        g = gamma
+        g1 = 1.0 - gamma
+    else:  # torch's float64 -> bf16/fp16 cast goes through float32
+        g = _round_as(gamma.to(tl.float32), ET, ROUND)
+        g1 = _round_as((1.0 - gamma).to(tl.float32), ET, ROUND)
+    diff = _round_as(b - a, ET, ROUND)
+    up = _round_as(b - _round_as(diff * g1, ET, ROUND), ET, ROUND)
+    dn = _round_as(a + _round_as(diff * g, ET, ROUND), ET, ROUND)
+    return tl.where(gamma >= 0.5, up, dn)
+
+
+@triton.jit
+def eg_shaping_kernel(
+    ent_ptr, mod_ptr, efft_ptr, adv_ptr, low_ptr, high_ptr, tadv_ptr, hsum_ptr, hcnt_ptr, flag_ptr,
+    L, ent_sb, ent_sl, mod_sb, mod_sl, ignore_index,
+    qlo_a, qlo_b, qlo_c, qhi_a, qhi_b, qhi_c, bonus,
+    QUANTILE: tl.constexpr, HAS_TGT: tl.constexpr, ADV: tl.constexpr, F64: tl.constexpr, ROUND: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """One program per (row, modality): sort the modality's entropies (others pushed to +inf), pick both
+    thresholds, write that modality's low/high masks and shaped advantages (program 0 also writes the ignored
+    tokens). ADV: 0 masks only, 1 released bonus, 2 calibrated (advantages without the bonus + per-program
+    sums of H over high tokens; `eg_calibrate_kernel` adds the bonus)."""
+    b = tl.program_id(0)
+    mod_id = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    offs = tl.arange(0, BLOCK_L)
+    inb = offs < L
+    ET = ent_ptr.dtype.element_ty
+    h = tl.load(ent_ptr + b64 * ent_sb + offs * ent_sl, mask=inb, other=0.0)
+    if F64:
+        hc = h.to(tl.float64)
+    else:
+        hc = h.to(tl.float32)
+    m = tl.load(mod_ptr + b64 * mod_sb + offs * mod_sl, mask=inb, other=-1)
+    bad_mod = tl.sum(((m < -1) | (m > 1)).to(tl.int32), 0) > 0
+    tl.store(flag_ptr + 1, 1, mask=bad_mod & (mod_id == 0))
+    if HAS_TGT:
+        t = tl.load(efft_ptr + b64 * L + offs, mask=inb, other=ignore_index)
+        m = tl.where(t == ignore_index, -1, m)
+    sel = (m == mod_id) & inb
+    n = tl.sum(sel.to(tl.int32), 0)
+    s = tl.sort(tl.where(sel, hc, float("inf")), 0)  # the n valid values first, ascending
+    q_lo = tl.cast(qlo_a, tl.float64) + tl.cast(qlo_b, tl.float64) + tl.cast(qlo_c, tl.float64)  # exact
+    q_hi = tl.cast(qhi_a, tl.float64) + tl.cast(qhi_b, tl.float64) + tl.cast(qhi_c, tl.float64)
+    if QUANTILE:  # q_hi = 1 - high_frac here
+        sq = tl.where(offs < n, s, 0.0)  # no inf - inf in a row/modality without tokens (its masks are empty)
+        tau_lo = _quantile(sq, offs, n, q_lo, ET, F64, ROUND)
+        tau_hi = _quantile(sq, offs, n, q_hi, ET, F64, ROUND)
+    else:  # released: s[min(n-1, max(1, floor(lf n)))] and s[n - max(1, floor(hf n))], float64 products
+        nd = n.to(tl.float64)
+        k_lo = tl.minimum(n - 1, tl.maximum(1, (q_lo * nd).to(tl.int32)))
+        k_hi = n - tl.maximum(1, (q_hi * nd).to(tl.int32))
+        tau_lo = _pick(s, offs, k_lo)
+        tau_hi = _pick(s, offs, k_hi)
+    low = sel & (hc < tau_lo)
+    high = sel & (hc > tau_hi)
+    mine = inb & tl.where(mod_id == 0, m != 1, m == 1)  # program 0 also owns ignored (and invalid) tokens
+    out = b64 * L + offs
+    tl.store(low_ptr + out, low, mask=mine)
+    tl.store(high_ptr + out, high, mask=mine)
+    if ADV > 0:
+        A = tl.load(adv_ptr + b).to(tl.float32)
+        H = hc.to(tl.float32)
+        keep = sel & (low == 0)
+        if ADV == 1:
+            bt = tl.where(high, tl.minimum(bonus * tl.abs(A), bonus * H), 0.0)
+            tadv = tl.where(keep, A + bt, 0.0)
+        else:
+            tadv = tl.where(keep, A, 0.0)
+            tl.store(hsum_ptr + b * 2 + mod_id, tl.sum(tl.where(high, H, 0.0), 0))
+            tl.store(hcnt_ptr + b * 2 + mod_id, tl.sum(high.to(tl.int32), 0))
+        tl.store(tadv_ptr + out, tadv, mask=mine)
+
+
+@triton.jit
+def eg_calibrate_kernel(
+    ent_ptr, adv_ptr, high_ptr, tadv_ptr, hsum_ptr, hcnt_ptr, B, L, bonus,
+    BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Calibrated bonus: alpha = bonus mean(|A|) / mean(H[high]) from the per-program sums (each program
+    reduces them again: B is small), then token_adv += min(alpha H, bonus |A|) on high tokens of its row."""
+    b = tl.program_id(0)
+    j = tl.arange(0, BLOCK_B)
+    n_high = tl.sum(tl.load(hcnt_ptr + j, mask=j < 2 * B, other=0), 0)
+    h_sum = tl.sum(tl.load(hsum_ptr + j, mask=j < 2 * B, other=0.0), 0)
+    mean_abs_a = tl.sum(tl.abs(tl.load(adv_ptr + j, mask=j < B, other=0.0)), 0) / B
+    mean_h = h_sum / tl.maximum(n_high, 1).to(tl.float32)
+    alpha = bonus * mean_abs_a / tl.maximum(mean_h, 1.1754943508222875e-38)
+    alpha = tl.where(n_high > 0, alpha, 0.0)  # no high token: no bonus, not 0/0
+    A = tl.load(adv_ptr + b)
+    offs = tl.arange(0, BLOCK_L)
+    inb = offs < L
+    out = b.to(tl.int64) * L + offs
+    H = tl.load(ent_ptr + out, mask=inb, other=0.0)
+    high = tl.load(high_ptr + out, mask=inb, other=0) != 0
+    t = tl.load(tadv_ptr + out, mask=inb, other=0.0)
+    t = tl.where(high, A + tl.minimum(alpha * H, bonus * tl.abs(A)), t)
+    tl.store(tadv_ptr + out, t, mask=inb)
+
+
+MAX_SHAPING_L = 8192  # a row (both modalities) is sorted in registers; longer rows take the torch sort
+
+
+def _split3(q: float) -> tuple[float, float, float]:
+    """Three float32 numbers whose float64 sum is exactly q (kernel scalars are float32)."""
+    f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731
+    a = f32(q)
+    b = f32(q - a)
+    c = f32(q - a - b)
+    assert a + b + c == q, q
+    return a, b, c
+
+
+def eg_shaping(entropy, modality, *, low_frac, high_frac, rule, flag, eff_targets=None, ignore_index=-100,
+               advantages=None, bonus=0.0, calibrate=False):
+    """Pass 2 of EG-GRPO on device: masks (and shaped advantages when ``advantages`` is given) in one launch
+    (two with ``calibrate``). entropy [B, L] float (any strides); modality [B, L] int (any strides);
+    eff_targets: contiguous [B*L] (ignore_index marks ignored tokens) or None. flag[1] is set to 1 when a
+    modality value is not -1/0/1. Returns (low, high, token_adv or None)."""
+    B, L = entropy.shape
+    dev = entropy.device
+    low = torch.empty((B, L), dtype=torch.bool, device=dev)
+    high = torch.empty_like(low)
+    adv_mode = 0 if advantages is None else (2 if calibrate else 1)
+    tadv = torch.empty((B, L), dtype=torch.float32, device=dev) if adv_mode else None
+    if B * L == 0:
+        if tadv is not None:
+            tadv.zero_()
+        return low, high, tadv
+    quantile = rule == "quantile"
+    qlo = _split3(low_frac)
+    qhi = _split3(1 - high_frac if quantile else high_frac)
+    dummy = torch.empty(1, dtype=torch.float32, device=dev)  # unused float32 pointers
+    adv = advantages.detach().float().contiguous() if adv_mode else dummy
+    parts = torch.empty(2 * B, dtype=torch.float32, device=dev) if adv_mode == 2 else dummy
+    counts = torch.empty(2 * B, dtype=torch.int32, device=dev) if adv_mode == 2 else flag
+    block_l = max(16, triton.next_power_of_2(L))
+    eg_shaping_kernel[(B, 2)](
+        entropy, modality, eff_targets if eff_targets is not None else modality, adv, low, high,
+        tadv if tadv is not None else dummy, parts, counts, flag,
+        L, entropy.stride(0), entropy.stride(1), modality.stride(0), modality.stride(1), ignore_index,
+        *qlo, *qhi, float(bonus),
+        QUANTILE=quantile, HAS_TGT=eff_targets is not None, ADV=adv_mode, F64=entropy.dtype == torch.float64,
+        ROUND={torch.bfloat16: 1, torch.float16: 2}.get(entropy.dtype, 0), BLOCK_L=block_l,
+        num_warps=8 if block_l >= 2048 else 4, enable_fp_fusion=False,
+    )
+    if adv_mode == 2:
+        assert entropy.is_contiguous()
+        eg_calibrate_kernel[(B,)](
+            entropy, adv, high, tadv, parts, counts, B, L, float(bonus),
+            BLOCK_B=max(16, triton.next_power_of_2(2 * B)), BLOCK_L=block_l, num_warps=4, enable_fp_fusion=False,
+        )
+    return low, high, tadv
+
+
 def compile_specs():
     """(kernel, signature, constexprs) triples covering the variants the launchers use, for the sm_90 check."""
     specs = []
     for dt in ("fp32", "bf16", "fp16"):
-        fwd = {
-            "logits_ptr": f"*{dt}", "targets_ptr": "*i64", "m_ptr": "*fp32", "s_ptr": "*fp32", "w_ptr": "*fp32",
-            "zt_ptr": "*fp32", "L": "i32", "stride_b": "i64", "stride_l": "i32", "V": "i32", "n_split": "i32",
-            "inv_t": "fp32", "ignore_index": "i32",
-        }
-        specs.append((token_stats_fwd_kernel, fwd, {"BLOCK": 4096, "ITERS": 4}))
+        for has_mod in (False, True):
+            fwd = {
+                "logits_ptr": f"*{dt}", "targets_ptr": "*i64", "mod_ptr": "*i64", "efft_ptr": "*i64",
+                "logp_ptr": "*fp32", "ent_ptr": "*fp32", "rowmax_ptr": "*fp32", "logs_ptr": "*fp32",
+                "meanrel_ptr": "*fp32", "flag_ptr": "*i32", "L": "i32", "stride_b": "i64", "stride_l": "i32",
+                "mod_sb": "i32", "mod_sl": "i32", "V": "i32", "inv_t": "fp32", "ignore_index": "i32",
+                "ent_scale": "fp32",
+            }
+            specs.append((token_stats_fwd_kernel, fwd, {"HAS_MOD": has_mod, "BLOCK": 4096}))
         for has_glogp, has_gent in ((True, True), (True, False), (False, True)):
             bwd = {
                 "logits_ptr": f"*{dt}", "targets_ptr": "*i64", "rowmax_ptr": "*fp32", "logs_ptr": "*fp32",
@@ -214,10 +407,25 @@ def compile_specs():
             }
             specs.append((token_stats_bwd_kernel, bwd,
                           {"HAS_GLOGP": has_glogp, "HAS_GENT": has_gent, "BLOCK": 4096, "ITERS": 4}))
-    merge = {
-        "m_ptr": "*fp32", "s_ptr": "*fp32", "w_ptr": "*fp32", "zt_ptr": "*fp32", "targets_ptr": "*i64",
-        "logp_ptr": "*fp32", "ent_ptr": "*fp32", "rowmax_ptr": "*fp32", "logs_ptr": "*fp32", "meanrel_ptr": "*fp32",
-        "n_split": "i32", "inv_t": "fp32", "ignore_index": "i32", "ent_scale": "fp32",
-    }
-    specs.append((token_stats_merge_kernel, merge, {"S_PAD": 16}))
+
+    def shaping(et, adv, quantile, block_l):
+        sig = {
+            "ent_ptr": f"*{et}", "mod_ptr": "*i64", "efft_ptr": "*i64", "adv_ptr": "*fp32", "low_ptr": "*i1",
+            "high_ptr": "*i1", "tadv_ptr": "*fp32", "hsum_ptr": "*fp32", "hcnt_ptr": "*i32", "flag_ptr": "*i32",
+            "L": "i32", "ent_sb": "i32", "ent_sl": "i32", "mod_sb": "i32", "mod_sl": "i32", "ignore_index": "i32",
+            "qlo_a": "fp32", "qlo_b": "fp32", "qlo_c": "fp32", "qhi_a": "fp32", "qhi_b": "fp32", "qhi_c": "fp32",
+            "bonus": "fp32",
+        }
+        return (eg_shaping_kernel, sig, {"QUANTILE": quantile, "HAS_TGT": adv > 0, "ADV": adv, "F64": et == "fp64",
+                                         "ROUND": {"bf16": 1, "fp16": 2}.get(et, 0), "BLOCK_L": block_l})
+
+    for quantile in (False, True):
+        for adv in (0, 1, 2):  # eg_token_masks; eg_grpo_shaping released / calibrated
+            specs.append(shaping("fp32", adv, quantile, 1024))
+        for et in ("bf16", "fp16", "fp64"):
+            specs.append(shaping(et, 0, quantile, 1024))
+    specs.append(shaping("fp32", 1, False, 4096))
+    calib = {"ent_ptr": "*fp32", "adv_ptr": "*fp32", "high_ptr": "*i1", "tadv_ptr": "*fp32", "hsum_ptr": "*fp32",
+             "hcnt_ptr": "*i32", "B": "i32", "L": "i32", "bonus": "fp32"}
+    specs.append((eg_calibrate_kernel, calib, {"BLOCK_B": 32, "BLOCK_L": 1024}))
     return specs

@@ -158,6 +158,30 @@ def _shaping_inputs(device, dtype, V=257):
     return logits.to(device), targets.to(device), modality.to(device), A.to(device)
 
 
+def _check_shaping(out, x, logits, targets, modality, A, *, temperature, low_frac, high_frac, bonus, rule,
+                   calibrate):
+    """``out = eg_grpo_shaping(x, ...)`` against the float64 reference (logp, normalised entropy, gradient of logp)
+    and numpy (masks and shaped advantages on the entropies the op returned: ties make masks sensitive to the last
+    bit). Returns the ignored tokens."""
+    ignored = (modality == -1) | (targets == -100)
+    t_ref = torch.where(ignored, torch.full_like(targets, -100), targets)
+    x64 = logits.double().requires_grad_(True)
+    ref_logp, ref_ent = token_logprob_entropy_ref(x64, t_ref, temperature=temperature, normalize=True)
+    assert_close(out.logp, ref_logp, name="logp")
+    assert_close(out.entropy, ref_ent, name="entropy")
+    assert not out.entropy.requires_grad and out.logp.requires_grad
+    mod_eff = torch.where(ignored, torch.full_like(modality, -1), modality)
+    want_low, want_high = np_masks(out.entropy, mod_eff, low_frac, high_frac, rule)
+    assert torch.equal(out.low.cpu(), want_low) and torch.equal(out.high.cpu(), want_high)
+    want_adv = np_advantages(A, out.entropy, want_low, want_high, bonus, calibrate) * (~ignored).cpu()
+    assert_close(out.token_adv, want_adv, name="token_adv")
+    (grad,) = torch.autograd.grad(out.logp.sum(), x)
+    (grad64,) = torch.autograd.grad(ref_logp.sum(), x64)
+    assert_close(grad, grad64, name="grad logits")
+    assert torch.count_nonzero(grad[ignored]) == 0 and grad.dtype == x.dtype
+    return ignored, ref_logp.detach()
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rule, calibrate", [("released", False), ("quantile", True)])
@@ -166,28 +190,11 @@ def test_shaping_matches_references(impl, dtype, rule, calibrate, device):
     V = logits.shape[-1]
     x = logits.clone().requires_grad_(True)
     out = eg_grpo_shaping(x, targets, modality, A, temperature=0.9, rule=rule, calibrate=calibrate, impl=impl)
-    ignored = (modality == -1) | (targets == -100)
-    # Pass 1 vs the float64 reference, normalised entropy.
-    t_ref = torch.where(ignored, torch.full_like(targets, -100), targets)
-    x64 = logits.double().requires_grad_(True)
-    ref_logp, ref_ent = token_logprob_entropy_ref(x64, t_ref, temperature=0.9, normalize=True)
-    assert_close(out.logp, ref_logp, name="logp")
-    assert_close(out.entropy, ref_ent, name="entropy")
-    assert not out.entropy.requires_grad and out.logp.requires_grad
-    # Pass 2 vs numpy, on the entropies the op returned (ties make masks sensitive to the last bit).
-    mod_eff = torch.where(ignored, torch.full_like(modality, -1), modality)
-    want_low, want_high = np_masks(out.entropy, mod_eff, 0.2, 0.5, rule)
-    assert torch.equal(out.low.cpu(), want_low) and torch.equal(out.high.cpu(), want_high)
-    want_adv = np_advantages(A, out.entropy, want_low, want_high, 0.3, calibrate) * (~ignored).cpu()
-    assert_close(out.token_adv, want_adv, name="token_adv")
-    # logp keeps its gradient.
-    (grad,) = torch.autograd.grad(out.logp.sum(), x)
-    (grad64,) = torch.autograd.grad(ref_logp.sum(), x64)
-    assert_close(grad, grad64, name="grad logits")
-    assert torch.count_nonzero(grad[ignored]) == 0
+    _, ref_logp = _check_shaping(out, x, logits, targets, modality, A, temperature=0.9, low_frac=0.2,
+                                 high_frac=0.5, bonus=0.3, rule=rule, calibrate=calibrate)
     # The reference entry point agrees (same pass-2 decisions on the same entropies).
     ref = eg_grpo_shaping_ref(logits, targets, modality, A, temperature=0.9, rule=rule, calibrate=calibrate)
-    assert_close(ref.logp, ref_logp.detach(), name="ref logp")
+    assert_close(ref.logp, ref_logp, name="ref logp")
     assert V == 257
 
 
@@ -275,3 +282,242 @@ def test_quantile_rule_never_calls_torch_quantile(monkeypatch, device):
     entropy, modality = ragged_batch(1)
     eg_token_masks(entropy.to(device), modality.to(device), rule="quantile")
     assert math.isfinite(float(entropy.sum()))
+
+
+# ------------------------------------------------------------------------------------------ fused pass-2 kernel
+
+
+def _kernel_masks(entropy, modality, **kw):
+    return eg_token_masks(entropy, modality, impl="triton", **kw)
+
+
+def hard_rows(seed, L=37):
+    """Fresh random rows (odd L) with the cases a selection gets wrong: a row without text, a row without any
+    valid token, n = 1 per modality, many ties, a uniform row, a peaked row, near-ties of adjacent floats."""
+    g = torch.Generator().manual_seed(seed)
+    B = 9
+    modality = torch.randint(-1, 2, (B, L), generator=g)
+    entropy = torch.rand(B, L, generator=g)
+    modality[0][modality[0] == 0] = 1  # no text
+    modality[1] = -1  # nothing valid
+    modality[2] = -1
+    modality[2, 5], modality[2, L - 2] = 0, 1  # n = 1 in each modality
+    entropy[3] = torch.round(entropy[3] * 4) / 4  # ties
+    entropy[4] = 0.5  # uniform
+    entropy[5] = 1e-4
+    entropy[5, 7] = 0.99  # peaked
+    base = torch.tensor(0.3)
+    ulp = torch.nextafter(base, torch.tensor(1.0)) - base
+    entropy[6] = base + torch.randint(0, 4, (L,), generator=g).float() * ulp  # values one float32 ulp apart
+    return entropy, modality
+
+
+@pytest.mark.parametrize("rule", ["released", "quantile"])
+@pytest.mark.parametrize("fracs", [(0.2, 0.5), (0.1, 0.3), (0.35, 0.8), (0.5, 0.5), (0.01, 0.99)])
+def test_kernel_masks_match_numpy_fresh_rows(rule, fracs, device):
+    low_frac, high_frac = fracs
+    for seed in range(4):
+        entropy, modality = hard_rows(100 + seed, L=37 + 2 * seed)
+        low, high = _kernel_masks(entropy.to(device), modality.to(device), low_frac=low_frac, high_frac=high_frac,
+                                  rule=rule)
+        want_low, want_high = np_masks(entropy, modality, low_frac, high_frac, rule)
+        assert torch.equal(low.cpu(), want_low), f"low differs (seed {seed})"
+        assert torch.equal(high.cpu(), want_high), f"high differs (seed {seed})"
+
+
+@pytest.mark.parametrize("rule", ["released", "quantile"])
+def test_kernel_masks_ragged_image_rows(rule, device):
+    entropy, modality = ragged_batch(21)
+    low, high = _kernel_masks(entropy.to(device), modality.to(device), rule=rule)
+    want_low, want_high = np_masks(entropy, modality, 0.2, 0.5, rule)
+    assert torch.equal(low.cpu(), want_low) and torch.equal(high.cpu(), want_high)
+
+
+@pytest.mark.parametrize("rule", ["released", "quantile"])
+def test_kernel_quantile_at_interpolation_rounding(rule, device):
+    """Rows of values a few float32 ulps apart: the interpolated threshold rounds onto a neighbour, so a float64
+    interpolation (or a fused multiply-add) would change the strict masks; numpy's nanquantile decides."""
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for b in range(24):
+        n = 5 + b
+        base = torch.tensor(0.25 + 0.01 * b, dtype=torch.float32)
+        ulp = float(torch.nextafter(base, torch.tensor(1.0)) - base)
+        rows.append(base + torch.randint(0, 3, (n,), generator=g).float() * ulp)
+    L = max(len(r) for r in rows)
+    entropy = torch.zeros(len(rows), L)
+    modality = torch.full((len(rows), L), -1)
+    for b, r in enumerate(rows):
+        entropy[b, :len(r)] = r
+        modality[b, :len(r)] = b % 2
+    for fracs in ((0.2, 0.5), (0.3, 0.3), (0.15, 0.65)):
+        low, high = _kernel_masks(entropy.to(device), modality.to(device), low_frac=fracs[0], high_frac=fracs[1],
+                                  rule=rule)
+        want_low, want_high = np_masks(entropy, modality, *fracs, rule)
+        assert torch.equal(low.cpu(), want_low) and torch.equal(high.cpu(), want_high)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("rule", ["released", "quantile"])
+def test_kernel_masks_other_entropy_dtypes(dtype, rule, device):
+    """bf16/fp16: thresholds interpolated in that dtype (torch's rounding per op), float64 sorted in float64."""
+    entropy, modality = hard_rows(7, L=41)
+    e = entropy.to(dtype)
+    low, high = _kernel_masks(e.to(device), modality.to(device), rule=rule, low_frac=0.3, high_frac=0.45)
+    want_low, want_high = eg_token_masks_ref(e, modality, rule=rule, low_frac=0.3, high_frac=0.45)
+    assert torch.equal(low.cpu(), want_low) and torch.equal(high.cpu(), want_high)
+    if dtype == torch.float64:
+        np_low, np_high = np_masks(e, modality, 0.3, 0.45, rule)
+        assert torch.equal(low.cpu(), np_low) and torch.equal(high.cpu(), np_high)
+
+
+def test_kernel_masks_strided_and_expanded(device):
+    entropy, modality = hard_rows(8, L=33)
+    wide = torch.rand(entropy.shape[0], 2 * entropy.shape[1] + 1)
+    wide[:, 1::2][:, :33] = entropy
+    strided = wide[:, 1::2][:, :33]
+    assert not strided.is_contiguous()
+    expanded = modality[7:8].expand_as(modality)  # one modality row broadcast over the batch (stride 0)
+    for rule in ("released", "quantile"):
+        low, high = _kernel_masks(strided.to(device), expanded.to(device), rule=rule)
+        want_low, want_high = np_masks(entropy, expanded.contiguous(), 0.2, 0.5, rule)
+        assert torch.equal(low.cpu(), want_low) and torch.equal(high.cpu(), want_high)
+
+
+def test_kernel_masks_single_row_and_empty(device):
+    entropy, modality = hard_rows(9, L=17)
+    low, high = _kernel_masks(entropy[:1].to(device), modality[:1].to(device))
+    want_low, want_high = np_masks(entropy[:1], modality[:1], 0.2, 0.5, "released")
+    assert torch.equal(low.cpu(), want_low) and torch.equal(high.cpu(), want_high)
+    low, high = _kernel_masks(torch.zeros(0, 5, device=device), torch.zeros(0, 5, dtype=torch.long, device=device))
+    assert low.shape == high.shape == (0, 5)
+
+
+def test_kernel_masks_bad_modality_raises(device):
+    modality = torch.zeros(2, 6, dtype=torch.long)
+    modality[1, 4] = 2
+    with pytest.raises(ValueError, match="modality must hold only"):
+        _kernel_masks(torch.rand(2, 6).to(device), modality.to(device))
+
+
+def test_split3_recovers_every_float64_fraction():
+    from fastgrpo.kernels.token_entropy import _split3
+
+    g = np.random.default_rng(0)
+    for q in list(g.random(2000)) + [0.2, 0.5, 0.8, 1 - 0.5, 1 - 0.3, 0.1, 1e-9, 1 - 1e-12]:
+        a, b, c = _split3(float(q))
+        for part in (a, b, c):
+            assert np.float32(part) == part  # each a float32 kernel scalar
+        assert a + b + c == float(q)
+
+
+# ------------------------------------------------------------------------------------------ fused shaping
+
+
+def _hard_shaping_inputs(device, dtype, seed, V=131, L=29):
+    g = torch.Generator().manual_seed(seed)
+    B = 6
+    logits = torch.randn(B, L, V, generator=g) * 3
+    logits[0, 2] = logits[0, 2] / 3 - 1e4  # very negative row
+    logits[1, 4] = 0.25  # uniform rows: equal entropies (ties)
+    logits[1, 5] = 0.25
+    logits[2, 1, 7] += 60.0  # peaked row
+    targets = torch.randint(0, V, (B, L), generator=g)
+    modality = torch.randint(-1, 2, (B, L), generator=g)
+    modality[3] = -1  # no valid token
+    modality[4] = -1
+    modality[4, 3], modality[4, 11] = 0, 1  # n = 1
+    targets[torch.rand(B, L, generator=g) < 0.15] = -100
+    targets[modality == -1] = torch.where(torch.rand(int((modality == -1).sum()), generator=g) < 0.5, -100, 0)
+    A = torch.randn(B, generator=g)
+    A[5] = 0.0
+    return logits.to(dtype).to(device), targets.to(device), modality.to(device), A.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule", ["released", "quantile"])
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_triton_shaping_on_hard_rows(dtype, rule, calibrate, device):
+    logits, targets, modality, A = _hard_shaping_inputs(device, dtype, seed=30 + int(calibrate))
+    x = logits.clone().requires_grad_(True)
+    out = eg_grpo_shaping(x, targets, modality, A, temperature=0.8, low_frac=0.25, high_frac=0.4, rule=rule,
+                          calibrate=calibrate, bonus=0.4, impl="triton")
+    _check_shaping(out, x, logits, targets, modality, A, temperature=0.8, low_frac=0.25, high_frac=0.4, bonus=0.4,
+                   rule=rule, calibrate=calibrate)
+    # The torch impl agrees (its masks on the same entropies are the same decisions).
+    ref = eg_grpo_shaping(logits, targets, modality, A, temperature=0.8, low_frac=0.25, high_frac=0.4, rule=rule,
+                          calibrate=calibrate, bonus=0.4, impl="torch")
+    assert_close(out.entropy, ref.entropy.double(), name="entropy vs torch impl")
+
+
+def test_triton_shaping_strided_logits_and_expanded_modality(device):
+    logits, targets, _, A = _hard_shaping_inputs(device, torch.float32, seed=40, L=31)
+    full = torch.randn(logits.shape[0], logits.shape[1] + 3, logits.shape[2], device=device)
+    full[:, 2:-1] = logits
+    x = full[:, 2:-1]
+    assert not x.is_contiguous()
+    modality = torch.randint(0, 2, (1, logits.shape[1])).expand(logits.shape[0], -1).to(device)
+    out = eg_grpo_shaping(x, targets, modality, A, rule="quantile", impl="triton")
+    want = eg_grpo_shaping(x.contiguous(), targets, modality.contiguous(), A, rule="quantile", impl="triton")
+    for name in ("logp", "entropy", "token_adv", "low", "high"):
+        assert torch.equal(getattr(out, name), getattr(want, name)), name
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_triton_shaping_launches_and_host_reads(calibrate, monkeypatch, device):
+    """2 kernels per call (3 with calibrate), and the only device value read by the host is the flag pair, once,
+    after every kernel is queued."""
+    import fastgrpo.kernels.token_entropy as k
+
+    events = []
+
+    class Counted:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                events.append(self.name)
+                return self.kernel[grid](*a, **kw)
+            return launch
+
+    for name in ("token_stats_fwd_kernel", "eg_shaping_kernel", "eg_calibrate_kernel", "token_stats_bwd_kernel"):
+        monkeypatch.setattr(k, name, Counted(name, getattr(k, name)))
+    logits, targets, modality, A = _hard_shaping_inputs(device, torch.bfloat16, seed=50)
+    real_tolist = torch.Tensor.tolist
+
+    def tolist(self):
+        events.append("host read")
+        return real_tolist(self)
+
+    def forbidden(self, *a):
+        raise AssertionError("host read of a device value in the middle of the call")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "tolist", tolist)
+        m.setattr(torch.Tensor, "__bool__", forbidden)
+        m.setattr(torch.Tensor, "item", forbidden)
+        eg_grpo_shaping(logits, targets, modality, A, calibrate=calibrate, impl="triton")
+    kernels = ["token_stats_fwd_kernel", "eg_shaping_kernel"] + (["eg_calibrate_kernel"] if calibrate else [])
+    assert events == kernels + ["host read"]
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch", "cpp"])
+def test_shaping_errors_are_the_same_for_every_impl(impl, device):
+    logits, targets, modality, A = _hard_shaping_inputs(device, torch.float32, seed=60)
+    bad_t = targets.clone()
+    bad_t[2, 3], modality[2, 3] = logits.shape[-1], 1  # a read target outside the vocabulary
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 131\)"):
+        eg_grpo_shaping(logits, bad_t, modality, A, impl=impl)
+    bad_t[2, 3] = -7
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 131\)"):
+        eg_grpo_shaping(logits, bad_t, modality, A, impl=impl)
+    bad_m = modality.clone()
+    bad_m[5, 0] = 2
+    with pytest.raises(ValueError, match="modality must hold only"):
+        eg_grpo_shaping(logits, targets, bad_m, A, impl=impl)
+    with pytest.raises(ValueError, match="modality must hold only"):  # both wrong: modality is named first
+        eg_grpo_shaping(logits, bad_t, bad_m, A, impl=impl)
+    ok_t = targets.clone()
+    ok_t[modality == -1] = 10**6  # targets under modality -1 are not read, whatever they hold
+    eg_grpo_shaping(logits, ok_t, modality, A, impl=impl)

@@ -258,3 +258,44 @@ def test_auto_on_cpu_uses_cpp_when_built_else_torch(cpp_disabled):
         a = token_logprob_entropy(x, t)
         c = token_logprob_entropy(x, t, impl="cpp")
         assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", [5, -1, 10**9])
+def test_target_range_error_is_the_same_for_every_impl(impl, bad, device):
+    """The Triton path reads its in-kernel flag once after the launch; the message is the host check's."""
+    t = torch.zeros(2, 3, dtype=torch.long, device=device)
+    t[1, 2] = bad
+    t[0, 1] = IGNORE
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 5\) \(the vocabulary of logits\) or equal "
+                                         r"ignore_index=-100"):
+        token_logprob_entropy(torch.randn(2, 3, 5, device=device), t, impl=impl)
+
+
+def test_triton_forward_is_one_launch_and_one_host_read(monkeypatch, device):
+    import fastgrpo.kernels.token_entropy as k
+
+    events = []
+    kernel = k.token_stats_fwd_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            events.append(("launch", tuple(grid)))
+            return kernel[grid]
+
+    monkeypatch.setattr(k, "token_stats_fwd_kernel", Counted())
+    x, t = _logits(2, 3, 4099, torch.bfloat16, device, seed=12)
+    real_item = torch.Tensor.item
+
+    def item(self):
+        events.append("host read")
+        return real_item(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "item", item)
+        m.setattr(torch.Tensor, "__bool__", lambda self: (_ for _ in ()).throw(AssertionError("host sync")))
+        logp, ent = token_logprob_entropy(x, t, impl="triton")
+    assert events == [("launch", (6,)), "host read"]  # one program per row, whatever V
+    ref_logp, ref_ent = _ref64(x, t)
+    assert_close(logp, ref_logp)
+    assert_close(ent, ref_ent)

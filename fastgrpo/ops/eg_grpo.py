@@ -31,12 +31,26 @@ batch). The released code (the default, ``calibrate=False``) uses the fixed ``bo
 
 Decisions where DESIGN.md is silent (written down here, as it asks):
 
-* Masks run on device without a host sync per row: each modality is one ``torch.sort`` of the [B, L] entropies
-  with the other tokens pushed to +inf, then a gather of the threshold positions. Not ``torch.quantile`` (it fails
-  above 2^24 elements).
+* Where the masks are computed: on CUDA (``impl`` "auto"/"triton") one Triton kernel per call
+  (``fastgrpo.kernels.token_entropy.eg_shaping_kernel``, one program per row and modality) sorts the modality's
+  entropies in registers (``tl.sort``), picks both thresholds of the chosen rule and writes ``low``, ``high`` and
+  the shaped ``token_adv`` in one pass; ``calibrate=True`` adds one small kernel for the batch-level alpha. The
+  quantile rule is exact there too: the fractions travel as three float32 scalars whose float64 sum is the python
+  float, the position is computed in float64, the interpolation is rounded to the entropies' dtype after each
+  operation (bf16 by its bits) with fused multiply-adds off; the tests compare the masks with ``np.nanquantile``
+  on rows of values one ulp apart. Rows longer than ``MAX_SHAPING_L`` (8,192) and the torch/cpp impls use torch
+  ops: per modality one ``torch.sort`` of the [B, L] entropies with the other tokens pushed to +inf, then a gather
+  of the threshold positions. Not ``torch.quantile`` (it fails above 2^24 elements).
+* Launches and syncs of `eg_grpo_shaping` on CUDA: a zeroed int32 flag pair, the pass-1 kernel (one program per
+  token), the pass-2 kernel (plus the calibrate kernel), then one host read of the flag pair at the very end
+  (after every kernel is queued): 3 launches (4 with calibrate) and one device-to-host read, instead of 29 kernels
+  with a validation sync in the middle. Pass 1 also ignores modality -1 tokens itself and hands pass 2 the
+  effective targets, so no torch op prepares the inputs.
 * A row/modality with no valid token has no threshold and empty masks; with n = 1 both masks are empty (the one
   token is its own threshold and comparisons are strict).
-* Modality values other than -1, 0, 1 raise ValueError (one host sync per call, with the shape checks).
+* Modality values other than -1, 0, 1 raise ValueError: checked in the pass-2 kernel (flag read at the end of
+  the call) on the Triton path, on the host (one sync, with the shape checks) on the torch/cpp paths. When both a
+  modality value and a target are wrong, the modality error is the one raised, on every path.
 * ``mean(H[high])`` of the calibrated rule is over every high token of the batch; a batch without high tokens has
   no bonus (alpha = 0 instead of 0/0).
 * In `eg_grpo_shaping`, a token with modality -1 *or* target == -100 is ignored: not read, logp = entropy = 0,
@@ -49,8 +63,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._backend import check_float, check_same_device
-from .token_entropy import token_logprob_entropy
+from ._backend import check_float, check_same_device, resolve_impl
+from .token_entropy import _check_token_inputs, _fused, _raise_target_range, token_logprob_entropy
 
 RULES = ("released", "quantile")
 MODALITIES = (0, 1)  # text (CoT), image; -1 = ignored
@@ -89,23 +103,28 @@ def _check_rule(low_frac, high_frac, rule):
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
 
 
-def _check_modality(modality, shape):
-    """modality: integer tensor of ``shape`` holding -1, 0, 1 (one host sync)."""
+def _raise_modality_values():
+    raise ValueError("modality must hold only -1 (ignored), 0 (text) or 1 (image)")
+
+
+def _check_modality(modality, shape, check_values=True):
+    """modality: integer tensor of ``shape`` holding -1, 0, 1 (the values: one host sync, unless the caller
+    leaves them to the Triton kernel's flag)."""
     if not isinstance(modality, torch.Tensor) or modality.dtype.is_floating_point or modality.dtype == torch.bool:
         got = modality.dtype if isinstance(modality, torch.Tensor) else type(modality).__name__
         raise ValueError(f"modality must be an integer tensor of shape {tuple(shape)} (0 text, 1 image, "
                          f"-1 ignored), got {got}")
     if modality.shape != shape:
         raise ValueError(f"modality must have shape [B, L] = {tuple(shape)}, got {tuple(modality.shape)}")
-    if modality.numel() and bool(((modality < -1) | (modality > 1)).any()):
-        raise ValueError("modality must hold only -1 (ignored), 0 (text) or 1 (image)")
+    if check_values and modality.numel() and bool(((modality < -1) | (modality > 1)).any()):
+        _raise_modality_values()
 
 
-def _check_mask_inputs(entropy, modality, low_frac, high_frac, rule):
+def _check_mask_inputs(entropy, modality, low_frac, high_frac, rule, check_values=True):
     check_float("entropy", entropy)
     if entropy.ndim != 2:
         raise ValueError(f"entropy must have shape [B, L], got {tuple(entropy.shape)}")
-    _check_modality(modality, entropy.shape)
+    _check_modality(modality, entropy.shape, check_values)
     check_same_device([("entropy", entropy), ("modality", modality)])
     _check_rule(low_frac, high_frac, rule)
 
@@ -124,6 +143,10 @@ def _check_advantage_inputs(advantages, entropy, low, high, bonus):
         if t.shape != entropy.shape:
             raise ValueError(f"{name} must have the shape of entropy {tuple(entropy.shape)}, got {tuple(t.shape)}")
     check_same_device([("advantages", advantages), ("entropy", entropy), ("low", low), ("high", high)])
+    _check_bonus(bonus)
+
+
+def _check_bonus(bonus):
     if isinstance(bonus, bool) or not isinstance(bonus, (int, float)) or not (bonus >= 0 and math.isfinite(bonus)):
         raise ValueError(f"bonus must be a finite float >= 0, got {bonus!r}")
 
@@ -155,7 +178,7 @@ def _lerp_quantile(s: torch.Tensor, n, q: float) -> torch.Tensor:
     return torch.where(gamma >= 0.5, b - diff * (1 - gamma).to(s.dtype), a + diff * gamma.to(s.dtype))
 
 
-def eg_token_masks_ref(entropy, modality, *, low_frac=0.2, high_frac=0.5, rule="released"):
+def eg_token_masks_ref(entropy, modality, *, low_frac=0.2, high_frac=0.5, rule="released", impl=None):
     """Plain-PyTorch twin of `eg_token_masks`: a python loop over rows and modalities, one sort per segment."""
     _check_mask_inputs(entropy, modality, low_frac, high_frac, rule)
     low = torch.zeros(entropy.shape, dtype=torch.bool, device=entropy.device)
@@ -213,7 +236,31 @@ def eg_grpo_shaping_ref(logits, targets, modality, advantages, *, temperature=1.
 # ----------------------------------------------------------------------------------------------- ops
 
 
-def eg_token_masks(entropy, modality, *, low_frac=0.2, high_frac=0.5, rule="released"):
+def _use_kernel(impl, entropy):
+    """The Triton pass-2 kernel runs for impl "triton", and for "auto" on CUDA, when a row fits in one block."""
+    if impl not in ("auto", "triton", "torch", "cpp"):
+        resolve_impl(impl, entropy.device)  # raises the usual ValueError
+    if impl in ("torch", "cpp") or entropy.shape[-1] > _kernel_max_l():
+        return False
+    return resolve_impl(impl, entropy.device) == "triton"
+
+
+def _kernel_max_l():
+    from fastgrpo.kernels.token_entropy import MAX_SHAPING_L
+
+    return MAX_SHAPING_L
+
+
+def _read_flags(flag, V=None):
+    """The call's one host read of the kernels' error flags: [bad target, bad modality]."""
+    bad_target, bad_modality = flag.tolist()
+    if bad_modality:
+        _raise_modality_values()
+    if bad_target:
+        _raise_target_range(V, IGNORE_INDEX)
+
+
+def eg_token_masks(entropy, modality, *, low_frac=0.2, high_frac=0.5, rule="released", impl="auto"):
     """Low- and high-entropy token masks, per row and per modality, on device.
 
     Args:
@@ -221,11 +268,25 @@ def eg_token_masks(entropy, modality, *, low_frac=0.2, high_frac=0.5, rule="rele
         modality: [B, L] int: 0 text (CoT), 1 image, -1 ignored (padding, prompt).
         low_frac, high_frac: fractions in (0, 1) (EG-GRPO: 0.2 and 0.5).
         rule: "released" (minebetter/EG-GRPO's index rule, the default) or "quantile" (numpy nanquantile, linear).
+        impl: "auto" (the Triton kernel on CUDA, else torch sorts) | "triton" | "torch" | "cpp" (= torch).
 
     Returns:
         (low, high): bool [B, L]; ``low = H < tau_lo``, ``high = H > tau_hi``, both False where modality == -1.
     """
-    _check_mask_inputs(entropy, modality, low_frac, high_frac, rule)
+    kernel = _use_kernel(impl, entropy) if isinstance(entropy, torch.Tensor) else False
+    _check_mask_inputs(entropy, modality, low_frac, high_frac, rule, check_values=not kernel)
+    if kernel:
+        from fastgrpo.kernels.token_entropy import eg_shaping
+
+        flag = torch.zeros(2, dtype=torch.int32, device=entropy.device)
+        low, high, _ = eg_shaping(entropy, modality, low_frac=low_frac, high_frac=high_frac, rule=rule, flag=flag)
+        _read_flags(flag)
+        return low, high
+    return _torch_masks(entropy, modality, low_frac, high_frac, rule)
+
+
+def _torch_masks(entropy, modality, low_frac, high_frac, rule):
+    """eg_token_masks on validated inputs with torch ops: one sort per modality, then gathers."""
     B, L = entropy.shape
     low = torch.zeros((B, L), dtype=torch.bool, device=entropy.device)
     high = torch.zeros_like(low)
@@ -269,12 +330,12 @@ def eg_token_advantages(advantages, entropy, low, high, *, bonus=0.3, calibrate=
     return _token_advantages(advantages, entropy, low, high, bonus, calibrate)
 
 
-def _check_shaping_inputs(logits, targets, modality, advantages, low_frac, high_frac, rule):
+def _check_shaping_inputs(logits, targets, modality, advantages, low_frac, high_frac, rule, check_values=True):
     check_float("logits", logits)
     if logits.ndim != 3:
         raise ValueError(f"logits must have shape [B, L, V], got {tuple(logits.shape)}")
     B, L, _ = logits.shape
-    _check_modality(modality, logits.shape[:2])
+    _check_modality(modality, logits.shape[:2], check_values)
     check_float("advantages", advantages)
     if advantages.shape != (B,):
         raise ValueError(f"advantages must have shape [B] = ({B},) (one per sequence), got {tuple(advantages.shape)}")
@@ -283,6 +344,11 @@ def _check_shaping_inputs(logits, targets, modality, advantages, low_frac, high_
 
 def _shaping(logits, targets, modality, advantages, temperature, low_frac, high_frac, bonus, rule, calibrate, impl,
              masks):
+    kernel = (masks is eg_token_masks and isinstance(logits, torch.Tensor) and logits.ndim == 3
+              and resolve_impl(impl, logits.device, has_cpp=True) == "triton" and logits.shape[1] <= _kernel_max_l())
+    if kernel:
+        return _shaping_triton(logits, targets, modality, advantages, temperature, low_frac, high_frac, bonus, rule,
+                               calibrate)
     _check_shaping_inputs(logits, targets, modality, advantages, low_frac, high_frac, rule)
     if isinstance(targets, torch.Tensor) and targets.shape == modality.shape and not targets.dtype.is_floating_point:
         ignored = (modality == -1) | (targets == IGNORE_INDEX)
@@ -293,9 +359,29 @@ def _shaping(logits, targets, modality, advantages, temperature, low_frac, high_
                                           ignore_index=IGNORE_INDEX, impl=impl)
     entropy = entropy.detach()
     # Pass 2: per row and modality thresholds, masks, shaped advantages.
-    low, high = masks(entropy, modality, low_frac=low_frac, high_frac=high_frac, rule=rule)
+    low, high = masks(entropy, modality, low_frac=low_frac, high_frac=high_frac, rule=rule, impl="torch")
     token_adv = eg_token_advantages(advantages, entropy, low, high, bonus=bonus, calibrate=calibrate)
     token_adv = token_adv * (modality != -1)
+    return EGShaping(logp, entropy, token_adv, low, high)
+
+
+def _shaping_triton(logits, targets, modality, advantages, temperature, low_frac, high_frac, bonus, rule, calibrate):
+    """Triton path: every check that needs no device value first, then a zeroed flag, pass 1 (one launch), pass 2
+    (one launch, two with calibrate), and the call's one host read of the flags at the end."""
+    from fastgrpo.kernels.token_entropy import eg_shaping
+
+    _check_shaping_inputs(logits, targets, modality, advantages, low_frac, high_frac, rule, check_values=False)
+    _check_token_inputs(logits, targets, temperature, IGNORE_INDEX, check_range=False)
+    _check_bonus(bonus)
+    check_same_device([("logits", logits), ("modality", modality), ("advantages", advantages)])
+    flag = torch.zeros(2, dtype=torch.int32, device=logits.device)
+    logp, entropy, eff_targets = _fused(logits, targets, temperature, True, IGNORE_INDEX, "triton",
+                                        modality=modality, flag=flag)
+    entropy = entropy.detach()
+    low, high, token_adv = eg_shaping(entropy, modality, low_frac=low_frac, high_frac=high_frac, rule=rule,
+                                      flag=flag, eff_targets=eff_targets, ignore_index=IGNORE_INDEX,
+                                      advantages=advantages, bonus=bonus, calibrate=calibrate)
+    _read_flags(flag, logits.shape[-1])
     return EGShaping(logp, entropy, token_adv, low, high)
 
 

@@ -469,6 +469,11 @@ def _sde_step_triton(x, v, sched, noise, prev_sample, generator, v_ref) -> SDESt
         kl = kl if v_ref is not None else None
     else:  # sampling (no_grad): no autograd.Function at all
         new_prev, mean, log_prob, std, kl = launch.sde_step_fwd(x2, v2, sched, eps=eps, prev=prev, v_ref=vref2)
+    return _result(x, kind, mean, new_prev, prev_sample, log_prob, std, kl)
+
+
+def _result(x, kind, mean, new_prev, prev_sample, log_prob, std, kl) -> SDEStep:
+    """The fused paths' SDEStep: mean in x's shape, and the sample that was taken (the mean for ODE steps)."""
     mean = mean.view(x.shape)
     if kind == "ode":
         out_prev = mean.detach()
@@ -503,14 +508,7 @@ def _sde_step_cpp(x, v, sched, noise, prev_sample, generator, v_ref) -> SDEStep:
     else:
         log_prob = torch.zeros(B, dtype=torch.float32, device=x.device)
     kl = klssq / (2 * n * kl_d ** 2) if v_ref is not None else None
-    mean = mean.view(x.shape)
-    if kind == "ode":
-        out_prev = mean.detach()
-    elif prev_sample is not None:
-        out_prev = prev_sample.detach().to(torch.float32)
-    else:
-        out_prev = new_prev.view(x.shape)
-    return SDEStep(out_prev, log_prob, mean, std, kl)
+    return _result(x, kind, mean, new_prev, prev_sample, log_prob, std, kl)
 
 
 def sde_step(x, v, sigma, sigma_next, *, kind="flow_grpo", noise_level=0.7, sigma_max=None, noise=None,

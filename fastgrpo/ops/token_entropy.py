@@ -26,7 +26,11 @@ Decisions where DESIGN.md is silent (written down here, as it asks):
   follows ``torch.nn.functional.cross_entropy(ignore_index=...)``.
 * Logits equal to -inf (a masked vocabulary) are allowed: they get p = 0 and add nothing to the entropy. A row
   whose logits are all -inf has no distribution and gives NaN, like ``torch.log_softmax``.
-* ``targets`` are validated on the host (values in [0, V) or ``ignore_index``): one device sync per call.
+* ``targets`` must lie in [0, V) or equal ``ignore_index``. The Triton path checks this in its kernel (an
+  out-of-range target is never read) and the host reads the flag once, after the kernel is queued: one launch and
+  one small device-to-host read per call, no sync before the work. The C++ and torch paths check on the host
+  before the call (CPU tensors: no device to wait for). All raise the same ValueError.
+* The Triton forward is one launch (one program per row, looping over V); the earlier chunk-merge kernel is gone.
 """
 from __future__ import annotations
 
@@ -37,8 +41,9 @@ import torch
 from ._backend import check_float, check_same_device, kernel_module, resolve_impl
 
 
-def _check_token_inputs(logits, targets, temperature, ignore_index):
-    """Validate `token_logprob_entropy`'s inputs (one host sync for the target range)."""
+def _check_token_inputs(logits, targets, temperature, ignore_index, check_range=True):
+    """Validate `token_logprob_entropy`'s inputs. ``check_range``: also the target range on the host (one
+    device sync); the Triton path leaves it to an in-kernel flag read after the call's kernels are queued."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a floating tensor [..., V] (float32, float16 or bfloat16), got {got}")
@@ -59,9 +64,12 @@ def _check_token_inputs(logits, targets, temperature, ignore_index):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     V = logits.shape[-1]
-    if targets.numel() and bool((((targets < 0) | (targets >= V)) & (targets != ignore_index)).any()):
-        raise ValueError(f"targets must lie in [0, {V}) (the vocabulary of logits) or equal ignore_index="
-                         f"{ignore_index}")
+    if check_range and targets.numel() and bool((((targets < 0) | (targets >= V)) & (targets != ignore_index)).any()):
+        _raise_target_range(V, ignore_index)
+
+
+def _raise_target_range(V, ignore_index):
+    raise ValueError(f"targets must lie in [0, {V}) (the vocabulary of logits) or equal ignore_index={ignore_index}")
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -99,24 +107,30 @@ class _TokenLogprobEntropyFn(torch.autograd.Function):
     """Forward statistics in one pass over V; backward recomputes p from the saved per-row statistics."""
 
     @staticmethod
-    def forward(ctx, logits3, targets, inv_t, ignore_index, ent_scale, backend):
+    def forward(ctx, logits3, targets, inv_t, ignore_index, ent_scale, backend, modality, flag):
         launch = kernel_module(backend, "fastgrpo.kernels.token_entropy")
-        logp, ent, rowmax, logs, mean_rel = launch.token_stats_fwd(logits3, targets, inv_t, ignore_index, ent_scale)
+        if backend == "triton":  # one launch; out-of-range targets set flag[0]; modality -1 rows are ignored
+            logp, ent, rowmax, logs, mean_rel, targets = launch.token_stats_fwd(
+                logits3, targets, inv_t, ignore_index, ent_scale, modality=modality, flag=flag)
+        else:
+            logp, ent, rowmax, logs, mean_rel = launch.token_stats_fwd(logits3, targets, inv_t, ignore_index,
+                                                                       ent_scale)
         ctx.save_for_backward(logits3, targets, rowmax, logs, mean_rel)
         ctx.consts = (inv_t, ignore_index, ent_scale)
         ctx.backend = backend
         ctx.set_materialize_grads(False)
-        return logp, ent
+        ctx.mark_non_differentiable(targets)
+        return logp, ent, targets
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):
+    def backward(ctx, g_logp, g_ent, _g_targets=None):
         token_stats_bwd = kernel_module(ctx.backend, "fastgrpo.kernels.token_entropy").token_stats_bwd
         logits3, targets, rowmax, logs, mean_rel = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (g_logp is None and g_ent is None):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         prep = lambda g: g.float().contiguous() if g is not None else None  # noqa: E731
         dlogits = token_stats_bwd(logits3, targets, rowmax, logs, mean_rel, prep(g_logp), prep(g_ent), *ctx.consts)
-        return dlogits, None, None, None, None, None
+        return dlogits, None, None, None, None, None, None, None
 
 
 def _as_rows(logits):
@@ -153,16 +167,30 @@ def token_logprob_entropy(logits, targets, *, temperature=1.0, normalize=False, 
         >>> logits = model(input_ids).logits[:, prompt_len - 1:-1]      # [B, L, V]
         >>> logp, ent = token_logprob_entropy(logits, completion_ids, temperature=1.0)
     """
-    _check_token_inputs(logits, targets, temperature, ignore_index)
+    _check_token_inputs(logits, targets, temperature, ignore_index, check_range=False)
     backend = resolve_impl(impl, logits.device, has_cpp=True)
+    if backend != "triton":
+        _check_token_inputs(logits, targets, temperature, ignore_index)
     if backend == "torch":
         logp, ent = token_logprob_entropy_ref(logits, targets, temperature=temperature, normalize=normalize,
                                               ignore_index=ignore_index)
         return logp.float(), ent.float()
+    flag = torch.zeros(1, dtype=torch.int32, device=logits.device) if backend == "triton" else None
+    logp, ent, _ = _fused(logits, targets, temperature, normalize, ignore_index, backend, flag=flag)
+    if flag is not None and flag.item():  # the one host read, after the kernel is queued
+        _raise_target_range(logits.shape[-1], ignore_index)
+    return logp, ent
+
+
+def _fused(logits, targets, temperature, normalize, ignore_index, backend, *, modality=None, flag=None):
+    """The fused (triton / cpp) forward on validated inputs: (logp, entropy, effective flat targets).
+
+    Triton: out-of-range targets set ``flag[0]`` (the caller reads it); rows whose ``modality`` ([P, L], Triton
+    only) is -1 are ignored like ``ignore_index``."""
     V = logits.shape[-1]
     ent_scale = 1.0 / math.log(V) if (normalize and V > 1) else (0.0 if normalize else 1.0)
     logits3 = _as_rows(logits)
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
-    logp, ent = _TokenLogprobEntropyFn.apply(logits3, flat_targets, 1.0 / float(temperature), int(ignore_index),
-                                             ent_scale, backend)
-    return logp.view(targets.shape), ent.view(targets.shape)
+    logp, ent, eff = _TokenLogprobEntropyFn.apply(logits3, flat_targets, 1.0 / float(temperature), int(ignore_index),
+                                                  ent_scale, backend, modality, flag)
+    return logp.view(targets.shape), ent.view(targets.shape), eff
