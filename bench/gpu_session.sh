@@ -5,7 +5,7 @@
 #   bench/gpu_session.sh probe [timeout_s]            bench/gpu_probe.py: kernel vs host time, attention tiles
 #   bench/gpu_session.sh round                        issue 19 in one call (< 10 min): sde_step, token shaping,
 #                                                     the collector, the CUDA-only tests, the whole-round benchmark,
-#                                                     the collector probe -> $OUT/{kernels,round,probe}.json, log.txt
+#                                                     the probe -> $OUT/{kernels,collector,round,probe}.json, log.txt
 # The machine has its own python3 with a CUDA torch and Triton; packages it lacks (diffusers and its small
 # dependencies) travel as wheels in .whl/ (git-ignored; the command names `.whl` in `carry`). fastgrpo itself
 # is used from the checkout (links give it its installed layout; no pip, no dependencies), so the machine's own
@@ -47,40 +47,39 @@ probe)  # where the ops' time goes (kernels vs host) and attention tile configs:
     timeout "${2:-300}" python3 bench/gpu_probe.py --out "$OUT" "${@:3}" 2>&1 | tee "$OUT/probe.log"
     ;;
 round)
-    # Everything issue 19 measures in one call of at most 600 s: the kernel cases (sde_step, token shaping,
-    # collector, ceilings), the CUDA-only tests, the whole-round benchmark (compiled; if that fails or overruns,
-    # again without model.compile), the collector probe. Each part gets what is left of a 570 s budget, capped;
-    # each writes its own JSON, so a part that fails or overruns does not lose the others. Files (at most 8 come
-    # back): log.txt, kernels.json, round.json, round-nocompile.json, probe.json.
+    # Everything issue 19 measures in one call of at most 600 s: the kernel cases (ceilings, sde_step, token
+    # shaping), the collector cases, the CUDA-only tests, the whole-round benchmark (eager, fast without compile,
+    # fast with compile; its partial results are rewritten after each path, so a run stopped at its limit keeps
+    # the finished paths), the ops/collector probe. Each part gets what is left of a 575 s budget, capped. Files
+    # (at most 8 come back): log.txt, kernels.json, collector.json, round.json, probe.json.
     t0=$SECONDS
     LOG="$OUT/log.txt"
-    left() { local l=$((570 - (SECONDS - t0))); [ "$1" -lt "$l" ] && echo "$1" || echo $((l > 5 ? l : 5)); }
+    left() { local l=$((575 - (SECONDS - t0))); [ "$1" -lt "$l" ] && echo "$1" || echo $((l > 5 ? l : 5)); }
     part() { echo "== $1 (at $((SECONDS - t0)) s)" | tee -a "$LOG"; }
     cat "$OUT/gpu.txt" >> "$LOG"; rm -f "$OUT/gpu.txt"
-    part kernels
-    timeout "$(left 110)" python3 -m pytest bench/test_bench_ceilings.py bench/test_bench_sde.py \
-        bench/test_bench_token.py bench/test_bench_collector.py -q -p no:cacheprovider -k "not cpp and not forward-" \
-        --benchmark-json="$OUT/kernels.json" --benchmark-columns=median,rounds >> "$LOG" 2>&1
-    tail -3 "$LOG"
+    bench() {  # bench NAME SECONDS FILES... [-k EXPR]
+        local name=$1 secs=$2; shift 2
+        part "$name"
+        timeout "$(left "$secs")" python3 -m pytest "$@" -q -p no:cacheprovider --benchmark-json="$OUT/$name.json" \
+            --benchmark-columns=median,rounds >> "$LOG" 2>&1
+        tail -1 "$LOG"
+    }
+    bench kernels 100 bench/test_bench_ceilings.py bench/test_bench_sde.py bench/test_bench_token.py \
+        -k "not cpp and not forward- and not (test_train and image) and not (test_train and text)"
+    bench collector 60 bench/test_bench_collector.py
     part "CUDA tests"
-    timeout "$(left 80)" python3 -m pytest tests/test_speed_paths.py tests/test_sde_step.py tests/test_collector.py \
+    timeout "$(left 75)" python3 -m pytest tests/test_speed_paths.py tests/test_sde_step.py tests/test_collector.py \
         tests/test_token_eg_grpo.py -q -ra -p no:cacheprovider -k "cuda or graph or sync" >> "$LOG" 2>&1
     tail -8 "$LOG"
     part round
-    timeout "$(left 280)" python3 -m pytest bench/test_bench_round.py -q -p no:cacheprovider -x \
-        --benchmark-json="$OUT/round.json" > "$OUT/round.log" 2>&1
-    cat "$OUT/round.log" >> "$LOG"
-    if ! grep -q "1 passed" "$OUT/round.log"; then  # the compiled round failed or overran: without compile
-        tail -20 "$OUT/round.log"
-        part "round without model.compile"
-        FASTGRPO_ROUND_COMPILE=0 timeout "$(left 130)" python3 -m pytest bench/test_bench_round.py -q \
-            -p no:cacheprovider -x --benchmark-json="$OUT/round-nocompile.json" >> "$LOG" 2>&1
-    fi
-    rm -f "$OUT/round.log"
+    FASTGRPO_ROUND_PARTIAL="$OUT/round.json" timeout "$(left 300)" python3 -m pytest bench/test_bench_round.py -q \
+        -p no:cacheprovider -x >> "$LOG" 2>&1
+    tail -4 "$LOG"
     part probe
     timeout "$(left 60)" python3 bench/gpu_probe.py --out "$OUT" --only collector ops >> "$LOG" 2>&1
     part report
-    python3 bench/report.py "$OUT"/kernels.json "$OUT"/round*.json --gpu 2>&1 | tee -a "$LOG" | tail -20
+    python3 bench/report.py "$OUT"/kernels.json "$OUT"/collector.json "$OUT"/round.json --gpu 2>&1 \
+        | tee -a "$LOG" | grep -E "^\| (sample|train_fwd|forward \| case=shaping|2 \| collector|8 \| collector|eager|fast)"
     part done
     ;;
 *)

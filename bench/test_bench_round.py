@@ -2,31 +2,35 @@
 
 A round is one optimizer step of `fastgrpo.train` (``GRPOTrainer.round``): sample G rollouts for each of P prompts
 with CFG (SDE steps), decode, score, advantages, one training pass over the trained transitions with the KL to the
-reference (adapters disabled), clip and AdamW step. Two trainers are built from the same seed and config:
+reference (adapters disabled), clip and AdamW step. Three trainers are built in turn from the same seed and config:
 
 * ``eager``: ``model.impl=torch`` (every op the plain-PyTorch reference), no compile, no CUDA graphs -- what the
   released trainers run;
-* ``fast``:  ``model.impl=auto`` (our kernels), ``model.compile=true`` (regional torch.compile of the transformer
-  blocks), ``sample.cuda_graphs=true`` (on CUDA).
+* ``fast_nocompile``: ``model.impl=auto`` (our kernels), ``sample.cuda_graphs=true`` (on CUDA);
+* ``fast``: the same plus ``model.compile=true`` (regional torch.compile of the transformer blocks).
 
 On CUDA the transformer is SD3.5-Medium's (24 joint blocks, 24 heads x 64, dual attention in blocks 0-12; random
 bf16 weights, 2.24 B parameters) with SD3's VAE, at 512 px (1024 image tokens) with 333 text tokens (77 CLIP + 256
 T5), LoRA r = 32 on the joint-attention projections, Flow-GRPO's settings (10 steps, CFG 4.5, a = 0.7, KL beta 0.01,
 the first 99% of the steps trained); P = 2 prompts x G = 4 rollouts in chunks of 8 (16 rows with CFG). On CPU the
-tiny random SD3 pipeline runs the same round as a correctness check (CI).
+tiny random SD3 pipeline runs the same rounds as a correctness check (CI; there the fast paths use the C++ ops).
 
-Before timing, the two trainers' first rounds must agree (same initial noise and SDE noise): rewards, the final
-latents' relative error, and the gradient norm; with bf16 weights the compiled kernels round differently, hence
-the tolerances below. Recorded in ``extra_info``: images/s of both and ``speedup_vs_eager``, seconds per phase
-(sample incl. decode and scoring, advantages, train, optimizer), peak memory, transformer FLOPs of the round
-(counted with ``torch.utils.flop_counter`` on one sampling chunk and one training chunk) and MFU = FLOP/s over the
-bf16 GEMM ceiling measured in the same test (8192^3 on CUDA).
+Before a fast path is timed, its first round must agree with the eager one (same initial and SDE noise): rewards,
+final latents and gradient norm; with bf16 weights other kernels round differently, hence the tolerances below.
+Recorded in ``extra_info``: per path images/s, seconds per phase (sample incl. decode and scoring, advantages,
+train, optimizer), peak memory, warm-up time (compilation, graph capture), MFU (transformer FLOPs of the round,
+counted with ``torch.utils.flop_counter`` on one sampling and one training chunk, per second, over the bf16 GEMM
+rate measured in the same test, 8192^3 on CUDA), and ``speedup_vs_eager`` of the last path. With
+``FASTGRPO_ROUND_PARTIAL=FILE`` the results so far are written after each path (bench/gpu_session.sh uses it so
+that a run stopped at its time limit keeps the finished paths); ``FASTGRPO_ROUND_COMPILE=0`` skips the compiled
+path.
 """
 from __future__ import annotations
 
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,12 +42,10 @@ ROUNDS = 2 if HAS_CUDA else 1  # timed rounds per path (after one warm-up round 
 REWARD_RTOL = 5e-2 if HAS_CUDA else 1e-4
 LATENT_RTOL = 5e-2 if HAS_CUDA else 1e-4
 GRAD_NORM_RTOL = 1e-1 if HAS_CUDA else 1e-3
-# FASTGRPO_ROUND_COMPILE=0: the fast path without model.compile (bench/gpu_session.sh falls back to it when the
-# compiled round fails or overruns its time).
 COMPILE = os.environ.get("FASTGRPO_ROUND_COMPILE", "1") != "0"
 
 
-def _config(fast: bool, device: torch.device):
+def _config(fast_ops: bool, compiled: bool, graphs: bool, device: torch.device):
     from fastgrpo.train.config import config_from_dict
 
     real = device.type == "cuda"
@@ -53,9 +55,9 @@ def _config(fast: bool, device: torch.device):
                   "height": 512 if real else 32, "width": 512 if real else 32,
                   "max_sequence_length": 256 if real else 32,
                   "lora": {"rank": 32 if real else 4, "alpha": 64 if real else 8},
-                  "compile": fast and COMPILE, "impl": "auto" if fast else "torch"},
+                  "compile": compiled, "impl": "auto" if fast_ops else "torch"},
         "sample": {"num_steps": 10 if real else 4, "guidance_scale": 4.5, "noise_level": 0.7,
-                   "prompts_per_step": P, "group_size": G, "batch_size": P * G, "cuda_graphs": fast and real},
+                   "prompts_per_step": P, "group_size": G, "batch_size": P * G, "cuda_graphs": graphs and real},
         "train": {"steps": 1000, "lr": 3e-4, "beta": 0.01, "clip_range": 1e-4, "adv_clip": 5.0,
                   "timestep_fraction": 0.99, "adv_std": "global"},
         "reward": [{"name": "brightness", "weight": 1.0}],
@@ -80,11 +82,11 @@ def _sync(device):
 class _Path:
     """A trainer and its timed rounds."""
 
-    def __init__(self, name, fast, device, tmp):
+    def __init__(self, name, cfg, device, tmp):
         from fastgrpo.train.loop import make_trainer
 
         self.name, self.device = name, device
-        self.trainer = make_trainer(_config(fast, device), tmp / name, device=device, pipeline=_pipeline(device))
+        self.trainer = make_trainer(cfg, tmp / name, device=device, pipeline=_pipeline(device))
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.step = 0
         self.times, self.phases, self.rows = [], [], []
@@ -163,88 +165,102 @@ def _median(xs):
     return xs[len(xs) // 2]
 
 
+def _phase_medians(phases):
+    return {k: _median([p[k] for p in phases]) for k in phases[0]}
+
+
+def _write_partial(info: dict) -> None:
+    """With FASTGRPO_ROUND_PARTIAL=FILE, the results so far as a one-benchmark pytest-benchmark JSON (what
+    bench/report.py reads), rewritten after each path: a run killed at its time limit keeps the finished paths."""
+    path = os.environ.get("FASTGRPO_ROUND_PARTIAL")
+    if path:
+        import datetime
+        import json
+
+        Path(path).write_text(json.dumps({"datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                                          "benchmarks": [{"name": "test_round", "params": {},
+                                                          "stats": {"median": info.get("median_s")},
+                                                          "extra_info": info}]}, indent=1))
+
+
+# name -> (fast ops, compiled blocks, CUDA graphs); timed in this order, the eager path first.
+PATHS = {"eager": (False, False, False), "fast_nocompile": (True, False, True), "fast": (True, COMPILE, True)}
+
+
 def test_round(benchmark, bench_device, tmp_path):
+    """Each path: build, probe step 0's rollouts, one warm-up round (compilation, graph capture), ROUNDS timed
+    rounds; the fast paths must agree with the eager one before they are timed. pytest-benchmark times the last
+    path's rounds; every path's numbers are in extra_info["paths"]."""
     import gc
 
     device = bench_device
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny model on a shared 2-core box: one thread is fastest
-    eager = _Path("eager", False, device, tmp_path)
-    eager_r, eager_x = eager.probe()
-    eager.round(timed=False)  # warm-up
-    for _ in range(ROUNDS):
-        eager.round()
-    eager_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    flops, fwd_flops, train_flops = _round_flops(eager.trainer)  # eager modules: the counter sees every op
-    eager_first, eager_times, eager_phases = eager.rows[0], eager.times, eager.phases
-    eager.close()
-    del eager
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    info = {"device": device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+            "driver": driver_version(), "torch": torch.__version__, "triton": _version("triton"),
+            "diffusers": _version("diffusers"), "cuda": torch.version.cuda, "images_per_round": P * G,
+            "paths": {}}
+    eager = None
+    names = list(PATHS) if COMPILE else ["eager", "fast_nocompile"]
+    for name in names:
+        fast_ops, compiled, graphs = PATHS[name]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        path = _Path(name, _config(fast_ops, compiled, graphs, device), device, tmp_path)
+        t0 = time.perf_counter()
+        rewards, latents = path.probe()  # compiles the no-grad blocks, captures the sampling graphs
+        path.round(timed=False)  # compiles the training graphs
+        warmup_s = time.perf_counter() - t0
+        first = path.rows[0]
+        res = {"warmup_s": warmup_s, "first_ratio_dev": first["first_ratio_dev"],
+               "compiled_blocks": path.trainer.policy.compiled_blocks}
+        if eager is None:
+            eager = {"rewards": rewards, "latents": latents, "row": first}
+            info["shape"] = _shape(path.trainer)
+            flops = _round_flops(path.trainer)  # eager modules: the counter sees every op
+            info.update(transformer_flops_per_round=flops[0], forward_flops_per_chunk=flops[1],
+                        train_flops_per_chunk=flops[2])
+        else:  # the same round as the eager path, before any timing
+            agreement = {
+                "rewards_rel_l2": float((rewards - eager["rewards"]).norm() / eager["rewards"].norm()),
+                "latents_rel_l2": float((latents - eager["latents"]).norm() / eager["latents"].norm()),
+                "grad_norm_rel": abs(first["grad_norm"] - eager["row"]["grad_norm"]) / eager["row"]["grad_norm"],
+            }
+            res["agreement"] = agreement
+            assert agreement["rewards_rel_l2"] < REWARD_RTOL, (name, agreement)
+            assert agreement["latents_rel_l2"] < LATENT_RTOL, (name, agreement)
+            assert agreement["grad_norm_rel"] < GRAD_NORM_RTOL, (name, agreement)
+        if name == names[-1]:
+            benchmark.pedantic(path.round, rounds=ROUNDS, warmup_rounds=0, iterations=1)
+        while len(path.times) < ROUNDS:  # the other paths, or --benchmark-disable
+            path.round()
+        graphed = path.trainer.graphed
+        res.update(round_s=_median(path.times), round_times_s=path.times, phases_s=_phase_medians(path.phases),
+                   images_per_s=P * G / _median(path.times),
+                   peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                   cuda_graphs={"captured": len(graphed.graphs), "failed": graphed.failed,
+                                "replays": graphed.replays} if graphed is not None else None)
+        info["paths"][name] = res
+        path.close()
+        del path, graphed
+        gc.collect()
+        if "gemm_tflops" not in info:
+            info["gemm_tflops"] = _gemm_tflops(device)
+        for r in info["paths"].values():
+            r["mfu"] = info["transformer_flops_per_round"] / r["round_s"] / (info["gemm_tflops"] * 1e12)
+        last = info["paths"][name]
+        info.update(fast_path=name, median_s=last["round_s"], images_per_s=last["images_per_s"],
+                    speedup_vs_eager=info["paths"]["eager"]["round_s"] / last["round_s"])
+        _write_partial(info)
+    benchmark.extra_info.update(info)
 
-    fast = _Path("fast", True, device, tmp_path)
-    t0 = time.perf_counter()
-    fast_r, fast_x = fast.probe()  # compiles the no-grad blocks, captures the sampling graphs
-    fast.round(timed=False)  # compiles the training graphs
-    warmup_s = time.perf_counter() - t0
-    fast_first = fast.rows[0]
 
-    # The two paths compute the same round (checked before any timing).
-    def rel(a, b):
-        return abs(a - b) / max(abs(b), 1e-12)
-
-    agreement = {
-        "rewards_rel_l2": float((fast_r - eager_r).norm() / eager_r.norm()),
-        "latents_rel_l2": float((fast_x - eager_x).norm() / eager_x.norm()),
-        "grad_norm_rel": rel(fast_first["grad_norm"], eager_first["grad_norm"]),
-        "reward_mean_rel": rel(fast_first["reward_mean"], eager_first["reward_mean"]),
-        "first_ratio_dev_fast": fast_first["first_ratio_dev"],
-        "first_ratio_dev_eager": eager_first["first_ratio_dev"],
-    }
-    assert agreement["rewards_rel_l2"] < REWARD_RTOL, agreement
-    assert agreement["latents_rel_l2"] < LATENT_RTOL, agreement
-    assert agreement["grad_norm_rel"] < GRAD_NORM_RTOL, agreement
-
-    benchmark.pedantic(fast.round, rounds=ROUNDS, warmup_rounds=0, iterations=1)
-    if not fast.times:  # pytest-benchmark did not call it (--benchmark-disable on some versions)
-        fast.round()
-    fast_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    graphed = fast.trainer.graphed
-    gemm = _gemm_tflops(device)
-    fast.close()
-    images = P * G
-    t_fast, t_eager = _median(fast.times), _median(eager_times)
-    phase = lambda ps: {k: _median([p[k] for p in ps]) for k in ps[0]}  # noqa: E731
-    tcfg = fast.trainer.policy.transformer.config
-    benchmark.extra_info.update({
-        "device": device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-        "driver": driver_version(), "torch": torch.__version__, "triton": _version("triton"),
-        "diffusers": _version("diffusers"), "cuda": torch.version.cuda,
-        "shape": {"layers": tcfg.num_layers, "heads": tcfg.num_attention_heads, "head_dim": tcfg.attention_head_dim,
-                  "latent": list(fast.trainer.policy.latent_shape(1))[1:],
-                  "image_tokens": (tcfg.sample_size // tcfg.patch_size) ** 2,
-                  "text_tokens": fast.trainer.cfg.model.max_sequence_length + (77 if device.type == "cuda" else 32),
-                  "params": sum(p.numel() for p in fast.trainer.policy.transformer.parameters()),
-                  "prompts": P, "group_size": G, "batch_size": P * G,
-                  "num_steps": fast.trainer.cfg.sample.num_steps,
-                  "lora_rank": fast.trainer.cfg.model.lora.rank, "dtype": fast.trainer.cfg.model.dtype},
-        "images_per_round": images,
-        "round_s": t_fast, "eager_round_s": t_eager,
-        "images_per_s": images / t_fast, "eager_images_per_s": images / t_eager,
-        "speedup_vs_eager": t_eager / t_fast,
-        "phases_s": phase(fast.phases), "eager_phases_s": phase(eager_phases),
-        "round_times_s": fast.times, "eager_round_times_s": eager_times,
-        "warmup_round_s": warmup_s,
-        "peak_memory_bytes": fast_mem, "eager_peak_memory_bytes": eager_mem,
-        "transformer_flops_per_round": flops, "forward_flops_per_chunk": fwd_flops,
-        "train_flops_per_chunk": train_flops,
-        "gemm_tflops": gemm,
-        "mfu": flops / t_fast / (gemm * 1e12), "eager_mfu": flops / t_eager / (gemm * 1e12),
-        "cuda_graphs": {"captured": len(graphed.graphs), "failed": graphed.failed, "replays": graphed.replays}
-        if graphed is not None else None,
-        "compiled_blocks": fast.trainer.policy.compiled_blocks,
-        "agreement": agreement,
-        "median_s": t_fast,
-    })
+def _shape(trainer):
+    tcfg, cfg = trainer.policy.transformer.config, trainer.cfg
+    text = trainer.policy.encode_prompts([trainer.prompts[0]])["embeds"].shape[1]
+    return {"layers": tcfg.num_layers, "heads": tcfg.num_attention_heads, "head_dim": tcfg.attention_head_dim,
+            "latent": list(trainer.policy.latent_shape(1))[1:], "image_tokens": (tcfg.sample_size // tcfg.patch_size) ** 2,
+            "text_tokens": text, "params": sum(p.numel() for p in trainer.policy.transformer.parameters()),
+            "prompts": P, "group_size": G, "batch_size": cfg.sample.batch_size, "num_steps": cfg.sample.num_steps,
+            "lora_rank": cfg.model.lora.rank, "dtype": cfg.model.dtype}
