@@ -240,15 +240,19 @@ def main(argv=None):
 
     result["triton"] = triton.__version__
     print(f"copy {copy_gbps:,.0f} GB/s", flush=True)
-    if args.only is None or "ops" in args.only:
-        result["ops"] = probe_ops(copy_gbps)
+    # Each section on its own: one that fails is reported and the others still run (and are written).
+    sections = [("collector", probe_collector), ("ops", lambda: probe_ops(copy_gbps)), ("attention", _attention_probe)]
+    for name, fn in sections:
+        if args.only is not None and name not in args.only:
+            continue
+        try:
+            result[name] = fn()
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            result[f"{name}_error"] = f"{type(e).__name__}: {e}"
         Path(args.out, "probe.json").write_text(json.dumps(result, indent=1))
-    if args.only is None or "collector" in args.only:
-        result["collector"] = probe_collector()
-        Path(args.out, "probe.json").write_text(json.dumps(result, indent=1))
-    if args.only is None or "attention" in args.only:
-        result["attention"] = _attention_probe()
-    Path(args.out, "probe.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

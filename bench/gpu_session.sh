@@ -50,11 +50,11 @@ round)
     # Everything issue 19 measures in one call of at most 600 s: the kernel cases (ceilings, sde_step, token
     # shaping), the collector cases, the CUDA-only tests, the whole-round benchmark (eager, fast without compile,
     # fast with compile; its partial results are rewritten after each path, so a run stopped at its limit keeps
-    # the finished paths), the ops/collector probe. Each part gets what is left of a 575 s budget, capped. Files
+    # the finished paths), the ops/collector probe. Each part gets what is left of a 560 s budget, capped. Files
     # (at most 8 come back): log.txt, kernels.json, collector.json, round.json, probe.json.
     t0=$SECONDS
     LOG="$OUT/log.txt"
-    left() { local l=$((575 - (SECONDS - t0))); [ "$1" -lt "$l" ] && echo "$1" || echo $((l > 5 ? l : 5)); }
+    left() { local l=$((560 - (SECONDS - t0))); [ "$1" -lt "$l" ] && echo "$1" || echo $((l > 5 ? l : 5)); }
     part() { echo "== $1 (at $((SECONDS - t0)) s)" | tee -a "$LOG"; }
     cat "$OUT/gpu.txt" >> "$LOG"; rm -f "$OUT/gpu.txt"
     bench() {  # bench NAME SECONDS FILES... [-k EXPR]
@@ -64,15 +64,15 @@ round)
             --benchmark-columns=median,rounds >> "$LOG" 2>&1
         tail -1 "$LOG"
     }
-    bench kernels 100 bench/test_bench_ceilings.py bench/test_bench_sde.py bench/test_bench_token.py \
+    bench kernels 70 bench/test_bench_ceilings.py bench/test_bench_sde.py bench/test_bench_token.py \
         -k "not cpp and not forward- and not (test_train and image) and not (test_train and text)"
-    bench collector 60 bench/test_bench_collector.py
+    bench collector 45 bench/test_bench_collector.py
     part "CUDA tests"
-    timeout "$(left 75)" python3 -m pytest tests/test_speed_paths.py tests/test_sde_step.py tests/test_collector.py \
+    timeout "$(left 60)" python3 -m pytest tests/test_speed_paths.py tests/test_sde_step.py tests/test_collector.py \
         tests/test_token_eg_grpo.py -q -ra -p no:cacheprovider -k "cuda or graph or sync" >> "$LOG" 2>&1
     tail -8 "$LOG"
     part round
-    FASTGRPO_ROUND_PARTIAL="$OUT/round.json" timeout "$(left 300)" python3 -m pytest bench/test_bench_round.py -q \
+    FASTGRPO_ROUND_PARTIAL="$OUT/round.json" timeout "$(left 330)" python3 -m pytest bench/test_bench_round.py -q \
         -p no:cacheprovider -x >> "$LOG" 2>&1
     tail -4 "$LOG"
     part probe

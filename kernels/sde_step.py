@@ -41,7 +41,6 @@ GIVEN = 2  # prev read from memory (log-prob of a given sample)
 # KIND constexpr of every kernel.
 KIND_IDS = {"flow_grpo": 0, "dance": 1, "cps": 2, "ode": 3}
 
-NAN = tl.constexpr(float("nan"))
 LOG_SQRT_2PI = tl.constexpr(0.5 * math.log(2 * math.pi))
 
 
@@ -96,10 +95,14 @@ def _coefficients(s, sn, noise_level, sigma_max, sin_a,
         cv = dt
         std = 0.0 * s
         kl_d = 1.0 + 0.0 * s
-    cx = tl.where(ok, cx, NAN)
-    cv = tl.where(ok, cv, NAN)
-    std = tl.where(ok, std, NAN)
-    kl_d = tl.where(ok, kl_d, NAN)
+    # NaN as 0/0 (float64), not a NaN constexpr global: Triton re-checks globals on every cached launch and a NaN
+    # never equals itself ("Global variable NAN has changed"); tests/test_compile_gpu_target.py guards this.
+    zero = 0.0 * s
+    nan = zero / zero
+    cx = tl.where(ok, cx, nan)
+    cv = tl.where(ok, cv, nan)
+    std = tl.where(ok, std, nan)
+    kl_d = tl.where(ok, kl_d, nan)
     return cx, cv, std, kl_d
 
 

@@ -12,3 +12,21 @@ def test_every_kernel_compiles_for_sm90():
     proc = subprocess.run([sys.executable, str(SCRIPT), "90"], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "compiled" in proc.stdout and "kernel variants for sm_90" in proc.stdout
+
+
+def test_kernel_globals_survive_triton_cache_checks():
+    """Triton compares each constexpr global a kernel read with its current value on every cached launch (not in
+    the interpreter); a NaN never equals itself, so a NaN global fails the second launch on a GPU
+    ("Global variable NAN has changed since we compiled this kernel")."""
+    import importlib
+    import pkgutil
+
+    import triton.language as tl
+
+    import fastgrpo.kernels as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for name, value in vars(mod).items():
+            if isinstance(value, tl.constexpr):
+                assert value == value, f"{info.name}.{name} = {value!r} is not equal to itself"
