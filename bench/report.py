@@ -252,8 +252,10 @@ def round_table(results: dict) -> str:
                   f"triton {e['triton']}. Median of {len(eager['round_times_s'])} rounds after a warm-up round "
                   "(warm-up: the first sampling and round, with compilation and graph capture). MFU: transformer "
                   f"FLOPs per second over the bf16 GEMM rate measured in the same test ({e['gemm_tflops']:,.0f} "
-                  "TFLOP/s). Every fast path agreed with the eager round before timing (relative differences in "
-                  "brackets: rewards / final latents / gradient norm).", "",
+                  "TFLOP/s). " + ("Each fast path agreed with the eager path before it was timed (agreement: "
+                                  "relative L2 differences of the step-0 rewards / final latents / the gradient of a "
+                                  "training pass over the eager path's rollouts)." if len(paths) > 1 else
+                                  "Only the eager path was timed in this run."), "",
                   "| path | images/s | round s | sample s | train s | optimizer s | warm-up s | peak GiB | MFU | "
                   "agreement | speed-up | target | verdict |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|"]
@@ -264,7 +266,7 @@ def round_table(results: dict) -> str:
                    f"{ph['sample']:.2f} | {ph['train']:.2f} | {ph['optimizer']:.3f} | {r['warmup_s']:.0f} | "
                    f"{'n/a' if mem is None else f'{mem / 2**30:.1f}'} | {r['mfu']:.1%} | ")
             row += ("" if agree is None else f"{agree['rewards_rel_l2']:.0e} / {agree['latents_rel_l2']:.0e} / "
-                    f"{agree['grad_norm_rel']:.0e}") + " | "
+                    f"{agree['grad_rel_l2']:.0e}") + " | "
             if name == "eager":
                 row += " |  |  |"
             else:
@@ -295,6 +297,22 @@ def probe_table(probe: dict) -> str:
         gbps = r["bytes"] / r["kernel_ms"] / 1e6
         lines.append(f"| {name} | {r['event_ms']:.3f} | {r['kernel_ms']:.3f} | {len(r['kernels'])} | "
                      f"{gbps:,.0f} ({gbps / copy:.0%}) | {top[0][:40]} ({top[1] * 1e3:.1f} us) |")
+    col = probe.get("collector")
+    if col:
+        lines += ["", f"AEGPO collector probe (bench/gpu_probe.py; layers {col['layers']}, mode {col['mode']}): one "
+                  "no-grad forward of the SD3.5-Medium-shaped transformer, median of CUDA-event times; host issue: "
+                  "time until the forward returns, before synchronising; aten ops and kernels per forward from "
+                  "torch.profiler.", "",
+                  "| batch | way | ms | host issue ms | aten ops | launches | kernels | overhead | host-bound |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+        for key in sorted((k for k in col if k.startswith("b") and k[1:].isdigit()), key=lambda k: int(k[1:])):
+            r = col[key]
+            for way in ("plain", "collector"):
+                w = r[way]
+                over = "" if way == "plain" else f"{r['overhead']:+.1%}"
+                bound = "" if way == "plain" else ("yes" if r["host_bound"] else "no")
+                lines.append(f"| {key[1:]} | {way} | {w['ms']:.2f} | {w['host_issue_ms']:.2f} | {w['cpu_aten_ops']} | "
+                             f"{w['launch_calls']} | {w['device_kernels']} | {over} | {bound} |")
     att = probe.get("attention")
     if att:
         lines += ["", "Attention tiles (bench/gpu_probe.py sweep, bf16): the two fastest per case; the tiles the kernel "
