@@ -188,8 +188,17 @@ def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
     for batch in batches:
         inputs = _inputs(model, batch, device)
         row = {}
-        for way, cls in (("plain", None), ("collector", AttentionEntropyCollector)):
-            fn = _forward(model, inputs, cls)
+        reused = AttentionEntropyCollector(model, layers=LAYERS, mode="mixture")
+
+        def in_reused():  # AEGPO's use: one collector entered for a whole probe of T forwards
+            with torch.no_grad():
+                v = model(**inputs).sample
+                return v, reused.pop()
+
+        for way, cls in (("plain", None), ("collector", AttentionEntropyCollector), ("collector_reused", None)):
+            fn = _forward(model, inputs, cls) if way != "collector_reused" else in_reused
+            if way == "collector_reused":
+                reused.__enter__()
             for _ in range(2):  # warm-up: kernels compiled, allocator primed
                 fn()
             if cuda:
@@ -207,7 +216,9 @@ def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
                     torch.cuda.synchronize()
                     ev.append(start.elapsed_time(end))
             row[way] = {"ms": statistics.median(ev or host), "host_issue_ms": statistics.median(host),
-                        "ms_all": ev or host, **_profile_counts(fn)}
+                        "ms_all": ev or host, **_profile_counts(fn), "host_profile": _host_profile(fn)}
+            if way == "collector_reused":
+                reused.__exit__(None, None, None)
         p, c = row["plain"], row["collector"]
         row["overhead"] = c["ms"] / p["ms"] - 1
         row["host_issue_overhead_ms"] = c["host_issue_ms"] - p["host_issue_ms"]
@@ -219,6 +230,25 @@ def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
               f"(host {c['host_issue_ms']:.2f}): {row['overhead']:+.1%}; kernels {p['device_kernels']} -> "
               f"{c['device_kernels']}, cpu ops {p['cpu_aten_ops']} -> {c['cpu_aten_ops']}", flush=True)
     return out
+
+
+def _host_profile(fn, calls: int = 3, top: int = 15) -> list:
+    """Where the host time of ``fn`` goes: cProfile over a few calls, the ``top`` functions by own time, as
+    [function, calls per call, own ms per call, cumulative ms per call]."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [[f"{Path(f).name}:{line}({name})", n / calls, tt * 1e3 / calls, ct * 1e3 / calls]
+            for (f, line, name), (_, n, tt, ct, _) in rows]
 
 
 def _copy_gbps(n: int = 1 << 29) -> float:

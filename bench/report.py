@@ -307,9 +307,11 @@ def probe_table(probe: dict) -> str:
                   "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
         for key in sorted((k for k in col if k.startswith("b") and k[1:].isdigit()), key=lambda k: int(k[1:])):
             r = col[key]
-            for way in ("plain", "collector"):
+            for way in ("plain", "collector", "collector_reused"):
+                if way not in r:
+                    continue
                 w = r[way]
-                over = "" if way == "plain" else f"{r['overhead']:+.1%}"
+                over = "" if way == "plain" else f"{w['ms'] / r['plain']['ms'] - 1:+.1%}"
                 bound = "" if way == "plain" else ("yes" if r["host_bound"] else "no")
                 lines.append(f"| {key[1:]} | {way} | {w['ms']:.2f} | {w['host_issue_ms']:.2f} | {w['cpu_aten_ops']} | "
                              f"{w['launch_calls']} | {w['device_kernels']} | {over} | {bound} |")

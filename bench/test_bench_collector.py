@@ -124,14 +124,17 @@ def test_denoising_step(benchmark, bench_device, way, batch):
 
 
 def test_gpu_probe_collector_section():
-    """bench/gpu_probe.py's ``collector`` section (plain vs collector forward: times, host issue time, ops and
-    kernels per forward) runs and writes its numbers; scaled down and untimed on CPU, the real probe on CUDA."""
+    """bench/gpu_probe.py's ``collector`` section (plain vs collector forward, a new collector per forward and one
+    entered once: times, host issue time, ops and kernels per forward, where the host time goes) runs and writes
+    its numbers; scaled down and untimed on CPU, the real probe on CUDA."""
     import gpu_probe
 
     res = gpu_probe.probe_collector(batches=(2,), repeats=1 if not HAS_CUDA else 3)
     row = res["b2"]
-    for way in ("plain", "collector"):
+    for way in ("plain", "collector", "collector_reused"):
         assert row[way]["ms"] > 0 and row[way]["host_issue_ms"] > 0 and row[way]["cpu_aten_ops"] > 0
+        top = row[way]["host_profile"]
+        assert top and all(len(r) == 4 and r[2] >= 0 for r in top)  # [function, calls, own ms, cumulative ms]
     assert res["scaled_down"] == (not HAS_CUDA)
     if HAS_CUDA:
         assert row["collector"]["device_kernels"] > row["plain"]["device_kernels"] > 0
