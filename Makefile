@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastgrpo-installed
 
-.PHONY: install ext ext-clean demo test bench compile-check clean
+.PHONY: install ext ext-clean demo test test-slow bench compile-check clean
 
 install: $(STAMP)
 
@@ -30,8 +30,12 @@ ext: install
 ext-clean: install
 	rm -rf "$$($(PY) -c 'from fastgrpo._ext import build_dir; print(build_dir())')"
 
+# The suite without the tests marked slow (under 5 minutes on 2 cores); `make test-slow` runs those (CI runs both).
 test: ext
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -m "not slow"
+
+test-slow: ext
+	$(PY) -m pytest tests -q -m slow
 
 bench: ext
 	$(PY) -m pytest bench

@@ -354,6 +354,7 @@ def test_layers_the_model_lacks(tmp_path):
         sampled(trainer)
 
 
+@pytest.mark.slow  # several processes: `make test-slow` (and CI) runs it
 def test_two_processes_split_by_the_gathered_median(tmp_path):
     """One prompt per process: a per-process median would give each the mean budget; the gathered one gives one
     prompt 4 rollouts and the other 2. Each process caches the base entropies of both."""

@@ -312,11 +312,12 @@ def hard_rows(seed, L=37):
     return entropy, modality
 
 
+@pytest.mark.slow  # interpreted tl.sort, seconds per call: `make test-slow` (and CI) runs it
 @pytest.mark.parametrize("rule", ["released", "quantile"])
 @pytest.mark.parametrize("fracs", [(0.2, 0.5), (0.1, 0.3), (0.35, 0.8), (0.5, 0.5), (0.01, 0.99)])
 def test_kernel_masks_match_numpy_fresh_rows(rule, fracs, device):
     low_frac, high_frac = fracs
-    for seed in range(4):
+    for seed in range(2):  # fresh rows per seed, two lengths (each interpreted kernel call costs seconds)
         entropy, modality = hard_rows(100 + seed, L=37 + 2 * seed)
         low, high = _kernel_masks(entropy.to(device), modality.to(device), low_frac=low_frac, high_frac=high_frac,
                                   rule=rule)
@@ -325,14 +326,18 @@ def test_kernel_masks_match_numpy_fresh_rows(rule, fracs, device):
         assert torch.equal(high.cpu(), want_high), f"high differs (seed {seed})"
 
 
-@pytest.mark.parametrize("rule", ["released", "quantile"])
-def test_kernel_masks_ragged_image_rows(rule, device):
-    entropy, modality = ragged_batch(21)
+@pytest.mark.slow  # interpreted tl.sort, seconds per call: `make test-slow` (and CI) runs it
+@pytest.mark.parametrize("rule, image", [("released", 150), ("quantile", IMAGE_TOKENS)])
+def test_kernel_masks_ragged_image_rows(rule, image, device):
+    """Ragged text segments before image tokens; the full image row (576 tokens, a 1024-wide sort) once, a shorter
+    one for the other rule (the interpreter sorts slowly)."""
+    entropy, modality = ragged_batch(21, image=image)
     low, high = _kernel_masks(entropy.to(device), modality.to(device), rule=rule)
     want_low, want_high = np_masks(entropy, modality, 0.2, 0.5, rule)
     assert torch.equal(low.cpu(), want_low) and torch.equal(high.cpu(), want_high)
 
 
+@pytest.mark.slow  # interpreted tl.sort, seconds per call: `make test-slow` (and CI) runs it
 @pytest.mark.parametrize("rule", ["released", "quantile"])
 def test_kernel_quantile_at_interpolation_rounding(rule, device):
     """Rows of values a few float32 ulps apart: the interpolated threshold rounds onto a neighbour, so a float64

@@ -49,6 +49,7 @@ def test_train_errors_are_clear(tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
+@pytest.mark.slow  # several processes: `make test-slow` (and CI) runs it
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_accelerate_launch_two_cpu_processes(tmp_path, strategy):
     """The README's commands with the shipped accelerate configs: torchrun starts 2 processes, gloo on CPU; the FSDP

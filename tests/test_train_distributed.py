@@ -135,6 +135,7 @@ def _fsdp_worker(rank, world_size, port, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # several processes: `make test-slow` (and CI) runs it
 def test_fsdp_shards_matches_ddp_and_resumes(tmp_path):
     import json
 
