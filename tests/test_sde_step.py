@@ -562,3 +562,16 @@ def test_cpu_and_cuda_sigma_tensors_on_cuda():
     bad = sde_step(x, v, torch.tensor([0.5, 0.5, 0.5], device=dev), torch.tensor([0.4, 0.6, 0.4], device=dev),
                    noise=noise, impl="triton")  # not checked on the host (that would sync): NaN for sample 1
     assert torch.isnan(bad.log_prob[1]) and torch.isfinite(bad.log_prob[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ode_ignores_prev_sample_on_every_impl(impl, device):
+    """Issue 14: kind='ode' with prev_sample returned prev_sample on torch but the mean on cpp/triton. Decision:
+    the ODE step is deterministic, prev_sample (like noise) is ignored and the mean returned everywhere."""
+    x, v, noise, _ = _inputs((2, 3, 4), torch.float32, device, 21)
+    out = sde_step(x, v, 0.5, 0.25, kind="ode", prev_sample=noise, impl=impl)
+    assert torch.equal(out.prev_sample, out.mean)
+    assert_close(out.mean, _f64(x) - 0.25 * _f64(v))
+    assert torch.count_nonzero(out.log_prob) == 0
+    ref = sde_step_ref(x, v, 0.5, 0.25, kind="ode", prev_sample=noise)
+    assert torch.equal(ref.prev_sample, ref.mean)

@@ -33,8 +33,11 @@ Decisions where DESIGN.md is silent (written down here, as it asks):
 * ``kl`` is ``None`` when ``v_ref`` is not given, rather than a tensor of zeros that could be mistaken for a KL.
 * ``sigma``/``sigma_next`` are not differentiated (they are schedule constants); ``v_ref`` does get the gradient
   of the KL when it requires grad (it is usually a frozen policy's output and does not).
-* For ``kind="ode"`` a given ``noise`` is ignored (there is nothing to draw) and ``prev_sample`` is the returned
-  ``mean``, detached (same storage).
+* For ``kind="ode"`` a given ``noise`` is ignored (there is nothing to draw), and so is a given
+  ``prev_sample`` (the step is deterministic: its log-prob is 0 whatever the sample, so there is nothing to
+  score); the returned ``prev_sample`` is always the ``mean``, detached (same storage), on every impl. (Issue 14:
+  the torch path used to return the given ``prev_sample`` while cpp/triton returned the mean.) Ignoring rather
+  than refusing lets a trainer replay every step of a trajectory, SDE and ODE alike, with its stored samples.
 * ``kind="cps"`` with ``v_ref`` at a step with ``sigma_next == 0`` raises: its transition std is 0 there, so the
   KL is undefined (Flow-GRPO never trains that last step).
 * Sigmas and device syncs. ``sde_step`` never syncs the device and never copies host->device synchronously, so
@@ -324,10 +327,10 @@ def _sde_step_torch(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sampl
         std = torch.zeros_like(sigma)
     mean = transition_mean(v)
 
-    if prev_sample is not None:
-        prev = prev_sample.detach().to(dtype)
-    elif kind == "ode":
+    if kind == "ode":  # deterministic: a given prev_sample (or noise) is ignored, like on the fused paths
         prev = mean.detach()
+    elif prev_sample is not None:
+        prev = prev_sample.detach().to(dtype)
     else:
         eps = noise.to(dtype) if noise is not None else standard_normal(x.shape, generator, x.device).to(dtype)
         prev = (mean + std * eps).detach()
