@@ -336,3 +336,13 @@ def test_text_probs_refuses_overlapping_out(impl):
                 torch.zeros(2, 6, 1).expand(2, 6, 4)):
         with pytest.raises(ValueError, match="out must"):
             text_attention_probs(q, q, lse, text_start=0, text_len=4, query_start=4, query_len=6, out=out, impl=impl)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+def test_text_entropy_from_probs_refuses_negative_nan_inf(bad):
+    """Issue 14: negative entries became NaN entropies silently."""
+    p = torch.rand(2, 3, 5)
+    p[1, 2, 0] = bad
+    with pytest.raises(ValueError, match="probs_sum must hold finite probabilities >= 0"):
+        text_entropy_from_probs(p)
+    assert torch.isfinite(text_entropy_from_probs(p, check=False)[0]).all()  # the collector's sync-free path

@@ -303,15 +303,21 @@ def text_attention_probs(q, k, lse, *, text_start, text_len, query_start, query_
                                  query_start, query_len, text_start, text_len, scale)
 
 
-def text_entropy_from_probs(probs_sum: torch.Tensor) -> torch.Tensor:
+def text_entropy_from_probs(probs_sum: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """Entropy (nats) of each row of ``probs_sum`` [B, N, T] after renormalising it over T: float32 [B, N].
 
     Rows are the head- (and layer-) summed text probabilities of `text_attention_probs` (AEGPO eq. 2-3 up to
     the log base). ``0 log 0 = 0``. An all-zero row (no probability mass on the text at all) gives NaN.
+    Negative, NaN or infinite entries raise ValueError naming ``probs_sum`` (they used to become NaN silently);
+    the check reads the values (one host sync). ``check=False`` skips it, for callers whose buffer comes from
+    `text_attention_probs` (sums of exponentials, >= 0 by construction), such as the sync-free collector.
     """
     if not isinstance(probs_sum, torch.Tensor) or probs_sum.ndim != 3 or not probs_sum.is_floating_point():
         got = tuple(probs_sum.shape) if isinstance(probs_sum, torch.Tensor) else type(probs_sum).__name__
         raise ValueError(f"probs_sum must be a floating tensor [B, N, T], got {got}")
+    if check and probs_sum.numel() and not bool(((probs_sum >= 0) & (probs_sum < math.inf)).all()):
+        raise ValueError("probs_sum must hold finite probabilities >= 0 (sums of text_attention_probs); "
+                         "got a negative, NaN or infinite entry")
     acc = torch.promote_types(probs_sum.dtype, torch.float32)
     p = probs_sum.to(acc)
     p = p / p.sum(-1, keepdim=True)
