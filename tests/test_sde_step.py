@@ -616,7 +616,8 @@ def test_issue14_small_but_fine_sigmas_still_work():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_sigma_just_below_one_is_not_the_guard(impl, device):
     """Issue 14: in the torch path's float32, sigma = 1 - 1e-8 rounded to 1 and fired the sigma == 1 guard silently
-    (std ~0.2 against ~2200 here on cpp). Every impl now decides on the float64 sigma: all match the float64 reference."""
+    (std ~0.2 against ~2200 here on cpp). Every impl now decides on the float64 sigma: all match the float64
+    reference."""
     x, v, noise, dv = _inputs((2, 3, 4), torch.float32, device, 23)
     s = 1 - 1e-8
     out = sde_step(x, v, s, 0.9, noise=noise, v_ref=v + dv, impl=impl, sigma_max=SIGMA_MAX)
