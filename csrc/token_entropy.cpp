@@ -15,6 +15,7 @@
 //
 // Bytes moved: the forward reads the logits once (R V elements) and writes O(R); the backward reads them once
 // more and writes R V gradients. No [R, V] float32 intermediate exists at any point.
+#include <limits>
 #include "kernels.h"
 
 #include <cmath>
@@ -54,6 +55,13 @@ RowStats row_stats(In row, int64_t V, float inv_t) {
   for (int64_t off = 0; off < V; off += BLOCK) {
     const int n = static_cast<int>(V - off < BLOCK ? V - off : BLOCK);
     const float* x = load_block(row, off, n, buf);
+    int nans = 0;
+#pragma omp simd reduction(+ : nans)
+    for (int i = 0; i < n; ++i) nans += x[i] != x[i];
+    if (nans) {  // a max skips NaN: the row's statistics are NaN, as log_softmax gives (issue 14: logp was +inf)
+      const float nan = std::numeric_limits<float>::quiet_NaN();
+      return {nan, nan, nan};
+    }
     const float bm = block_max(x, n);
     const float m_new = m > bm ? m : bm;
     if (m_new == NEG_INF) continue;  // every logit so far is -inf: s = w = 0 stay

@@ -226,7 +226,9 @@ def attention_text_entropy_fwd(q, k, v, text_start: int, text_len: int, scale: f
     """
     B, H, S, D = q.shape
     # The output keeps q's memory order (e.g. [B, S, H, D] for FLUX): allocate in that order, view logically.
-    order = sorted(range(4), key=lambda i: -q.stride(i))
+    # D stays innermost whatever q's strides: the kernel writes out with unit stride along D (an expanded q, whose
+    # stride-0 dims would sort after D, must not move D outward); stride-0 dims of q go outermost.
+    order = sorted(range(3), key=lambda i: (q.stride(i) != 0, -q.stride(i), i)) + [3]
     interpret = _interpreting()
     # The interpreter truncates float32 -> bf16/fp16 stores (a GPU rounds to nearest): there the kernel writes
     # float32 and torch rounds, so tests see the rounding a GPU gives.

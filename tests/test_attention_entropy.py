@@ -270,3 +270,79 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     q = torch.zeros(1, 2, 10, 64)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         attention_with_text_entropy(q, q, q, text_start=6, text_len=4, impl="triton")
+
+
+def _strided_views(kind, B, H, S, D, seed):
+    """q, k, v as the views issue 14 found: expanded (stride-0 dims), sliced (storage offset) and transposed."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "expanded":
+        return tuple(torch.randn(1, 1, S, D, generator=g).expand(B, H, S, D) for _ in range(3))
+    if kind == "expanded-head":
+        return tuple(torch.randn(B, 1, S, D, generator=g).expand(B, H, S, D) for _ in range(3))
+    if kind == "sliced":
+        return tuple(torch.randn(B + 1, H, S + 3, D + 5, generator=g)[1:, :, 2:S + 2, 3:D + 3] for _ in range(3))
+    if kind == "transposed-d":  # no unit stride along D: copied
+        return tuple(torch.randn(B, H, D, S, generator=g).transpose(-1, -2) for _ in range(3))
+    return tuple(torch.randn(S, D, B, H, generator=g).permute(2, 3, 0, 1) for _ in range(3))  # "permuted"
+
+
+STRIDED = ["expanded", "expanded-head", "sliced", "transposed-d", "permuted"]
+
+
+@pytest.mark.parametrize("kind", STRIDED)
+def test_strided_views_match_the_oracle(kind):
+    """Issue 14: an expanded q made impl='triton' write ``out`` with unit stride along a dim that was not D."""
+    B, H, S, D, ts, tl = 2, 3, 9, 8, 5, 4
+    q, k, v = _strided_views(kind, B, H, S, D, seed=14)
+    want = eager_attention64(q, k, v, ts, tl, "bhsd")
+    want_p = want["P"][:, :, :ts, ts:ts + tl].sum(1)
+    for impl in IMPLS:
+        got = attention_with_text_entropy(q, k, v, text_start=ts, text_len=tl, impl=impl)
+        assert got.out.stride(-1) == 1, impl
+        for name in ("out", "text_entropy", "lse", "text_lse"):
+            assert_close(getattr(got, name), want[name], name=f"{impl} {name}")
+        probs = text_attention_probs(q, k, got.lse, text_start=ts, text_len=tl, query_start=0, query_len=ts,
+                                     impl=impl)
+        assert_close(probs, want_p, name=f"{impl} probs")
+
+
+@pytest.mark.parametrize("kind", STRIDED)
+def test_plan_handles_strided_views(kind):
+    """The collector's planned path: expanded / sliced / transposed inputs give the public op's numbers."""
+    from fastgrpo.ops.attention import TextEntropyPlan
+
+    B, H, S, D, ts, tl = 2, 3, 9, 8, 5, 4
+    q, k, v = _strided_views(kind, B, H, S, D, seed=15)
+    want = eager_attention64(q, k, v, ts, tl, "bhsd")
+    want_p = want["P"][:, :, :ts, ts:ts + tl].sum(1)
+    for impl in IMPLS:
+        plan = TextEntropyPlan(q, k, v, layout="bhsd", text_start=ts, text_len=tl, query_start=0, query_len=ts,
+                               impl=impl)
+        stats = plan.new_stats()
+        out, lse, text_ent = plan.attention(q, k, v, stats[:3])
+        assert_close(out, want["out"], name=f"{impl} out")
+        assert_close(lse, want["lse"], name=f"{impl} lse")
+        assert_close(text_ent, want["text_entropy"], name=f"{impl} text_entropy")
+        probs = plan.new_probs()
+        plan.probs(q, k, lse, probs, accumulate=False)
+        assert_close(probs, want_p, name=f"{impl} probs")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_text_probs_refuses_overlapping_out(impl):
+    q = torch.randn(2, 2, 10, 64)
+    lse = attention_with_text_entropy(q, q, q, text_start=0, text_len=4, impl="torch").lse
+    for out in (torch.zeros(1, 6, 4).expand(2, 6, 4), torch.zeros(2, 1, 4).expand(2, 6, 4),
+                torch.zeros(2, 6, 1).expand(2, 6, 4)):
+        with pytest.raises(ValueError, match="out must"):
+            text_attention_probs(q, q, lse, text_start=0, text_len=4, query_start=4, query_len=6, out=out, impl=impl)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+def test_text_entropy_from_probs_refuses_negative_nan_inf(bad):
+    """Issue 14: negative entries became NaN entropies silently."""
+    p = torch.rand(2, 3, 5)
+    p[1, 2, 0] = bad
+    with pytest.raises(ValueError, match="probs_sum must hold finite probabilities >= 0"):
+        text_entropy_from_probs(p)
+    assert torch.isfinite(text_entropy_from_probs(p, check=False)[0]).all()  # the collector's sync-free path

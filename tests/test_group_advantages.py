@@ -160,3 +160,36 @@ def test_bad_group_sizes_raise():
         group_advantages(r, ddof=1, group_sizes=[9, 1])
     with pytest.raises(ValueError, match="with group_sizes, rewards must have shape"):
         group_advantages(r.view(1, 2, 5), group_sizes=[1])
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(eps=float("inf")), "eps must be a float > 0 and finite"),
+    (dict(eps=True), "eps must be a float > 0 and finite"),
+    (dict(eps="1e-4"), "eps must be a float > 0 and finite"),
+    (dict(clip=True), "clip must be None or a float > 0"),
+    (dict(weights="ab"), "weights must be a sequence or tensor of R floats"),
+    (dict(weights=["a", "b"]), "weights must be a sequence or tensor of R floats"),
+])
+def test_issue14_bad_scalars_raise_value_error(kwargs, msg):
+    """Issue 14: eps=inf / eps=True were accepted, string weights raised TypeError."""
+    r = torch.randn(3, 4, 2)
+    for op in (group_advantages, group_advantages_ref):
+        with pytest.raises(ValueError, match=msg):
+            op(r, **kwargs)
+
+
+@pytest.mark.parametrize("sizes", ["34", "ab", [1.5, 2.5], [[2, 2]]])
+def test_issue14_non_integer_group_sizes_raise(sizes):
+    for op in (group_advantages, group_advantages_ref):
+        with pytest.raises(ValueError, match="group_sizes must be a non-empty 1-D sequence of ints"):
+            op(torch.randn(4), group_sizes=sizes)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (0, 4, 2)])
+@pytest.mark.parametrize("std", ["group", "global"])
+def test_issue14_no_groups_give_an_empty_result(shape, std):
+    """Issue 14: group_advantages_ref crashed on P = 0."""
+    r = torch.randn(shape)
+    for op in (group_advantages, group_advantages_ref):
+        out = op(r, std=std)
+        assert out.shape == (0, 4)

@@ -202,3 +202,31 @@ def test_cpp_any_group_size_and_strides(impl, device):
         assert torch.equal(out.indices, ovf_select(ties, k, impl=impl).indices)
     r64 = _rewards((4, 29), 15).double()
     _assert_optimal(r64.float(), ovf_select(r64, 9, impl=impl), 9)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("value, dtype", [(1e30, torch.float32), (1e39, torch.float64), (-1e300, torch.float64),
+                                          (1e18, torch.float32)])
+def test_rewards_beyond_the_float32_score_range_raise(impl, value, dtype, device):
+    """Issue 14: float64 rewards beyond float32 range gave a wrong subset and NaN variance on cpp/triton (checked
+    finite before the cast), and |r| ~ 1e30 a non-optimal subset on torch/triton (k * sum r^2 overflowed)."""
+    if impl == "cpp" and device.type != "cpu":
+        pytest.skip("the C++ extension runs on the CPU")
+    r = _rewards((2, 48), 30).to(dtype)
+    r[1, 5] = value
+    with pytest.raises(ValueError, match=r"rewards must satisfy \|r\| <="):
+        ovf_select(r.to(device), 24, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_rewards_within_the_limit_are_optimal(impl, device):
+    from fastgrpo.ops.ovf import max_abs_reward
+
+    if impl == "cpp" and device.type != "cpu":
+        pytest.skip("the C++ extension runs on the CPU")
+    G, k = 12, 5
+    r = torch.randn(3, G, generator=torch.Generator().manual_seed(31), dtype=torch.float64)
+    r = r / r.abs().max() * max_abs_reward(G, k)
+    out = ovf_select(r.to(device), k, impl=impl)
+    assert torch.isfinite(out.variance).all()
+    _assert_optimal(r.float().double(), out, k)

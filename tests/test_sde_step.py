@@ -562,3 +562,66 @@ def test_cpu_and_cuda_sigma_tensors_on_cuda():
     bad = sde_step(x, v, torch.tensor([0.5, 0.5, 0.5], device=dev), torch.tensor([0.4, 0.6, 0.4], device=dev),
                    noise=noise, impl="triton")  # not checked on the host (that would sync): NaN for sample 1
     assert torch.isnan(bad.log_prob[1]) and torch.isfinite(bad.log_prob[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ode_ignores_prev_sample_on_every_impl(impl, device):
+    """Issue 14: kind='ode' with prev_sample returned prev_sample on torch but the mean on cpp/triton. Decision:
+    the ODE step is deterministic, prev_sample (like noise) is ignored and the mean returned everywhere."""
+    x, v, noise, _ = _inputs((2, 3, 4), torch.float32, device, 21)
+    out = sde_step(x, v, 0.5, 0.25, kind="ode", prev_sample=noise, impl=impl)
+    assert torch.equal(out.prev_sample, out.mean)
+    assert_close(out.mean, _f64(x) - 0.25 * _f64(v))
+    assert torch.count_nonzero(out.log_prob) == 0
+    ref = sde_step_ref(x, v, 0.5, 0.25, kind="ode", prev_sample=noise)
+    assert torch.equal(ref.prev_sample, ref.mean)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(noise_level=float("inf")), "noise_level must be a finite float"),
+    (dict(noise_level=float("nan")), "noise_level must be a finite float"),
+    (dict(noise_level="0.7"), "noise_level must be a finite float"),
+    (dict(noise_level=None), "noise_level must be a finite float"),
+    (dict(noise_level=True), "noise_level must be a finite float"),
+    (dict(sigma_max="0.9", sigma=1.0), "sigma_max must be a float"),
+    (dict(generator=5), "generator must be a torch.Generator"),
+    (dict(kind="cps", noise_level=0.0, v_ref=torch.zeros(2, 3, 4)), "noise_level=0 with kind='cps'"),
+    (dict(sigma=1e-30, sigma_next=0.0), "transition std below"),
+    (dict(sigma=torch.tensor([0.5, 1e-30]), sigma_next=0.0), "transition std below"),
+    (dict(kind="dance", sigma=1e-40, sigma_next=0.0), "transition std below"),
+    (dict(kind="cps", sigma=0.5, sigma_next=1e-30, v_ref=torch.zeros(2, 3, 4)), "transition std below"),
+])
+def test_issue14_bad_scalars_raise_value_error(impl, kwargs, match):
+    """Issue 14: inf noise_level gave NaN, string/None noise_level a TypeError, generator=5 an AttributeError,
+    cps noise_level=0 with v_ref an inf KL, sigma=1e-30 a NaN log_prob."""
+    args = dict(x=torch.zeros(2, 3, 4), v=torch.zeros(2, 3, 4), sigma=0.5, sigma_next=0.4)
+    args.update(kwargs)
+    x, v, s, sn = args.pop("x"), args.pop("v"), args.pop("sigma"), args.pop("sigma_next")
+    with pytest.raises(ValueError, match=match):
+        sde_step(x, v, s, sn, impl=impl, **args)
+    if impl == "torch":
+        with pytest.raises(ValueError, match=match):
+            sde_step_ref(x, v, s, sn, **args)
+
+
+def test_issue14_small_but_fine_sigmas_still_work():
+    """The std floor refuses only what underflows: sigma = 1e-12 (std ~7e-13) keeps a finite log_prob."""
+    x, v, noise, _ = _inputs((2, 3, 4), torch.float32, torch.device("cpu"), 22)
+    for impl in IMPLS:
+        out = sde_step(x, v, 1e-12, 0.0, noise=noise, impl=impl)
+        assert torch.isfinite(out.log_prob).all(), impl
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sigma_just_below_one_is_not_the_guard(impl, device):
+    """Issue 14: in the torch path's float32, sigma = 1 - 1e-8 rounded to 1 and fired the sigma == 1 guard silently
+    (std ~0.2 against ~2200 here on cpp). Every impl now decides on the float64 sigma: all match the float64
+    reference."""
+    x, v, noise, dv = _inputs((2, 3, 4), torch.float32, device, 23)
+    s = 1 - 1e-8
+    out = sde_step(x, v, s, 0.9, noise=noise, v_ref=v + dv, impl=impl, sigma_max=SIGMA_MAX)
+    ref = _ref64(x, v, s, 0.9, "flow_grpo", noise=noise, v_ref=v + dv)
+    assert ref.std[0] > 2000  # 0.7 * sqrt(1e8) * sqrt(0.1); the guard would give ~0.2
+    for name in ("std", "mean", "prev_sample", "log_prob", "kl"):
+        assert_close(getattr(out, name), getattr(ref, name), name=name)

@@ -526,3 +526,13 @@ def test_shaping_errors_are_the_same_for_every_impl(impl, device):
     ok_t = targets.clone()
     ok_t[modality == -1] = 10**6  # targets under modality -1 are not read, whatever they hold
     eg_grpo_shaping(logits, ok_t, modality, A, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "cpp"])
+@pytest.mark.parametrize("temperature", [1e-39, 1e300, 0.0])
+def test_shaping_temperature_range(impl, temperature):
+    """Issue 14: eg_grpo_shaping takes token_logprob_entropy's temperature range [1e-4, 1e4] on every impl."""
+    args = (torch.zeros(2, 6, 5), torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long),
+            torch.zeros(2))
+    with pytest.raises(ValueError, match="temperature must be a float in"):
+        eg_grpo_shaping(*args, temperature=temperature, impl=impl)

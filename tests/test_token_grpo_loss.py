@@ -106,3 +106,42 @@ def test_bad_input_raises_value_error_naming_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         grpo_token_loss(args.pop("logp"), args.pop("old_logp"), args.pop("ref_logp"), args.pop("token_adv"),
                         args.pop("mask"), **args)
+
+
+@pytest.mark.parametrize("clip_eps", [None, 0.2])
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_masked_out_non_finite_tokens_do_not_leak(clip_eps, float_mask):
+    """Issue 14: NaN / -inf on masked-out tokens made the loss NaN (0 * inf in the masked sum)."""
+    logp, old, ref, adv, mask = _inputs(7)
+    mask_arg = mask.float() if float_mask else mask
+    want, want_stats = grpo_token_loss(logp, old, ref, adv, mask_arg, clip_eps=clip_eps, beta=0.04)
+    bad = [t.clone() for t in (logp, old, ref, adv)]
+    for i, t in enumerate(bad):
+        t[~mask] = (float("nan"), float("-inf"), float("inf"), float("nan"))[i]
+    lp = bad[0].requires_grad_(True)
+    loss, stats = grpo_token_loss(lp, bad[1], bad[2], bad[3], mask_arg, clip_eps=clip_eps, beta=0.04)
+    assert torch.isfinite(loss) and torch.equal(loss, want)
+    for k in stats:
+        assert torch.equal(stats[k], want_stats[k]), k
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert torch.isfinite(grad).all() and torch.count_nonzero(grad[~mask]) == 0
+
+
+@pytest.mark.parametrize("mask, match", [
+    (torch.tensor([[1.0, float("nan"), 0.0], [1.0, 1.0, 1.0]]), "mask must hold weights in"),
+    (torch.tensor([[1.0, -0.5, 0.0], [1.0, 1.0, 1.0]]), "mask must hold weights in"),
+    (torch.tensor([[1.0, 2.0, 0.0], [1.0, 1.0, 1.0]]), "mask must hold weights in"),
+    (torch.ones(2, 3, dtype=torch.long), "mask must be a bool or float tensor"),
+])
+def test_bad_mask_values_raise_value_error(mask, match):
+    z = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=match):
+        grpo_token_loss(z, z, z, z, mask)
+
+
+def test_fractional_float_mask_weights():
+    logp, old, ref, adv, mask = _inputs(8)
+    w = torch.rand(mask.shape, generator=torch.Generator().manual_seed(9)) * mask
+    loss, _ = grpo_token_loss(logp, None, ref, adv, w, beta=0.04)
+    want, *_ = np_loss(logp, logp, ref, adv, w, None, 0.04)
+    assert abs(loss.item() - want) < 1e-5 * max(1.0, abs(want))

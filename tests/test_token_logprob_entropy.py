@@ -299,3 +299,46 @@ def test_triton_forward_is_one_launch_and_one_host_read(monkeypatch, device):
     ref_logp, ref_ent = _ref64(x, t)
     assert_close(logp, ref_logp)
     assert_close(ent, ref_ent)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("temperature", [1e-39, 1e-5, 2e4, 1e300, float("inf"), -1.0])
+def test_temperature_outside_the_documented_range_raises(impl, temperature, device):
+    """Issue 14: T = 1e-39 gave NaN on cpp/triton and 1e300 NaN on triton; every impl now refuses T outside
+    [1e-4, 1e4] with a ValueError naming temperature."""
+    if impl == "cpp" and device.type != "cpu":
+        pytest.skip("the C++ extension runs on the CPU")
+    x, t = _logits(2, 3, 7, torch.float32, device, seed=40)
+    with pytest.raises(ValueError, match="temperature must be a float in"):
+        token_logprob_entropy(x, t, temperature=temperature, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("temperature", [1e-4, 1e4])
+def test_temperature_range_ends_are_finite(impl, temperature, device):
+    if impl == "cpp" and device.type != "cpu":
+        pytest.skip("the C++ extension runs on the CPU")
+    x, t = _logits(2, 3, 7, torch.float32, device, seed=41)
+    t[t == IGNORE] = 0
+    x = x.clamp(-10, 10)
+    logp, ent = token_logprob_entropy(x, t, temperature=temperature, impl=impl)
+    ref_logp, ref_ent = _ref64(x, t, temperature=temperature)
+    assert torch.isfinite(logp).all() and torch.isfinite(ent).all()
+    assert_close(logp, ref_logp, name="logp")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("where", [0, 3, 6, 300])  # first, middle, last logit; a later block of a long row
+def test_nan_logit_gives_nan_on_every_impl(impl, where, device):
+    """Issue 14: a NaN logit gave logp = +inf on cpp (its max skipped the NaN); every impl now gives NaN."""
+    if impl == "cpp" and device.type != "cpu":
+        pytest.skip("the C++ extension runs on the CPU")
+    V = 7 if where < 7 else 4099
+    x, t = _logits(2, 3, V, torch.float32, device, seed=42)
+    t[t == IGNORE] = 0
+    x[0, 2, where] = float("nan")
+    logp, ent = token_logprob_entropy(x, t, temperature=1.0, impl=impl)
+    assert torch.isnan(logp[0, 2]) and torch.isnan(ent[0, 2])
+    others = torch.ones_like(logp, dtype=torch.bool)
+    others[0, 2] = False
+    assert torch.isfinite(logp[others]).all() and torch.isfinite(ent[others]).all()

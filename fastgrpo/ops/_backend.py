@@ -101,6 +101,21 @@ def check_float(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a floating tensor (float32, float16 or bfloat16), got {t.dtype}")
 
 
+def has_internal_overlap(t: torch.Tensor) -> bool:
+    """True when two elements of ``t`` share memory (a stride-0 / expanded dim, or strides that interleave).
+
+    Sufficient test for non-overlap: sorted by stride, each dim of size > 1 must step past everything the
+    smaller-strided dims span. Tensors it calls overlapping that in fact are not (exotic interleavings) are refused
+    too, which is safe for an output buffer."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
+    span = 0  # elements spanned by the dims seen so far, minus one
+    for st, sz in dims:
+        if st <= span:
+            return True
+        span += st * (sz - 1)
+    return False
+
+
 def check_same_shape(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if t.shape != ref.shape:
         raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")

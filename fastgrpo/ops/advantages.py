@@ -28,8 +28,11 @@ Decisions where DESIGN.md is silent:
   of the policy-gradient loss.
 * ``std="global"`` pools the rewards of all P groups given (gather across ranks before calling, as the trainer
   does); the mean is always per group.
-* ``eps`` must be > 0 (a constant group then gets advantages 0, not NaN); ``ddof`` must leave at least one degree
-  of freedom (``ddof < G``, or ``< P*G`` for the global std); NaN or infinite rewards raise ValueError.
+* ``eps`` must be a finite float > 0 (a constant group then gets advantages 0, not NaN; ``eps=inf`` and
+  ``eps=True`` raise); ``ddof`` must leave at least one degree of freedom (``ddof < G``, or ``< P*G`` for the
+  global std); NaN or infinite rewards raise ValueError. ``weights`` and ``group_sizes`` that are not numbers
+  (e.g. strings) raise ValueError naming them, not torch's TypeError. No groups (P = 0) give an empty result
+  on both `group_advantages` and `group_advantages_ref`.
 * Groups of different sizes (AEGPO gives 16 rollouts to some prompts and 8 to others): ``rewards [N]`` (or
   ``[N, R]``) holds the groups one after another and ``group_sizes [P]`` their sizes. The mean (and the group std)
   is each group's own; the global std pools all N rewards, each rollout counting once (so a larger group weighs
@@ -37,6 +40,8 @@ Decisions where DESIGN.md is silent:
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -68,9 +73,9 @@ def _check_inputs(rewards, std, ddof, eps, clip, weights, aggregate) -> torch.Te
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
     if isinstance(ddof, bool) or not isinstance(ddof, int) or ddof < 0:
         raise ValueError(f"ddof must be an int >= 0 (0: Flow-GRPO, 1: DanceGRPO/EG-GRPO), got {ddof!r}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a float > 0 (1e-4 Flow-GRPO/EG-GRPO, 1e-8 DanceGRPO), got {eps!r}")
-    if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a float > 0 and finite (1e-4 Flow-GRPO/EG-GRPO, 1e-8 DanceGRPO), got {eps!r}")
+    if clip is not None and (isinstance(clip, bool) or not (isinstance(clip, numbers.Real) and clip > 0)):
         raise ValueError(f"clip must be None or a float > 0 (Flow-GRPO clamps to 5), got {clip!r}")
     G = rewards.shape[1] if rewards.ndim == 3 else rewards.shape[-1]
     n = G if std == "group" else (rewards.shape[0] * G if rewards.ndim == 3 else rewards.numel())
@@ -84,7 +89,10 @@ def _check_inputs(rewards, std, ddof, eps, clip, weights, aggregate) -> torch.Te
         if rewards.ndim != 3:
             raise ValueError(f"weights are for several rewards, rewards [P, G, R]; got rewards of shape "
                              f"{tuple(rewards.shape)}")
-        w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu().reshape(-1)
+        try:
+            w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu().reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"weights must be a sequence or tensor of R floats, got {weights!r}") from e
         if w.numel() != R:
             raise ValueError(f"weights must have one entry per reward (R = {R}), got {w.numel()}")
         if not bool(torch.isfinite(w).all()):
@@ -96,7 +104,10 @@ def _check_inputs(rewards, std, ddof, eps, clip, weights, aggregate) -> torch.Te
 
 def _check_group_sizes(rewards, group_sizes, std, ddof) -> torch.Tensor:
     """Validate ragged groups; returns their sizes as an int64 [P] tensor on the rewards' device."""
-    sizes = torch.as_tensor(group_sizes)
+    try:
+        sizes = torch.as_tensor(group_sizes)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"group_sizes must be a non-empty 1-D sequence of ints, got {group_sizes!r}") from e
     if sizes.ndim != 1 or sizes.numel() == 0 or sizes.dtype.is_floating_point or sizes.dtype == torch.bool:
         raise ValueError(f"group_sizes must be a non-empty 1-D sequence of ints, got {group_sizes!r}")
     check_float("rewards", rewards)
@@ -214,6 +225,8 @@ def group_advantages_ref(rewards: torch.Tensor, *, std: str = "group", ddof: int
     def std_of(x):
         return torch.sqrt(((x - x.mean()) ** 2).sum() / (x.numel() - ddof))
 
+    if not groups or groups[0].shape[0] == 0:  # P = 0 (or G = 0): nothing to normalise
+        return torch.zeros(shape, dtype=torch.float64, device=r.device)
     out = []
     for group in groups:
         adv = torch.zeros(group.shape[0], dtype=torch.float64, device=r.device)

@@ -42,8 +42,11 @@ Decisions where DESIGN.md is silent (written down here, as it asks):
   ``text_lse - E_p[s]`` subtracts two numbers of the size of the largest logit and loses ~|s_max| * 2^-24 in
   float32 on peaked rows (the kernel avoids that with its max-centred sum). The tests check the identity.
 * ``text_attention_probs`` takes ``impl`` like every op (DESIGN.md's signature omits it); its ``out`` must be a
-  float32 [B, query_len, text_len] tensor with unit stride along the text dim; without ``out`` a zero buffer is
-  returned.
+  float32 [B, query_len, text_len] tensor with unit stride along the text dim whose elements do not share memory
+  (an expanded / stride-0 ``out`` raises ValueError on every impl); without ``out`` a zero buffer is returned.
+* q, k, v may be any strided views: expanded (stride-0) dims, storage offsets (slices), transposes. Views without
+  unit stride along D are copied; everything else is read in place. ``out`` is always a fresh non-overlapping
+  tensor with unit stride along D (in q's memory order where q has one; stride-0 dims of q outermost).
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ._backend import check_float, check_same_device, resolve_impl
+from ._backend import check_float, check_same_device, has_internal_overlap, resolve_impl
 
 LAYOUTS = ("bhsd", "bshd")
 MAX_TRITON_HEAD_DIM = 128
@@ -239,6 +242,9 @@ def _check_probs(q, k, lse, text_start, text_len, query_start, query_len, scale,
             got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"out must be a float32 tensor [B, query_len, text_len] = {(B, query_len, text_len)} "
                              f"with unit stride on the last dim, got {got}")
+        if has_internal_overlap(out):
+            raise ValueError(f"out must not overlap itself (an expanded / stride-0 view would sum every write "
+                             f"into one element), got strides {tuple(out.stride())}; pass a fresh buffer")
     check_same_device([("q", q), ("lse", lse), ("out", out)])
     return _check_scale(scale, D)
 
@@ -297,15 +303,21 @@ def text_attention_probs(q, k, lse, *, text_start, text_len, query_start, query_
                                  query_start, query_len, text_start, text_len, scale)
 
 
-def text_entropy_from_probs(probs_sum: torch.Tensor) -> torch.Tensor:
+def text_entropy_from_probs(probs_sum: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """Entropy (nats) of each row of ``probs_sum`` [B, N, T] after renormalising it over T: float32 [B, N].
 
     Rows are the head- (and layer-) summed text probabilities of `text_attention_probs` (AEGPO eq. 2-3 up to
     the log base). ``0 log 0 = 0``. An all-zero row (no probability mass on the text at all) gives NaN.
+    Negative, NaN or infinite entries raise ValueError naming ``probs_sum`` (they used to become NaN silently);
+    the check reads the values (one host sync). ``check=False`` skips it, for callers whose buffer comes from
+    `text_attention_probs` (sums of exponentials, >= 0 by construction), such as the sync-free collector.
     """
     if not isinstance(probs_sum, torch.Tensor) or probs_sum.ndim != 3 or not probs_sum.is_floating_point():
         got = tuple(probs_sum.shape) if isinstance(probs_sum, torch.Tensor) else type(probs_sum).__name__
         raise ValueError(f"probs_sum must be a floating tensor [B, N, T], got {got}")
+    if check and probs_sum.numel() and not bool(((probs_sum >= 0) & (probs_sum < math.inf)).all()):
+        raise ValueError("probs_sum must hold finite probabilities >= 0 (sums of text_attention_probs); "
+                         "got a negative, NaN or infinite entry")
     acc = torch.promote_types(probs_sum.dtype, torch.float32)
     p = probs_sum.to(acc)
     p = p / p.sum(-1, keepdim=True)

@@ -20,6 +20,10 @@ Decisions where DESIGN.md is silent (written down here, as it asks):
   ``ratio`` -- the masked mean ratio.
 * ``old_logp`` may be None only when ``clip_eps`` is None (it is not used then); ``ref_logp`` may be None (no KL
   term, like ``beta = 0``). A mask without any token gives loss 0 (the sum is divided by max(1, sum(mask))).
+* ``mask`` is bool, or float weights in [0, 1] (a NaN, negative or > 1 weight, or an integer mask, raises
+  ValueError naming ``mask``; the float range check is one host sync). Masked-out tokens (mask False / 0) are
+  *selected* out (``torch.where``), not multiplied by 0: they may hold NaN or +-inf in any input (padding) and
+  still contribute exactly 0 to the loss, the stats and logp's gradient (issue 14: 0 * inf made the loss NaN).
 * These are a few elementwise ops with no kernel: `grpo_token_loss` and `grpo_token_loss_ref` share one body, and
   the tests check them against an independent float64 implementation.
 """
@@ -45,6 +49,12 @@ def _check_loss_inputs(logp, old_logp, ref_logp, token_adv, mask, clip_eps, beta
         got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask must be a bool or float tensor of the shape of logp {tuple(logp.shape)}, got {got}")
     check_same_device([("logp", logp), *named, ("mask", mask)])
+    if mask.dtype != torch.bool:
+        if not mask.is_floating_point():
+            raise ValueError(f"mask must be a bool or float tensor (weights in [0, 1]), got {mask.dtype}; "
+                             "convert a 0/1 integer mask with mask.bool()")
+        if mask.numel() and not bool(((mask >= 0) & (mask <= 1)).all()):  # NaN fails both comparisons
+            raise ValueError("mask must hold weights in [0, 1] (no NaN, no negative weight)")
     if clip_eps is not None:
         if isinstance(clip_eps, bool) or not isinstance(clip_eps, (int, float)) or not 0 < clip_eps < 1:
             raise ValueError(f"clip_eps must be None or a float in (0, 1), got {clip_eps!r}")
@@ -56,8 +66,13 @@ def _check_loss_inputs(logp, old_logp, ref_logp, token_adv, mask, clip_eps, beta
 
 def _loss(logp, old_logp, ref_logp, token_adv, mask, clip_eps, beta):
     dtype = torch.promote_types(logp.dtype, torch.float32)
-    lp = logp.to(dtype)
-    A = token_adv.detach().to(dtype)
+    # Select, never multiply: masked-out tokens may hold NaN/inf (padding), and 0 * inf is NaN. Their inputs are
+    # replaced by 0 before any arithmetic, so neither the loss nor logp's gradient (0 there) sees them.
+    keep = mask if mask.dtype == torch.bool else mask > 0
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+    sel = lambda t: torch.where(keep, t.to(dtype), zero)  # noqa: E731
+    lp = sel(logp)
+    A = sel(token_adv.detach())
     m = mask.to(dtype)
     denom = m.sum().clamp_min(1)
     if clip_eps is None:
@@ -65,12 +80,12 @@ def _loss(logp, old_logp, ref_logp, token_adv, mask, clip_eps, beta):
         surrogate = -ratio * A
         clipped = torch.zeros_like(m)
     else:
-        ratio = torch.exp(lp - old_logp.detach().to(dtype))
+        ratio = torch.exp(lp - sel(old_logp.detach()))
         surrogate = -torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
         clipped = (((ratio < 1 - clip_eps) & (A < 0)) | ((ratio > 1 + clip_eps) & (A > 0))).to(dtype)
     per_token = surrogate
     if ref_logp is not None:
-        delta = ref_logp.detach().to(dtype) - lp
+        delta = sel(ref_logp.detach()) - lp
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * kl
         mean_kl = (kl.detach() * m).sum() / denom

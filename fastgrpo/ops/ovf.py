@@ -34,6 +34,11 @@ Conventions (DESIGN.md §3.4, and decisions where it is silent):
   two passes over the chosen rewards: its error is plain float32 rounding.
 * ``k`` is a python int with ``1 <= k <= G``; NaN or infinite rewards, or a tensor that is not 1-d or 2-d,
   raise ValueError (checking for NaN costs one host sync).
+* Magnitude (issue 14): rewards with ``|r| > max_abs_reward(G, k) = sqrt(FLT_MAX / (16 k G))`` (1.4e17 for
+  G=48, k=24) raise ValueError naming ``rewards`` on every impl, float64 input included: the check runs on the
+  values themselves, so float64 rewards beyond float32 range (which the C++/Triton paths would round to inf after
+  a finiteness check) and rewards whose float32 scores ``k * sum r^2`` overflow (a wrong subset at ~1e30) are
+  refused rather than rescaled. Rewards in use are O(1)-O(100).
 * ``impl="auto"`` runs the Triton kernel on CUDA tensors with ``G <= 1024`` (one program per group holds the
   whole sorted group in registers), the C++ extension on CPU tensors when it is built (any G; csrc/ovf.cpp, the
   same algorithm with float64 sums and scores, so it separates near-ties the float32 kernel cannot), and the
@@ -41,6 +46,7 @@ Conventions (DESIGN.md §3.4, and decisions where it is silent):
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -50,6 +56,7 @@ from ._backend import check_float, kernel_module, resolve_impl
 
 # Largest group the kernel takes (fastgrpo.kernels.ovf.MAX_GROUP; not imported here, see _ovf_fused).
 TRITON_MAX_GROUP = 1024
+_FLT_MAX = float(torch.finfo(torch.float32).max)
 
 
 class OVFSelection(NamedTuple):
@@ -71,8 +78,24 @@ def _check_inputs(rewards, k) -> None:
     G = rewards.shape[-1]
     if not 1 <= k <= G:
         raise ValueError(f"k must satisfy 1 <= k <= G = {G} (rewards shape {tuple(rewards.shape)}), got k={k}")
-    if rewards.numel() and not bool(torch.isfinite(rewards).all()):
-        raise ValueError("rewards contain NaN or infinite values; OVF needs finite rewards to compare variances")
+    if rewards.numel():
+        top = float(rewards.detach().abs().amax())  # one host sync; NaN propagates through amax
+        if not math.isfinite(top):
+            raise ValueError("rewards contain NaN or infinite values; OVF needs finite rewards to compare variances")
+        limit = max_abs_reward(G, k)
+        if top > limit:
+            raise ValueError(f"rewards must satisfy |r| <= {limit:.3g} for G={G}, k={k} (the float32 scores "
+                             f"k * sum r^2 would overflow), got max |r| = {top:.3g}; rescale the rewards")
+
+
+def max_abs_reward(G: int, k: int) -> float:
+    """The largest |reward| `ovf_select` accepts for groups of G with k survivors: sqrt(FLT_MAX / (16 k G)).
+
+    Scores ``k * sum_K d^2 - (sum_K d)^2`` of centred rewards (|d| <= 2 max|r|) and the prefix sums over a group
+    stay below FLT_MAX / 4 there, so the float32 kernels neither overflow nor pick a wrong subset (issue 14: at
+    |r| ~ 1e30 they did). E.g. 1.4e17 for G=48, k=24; 8e15 for G=1024, k=512.
+    """
+    return math.sqrt(_FLT_MAX / (16.0 * max(k, 1) * max(G, 1)))
 
 
 # ----------------------------------------------------------------------------------------------- reference

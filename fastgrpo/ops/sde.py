@@ -33,10 +33,23 @@ Decisions where DESIGN.md is silent (written down here, as it asks):
 * ``kl`` is ``None`` when ``v_ref`` is not given, rather than a tensor of zeros that could be mistaken for a KL.
 * ``sigma``/``sigma_next`` are not differentiated (they are schedule constants); ``v_ref`` does get the gradient
   of the KL when it requires grad (it is usually a frozen policy's output and does not).
-* For ``kind="ode"`` a given ``noise`` is ignored (there is nothing to draw) and ``prev_sample`` is the returned
-  ``mean``, detached (same storage).
+* For ``kind="ode"`` a given ``noise`` is ignored (there is nothing to draw), and so is a given
+  ``prev_sample`` (the step is deterministic: its log-prob is 0 whatever the sample, so there is nothing to
+  score); the returned ``prev_sample`` is always the ``mean``, detached (same storage), on every impl. (Issue 14:
+  the torch path used to return the given ``prev_sample`` while cpp/triton returned the mean.) Ignoring rather
+  than refusing lets a trainer replay every step of a trajectory, SDE and ODE alike, with its stored samples.
 * ``kind="cps"`` with ``v_ref`` at a step with ``sigma_next == 0`` raises: its transition std is 0 there, so the
-  KL is undefined (Flow-GRPO never trains that last step).
+  KL is undefined (Flow-GRPO never trains that last step). So does ``noise_level=0`` with cps and ``v_ref``
+  (ValueError naming noise_level: std = sigma_next * sin(0) = 0).
+* Argument types (issue 14): ``noise_level`` must be a finite real number (``inf``, NaN, strings, None, bools
+  raise ValueError naming it); ``sigma_max`` a real number or None; ``generator`` a ``torch.Generator`` or None.
+* Smallest std: where something divides by the transition std (log_prob of flow_grpo/dance, the KL), a sample
+  whose float64 std is below ``MIN_STD = 1e-18`` raises ValueError (std^2 would underflow float32 and give
+  inf/NaN): e.g. ``sigma = 1e-30`` with flow_grpo. Like the other value checks this runs where the host can read
+  the sigmas (floats, CPU tensors, and impl="torch"); sigmas that are tensors on x's device reach the fused kernels
+  unchecked for it.
+* Every impl decides ``sigma == 1`` (the flow_grpo guard) on the float64 sigma, so ``sigma = 1 - 1e-8`` is a
+  sigma below 1 everywhere (std ~4950 at noise_level 0.7), not the guard's value.
 * Sigmas and device syncs. ``sde_step`` never syncs the device and never copies host->device synchronously, so
   a sampling or training loop runs ahead of the GPU and a call can be captured in a CUDA graph:
 
@@ -65,6 +78,7 @@ is no device to wait for) and passes the same tests.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -141,6 +155,14 @@ def _check_args(x, v, kind, noise_level, sigma_max, noise, prev_sample, v_ref, k
         raise ValueError(f"kl_convention must be one of {KL_CONVENTIONS}, got {kl_convention!r}")
     if kind == "ode" and v_ref is not None:
         raise ValueError("v_ref was given with kind='ode': a deterministic step has no density, hence no KL")
+    if isinstance(noise_level, bool) or not isinstance(noise_level, numbers.Real) \
+            or not math.isfinite(noise_level):
+        raise ValueError(f"noise_level must be a finite float, got {noise_level!r}")
+    if sigma_max is not None and (isinstance(sigma_max, bool) or not isinstance(sigma_max, numbers.Real)):
+        raise ValueError(f"sigma_max must be a float in (0, 1) or None, got {sigma_max!r}")
+    if kind == "cps" and v_ref is not None and noise_level == 0:
+        raise ValueError("noise_level=0 with kind='cps' and v_ref: the transition std is 0 (std = sigma_next * "
+                         "sin(noise_level * pi / 2)), so the KL is undefined; use noise_level > 0")
     if kind in ("flow_grpo", "dance") and not noise_level > 0:
         raise ValueError(f"noise_level must be > 0 for kind={kind!r} (the log-prob divides by std), "
                          f"got {noise_level}")
@@ -156,6 +178,32 @@ _MSG_MAX = ("sigma == 1 with kind='flow_grpo' needs sigma_max (the schedule's si
             "sqrt(sigma / (1 - sigma)) is infinite at sigma = 1")
 _MSG_CPS = ("kind='cps' with v_ref at sigma_next == 0: the transition std is 0 there, so the KL is "
             "undefined; do not train the last step")
+# log_prob (flow_grpo, dance) and kl divide by std^2 in float32: below this std, std^2 is no longer a normal float32
+# (1.2e-38), and the quotient is inf/NaN. Only reached by sigmas within ~1e-18..1e-30 of 0 or of each other.
+MIN_STD = 1e-18
+_MSG_STD = (f"sigma and sigma_next give a transition std below {MIN_STD:g} for some sample (sigma, or the gap "
+            "sigma - sigma_next, too close to 0 for noise_level): log_prob/kl divide by std^2, which underflows "
+            "float32 there; skip such steps or take them with kind='ode'")
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def _std_is_scored(kind, v_ref) -> bool:
+    """Whether something divides by the transition std: log_prob of flow_grpo/dance, and the KL (cps with v_ref)."""
+    return kind in ("flow_grpo", "dance") or (kind == "cps" and v_ref is not None)
+
+
+def _host_std(kind, a, b, noise_level, sigma_max) -> float:
+    """The transition std of one sample in float64 python math (the fused paths' coefficients)."""
+    if kind == "flow_grpo":
+        guard = (sigma_max if sigma_max is not None else 0.5) if a == 1 else a
+        return noise_level * math.sqrt(a / (1 - guard)) * math.sqrt(a - b)
+    if kind == "dance":
+        return noise_level * math.sqrt(a - b)
+    return b * math.sin(noise_level * math.pi / 2)
 
 
 def _check_inputs(x, v, sigma, sigma_next, kind, noise_level, sigma_max, noise, prev_sample, v_ref,
@@ -164,10 +212,10 @@ def _check_inputs(x, v, sigma, sigma_next, kind, noise_level, sigma_max, noise, 
     (on the CPU when both were given as numbers or CPU tensors, else on x's device; tensor sigmas on x's device
     cost one device sync here)."""
     _check_args(x, v, kind, noise_level, sigma_max, noise, prev_sample, v_ref, kl_convention)
-    return _reference_sigmas(x, sigma, sigma_next, kind, sigma_max, v_ref)
+    return _reference_sigmas(x, sigma, sigma_next, kind, sigma_max, v_ref, noise_level)
 
 
-def _reference_sigmas(x, sigma, sigma_next, kind, sigma_max, v_ref):
+def _reference_sigmas(x, sigma, sigma_next, kind, sigma_max, v_ref, noise_level=0.7):
     B = x.shape[0]
     on_host = all(not isinstance(t, torch.Tensor) or t.device.type == "cpu" for t in (sigma, sigma_next))
     where = torch.device("cpu") if on_host else x.device
@@ -181,8 +229,14 @@ def _reference_sigmas(x, sigma, sigma_next, kind, sigma_max, v_ref):
     bad_order = ~(sn < s)
     needs_max = (s == 1) if (kind == "flow_grpo" and sigma_max is None) else torch.zeros_like(s, dtype=torch.bool)
     zero_std = (sn == 0) if (kind == "cps" and v_ref is not None) else torch.zeros_like(s, dtype=torch.bool)
-    flags = torch.stack([bad_range.any(), bad_order.any(), needs_max.any(), zero_std.any()]).tolist()  # one sync
-    for flag, msg in zip(flags, (_MSG_RANGE, _MSG_ORDER, _MSG_MAX, _MSG_CPS)):
+    if _std_is_scored(kind, v_ref):
+        std = _coefficients(kind, s, sn, noise_level, sigma_max, "exact")[2]
+        tiny_std = std < MIN_STD
+    else:
+        tiny_std = torch.zeros_like(s, dtype=torch.bool)
+    flags = torch.stack([bad_range.any(), bad_order.any(), needs_max.any(), zero_std.any(),
+                         tiny_std.any()]).tolist()  # one sync
+    for flag, msg in zip(flags, (_MSG_RANGE, _MSG_ORDER, _MSG_MAX, _MSG_CPS, _MSG_STD)):
         if flag:
             raise ValueError(msg)
     return s, sn
@@ -237,6 +291,11 @@ def _schedule(x, sigma, sigma_next, kind, noise_level, sigma_max, v_ref, kl_conv
             raise ValueError(_MSG_MAX)
         if kind == "cps" and v_ref is not None and hn is not None and any(b == 0 for b in hn):
             raise ValueError(_MSG_CPS)
+        if _std_is_scored(kind, v_ref) and hs is not None and hn is not None:
+            k = max(len(hs), len(hn))
+            pairs = zip(hs * (k // len(hs)), hn * (k // len(hn)))
+            if any(_host_std(kind, a, b, noise_level, sigma_max) < MIN_STD for a, b in pairs):
+                raise ValueError(_MSG_STD)
     vals, tensors, strides = [0.0, 0.0], [None, None], [0, 0]
     to_copy = []
     for i, (value, host) in enumerate(((sigma, hs), (sigma_next, hn))):
@@ -267,9 +326,13 @@ def sde_step_ref(x, v, sigma, sigma_next, *, kind="flow_grpo", noise_level=0.7, 
     """Plain-PyTorch twin of `sde_step` (the test oracle and benchmark baseline).
 
     Written formula for formula after Flow-GRPO's ``sde_step_with_logprob`` and DanceGRPO's ``flux_step`` (see the
-    module docstring). Math runs in float32 like theirs, or in float64 when given float64 inputs (the oracle).
+    module docstring). Math runs in float32 like theirs, or in float64 when given float64 inputs (the oracle);
+    the per-sample [B] coefficients of flow_grpo/dance are computed in float64 from the float64 sigmas and then
+    cast (a float32 sigma in (1 - 3e-8, 1) would round to 1 and fire the sigma == 1 guard), and their KL takes
+    ``mean - mean_ref = coef_v * (v - v_ref)`` (the difference of two float32 means cancels near sigma = 1).
     Materialises every intermediate; differentiable through torch autograd.
     """
+    _check_generator(generator)
     s, sn = _check_inputs(x, v, sigma, sigma_next, kind, noise_level, sigma_max, noise, prev_sample, v_ref,
                           kl_convention)
     return _sde_step_torch(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sample, generator, v_ref,
@@ -307,16 +370,22 @@ def _sde_step_torch(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sampl
             return pred_original_sample * (1 - sigma_prev) + noise_estimate * torch.sqrt(sigma_prev**2 - std**2)
         if kind == "ode":
             return x + dt * vel
-        return x * (1 + std_dev_t**2 / (2 * sigma) * dt) + vel * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+        return x * coef_x + vel * coef_v
 
-    if kind == "flow_grpo":
-        guard = torch.where(sigma == 1, torch.as_tensor(sigma_max if sigma_max is not None else 0.5, dtype=dtype,
-                                                        device=x.device), sigma)
-        std_dev_t = torch.sqrt(sigma / (1 - guard)) * noise_level
-        std = std_dev_t * torch.sqrt(-dt)
-    elif kind == "dance":
-        std_dev_t = torch.full_like(sigma, noise_level)
-        std = std_dev_t * torch.sqrt(-dt)
+    if kind in ("flow_grpo", "dance"):
+        # The [B] coefficients in float64 from the float64 sigmas, then cast (as the fused paths do): in float32 a
+        # sigma in (1 - 3e-8, 1) rounds to 1, which would fire the sigma == 1 guard and zero 1 - sigma.
+        s64, sn64 = s.view(bshape), sn.view(bshape)
+        dt64 = sn64 - s64
+        if kind == "flow_grpo":
+            guard = torch.where(s64 == 1, torch.full_like(s64, sigma_max if sigma_max is not None else 0.5), s64)
+            sd64 = torch.sqrt(s64 / (1 - guard)) * noise_level
+        else:
+            sd64 = torch.full_like(s64, float(noise_level))
+        coef_x = (1 + sd64**2 / (2 * s64) * dt64).to(dtype)
+        coef_v = ((1 + sd64**2 * (1 - s64) / (2 * s64)) * dt64).to(dtype)
+        std_dev_t = sd64.to(dtype)
+        std = (sd64 * torch.sqrt(-dt64)).to(dtype)
     elif kind == "cps":
         std = sigma_prev * math.sin(noise_level * math.pi / 2)
         std_dev_t = std
@@ -324,10 +393,10 @@ def _sde_step_torch(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sampl
         std = torch.zeros_like(sigma)
     mean = transition_mean(v)
 
-    if prev_sample is not None:
-        prev = prev_sample.detach().to(dtype)
-    elif kind == "ode":
+    if kind == "ode":  # deterministic: a given prev_sample (or noise) is ignored, like on the fused paths
         prev = mean.detach()
+    elif prev_sample is not None:
+        prev = prev_sample.detach().to(dtype)
     else:
         eps = noise.to(dtype) if noise is not None else standard_normal(x.shape, generator, x.device).to(dtype)
         prev = (mean + std * eps).detach()
@@ -343,9 +412,12 @@ def _sde_step_torch(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sampl
 
     kl = None
     if v_ref is not None:
-        mean_ref = transition_mean(v_ref.to(dtype))
+        if kind == "cps":
+            diff = mean - transition_mean(v_ref.to(dtype))
+        else:  # mean - mean_ref = coef_v * (v - v_ref) exactly; near sigma = 1 both means are ~1e6 and cancel
+            diff = coef_v * (v - v_ref.to(dtype))
         d = std_dev_t if (kl_convention == "flow_grpo" and kind != "cps") else std
-        kl = ((mean - mean_ref) ** 2).mean(dim=dims) / (2 * d.reshape(-1) ** 2)
+        kl = (diff ** 2).mean(dim=dims) / (2 * d.reshape(-1) ** 2)
     return SDEStep(prev, log_prob, mean, std.reshape(-1), kl)
 
 
@@ -539,9 +611,10 @@ def sde_step(x, v, sigma, sigma_next, *, kind="flow_grpo", noise_level=0.7, sigm
         >>> again = sde_step(x, v_new, 0.8, 0.7, prev_sample=out.prev_sample, v_ref=v_ref)  # training
     """
     _check_args(x, v, kind, noise_level, sigma_max, noise, prev_sample, v_ref, kl_convention)
+    _check_generator(generator)
     backend = resolve_impl(impl, x.device, has_cpp=True)
     if backend == "torch":
-        s, sn = _reference_sigmas(x, sigma, sigma_next, kind, sigma_max, v_ref)
+        s, sn = _reference_sigmas(x, sigma, sigma_next, kind, sigma_max, v_ref, noise_level)
         out = _sde_step_torch(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sample, generator, v_ref,
                               kl_convention)
         if out.mean.dtype != torch.float32:  # float64 inputs to the torch path: keep the contract's dtypes

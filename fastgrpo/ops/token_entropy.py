@@ -30,6 +30,11 @@ Decisions where DESIGN.md is silent (written down here, as it asks):
   out-of-range target is never read) and the host reads the flag once, after the kernel is queued: one launch and
   one small device-to-host read per call, no sync before the work. The C++ and torch paths check on the host
   before the call (CPU tensors: no device to wait for). All raise the same ValueError.
+* ``temperature`` must lie in [1e-4, 1e4] (``MIN_TEMPERATURE``, ``MAX_TEMPERATURE``) on every impl, else
+  ValueError naming it (issue 14: 1e-39 gave NaN on cpp/triton, 1e300 on triton, where torch returned numbers).
+  The same range holds for `eg_grpo_shaping`'s temperature.
+* A NaN logit makes its row's ``logp`` and ``entropy`` NaN on every impl (as ``torch.log_softmax``); the C++
+  path used to skip it in its max and return logp = +inf.
 * The Triton forward is one launch (one program per row, looping over V); the earlier chunk-merge kernel is gone.
 """
 from __future__ import annotations
@@ -39,6 +44,11 @@ import math
 import torch
 
 from ._backend import check_float, check_same_device, kernel_module, resolve_impl
+
+# The temperatures every impl accepts: outside, 1/T in float32 overflows (T = 1e-39: inf) or underflows
+# (T = 1e300: 0) and the fused kernels return NaN; sampling temperatures in use are within [0.1, 10].
+MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 1e4
 
 
 def _check_token_inputs(logits, targets, temperature, ignore_index, check_range=True):
@@ -58,9 +68,10 @@ def _check_token_inputs(logits, targets, temperature, ignore_index, check_range=
         raise ValueError(f"targets must have shape {tuple(logits.shape[:-1])} (logits without the vocabulary dim), "
                          f"got {tuple(targets.shape)}")
     check_same_device([("logits", logits), ("targets", targets)])
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
-            or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be a float in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] (the fused "
+                         f"kernels scale by 1/T in float32), got {temperature!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     V = logits.shape[-1]
