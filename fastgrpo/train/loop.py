@@ -22,6 +22,10 @@ steps a straight run would take (bit-identical weights on CPU).
 
 A non-finite reward or loss stops the run with `TrainingDiverged` before the optimizer step, so the newest
 checkpoint on disk is the last good state.
+
+The run folder belongs to one run: a folder that already holds one (``metrics.jsonl`` or a checkpoint) is refused
+unless ``resume=True`` (continue it) or ``overwrite=True`` (delete that run's files first, `RUN_FILES`); nothing
+in the folder is touched when it is refused.
 """
 
 from __future__ import annotations
@@ -37,12 +41,53 @@ from tqdm.auto import tqdm
 
 from fastgrpo.rewards import build_reward
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import _STEP_DIR, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .distributed import GroupSampler, all_sum, gathered_advantages, step_generator, world
 from .metrics import MetricsLogger, plot_curves
 from .prompts import load_prompts
 from .sharding import full_tensor, parallelism
+
+
+# What a run writes into its folder: `--overwrite` removes these (and nothing else) before a new run starts.
+RUN_FILES = ("metrics.jsonl", "checkpoints", "tensorboard", "curves.png", "config.yaml")
+
+
+def existing_run(out_dir) -> list[str]:
+    """The files of an earlier run in ``out_dir`` (``metrics.jsonl``, checkpoints), empty when it holds none."""
+    out = Path(out_dir)
+    found = ["metrics.jsonl"] if (out / "metrics.jsonl").exists() else []
+    ckpts = out / "checkpoints"
+    if ckpts.is_dir():
+        found += sorted(f"checkpoints/{p.name}" for p in ckpts.iterdir() if _STEP_DIR.match(p.name))
+    return found
+
+
+def prepare_run_folder(out_dir, *, resume: bool, overwrite: bool, remove: bool = True) -> None:
+    """Refuse to start a new run over an earlier one (ValueError naming ``--resume`` and ``--overwrite``, folder
+    untouched); with ``overwrite`` remove the earlier run's `RUN_FILES` (when ``remove``: the main process)."""
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: --resume continues the run in the folder, "
+                         "--overwrite deletes it")
+    if resume:
+        return
+    found = existing_run(out_dir)
+    if not found:
+        return
+    if not overwrite:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ValueError(f"{out_dir} already holds a run ({shown}): continue it with --resume (resume=True), "
+                         f"start over with --overwrite (overwrite=True: deletes that run's files), "
+                         f"or give another --out")
+    if remove:
+        import shutil
+
+        for name in RUN_FILES:
+            p = Path(out_dir) / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
 
 
 class TrainingDiverged(RuntimeError):
@@ -80,10 +125,14 @@ class EMA:
 class GRPOTrainer:
     """The family-independent loop; subclasses implement `build_policy`, `sample` and `train`."""
 
-    def __init__(self, cfg: Config, out_dir, *, resume: bool = False, device: str | None = None, pipeline=None):
+    def __init__(self, cfg: Config, out_dir, *, resume: bool = False, overwrite: bool = False,
+                 device: str | None = None, pipeline=None):
         from fastgrpo.algos import STRATEGIES
 
         self.cfg = cfg
+        self.rank, self.world_size = world()
+        # Before anything is loaded or written: a folder holding another run is refused untouched.
+        prepare_run_folder(out_dir, resume=resume, overwrite=overwrite, remove=self.rank == 0)
         # A pipeline object built by the caller (flow families): used instead of loading ``model.path``.
         self.pipeline = pipeline
         self.out = Path(out_dir)
@@ -94,7 +143,6 @@ class GRPOTrainer:
 
             device = PartialState().device
         self.device = torch.device(device)
-        self.rank, self.world_size = world()
         self.strategy = STRATEGIES[cfg.algo].from_config(cfg)
         self.prompts = load_prompts(cfg.prompts.source)
         self.reward_fn = build_reward(cfg.reward)
@@ -282,23 +330,30 @@ class _PhaseClock:
         self.last = now
 
 
-def make_trainer(cfg: Config, out_dir, *, resume: bool = False, device=None, pipeline=None) -> GRPOTrainer:
+def make_trainer(cfg: Config, out_dir, *, resume: bool = False, overwrite: bool = False, device=None,
+                 pipeline=None) -> GRPOTrainer:
     """The trainer for the config's model family. ``pipeline``: a diffusers pipeline object to train instead of
-    loading ``model.path`` (flow families; e.g. one built from configs with random weights)."""
+    loading ``model.path`` (flow families; e.g. one built from configs with random weights).
+
+    ``out_dir`` holding an earlier run (``metrics.jsonl`` or a checkpoint) raises ValueError, the folder untouched,
+    unless ``resume`` (continue from its newest checkpoint) or ``overwrite`` (delete its files first)."""
     if cfg.model.family == "janus":
         if pipeline is not None:
             raise ValueError("pipeline= is for the flow families (sd3, flux); Janus loads model.path")
         from .ar import ARTrainer
 
-        return ARTrainer(cfg, out_dir, resume=resume, device=device)
+        return ARTrainer(cfg, out_dir, resume=resume, overwrite=overwrite, device=device)
     from .flow import FlowTrainer
 
-    return FlowTrainer(cfg, out_dir, resume=resume, device=device, pipeline=pipeline)
+    return FlowTrainer(cfg, out_dir, resume=resume, overwrite=overwrite, device=device, pipeline=pipeline)
 
 
-def train(cfg: Config, out_dir, *, resume: bool = False, device=None) -> Path:
-    """Run (or resume) a training; returns the run folder. ``device``: default accelerate's (CUDA when present)."""
-    trainer = make_trainer(cfg, out_dir, resume=resume, device=device)
+def train(cfg: Config, out_dir, *, resume: bool = False, overwrite: bool = False, device=None) -> Path:
+    """Run (or resume) a training; returns the run folder. ``device``: default accelerate's (CUDA when present).
+
+    A folder that already holds a run is refused (ValueError, nothing touched) unless ``resume`` continues it or
+    ``overwrite`` deletes its files (`RUN_FILES`) first."""
+    trainer = make_trainer(cfg, out_dir, resume=resume, overwrite=overwrite, device=device)
     try:
         return trainer.run()
     except TrainingDiverged:
