@@ -59,3 +59,49 @@ def test_cli_refuses_a_used_out_and_overwrite_starts_over(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert [r["step"] for r in read_metrics(tmp_path / "run/metrics.jsonl")] == [1, 2]
 
+
+def _write_marker(path):  # what a crafted pickle would run on load
+    open(path, "w").write("code ran")
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_write_marker, (self.marker,))
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "rng.pt", "strategy.pt"])
+def test_resume_refuses_a_crafted_pickle_without_running_it(tmp_path, name):
+    import torch
+
+    out = train(small_cfg("train.steps=1", "checkpoint.every=1"), tmp_path / "run")
+    marker = tmp_path / "marker"
+    torch.save({"state": _Evil(str(marker))}, out / "checkpoints/step_1" / name)
+    with pytest.raises(ValueError, match=rf"{name}: refused to load.*could run code"):
+        make_trainer(small_cfg("train.steps=2"), out, resume=True)
+    assert not marker.exists()
+
+
+def test_checkpoint_files_round_trip_without_pickled_objects(tmp_path):
+    """rng.pt and an AEGPO-like strategy state (tuple keys, tensors) load with weights_only=True; a truncated file
+    is a ValueError naming it."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from fastgrpo.train.checkpoint import _rng_state, _set_rng_state, load_pt
+
+    torch.save(_rng_state(), tmp_path / "rng.pt")
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    _set_rng_state(load_pt(tmp_path / "rng.pt"), tmp_path / "rng.pt")
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+    state = {"base_entropy": {("a prompt", 7): torch.ones(3)}}
+    torch.save(state, tmp_path / "strategy.pt")
+    assert torch.equal(load_pt(tmp_path / "strategy.pt")["base_entropy"][("a prompt", 7)], torch.ones(3))
+    data = (tmp_path / "rng.pt").read_bytes()
+    (tmp_path / "rng.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"rng.pt is unreadable"):
+        load_pt(tmp_path / "rng.pt")

@@ -3,11 +3,16 @@
 * ``trainable.safetensors`` -- the trainable weights (LoRA or the whole transformer), by parameter name;
 * ``ema.safetensors`` -- their exponential moving average (absent when ``train.ema_decay`` is null);
 * ``optimizer.pt`` -- the optimizer state (``optimizer.state_dict()``, moments indexed by parameter position);
-* ``rng.pt`` -- python/numpy/torch RNG states (the loop also derives each step's randomness from (seed, step));
+* ``rng.pt`` -- python/numpy/torch RNG states as plain data and tensors (the loop also derives each step's
+  randomness from (seed, step));
 * ``state.json`` -- step, samples, model forwards, elapsed time, and the config;
 * ``strategy.pt`` -- the variant's own state, when it has one (AEGPO's cached base entropies).
 
 A checkpoint is written to a temporary folder and renamed into place, so a crash never leaves half of one.
+
+Loading never executes code from a file: the ``.pt`` files hold only tensors and plain Python data and are read
+with ``torch.load(weights_only=True)``; a file holding anything else (a crafted pickle) is refused with a
+ValueError naming it, as is an unreadable (truncated, corrupt) file.
 
 Tensors are always whole, whatever ``distributed.strategy`` trained them: under FSDP every process calls
 `save_checkpoint` (the shards are gathered one tensor at a time) and only the writer (rank 0) keeps and writes them;
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -51,14 +57,53 @@ def save_checkpoint(root: Path, step: int, *, trainable: dict, ema: dict | None,
     if ema_weights is not None:
         save_file(ema_weights, str(tmp / "ema.safetensors"))
     torch.save(opt, tmp / "optimizer.pt")
-    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "rng.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     if strategy_state:
         torch.save(strategy_state, tmp / "strategy.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
+
+
+def _rng_state() -> dict:
+    """The RNG states as tensors and plain data (loadable with ``weights_only=True``: no numpy objects)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(rng: dict, path: Path) -> None:
+    try:
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+        n = rng["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+        torch.set_rng_state(rng["torch"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"{path}: not an RNG state written by this fastgrpo ({type(e).__name__}: {e})") from None
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def load_pt(path: Path):
+    """``torch.load`` of a checkpoint file without executing code (``weights_only=True``): a file holding objects
+    other than tensors and plain data, or an unreadable one, raises ValueError naming it."""
+    path = Path(path)
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: refused to load: it holds objects other than tensors and plain data, which could "
+                         f"run code (not written by fastgrpo, or tampered with); {first}") from None
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing (an incomplete checkpoint?)") from None
+    except (EOFError, RuntimeError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable (truncated or corrupt?): {type(e).__name__}: {e}") from None
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -71,7 +116,7 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 def load_checkpoint(path: Path, *, trainable: dict, ema: dict | None, optimizer, strategy=None) -> dict:
     """Restore weights, EMA (None: the run keeps none), optimizer and RNG states (and ``strategy``'s state when
-    saved) from ``path``; return state.json."""
+    saved) from ``path``; return state.json. No file is unpickled with code execution (`load_pt`)."""
     path = Path(path)
     weights = load_file(str(path / "trainable.safetensors"))
     missing = set(trainable) - set(weights)
@@ -87,19 +132,14 @@ def load_checkpoint(path: Path, *, trainable: dict, ema: dict | None, optimizer,
         if ema is not None:
             for k, v in load_file(str(path / "ema.safetensors")).items():
                 ema[k].copy_(local_like(v, ema[k]))
-    opt = torch.load(path / "optimizer.pt", weights_only=False)
+    opt = load_pt(path / "optimizer.pt")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for i, s in opt["state"].items():  # whole moments -> this process's shards
         if is_sharded(params[i]):
             opt["state"][i] = {k: local_like(v, params[i]) if torch.is_tensor(v) and v.shape == params[i].shape
                                else v for k, v in s.items()}
     optimizer.load_state_dict(opt)
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    _set_rng_state(load_pt(path / "rng.pt"), path / "rng.pt")
     if strategy is not None and (path / "strategy.pt").exists():
-        strategy.load_state_dict(torch.load(path / "strategy.pt", weights_only=False))
+        strategy.load_state_dict(load_pt(path / "strategy.pt"))
     return json.loads((path / "state.json").read_text())
