@@ -63,3 +63,40 @@ def test_config_file_overrides_preset(tmp_path):
     assert cfg.train.steps == 5 and cfg.algo == "dance_grpo"
     with pytest.raises(ValueError, match="does not exist"):
         resolve_config(tmp_path / "missing.yaml")
+
+
+def _float_keys(cls, prefix=""):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union else [tp]
+        if args[0] is float:
+            yield prefix + f.name
+        elif dataclasses.is_dataclass(args[0]):
+            yield from _float_keys(args[0], f"{prefix}{f.name}.")
+
+
+def test_every_float_key_refuses_non_finite_values():
+    """.inf / -.inf / .nan (and the strings YAML leaves them as) never pass validation, for every float key."""
+    from fastgrpo.train.config import Config, RewardSpec
+
+    keys = list(_float_keys(Config))
+    assert {"train.lr", "train.max_grad_norm", "sample.guidance_scale", "model.lora.alpha", "ar.bonus"} <= set(keys)
+    for key in keys:
+        for raw in (float("inf"), float("-inf"), float("nan"), "inf", "nan"):
+            data = {}
+            apply_override(data, f"{key}=0")
+            node = data
+            for part in key.split(".")[:-1]:
+                node = node[part]
+            node[key.split(".")[-1]] = raw
+            with pytest.raises(ValueError, match=rf"^{key} must be a finite number"):
+                config_from_dict(data)
+        with pytest.raises(ValueError, match=rf"^{key} must be a finite number"):  # --set parses YAML's .inf
+            resolve_config(overrides=[f"{key}=.inf"])
+    for key in _float_keys(RewardSpec):
+        with pytest.raises(ValueError, match=rf"reward\[0\]\.{key} must be a finite number"):
+            resolve_config(preset="tiny-flow-grpo", overrides=[f"reward=[{{name: brightness, {key}: .nan}}]"])

@@ -1,7 +1,8 @@
 """Training configuration: dataclasses validated when built, YAML presets, ``--set key=value`` overrides.
 
 A config is built from a nested dict (a YAML preset, a config file, overrides); an unknown key or a bad value
-raises ``ValueError`` naming the dotted key (``train.lr must be > 0, got -1``). Presets are YAML files in the
+raises ``ValueError`` naming the dotted key (``train.lr must be > 0, got -1``); every float key must be a finite
+number (``.inf`` / ``.nan`` / ``"inf"`` are refused, naming the key). Presets are YAML files in the
 repository's ``configs/`` folder (shipped inside the package as ``fastgrpo/configs``); ``fastgrpo presets`` lists
 them with the first line of their ``description``.
 
@@ -11,6 +12,7 @@ strategy module in ``fastgrpo.algos``; a preset only sets what differs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,7 +279,7 @@ def _choice(p, key, value, options):
 
 
 def _convert(key: str, tp, value):
-    """Coerce a YAML / --set value to the field's type, or raise naming the key."""
+    """Coerce a YAML / --set value to the field's type, or raise naming the key (floats must be finite)."""
     origin = typing.get_origin(tp)
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -304,6 +306,8 @@ def _convert(key: str, tp, value):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -20,7 +20,8 @@ logging, the run loop). A family subclass implements ``build_policy`` (returns t
 Randomness is derived from (seed, step, rank) for every step, so ``--resume`` from a checkpoint replays exactly the
 steps a straight run would take (bit-identical weights on CPU).
 
-A non-finite reward or loss stops the run with `TrainingDiverged` before the optimizer step, so the newest
+A non-finite reward or loss stops the run with `TrainingDiverged` before the optimizer step, and non-finite weights
+after it (a huge learning rate) stop it before the EMA update and before any checkpoint is written, so the newest
 checkpoint on disk is the last good state.
 
 The run folder belongs to one run: a folder that already holds one (``metrics.jsonl`` or a checkpoint) is refused
@@ -46,7 +47,7 @@ from .config import Config
 from .distributed import GroupSampler, all_sum, gathered_advantages, step_generator, world
 from .metrics import MetricsLogger, plot_curves
 from .prompts import load_prompts
-from .sharding import full_tensor, parallelism
+from .sharding import full_tensor, is_sharded, parallelism
 
 
 # What a run writes into its folder: `--overwrite` removes these (and nothing else) before a new run starts.
@@ -91,7 +92,9 @@ def prepare_run_folder(out_dir, *, resume: bool, overwrite: bool, remove: bool =
 
 
 class TrainingDiverged(RuntimeError):
-    """A reward or the loss became NaN/inf; the run stopped before updating the weights."""
+    """A reward, the loss or the gradient norm became NaN/inf (the run stopped before updating the weights), or the
+    updated weights did (stopped before the EMA update and before saving them: the newest checkpoint is the last
+    good state; the trainer's in-memory weights are then not to be saved)."""
 
 
 @dataclass
@@ -229,13 +232,21 @@ class GRPOTrainer:
         return batches
 
     def optimizer_step(self) -> float:
-        """Average gradients over ranks (DDP; FSDP did it in backward), clip, step, update the EMA; returns the
+        """Average gradients over ranks (DDP; FSDP did it in backward), clip, step, check the updated weights are
+        finite (else `TrainingDiverged`, before the EMA update and any checkpoint), update the EMA; returns the
         gradient norm."""
         self.parallel.reduce_gradients(self.params)
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm))
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"the gradient norm became {grad_norm.item()}; weights not updated")
         self.optimizer.step()
+        finite = torch.stack([torch.isfinite(p.to_local() if is_sharded(p) else p).all() for p in self.params])
+        n_bad = all_sum(int((~finite).sum()))  # one sync; every rank agrees (FSDP: each checked its shards)
+        if n_bad:
+            bad = [k for (k, _), ok in zip(self.named.items(), finite.tolist()) if not ok]
+            raise TrainingDiverged(f"the optimizer step made {n_bad} weight tensor(s) NaN/inf (e.g. {bad[:3]}; "
+                                   f"train.lr {self.cfg.train.lr} too large?); not saved: the newest checkpoint is "
+                                   "the last good state")
         if self.ema is not None:
             self.ema.update(self.named)
         return grad_norm.item()
