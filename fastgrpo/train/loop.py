@@ -133,9 +133,6 @@ class GRPOTrainer:
         from fastgrpo.algos import STRATEGIES
 
         self.cfg = cfg
-        self.rank, self.world_size = world()
-        # Before anything is loaded or written: a folder holding another run is refused untouched.
-        prepare_run_folder(out_dir, resume=resume, overwrite=overwrite, remove=self.rank == 0)
         # A pipeline object built by the caller (flow families): used instead of loading ``model.path``.
         self.pipeline = pipeline
         self.out = Path(out_dir)
@@ -146,6 +143,9 @@ class GRPOTrainer:
 
             device = PartialState().device
         self.device = torch.device(device)
+        self.rank, self.world_size = world()  # after accelerate set up the process group
+        # Before anything is loaded or written: a folder holding another run is refused untouched.
+        prepare_run_folder(out_dir, resume=resume, overwrite=overwrite, remove=self.rank == 0)
         self.strategy = STRATEGIES[cfg.algo].from_config(cfg)
         self.prompts = load_prompts(cfg.prompts.source)
         self.reward_fn = build_reward(cfg.reward)
