@@ -105,3 +105,39 @@ def test_checkpoint_files_round_trip_without_pickled_objects(tmp_path):
     (tmp_path / "rng.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"rng.pt is unreadable"):
         load_pt(tmp_path / "rng.pt")
+
+
+def test_metrics_survive_a_torn_line_and_a_kill_during_the_resume_rewrite(tmp_path, monkeypatch):
+    import fastgrpo.train.metrics as metrics
+
+    out = train(small_cfg("train.steps=2", "checkpoint.every=1"), tmp_path / "run")
+    path = out / "metrics.jsonl"
+    good = path.read_text()
+    # a kill while --resume rewrites metrics.jsonl: the old file stays whole (temp file + os.replace)
+    monkeypatch.setattr(metrics.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(small_cfg("train.steps=3"), out, resume=True)
+    monkeypatch.undo()
+    assert path.read_text() == good
+    # a kill during an append leaves a torn last line: dropped with a warning, the resume goes on
+    path.write_text(good + '{"step": 3, "reward_mean": 0.')
+    with pytest.warns(UserWarning, match="metrics.jsonl: dropped its torn last line 3"):
+        train(small_cfg("train.steps=3", "checkpoint.every=1"), out, resume=True)
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    # a bad line elsewhere names the file and the line
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1][:20], lines[2]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a metrics row"):
+        read_metrics(path)
+
+
+@pytest.mark.parametrize("name", ["trainable.safetensors", "ema.safetensors", "state.json"])
+def test_unreadable_checkpoint_files_are_named(tmp_path, name):
+    from fastgrpo.train.checkpoint import load_checkpoint
+
+    out = train(small_cfg("train.steps=1", "checkpoint.every=1"), tmp_path / "run")
+    f = out / "checkpoints/step_1" / name
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    trainer = make_trainer(small_cfg("train.steps=1"), tmp_path / "other")
+    with pytest.raises(ValueError, match=rf"{name} is (unreadable|not valid JSON)"):
+        load_checkpoint(f.parent, trainable=trainer.named, ema=trainer.ema.shadow, optimizer=trainer.optimizer)

@@ -12,7 +12,7 @@ A checkpoint is written to a temporary folder and renamed into place, so a crash
 
 Loading never executes code from a file: the ``.pt`` files hold only tensors and plain Python data and are read
 with ``torch.load(weights_only=True)``; a file holding anything else (a crafted pickle) is refused with a
-ValueError naming it, as is an unreadable (truncated, corrupt) file.
+ValueError naming it, as is a missing or unreadable (truncated, corrupt) ``.pt``, ``.safetensors`` or ``.json``.
 
 Tensors are always whole, whatever ``distributed.strategy`` trained them: under FSDP every process calls
 `save_checkpoint` (the shards are gathered one tensor at a time) and only the writer (rank 0) keeps and writes them;
@@ -106,6 +106,28 @@ def load_pt(path: Path):
         raise ValueError(f"{path} is unreadable (truncated or corrupt?): {type(e).__name__}: {e}") from None
 
 
+def load_safetensors(path: Path) -> dict:
+    """``safetensors`` ``load_file``; a missing, truncated or corrupt file raises ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} is missing (an incomplete checkpoint?)")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError, OSError, ...: the reader's own messages name no file
+        raise ValueError(f"{path} is unreadable (truncated or corrupt?): {type(e).__name__}: {e}") from None
+
+
+def read_json(path: Path):
+    """A JSON file's content; a missing or malformed file raises ValueError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing (an incomplete checkpoint?)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from None
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     root = Path(root)
     if not root.is_dir():
@@ -118,7 +140,7 @@ def load_checkpoint(path: Path, *, trainable: dict, ema: dict | None, optimizer,
     """Restore weights, EMA (None: the run keeps none), optimizer and RNG states (and ``strategy``'s state when
     saved) from ``path``; return state.json. No file is unpickled with code execution (`load_pt`)."""
     path = Path(path)
-    weights = load_file(str(path / "trainable.safetensors"))
+    weights = load_safetensors(path / "trainable.safetensors")
     missing = set(trainable) - set(weights)
     if missing:
         raise ValueError(f"checkpoint {path} lacks trainable weights {sorted(missing)[:3]}... "
@@ -130,7 +152,7 @@ def load_checkpoint(path: Path, *, trainable: dict, ema: dict | None, optimizer,
         for k, p in trainable.items():
             p.copy_(local_like(weights[k], p))
         if ema is not None:
-            for k, v in load_file(str(path / "ema.safetensors")).items():
+            for k, v in load_safetensors(path / "ema.safetensors").items():
                 ema[k].copy_(local_like(v, ema[k]))
     opt = load_pt(path / "optimizer.pt")
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -142,4 +164,4 @@ def load_checkpoint(path: Path, *, trainable: dict, ema: dict | None, optimizer,
     _set_rng_state(load_pt(path / "rng.pt"), path / "rng.pt")
     if strategy is not None and (path / "strategy.pt").exists():
         strategy.load_state_dict(load_pt(path / "strategy.pt"))
-    return json.loads((path / "state.json").read_text())
+    return read_json(path / "state.json")
