@@ -78,7 +78,16 @@ def test_resume_refuses_a_crafted_pickle_without_running_it(tmp_path, name):
 
     out = train(small_cfg("train.steps=1", "checkpoint.every=1"), tmp_path / "run")
     marker = tmp_path / "marker"
-    torch.save({"state": _Evil(str(marker))}, out / "checkpoints/step_1" / name)
+    ckpt = out / "checkpoints/step_1"
+    torch.save({"state": _Evil(str(marker))}, ckpt / name)
+    if (ckpt / "manifest.json").exists():  # a forged manifest: the checksum passes, loading must still refuse
+        import hashlib
+        import json
+
+        m = json.loads((ckpt / "manifest.json").read_text())
+        m["files"][name] = {"bytes": (ckpt / name).stat().st_size,
+                            "sha256": hashlib.sha256((ckpt / name).read_bytes()).hexdigest()}
+        (ckpt / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match=rf"{name}: refused to load.*could run code"):
         make_trainer(small_cfg("train.steps=2"), out, resume=True)
     assert not marker.exists()
@@ -141,3 +150,35 @@ def test_unreadable_checkpoint_files_are_named(tmp_path, name):
     trainer = make_trainer(small_cfg("train.steps=1"), tmp_path / "other")
     with pytest.raises(ValueError, match=rf"{name} is (unreadable|not valid JSON)"):
         load_checkpoint(f.parent, trainable=trainer.named, ema=trainer.ema.shadow, optimizer=trainer.optimizer)
+
+
+def test_resume_verifies_checkpoints_and_falls_back_to_the_newest_good_one(tmp_path):
+    import json
+
+    from fastgrpo.train.checkpoint import verify_checkpoint
+
+    out = train(small_cfg("train.steps=2", "checkpoint.every=1"), tmp_path / "run")
+    manifest = json.loads((out / "checkpoints/step_2/manifest.json").read_text())
+    assert {"trainable.safetensors", "optimizer.pt", "rng.pt", "state.json"} <= set(manifest["files"])
+    f = out / "checkpoints/step_2/trainable.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF  # same size, one bit pattern changed: only the checksum sees it
+    f.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"resuming from step_1.*step_2/trainable.safetensors does not match its "
+                                         r"sha256"):
+        train(small_cfg("train.steps=3", "checkpoint.every=1"), out, resume=True)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+    assert verify_checkpoint(out / "checkpoints/step_2")  # step 2 rewritten whole by the rerun
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_resume_stops_naming_the_broken_file_when_none_verifies(tmp_path, damage):
+    out = train(small_cfg("train.steps=1", "checkpoint.every=1"), tmp_path / "run")
+    f = out / "checkpoints/step_1/optimizer.pt"
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[:100])
+    else:
+        f.unlink()
+    match = "has 100 bytes" if damage == "truncate" else "is missing"
+    with pytest.raises(ValueError, match=rf"no checkpoint under .* verifies.*step_1/optimizer.pt {match}"):
+        make_trainer(small_cfg("train.steps=2"), out, resume=True)

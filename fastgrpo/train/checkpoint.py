@@ -6,7 +6,13 @@
 * ``rng.pt`` -- python/numpy/torch RNG states as plain data and tensors (the loop also derives each step's
   randomness from (seed, step));
 * ``state.json`` -- step, samples, model forwards, elapsed time, and the config;
-* ``strategy.pt`` -- the variant's own state, when it has one (AEGPO's cached base entropies).
+* ``strategy.pt`` -- the variant's own state, when it has one (AEGPO's cached base entropies);
+* ``manifest.json`` -- written last: the size and sha256 of every other file.
+
+On ``--resume`` the newest checkpoint whose files match its manifest is used (`resumable_checkpoint`): a newer
+one with a missing, truncated or altered file is skipped with a warning naming the file; when none verifies the
+resume stops with a ValueError naming the broken file. A checkpoint without a manifest (written before manifests
+existed) is loaded unverified, with a warning.
 
 A checkpoint is written to a temporary folder and renamed into place, so a crash never leaves half of one.
 
@@ -20,9 +26,11 @@ Tensors are always whole, whatever ``distributed.strategy`` trained them: under 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
+import warnings
 import random
 import re
 import shutil
@@ -35,6 +43,12 @@ from safetensors.torch import load_file, save_file
 from .sharding import gather_full, is_sharded, local_like
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save_checkpoint(root: Path, step: int, *, trainable: dict, ema: dict | None, optimizer, state: dict,
@@ -61,6 +75,8 @@ def save_checkpoint(root: Path, step: int, *, trainable: dict, ema: dict | None,
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     if strategy_state:
         torch.save(strategy_state, tmp / "strategy.pt")
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -134,6 +150,55 @@ def latest_checkpoint(root: Path) -> Path | None:
         return None
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return max(found)[1] if found else None
+
+
+def verify_checkpoint(path: Path) -> bool:
+    """Check ``path``'s files against its ``manifest.json``: True when they match, False when it has no manifest
+    (an older checkpoint: not verifiable); a missing, truncated or altered file raises ValueError naming it."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        return False
+    manifest = read_json(path / MANIFEST)
+    try:
+        files = dict(manifest["files"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path / MANIFEST} lists no files (corrupt?)") from None
+    for name, want in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            raise ValueError(f"{f} is missing (listed in {MANIFEST})")
+        size = f.stat().st_size
+        if size != want.get("bytes"):
+            raise ValueError(f"{f} has {size} bytes, {want.get('bytes')} when saved (truncated?)")
+        if _sha256(f) != want.get("sha256"):
+            raise ValueError(f"{f} does not match its sha256 in {MANIFEST} (altered or corrupt)")
+    return True
+
+
+def resumable_checkpoint(root: Path) -> Path:
+    """The newest checkpoint under ``root`` whose files verify (`verify_checkpoint`); newer broken ones are skipped
+    with a warning naming the broken file. ValueError when there is none, or none verifies (naming the newest's
+    broken file)."""
+    root = Path(root)
+    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()),
+                   reverse=True) if root.is_dir() else []
+    if not found:
+        raise ValueError(f"--resume: no checkpoint under {root}")
+    broken = []
+    for _, path in found:
+        try:
+            verified = verify_checkpoint(path)
+        except ValueError as e:
+            broken.append(str(e))
+            continue
+        if not verified:
+            warnings.warn(f"{path} has no {MANIFEST} (written by an older fastgrpo): resuming from it unverified",
+                          stacklevel=2)
+        if broken:
+            warnings.warn(f"resuming from {path.name}, the newest checkpoint that verifies; skipped newer broken "
+                          f"ones: {'; '.join(broken)}", stacklevel=2)
+        return path
+    raise ValueError(f"--resume: no checkpoint under {root} verifies; the newest: {broken[0]}")
 
 
 def load_checkpoint(path: Path, *, trainable: dict, ema: dict | None, optimizer, strategy=None) -> dict:

@@ -18,7 +18,8 @@ logging, the run loop). A family subclass implements ``build_policy`` (returns t
 ``model_forwards``, and its trainable parameters by name), ``sample`` and ``train``.
 
 Randomness is derived from (seed, step, rank) for every step, so ``--resume`` from a checkpoint replays exactly the
-steps a straight run would take (bit-identical weights on CPU).
+steps a straight run would take (bit-identical weights on CPU). It continues from the newest checkpoint whose files
+match their recorded sha256 (`fastgrpo.train.checkpoint.resumable_checkpoint`), warning about newer broken ones.
 
 A non-finite reward or loss stops the run with `TrainingDiverged` before the optimizer step, and non-finite weights
 after it (a huge learning rate) stop it before the EMA update and before any checkpoint is written, so the newest
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 
 from fastgrpo.rewards import build_reward
 
-from .checkpoint import _STEP_DIR, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import _STEP_DIR, load_checkpoint, resumable_checkpoint, save_checkpoint
 from .config import Config
 from .distributed import GroupSampler, all_sum, gathered_advantages, step_generator, world
 from .metrics import MetricsLogger, plot_curves
@@ -171,9 +172,7 @@ class GRPOTrainer:
             self.out.mkdir(parents=True, exist_ok=True)
         resumed_from = None
         if resume:
-            ckpt = latest_checkpoint(self.ckpt_dir)
-            if ckpt is None:
-                raise ValueError(f"--resume: no checkpoint under {self.ckpt_dir}")
+            ckpt = resumable_checkpoint(self.ckpt_dir)  # the newest that verifies against its manifest
             state = load_checkpoint(ckpt, trainable=self.named, ema=self.ema.shadow if self.ema else None,
                                     optimizer=self.optimizer, strategy=self.strategy)
             self.step, self.samples, self.elapsed = state["step"], state["samples"], state["elapsed_s"]
