@@ -1,7 +1,9 @@
 """Training configuration: dataclasses validated when built, YAML presets, ``--set key=value`` overrides.
 
 A config is built from a nested dict (a YAML preset, a config file, overrides); an unknown key or a bad value
-raises ``ValueError`` naming the dotted key (``train.lr must be > 0, got -1``); every float key must be a finite
+raises ``ValueError`` naming the dotted key (``train.lr must be > 0, got -1``); a ``model.path`` that reads as
+a local path but does not exist is refused at once (`fastgrpo.paths`; reward ``args`` paths when the trainer is
+built, since presets may name reward folders downloaded later), ``~`` being expanded in every path; every float key must be a finite
 number (``.inf`` / ``.nan`` / ``"inf"`` are refused, naming the key). Presets are YAML files in the
 repository's ``configs/`` folder (shipped inside the package as ``fastgrpo/configs``); ``fastgrpo presets`` lists
 them with the first line of their ``description``.
@@ -67,6 +69,10 @@ class ModelConfig:
         _positive(p, "max_sequence_length", self.max_sequence_length)
         if not self.path:
             raise ValueError(f"{p}path must be 'tiny', a local pipeline folder or a hub id")
+        if self.path != "tiny":  # a local path that does not exist fails here, never goes to the hub
+            from fastgrpo.paths import model_location
+
+            model_location(f"{p}path", self.path)
 
 
 @dataclass
@@ -186,7 +192,7 @@ class PromptConfig:
     source: str = "builtin"  # "builtin" or a text file with one prompt per line
 
     def validate(self, p):
-        if self.source != "builtin" and not Path(self.source).is_file():
+        if self.source != "builtin" and not Path(self.source).expanduser().is_file():
             raise ValueError(f"{p}source: prompt file {self.source!r} does not exist "
                              "(give 'builtin' or a text file with one prompt per line)")
 
@@ -366,7 +372,7 @@ def preset_paths() -> dict:
 
 
 def load_yaml(path) -> dict:
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
     data = yaml.safe_load(path.read_text()) or {}

@@ -92,6 +92,17 @@ def prepare_run_folder(out_dir, *, resume: bool, overwrite: bool, remove: bool =
                 p.unlink()
 
 
+def _check_reward_paths(cfg: Config) -> None:
+    """Reward ``args`` that read as local paths (a model folder) must exist: ValueError naming
+    ``reward[i].args.KEY`` before anything loads, never a hub request (`fastgrpo.paths`)."""
+    from fastgrpo.paths import model_location
+
+    for i, spec in enumerate(cfg.reward):
+        for k, v in spec.args.items():
+            if isinstance(v, str):
+                model_location(f"reward[{i}].args.{k}", v)
+
+
 class TrainingDiverged(RuntimeError):
     """A reward, the loss or the gradient norm became NaN/inf (the run stopped before updating the weights), or the
     updated weights did (stopped before the EMA update and before saving them: the newest checkpoint is the last
@@ -136,7 +147,7 @@ class GRPOTrainer:
         self.cfg = cfg
         # A pipeline object built by the caller (flow families): used instead of loading ``model.path``.
         self.pipeline = pipeline
-        self.out = Path(out_dir)
+        self.out = Path(out_dir).expanduser()
         if device is None:
             # accelerate sets up the process group under `accelerate launch` (gloo on CPU, NCCL on GPU) and picks
             # this process's device; in a single process it only picks the device.
@@ -146,7 +157,8 @@ class GRPOTrainer:
         self.device = torch.device(device)
         self.rank, self.world_size = world()  # after accelerate set up the process group
         # Before anything is loaded or written: a folder holding another run is refused untouched.
-        prepare_run_folder(out_dir, resume=resume, overwrite=overwrite, remove=self.rank == 0)
+        prepare_run_folder(self.out, resume=resume, overwrite=overwrite, remove=self.rank == 0)
+        _check_reward_paths(cfg)
         self.strategy = STRATEGIES[cfg.algo].from_config(cfg)
         self.prompts = load_prompts(cfg.prompts.source)
         self.reward_fn = build_reward(cfg.reward)
@@ -367,6 +379,6 @@ def train(cfg: Config, out_dir, *, resume: bool = False, overwrite: bool = False
     try:
         return trainer.run()
     except TrainingDiverged:
-        if trainer.is_main and (Path(out_dir) / "metrics.jsonl").exists():
-            plot_curves(out_dir)
+        if trainer.is_main and (trainer.out / "metrics.jsonl").exists():
+            plot_curves(trainer.out)
         raise
