@@ -85,6 +85,9 @@ def main(argv=None) -> int:
 
         try:
             print(plot_curves(args.dir))
+        except OSError as e:  # a read-only run folder
+            print(f"fastgrpo plot: cannot write {args.dir}/curves.png ({e.strerror or e})", file=sys.stderr)
+            return 1
         except ValueError as e:
             print(f"fastgrpo plot: {e}", file=sys.stderr)
             return 2

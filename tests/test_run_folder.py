@@ -182,3 +182,43 @@ def test_resume_stops_naming_the_broken_file_when_none_verifies(tmp_path, damage
     match = "has 100 bytes" if damage == "truncate" else "is missing"
     with pytest.raises(ValueError, match=rf"no checkpoint under .* verifies.*step_1/optimizer.pt {match}"):
         make_trainer(small_cfg("train.steps=2"), out, resume=True)
+
+
+def _unwritable(tmp_path):
+    """A folder this process cannot write: a chmod 555 one, or (root ignores modes) one under /sys."""
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o555)
+        return d / "run"
+    d = "/sys/fastgrpo-test-run"
+    try:
+        os.mkdir(d)
+        os.rmdir(d)
+        pytest.skip("root and /sys is writable: no unwritable folder to test with")
+    except OSError:
+        return d
+
+
+def test_an_unwritable_run_folder_is_one_clear_error(tmp_path):
+    out = _unwritable(tmp_path)
+    with pytest.raises(ValueError, match=rf"run folder {out} is not writable"):
+        make_trainer(small_cfg("train.steps=1"), out)
+    proc = subprocess.run([sys.executable, "-m", "fastgrpo", "train", "--preset", "tiny-flow-grpo", "--out", str(out),
+                           "--set", "train.steps=1", *sum((["--set", s] for s in SMALL), [])],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"run folder {out} is not writable" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_failing_write_mid_run_names_the_folder(tmp_path, monkeypatch):
+    """A write that fails during the run (disk full) is a ValueError naming the folder, not a raw OSError."""
+    import fastgrpo.train.loop as loop
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", "checkpoints/.tmp_step_1")
+
+    monkeypatch.setattr(loop, "save_checkpoint", full)
+    trainer = make_trainer(small_cfg("train.steps=1"), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"cannot write to run folder .*run \(No space left on device"):
+        trainer.run()

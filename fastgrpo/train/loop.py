@@ -27,11 +27,13 @@ checkpoint on disk is the last good state.
 
 The run folder belongs to one run: a folder that already holds one (``metrics.jsonl`` or a checkpoint) is refused
 unless ``resume=True`` (continue it) or ``overwrite=True`` (delete that run's files first, `RUN_FILES`); nothing
-in the folder is touched when it is refused.
+in the folder is touched when it is refused. A folder that cannot be written (read-only, no permission) is a
+ValueError naming it before anything loads, and a write that fails later (a full disk) one naming the folder.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -103,6 +105,24 @@ def _check_reward_paths(cfg: Config) -> None:
                 model_location(f"reward[{i}].args.{k}", v)
 
 
+def ensure_writable(out: Path) -> None:
+    """Create ``out`` and check that it (and its ``checkpoints/``, ``metrics.jsonl``) can be written: ValueError in one
+    line naming the folder otherwise, instead of a PermissionError traceback mid-run."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for d in (out, out / "checkpoints"):
+            if d.is_dir():
+                probe = d / f".fastgrpo-write-test-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and not os.access(metrics, os.W_OK):
+            raise PermissionError(13, "Permission denied", str(metrics))
+    except OSError as e:
+        raise ValueError(f"run folder {out} is not writable ({e.strerror or e}: {e.filename}): fix its permissions "
+                         "or give another --out") from None
+
+
 class TrainingDiverged(RuntimeError):
     """A reward, the loss or the gradient norm became NaN/inf (the run stopped before updating the weights), or the
     updated weights did (stopped before the EMA update and before saving them: the newest checkpoint is the last
@@ -159,6 +179,8 @@ class GRPOTrainer:
         # Before anything is loaded or written: a folder holding another run is refused untouched.
         prepare_run_folder(self.out, resume=resume, overwrite=overwrite, remove=self.rank == 0)
         _check_reward_paths(cfg)
+        if self.rank == 0:
+            ensure_writable(self.out)
         self.strategy = STRATEGIES[cfg.algo].from_config(cfg)
         self.prompts = load_prompts(cfg.prompts.source)
         self.reward_fn = build_reward(cfg.reward)
@@ -311,13 +333,22 @@ class GRPOTrainer:
                 self.elapsed = time.time() - t0
                 row["time_s"] = self.elapsed
                 if self.is_main:
-                    self.logger.log(row)
+                    self._writing(self.logger.log, row)
                     outer.set_postfix(reward=f"{row['reward_mean']:.4f}", kl=f"{row['kl']:.2e}")
                 if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps:
-                    self.save()
+                    self._writing(self.save)
         if self.is_main:
             self.logger.close()
         return self.out
+
+    def _writing(self, fn, *args):
+        """``fn(*args)``; an OSError writing the run folder (disk full, permissions changed) becomes a one-line
+        ValueError naming the folder."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            raise ValueError(f"cannot write to run folder {self.out} ({e.strerror or e}: {e.filename}); the newest "
+                             "checkpoint is the last good state") from None
 
     def save(self) -> None:
         """Every process calls it (FSDP gathers the shards); rank 0 writes."""
