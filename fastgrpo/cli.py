@@ -22,7 +22,7 @@ def _train(args) -> int:
         return 2
     out = args.out or f"runs/{args.preset or Path(args.config).stem}"
     try:
-        out = train(cfg, out, resume=args.resume)
+        out = train(cfg, out, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, TrainingDiverged) as e:
         print(f"fastgrpo train: stopped: {e}", file=sys.stderr)
         return 1
@@ -50,6 +50,9 @@ def main(argv=None) -> int:
     p_train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p_train.add_argument("--out", help="run folder (default runs/<preset or config name>)")
     p_train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p_train.add_argument("--overwrite", action="store_true",
+                         help="start over in an --out that holds a run: delete its metrics, checkpoints, "
+                              "tensorboard and curves first (without it such a folder is refused)")
     sub.add_parser("presets", help="list the presets with a one-line description")
     p_env = sub.add_parser("env", help="versions, device, and which backends (triton / cpp / torch) are usable")
     p_env.add_argument("--json", action="store_true", help="print as JSON")
@@ -82,6 +85,9 @@ def main(argv=None) -> int:
 
         try:
             print(plot_curves(args.dir))
+        except OSError as e:  # a read-only run folder
+            print(f"fastgrpo plot: cannot write {args.dir}/curves.png ({e.strerror or e})", file=sys.stderr)
+            return 1
         except ValueError as e:
             print(f"fastgrpo plot: {e}", file=sys.stderr)
             return 2

@@ -183,3 +183,27 @@ def test_full_finetuning_with_kl_uses_a_frozen_copy(tmp_path):
     trainer.run()
     assert all(torch.equal(ref[k], v) for k, v in trainer.policy._ref_transformer.state_dict().items())
     assert not all(torch.equal(ref[k], v) for k, v in trainer.policy.transformer.state_dict().items())
+
+
+def test_non_finite_weights_stop_before_the_checkpoint(tmp_path):
+    """An optimizer step that makes a weight NaN though the gradients were finite (an overflowing update) stops the
+    run before the EMA update and before the checkpoint: the newest checkpoint is the last good state."""
+    trainer = make_trainer(small_cfg("tiny-flow-grpo", "train.steps=3", "checkpoint.every=1"), tmp_path / "run")
+    real_step, calls = trainer.optimizer.step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        out = real_step(*args, **kwargs)
+        if len(calls) == 2:
+            with torch.no_grad():
+                next(iter(trainer.named.values())).view(-1)[0] = float("nan")
+        return out
+
+    trainer.optimizer.step = step
+    with pytest.raises(TrainingDiverged, match="weight tensor.*NaN/inf.*newest checkpoint"):
+        trainer.run()
+    assert latest_checkpoint(tmp_path / "run/checkpoints").name == "step_1"
+    w = load_file(str(tmp_path / "run/checkpoints/step_1/trainable.safetensors"))
+    assert all(torch.isfinite(v).all() for v in w.values())
+    assert all(torch.isfinite(v).all() for v in trainer.ema.shadow.values())
+    assert [r["step"] for r in read_metrics(tmp_path / "run/metrics.jsonl")] == [1]

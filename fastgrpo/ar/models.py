@@ -64,13 +64,15 @@ def load_janus(path: str, dtype: torch.dtype = torch.float32, seed: int = 0):
 
         model, tok = tiny_janus(seed)
         return (model if dtype == torch.float32 else model.to(dtype)), tok
-    looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
-    if looks_local and not Path(path).expanduser().is_dir():
+    from fastgrpo.paths import looks_local as _looks_local, model_location
+
+    looks_local = _looks_local(path)
+    where = model_location("model.path", path, kind="Janus checkpoint folder")
+    if looks_local and not Path(where).is_dir():
         raise ValueError(f"model.path {path!r} does not exist (give a local Janus checkpoint folder, a hub id, "
                          "or 'tiny')")
     from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-    where = str(Path(path).expanduser()) if looks_local else path
     try:
         model = JanusForConditionalGeneration.from_pretrained(where, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(where)

@@ -30,14 +30,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_pipeline(family: str, path: str, dtype: torch.dtype, seed: int = 0):
-    """A diffusers pipeline: ``path="tiny"`` builds a tiny random one, else ``from_pretrained`` (folder or hub id)."""
+    """A diffusers pipeline: ``path="tiny"`` builds a tiny random one, else ``from_pretrained`` (folder or hub id;
+    a local-looking path that does not exist raises ValueError naming ``model.path``: `fastgrpo.paths`)."""
     from . import tiny
 
     if path == "tiny":
         pipe = tiny.tiny_sd3_pipeline(seed) if family == "sd3" else tiny.tiny_flux_pipeline(seed)
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
-    looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
-    if looks_local and not Path(path).expanduser().is_dir():
+    from fastgrpo.paths import looks_local as _looks_local, model_location
+
+    looks_local = _looks_local(path)
+    where = model_location("model.path", path, kind="pipeline folder")
+    if looks_local and not Path(where).is_dir():
         raise ValueError(f"model.path {path!r} does not exist (give a local pipeline folder, a hub id, or 'tiny')")
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
@@ -45,7 +49,7 @@ def load_pipeline(family: str, path: str, dtype: torch.dtype, seed: int = 0):
     try:
         with warnings.catch_warnings():  # diffusers >= 0.42 renames torch_dtype to dtype; older ones know only this
             warnings.simplefilter("ignore", FutureWarning)
-            return cls.from_pretrained(str(Path(path).expanduser()) if looks_local else path, torch_dtype=dtype)
+            return cls.from_pretrained(where, torch_dtype=dtype)
     except (OSError, EnvironmentError) as e:
         raise ValueError(f"model.path {path!r}: could not load a {cls.__name__} from it ({e})") from e
 

@@ -2,11 +2,10 @@
 
 score = logit_scale * cos(image_embed, text_embed), as PickScore's reference inference computes it
 (yuvalkirstain/PickScore README); CLIP score uses the same form with the CLIP model's own scale.
-The model and processor load with ``from_pretrained`` from a local folder or a hub id, once, lazily.
+The model and processor load with ``from_pretrained`` from a local folder (``~`` expanded; a missing one is a
+ValueError, never a hub request: `fastgrpo.paths`) or a hub id, once, lazily.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
@@ -18,8 +17,11 @@ class ClipPreference:
                  dtype: str = "float32", batch_size: int = 32):
         if not model:
             raise ValueError("model: give the CLIP reward model's local folder or hub id")
-        self.model_id = model
-        self.processor_id = processor or model
+        from fastgrpo.paths import model_location
+
+        # a local path is checked (and ~ expanded) now, before transformers could take it for a hub id
+        self.model_id = model_location("model", model)
+        self.processor_id = model_location("processor", processor or model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = getattr(torch, dtype)
         self.batch_size = batch_size
@@ -28,9 +30,6 @@ class ClipPreference:
     def _load(self):
         from transformers import AutoProcessor, CLIPModel
 
-        for what, ident in (("model", self.model_id), ("processor", self.processor_id)):
-            if ident.startswith((".", "/")) and not Path(ident).exists():
-                raise ValueError(f"{what} path {ident!r} does not exist")
         self._processor = AutoProcessor.from_pretrained(self.processor_id)
         self._model = CLIPModel.from_pretrained(self.model_id, torch_dtype=self.dtype).to(self.device).eval()
 

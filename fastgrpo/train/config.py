@@ -1,7 +1,10 @@
 """Training configuration: dataclasses validated when built, YAML presets, ``--set key=value`` overrides.
 
 A config is built from a nested dict (a YAML preset, a config file, overrides); an unknown key or a bad value
-raises ``ValueError`` naming the dotted key (``train.lr must be > 0, got -1``). Presets are YAML files in the
+raises ``ValueError`` naming the dotted key (``train.lr must be > 0, got -1``); a ``model.path`` that reads as
+a local path but does not exist is refused at once (`fastgrpo.paths`; reward ``args`` paths when the trainer is
+built, since presets may name reward folders downloaded later), ``~`` being expanded in every path; every float key must be a finite
+number (``.inf`` / ``.nan`` / ``"inf"`` are refused, naming the key). Presets are YAML files in the
 repository's ``configs/`` folder (shipped inside the package as ``fastgrpo/configs``); ``fastgrpo presets`` lists
 them with the first line of their ``description``.
 
@@ -11,6 +14,7 @@ strategy module in ``fastgrpo.algos``; a preset only sets what differs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +69,10 @@ class ModelConfig:
         _positive(p, "max_sequence_length", self.max_sequence_length)
         if not self.path:
             raise ValueError(f"{p}path must be 'tiny', a local pipeline folder or a hub id")
+        if self.path != "tiny":  # a local path that does not exist fails here, never goes to the hub
+            from fastgrpo.paths import model_location
+
+            model_location(f"{p}path", self.path)
 
 
 @dataclass
@@ -184,7 +192,7 @@ class PromptConfig:
     source: str = "builtin"  # "builtin" or a text file with one prompt per line
 
     def validate(self, p):
-        if self.source != "builtin" and not Path(self.source).is_file():
+        if self.source != "builtin" and not Path(self.source).expanduser().is_file():
             raise ValueError(f"{p}source: prompt file {self.source!r} does not exist "
                              "(give 'builtin' or a text file with one prompt per line)")
 
@@ -277,7 +285,7 @@ def _choice(p, key, value, options):
 
 
 def _convert(key: str, tp, value):
-    """Coerce a YAML / --set value to the field's type, or raise naming the key."""
+    """Coerce a YAML / --set value to the field's type, or raise naming the key (floats must be finite)."""
     origin = typing.get_origin(tp)
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -304,6 +312,8 @@ def _convert(key: str, tp, value):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -362,7 +372,7 @@ def preset_paths() -> dict:
 
 
 def load_yaml(path) -> dict:
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
     data = yaml.safe_load(path.read_text()) or {}

@@ -18,14 +18,22 @@ logging, the run loop). A family subclass implements ``build_policy`` (returns t
 ``model_forwards``, and its trainable parameters by name), ``sample`` and ``train``.
 
 Randomness is derived from (seed, step, rank) for every step, so ``--resume`` from a checkpoint replays exactly the
-steps a straight run would take (bit-identical weights on CPU).
+steps a straight run would take (bit-identical weights on CPU). It continues from the newest checkpoint whose files
+match their recorded sha256 (`fastgrpo.train.checkpoint.resumable_checkpoint`), warning about newer broken ones.
 
-A non-finite reward or loss stops the run with `TrainingDiverged` before the optimizer step, so the newest
+A non-finite reward or loss stops the run with `TrainingDiverged` before the optimizer step, and non-finite weights
+after it (a huge learning rate) stop it before the EMA update and before any checkpoint is written, so the newest
 checkpoint on disk is the last good state.
+
+The run folder belongs to one run: a folder that already holds one (``metrics.jsonl`` or a checkpoint) is refused
+unless ``resume=True`` (continue it) or ``overwrite=True`` (delete that run's files first, `RUN_FILES`); nothing
+in the folder is touched when it is refused. A folder that cannot be written (read-only, no permission) is a
+ValueError naming it before anything loads, and a write that fails later (a full disk) one naming the folder.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,16 +45,88 @@ from tqdm.auto import tqdm
 
 from fastgrpo.rewards import build_reward
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import _STEP_DIR, load_checkpoint, resumable_checkpoint, save_checkpoint
 from .config import Config
 from .distributed import GroupSampler, all_sum, gathered_advantages, step_generator, world
 from .metrics import MetricsLogger, plot_curves
 from .prompts import load_prompts
-from .sharding import full_tensor, parallelism
+from .sharding import full_tensor, is_sharded, parallelism
+
+
+# What a run writes into its folder: `--overwrite` removes these (and nothing else) before a new run starts.
+RUN_FILES = ("metrics.jsonl", "checkpoints", "tensorboard", "curves.png", "config.yaml")
+
+
+def existing_run(out_dir) -> list[str]:
+    """The files of an earlier run in ``out_dir`` (``metrics.jsonl``, checkpoints), empty when it holds none."""
+    out = Path(out_dir)
+    found = ["metrics.jsonl"] if (out / "metrics.jsonl").exists() else []
+    ckpts = out / "checkpoints"
+    if ckpts.is_dir():
+        found += sorted(f"checkpoints/{p.name}" for p in ckpts.iterdir() if _STEP_DIR.match(p.name))
+    return found
+
+
+def prepare_run_folder(out_dir, *, resume: bool, overwrite: bool, remove: bool = True) -> None:
+    """Refuse to start a new run over an earlier one (ValueError naming ``--resume`` and ``--overwrite``, folder
+    untouched); with ``overwrite`` remove the earlier run's `RUN_FILES` (when ``remove``: the main process)."""
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: --resume continues the run in the folder, "
+                         "--overwrite deletes it")
+    if resume:
+        return
+    found = existing_run(out_dir)
+    if not found:
+        return
+    if not overwrite:
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ValueError(f"{out_dir} already holds a run ({shown}): continue it with --resume (resume=True), "
+                         f"start over with --overwrite (overwrite=True: deletes that run's files), "
+                         f"or give another --out")
+    if remove:
+        import shutil
+
+        for name in RUN_FILES:
+            p = Path(out_dir) / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+
+
+def _check_reward_paths(cfg: Config) -> None:
+    """Reward ``args`` that read as local paths (a model folder) must exist: ValueError naming
+    ``reward[i].args.KEY`` before anything loads, never a hub request (`fastgrpo.paths`)."""
+    from fastgrpo.paths import model_location
+
+    for i, spec in enumerate(cfg.reward):
+        for k, v in spec.args.items():
+            if isinstance(v, str):
+                model_location(f"reward[{i}].args.{k}", v)
+
+
+def ensure_writable(out: Path) -> None:
+    """Create ``out`` and check that it (and its ``checkpoints/``, ``metrics.jsonl``) can be written: ValueError in one
+    line naming the folder otherwise, instead of a PermissionError traceback mid-run."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for d in (out, out / "checkpoints"):
+            if d.is_dir():
+                probe = d / f".fastgrpo-write-test-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and not os.access(metrics, os.W_OK):
+            raise PermissionError(13, "Permission denied", str(metrics))
+    except OSError as e:
+        raise ValueError(f"run folder {out} is not writable ({e.strerror or e}: {e.filename}): fix its permissions "
+                         "or give another --out") from None
 
 
 class TrainingDiverged(RuntimeError):
-    """A reward or the loss became NaN/inf; the run stopped before updating the weights."""
+    """A reward, the loss or the gradient norm became NaN/inf (the run stopped before updating the weights), or the
+    updated weights did (stopped before the EMA update and before saving them: the newest checkpoint is the last
+    good state; the trainer's in-memory weights are then not to be saved)."""
 
 
 @dataclass
@@ -80,13 +160,14 @@ class EMA:
 class GRPOTrainer:
     """The family-independent loop; subclasses implement `build_policy`, `sample` and `train`."""
 
-    def __init__(self, cfg: Config, out_dir, *, resume: bool = False, device: str | None = None, pipeline=None):
+    def __init__(self, cfg: Config, out_dir, *, resume: bool = False, overwrite: bool = False,
+                 device: str | None = None, pipeline=None):
         from fastgrpo.algos import STRATEGIES
 
         self.cfg = cfg
         # A pipeline object built by the caller (flow families): used instead of loading ``model.path``.
         self.pipeline = pipeline
-        self.out = Path(out_dir)
+        self.out = Path(out_dir).expanduser()
         if device is None:
             # accelerate sets up the process group under `accelerate launch` (gloo on CPU, NCCL on GPU) and picks
             # this process's device; in a single process it only picks the device.
@@ -94,7 +175,12 @@ class GRPOTrainer:
 
             device = PartialState().device
         self.device = torch.device(device)
-        self.rank, self.world_size = world()
+        self.rank, self.world_size = world()  # after accelerate set up the process group
+        # Before anything is loaded or written: a folder holding another run is refused untouched.
+        prepare_run_folder(self.out, resume=resume, overwrite=overwrite, remove=self.rank == 0)
+        _check_reward_paths(cfg)
+        if self.rank == 0:
+            ensure_writable(self.out)
         self.strategy = STRATEGIES[cfg.algo].from_config(cfg)
         self.prompts = load_prompts(cfg.prompts.source)
         self.reward_fn = build_reward(cfg.reward)
@@ -120,9 +206,7 @@ class GRPOTrainer:
             self.out.mkdir(parents=True, exist_ok=True)
         resumed_from = None
         if resume:
-            ckpt = latest_checkpoint(self.ckpt_dir)
-            if ckpt is None:
-                raise ValueError(f"--resume: no checkpoint under {self.ckpt_dir}")
+            ckpt = resumable_checkpoint(self.ckpt_dir)  # the newest that verifies against its manifest
             state = load_checkpoint(ckpt, trainable=self.named, ema=self.ema.shadow if self.ema else None,
                                     optimizer=self.optimizer, strategy=self.strategy)
             self.step, self.samples, self.elapsed = state["step"], state["samples"], state["elapsed_s"]
@@ -181,13 +265,21 @@ class GRPOTrainer:
         return batches
 
     def optimizer_step(self) -> float:
-        """Average gradients over ranks (DDP; FSDP did it in backward), clip, step, update the EMA; returns the
+        """Average gradients over ranks (DDP; FSDP did it in backward), clip, step, check the updated weights are
+        finite (else `TrainingDiverged`, before the EMA update and any checkpoint), update the EMA; returns the
         gradient norm."""
         self.parallel.reduce_gradients(self.params)
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm))
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"the gradient norm became {grad_norm.item()}; weights not updated")
         self.optimizer.step()
+        finite = torch.stack([torch.isfinite(p.to_local() if is_sharded(p) else p).all() for p in self.params])
+        n_bad = all_sum(int((~finite).sum()))  # one sync; every rank agrees (FSDP: each checked its shards)
+        if n_bad:
+            bad = [k for (k, _), ok in zip(self.named.items(), finite.tolist()) if not ok]
+            raise TrainingDiverged(f"the optimizer step made {n_bad} weight tensor(s) NaN/inf (e.g. {bad[:3]}; "
+                                   f"train.lr {self.cfg.train.lr} too large?); not saved: the newest checkpoint is "
+                                   "the last good state")
         if self.ema is not None:
             self.ema.update(self.named)
         return grad_norm.item()
@@ -241,13 +333,22 @@ class GRPOTrainer:
                 self.elapsed = time.time() - t0
                 row["time_s"] = self.elapsed
                 if self.is_main:
-                    self.logger.log(row)
+                    self._writing(self.logger.log, row)
                     outer.set_postfix(reward=f"{row['reward_mean']:.4f}", kl=f"{row['kl']:.2e}")
                 if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps:
-                    self.save()
+                    self._writing(self.save)
         if self.is_main:
             self.logger.close()
         return self.out
+
+    def _writing(self, fn, *args):
+        """``fn(*args)``; an OSError writing the run folder (disk full, permissions changed) becomes a one-line
+        ValueError naming the folder."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            raise ValueError(f"cannot write to run folder {self.out} ({e.strerror or e}: {e.filename}); the newest "
+                             "checkpoint is the last good state") from None
 
     def save(self) -> None:
         """Every process calls it (FSDP gathers the shards); rank 0 writes."""
@@ -282,26 +383,33 @@ class _PhaseClock:
         self.last = now
 
 
-def make_trainer(cfg: Config, out_dir, *, resume: bool = False, device=None, pipeline=None) -> GRPOTrainer:
+def make_trainer(cfg: Config, out_dir, *, resume: bool = False, overwrite: bool = False, device=None,
+                 pipeline=None) -> GRPOTrainer:
     """The trainer for the config's model family. ``pipeline``: a diffusers pipeline object to train instead of
-    loading ``model.path`` (flow families; e.g. one built from configs with random weights)."""
+    loading ``model.path`` (flow families; e.g. one built from configs with random weights).
+
+    ``out_dir`` holding an earlier run (``metrics.jsonl`` or a checkpoint) raises ValueError, the folder untouched,
+    unless ``resume`` (continue from its newest checkpoint) or ``overwrite`` (delete its files first)."""
     if cfg.model.family == "janus":
         if pipeline is not None:
             raise ValueError("pipeline= is for the flow families (sd3, flux); Janus loads model.path")
         from .ar import ARTrainer
 
-        return ARTrainer(cfg, out_dir, resume=resume, device=device)
+        return ARTrainer(cfg, out_dir, resume=resume, overwrite=overwrite, device=device)
     from .flow import FlowTrainer
 
-    return FlowTrainer(cfg, out_dir, resume=resume, device=device, pipeline=pipeline)
+    return FlowTrainer(cfg, out_dir, resume=resume, overwrite=overwrite, device=device, pipeline=pipeline)
 
 
-def train(cfg: Config, out_dir, *, resume: bool = False, device=None) -> Path:
-    """Run (or resume) a training; returns the run folder. ``device``: default accelerate's (CUDA when present)."""
-    trainer = make_trainer(cfg, out_dir, resume=resume, device=device)
+def train(cfg: Config, out_dir, *, resume: bool = False, overwrite: bool = False, device=None) -> Path:
+    """Run (or resume) a training; returns the run folder. ``device``: default accelerate's (CUDA when present).
+
+    A folder that already holds a run is refused (ValueError, nothing touched) unless ``resume`` continues it or
+    ``overwrite`` deletes its files (`RUN_FILES`) first."""
+    trainer = make_trainer(cfg, out_dir, resume=resume, overwrite=overwrite, device=device)
     try:
         return trainer.run()
     except TrainingDiverged:
-        if trainer.is_main and (Path(out_dir) / "metrics.jsonl").exists():
-            plot_curves(out_dir)
+        if trainer.is_main and (trainer.out / "metrics.jsonl").exists():
+            plot_curves(trainer.out)
         raise

@@ -1,8 +1,16 @@
-"""Run logging: ``metrics.jsonl`` (one object per optimizer step), tensorboard scalars, and ``curves.png``."""
+"""Run logging: ``metrics.jsonl`` (one object per optimizer step), tensorboard scalars, and ``curves.png``.
+
+``metrics.jsonl`` is never lost: rows are appended one line at a time, and on ``--resume`` the file is rewritten
+(rows past the checkpoint dropped) into a temporary file renamed over it (``os.replace``), so a kill leaves the
+old file or the new one. A torn last line (a kill during an append) is dropped with a warning; any other bad line
+is a ValueError naming the file and line.
+"""
 from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 
 
@@ -11,7 +19,7 @@ class MetricsLogger:
         self.path = Path(out_dir) / "metrics.jsonl"
         if resume_step is not None and self.path.exists():  # drop lines past the checkpoint we resume from
             rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self.tb = None
@@ -37,11 +45,38 @@ class MetricsLogger:
             self.tb.close()
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` all at once: a temporary file beside it, flushed, then renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl``; a torn last line (a run killed while writing it) is dropped with a warning,
+    any other line that is not a JSON object raises ValueError naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path} does not exist (is it a run folder?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "step" not in row:
+                raise ValueError("not a row object with a step")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: dropped its torn last line {n} (a run killed while writing it?): {e}",
+                              stacklevel=2)
+                break
+            raise ValueError(f"{path} line {n} is not a metrics row ({e}); fix or delete that line") from None
+        rows.append(row)
+    return rows
 
 
 def plot_curves(run_dir: Path) -> Path:

@@ -14,7 +14,7 @@ BUILTIN_PROMPTS = [
 def load_prompts(source: str) -> list[str]:
     if source == "builtin":
         return list(BUILTIN_PROMPTS)
-    path = Path(source)
+    path = Path(source).expanduser()
     if not path.is_file():
         raise ValueError(f"prompts.source: prompt file {source!r} does not exist")
     prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
