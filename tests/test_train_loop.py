@@ -183,3 +183,19 @@ def test_full_finetuning_with_kl_uses_a_frozen_copy(tmp_path):
     trainer.run()
     assert all(torch.equal(ref[k], v) for k, v in trainer.policy._ref_transformer.state_dict().items())
     assert not all(torch.equal(ref[k], v) for k, v in trainer.policy.transformer.state_dict().items())
+
+
+def test_resume_under_another_world_size_is_refused(tmp_path):
+    """Regression (issue 14): rank r draws its own noise stream, so resuming a checkpoint with another number of
+    processes silently changed the run. It is refused, naming both world sizes, before anything is loaded."""
+    out = train(small_cfg("tiny-flow-grpo", "train.steps=1", "checkpoint.every=1"), tmp_path / "run")
+    state_file = latest_checkpoint(out / "checkpoints") / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["world_size"] == 1
+    state["world_size"] = 2  # as written by a 2-process run
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"world_size=2 processes and this run has world_size=1"):
+        make_trainer(small_cfg("tiny-flow-grpo", "train.steps=2", "checkpoint.every=1"), out, resume=True)
+    state["world_size"] = 1  # the same world size resumes
+    state_file.write_text(json.dumps(state))
+    make_trainer(small_cfg("tiny-flow-grpo", "train.steps=2", "checkpoint.every=1"), out, resume=True)
