@@ -6,8 +6,20 @@ Order of attempts, once per process (the outcome is remembered):
 2. A module ``fastgrpo._C`` built ahead of time (``FASTGRPO_BUILD_EXT=1 pip install .``, see setup.py).
 3. ``torch.utils.cpp_extension.load`` on the sources in csrc/: ninja compiles them into a cache directory
    (``$TORCH_EXTENSIONS_DIR/fastgrpo_C`` when that variable is set, else ``~/.cache/fastgrpo/<python>-<torch>/``,
-   or under ``$XDG_CACHE_HOME``) and reuses the result while the sources and flags are unchanged. Concurrent
-   processes wait on torch's lock file in that directory instead of building twice.
+   or under ``$XDG_CACHE_HOME``) and reuses the result while the sources and flags are unchanged.
+
+Concurrent builds. A build holds an ``flock`` on ``fastgrpo.lock`` in the cache directory for its whole duration
+(the file records the owner's host and PID, for people). The OS releases that lock when its owner dies, however
+it dies (SIGKILL, SIGTERM, a crash), so:
+
+* a live concurrent build (another process, or another rank of the same training) is waited for, and its result
+  reused; a note goes to stderr once the wait passes a few seconds;
+* torch's own lock file ``lock`` in that directory, which a killed build leaves behind and on which torch would
+  wait forever, is known to be stale once the ``flock`` is ours: it is removed, with one ``RuntimeWarning``, and
+  the extension is (re)built;
+* a wait longer than ``FASTGRPO_EXT_LOCK_TIMEOUT`` seconds (default 600) stops waiting: the ops use the torch
+  path, with one ``RuntimeWarning`` naming the lock file and ``make ext-clean``. On a file system without
+  ``flock`` the same bound applies to waiting on torch's ``lock`` file itself.
 
 When step 3 fails (no compiler, no ninja, a compile error) the ops fall back to their torch path, with one
 ``RuntimeWarning`` per process that says why; ``fastgrpo env`` and `failure_reason` report it too. The module
@@ -18,9 +30,12 @@ The kernels are plain C++ with OpenMP (``-fopenmp``); the OpenMP runtime is the 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -30,6 +45,10 @@ from types import ModuleType
 from typing import Optional
 
 ENV_FLAG = "FASTGRPO_BUILD_EXT"
+LOCK_TIMEOUT_ENV = "FASTGRPO_EXT_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT_S = 600.0
+LOCK_FILE = "fastgrpo.lock"  # ours: an flock, released by the OS when its holder dies
+TORCH_LOCK_FILE = "lock"  # torch.utils.cpp_extension's FileBaton: a bare file, left behind by a killed build
 MODULE = "fastgrpo._C"
 NAME = "fastgrpo_C"  # torch's name for the lazily built module (no dots allowed there)
 SOURCES = ("bindings.cpp", "sde_step.cpp", "token_entropy.cpp", "ovf.cpp")
@@ -79,8 +98,92 @@ def _with_ninja_on_path():
     return bin_dir
 
 
+class LockTimeout(RuntimeError):
+    """Another process held the build lock for longer than FASTGRPO_EXT_LOCK_TIMEOUT."""
+
+
+def lock_timeout() -> float:
+    """Seconds to wait for another process's build (``FASTGRPO_EXT_LOCK_TIMEOUT``, default 600)."""
+    raw = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    try:
+        return max(0.0, float(raw)) if raw else DEFAULT_LOCK_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+
+
+def _timeout_message(lock: Path, waited: float) -> str:
+    return (f"waited {waited:.0f}s for the build lock {lock} (another process building {MODULE}, or a build that "
+            f"was killed); remove it with `make ext-clean` (or delete {lock.parent}) if no build is running, or "
+            f"raise {LOCK_TIMEOUT_ENV}")
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path, poll_s: float = 0.1):
+    """Hold the cross-process build lock of ``out`` (see the module docstring): wait for a live holder up to
+    `lock_timeout` (then raise `LockTimeout`), and clear torch's lock file left behind by a killed build."""
+    timeout, start, noted = lock_timeout(), time.monotonic(), False
+    torch_lock = out / TORCH_LOCK_FILE
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): only bound the wait on torch's lock file
+        fcntl = None
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            fd = None
+    try:
+        if fd is not None:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):  # no flock here (NFS)
+                        os.close(fd)
+                        fd = None
+                        break
+                waited = time.monotonic() - start
+                if waited >= timeout:
+                    raise LockTimeout(_timeout_message(out / LOCK_FILE, waited))
+                if not noted and waited >= 5.0:
+                    print(f"fastgrpo: waiting for another process building {MODULE} (lock {out / LOCK_FILE}, "
+                          f"{_lock_owner(out / LOCK_FILE)}); giving up after {timeout:.0f}s", file=sys.stderr)
+                    noted = True
+                time.sleep(poll_s)
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"host={socket.gethostname()} pid={os.getpid()}\n".encode())
+            if torch_lock.exists():  # nobody else can be building: left by a killed build
+                try:
+                    torch_lock.unlink()
+                except FileNotFoundError:
+                    pass
+                warnings.warn(f"fastgrpo: removed the stale build lock {torch_lock}, left by a build of {MODULE} "
+                              f"that was killed; building again", RuntimeWarning, stacklevel=2)
+        else:
+            while torch_lock.exists():
+                waited = time.monotonic() - start
+                if waited >= timeout:
+                    raise LockTimeout(_timeout_message(torch_lock, waited))
+                time.sleep(poll_s)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the flock
+
+
+def _lock_owner(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "owner unknown"
+    except OSError:
+        return "owner unknown"
+
+
 def _build(verbose: bool = False) -> ModuleType:
-    """Compile csrc/ with ninja through torch.utils.cpp_extension (a no-op when the cache is fresh)."""
+    """Compile csrc/ with ninja through torch.utils.cpp_extension (a no-op when the cache is fresh), holding the
+    build lock (`_build_lock`)."""
     from torch.utils import cpp_extension
 
     src = source_dir()
@@ -91,10 +194,11 @@ def _build(verbose: bool = False) -> ModuleType:
     _with_ninja_on_path()
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=NAME, sources=[str(src / s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-        extra_include_paths=[str(src)], build_directory=str(out), verbose=verbose,
-    )
+    with _build_lock(out):
+        return cpp_extension.load(
+            name=NAME, sources=[str(src / s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+            extra_include_paths=[str(src)], build_directory=str(out), verbose=verbose,
+        )
 
 
 _COMPILER_ERROR = re.compile(r"([^\s:]+):(\d+):(?:\d+:)? (?:fatal )?error: (.*)")
@@ -102,8 +206,10 @@ _COMPILER_ERROR = re.compile(r"([^\s:]+):(\d+):(?:\d+:)? (?:fatal )?error: (.*)"
 
 def _reason(exc: BaseException) -> str:
     """A short why: the first compiler error (file:line: error: message) if there is one, else the exception's
-    first line."""
+    first line (all of a `LockTimeout`'s message, which names the lock file)."""
     text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, LockTimeout):
+        return text
     for line in text.splitlines():
         m = _COMPILER_ERROR.search(line)
         if m:

@@ -136,3 +136,129 @@ def test_results_do_not_depend_on_thread_count(impl):
         torch.set_num_threads(threads)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
+
+
+# --- the build lock: a killed build must not hang later processes, a live one is waited for -------------------
+
+_LOCK_TEST_NAME = "fastgrpo_C_lock_test"
+_LOCK_SCRIPT = r'''
+import json, sys, time, warnings
+from pathlib import Path
+from fastgrpo import _ext
+mode, src = sys.argv[1], Path(sys.argv[2])
+_ext.NAME = "%s"
+_ext.source_dir = lambda: src
+if mode in ("hang", "slow"):  # a real build through torch's FileBaton whose compile step hangs / is slow
+    from torch.utils import cpp_extension
+    compile_ = cpp_extension._write_ninja_file_and_build_library
+    def build(*a, **k):
+        print("building", flush=True)
+        time.sleep(3600 if mode == "hang" else 4)
+        return compile_(*a, **k)
+    cpp_extension._write_ninja_file_and_build_library = build
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    mod = _ext.load()
+print(json.dumps({"built": mod is not None, "reason": _ext._state["reason"],
+                  "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]}), flush=True)
+''' % _LOCK_TEST_NAME
+
+
+@pytest.fixture
+def lock_build(tmp_path):
+    """Start loader processes on a tiny C-API module, built in a private TORCH_EXTENSIONS_DIR (never the shared
+    cache): start(mode) -> Popen; finish(proc, timeout) -> the JSON it printed."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import is_ninja_available
+
+    _ext._with_ninja_on_path()
+    if not is_ninja_available():
+        pytest.skip("ninja is not installed (it is a dependency of fastgrpo: pip install ninja)")
+    src = tmp_path / "csrc"
+    src.mkdir()
+    for name in _ext.SOURCES:
+        (src / name).write_text("\n")
+    (src / "bindings.cpp").write_text(
+        "#include <Python.h>\n"
+        f'static struct PyModuleDef def_ = {{PyModuleDef_HEAD_INIT, "{_LOCK_TEST_NAME}", nullptr, -1, nullptr}};\n'
+        f"PyMODINIT_FUNC PyInit_{_LOCK_TEST_NAME}(void) {{ return PyModule_Create(&def_); }}\n")
+    script = tmp_path / "load.py"
+    script.write_text(_LOCK_SCRIPT)
+    root = str(Path(_ext.__file__).resolve().parent.parent)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "build"), OMP_NUM_THREADS="1",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("FASTGRPO_BUILD_EXT", None)
+    procs = []
+
+    def start(mode, **extra_env):
+        p = subprocess.Popen([sys.executable, str(script), mode, str(src)], env={**env, **extra_env},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(p)
+        return p
+
+    def finish(p, timeout):
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            pytest.fail(f"the loader did not return within {timeout}s (waiting on a lock forever?)")
+        assert p.returncode == 0, err[-3000:]
+        return json.loads(out.strip().splitlines()[-1]), err
+
+    def wait_building(p):
+        line = p.stdout.readline()
+        assert line.strip() == "building", (line, p.stderr.read()[-3000:] if p.poll() is not None else "")
+
+    yield start, finish, wait_building, tmp_path / "build" / _LOCK_TEST_NAME
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_a_killed_build_does_not_hang_the_next_process(lock_build, sig):
+    """Regression (issue 14): a build killed mid-way left torch's lock file and every later process waited on it
+    forever, silently. Now the next process sees that no live process holds the lock, clears it with one warning
+    and builds."""
+    import signal
+
+    start, finish, wait_building, out = lock_build
+    killed = start("hang")
+    wait_building(killed)
+    killed.send_signal(getattr(signal, sig))
+    killed.communicate(timeout=60)
+    assert (out / _ext.TORCH_LOCK_FILE).exists()  # what a killed build leaves behind
+    result, _ = finish(start("load", FASTGRPO_EXT_LOCK_TIMEOUT="600"), timeout=180)
+    assert result["built"], result
+    assert len(result["warnings"]) == 1 and "stale build lock" in result["warnings"][0], result
+    assert str(out / _ext.TORCH_LOCK_FILE) in result["warnings"][0]
+    assert not (out / _ext.TORCH_LOCK_FILE).exists()
+
+
+def test_a_live_build_is_waited_for(lock_build):
+    start, finish, wait_building, out = lock_build
+    first = start("slow")
+    wait_building(first)
+    second = start("load")  # starts while the first one holds the lock
+    result, _ = finish(second, timeout=180)
+    assert result == {"built": True, "reason": None, "warnings": []}  # waited, did not clear a live lock
+    result, _ = finish(first, timeout=180)
+    assert result == {"built": True, "reason": None, "warnings": []}
+
+
+def test_a_lock_held_too_long_falls_back_to_torch(lock_build):
+    start, finish, wait_building, out = lock_build
+    holder = start("hang")
+    wait_building(holder)
+    result, _ = finish(start("load", FASTGRPO_EXT_LOCK_TIMEOUT="1"), timeout=120)
+    assert not result["built"] and len(result["warnings"]) == 1, result
+    message = result["warnings"][0]
+    assert "torch path" in message and str(out / _ext.LOCK_FILE) in message and "make ext-clean" in message
+    assert "FASTGRPO_EXT_LOCK_TIMEOUT" in message and "make ext-clean" in result["reason"]

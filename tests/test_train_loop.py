@@ -207,3 +207,30 @@ def test_non_finite_weights_stop_before_the_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in w.values())
     assert all(torch.isfinite(v).all() for v in trainer.ema.shadow.values())
     assert [r["step"] for r in read_metrics(tmp_path / "run/metrics.jsonl")] == [1]
+
+
+def _rewrite_checked(path, text):
+    """Rewrite a checkpoint file and its entry in the checkpoint's manifest (so the checksum still verifies)."""
+    import hashlib
+
+    path.write_text(text)
+    manifest_file = path.parent / "manifest.json"
+    m = json.loads(manifest_file.read_text())
+    m["files"][path.name] = {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    manifest_file.write_text(json.dumps(m))
+
+
+def test_resume_under_another_world_size_is_refused(tmp_path):
+    """Regression (issue 14): rank r draws its own noise stream, so resuming a checkpoint with another number of
+    processes silently changed the run. It is refused, naming both world sizes, before anything is loaded."""
+    out = train(small_cfg("tiny-flow-grpo", "train.steps=1", "checkpoint.every=1"), tmp_path / "run")
+    state_file = latest_checkpoint(out / "checkpoints") / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["world_size"] == 1
+    state["world_size"] = 2  # as written by a 2-process run
+    _rewrite_checked(state_file, json.dumps(state))
+    with pytest.raises(ValueError, match=r"world_size=2 processes and this run has world_size=1"):
+        make_trainer(small_cfg("tiny-flow-grpo", "train.steps=2", "checkpoint.every=1"), out, resume=True)
+    state["world_size"] = 1  # the same world size resumes
+    _rewrite_checked(state_file, json.dumps(state))
+    make_trainer(small_cfg("tiny-flow-grpo", "train.steps=2", "checkpoint.every=1"), out, resume=True)

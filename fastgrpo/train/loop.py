@@ -20,6 +20,9 @@ logging, the run loop). A family subclass implements ``build_policy`` (returns t
 Randomness is derived from (seed, step, rank) for every step, so ``--resume`` from a checkpoint replays exactly the
 steps a straight run would take (bit-identical weights on CPU). It continues from the newest checkpoint whose files
 match their recorded sha256 (`fastgrpo.train.checkpoint.resumable_checkpoint`), warning about newer broken ones.
+Because rank r draws its own noise stream, runs with different numbers of processes sample different rollouts;
+``--resume`` therefore requires the number of processes the checkpoint was written with (its ``state.json``
+records ``world_size``) and refuses another with a ValueError.
 
 A non-finite reward or loss stops the run with `TrainingDiverged` before the optimizer step, and non-finite weights
 after it (a huge learning rate) stop it before the EMA update and before any checkpoint is written, so the newest
@@ -33,6 +36,7 @@ ValueError naming it before anything loads, and a write that fails later (a full
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -207,6 +211,7 @@ class GRPOTrainer:
         resumed_from = None
         if resume:
             ckpt = resumable_checkpoint(self.ckpt_dir)  # the newest that verifies against its manifest
+            check_resume_world_size(ckpt, self.world_size)
             state = load_checkpoint(ckpt, trainable=self.named, ema=self.ema.shadow if self.ema else None,
                                     optimizer=self.optimizer, strategy=self.strategy)
             self.step, self.samples, self.elapsed = state["step"], state["samples"], state["elapsed_s"]
@@ -381,6 +386,22 @@ class _PhaseClock:
         now = time.perf_counter()
         self.times[name] = self.times.get(name, 0.0) + now - self.last
         self.last = now
+
+
+def check_resume_world_size(ckpt: Path, world_size: int) -> None:
+    """Refuse to resume ``ckpt`` under another number of processes than wrote it (``world_size`` in its
+    state.json; a checkpoint without it is accepted). Rank r draws noise stream ``1 + r`` (see `step_generator`),
+    so another process count would not continue the same run: the rollouts of every later step would differ."""
+    state_file = Path(ckpt) / "state.json"
+    try:
+        saved = json.loads(state_file.read_text()).get("world_size")
+    except (OSError, ValueError):
+        return  # load_checkpoint reports a missing or broken checkpoint
+    if saved is not None and int(saved) != world_size:
+        raise ValueError(f"--resume: checkpoint {ckpt} was written by a run with world_size={saved} processes and "
+                         f"this run has world_size={world_size}; each process draws its own noise stream, so "
+                         f"another number of processes would not continue the same run. Resume with {saved} "
+                         f"process(es) (accelerate launch --num_processes {saved}), or start a new run")
 
 
 def make_trainer(cfg: Config, out_dir, *, resume: bool = False, overwrite: bool = False, device=None,
