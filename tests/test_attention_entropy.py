@@ -289,13 +289,18 @@ def _strided_views(kind, B, H, S, D, seed):
 STRIDED = ["expanded", "expanded-head", "sliced", "transposed-d", "permuted"]
 
 
+def _strided_case(kind, seed):
+    """Strided q, k, v of one kind, the text block (start, length) and the float64 oracle (outputs, text probs)."""
+    B, H, S, D, ts, tl = 2, 3, 9, 8, 5, 4
+    q, k, v = _strided_views(kind, B, H, S, D, seed=seed)
+    want = eager_attention64(q, k, v, ts, tl, "bhsd")
+    return q, k, v, ts, tl, want, want["P"][:, :, :ts, ts:ts + tl].sum(1)
+
+
 @pytest.mark.parametrize("kind", STRIDED)
 def test_strided_views_match_the_oracle(kind):
     """Issue 14: an expanded q made impl='triton' write ``out`` with unit stride along a dim that was not D."""
-    B, H, S, D, ts, tl = 2, 3, 9, 8, 5, 4
-    q, k, v = _strided_views(kind, B, H, S, D, seed=14)
-    want = eager_attention64(q, k, v, ts, tl, "bhsd")
-    want_p = want["P"][:, :, :ts, ts:ts + tl].sum(1)
+    q, k, v, ts, tl, want, want_p = _strided_case(kind, seed=14)
     for impl in IMPLS:
         got = attention_with_text_entropy(q, k, v, text_start=ts, text_len=tl, impl=impl)
         assert got.out.stride(-1) == 1, impl
@@ -311,10 +316,7 @@ def test_plan_handles_strided_views(kind):
     """The collector's planned path: expanded / sliced / transposed inputs give the public op's numbers."""
     from fastgrpo.ops.attention import TextEntropyPlan
 
-    B, H, S, D, ts, tl = 2, 3, 9, 8, 5, 4
-    q, k, v = _strided_views(kind, B, H, S, D, seed=15)
-    want = eager_attention64(q, k, v, ts, tl, "bhsd")
-    want_p = want["P"][:, :, :ts, ts:ts + tl].sum(1)
+    q, k, v, ts, tl, want, want_p = _strided_case(kind, seed=15)
     for impl in IMPLS:
         plan = TextEntropyPlan(q, k, v, layout="bhsd", text_start=ts, text_len=tl, query_start=0, query_len=ts,
                                impl=impl)
