@@ -1,5 +1,5 @@
-"""CUDA graphs for the sampling forwards of a `FlowModel` (``sample.cuda_graphs``), and host<->device helpers that
-never block the host.
+"""CUDA graphs for the sampling forwards of a `FlowModel` (``sample.cuda_graphs``), and a host->device copy that
+never blocks the host.
 
 A rollout evaluates the transformer on chunks of the same shape step after step; at small per-GPU batches the
 GPU then waits for Python (diffusers runs every block from Python). `GraphedVelocity` captures
@@ -34,18 +34,6 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
-
-
-def randn_on(shape, generator: torch.Generator, device, scale: float = 1.0) -> torch.Tensor:
-    """float32 N(0, scale^2) noise drawn with a CPU ``generator`` and moved to ``device`` without a sync.
-
-    The same numbers as ``fastgrpo.ops.sde.standard_normal`` (a float32 ``torch.randn`` on the CPU), so rollouts do
-    not depend on the device or on whether this path is used."""
-    device = torch.device(device)
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32, pin_memory=device.type == "cuda")
-    if scale != 1.0:
-        noise = noise.mul_(scale)
-    return noise.to(device, non_blocking=True) if device.type == "cuda" else noise.to(device)
 
 
 class _Graph:

@@ -175,9 +175,9 @@ class FlowModel:
 
     def initial_latents(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """float32 N(0, 1) latents drawn with the (CPU) generator, moved to the device without blocking."""
-        from .graphs import randn_on
+        from fastgrpo.ops.sde import standard_normal
 
-        return randn_on(self.latent_shape(n), generator, self.device)
+        return standard_normal(self.latent_shape(n), generator, self.device)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         if self.family == "sd3":

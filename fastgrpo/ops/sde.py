@@ -344,10 +344,15 @@ def standard_normal(shape, generator, device) -> torch.Tensor:
 
     A CPU generator with CUDA latents draws on the CPU and copies (torch.randn refuses a generator of another
     device): the noise then depends only on the generator's seed, not on where the model runs, which is what the
-    trainer's per-step CPU generators rely on. Without a generator the draw is on ``device`` from torch's global RNG.
+    trainer's per-step CPU generators rely on; the copy does not wait for the device. Without a generator the draw
+    is on ``device`` from torch's global RNG.
     """
-    gen_device = generator.device if generator is not None else torch.device(device)
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+    device = torch.device(device)
+    gen_device = generator.device if generator is not None else device
+    # CPU -> CUDA from pinned memory without blocking the host (a pageable copy synchronises the stream first)
+    pinned = gen_device.type == "cpu" and device.type == "cuda"
+    noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32, pin_memory=pinned)
+    return noise.to(device, non_blocking=pinned)
 
 
 def _sde_step_torch(x, v, s, sn, kind, noise_level, sigma_max, noise, prev_sample, generator, v_ref,

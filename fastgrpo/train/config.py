@@ -61,8 +61,6 @@ class ModelConfig:
     def validate(self, p):
         _choice(p, "family", self.family, ("sd3", "flux", "janus"))
         _choice(p, "impl", self.impl, ("auto", "triton", "cpp", "torch"))
-        if self.compile and self.family == "janus":
-            raise ValueError(f"{p}compile is for the flow families (sd3, flux); Janus samples token by token")
         _choice(p, "dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _positive(p, "height", self.height)
         _positive(p, "width", self.width)
@@ -257,8 +255,11 @@ class Config:
                              f"got {self.train.clip_range}")
         if not self.reward:
             raise ValueError("reward must list at least one reward")
-        if self.sample.cuda_graphs and self.model.family == "janus":
-            raise ValueError("sample.cuda_graphs is for the flow families (sd3, flux); Janus samples token by token")
+        flow_only = [k for k, on in (("model.compile", self.model.compile),
+                                     ("sample.cuda_graphs", self.sample.cuda_graphs)) if on]
+        if flow_only and self.model.family == "janus":
+            raise ValueError(f"{' and '.join(flow_only)} {'is' if len(flow_only) == 1 else 'are'} for the flow "
+                             "families (sd3, flux); Janus samples token by token")
         if self.sample.cuda_graphs and self.distributed.strategy == "fsdp":
             raise ValueError("sample.cuda_graphs cannot be used with distributed.strategy fsdp (FSDP gathers the "
                              "weights in every forward); use ddp")

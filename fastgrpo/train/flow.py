@@ -23,6 +23,7 @@ importance ratio is exactly 1 on the first inner step (``first_ratio_dev`` in th
 """
 from __future__ import annotations
 
+import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,8 +31,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from fastgrpo.diffusion.graphs import randn_on, to_device
+from fastgrpo.diffusion.graphs import to_device
 from fastgrpo.ops import sde_step
+from fastgrpo.ops.sde import standard_normal
 
 from .distributed import all_sum, step_generator
 from .loop import GRPOTrainer, MicroBatch, TrainingDiverged
@@ -156,8 +158,8 @@ class FlowTrainer(GRPOTrainer):
 
     def _rollout(self, prompts, plans, gen, step, first_group):
         """One wave's trees. Nothing here waits for the device per denoising step: schedule values are views of a
-        device copy, row indices go to the device from pinned memory, noise is drawn on the CPU generator (as
-        ``sde_step(generator=)`` would) and copied without blocking; only splits and pruning touch the host."""
+        device copy, row indices go to the device from pinned memory, noise is drawn on the CPU generator and copied
+        without blocking (`fastgrpo.ops.sde.standard_normal`); only splits and pruning touch the host."""
         cfg, strat, model = self.cfg, self.strategy, self.policy
         T = cfg.sample.num_steps
         emb = model.encode_prompts(prompts)
@@ -199,9 +201,9 @@ class FlowTrainer(GRPOTrainer):
             x_next = None
             if n_sde:
                 scale = strat.noise_scale(i, plans[int(group[sde][0])])
-                noise = randn_on(x_s.shape, gen, x.device, scale)
+                noise = None if scale == 1.0 else scale * standard_normal(x_s.shape, gen, x.device)
                 out = sde_step(x_s, v_s, s, sn, kind=strat.sde_kind, noise_level=strat.noise_level,
-                               sigma_max=sigma_max, noise=noise, impl=self.cfg.model.impl)
+                               sigma_max=sigma_max, generator=gen, noise=noise, impl=self.cfg.model.impl)
                 tree.transitions.append({"step": i, "node": node[sde], "x": x_s, "x_next": out.prev_sample,
                                          "log_prob": out.log_prob, "std": out.std})
                 x_next = out.prev_sample if rows is None else torch.empty_like(x).index_copy_(0, rows,
@@ -299,7 +301,7 @@ class FlowTrainer(GRPOTrainer):
         adv_all, weight_all = to_device(rows["adv"].float(), dev), to_device(rows["weight"].float(), dev)
         model.transformer.train()
         zero = torch.zeros((), device=dev)
-        acc = {k: zero.clone() for k in ("loss", "policy_loss", "kl", "ratio_mean", "clip_frac")}
+        acc = {k: zero.clone() for k in ("policy_loss", "kl", "ratio_mean", "clip_frac")}
         losses, first_ratio_dev = [], None
         for start in tqdm(range(0, n, bs), desc="train", leave=False,
                           disable=not (cfg.log.progress and self.is_main)):
@@ -324,7 +326,6 @@ class FlowTrainer(GRPOTrainer):
             loss = (policy + beta * kl) / n
             losses.append(loss.detach())
             loss.backward()
-            acc["loss"] += loss.detach()
             acc["policy_loss"] += policy.detach() / n
             acc["kl"] += kl.detach() / n
             acc["ratio_mean"] += ratio.detach().sum() / n
@@ -333,20 +334,16 @@ class FlowTrainer(GRPOTrainer):
         names = list(acc)
         values = torch.stack([acc[k] for k in names] + [first_ratio_dev.float()] + losses).tolist()  # one sync
         values, chunk_losses = values[:len(names) + 1], values[len(names) + 1:]
-        bad = next((i for i, v in enumerate(chunk_losses) if not _finite(v)), None)
+        bad = next((i for i, v in enumerate(chunk_losses) if not math.isfinite(v)), None)
         if bad is not None:
             steps = rows["step"][bad * bs:(bad + 1) * bs].tolist()
             raise TrainingDiverged(f"the loss became {chunk_losses[bad]} at denoising steps {steps}; "
                                    "weights not updated")
-        stats = dict(zip(names, values[:-1]))
+        stats = {"loss": sum(chunk_losses), **dict(zip(names, values[:-1]))}
         stats["first_ratio_dev"] = values[-1]
         stats["trained_transitions"] = all_sum(n)
         stats.update(getattr(self, "wave_log", {}))
         return stats
-
-
-def _finite(v: float) -> bool:
-    return v == v and abs(v) != float("inf")
 
 
 def _row_selector(mask: torch.Tensor, device):
