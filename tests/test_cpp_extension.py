@@ -222,6 +222,7 @@ def lock_build(tmp_path):
             p.communicate()
 
 
+@pytest.mark.slow  # several processes: `make test-slow` (and CI) runs it
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
 def test_a_killed_build_does_not_hang_the_next_process(lock_build, sig):
     """Regression (issue 14): a build killed mid-way left torch's lock file and every later process waited on it
@@ -242,6 +243,7 @@ def test_a_killed_build_does_not_hang_the_next_process(lock_build, sig):
     assert not (out / _ext.TORCH_LOCK_FILE).exists()
 
 
+@pytest.mark.slow  # several processes: `make test-slow` (and CI) runs it
 def test_a_live_build_is_waited_for(lock_build):
     start, finish, wait_building, out = lock_build
     first = start("slow")
@@ -253,6 +255,7 @@ def test_a_live_build_is_waited_for(lock_build):
     assert result == {"built": True, "reason": None, "warnings": []}
 
 
+@pytest.mark.slow  # several processes: `make test-slow` (and CI) runs it
 def test_a_lock_held_too_long_falls_back_to_torch(lock_build):
     start, finish, wait_building, out = lock_build
     holder = start("hang")

@@ -44,6 +44,7 @@ def test_a_folder_holding_a_run_is_refused_untouched(tmp_path):
     make_trainer(small_cfg("train.steps=1"), tmp_path / "built")
 
 
+@pytest.mark.slow  # several CLI processes: `make test-slow` (and CI) runs it; the API twin runs in make test
 def test_cli_refuses_a_used_out_and_overwrite_starts_over(tmp_path):
     args = [sys.executable, "-m", "fastgrpo", "train", "--preset", "tiny-flow-grpo", "--out", "run",
             "--set", "train.steps=2", "--set", "checkpoint.every=1", *sum((["--set", s] for s in SMALL), [])]
