@@ -111,9 +111,7 @@ class _Path:
     def probe(self):
         """Step 0's rollouts at the initial weights (the same noise on both paths): (batches with advantages,
         rewards [P*G], final latents)."""
-        from fastgrpo.train.distributed import step_generator
-
-        batches = self.trainer.sample(0, step_generator(self.trainer.cfg.seed, 0, stream=1), self.pool)
+        batches = self.trainer.sample(0, self.pool)
         self.trainer.advantages(batches)
         rewards = torch.cat([mb.rewards.float().cpu() for mb in batches])
         x = torch.cat([mb.data["tree"].transitions[-1]["x_next"].float().cpu() for mb in batches])
@@ -128,7 +126,7 @@ class _Path:
         tr.cfg.train.clip_range = 1e9
         try:
             tr.optimizer.zero_grad(set_to_none=True)
-            tr.train(batches, None)
+            tr.train(batches)
             grad = torch.cat([p.grad.detach().double().flatten().cpu() for p in tr.params])
         finally:
             tr.cfg.train.clip_range = clip

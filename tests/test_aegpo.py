@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from fastgrpo.algos.aegpo import AEGPO, allocate_rollouts, entropy_peaks, split_factors
 from fastgrpo.train import make_trainer, resolve_config, train
+from fastgrpo.train.distributed import group_generators
 from fastgrpo.train.metrics import read_metrics
 
 QUIET = ["log.progress=false", "log.tensorboard=false"]
@@ -36,10 +37,8 @@ def prompt_file(tmp_path, n):
 def sampled(trainer, step=0):
     from concurrent.futures import ThreadPoolExecutor
 
-    from fastgrpo.train.distributed import step_generator
-
     with ThreadPoolExecutor(1) as pool:
-        return trainer.sample(step, step_generator(trainer.cfg.seed, step, 1), pool)
+        return trainer.sample(step, pool)
 
 
 # ---------------------------------------------------------------------------------------------- global allocation
@@ -107,7 +106,7 @@ def test_warmup_then_median_tiers_and_peak_splits(tmp_path, monkeypatch):
         idx = trainer.sampler.groups(step).tolist()
         prompts = [trainer.prompts[i] for i in idx]
         s._probe_prompts = prompts
-        plans = s.plan_groups(trainer, step, idx, torch.Generator().manual_seed(step))
+        plans = s.plan_groups(trainer, step, idx, group_generators(0, step, range(len(idx))))
         want = [12] * 5 if step < 2 else [tiers[p] for p in prompts]
         assert [p.leaves() for p in plans] == want
         assert trainer.wave_log["rollouts_per_prompt"] == want

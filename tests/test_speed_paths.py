@@ -16,7 +16,6 @@ import torch
 
 from fastgrpo.testing import cuda_syncs
 from fastgrpo.train.config import resolve_config
-from fastgrpo.train.distributed import step_generator
 from fastgrpo.train.loop import make_trainer
 
 CUDA = torch.cuda.is_available()
@@ -29,12 +28,11 @@ def _cfg(*overrides, preset="tiny-flow-grpo"):
 
 def _sample_and_grads(trainer, step=0):
     """Rewards of step ``step``'s rollouts and the accumulated gradients of one train pass (no optimizer step)."""
-    gen = step_generator(trainer.cfg.seed, step, stream=1)
     with ThreadPoolExecutor(1) as pool:
-        batches = trainer.sample(step, gen, pool)
+        batches = trainer.sample(step, pool)
     trainer.advantages(batches)
     trainer.optimizer.zero_grad(set_to_none=True)
-    stats = trainer.train(batches, gen)
+    stats = trainer.train(batches)
     rewards = torch.cat([mb.rewards.float().cpu() for mb in batches])
     latents = torch.cat([mb.data["tree"].transitions[-1]["x_next"].float().cpu() for mb in batches])
     grads = {k: p.grad.detach().float().cpu().clone() for k, p in trainer.named.items()}
@@ -167,13 +165,12 @@ def test_no_sync_per_denoising_step_or_training_chunk(tmp_path, graphs):
         trainer = make_trainer(_cfg(f"sample.num_steps={steps}", f"sample.batch_size={batch}",
                                     f"sample.cuda_graphs={str(graphs).lower()}"),
                                tmp_path / f"s{steps}-{batch}-{graphs}", device="cuda")
-        gen = step_generator(0, 0, stream=1)
         with ThreadPoolExecutor(1) as pool:
-            trainer.sample(0, gen, pool)  # warm-up: kernels compiled, graphs captured
+            trainer.sample(0, pool)  # warm-up: kernels compiled, graphs captured
             out = {}
-            out["sample"] = _count_syncs(lambda: out.setdefault("b", trainer.sample(0, gen, pool)))
+            out["sample"] = _count_syncs(lambda: out.setdefault("b", trainer.sample(0, pool)))
         trainer.advantages(out["b"])
-        out["train"] = _count_syncs(lambda: trainer.train(out["b"], gen))
+        out["train"] = _count_syncs(lambda: trainer.train(out["b"]))
         return out["sample"], out["train"]
 
     s4, _ = phase_syncs(4, 8)  # 16 rollouts in 2 waves of 8, 4 steps

@@ -220,17 +220,22 @@ def _rewrite_checked(path, text):
     manifest_file.write_text(json.dumps(m))
 
 
-def test_resume_under_another_world_size_is_refused(tmp_path):
-    """Regression (issue 14): rank r draws its own noise stream, so resuming a checkpoint with another number of
-    processes silently changed the run. It is refused, naming both world sizes, before anything is loaded."""
+def test_resume_under_another_world_size(tmp_path):
+    """Issue 14: a DDP / single-process checkpoint resumes under another number of processes (rollouts do not
+    depend on it: `test_train_distributed.test_rollouts_do_not_depend_on_the_process_count`); one written or read
+    under FSDP is refused, naming both world sizes, before anything is loaded."""
     out = train(small_cfg("tiny-flow-grpo", "train.steps=1", "checkpoint.every=1"), tmp_path / "run")
     state_file = latest_checkpoint(out / "checkpoints") / "state.json"
     state = json.loads(state_file.read_text())
-    assert state["world_size"] == 1
-    state["world_size"] = 2  # as written by a 2-process run
+    assert (state["world_size"], state["distributed"]) == (1, "ddp")
+    state.update(world_size=2, distributed="fsdp")  # as written by a 2-process FSDP run
     _rewrite_checked(state_file, json.dumps(state))
-    with pytest.raises(ValueError, match=r"world_size=2 processes and this run has world_size=1"):
+    with pytest.raises(ValueError, match=r"world_size=2 processes \(distributed.strategy=fsdp\) and this run has "
+                                         r"world_size=1"):
         make_trainer(small_cfg("tiny-flow-grpo", "train.steps=2", "checkpoint.every=1"), out, resume=True)
+    state.update(world_size=2, distributed="ddp")  # a 2-process DDP run resumes in one process
+    _rewrite_checked(state_file, json.dumps(state))
+    make_trainer(small_cfg("tiny-flow-grpo", "train.steps=2", "checkpoint.every=1"), out, resume=True)
     state["world_size"] = 1  # the same world size resumes
     _rewrite_checked(state_file, json.dumps(state))
     make_trainer(small_cfg("tiny-flow-grpo", "train.steps=2", "checkpoint.every=1"), out, resume=True)

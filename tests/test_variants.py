@@ -22,11 +22,9 @@ def sampled(trainer, step=0):
     """Run the sample phase of one optimizer step; returns the micro-batches."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from fastgrpo.train.distributed import step_generator
-
     trainer.wave_log = {}
     with ThreadPoolExecutor(1) as pool:
-        return trainer.sample(step, step_generator(trainer.cfg.seed, step, 1), pool)
+        return trainer.sample(step, pool)
 
 
 # ---------------------------------------------------------------------------------------------- TempFlow-GRPO

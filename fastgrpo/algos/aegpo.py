@@ -255,9 +255,9 @@ class AEGPO(Strategy):
         return out
 
     # ---------------------------------------------------------------------------------------- plans
-    def plan_groups(self, trainer, step, prompt_idx, generator):
+    def plan_groups(self, trainer, step, prompt_idx, generators):
         policy, T = trainer.policy, self.num_steps
-        noise_idx = [int(torch.randint(self.probe_noises, (1,), generator=generator)) for _ in prompt_idx]
+        noise_idx = [int(torch.randint(self.probe_noises, (1,), generator=g)) for g in generators]
         seeds = [probe_seed(self.run_seed, i, j) for i, j in zip(prompt_idx, noise_idx)]
         keys = [(trainer.prompts[i], s) for i, s in zip(prompt_idx, seeds)]
         x_T = torch.cat([policy.initial_latents(1, torch.Generator().manual_seed(s)) for s in seeds])
@@ -285,7 +285,7 @@ class AEGPO(Strategy):
             if self.exploration == "branch":
                 splits = dict(zip(peaks, split_factors(r, self.top_k)))
             else:
-                splits = {peaks[int(torch.randint(len(peaks), (1,), generator=generator))]: r}
+                splits = {peaks[int(torch.randint(len(peaks), (1,), generator=generators[n]))]: r}
             start = min(splits)
             sde = torch.arange(T) >= start if self.exploration == "branch" else torch.arange(T) == start
             plans.append(GroupPlan(roots=1, sde=sde, splits=splits, start=start,

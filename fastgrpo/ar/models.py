@@ -13,8 +13,10 @@
   frozen copy of the language model and ``lm_head`` for full fine-tuning.
 
 Sampling (both stages): temperature ``T`` (1 in T2I-R1), a KV cache (``transformers.DynamicCache``), left-padded
-prompts with position ids counted over the real tokens, and the step's ``torch.Generator`` for every draw (so a
-resumed run replays the same rollouts). Classifier-free guidance for image tokens, as Janus does it
+prompts with position ids counted over the real tokens. Every draw is by inverse CDF from uniforms drawn up front
+on the CPU (`_uniforms`): from one ``torch.Generator`` for the batch, or one per row (the trainer's, keyed by the
+sample's global index), in which case a row's tokens do not depend on the other rows of its batch, and a resumed
+run replays the same rollouts. Classifier-free guidance for image tokens, as Janus does it
 (deepseek-ai/Janus ``generation_inference.py``; transformers' ``JanusForConditionalGeneration.generate``): the
 batch is doubled, the unconditional rows are the image prompt with every token except BOS and
 ``<begin_of_image>`` replaced by the pad token, and ``logits = l_u + w (l_c - l_u)`` on the generation head's
@@ -213,35 +215,50 @@ class JanusPolicy:
         self.model_forwards += embeds.shape[0]
         return out.last_hidden_state[:, -1], out.past_key_values
 
-    def _draw(self, logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-
-    def _device_generator(self, gen: torch.Generator) -> torch.Generator:
-        """The step's (CPU) generator on CPU; on another device a generator seeded from it (no host sync per
+    def _draw(self, logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """One token per row from ``softmax(logits / T)`` by inverse CDF at the row's uniform ``u`` [B] in [0, 1):
+        the first token whose cumulative probability exceeds ``u`` times the total (never a zero-probability
         token)."""
-        if self.device.type == "cpu":
-            return gen
-        seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-        return torch.Generator(self.device).manual_seed(seed)
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        cdf = probs.cumsum(-1)
+        tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous(), right=True).squeeze(-1)
+        return tok.clamp_max(cdf.shape[-1] - 1)
+
+    def _uniforms(self, gen, batch: int, length: int) -> torch.Tensor:
+        """[batch, length] float32 uniforms on the device, drawn on the CPU and copied once without blocking:
+        from ``gen`` (one `torch.Generator` for the batch) or ``gen[b]`` for row b (a list of ``batch``
+        generators)."""
+        from fastgrpo.diffusion.graphs import to_device
+
+        if isinstance(gen, torch.Generator):
+            u = torch.rand(batch, length, generator=gen)
+        else:
+            gens = list(gen)
+            if len(gens) != batch or not all(isinstance(g, torch.Generator) for g in gens):
+                raise ValueError(f"gen must be a torch.Generator or a list of {batch} (one per prompt), got "
+                                 f"{type(gen).__name__} of {len(gens)}")
+            u = torch.stack([torch.rand(length, generator=g) for g in gens])
+        return to_device(u, self.device)
 
     @torch.no_grad()
-    def sample_cot(self, prompts: list[str], gen: torch.Generator) -> dict:
+    def sample_cot(self, prompts: list[str], gen) -> dict:
         """Stage 1: the textual CoT. Returns ``prompt_ids, prompt_mask`` [B, P] (left-padded), ``cot_ids,
-        cot_mask`` [B, C] (pad after the first EOS, which is kept) and ``cot_old_logp`` [B, C] (float32)."""
+        cot_mask`` [B, C] (pad after the first EOS, which is kept) and ``cot_old_logp`` [B, C] (float32).
+        ``gen``: a `torch.Generator`, or one per prompt; ``cot_max_tokens`` uniforms per row are drawn whether or
+        not the row stops early, so what a generator draws next does not depend on where EOS fell."""
         from transformers import DynamicCache
 
         lm, head = self.parts.language_model, self.parts.lm_head
-        gen = self._device_generator(gen)
         ids, mask = self.cot_prompt_ids(prompts)
         B = ids.shape[0]
+        u = self._uniforms(gen, B, self.cot_max_tokens)
         pos = _positions(mask)
         h, cache = self._lm_step(lm, lm.embed_tokens(ids), mask, pos, DynamicCache())
         toks, lps, alive = [], [], []
         running = torch.ones(B, dtype=torch.bool, device=self.device)
-        for _ in range(self.cot_max_tokens):
+        for t in range(self.cot_max_tokens):
             logits = head(h).float()
-            tok = self._draw(logits, gen)
+            tok = self._draw(logits, u[:, t])
             lp = torch.log_softmax(logits / self.temperature, -1).gather(-1, tok[:, None]).squeeze(-1)
             toks.append(torch.where(running, tok, torch.full_like(tok, self.ids["pad"])))
             lps.append(torch.where(running, lp, torch.zeros_like(lp)))
@@ -256,15 +273,16 @@ class JanusPolicy:
                 "cot_mask": torch.stack(alive, 1), "cot_old_logp": torch.stack(lps, 1)}
 
     @torch.no_grad()
-    def sample_image_tokens(self, prompts: list[str], cots: list[str], gen: torch.Generator) -> dict:
+    def sample_image_tokens(self, prompts: list[str], cots: list[str], gen) -> dict:
         """Stage 2: ``image_tokens`` tokens with CFG. Returns ``image_prompt_ids, image_prompt_mask`` [B, Q],
-        ``image_ids`` [B, N] and ``image_old_logp`` [B, N] (conditional log-probs, float32)."""
+        ``image_ids`` [B, N] and ``image_old_logp`` [B, N] (conditional log-probs, float32). ``gen``: a
+        `torch.Generator`, or one per prompt."""
         from transformers import DynamicCache
 
         lm = self.parts.language_model
-        gen = self._device_generator(gen)
         ids, mask = self.image_prompt_ids(prompts, cots)
         B = ids.shape[0]
+        u = self._uniforms(gen, B, self.image_tokens)
         both = torch.cat([ids, self.unconditional_ids(ids)])
         mask2 = torch.cat([mask, mask])
         pos = _positions(mask2)
@@ -272,7 +290,7 @@ class JanusPolicy:
         toks, lps = [], []
         for i in range(self.image_tokens):
             cond, uncond = self.model.model.generation_head(h).float().chunk(2)
-            tok = self._draw(uncond + self.cfg_weight * (cond - uncond), gen)
+            tok = self._draw(uncond + self.cfg_weight * (cond - uncond), u[:, i])
             lps.append(torch.log_softmax(cond / self.temperature, -1).gather(-1, tok[:, None]).squeeze(-1))
             toks.append(tok)
             if i + 1 == self.image_tokens:

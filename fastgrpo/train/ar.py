@@ -1,9 +1,10 @@
 """The autoregressive family's phases (Janus / Janus-Pro): two-stage rollouts and the token-level GRPO update.
 
 * **sample** (per micro-batch of ``sample.batch_size``): a textual chain of thought from the reasoning template,
-  then ``ar.image_tokens`` image tokens with classifier-free guidance (``sample.guidance_scale``), both with the
-  step's generator and a KV cache (`fastgrpo.ar.JanusPolicy`); the images, decoded by the VQ decoder, are scored
-  in the loop's worker thread while the next micro-batch samples. Each rollout keeps its prompts, CoT and image
+  then ``ar.image_tokens`` image tokens with classifier-free guidance (``sample.guidance_scale``), both with a KV
+  cache (`fastgrpo.ar.JanusPolicy`), each sample's tokens drawn from its own generator, keyed by its global sample
+  index (so 1 and N processes sample the same tokens); the images, decoded by the VQ decoder, are scored in the
+  loop's worker thread while the next micro-batch samples. Each rollout keeps its prompts, CoT and image
   tokens and their conditional log-probs at sampling time.
 * **train** (per micro-batch, the same batches as sampling): the teacher-forced forward on the conditional prompts
   (text logits from ``lm_head`` over the CoT, image logits from the generation head over the image tokens); each
@@ -36,6 +37,7 @@ from fastgrpo.algos.eg_grpo import IGNORE_INDEX
 from fastgrpo.ops import grpo_token_loss, token_logprob_entropy
 
 from .config import LoraConfig
+from .distributed import STREAM_SAMPLE, step_generator
 from .loop import GRPOTrainer, MicroBatch, TrainingDiverged
 
 
@@ -60,17 +62,20 @@ class ARTrainer(GRPOTrainer):
         return policy, policy.trainable_state()
 
     @torch.no_grad()
-    def sample(self, step: int, gen: torch.Generator, pool: ThreadPoolExecutor) -> list:
+    def sample(self, step: int, pool: ThreadPoolExecutor) -> list:
         cfg, policy = self.cfg, self.policy
         prompt_idx, _ = self.sampler.local(step, self.rank, self.world_size)
         bs = cfg.sample.batch_size
+        first = self.rank * len(prompt_idx)  # this rank's first global sample index
         batches, futures = [], []
         for start in tqdm(range(0, len(prompt_idx), bs), desc="sample", leave=False,
                           disable=not (cfg.log.progress and self.is_main)):
             prompts = [self.prompts[i] for i in prompt_idx[start:start + bs].tolist()]
-            data = policy.sample_cot(prompts, gen)
+            # One generator per global sample index: its tokens do not depend on the number of processes.
+            gens = [step_generator(cfg.seed, step, STREAM_SAMPLE, first + start + j) for j in range(len(prompts))]
+            data = policy.sample_cot(prompts, gens)
             cots = policy.decode_cots(data["cot_ids"], data["cot_mask"])
-            data.update(policy.sample_image_tokens(prompts, cots, gen))
+            data.update(policy.sample_image_tokens(prompts, cots, gens))
             batches.append(MicroBatch(prompts, data))
             futures.append(self.submit_score(pool, policy.decode(data["image_ids"]), prompts))
         self.collect_scores(batches, futures)
@@ -93,7 +98,7 @@ class ARTrainer(GRPOTrainer):
                for lg, tg in zip((text_logits, image_logits), self._targets(data))]
         return torch.cat(out, 1)
 
-    def train(self, batches: list, gen: torch.Generator) -> dict:
+    def train(self, batches: list) -> dict:
         cfg, policy, strat = self.cfg, self.policy, self.strategy
         beta, epochs = strat.beta, cfg.ar.inner_epochs
         clip = cfg.train.clip_range if epochs > 1 else None

@@ -21,9 +21,42 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A generator for one (run seed, step, stream): resuming at any step replays the same randomness."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + stream)
+# Named random streams of a step (`step_generator`): each key (seed, step, stream, index) has its own generator.
+STREAM_PROMPTS = 7  # the step's prompt draw (`GroupSampler`), the same on every rank
+STREAM_GROUP = 11  # index = global group index: every draw of a flow group (plan, initial noise, SDE noise)
+STREAM_SAMPLE = 13  # index = global sample index: every draw of an autoregressive sample's tokens
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def rng_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from the integers ``parts`` (SplitMix64 over each in turn): distinct keys of the same
+    length give unrelated seeds (the old ``(seed * a + step) * b + stream`` arithmetic let stream 1000 + g of step
+    s collide with stream g - 9 of step s + 1)."""
+    h = 0
+    for p in parts:
+        h = _splitmix64(h ^ (int(p) & _MASK64))
+    return h >> 1
+
+
+def step_generator(seed: int, step: int, stream: int = 0, index: int = 0) -> torch.Generator:
+    """The CPU generator of one (run seed, step, stream, index): resuming at any step replays the same
+    randomness, and a key names the same draws whichever process makes them."""
+    return torch.Generator().manual_seed(rng_seed(seed, step, stream, index))
+
+
+def group_generators(seed: int, step: int, groups) -> list:
+    """One generator per global group index in ``groups`` (`STREAM_GROUP`): a group's rollouts depend on the run
+    seed, the step and the group's index only, not on which process samples it nor on the other groups in its
+    wave, so 1 and N processes sample the same rollouts."""
+    return [step_generator(seed, step, STREAM_GROUP, g) for g in groups]
 
 
 class GroupSampler:
@@ -36,7 +69,7 @@ class GroupSampler:
 
     def groups(self, step: int) -> torch.Tensor:
         """Prompt indices of this step's P groups (without replacement within a step when possible)."""
-        g = step_generator(self.seed, step, stream=7)
+        g = step_generator(self.seed, step, STREAM_PROMPTS)
         reps = -(-self.per_step // self.num_prompts)
         order = torch.cat([torch.randperm(self.num_prompts, generator=g) for _ in range(reps)])
         return order[: self.per_step]

@@ -35,7 +35,7 @@ from fastgrpo.diffusion.graphs import to_device
 from fastgrpo.ops import sde_step
 from fastgrpo.ops.sde import standard_normal
 
-from .distributed import all_sum, step_generator
+from .distributed import all_sum, group_generators
 from .loop import GRPOTrainer, MicroBatch, TrainingDiverged
 
 
@@ -131,21 +131,23 @@ class FlowTrainer(GRPOTrainer):
         return torch.cat(out) if out else x.new_empty(x.shape)
 
     @torch.no_grad()
-    def sample(self, step: int, gen: torch.Generator, pool: ThreadPoolExecutor) -> list:
+    def sample(self, step: int, pool: ThreadPoolExecutor) -> list:
         cfg, strat = self.cfg, self.strategy
         prompt_idx, _ = self.sampler.local(step, self.rank, self.world_size)
         group_idx = prompt_idx[::cfg.sample.group_size].tolist()
         group_prompts = [self.prompts[i] for i in group_idx]
         self.wave_log = {}
-        plans = strat.plan_groups(self, step, group_idx, gen)
+        # One generator per global group: its plan, initial noise, trained steps and SDE noise, in that order.
+        first = self.rank * len(group_idx)
+        gens = group_generators(cfg.seed, step, range(first, first + len(group_idx)))
+        plans = strat.plan_groups(self, step, group_idx, gens)
         widest = max(max(p.roots, p.leaves()) for p in plans)
         per_wave = max(1, cfg.sample.batch_size // widest)
         batches, futures = [], []
         waves = range(0, len(group_prompts), per_wave)
         for w in tqdm(waves, desc="sample", leave=False, disable=not (cfg.log.progress and self.is_main)):
             prompts, wave_plans = group_prompts[w:w + per_wave], plans[w:w + per_wave]
-            first_group = self.rank * len(group_prompts) + w  # global group index, for group-shared noise
-            tree, x_final = self._rollout(prompts, wave_plans, gen, step, first_group)
+            tree, x_final = self._rollout(prompts, wave_plans, gens[w:w + per_wave])
             leaf_groups = tree_groups(tree)
             leaf_prompts = [prompts[g] for g in leaf_groups]
             sizes = torch.bincount(torch.tensor(leaf_groups), minlength=len(prompts)).tolist()
@@ -156,10 +158,11 @@ class FlowTrainer(GRPOTrainer):
         self.samples += all_sum(sum(max(p.roots, p.leaves()) for p in plans))
         return batches
 
-    def _rollout(self, prompts, plans, gen, step, first_group):
-        """One wave's trees. Nothing here waits for the device per denoising step: schedule values are views of a
-        device copy, row indices go to the device from pinned memory, noise is drawn on the CPU generator and copied
-        without blocking (`fastgrpo.ops.sde.standard_normal`); only splits and pruning touch the host."""
+    def _rollout(self, prompts, plans, gens):
+        """One wave's trees (``gens``: each group's generator). Nothing here waits for the device per denoising
+        step: schedule values are views of a device copy, row indices go to the device from pinned memory, each
+        group's noise is drawn on its CPU generator and the wave's copied at once without blocking (`group_noise`);
+        only splits and pruning touch the host."""
         cfg, strat, model = self.cfg, self.strategy, self.policy
         T = cfg.sample.num_steps
         emb = model.encode_prompts(prompts)
@@ -175,7 +178,7 @@ class FlowTrainer(GRPOTrainer):
         for i in range(T):
             joining = [g for g, plan in enumerate(plans) if plan.start == i]
             if joining:
-                x, group, node = self._add_roots(tree, joining, plans, (x, group, node), gen, step, first_group)
+                x, group, node = self._add_roots(tree, joining, plans, (x, group, node), gens)
                 group_dev = to_device(group, self.device)
             if x.shape[0] == 0:
                 continue
@@ -201,9 +204,11 @@ class FlowTrainer(GRPOTrainer):
             x_next = None
             if n_sde:
                 scale = strat.noise_scale(i, plans[int(group[sde][0])])
-                noise = None if scale == 1.0 else scale * standard_normal(x_s.shape, gen, x.device)
+                noise = group_noise(x_s.shape, group[sde], gens, x.device)
+                if scale != 1.0:
+                    noise = scale * noise
                 out = sde_step(x_s, v_s, s, sn, kind=strat.sde_kind, noise_level=strat.noise_level,
-                               sigma_max=sigma_max, generator=gen, noise=noise, impl=self.cfg.model.impl)
+                               sigma_max=sigma_max, noise=noise, impl=self.cfg.model.impl)
                 tree.transitions.append({"step": i, "node": node[sde], "x": x_s, "x_next": out.prev_sample,
                                          "log_prob": out.log_prob, "std": out.std})
                 x_next = out.prev_sample if rows is None else torch.empty_like(x).index_copy_(0, rows,
@@ -218,7 +223,7 @@ class FlowTrainer(GRPOTrainer):
         tree.leaf_nodes = node
         return tree, x
 
-    def _add_roots(self, tree, joining, plans, rows, gen, step, first_group):
+    def _add_roots(self, tree, joining, plans, rows, gens):
         """Start the roots of the groups ``joining`` (from initial noise, or their plan's ``x_start``) and add them
         to the active ``rows`` (x, group, node), which stay ordered by group."""
         model, T = self.policy, self.cfg.sample.num_steps
@@ -229,17 +234,17 @@ class FlowTrainer(GRPOTrainer):
                 x0 = plan.x_start.to(self.device, torch.float32)
                 xs.append(x0.expand(plan.roots, *x0.shape[1:]).clone())
             elif plan.same_noise:
-                x0 = model.initial_latents(1, step_generator(self.cfg.seed, step, 1000 + first_group + g))
+                x0 = model.initial_latents(1, gens[g])
                 xs.append(x0.expand(plan.roots, *x0.shape[1:]).clone())
             else:
-                xs.append(model.initial_latents(plan.roots, gen))
+                xs.append(model.initial_latents(plan.roots, gens[g]))
             groups += [g] * plan.roots
         new_group = torch.tensor(groups)
         new_node = tree.add_nodes([-1] * len(groups), [0] * len(groups), groups)
         for g in joining:  # trees without splits train the strategy's steps per trajectory
             if not plans[g].splits:
                 roots = new_node[new_group == g]
-                for n, s in zip(roots.tolist(), self.strategy.train_steps(T, len(roots), gen).tolist()):
+                for n, s in zip(roots.tolist(), self.strategy.train_steps(T, len(roots), gens[g]).tolist()):
                     tree.train_steps[n] = set(s)
         x, group, node = rows
         x, group, node = torch.cat([x, *xs]), torch.cat([group, new_group]), torch.cat([node, new_node])
@@ -276,7 +281,7 @@ class FlowTrainer(GRPOTrainer):
                 cols["wave"].append(torch.full((len(steps),), w))
         return {k: torch.cat(v) for k, v in cols.items()}
 
-    def train(self, batches: list, gen: torch.Generator) -> dict:
+    def train(self, batches: list) -> dict:
         """The policy-gradient pass. Per chunk nothing waits for the device: the chunk's rows, advantages,
         weights and sigmas go to the device once for the whole phase (pinned, non-blocking), the statistics and the
         finiteness of every chunk's loss accumulate on the device and are read once at the end (a non-finite loss
@@ -286,6 +291,10 @@ class FlowTrainer(GRPOTrainer):
         sigma_max = self.sigmas[1].item()
         rows = self._trained_rows(batches)
         n = rows["step"].shape[0]
+        # The loss is the mean over every process's trained transitions: the processes average their gradients,
+        # so each divides its sum by n_all / world_size (processes may train different numbers: AEGPO).
+        n_all = all_sum(n)
+        norm = n_all / self.world_size
         bs = cfg.sample.batch_size
         self.parallel.check_same_forwards(-(-n // bs))
         if n == 0:
@@ -323,7 +332,7 @@ class FlowTrainer(GRPOTrainer):
             surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
             policy = (weight_all[sl] * surrogate).sum()
             kl = out.kl.sum() if out.kl is not None else zero
-            loss = (policy + beta * kl) / n
+            loss = (policy + beta * kl) / norm
             losses.append(loss.detach())
             loss.backward()
             acc["policy_loss"] += policy.detach() / n
@@ -341,9 +350,21 @@ class FlowTrainer(GRPOTrainer):
                                    "weights not updated")
         stats = {"loss": sum(chunk_losses), **dict(zip(names, values[:-1]))}
         stats["first_ratio_dev"] = values[-1]
-        stats["trained_transitions"] = all_sum(n)
+        stats["trained_transitions"] = n_all
         stats.update(getattr(self, "wave_log", {}))
         return stats
+
+
+def group_noise(shape, rows_group: torch.Tensor, gens: list, device) -> torch.Tensor:
+    """float32 N(0, 1) noise of ``shape`` for rows ordered by group (``rows_group`` [n], CPU): each run of a group's
+    rows is drawn from that group's generator ``gens[g]``, so a row's noise does not depend on which other groups
+    share its wave (or its process); drawn on the CPU and copied once without blocking."""
+    groups, counts = torch.unique_consecutive(rows_group, return_counts=True)
+    if len(groups) == 1:
+        return standard_normal((shape[0], *shape[1:]), gens[int(groups[0])], device)
+    noise = torch.cat([torch.randn((c, *shape[1:]), generator=gens[g], dtype=torch.float32)
+                       for g, c in zip(groups.tolist(), counts.tolist())])
+    return to_device(noise, device)
 
 
 def _row_selector(mask: torch.Tensor, device):

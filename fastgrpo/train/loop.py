@@ -17,12 +17,15 @@ where the weights live across processes (`fastgrpo.train.sharding`: DDP or FSDP)
 logging, the run loop). A family subclass implements ``build_policy`` (returns the policy object, which counts
 ``model_forwards``, and its trainable parameters by name), ``sample`` and ``train``.
 
-Randomness is derived from (seed, step, rank) for every step, so ``--resume`` from a checkpoint replays exactly the
-steps a straight run would take (bit-identical weights on CPU). It continues from the newest checkpoint whose files
-match their recorded sha256 (`fastgrpo.train.checkpoint.resumable_checkpoint`), warning about newer broken ones.
-Because rank r draws its own noise stream, runs with different numbers of processes sample different rollouts;
-``--resume`` therefore requires the number of processes the checkpoint was written with (its ``state.json``
-records ``world_size``) and refuses another with a ValueError.
+Randomness is keyed by (seed, step, what is drawn) for every step, so ``--resume`` from a checkpoint replays
+exactly the steps a straight run would take (bit-identical weights on CPU). It continues from the newest checkpoint
+whose files match their recorded sha256 (`fastgrpo.train.checkpoint.resumable_checkpoint`), warning about newer
+broken ones. A flow group's draws come from the generator of its global group index and an autoregressive sample's
+from that of its global sample index (`fastgrpo.train.distributed.group_generators`), never from a per-process
+stream: 1 and N processes sample the same rollouts and compute the same advantages (bit for bit on CPU when each
+process's share is a whole number of sampling micro-batches, so the forwards batch the same rows), and a DDP or
+single-process run may be resumed with another number of processes. A run sharded with FSDP resumes only under the
+number of processes that wrote it (``state.json`` records ``world_size``; `check_resume_world_size`).
 
 A non-finite reward or loss stops the run with `TrainingDiverged` before the optimizer step, and non-finite weights
 after it (a huge learning rate) stop it before the EMA update and before any checkpoint is written, so the newest
@@ -51,7 +54,7 @@ from fastgrpo.rewards import build_reward
 
 from .checkpoint import _STEP_DIR, load_checkpoint, resumable_checkpoint, save_checkpoint
 from .config import Config
-from .distributed import GroupSampler, all_sum, gathered_advantages, step_generator, world
+from .distributed import GroupSampler, all_sum, gathered_advantages, world
 from .metrics import MetricsLogger, plot_curves
 from .prompts import load_prompts
 from .sharding import full_tensor, is_sharded, parallelism
@@ -211,7 +214,7 @@ class GRPOTrainer:
         resumed_from = None
         if resume:
             ckpt = resumable_checkpoint(self.ckpt_dir)  # the newest that verifies against its manifest
-            check_resume_world_size(ckpt, self.world_size)
+            check_resume_world_size(ckpt, self.world_size, self.parallel.name)
             state = load_checkpoint(ckpt, trainable=self.named, ema=self.ema.shadow if self.ema else None,
                                     optimizer=self.optimizer, strategy=self.strategy)
             self.step, self.samples, self.elapsed = state["step"], state["samples"], state["elapsed_s"]
@@ -227,11 +230,13 @@ class GRPOTrainer:
         (policy with a ``model_forwards`` counter, {name: trainable param})."""
         raise NotImplementedError
 
-    def sample(self, step: int, gen: torch.Generator, pool: ThreadPoolExecutor) -> list:
-        """This rank's rollouts as `MicroBatch` es; submit each micro-batch's scoring with `submit_score`."""
+    def sample(self, step: int, pool: ThreadPoolExecutor) -> list:
+        """This rank's rollouts as `MicroBatch` es; submit each micro-batch's scoring with `submit_score`. Draw
+        randomness from generators keyed by global group or sample index (`fastgrpo.train.distributed`), so that
+        the rollouts do not depend on the number of processes."""
         raise NotImplementedError
 
-    def train(self, batches: list, gen: torch.Generator) -> dict:
+    def train(self, batches: list) -> dict:
         """Accumulate the policy gradient over the batches (weights unchanged); return stats for the log row."""
         raise NotImplementedError
 
@@ -298,16 +303,15 @@ class GRPOTrainer:
         do). `bench/test_bench_round.py` times rounds through this."""
         cfg = self.cfg
         clock = _PhaseClock(self.device, phase_times)
-        gen = step_generator(cfg.seed, step, stream=1 + self.rank)
         with self.parallel.sampling():
-            batches = self.sample(step, gen, pool)
+            batches = self.sample(step, pool)
         clock("sample")
         all_rewards = self.advantages(batches)
         batches = self.select(batches)
         clock("advantages")
         self.optimizer.zero_grad(set_to_none=True)
         with self.parallel.training():
-            stats = self.train(batches, gen)
+            stats = self.train(batches)
         clock("train")
         stats["grad_norm"] = self.optimizer_step()
         clock("optimizer")
@@ -388,20 +392,26 @@ class _PhaseClock:
         self.last = now
 
 
-def check_resume_world_size(ckpt: Path, world_size: int) -> None:
-    """Refuse to resume ``ckpt`` under another number of processes than wrote it (``world_size`` in its
-    state.json; a checkpoint without it is accepted). Rank r draws noise stream ``1 + r`` (see `step_generator`),
-    so another process count would not continue the same run: the rollouts of every later step would differ."""
+def check_resume_world_size(ckpt: Path, world_size: int, distributed: str) -> None:
+    """Refuse to resume ``ckpt`` under another number of processes than wrote it when either run shards with FSDP
+    (``distributed`` is this run's `fastgrpo.train.sharding` name; ``world_size`` and ``distributed`` come from the
+    checkpoint's state.json; a checkpoint without them is accepted). DDP and single-process runs may change it:
+    their rollouts do not depend on the process count (`fastgrpo.train.distributed.group_generators`) and the
+    checkpoint holds whole tensors. Decision: FSDP keeps the refusal because resuming a sharded run elsewhere is
+    not tested."""
     state_file = Path(ckpt) / "state.json"
     try:
-        saved = json.loads(state_file.read_text()).get("world_size")
+        state = json.loads(state_file.read_text())
     except (OSError, ValueError):
         return  # load_checkpoint reports a missing or broken checkpoint
-    if saved is not None and int(saved) != world_size:
-        raise ValueError(f"--resume: checkpoint {ckpt} was written by a run with world_size={saved} processes and "
-                         f"this run has world_size={world_size}; each process draws its own noise stream, so "
-                         f"another number of processes would not continue the same run. Resume with {saved} "
-                         f"process(es) (accelerate launch --num_processes {saved}), or start a new run")
+    saved, saved_dist = state.get("world_size"), state.get("distributed")
+    if saved is None or int(saved) == world_size or "fsdp" not in (saved_dist, distributed):
+        return
+    raise ValueError(f"--resume: checkpoint {ckpt} was written by a run with world_size={saved} processes "
+                     f"(distributed.strategy={saved_dist}) and this run has world_size={world_size} "
+                     f"({distributed}); a run sharded with FSDP resumes only under the number of processes that wrote "
+                     f"it. Resume with {saved} process(es) (accelerate launch --num_processes {saved}), or start a "
+                     "new run")
 
 
 def make_trainer(cfg: Config, out_dir, *, resume: bool = False, overwrite: bool = False, device=None,

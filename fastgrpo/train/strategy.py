@@ -90,12 +90,14 @@ class Strategy:
         """Restore `state_dict` on ``--resume``."""
 
     # ------------------------------------------------------------------------------------------- rollouts
-    def plan_groups(self, trainer, step: int, prompt_idx: list, generator: torch.Generator) -> list:
+    def plan_groups(self, trainer, step: int, prompt_idx: list, generators: list) -> list:
         """The plans of this rank's groups at optimizer ``step`` (``prompt_idx``: their prompts' indices into
-        ``trainer.prompts``, in order). Default: one `group_plan` per group, each yielding ``sample.group_size``
-        rollouts. AEGPO overrides it: it probes every prompt first and plans the groups from what it measured."""
+        ``trainer.prompts``, in order; ``generators``: each group's own generator, keyed by its global index, which
+        a plan must draw from so that it does not depend on the number of processes). Default: one `group_plan`
+        per group, each yielding ``sample.group_size`` rollouts. AEGPO overrides it: it probes every prompt first
+        and plans the groups from what it measured."""
         T, G = trainer.cfg.sample.num_steps, trainer.cfg.sample.group_size
-        plans = [self.group_plan(T, G, generator) for _ in prompt_idx]
+        plans = [self.group_plan(T, G, gen) for gen in generators]
         for p in plans:
             if p.leaves() != G:
                 raise ValueError(f"{self.name}: a group plan yields {p.leaves()} rollouts but sample.group_size is "
