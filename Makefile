@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml setup.py
 
 # The main job: Flow-GRPO on a tiny random SD3 pipeline (CPU, under a minute); prints where curves.png is.
 demo: install
-	$(PY) -m fastgrpo train --preset tiny-flow-grpo --out runs/tiny-flow-grpo
+	$(PY) -m fastgrpo train --preset tiny-flow-grpo --out runs/tiny-flow-grpo --overwrite
 
 # Build (or find cached) the C++ extension fastgrpo._C now and fail loudly if it does not build; with
 # FASTGRPO_BUILD_EXT=0 it only says that the extension is disabled.

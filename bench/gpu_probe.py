@@ -258,12 +258,17 @@ def _copy_gbps(n: int = 1 << 29) -> float:
     return 2 * n * 2 / _event_ms(lambda: dst.copy_(src)) / 1e6
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_readme.py parses the README's gpu_probe.py lines with it)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--only", nargs="+", choices=["ops", "attention", "collector"], default=None,
                     help="run only these sections (default: all)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     copy_gbps = _copy_gbps()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gb_per_s": copy_gbps}
     import triton

@@ -336,7 +336,8 @@ def _rewrite(path: Path, start: str, end: str, out: str) -> None:
     path.write_text(text)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_readme.py parses the README's report.py lines with it)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+", help="pytest-benchmark JSON files (--benchmark-json); several are merged")
     ap.add_argument("--gpu", action="store_true", help="the GPU table (CUDA results) instead of the CPU one")
@@ -345,7 +346,11 @@ def main(argv=None):
     ap.add_argument("--probe", help="with --gpu: also the table of bench/gpu_probe.py's probe.json")
     ap.add_argument("--section", default="gpu-bench",
                     help="with --gpu --readme: the README section's marker name (<!-- NAME:start --> ... end)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     runs = [json.loads(Path(f).read_text()) for f in args.results if Path(f).stat().st_size]  # empty: run died
     if not runs:
         raise SystemExit(f"no results in {args.results}")

@@ -5,8 +5,11 @@ Order of attempts, once per process (the outcome is remembered):
 1. ``FASTGRPO_BUILD_EXT=0`` in the environment: disabled, nothing is built or imported, no warning.
 2. A module ``fastgrpo._C`` built ahead of time (``FASTGRPO_BUILD_EXT=1 pip install .``, see setup.py).
 3. ``torch.utils.cpp_extension.load`` on the sources in csrc/: ninja compiles them into a cache directory
-   (``$TORCH_EXTENSIONS_DIR/fastgrpo_C`` when that variable is set, else ``~/.cache/fastgrpo/<python>-<torch>/``,
-   or under ``$XDG_CACHE_HOME``) and reuses the result while the sources and flags are unchanged.
+   (``$TORCH_EXTENSIONS_DIR/fastgrpo_C`` when that variable is set, else
+   ``~/.cache/fastgrpo/<python>-<torch>-<hash of the sources' folder>/``, or under ``$XDG_CACHE_HOME``) and reuses
+   the result while the sources and flags are unchanged. The folder's hash keeps two checkouts (two clones, git
+   worktrees) from sharing one build: ninja's build file names the sources by absolute path, so a shared folder
+   would be rebuilt from scratch each time the other checkout loads it.
 
 Concurrent builds. A build holds an ``flock`` on ``fastgrpo.lock`` in the cache directory for its whole duration
 (the file records the owner's host and PID, for people). The OS releases that lock when its owner dies, however
@@ -81,7 +84,10 @@ def build_dir() -> Path:
     if root:
         return Path(root) / NAME
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.replace('+', '_')}"
+    import hashlib
+
+    where = hashlib.sha256(str(source_dir().resolve()).encode()).hexdigest()[:10]
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.replace('+', '_')}-{where}"
     return cache / "fastgrpo" / tag
 
 

@@ -21,6 +21,12 @@ def _train(args) -> int:
         print(f"fastgrpo train: {e}", file=sys.stderr)
         return 2
     out = args.out or f"runs/{args.preset or Path(args.config).stem}"
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        print(f"dry run: the config above is valid; nothing was loaded, trained or written (run folder: {out})")
+        return 0
     try:
         out = train(cfg, out, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, TrainingDiverged) as e:
@@ -41,6 +47,23 @@ def _train(args) -> int:
     return 0
 
 
+def presets_text(markdown: bool = False) -> str:
+    """Every preset with its algo, model family and the first line of its description; ``markdown``: as the
+    README's table (tests/test_readme.py checks the README holds exactly this)."""
+    from fastgrpo.train.config import load_yaml, preset_paths
+
+    rows = []
+    for name, path in preset_paths().items():
+        data = load_yaml(path)
+        desc = str(data.get("description", "")).strip().splitlines()
+        rows.append((name, data.get("algo", ""), (data.get("model") or {}).get("family", ""), desc[0] if desc else ""))
+    if not markdown:
+        return "\n".join(f"{name:<34} {desc}" for name, _, _, desc in rows)
+    lines = ["| preset | algo | family | what it runs |", "|---|---|---|---|"]
+    lines += [f"| `{name}` | `{algo}` | {family} | {desc} |" for name, algo, family, desc in rows]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastgrpo", description="Fast GRPO training of image generators.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,7 +76,11 @@ def main(argv=None) -> int:
     p_train.add_argument("--overwrite", action="store_true",
                          help="start over in an --out that holds a run: delete its metrics, checkpoints, "
                               "tensorboard and curves first (without it such a folder is refused)")
-    sub.add_parser("presets", help="list the presets with a one-line description")
+    p_train.add_argument("--dry-run", action="store_true",
+                         help="resolve and validate the config, print it and exit (loads no model, writes nothing)")
+    p_presets = sub.add_parser("presets", help="list the presets with a one-line description")
+    p_presets.add_argument("--markdown", action="store_true",
+                           help="a Markdown table (preset, algo, family, description): the README's list")
     p_env = sub.add_parser("env", help="versions, device, and which backends (triton / cpp / torch) are usable")
     p_env.add_argument("--json", action="store_true", help="print as JSON")
     p_plot = sub.add_parser("plot", help="(re)draw DIR/curves.png from DIR/metrics.jsonl")
@@ -68,11 +95,7 @@ def main(argv=None) -> int:
     if args.command == "train":
         return _train(args)
     if args.command == "presets":
-        from fastgrpo.train.config import load_yaml, preset_paths
-
-        for name, path in preset_paths().items():
-            desc = str(load_yaml(path).get("description", "")).strip().splitlines()
-            print(f"{name:<34} {desc[0] if desc else ''}")
+        print(presets_text(markdown=args.markdown))
         return 0
     if args.command == "env":
         from fastgrpo.env import collect_env, format_env
