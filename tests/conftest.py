@@ -1,4 +1,4 @@
-"""Test-suite setup: Triton's interpreter on machines without CUDA, and the `gpu` marker.
+"""Test-suite setup: Triton's interpreter on machines without CUDA, one CPU thread, and the `gpu` marker.
 
 TRITON_INTERPRET must be set before any @triton.jit function is created, i.e. before fastgrpo's kernel modules
 are imported; conftest.py is imported by pytest before the test modules, so setting it here is early enough.
@@ -14,6 +14,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_CUDA = torch.cuda.is_available()
+
+# The suite runs tiny models and small tensors: one intra-op thread, here and in the processes tests start (unless
+# OMP_NUM_THREADS says otherwise). With torch's default (a thread per core) a busy 2-core machine loses a factor of
+# 15-30 to oversubscription.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
