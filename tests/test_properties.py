@@ -22,6 +22,7 @@ from fastgrpo.testing import assert_close, rel_err, tolerance
 
 # examples per op and tier: the fast tier adds a few seconds to `make test`, the slow tier runs under -m slow
 EXAMPLES = {"fast": 4, "slow": 30}
+SLOW_OP_EXAMPLES = {"fast": 2, "slow": 12}  # ops whose Triton path costs ~1 s per example in the interpreter
 CHEAP_EXAMPLES = {"fast": 25, "slow": 200}  # impl-less ops: a few torch ops per example
 TIERS = [pytest.param("fast"), pytest.param("slow", marks=pytest.mark.slow)]
 IMPLS3 = ["torch", "cpp", "triton"]
@@ -31,9 +32,9 @@ seeds = st.integers(0, 2**31 - 1)
 odd = lambda lo, hi: st.integers(lo // 2, hi // 2).map(lambda n: 2 * n + 1)  # noqa: E731  odd sizes in [lo, hi]
 
 
-def _run(tier, strategy, check, cheap=False):
+def _run(tier, strategy, check, cheap=False, examples=None):
     """Run ``check(case)`` on hypothesis examples of ``strategy``, as many as the tier allows."""
-    n = (CHEAP_EXAMPLES if cheap else EXAMPLES)[tier]
+    n = (examples or (CHEAP_EXAMPLES if cheap else EXAMPLES))[tier]
 
     @settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(strategy)
@@ -206,3 +207,128 @@ def _check_token(c):
 @pytest.mark.parametrize("tier", TIERS)
 def test_token_logprob_entropy_property(tier):
     _run(tier, token_cases(), _check_token)
+
+
+# ------------------------------------------------------------------------------------ EG-GRPO shaping and masks
+
+
+def _np_style_advantages64(A, H, low, high, bonus, calibrate):
+    """EG-GRPO's shaped advantages in float64 from their formula (module docstring of fastgrpo.ops.eg_grpo)."""
+    A, H = _f64(A).unsqueeze(1), _f64(H)
+    hf, lf = high.double(), low.double()
+    cap = bonus * A.abs()
+    if calibrate:
+        n_high = hf.sum()
+        alpha = bonus * A.abs().mean() / ((H * hf).sum() / n_high) if n_high > 0 else torch.zeros(())
+        b = torch.minimum(alpha * H, cap) * hf
+    else:
+        b = torch.minimum(cap, bonus * H) * hf
+    return (A + b) * (1 - lf)
+
+
+@st.composite
+def shaping_cases(draw):
+    B, L = draw(odd(1, 5)), draw(odd(1, 11))
+    return dict(B=B, L=L, V=draw(odd(1, 41)), dtype=draw(st.sampled_from(DTYPES)),
+                temperature=draw(st.sampled_from([1.0, 0.9, 2.5])), rule=draw(st.sampled_from(["released", "quantile"])),
+                calibrate=draw(st.booleans()), low_frac=draw(st.sampled_from([0.2, 0.5, 0.05, 0.9])),
+                high_frac=draw(st.sampled_from([0.5, 0.2, 0.95, 0.01])), bonus=draw(st.sampled_from([0.3, 0.0, 2.0])),
+                ties=draw(st.booleans()), seed=draw(seeds))
+
+
+def _check_shaping(c):
+    g = torch.Generator().manual_seed(c["seed"])
+    B, L, V = c["B"], c["L"], c["V"]
+    logits = torch.randn(B, L, V, generator=g) * 2
+    if c["ties"]:  # repeated token rows: equal entropies within a segment
+        logits[:, 1::2] = logits[:, :1]
+    targets = torch.randint(0, V, (B, L), generator=g)
+    modality = torch.randint(-1, 2, (B, L), generator=g)
+    targets[torch.rand(B, L, generator=g) < 0.15] = IGNORE
+    if c["ties"]:
+        targets[:, 1::2] = targets[:, :1]
+    A = torch.randn(B, generator=g)
+    logits = logits.to(c["dtype"])
+    kw = dict(temperature=c["temperature"], low_frac=c["low_frac"], high_frac=c["high_frac"], bonus=c["bonus"],
+              rule=c["rule"], calibrate=c["calibrate"])
+    ignored = (modality == -1) | (targets == IGNORE)
+    t_eff = torch.where(ignored, torch.full_like(targets, IGNORE), targets)
+    mod_eff = torch.where(ignored, torch.full_like(modality, -1), modality)
+    x64 = _f64(logits).requires_grad_(True)
+    ref_logp, ref_ent = token_logprob_entropy_ref(x64, t_eff, temperature=c["temperature"], normalize=True)
+    (grad64,) = torch.autograd.grad(ref_logp.sum(), x64)
+    logps, ents = {}, {}
+    for impl in _impls():
+        x = logits.clone().requires_grad_(True)
+        out = eg_grpo_shaping(x, targets, modality, A, impl=impl, **kw)
+        assert_close(out.logp, ref_logp, name=f"{impl} logp")
+        assert_close(out.entropy, ref_ent, name=f"{impl} entropy")
+        # pass 2 on the entropies this impl returned (ties make the masks sensitive to the last bit)
+        low, high = eg_token_masks_ref(out.entropy, mod_eff, low_frac=c["low_frac"], high_frac=c["high_frac"],
+                                       rule=c["rule"])
+        assert torch.equal(out.low, low) and torch.equal(out.high, high), impl
+        want = _np_style_advantages64(A, out.entropy, low, high, c["bonus"], c["calibrate"]) * (~ignored)
+        assert_close(out.token_adv, want, name=f"{impl} token_adv")
+        (grad,) = torch.autograd.grad(out.logp.sum(), x)
+        assert_close(grad, grad64, name=f"{impl} grad logits")
+        assert torch.count_nonzero(out.token_adv[ignored]) == 0 and not (out.low | out.high)[ignored].any()
+        logps[impl], ents[impl] = out.logp.detach(), out.entropy
+    _agree(logps, "logp", ref_logp.detach())
+    _agree(ents, "entropy", ref_ent.detach())
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_eg_grpo_shaping_property(tier):
+    _run(tier, shaping_cases(), _check_shaping, examples=SLOW_OP_EXAMPLES)
+
+
+@st.composite
+def mask_cases(draw):
+    B, L = draw(odd(1, 5)), draw(odd(1, 33))
+    return dict(B=B, L=L, levels=draw(st.sampled_from([3, 7, 1000])),  # few levels: many ties
+                dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float64])),
+                rule=draw(st.sampled_from(["released", "quantile"])),
+                low_frac=draw(st.floats(0.01, 0.99)), high_frac=draw(st.floats(0.01, 0.99)), seed=draw(seeds))
+
+
+def _check_masks(c):
+    g = torch.Generator().manual_seed(c["seed"])
+    H = (torch.randint(0, c["levels"], (c["B"], c["L"]), generator=g) / c["levels"]).to(c["dtype"])
+    modality = torch.randint(-1, 2, (c["B"], c["L"]), generator=g)
+    kw = dict(low_frac=c["low_frac"], high_frac=c["high_frac"], rule=c["rule"])
+    want_low, want_high = eg_token_masks_ref(H, modality, **kw)
+    for impl in _impls():
+        if impl == "triton" and c["dtype"] == torch.float64:
+            continue
+        low, high = eg_token_masks(H, modality, impl=impl, **kw)
+        assert torch.equal(low, want_low) and torch.equal(high, want_high), impl
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_eg_token_masks_property(tier):
+    _run(tier, mask_cases(), _check_masks, examples=SLOW_OP_EXAMPLES)
+
+
+@st.composite
+def advantage_cases(draw):
+    return dict(B=draw(odd(1, 7)), L=draw(odd(1, 15)), bonus=draw(st.sampled_from([0.3, 0.0, 1.7])),
+                calibrate=draw(st.booleans()), dtype=draw(st.sampled_from(DTYPES)),
+                all_high=draw(st.sampled_from([None, True, False])), seed=draw(seeds))
+
+
+def _check_eg_advantages(c):
+    g = torch.Generator().manual_seed(c["seed"])
+    B, L = c["B"], c["L"]
+    A = torch.randn(B, generator=g).to(c["dtype"])
+    H = torch.rand(B, L, generator=g).to(c["dtype"])
+    low = torch.rand(B, L, generator=g) < 0.3
+    high = (torch.rand(B, L, generator=g) < 0.4) & ~low if c["all_high"] is None else \
+        torch.full((B, L), c["all_high"])
+    got = eg_token_advantages(A, H, low, high, bonus=c["bonus"], calibrate=c["calibrate"])
+    assert got.dtype == torch.float32 and not got.requires_grad
+    assert_close(got, _np_style_advantages64(A, H, low, high, c["bonus"], c["calibrate"]), name="token_adv")
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_eg_token_advantages_property(tier):
+    _run(tier, advantage_cases(), _check_eg_advantages, cheap=True)
