@@ -332,3 +332,247 @@ def _check_eg_advantages(c):
 @pytest.mark.parametrize("tier", TIERS)
 def test_eg_token_advantages_property(tier):
     _run(tier, advantage_cases(), _check_eg_advantages, cheap=True)
+
+
+# --------------------------------------------------------------------------------------------------- attention
+
+
+@st.composite
+def attention_cases(draw):
+    S = draw(odd(1, 41))
+    text_start = draw(st.one_of(st.just(0), st.just(S - 1), st.integers(0, S - 1)))
+    text_len = draw(st.one_of(st.just(1), st.just(S - text_start), st.integers(1, S - text_start)))
+    query_start = draw(st.integers(0, S))
+    query_len = draw(st.integers(0, S - query_start))
+    return dict(B=draw(odd(1, 3)), H=draw(odd(1, 3)), S=S, D=draw(odd(1, 33)), text_start=text_start,
+                text_len=text_len, query_start=query_start, query_len=query_len,
+                layout=draw(st.sampled_from(["bhsd", "bshd"])), dtype=draw(st.sampled_from(DTYPES)),
+                q_scale=draw(st.sampled_from([1.0, 0.0, 8.0])), scale=draw(st.sampled_from([None, 0.5])),
+                seed=draw(seeds))
+
+
+def _check_attention(c):
+    g = torch.Generator().manual_seed(c["seed"])
+    B, H, S, D = c["B"], c["H"], c["S"], c["D"]
+    shape = (B, H, S, D) if c["layout"] == "bhsd" else (B, S, H, D)
+    q = (torch.randn(shape, generator=g) * c["q_scale"]).to(c["dtype"])  # q_scale 0: uniform rows; 8: peaked
+    k, v = (torch.randn(shape, generator=g).to(c["dtype"]) for _ in range(2))
+    kw = dict(text_start=c["text_start"], text_len=c["text_len"], scale=c["scale"], layout=c["layout"])
+    ref = attention_with_text_entropy_ref(_f64(q), _f64(k), _f64(v), **kw)
+    bh = (lambda t: t) if c["layout"] == "bhsd" else (lambda t: t.transpose(1, 2))
+    baseline = bh(torch.nn.functional.scaled_dot_product_attention(bh(q), bh(k), bh(v), scale=c["scale"]))
+    results = {}
+    for impl in _impls(skip=("cpp",)):
+        res = attention_with_text_entropy(q, k, v, impl=impl, **kw)
+        assert res.out.shape == q.shape and res.out.dtype == q.dtype
+        assert_close(res.out, ref.out, baseline=baseline, name=f"{impl} out")
+        for name in ("text_entropy", "lse", "text_lse"):
+            assert_close(getattr(res, name), getattr(ref, name), name=f"{impl} {name}")
+        results[impl] = res
+    for name in ("text_entropy", "lse", "text_lse"):
+        _agree({i: getattr(r, name) for i, r in results.items()}, name, getattr(ref, name))
+    # text_attention_probs: sum over heads of the full-softmax probabilities of the text keys, in float64
+    qs = slice(c["query_start"], c["query_start"] + c["query_len"])
+    ts = slice(c["text_start"], c["text_start"] + c["text_len"])
+    sc = c["scale"] if c["scale"] is not None else D ** -0.5
+    lse = results["torch"].lse
+    logits = sc * bh(_f64(q))[:, :, qs] @ bh(_f64(k))[:, :, ts].transpose(-1, -2)
+    want = torch.exp(logits - _f64(lse)[:, :, qs, None]).sum(1)
+    probs = {}
+    for impl in _impls(skip=("cpp",)):
+        out = torch.full((B, c["query_len"], c["text_len"]), 0.25)  # added into
+        got = text_attention_probs(q, k, lse, query_start=c["query_start"], query_len=c["query_len"], out=out,
+                                   impl=impl, **kw)
+        assert got is out
+        assert_close(got, want + 0.25, name=f"{impl} text probs")
+        probs[impl] = got
+    _agree(probs, "text probs", want + 0.25)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_attention_property(tier):
+    _run(tier, attention_cases(), _check_attention)
+
+
+@st.composite
+def probs_cases(draw):
+    return dict(B=draw(odd(1, 3)), N=draw(odd(1, 9)), T=draw(odd(1, 9)), zeros=draw(st.booleans()),
+                dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
+                scale=draw(st.sampled_from([1.0, 1e-3, 7.0])), seed=draw(seeds))
+
+
+def _check_entropy_from_probs(c):
+    g = torch.Generator().manual_seed(c["seed"])
+    p = torch.rand(c["B"], c["N"], c["T"], generator=g) * c["scale"]
+    if c["zeros"]:  # 0 log 0 = 0; every row keeps one positive entry
+        p[..., 1:][torch.rand(p[..., 1:].shape, generator=g) < 0.5] = 0
+        p[..., 0] += c["scale"] * 0.1
+    p = p.to(c["dtype"])
+    got = text_entropy_from_probs(p)
+    assert got.dtype == torch.float32 and got.shape == p.shape[:2]
+    want = text_entropy_from_probs(_f64(p))  # the float64 twin
+    q = _f64(p) / _f64(p).sum(-1, keepdim=True)
+    assert_close(want, -torch.special.xlogy(q, q).sum(-1), name="float64 twin vs formula")
+    assert_close(got, want, name="entropy")
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_text_entropy_from_probs_property(tier):
+    _run(tier, probs_cases(), _check_entropy_from_probs, cheap=True)
+
+
+# --------------------------------------------------------------------------------------------------- ovf_select
+
+
+@st.composite
+def ovf_cases(draw):
+    G = draw(odd(1, 25))
+    k = draw(st.one_of(st.just(1), st.just(G), st.just(max(1, G // 2)), st.integers(1, G)))
+    return dict(P=draw(st.integers(0, 4)), G=G, k=k, one_group=draw(st.booleans()),
+                values=draw(st.sampled_from(["ints", "equal", "dyadic", "random"])),
+                dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])),
+                seed=draw(seeds))
+
+
+def _check_ovf(c):
+    g = torch.Generator().manual_seed(c["seed"])
+    P, G, k = (1 if c["one_group"] else c["P"]), c["G"], c["k"]
+    if c["values"] == "ints":  # small integers: ties everywhere, exact sums
+        r = torch.randint(-3, 4, (P, G), generator=g).float()
+    elif c["values"] == "equal":
+        r = torch.full((P, G), 0.75)
+    elif c["values"] == "dyadic":
+        r = torch.randint(-64, 64, (P, G), generator=g) / 16.0
+    else:
+        r = torch.randn(P, G, generator=g) * 5
+    r = r.to(c["dtype"])
+    if c["one_group"]:
+        r = r[0]
+    exact = c["values"] != "random"  # exact scores: every impl follows the tie rule to the index
+    ref = ovf_select_ref(_f64(r), k)
+    rows = _f64(r).reshape(-1, G)
+    for impl in _impls():
+        out = ovf_select(r, k, impl=impl)
+        assert out.indices.shape == ref.indices.shape and out.indices.dtype == torch.int64
+        assert out.variance.dtype == torch.float32 and out.variance.shape == ref.variance.shape
+        idx = out.indices.reshape(-1, k)
+        assert (idx[:, 1:] > idx[:, :-1]).all() and ((idx >= 0) & (idx < G)).all(), impl  # ascending, distinct
+        if exact:
+            assert torch.equal(out.indices, ref.indices), impl
+        picked = rows.gather(1, idx).var(dim=1, unbiased=False) if rows.numel() else rows.new_zeros(0)
+        # the chosen subset is optimal (its float64 variance is the best one) and its variance is returned
+        assert_close(picked, ref.variance.reshape(-1), name=f"{impl} variance of the chosen subset")
+        assert_close(out.variance.reshape(-1), ref.variance.reshape(-1), name=f"{impl} variance")
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_ovf_select_property(tier):
+    _run(tier, ovf_cases(), _check_ovf)
+
+
+# ------------------------------------------------------------------------------------------ group_advantages
+
+
+@st.composite
+def advantage_group_cases(draw):
+    ragged = draw(st.booleans())
+    ddof = draw(st.sampled_from([0, 1]))
+    std = draw(st.sampled_from(["group", "global"]))
+    if ragged:
+        sizes = draw(st.lists(st.integers(ddof + 1 if std == "group" else 1, 9), min_size=1, max_size=5))
+        if std == "global" and sum(sizes) <= ddof:
+            sizes[0] += 1
+    else:
+        sizes = [draw(odd(ddof + 1, 11))] * draw(st.integers(1, 4))
+    return dict(sizes=sizes, ragged=ragged, ddof=ddof, std=std, R=draw(st.sampled_from([None, 1, 3])),
+                eps=draw(st.sampled_from([1e-4, 1e-8, 0.5])), clip=draw(st.sampled_from([None, 5.0, 0.5])),
+                aggregate=draw(st.sampled_from(["rewards", "advantages"])), constant=draw(st.booleans()),
+                dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])), seed=draw(seeds))
+
+
+def _check_group_advantages(c):
+    g = torch.Generator().manual_seed(c["seed"])
+    N, R = sum(c["sizes"]), c["R"]
+    r = torch.randn((N,) if R is None else (N, R), generator=g) * 3
+    if c["constant"]:  # one constant group: advantages 0 there, not NaN
+        r[:c["sizes"][0]] = 1.5
+    r = r.to(c["dtype"])
+    kw = dict(std=c["std"], ddof=c["ddof"], eps=c["eps"], clip=c["clip"], aggregate=c["aggregate"])
+    if R is not None:
+        kw["weights"] = torch.rand(R, generator=g).tolist()
+    if c["ragged"]:
+        kw["group_sizes"] = c["sizes"]
+        rr = r
+    else:
+        P, G = len(c["sizes"]), c["sizes"][0]
+        rr = r.view(P, G) if R is None else r.view(P, G, R)
+    got = group_advantages(rr, **kw)
+    want = group_advantages_ref(_f64(rr), **kw)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.isfinite(got).all()
+    assert_close(got, want, name="advantages")
+    if c["clip"] is not None:
+        assert got.abs().max() <= c["clip"]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_group_advantages_property(tier):
+    _run(tier, advantage_group_cases(), _check_group_advantages, cheap=True)
+
+
+# ------------------------------------------------------------------------------------------- grpo_token_loss
+
+
+@st.composite
+def loss_cases(draw):
+    return dict(B=draw(odd(1, 5)), L=draw(odd(1, 13)), clip_eps=draw(st.sampled_from([None, 0.2, 0.01])),
+                beta=draw(st.sampled_from([0.0, 0.01, 1.0])), with_ref=draw(st.booleans()),
+                mask=draw(st.sampled_from(["bool", "float", "none_in"])), poison=draw(st.booleans()),
+                dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])), seed=draw(seeds))
+
+
+def _check_loss(c):
+    g = torch.Generator().manual_seed(c["seed"])
+    shape = (c["B"], c["L"])
+    mk = lambda scale=1.0: (torch.randn(shape, generator=g) * scale - 2).to(c["dtype"])  # noqa: E731
+    logp, ref_lp = mk(), mk()
+    old = (logp.float() + 0.3 * torch.randn(shape, generator=g)).to(c["dtype"])
+    adv = torch.randn(shape, generator=g).to(c["dtype"])
+    keep = torch.rand(shape, generator=g) < 0.7
+    if c["mask"] == "none_in":
+        keep[:] = False
+    mask = keep if c["mask"] == "bool" or c["mask"] == "none_in" else \
+        torch.where(keep, torch.rand(shape, generator=g) * 0.9 + 0.1, torch.zeros(shape))
+    if c["poison"]:  # masked-out tokens may hold NaN/inf (padding) and change nothing
+        for t, val in ((logp, float("nan")), (old, float("inf")), (ref_lp, -float("inf")), (adv, float("nan"))):
+            t[~keep] = val
+    kw = dict(clip_eps=c["clip_eps"], beta=c["beta"])
+    ref_lp = ref_lp if c["with_ref"] else None
+    x = logp.clone().requires_grad_(True)
+    loss, stats = grpo_token_loss(x, old, ref_lp, adv, mask, **kw)
+    x64 = _f64(logp).requires_grad_(True)
+    loss64, stats64 = grpo_token_loss_ref(x64, _f64(old), _f64(ref_lp), _f64(adv), _f64(mask) if mask.is_floating_point()
+                                          else mask, **kw)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    # the loss is a mean of terms of both signs: its error is measured against the mean of their magnitudes
+    m, lp64, A = _f64(mask).nan_to_num(0), torch.where(keep, x64.detach(), 0), torch.where(keep, _f64(adv), 0)
+    ratio = torch.exp(lp64 - torch.where(keep, _f64(old), 0)) if c["clip_eps"] is not None else torch.ones_like(m)
+    kl = 0
+    if ref_lp is not None:
+        d = torch.where(keep, _f64(ref_lp), 0) - lp64
+        kl = torch.exp(d) - d - 1
+    scale = ((ratio * A.abs() + c["beta"] * kl) * m).sum() / m.sum().clamp_min(1)
+    assert abs(loss.item() - loss64.item()) <= 1e-5 * max(scale.item(), abs(loss64.item())) + 1e-30, \
+        (loss.item(), loss64.item(), scale.item())
+    for name in ("kl", "ratio", "clip_fraction"):
+        assert stats[name].dtype == torch.float32 and torch.isfinite(stats[name])
+        assert abs(stats[name].item() - stats64[name].item()) <= 1e-5 * max(1.0, abs(stats64[name].item())), name
+    (grad,) = torch.autograd.grad(loss, x)
+    (grad64,) = torch.autograd.grad(loss64, x64)
+    assert torch.isfinite(grad).all() and torch.count_nonzero(grad[~keep]) == 0
+    assert_close(grad, grad64, name="grad logp")
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_grpo_token_loss_property(tier):
+    _run(tier, loss_cases(), _check_loss, cheap=True)
