@@ -306,11 +306,12 @@ def eg_shaping_kernel(
 
 @triton.jit
 def eg_calibrate_kernel(
-    ent_ptr, adv_ptr, high_ptr, tadv_ptr, hsum_ptr, hcnt_ptr, B, L, bonus,
+    ent_ptr, adv_ptr, low_ptr, high_ptr, tadv_ptr, hsum_ptr, hcnt_ptr, B, L, bonus,
     BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Calibrated bonus: alpha = bonus mean(|A|) / mean(H[high]) from the per-program sums (each program
-    reduces them again: B is small), then token_adv += min(alpha H, bonus |A|) on high tokens of its row."""
+    reduces them again: B is small), then token_adv = A + min(alpha H, bonus |A|) on the high tokens of its row
+    that are not also low (low removes the advantage: issue 14, low_frac + high_frac > 1 makes masks overlap)."""
     b = tl.program_id(0)
     j = tl.arange(0, BLOCK_B)
     n_high = tl.sum(tl.load(hcnt_ptr + j, mask=j < 2 * B, other=0), 0)
@@ -325,6 +326,7 @@ def eg_calibrate_kernel(
     out = b.to(tl.int64) * L + offs
     H = tl.load(ent_ptr + out, mask=inb, other=0.0)
     high = tl.load(high_ptr + out, mask=inb, other=0) != 0
+    high = high & (tl.load(low_ptr + out, mask=inb, other=0) == 0)
     t = tl.load(tadv_ptr + out, mask=inb, other=0.0)
     t = tl.where(high, A + tl.minimum(alpha * H, bonus * tl.abs(A)), t)
     tl.store(tadv_ptr + out, t, mask=inb)
@@ -379,7 +381,7 @@ def eg_shaping(entropy, modality, *, low_frac, high_frac, rule, flag, eff_target
     if adv_mode == 2:
         assert entropy.is_contiguous()
         eg_calibrate_kernel[(B,)](
-            entropy, adv, high, tadv, parts, counts, B, L, float(bonus),
+            entropy, adv, low, high, tadv, parts, counts, B, L, float(bonus),
             BLOCK_B=max(16, triton.next_power_of_2(2 * B)), BLOCK_L=block_l, num_warps=4, enable_fp_fusion=False,
         )
     return low, high, tadv

@@ -107,15 +107,18 @@ def _raise_modality_values():
     raise ValueError("modality must hold only -1 (ignored), 0 (text) or 1 (image)")
 
 
-def _check_modality(modality, shape, check_values=True):
+def _check_modality(modality, shape, check_values=True, like=None):
     """modality: integer tensor of ``shape`` holding -1, 0, 1 (the values: one host sync, unless the caller
-    leaves them to the Triton kernel's flag)."""
+    leaves them to the Triton kernel's flag), on the device of ``like`` = (name, tensor) (checked before the
+    values are read: issue 14, a modality on another device raised torch's RuntimeError)."""
     if not isinstance(modality, torch.Tensor) or modality.dtype.is_floating_point or modality.dtype == torch.bool:
         got = modality.dtype if isinstance(modality, torch.Tensor) else type(modality).__name__
         raise ValueError(f"modality must be an integer tensor of shape {tuple(shape)} (0 text, 1 image, "
                          f"-1 ignored), got {got}")
     if modality.shape != shape:
         raise ValueError(f"modality must have shape [B, L] = {tuple(shape)}, got {tuple(modality.shape)}")
+    if like is not None:
+        check_same_device([like, ("modality", modality)])
     if check_values and modality.numel() and bool(((modality < -1) | (modality > 1)).any()):
         _raise_modality_values()
 
@@ -124,8 +127,7 @@ def _check_mask_inputs(entropy, modality, low_frac, high_frac, rule, check_value
     check_float("entropy", entropy)
     if entropy.ndim != 2:
         raise ValueError(f"entropy must have shape [B, L], got {tuple(entropy.shape)}")
-    _check_modality(modality, entropy.shape, check_values)
-    check_same_device([("entropy", entropy), ("modality", modality)])
+    _check_modality(modality, entropy.shape, check_values, like=("entropy", entropy))
     _check_rule(low_frac, high_frac, rule)
 
 
@@ -335,10 +337,12 @@ def _check_shaping_inputs(logits, targets, modality, advantages, low_frac, high_
     if logits.ndim != 3:
         raise ValueError(f"logits must have shape [B, L, V], got {tuple(logits.shape)}")
     B, L, _ = logits.shape
-    _check_modality(modality, logits.shape[:2], check_values)
+    _check_modality(modality, logits.shape[:2], check_values, like=("logits", logits))
     check_float("advantages", advantages)
     if advantages.shape != (B,):
         raise ValueError(f"advantages must have shape [B] = ({B},) (one per sequence), got {tuple(advantages.shape)}")
+    # before any op mixes them (issue 14: targets or advantages on another device raised torch's RuntimeError)
+    check_same_device([("logits", logits), ("targets", targets), ("modality", modality), ("advantages", advantages)])
     _check_rule(low_frac, high_frac, rule)
 
 
