@@ -65,3 +65,19 @@ def test_demo_rejects_bad_sizes():
 
     with pytest.raises(ValueError, match="batch"):
         run_demo(batch=0)
+
+
+def test_pyproject_has_no_setuptools_deprecations():
+    """`pip install -e .` printed setuptools' "`project.license` as a TOML table is deprecated" warning: the
+    license is an SPDX string now. Applies pyproject.toml as the build backend does, deprecations as errors."""
+    pytest.importorskip("setuptools", minversion="77")
+    import warnings
+    from pathlib import Path
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dist = apply_configuration(Distribution(), Path(__file__).resolve().parents[1] / "pyproject.toml")
+    assert dist.metadata.license_expression == "Apache-2.0"
