@@ -376,10 +376,25 @@ def load_yaml(path) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {str(path)!r}: {_yaml_problem(e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {str(path)!r} cannot be read ({getattr(e, 'strerror', None) or e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping")
     return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: ``line L, column C: problem (context)`` (YAML's own message names
+    ``<unicode string>`` instead of the file)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return f"YAML syntax error at {where}{problem}" + (f" ({context})" if context else "")
 
 
 def load_preset(name: str) -> dict:
@@ -402,7 +417,10 @@ def apply_override(data: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"--set {key}: {part} is not a mapping")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {key}: the value {raw!r} is not valid YAML ({_yaml_problem(e)})") from None
 
 
 def resolve_config(config_path=None, preset=None, overrides=()) -> Config:
