@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import fastgrpo
 
@@ -81,3 +82,17 @@ def test_pyproject_has_no_setuptools_deprecations():
         warnings.simplefilter("error")
         dist = apply_configuration(Distribution(), Path(__file__).resolve().parents[1] / "pyproject.toml")
     assert dist.metadata.license_expression == "Apache-2.0"
+
+
+def test_demo_cli_errors_are_one_line(monkeypatch, capsys):
+    """`fastgrpo demo --impl triton` on a CPU without TRITON_INTERPRET=1 printed a traceback after sampling began."""
+    from fastgrpo.cli import main
+
+    cases = [(["demo", "--steps", "1"], "steps >= 2")]
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        cases.append((["demo", "--impl", "triton", "--steps", "2"], "triton"))
+    for argv, needle in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
