@@ -1,4 +1,11 @@
-"""Command line: ``fastgrpo train | presets | env | plot | demo`` (DESIGN.md §6)."""
+"""Command line: ``fastgrpo train | presets | env | plot | demo`` (DESIGN.md §6).
+
+Errors are one line on stderr, never a traceback: a bad config (unknown key, bad value, YAML syntax error with its
+file and line) exits 2; a run that cannot start or stops (an unwritable ``--out``, a model not available locally,
+divergence) exits 1; Ctrl-C exits 130 saying how ``--resume`` continues. Under ``accelerate launch`` only rank 0
+prints; the other ranks exit quietly with the same code (the launcher then prints its own failure summary).
+``--resume`` continues with the run's saved ``config.yaml`` (`_train_config`).
+"""
 from __future__ import annotations
 
 import argparse

@@ -199,3 +199,15 @@ def test_unavailable_reward_model_offline_is_one_line_at_once(tmp_path, capsys, 
     assert rc == 1 and "reward[0].args.model 'yuvalkirstain/PickScore_v1'" in line and "offline" in line
     assert time.perf_counter() - t0 < 60  # no hub retries (minutes before)
     assert not (tmp_path / "run").exists()  # stopped before anything was written
+
+
+@pytest.mark.slow  # two processes: `make test-slow` (and CI) runs it; test_errors_print_on_rank_0_only is its twin
+def test_accelerate_launch_fsdp_refusal_prints_one_line(tmp_path):
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+    proc = _run([accelerate, "launch", "--config_file", str(config), "--num_processes", "2", "-m", "fastgrpo",
+                 "train", "--preset", "tiny-flow-grpo", "--out", "run", "--set", "model.lora={rank: 4}", *SMALL],
+                tmp_path)
+    assert proc.returncode != 0
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("fastgrpo train:")]
+    assert len(ours) == 1 and "shards full fine-tuning only" in ours[0], proc.stderr[-3000:]

@@ -3,8 +3,9 @@
 A config is built from a nested dict (a YAML preset, a config file, overrides); an unknown key or a bad value
 raises ``ValueError`` naming the dotted key (``train.lr must be > 0, got -1``); a ``model.path`` that reads as
 a local path but does not exist is refused at once (`fastgrpo.paths`; reward ``args`` paths when the trainer is
-built, since presets may name reward folders downloaded later), ``~`` being expanded in every path; every float key must be a finite
-number (``.inf`` / ``.nan`` / ``"inf"`` are refused, naming the key). Presets are YAML files in the
+built, since presets may name reward folders downloaded later; hub ids too, offline-aware:
+`fastgrpo.train.loop.check_model_sources`), ``~`` being expanded in every path; every float key must be a finite
+number (``.inf`` / ``.nan`` / ``"inf"`` are refused, naming the key); a YAML syntax error names the file and line. Presets are YAML files in the
 repository's ``configs/`` folder (shipped inside the package as ``fastgrpo/configs``); ``fastgrpo presets`` lists
 them with the first line of their ``description``.
 

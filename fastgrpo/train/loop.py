@@ -31,6 +31,16 @@ A non-finite reward or loss stops the run with `TrainingDiverged` before the opt
 after it (a huge learning rate) stop it before the EMA update and before any checkpoint is written, so the newest
 checkpoint on disk is the last good state.
 
+A resumed run continues with the config it is given: the CLI's ``--resume`` builds it from the run's own
+``config.yaml`` (``--set`` on top; a preset or config file given too is ignored with a notice), and
+``train(None, out, resume=True)`` does the same from Python (`resume_config`); a config given to ``train`` is used
+as given, with a warning naming each key that differs from ``config.yaml``, which then records it.
+
+Before anything loads, every model the run needs (``model.path``, each reward's model and processor) is checked
+(`check_model_sources`): a missing local path, or a hub id neither in the local Hugging Face cache nor (online)
+answering one short request, stops the run at once with a ValueError naming the config key; with
+``HF_HUB_OFFLINE=1`` the hub is never asked.
+
 The run folder belongs to one run: a folder that already holds one (``metrics.jsonl`` or a checkpoint) is refused
 unless ``resume=True`` (continue it) or ``overwrite=True`` (delete that run's files first, `RUN_FILES`); nothing
 in the folder is touched when it is refused. A folder that cannot be written (read-only, no permission) is a
