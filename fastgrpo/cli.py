@@ -112,8 +112,9 @@ def main(argv=None) -> int:
     p_train.add_argument("--preset", help="a preset name (see `fastgrpo presets`)")
     p_train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p_train.add_argument("--out", help="run folder (default runs/<preset or config name>)")
-    p_train.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint, with the run's saved "
-                         "config.yaml (--set overrides keys of it; a preset or CONFIG given too is ignored)")
+    p_train.add_argument("--resume", action="store_true",
+                         help="continue the run in --out from its newest checkpoint, with the run's saved "
+                              "config.yaml (--set overrides keys of it; a preset or CONFIG given too is ignored)")
     p_train.add_argument("--overwrite", action="store_true",
                          help="start over in an --out that holds a run: delete its metrics, checkpoints, "
                               "tensorboard and curves first (without it such a folder is refused)")

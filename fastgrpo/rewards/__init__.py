@@ -84,5 +84,5 @@ def build_reward(specs) -> WeightedReward:
     return WeightedReward(parts)
 
 
-__all__ = ["MODEL_ARGS", "REWARDS", "model_sources", "WeightedReward", "build_reward", "brightness", "colorfulness", "jpeg_compressibility",
-           "ClipPreference"]
+__all__ = ["MODEL_ARGS", "REWARDS", "model_sources", "WeightedReward", "build_reward", "brightness", "colorfulness",
+           "jpeg_compressibility", "ClipPreference"]
