@@ -1,26 +1,88 @@
-"""Command line: ``fastgrpo train | presets | env | plot | demo`` (DESIGN.md §6)."""
+"""Command line: ``fastgrpo train | presets | env | plot | demo`` (DESIGN.md §6).
+
+Errors are one line on stderr, never a traceback: a bad config (unknown key, bad value, YAML syntax error with its
+file and line) exits 2; a run that cannot start or stops (an unwritable ``--out``, a model not available locally,
+divergence) exits 1; Ctrl-C exits 130 saying how ``--resume`` continues. Under ``accelerate launch`` only rank 0
+prints; the other ranks exit quietly with the same code (the launcher then prints its own failure summary).
+``--resume`` continues with the run's saved ``config.yaml`` (`_train_config`).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 
+def _rank() -> int:
+    """This process's rank: the process group's once set up, else torchrun's ``RANK`` (``accelerate launch``
+    sets it before fastgrpo starts), else 0. Errors print on rank 0 only; the other ranks exit quietly."""
+    from fastgrpo.train.distributed import world
+
+    rank, world_size = world()
+    if world_size > 1:
+        return rank
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _error(prefix: str, message, code: int) -> int:
+    if _rank() == 0:
+        print(f"{prefix}: {message}", file=sys.stderr)
+    return code
+
+
+def _train_config(args):
+    """(config, run folder) for ``fastgrpo train``. A new run: the preset and/or CONFIG.yaml, then ``--set``. With
+    ``--resume``: the run's own ``DIR/config.yaml`` (what it started with, and rewritten by every resume), then
+    ``--set`` on top (``--set train.steps=16`` extends an 8-step run); a preset or CONFIG.yaml given too is ignored
+    with one notice (it would silently replace the run's settings: the preset's ``train.steps`` instead of the run's),
+    and used only for a folder without ``config.yaml`` (a run written before fastgrpo saved it)."""
+    from fastgrpo.train import resolve_config
+
+    out = args.out or (f"runs/{args.preset or Path(args.config).stem}" if (args.preset or args.config) else None)
+    if args.resume:
+        if out is None:
+            raise ValueError("--resume needs the run folder: --out DIR")
+        saved = Path(out).expanduser() / "config.yaml"
+        if saved.is_file():
+            given = " and ".join(x for x in (args.config and f"config {args.config}",
+                                             args.preset and f"--preset {args.preset}") if x)
+            if given and _rank() == 0:
+                print(f"fastgrpo train: --resume continues with {saved}; {given} ignored (change keys with --set)",
+                      file=sys.stderr)
+            return resolve_config(saved, None, args.set or []), out
+        if not args.config and not args.preset:
+            raise ValueError(f"--resume: {out} holds no run to continue (no config.yaml)")
+    elif not args.config and not args.preset:
+        raise ValueError("give a CONFIG.yaml or --preset NAME (`fastgrpo presets` lists them)")
+    return resolve_config(args.config, args.preset, args.set or []), out
+
+
+def _interrupted(out) -> str:
+    """What to do after Ctrl-C: resume from the newest checkpoint, or start over when none was written."""
+    from fastgrpo.train.checkpoint import _STEP_DIR
+
+    ckpts = Path(out).expanduser() / "checkpoints"
+    steps = sorted(int(m.group(1)) for p in (ckpts.iterdir() if ckpts.is_dir() else ())
+                   if (m := _STEP_DIR.match(p.name)))
+    if steps:
+        return (f"interrupted; `fastgrpo train --resume --out {out}` continues from the newest checkpoint "
+                f"(step {steps[-1]})")
+    return f"interrupted before the first checkpoint; start over with --overwrite --out {out}"
+
+
 def _train(args) -> int:
-    from fastgrpo.train import TrainingDiverged, resolve_config, train
+    from fastgrpo.train import TrainingDiverged, train
     from fastgrpo.train.metrics import plot_curves
 
-    if not args.config and not args.preset:
-        print("fastgrpo train: give a CONFIG.yaml or --preset NAME (`fastgrpo presets` lists them)",
-              file=sys.stderr)
-        return 2
     try:
-        cfg = resolve_config(args.config, args.preset, args.set or [])
+        cfg, out = _train_config(args)
     except ValueError as e:
-        print(f"fastgrpo train: {e}", file=sys.stderr)
-        return 2
-    out = args.out or f"runs/{args.preset or Path(args.config).stem}"
+        return _error("fastgrpo train", e, 2)
     if args.dry_run:
         import yaml
 
@@ -30,8 +92,9 @@ def _train(args) -> int:
     try:
         out = train(cfg, out, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, TrainingDiverged) as e:
-        print(f"fastgrpo train: stopped: {e}", file=sys.stderr)
-        return 1
+        return _error("fastgrpo train", f"stopped: {e}", 1)
+    except KeyboardInterrupt:
+        return _error("fastgrpo train", _interrupted(out), 130)
     from fastgrpo.train.distributed import world
 
     if world()[0] == 0:
@@ -72,7 +135,9 @@ def main(argv=None) -> int:
     p_train.add_argument("--preset", help="a preset name (see `fastgrpo presets`)")
     p_train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p_train.add_argument("--out", help="run folder (default runs/<preset or config name>)")
-    p_train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p_train.add_argument("--resume", action="store_true",
+                         help="continue the run in --out from its newest checkpoint, with the run's saved "
+                              "config.yaml (--set overrides keys of it; a preset or CONFIG given too is ignored)")
     p_train.add_argument("--overwrite", action="store_true",
                          help="start over in an --out that holds a run: delete its metrics, checkpoints, "
                               "tensorboard and curves first (without it such a folder is refused)")
@@ -118,7 +183,11 @@ def main(argv=None) -> int:
     if args.command == "demo":
         from fastgrpo.demo import main as demo_main
 
-        return demo_main(batch=args.batch, steps=args.steps, seed=args.seed, impl=args.impl)
+        try:
+            return demo_main(batch=args.batch, steps=args.steps, seed=args.seed, impl=args.impl)
+        except ValueError as e:  # e.g. --impl triton on a CPU without TRITON_INTERPRET=1
+            print(f"fastgrpo demo: {e}", file=sys.stderr)
+            return 2
     return 2  # unreachable: argparse requires a command
 
 

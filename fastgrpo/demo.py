@@ -19,9 +19,12 @@ def run_demo(batch: int = 4, steps: int = 10, seed: int = 0, noise_level: float 
              prompt_tokens: int = 7, device: str | torch.device | None = None) -> dict:
     """Run the demo on ``device`` (default: CUDA when present, else CPU); the draws come from one CPU generator,
     so the noise is the same on either device."""
-    if batch < 1 or steps < 1:
-        raise ValueError(f"batch and steps must be >= 1, got batch={batch}, steps={steps}")
+    if batch < 1 or steps < 2:  # one step would have no sigma strictly between 0 and 1 to scale the noise
+        raise ValueError(f"batch must be >= 1 and steps >= 2, got batch={batch}, steps={steps}")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    from fastgrpo.ops._backend import resolve_impl
+
+    resolve_impl(impl, device, has_cpp=True)  # before building anything: impl='triton' on CPU needs TRITON_INTERPRET=1
     gen = torch.Generator().manual_seed(seed)
     model = tiny_sd3_transformer(seed).to(device)
     cfg = model.config

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import fastgrpo
 
@@ -65,3 +66,33 @@ def test_demo_rejects_bad_sizes():
 
     with pytest.raises(ValueError, match="batch"):
         run_demo(batch=0)
+
+
+def test_pyproject_has_no_setuptools_deprecations():
+    """`pip install -e .` printed setuptools' "`project.license` as a TOML table is deprecated" warning: the
+    license is an SPDX string now. Applies pyproject.toml as the build backend does, deprecations as errors."""
+    pytest.importorskip("setuptools", minversion="77")
+    import warnings
+    from pathlib import Path
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dist = apply_configuration(Distribution(), Path(__file__).resolve().parents[1] / "pyproject.toml")
+    assert dist.metadata.license_expression == "Apache-2.0"
+
+
+def test_demo_cli_errors_are_one_line(monkeypatch, capsys):
+    """`fastgrpo demo --impl triton` on a CPU without TRITON_INTERPRET=1 printed a traceback after sampling began."""
+    from fastgrpo.cli import main
+
+    cases = [(["demo", "--steps", "1"], "steps >= 2")]
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        cases.append((["demo", "--impl", "triton", "--steps", "2"], "triton"))
+    for argv, needle in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err

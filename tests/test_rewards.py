@@ -83,3 +83,76 @@ def test_clip_reward_loads_a_local_model_and_scores(tmp_path):
     torch.testing.assert_close(got, out.logits_per_image.diagonal().float(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="does not exist"):
         REWARDS["clip_score"](model="/no/such/clip")(x, prompts)
+
+
+# ------------------------------------------------------------------ issue 15: model sources checked up front
+def _offline_hub(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    return tmp_path / "hf" / "hub"
+
+
+def _cache(hub, repo_id):
+    """A snapshot of ``repo_id`` in the hub cache layout (refs/main -> snapshots/<commit>/config.json)."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
+
+
+def _cfg(*overrides):
+    from fastgrpo.train import resolve_config
+
+    return resolve_config(preset="tiny-flow-grpo", overrides=["log.progress=false", "log.tensorboard=false",
+                                                              *overrides])
+
+
+def test_model_sources_checked_offline_naming_the_key(tmp_path, monkeypatch):
+    """Offline, a hub id missing from the cache stops at once naming its config key (defaults included), before
+    any model is built; a cached id passes without the network."""
+    from fastgrpo.train.loop import check_model_sources
+
+    hub = _offline_hub(monkeypatch, tmp_path)
+    with pytest.raises(ValueError, match=r"^reward\[0\]\.args\.model 'yuvalkirstain/PickScore_v1' is not in the local "
+                                         r"Hugging Face cache and the hub is offline.*\(pickscore's default\)$"):
+        check_model_sources(_cfg("reward=[{name: pickscore}]"))
+    _cache(hub, "yuvalkirstain/PickScore_v1")
+    with pytest.raises(ValueError, match=r"^reward\[0\]\.args\.processor 'laion/CLIP-ViT-H-14-laion2B-s32B-b79K'"):
+        check_model_sources(_cfg("reward=[{name: pickscore}]"))
+    _cache(hub, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    check_model_sources(_cfg("reward=[{name: pickscore}]"))  # both cached: fine, offline
+    with pytest.raises(ValueError, match=r"^reward\[1\]\.args\.model 'me/hps'"):
+        check_model_sources(_cfg("reward=[{name: brightness}, {name: hps, args: {model: me/hps}}]"))
+    with pytest.raises(ValueError, match=r"^reward\[0\]\.args\.model is required"):
+        check_model_sources(_cfg("reward=[{name: hps}]"))
+    with pytest.raises(ValueError, match=r"^reward\[0\]\.args\.model '\./nowhere' does not exist"):
+        check_model_sources(_cfg("reward=[{name: clip_score, args: {model: ./nowhere}}]"))
+    with pytest.raises(ValueError, match=r"^model\.path 'org/sd3' is not in the local Hugging Face cache"):
+        check_model_sources(_cfg("model.path=org/sd3"))
+    check_model_sources(_cfg("model.path=org/sd3"), pipeline=object())  # a pipeline object: model.path unused
+
+
+def test_model_sources_online_one_short_request(tmp_path, monkeypatch):
+    """Online, an uncached id costs one metadata request with HF_HUB_ETAG_TIMEOUT, never minutes of retries."""
+    from huggingface_hub import HfApi
+
+    from fastgrpo.paths import check_model_source
+
+    _offline_hub(monkeypatch, tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "3")
+    calls = []
+
+    def unreachable(self, repo_id, timeout=None, **kw):
+        calls.append((repo_id, timeout))
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(HfApi, "model_info", unreachable)
+    with pytest.raises(ValueError, match=r"^reward\[0\]\.args\.model 'org/m' is not in the local Hugging Face cache "
+                                         r"and the hub cannot be reached \(ConnectionError"):
+        check_model_source("reward[0].args.model", "org/m")
+    assert calls == [("org/m", 3.0)]
+    monkeypatch.setattr(HfApi, "model_info", lambda self, repo_id, timeout=None, **kw: None)
+    assert check_model_source("model.path", "org/m") == "org/m"  # exists on the hub: loading downloads it

@@ -18,15 +18,40 @@ import torch
 from .clip import ClipPreference
 from .pixel import brightness, colorfulness, jpeg_compressibility
 
+# The arguments of each model-based reward that name a model (local folder or hub id), with their defaults
+# (None: required; a processor defaults to the model). `model_sources` lists them; the trainer checks every one
+# before loading anything (`fastgrpo.paths.check_model_source`).
+MODEL_ARGS: dict[str, dict[str, str | None]] = {
+    "clip_score": {"model": "openai/clip-vit-large-patch14", "processor": None},
+    "pickscore": {"model": "yuvalkirstain/PickScore_v1", "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"},
+    "hps": {"model": None, "processor": None},
+}
+
+
 REWARDS: dict[str, Callable[..., Callable]] = {
     "brightness": lambda: brightness,
     "colorfulness": lambda: colorfulness,
     "jpeg_compressibility": lambda: jpeg_compressibility,
-    "clip_score": lambda **kw: ClipPreference(**{"model": "openai/clip-vit-large-patch14", **kw}),
-    "pickscore": lambda **kw: ClipPreference(**{"model": "yuvalkirstain/PickScore_v1",
-                                                "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", **kw}),
+    "clip_score": lambda **kw: ClipPreference(**{**_defaults("clip_score"), **kw}),
+    "pickscore": lambda **kw: ClipPreference(**{**_defaults("pickscore"), **kw}),
     "hps": lambda **kw: ClipPreference(**kw),
 }
+
+
+def _defaults(name: str) -> dict:
+    return {k: v for k, v in MODEL_ARGS[name].items() if v is not None}
+
+
+def model_sources(name: str, args: dict) -> dict:
+    """{argument: model folder or hub id} that reward ``name`` with ``args`` loads (a processor given no value
+    loads from the model); an empty dict for the pixel rewards. A required one missing is a ValueError."""
+    if name not in MODEL_ARGS:
+        return {}
+    out = {**_defaults(name), **{k: v for k, v in args.items() if k in MODEL_ARGS[name] and v}}
+    if "model" not in out:
+        raise ValueError(f"args.model is required: reward {name!r} needs its model's local folder or hub id")
+    out.setdefault("processor", out["model"])
+    return out
 
 
 class WeightedReward:
@@ -59,5 +84,5 @@ def build_reward(specs) -> WeightedReward:
     return WeightedReward(parts)
 
 
-__all__ = ["REWARDS", "WeightedReward", "build_reward", "brightness", "colorfulness", "jpeg_compressibility",
-           "ClipPreference"]
+__all__ = ["MODEL_ARGS", "REWARDS", "model_sources", "WeightedReward", "build_reward", "brightness", "colorfulness",
+           "jpeg_compressibility", "ClipPreference"]

@@ -1,6 +1,6 @@
 """The GRPO training loop (phases: sample -> score -> advantages -> select -> train -> log), configs, checkpoints."""
 from .config import Config, config_from_dict, preset_paths, resolve_config
-from .loop import GRPOTrainer, TrainingDiverged, make_trainer, train
+from .loop import GRPOTrainer, TrainingDiverged, make_trainer, resume_config, train
 
 __all__ = ["Config", "GRPOTrainer", "TrainingDiverged", "config_from_dict", "make_trainer", "preset_paths", "resolve_config",
-           "train"]
+           "resume_config", "train"]

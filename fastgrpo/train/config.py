@@ -3,8 +3,9 @@
 A config is built from a nested dict (a YAML preset, a config file, overrides); an unknown key or a bad value
 raises ``ValueError`` naming the dotted key (``train.lr must be > 0, got -1``); a ``model.path`` that reads as
 a local path but does not exist is refused at once (`fastgrpo.paths`; reward ``args`` paths when the trainer is
-built, since presets may name reward folders downloaded later), ``~`` being expanded in every path; every float key must be a finite
-number (``.inf`` / ``.nan`` / ``"inf"`` are refused, naming the key). Presets are YAML files in the
+built, since presets may name reward folders downloaded later; hub ids too, offline-aware:
+`fastgrpo.train.loop.check_model_sources`), ``~`` being expanded in every path; every float key must be a finite
+number (``.inf`` / ``.nan`` / ``"inf"`` are refused, naming the key); a YAML syntax error names the file and line. Presets are YAML files in the
 repository's ``configs/`` folder (shipped inside the package as ``fastgrpo/configs``); ``fastgrpo presets`` lists
 them with the first line of their ``description``.
 
@@ -376,10 +377,25 @@ def load_yaml(path) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {str(path)!r}: {_yaml_problem(e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {str(path)!r} cannot be read ({getattr(e, 'strerror', None) or e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping")
     return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: ``line L, column C: problem (context)`` (YAML's own message names
+    ``<unicode string>`` instead of the file)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return f"YAML syntax error at {where}{problem}" + (f" ({context})" if context else "")
 
 
 def load_preset(name: str) -> dict:
@@ -402,7 +418,10 @@ def apply_override(data: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"--set {key}: {part} is not a mapping")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {key}: the value {raw!r} is not valid YAML ({_yaml_problem(e)})") from None
 
 
 def resolve_config(config_path=None, preset=None, overrides=()) -> Config:

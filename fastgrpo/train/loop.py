@@ -31,6 +31,16 @@ A non-finite reward or loss stops the run with `TrainingDiverged` before the opt
 after it (a huge learning rate) stop it before the EMA update and before any checkpoint is written, so the newest
 checkpoint on disk is the last good state.
 
+A resumed run continues with the config it is given: the CLI's ``--resume`` builds it from the run's own
+``config.yaml`` (``--set`` on top; a preset or config file given too is ignored with a notice), and
+``train(None, out, resume=True)`` does the same from Python (`resume_config`); a config given to ``train`` is used
+as given, with a warning naming each key that differs from ``config.yaml``, which then records it.
+
+Before anything loads, every model the run needs (``model.path``, each reward's model and processor) is checked
+(`check_model_sources`): a missing local path, or a hub id neither in the local Hugging Face cache nor (online)
+answering one short request, stops the run at once with a ValueError naming the config key; with
+``HF_HUB_OFFLINE=1`` the hub is never asked.
+
 The run folder belongs to one run: a folder that already holds one (``metrics.jsonl`` or a checkpoint) is refused
 unless ``resume=True`` (continue it) or ``overwrite=True`` (delete that run's files first, `RUN_FILES`); nothing
 in the folder is touched when it is refused. A folder that cannot be written (read-only, no permission) is a
@@ -42,6 +52,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,15 +112,66 @@ def prepare_run_folder(out_dir, *, resume: bool, overwrite: bool, remove: bool =
                 p.unlink()
 
 
-def _check_reward_paths(cfg: Config) -> None:
-    """Reward ``args`` that read as local paths (a model folder) must exist: ValueError naming
-    ``reward[i].args.KEY`` before anything loads, never a hub request (`fastgrpo.paths`)."""
-    from fastgrpo.paths import model_location
+def check_model_sources(cfg: Config, *, pipeline=None) -> None:
+    """Every model the run loads -- ``model.path`` (unless ``tiny`` or a ``pipeline`` object is given) and each
+    reward's model and processor (their defaults included: ``pickscore`` loads ``yuvalkirstain/PickScore_v1``) --
+    is checked before anything loads (`fastgrpo.paths.check_model_source`): a local path must exist, a hub id must be
+    in the local Hugging Face cache or, online, answer one short request. Otherwise a ValueError naming the key
+    (``model.path``, ``reward[0].args.model``) at once, instead of minutes of hub retries and a traceback. Other
+    reward ``args`` that read as local paths must exist too (never sent to the hub)."""
+    from fastgrpo.paths import check_model_source, model_location
+    from fastgrpo.rewards import model_sources
 
     for i, spec in enumerate(cfg.reward):
+        try:
+            sources = model_sources(spec.name, spec.args)
+        except ValueError as e:
+            raise ValueError(f"reward[{i}].{e}") from None
         for k, v in spec.args.items():
-            if isinstance(v, str):
+            if isinstance(v, str) and k not in sources:
                 model_location(f"reward[{i}].args.{k}", v)
+        for k, v in sources.items():
+            if isinstance(v, str):
+                default = "" if spec.args.get(k) else f" ({spec.name}'s default)"
+                try:
+                    check_model_source(f"reward[{i}].args.{k}", v)
+                except ValueError as e:
+                    raise ValueError(f"{e}{default}") from None
+    if pipeline is None and cfg.model.path != "tiny":
+        check_model_source("model.path", cfg.model.path,
+                           kind="model folder" if cfg.model.family == "janus" else "pipeline folder")
+
+
+def resume_config(out_dir, overrides=()) -> Config:
+    """The config of the run in ``out_dir``: its ``config.yaml`` (written when it started, rewritten by every
+    resume) with ``key=value`` overrides applied; ValueError when the folder holds none."""
+    from .config import resolve_config
+
+    saved = Path(out_dir).expanduser() / "config.yaml"
+    if not saved.is_file():
+        raise ValueError(f"{out_dir} holds no run to resume (no config.yaml)")
+    return resolve_config(saved, None, overrides)
+
+
+def _resume_differences(saved_file: Path, cfg: Config) -> list[str]:
+    """``key: saved -> new`` for every config key that differs from the run's saved config.yaml."""
+    try:
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d.items() if isinstance(d, dict) else ()):
+            if isinstance(v, dict) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    a, b = flat(saved), flat(cfg.to_dict())
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k != "description" and a.get(k) != b.get(k)]
 
 
 def ensure_writable(out: Path) -> None:
@@ -185,7 +247,7 @@ class GRPOTrainer:
         self.rank, self.world_size = world()  # after accelerate set up the process group
         # Before anything is loaded or written: a folder holding another run is refused untouched.
         prepare_run_folder(self.out, resume=resume, overwrite=overwrite, remove=self.rank == 0)
-        _check_reward_paths(cfg)
+        check_model_sources(cfg, pipeline=pipeline)
         if self.rank == 0:
             ensure_writable(self.out)
         self.strategy = STRATEGIES[cfg.algo].from_config(cfg)
@@ -220,6 +282,12 @@ class GRPOTrainer:
             self.step, self.samples, self.elapsed = state["step"], state["samples"], state["elapsed_s"]
             self.model_forwards = state["model_forwards"]
             resumed_from = self.step
+        if self.is_main and resume:
+            changed = _resume_differences(self.out / "config.yaml", cfg)
+            if changed:
+                warnings.warn(f"resuming {self.out} with a config that differs from its config.yaml in "
+                              f"{len(changed)} key(s): {'; '.join(changed[:6])}{'; ...' if len(changed) > 6 else ''}",
+                              stacklevel=2)
         if self.is_main:
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             self.logger = MetricsLogger(self.out, tensorboard=cfg.log.tensorboard, resume_step=resumed_from)
@@ -414,13 +482,21 @@ def check_resume_world_size(ckpt: Path, world_size: int, distributed: str) -> No
                      "new run")
 
 
-def make_trainer(cfg: Config, out_dir, *, resume: bool = False, overwrite: bool = False, device=None,
+def make_trainer(cfg: Config | None, out_dir, *, resume: bool = False, overwrite: bool = False, device=None,
                  pipeline=None) -> GRPOTrainer:
     """The trainer for the config's model family. ``pipeline``: a diffusers pipeline object to train instead of
     loading ``model.path`` (flow families; e.g. one built from configs with random weights).
 
     ``out_dir`` holding an earlier run (``metrics.jsonl`` or a checkpoint) raises ValueError, the folder untouched,
-    unless ``resume`` (continue from its newest checkpoint) or ``overwrite`` (delete its files first)."""
+    unless ``resume`` (continue from its newest checkpoint) or ``overwrite`` (delete its files first).
+
+    Resuming, ``cfg`` is the config the run continues with, used as given (a caller changing ``train.steps`` means
+    it); ``cfg=None`` takes the run's saved ``config.yaml`` (`resume_config`, which also applies overrides). A given
+    ``cfg`` that differs from ``config.yaml`` is warned about, key by key, and becomes the new ``config.yaml``."""
+    if cfg is None:
+        if not resume:
+            raise ValueError("cfg is required for a new run (cfg=None resumes with the run's config.yaml: resume=True)")
+        cfg = resume_config(out_dir)
     if cfg.model.family == "janus":
         if pipeline is not None:
             raise ValueError("pipeline= is for the flow families (sd3, flux); Janus loads model.path")
@@ -432,11 +508,13 @@ def make_trainer(cfg: Config, out_dir, *, resume: bool = False, overwrite: bool 
     return FlowTrainer(cfg, out_dir, resume=resume, overwrite=overwrite, device=device, pipeline=pipeline)
 
 
-def train(cfg: Config, out_dir, *, resume: bool = False, overwrite: bool = False, device=None) -> Path:
+def train(cfg: Config | None, out_dir, *, resume: bool = False, overwrite: bool = False, device=None) -> Path:
     """Run (or resume) a training; returns the run folder. ``device``: default accelerate's (CUDA when present).
 
     A folder that already holds a run is refused (ValueError, nothing touched) unless ``resume`` continues it or
-    ``overwrite`` deletes its files (`RUN_FILES`) first."""
+    ``overwrite`` deletes its files (`RUN_FILES`) first. ``train(None, out, resume=True)`` continues with the run's
+    saved ``config.yaml``; a given ``cfg`` is used as given (a warning names the keys that differ from
+    ``config.yaml``): `make_trainer`. The CLI's ``--resume`` always starts from ``config.yaml`` (``--set`` on top)."""
     trainer = make_trainer(cfg, out_dir, resume=resume, overwrite=overwrite, device=device)
     try:
         return trainer.run()
