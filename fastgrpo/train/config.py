@@ -228,6 +228,9 @@ class Config:
     algo_args: dict = field(default_factory=dict)  # variant settings, validated by the variant's strategy
     description: str = ""
     seed: int = 0
+    # CPU threads for torch (torch.set_num_threads). None: OMP_NUM_THREADS when set, else 1 for a tiny model on
+    # the CPU and torch's default otherwise (`fastgrpo.train.loop.pick_threads`).
+    threads: Optional[int] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -242,6 +245,8 @@ class Config:
         from fastgrpo.algos import STRATEGIES
 
         _choice(p, "algo", self.algo, tuple(sorted(STRATEGIES)))
+        if self.threads is not None:
+            _positive(p, "threads", self.threads)
         STRATEGIES[self.algo].check_args(self)
         families = STRATEGIES[self.algo].families
         if self.model.family not in families:

@@ -130,6 +130,26 @@ def ensure_writable(out: Path) -> None:
                          "or give another --out") from None
 
 
+def pick_threads(cfg: Config, device: torch.device) -> str:
+    """Decide torch's CPU thread count for this run, before the model is built (`GRPOTrainer.__init__` calls it);
+    returns what was decided, in words.
+
+    In order: the config key ``threads`` wins (``torch.set_num_threads(threads)``); else ``OMP_NUM_THREADS`` in
+    the environment wins (torch already took it; nothing is changed); else a tiny model (``model.path == "tiny"``)
+    trained on the CPU gets 1 thread: its operations are a few kB, and splitting them over the cores of a small,
+    shared machine made a step 15-30x slower (oversubscription) instead of faster. Every other run keeps torch's
+    default (one thread per core). The setting is process-wide (``torch.set_num_threads``)."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+        return f"{cfg.threads} CPU thread(s) (config key threads)"
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return f"{torch.get_num_threads()} CPU thread(s) (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
+    if cfg.model.path == "tiny" and torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+        return "1 CPU thread (a tiny model on the CPU; set threads=N or OMP_NUM_THREADS to change it)"
+    return f"{torch.get_num_threads()} CPU thread(s) (torch's default)"
+
+
 class TrainingDiverged(RuntimeError):
     """A reward, the loss or the gradient norm became NaN/inf (the run stopped before updating the weights), or the
     updated weights did (stopped before the EMA update and before saving them: the newest checkpoint is the last
@@ -182,6 +202,7 @@ class GRPOTrainer:
 
             device = PartialState().device
         self.device = torch.device(device)
+        self.threads = pick_threads(cfg, self.device)  # before anything is built
         self.rank, self.world_size = world()  # after accelerate set up the process group
         # Before anything is loaded or written: a folder holding another run is refused untouched.
         prepare_run_folder(self.out, resume=resume, overwrite=overwrite, remove=self.rank == 0)
