@@ -99,13 +99,23 @@ def _tiny_t5(d_model: int = 32):
                                    num_heads=2))
 
 
+# A randomly initialised decoder maps every latent to nearly the same gray image (pixel std ~0.09, brightness
+# 0.456-0.515 even for latents optimised for it), so no pixel reward could change what the images look like. Its
+# output convolution is scaled up by this gain: decoded noise then spans the pixel range (std ~0.36) and a
+# reward such as brightness moves visibly.
+TINY_VAE_DECODER_GAIN = 4.0
+
+
 def _tiny_vae(shift_factor: float, scaling_factor: float, latent_channels: int):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=latent_channels, norm_num_groups=4, sample_size=32,
-                         shift_factor=shift_factor, scaling_factor=scaling_factor)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=latent_channels, norm_num_groups=4, sample_size=32,
+                        shift_factor=shift_factor, scaling_factor=scaling_factor)
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(TINY_VAE_DECODER_GAIN)
+    return vae
 
 
 def tiny_sd3_pipeline(seed: int = 0):

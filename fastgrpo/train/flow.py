@@ -251,6 +251,19 @@ class FlowTrainer(GRPOTrainer):
         order = torch.sort(group, stable=True).indices
         return x.index_select(0, to_device(order, x.device)), group[order], node[order]
 
+    @torch.no_grad()
+    def preview(self, prompts, gens):
+        """One image per prompt from a fixed initial noise (``gens``), sampled with the ODE (no SDE noise)."""
+        model = self.policy
+        x = torch.cat([model.initial_latents(1, g) for g in gens])
+        emb = model.encode_prompts(prompts)
+        rows_group = torch.arange(len(prompts))
+        for i in range(self.cfg.sample.num_steps):
+            v = self.velocity(x, i, emb, rows_group)
+            x = sde_step(x, v, self.sigmas[i].item(), self.sigmas[i + 1].item(), kind="ode",
+                         impl=self.cfg.model.impl).prev_sample
+        return model.decode(x)
+
     # ------------------------------------------------------------------------------------------------- train
     def _trained_rows(self, batches):
         """All trained transitions of this step: x, x_next, old log-prob (on the device), step, advantage, weight,

@@ -10,7 +10,8 @@ Each optimizer step runs:
 4. **select**  -- the variant's filter (none for Flow-GRPO / DanceGRPO);
 5. **train**   -- the family's policy-gradient pass over the kept rollouts, one optimizer step;
 6. **log**     -- one ``metrics.jsonl`` row, tensorboard, progress bar; checkpoints every ``checkpoint.every``
-   steps and at the end; ``curves.png`` at every checkpoint.
+   steps and at the end; ``curves.png`` and ``samples.png`` (the same prompts and seeds at step 0 and at each
+   checkpoint: `fastgrpo.train.samples`) at every checkpoint.
 
 `GRPOTrainer` holds everything family-independent (config, strategy, prompts, rewards, the K-repeat sampler,
 where the weights live across processes (`fastgrpo.train.sharding`: DDP or FSDP), optimizer, EMA, checkpoints,
@@ -61,7 +62,7 @@ from .sharding import full_tensor, is_sharded, parallelism
 
 
 # What a run writes into its folder: `--overwrite` removes these (and nothing else) before a new run starts.
-RUN_FILES = ("metrics.jsonl", "checkpoints", "tensorboard", "curves.png", "config.yaml")
+RUN_FILES = ("metrics.jsonl", "checkpoints", "tensorboard", "curves.png", "config.yaml", "samples", "samples.png")
 
 
 def existing_run(out_dir) -> list[str]:
@@ -261,6 +262,25 @@ class GRPOTrainer:
         """Accumulate the policy gradient over the batches (weights unchanged); return stats for the log row."""
         raise NotImplementedError
 
+    def preview(self, prompts: list, gens: list) -> torch.Tensor:
+        """Images [K, 3, H, W] in [0, 1] for ``prompts``, one per generator in ``gens``, sampled deterministically
+        from the current weights (`fastgrpo.train.samples`)."""
+        raise NotImplementedError
+
+    def write_samples(self) -> None:
+        """Generate this step's preview row (every process: FSDP gathers weights in each forward); rank 0 stores
+        it and redraws ``samples.png``. Its forwards are left out of ``model_forwards``."""
+        from .samples import PREVIEW_PROMPTS, draw_samples, preview_generators, save_row
+
+        prompts = [self.prompts[j % len(self.prompts)] for j in range(min(PREVIEW_PROMPTS, len(self.prompts)))]
+        before = self.policy.model_forwards
+        with self.parallel.sampling():
+            images = self.preview(prompts, preview_generators(self.cfg.seed, len(prompts)))
+        self._forwards_seen += self.policy.model_forwards - before
+        if self.is_main:
+            save_row(self.out, self.step, images, prompts)
+            draw_samples(self.out, upto=self.step)
+
     def submit_score(self, pool: ThreadPoolExecutor, images, prompts):
         return pool.submit(self._score, images, prompts)
 
@@ -357,6 +377,8 @@ class GRPOTrainer:
         t0 = time.time() - self.elapsed
         outer = tqdm(range(self.step, cfg.train.steps), desc=f"{cfg.algo} train", initial=self.step,
                      total=cfg.train.steps, disable=not (cfg.log.progress and self.is_main))
+        if self.step == 0:
+            self._writing(self.write_samples)  # the "before" row of samples.png
         with ThreadPoolExecutor(max_workers=1) as pool:
             for step in outer:
                 row = self.round(step, pool)
@@ -388,6 +410,7 @@ class GRPOTrainer:
                                "elapsed_s": self.elapsed, "world_size": self.world_size,
                                "distributed": self.parallel.name, "config": self.cfg.to_dict()},
                         strategy_state=self.strategy.state_dict())
+        self.write_samples()
         if self.is_main:
             plot_curves(self.out)
 
