@@ -51,6 +51,9 @@ class ModelConfig:
     width: int = 32
     max_sequence_length: int = 32  # T5 tokens (SD3: 256, FLUX: 512 in the papers)
     lora: Optional[LoraConfig] = field(default_factory=LoraConfig)  # None: full fine-tuning
+    # path "tiny" (flow families) only: scale of the tiny VAE decoder's output; 1 decodes every latent to nearly
+    # the same gray, 4 lets a pixel reward show in the images (`fastgrpo.diffusion.tiny`)
+    tiny_vae_gain: float = 1.0
     # Regional torch.compile: each repeated transformer block is compiled (once per block variant, reused by the
     # other blocks), for sampling and training. Flow families only; the first step pays the compilation.
     compile: bool = False
@@ -65,6 +68,7 @@ class ModelConfig:
         _positive(p, "height", self.height)
         _positive(p, "width", self.width)
         _positive(p, "max_sequence_length", self.max_sequence_length)
+        _positive(p, "tiny_vae_gain", self.tiny_vae_gain)
         if not self.path:
             raise ValueError(f"{p}path must be 'tiny', a local pipeline folder or a hub id")
         if self.path != "tiny":  # a local path that does not exist fails here, never goes to the hub

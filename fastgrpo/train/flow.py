@@ -79,7 +79,8 @@ class FlowTrainer(GRPOTrainer):
 
         cfg = self.cfg
         pipe = self.pipeline if self.pipeline is not None else load_pipeline(
-            cfg.model.family, cfg.model.path, DTYPES[cfg.model.dtype], seed=cfg.seed)
+            cfg.model.family, cfg.model.path, DTYPES[cfg.model.dtype], seed=cfg.seed,
+            tiny_vae_gain=cfg.model.tiny_vae_gain)
         model = FlowModel(pipe, cfg.model.family, height=cfg.model.height, width=cfg.model.width,
                           guidance_scale=cfg.sample.guidance_scale, max_sequence_length=cfg.model.max_sequence_length,
                           device=self.device)
