@@ -98,15 +98,14 @@ def _train(args) -> int:
     from fastgrpo.train.distributed import world
 
     if world()[0] == 0:
-        from fastgrpo.train.metrics import read_metrics, reward_improvement
+        from fastgrpo.train.metrics import read_metrics, reward_verdict
 
         png = plot_curves(out)
-        rows = read_metrics(out / "metrics.jsonl")
-        if len(rows) >= 8:
-            c = reward_improvement(rows)
-            print(f"reward: first quarter of steps {c['first_quarter']:.5f} -> last quarter {c['last_quarter']:.5f} "
-                  f"({c['z']:+.1f} standard errors)")
+        print(reward_verdict(read_metrics(out / "metrics.jsonl")))
+        samples = out / "samples.png"
         print(f"run folder: {out}\ncurves: {png}")
+        if samples.exists():
+            print(f"samples: {samples} (the same prompts and seeds at step 0 and at each checkpoint)")
     return 0
 
 

@@ -137,7 +137,9 @@ def test_pro_grpo_keeps_the_ovf_choice(tmp_path, monkeypatch):
 
 def test_pro_grpo_spends_fewer_forwards_than_flow_grpo(tmp_path):
     pro = train(cfg_of("tiny-pro-grpo", "train.steps=1"), tmp_path / "pro")
-    flow = train(cfg_of("tiny-flow-grpo", "train.steps=1"), tmp_path / "flow")
+    # Flow-GRPO at the settings of tiny-pro-grpo (6 denoising steps, 2 groups of 8, CFG 4.5)
+    flow = train(cfg_of("tiny-flow-grpo", "train.steps=1", "sample.num_steps=6", "sample.guidance_scale=4.5",
+                        "sample.prompts_per_step=2", "sample.batch_size=8"), tmp_path / "flow")
     f_pro = read_metrics(pro / "metrics.jsonl")[0]["model_forwards"]
     f_flow = read_metrics(flow / "metrics.jsonl")[0]["model_forwards"]
     # 2 groups, CFG pair = 2: Pro 12*3 + 8*2 + 4 sampled rows + 4*5 trained; Flow 8*6 sampled + 8*5 trained

@@ -29,13 +29,15 @@ from .schedules import flux_sigmas, sd3_sigmas
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_pipeline(family: str, path: str, dtype: torch.dtype, seed: int = 0):
-    """A diffusers pipeline: ``path="tiny"`` builds a tiny random one, else ``from_pretrained`` (folder or hub id;
-    a local-looking path that does not exist raises ValueError naming ``model.path``: `fastgrpo.paths`)."""
+def load_pipeline(family: str, path: str, dtype: torch.dtype, seed: int = 0, tiny_vae_gain: float = 1.0):
+    """A diffusers pipeline: ``path="tiny"`` builds a tiny random one (its VAE decoder's output scaled by
+    ``tiny_vae_gain``: `fastgrpo.diffusion.tiny`), else ``from_pretrained`` (folder or hub id; a local-looking
+    path that does not exist raises ValueError naming ``model.path``: `fastgrpo.paths`)."""
     from . import tiny
 
     if path == "tiny":
-        pipe = tiny.tiny_sd3_pipeline(seed) if family == "sd3" else tiny.tiny_flux_pipeline(seed)
+        build = tiny.tiny_sd3_pipeline if family == "sd3" else tiny.tiny_flux_pipeline
+        pipe = build(seed, vae_gain=tiny_vae_gain)
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     from fastgrpo.paths import looks_local as _looks_local, model_location
 

@@ -99,16 +99,27 @@ def _tiny_t5(d_model: int = 32):
                                    num_heads=2))
 
 
-def _tiny_vae(shift_factor: float, scaling_factor: float, latent_channels: int):
+# A randomly initialised decoder maps every latent to nearly the same gray image (pixel std ~0.1; brightness
+# 0.456-0.515 even for latents optimised for it), so no pixel reward can change what its images look like.
+# ``vae_gain`` > 1 scales its output convolution up: with 4, decoded noise spans the pixel range (std ~0.36) and
+# brightness reaches ~0.6-0.7, so a pixel reward shows in the images (the tiny-flow-grpo demo sets
+# model.tiny_vae_gain: 4). The default 1 keeps the tiny pipelines the other presets and tests were tuned on.
+
+
+def _tiny_vae(shift_factor: float, scaling_factor: float, latent_channels: int, gain: float = 1.0):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=latent_channels, norm_num_groups=4, sample_size=32,
-                         shift_factor=shift_factor, scaling_factor=scaling_factor)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=latent_channels, norm_num_groups=4, sample_size=32,
+                        shift_factor=shift_factor, scaling_factor=scaling_factor)
+    if gain != 1.0:
+        with torch.no_grad():
+            vae.decoder.conv_out.weight.mul_(gain)
+    return vae
 
 
-def tiny_sd3_pipeline(seed: int = 0):
+def tiny_sd3_pipeline(seed: int = 0, vae_gain: float = 1.0):
     """A ``StableDiffusion3Pipeline`` of tiny random components (two CLIP encoders, T5, VAE with 2x down-sampling).
 
     Images of 32x32 px give 16x16 latents with 4 channels; the VAE keeps SD3's shift/scaling factors.
@@ -121,7 +132,7 @@ def tiny_sd3_pipeline(seed: int = 0):
         vocab = len(clip_tok)
         pipe = StableDiffusion3Pipeline(
             transformer=tiny_sd3_transformer(seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            vae=_tiny_vae(0.0609, 1.5305, latent_channels=4),
+            vae=_tiny_vae(0.0609, 1.5305, latent_channels=4, gain=vae_gain),
             text_encoder=_tiny_clip_text(True, vocab), tokenizer=clip_tok,
             text_encoder_2=_tiny_clip_text(True, vocab), tokenizer_2=tiny_clip_tokenizer(),
             text_encoder_3=_tiny_t5(TINY_SD3["joint_attention_dim"]), tokenizer_3=tiny_t5_tokenizer(),
@@ -129,7 +140,7 @@ def tiny_sd3_pipeline(seed: int = 0):
     return pipe
 
 
-def tiny_flux_pipeline(seed: int = 0):
+def tiny_flux_pipeline(seed: int = 0, vae_gain: float = 1.0):
     """A ``FluxPipeline`` of tiny random components: 32x32 px -> 16x16x4 latents -> 64 packed tokens of 16.
 
     The transformer is `tiny_flux_transformer` with 2 double-stream blocks and FLUX.1-dev's guidance embedding.
@@ -143,7 +154,7 @@ def tiny_flux_pipeline(seed: int = 0):
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                       max_shift=1.15, base_image_seq_len=256,
                                                       max_image_seq_len=4096),
-            vae=_tiny_vae(0.1159, 0.3611, latent_channels=4),
+            vae=_tiny_vae(0.1159, 0.3611, latent_channels=4, gain=vae_gain),
             text_encoder=_tiny_clip_text(False, len(clip_tok)), tokenizer=clip_tok,
             text_encoder_2=_tiny_t5(TINY_FLUX["joint_attention_dim"]), tokenizer_2=tiny_t5_tokenizer(),
             transformer=tiny_flux_transformer(seed, num_layers=2, guidance_embeds=True),

@@ -82,6 +82,14 @@ class ARTrainer(GRPOTrainer):
         self.samples += len(prompt_idx) * self.world_size
         return batches
 
+    @torch.no_grad()
+    def preview(self, prompts, gens):
+        """One image per prompt: the CoT and image tokens sampled as in training, from the fixed ``gens``."""
+        policy = self.policy
+        data = policy.sample_cot(prompts, gens)
+        data.update(policy.sample_image_tokens(prompts, policy.decode_cots(data["cot_ids"], data["cot_mask"]), gens))
+        return policy.decode(data["image_ids"])
+
     @staticmethod
     def _targets(data: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(CoT targets with -100 after the EOS, image targets)."""

@@ -52,6 +52,9 @@ class ModelConfig:
     width: int = 32
     max_sequence_length: int = 32  # T5 tokens (SD3: 256, FLUX: 512 in the papers)
     lora: Optional[LoraConfig] = field(default_factory=LoraConfig)  # None: full fine-tuning
+    # path "tiny" (flow families) only: scale of the tiny VAE decoder's output; 1 decodes every latent to nearly
+    # the same gray, 4 lets a pixel reward show in the images (`fastgrpo.diffusion.tiny`)
+    tiny_vae_gain: float = 1.0
     # Regional torch.compile: each repeated transformer block is compiled (once per block variant, reused by the
     # other blocks), for sampling and training. Flow families only; the first step pays the compilation.
     compile: bool = False
@@ -66,6 +69,7 @@ class ModelConfig:
         _positive(p, "height", self.height)
         _positive(p, "width", self.width)
         _positive(p, "max_sequence_length", self.max_sequence_length)
+        _positive(p, "tiny_vae_gain", self.tiny_vae_gain)
         if not self.path:
             raise ValueError(f"{p}path must be 'tiny', a local pipeline folder or a hub id")
         if self.path != "tiny":  # a local path that does not exist fails here, never goes to the hub
@@ -229,6 +233,9 @@ class Config:
     algo_args: dict = field(default_factory=dict)  # variant settings, validated by the variant's strategy
     description: str = ""
     seed: int = 0
+    # CPU threads for torch (torch.set_num_threads). None: OMP_NUM_THREADS when set, else 1 for a tiny model on
+    # the CPU and torch's default otherwise (`fastgrpo.train.loop.pick_threads`).
+    threads: Optional[int] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -243,6 +250,8 @@ class Config:
         from fastgrpo.algos import STRATEGIES
 
         _choice(p, "algo", self.algo, tuple(sorted(STRATEGIES)))
+        if self.threads is not None:
+            _positive(p, "threads", self.threads)
         STRATEGIES[self.algo].check_args(self)
         families = STRATEGIES[self.algo].families
         if self.model.family not in families:

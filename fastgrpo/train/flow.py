@@ -79,7 +79,8 @@ class FlowTrainer(GRPOTrainer):
 
         cfg = self.cfg
         pipe = self.pipeline if self.pipeline is not None else load_pipeline(
-            cfg.model.family, cfg.model.path, DTYPES[cfg.model.dtype], seed=cfg.seed)
+            cfg.model.family, cfg.model.path, DTYPES[cfg.model.dtype], seed=cfg.seed,
+            tiny_vae_gain=cfg.model.tiny_vae_gain)
         model = FlowModel(pipe, cfg.model.family, height=cfg.model.height, width=cfg.model.width,
                           guidance_scale=cfg.sample.guidance_scale, max_sequence_length=cfg.model.max_sequence_length,
                           device=self.device)
@@ -250,6 +251,19 @@ class FlowTrainer(GRPOTrainer):
         x, group, node = torch.cat([x, *xs]), torch.cat([group, new_group]), torch.cat([node, new_node])
         order = torch.sort(group, stable=True).indices
         return x.index_select(0, to_device(order, x.device)), group[order], node[order]
+
+    @torch.no_grad()
+    def preview(self, prompts, gens):
+        """One image per prompt from a fixed initial noise (``gens``), sampled with the ODE (no SDE noise)."""
+        model = self.policy
+        x = torch.cat([model.initial_latents(1, g) for g in gens])
+        emb = model.encode_prompts(prompts)
+        rows_group = torch.arange(len(prompts))
+        for i in range(self.cfg.sample.num_steps):
+            v = self.velocity(x, i, emb, rows_group)
+            x = sde_step(x, v, self.sigmas[i].item(), self.sigmas[i + 1].item(), kind="ode",
+                         impl=self.cfg.model.impl).prev_sample
+        return model.decode(x)
 
     # ------------------------------------------------------------------------------------------------- train
     def _trained_rows(self, batches):

@@ -10,7 +10,8 @@ Each optimizer step runs:
 4. **select**  -- the variant's filter (none for Flow-GRPO / DanceGRPO);
 5. **train**   -- the family's policy-gradient pass over the kept rollouts, one optimizer step;
 6. **log**     -- one ``metrics.jsonl`` row, tensorboard, progress bar; checkpoints every ``checkpoint.every``
-   steps and at the end; ``curves.png`` at every checkpoint.
+   steps and at the end; ``curves.png`` and ``samples.png`` (the same prompts and seeds at step 0 and at each
+   checkpoint: `fastgrpo.train.samples`) at every checkpoint.
 
 `GRPOTrainer` holds everything family-independent (config, strategy, prompts, rewards, the K-repeat sampler,
 where the weights live across processes (`fastgrpo.train.sharding`: DDP or FSDP), optimizer, EMA, checkpoints,
@@ -72,7 +73,7 @@ from .sharding import full_tensor, is_sharded, parallelism
 
 
 # What a run writes into its folder: `--overwrite` removes these (and nothing else) before a new run starts.
-RUN_FILES = ("metrics.jsonl", "checkpoints", "tensorboard", "curves.png", "config.yaml")
+RUN_FILES = ("metrics.jsonl", "checkpoints", "tensorboard", "curves.png", "config.yaml", "samples", "samples.png")
 
 
 def existing_run(out_dir) -> list[str]:
@@ -192,6 +193,26 @@ def ensure_writable(out: Path) -> None:
                          "or give another --out") from None
 
 
+def pick_threads(cfg: Config, device: torch.device) -> str:
+    """Decide torch's CPU thread count for this run, before the model is built (`GRPOTrainer.__init__` calls it);
+    returns what was decided, in words.
+
+    In order: the config key ``threads`` wins (``torch.set_num_threads(threads)``); else ``OMP_NUM_THREADS`` in
+    the environment wins (torch already took it; nothing is changed); else a tiny model (``model.path == "tiny"``)
+    trained on the CPU gets 1 thread: its operations are a few kB, and splitting them over the cores of a small,
+    shared machine made a step 15-30x slower (oversubscription) instead of faster. Every other run keeps torch's
+    default (one thread per core). The setting is process-wide (``torch.set_num_threads``)."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+        return f"{cfg.threads} CPU thread(s) (config key threads)"
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return f"{torch.get_num_threads()} CPU thread(s) (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
+    if cfg.model.path == "tiny" and torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+        return "1 CPU thread (a tiny model on the CPU; set threads=N or OMP_NUM_THREADS to change it)"
+    return f"{torch.get_num_threads()} CPU thread(s) (torch's default)"
+
+
 class TrainingDiverged(RuntimeError):
     """A reward, the loss or the gradient norm became NaN/inf (the run stopped before updating the weights), or the
     updated weights did (stopped before the EMA update and before saving them: the newest checkpoint is the last
@@ -244,6 +265,7 @@ class GRPOTrainer:
 
             device = PartialState().device
         self.device = torch.device(device)
+        self.threads = pick_threads(cfg, self.device)  # before anything is built
         self.rank, self.world_size = world()  # after accelerate set up the process group
         # Before anything is loaded or written: a folder holding another run is refused untouched.
         prepare_run_folder(self.out, resume=resume, overwrite=overwrite, remove=self.rank == 0)
@@ -307,6 +329,25 @@ class GRPOTrainer:
     def train(self, batches: list) -> dict:
         """Accumulate the policy gradient over the batches (weights unchanged); return stats for the log row."""
         raise NotImplementedError
+
+    def preview(self, prompts: list, gens: list) -> torch.Tensor:
+        """Images [K, 3, H, W] in [0, 1] for ``prompts``, one per generator in ``gens``, sampled deterministically
+        from the current weights (`fastgrpo.train.samples`)."""
+        raise NotImplementedError
+
+    def write_samples(self) -> None:
+        """Generate this step's preview row (every process: FSDP gathers weights in each forward); rank 0 stores
+        it and redraws ``samples.png``. Its forwards are left out of ``model_forwards``."""
+        from .samples import PREVIEW_PROMPTS, draw_samples, preview_generators, save_row
+
+        prompts = [self.prompts[j % len(self.prompts)] for j in range(min(PREVIEW_PROMPTS, len(self.prompts)))]
+        before = self.policy.model_forwards
+        with self.parallel.sampling():
+            images = self.preview(prompts, preview_generators(self.cfg.seed, len(prompts)))
+        self._forwards_seen += self.policy.model_forwards - before
+        if self.is_main:
+            save_row(self.out, self.step, images, prompts)
+            draw_samples(self.out, upto=self.step)
 
     def submit_score(self, pool: ThreadPoolExecutor, images, prompts):
         return pool.submit(self._score, images, prompts)
@@ -404,6 +445,8 @@ class GRPOTrainer:
         t0 = time.time() - self.elapsed
         outer = tqdm(range(self.step, cfg.train.steps), desc=f"{cfg.algo} train", initial=self.step,
                      total=cfg.train.steps, disable=not (cfg.log.progress and self.is_main))
+        if self.step == 0:
+            self._writing(self.write_samples)  # the "before" row of samples.png
         with ThreadPoolExecutor(max_workers=1) as pool:
             for step in outer:
                 row = self.round(step, pool)
@@ -435,6 +478,7 @@ class GRPOTrainer:
                                "elapsed_s": self.elapsed, "world_size": self.world_size,
                                "distributed": self.parallel.name, "config": self.cfg.to_dict()},
                         strategy_state=self.strategy.state_dict())
+        self.write_samples()
         if self.is_main:
             plot_curves(self.out)
 

@@ -79,9 +79,28 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def curve_panels(rows: list[dict]) -> list[tuple[str, str]]:
+    """(y-axis label, metrics key) of each panel of ``curves.png``. The reward always; ``loss`` and ``kl`` only when
+    they carry information: a KL that is 0 at every step (``train.beta`` = 0 computes none) is dropped, and so is a
+    loss that never exceeds 1e-6 in size -- one on-policy step of Flow-GRPO has ratio 1, so its loss is minus the
+    mean of per-group normalised advantages, 0 up to rounding (~1e-8): its gradient trains, its value says nothing.
+    Entropies (AEGPO's ``entropy_t``, Janus's ``entropy_text`` / ``entropy_image``) when logged."""
+    panels = [("reward (mean +- std over the step's rollouts)", "reward_mean")]
+    for key, label in (("loss", "loss"), ("kl", "KL to the reference")):
+        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if vals and max(abs(v) for v in vals) > (0.0 if key == "kl" else 1e-6):
+            panels.append((label, key))
+    panels += [(k.replace("_", " "), k) for k in ("entropy_t", "entropy_text", "entropy_image") if k in rows[0]]
+    return panels
+
+
 def plot_curves(run_dir: Path) -> Path:
-    """(Re)draw ``run_dir/curves.png`` from ``run_dir/metrics.jsonl``: reward (mean +- std), loss, KL, entropy (a
-    list-valued field such as AEGPO's ``entropy_t`` draws one line per element)."""
+    """(Re)draw ``run_dir/curves.png`` from ``run_dir/metrics.jsonl``: the panels of `curve_panels`, x = optimizer
+    step, y = the quantity (a list-valued field such as AEGPO's ``entropy_t`` draws one line per element).
+
+    The reward panel is kept honest: when every reward is >= 0 its y-axis starts at 0 (a gain of 0.5% is not
+    stretched over the whole panel), and its title states the change of the mean reward from the first quarter of
+    steps to the last, relative and in standard errors (`reward_improvement`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,11 +111,11 @@ def plot_curves(run_dir: Path) -> Path:
     if not rows:
         raise ValueError(f"{run_dir / 'metrics.jsonl'} has no rows yet")
     steps = [r["step"] for r in rows]
-    panels = [("reward", "reward_mean")] + [(k, k) for k in ("loss", "kl", "entropy_t", "entropy_text",
-                                                            "entropy_image") if k in rows[0]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (title, key) in zip(axes[0], panels):
+    panels = curve_panels(rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, (label, key) in zip(axes[0], panels):
         ys = [r.get(key, float("nan")) for r in rows]
+        title = label
         ax.plot(steps, ys, lw=1.5)
         if key == "reward_mean":
             sd = [r.get("reward_std", 0.0) for r in rows]
@@ -106,10 +125,20 @@ def plot_curves(run_dir: Path) -> Path:
                 smooth = [sum(ys[i - w + 1:i + 1]) / w for i in range(w - 1, len(ys))]
                 ax.plot(steps[w - 1:], smooth, lw=2.5, label=f"mean of {w}")
                 ax.legend(loc="best", fontsize=8)
+            finite = [(y, s) for y, s in zip(ys, sd) if math.isfinite(y)]
+            if finite and all(y - s >= 0 for y, s in finite):
+                ax.set_ylim(0, 1.08 * max(y + s for y, s in finite) or 1.0)
+            title = "reward"
+            if len(rows) >= 8:
+                c = reward_improvement(rows)
+                rel = (c["last_quarter"] - c["first_quarter"]) / abs(c["first_quarter"]) if c["first_quarter"] else 0.0
+                title = (f"reward: {c['first_quarter']:.4g} -> {c['last_quarter']:.4g} ({rel:+.1%}, "
+                         f"z = {c['z']:.1f})\n(first vs last quarter of steps)")
         if isinstance(ys[0], list):  # one value per denoising step (AEGPO's entropy_t): one line per step
             title += " (a line per denoising step)"
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("optimizer step")
+        ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(run_dir.name, fontsize=9)
     fig.tight_layout()
@@ -135,3 +164,20 @@ def reward_improvement(rows: list[dict]) -> dict:
     (m1, v1), (m2, v2) = mean_var(first), mean_var(last)
     se = math.sqrt(v1 / q + v2 / q)
     return {"first_quarter": m1, "last_quarter": m2, "se": se, "z": (m2 - m1) / se if se > 0 else float("inf")}
+
+
+def reward_verdict(rows: list[dict]) -> str:
+    """One plain sentence: did the reward rise? "reward rose by X (...)" when the last quarter of steps beats the
+    first by more than two standard errors (`reward_improvement`), otherwise "reward did NOT rise (...)" saying
+    whether it fell or stayed within noise."""
+    if len(rows) < 8:
+        return f"too few steps ({len(rows)}) to tell whether the reward rose: the verdict needs at least 8"
+    c = reward_improvement(rows)
+    m1, m2, z = c["first_quarter"], c["last_quarter"], c["z"]
+    diff = m2 - m1
+    rel = f", {diff / abs(m1):+.1%}" if m1 else ""
+    span = f"mean reward {m1:.4f} in the first quarter of steps -> {m2:.4f} in the last"
+    if z > 2:
+        return f"reward rose by {diff:.4f}{rel} (z = {z:.1f} standard errors; {span})"
+    how = "it fell" if z < -2 else "the change is within noise"
+    return f"reward did NOT rise ({how}: {diff:+.4f}{rel}, z = {z:.1f}; a rise needs z > 2; {span})"
