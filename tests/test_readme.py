@@ -121,6 +121,7 @@ def user_dir(tmp_path, monkeypatch):
     rows = [{"step": s, "reward_mean": 0.4 + 0.01 * s, "reward_std": 0.1, "loss": 0.0, "kl": 0.0}
             for s in range(1, 9)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "config.yaml").write_text("algo: flow_grpo\nmodel: {family: sd3, path: tiny}\ntrain: {steps: 8}\n")
     return tmp_path
 
 
