@@ -427,7 +427,7 @@ def compile_specs():
         for et in ("bf16", "fp16", "fp64"):
             specs.append(shaping(et, 0, quantile, 1024))
     specs.append(shaping("fp32", 1, False, 4096))
-    calib = {"ent_ptr": "*fp32", "adv_ptr": "*fp32", "high_ptr": "*i1", "tadv_ptr": "*fp32", "hsum_ptr": "*fp32",
-             "hcnt_ptr": "*i32", "B": "i32", "L": "i32", "bonus": "fp32"}
+    calib = {"ent_ptr": "*fp32", "adv_ptr": "*fp32", "low_ptr": "*i1", "high_ptr": "*i1", "tadv_ptr": "*fp32",
+             "hsum_ptr": "*fp32", "hcnt_ptr": "*i32", "B": "i32", "L": "i32", "bonus": "fp32"}
     specs.append((eg_calibrate_kernel, calib, {"BLOCK_B": 32, "BLOCK_L": 1024}))
     return specs

@@ -169,8 +169,10 @@ def test_loading_a_saved_pipeline_folder(tmp_path, family):
     """The paper presets load real checkpoints with from_pretrained: exercise that code on tiny saved pipelines."""
     from fastgrpo.diffusion.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
 
-    (tiny_sd3_pipeline if family == "sd3" else tiny_flux_pipeline)(seed=0).save_pretrained(tmp_path / "pipe")
     preset = "tiny-flow-grpo" if family == "sd3" else "tiny-dance-grpo"
+    gain = small_cfg(preset).model.tiny_vae_gain  # the in-code pipeline's VAE gain (tiny-flow-grpo: 4)
+    (tiny_sd3_pipeline if family == "sd3" else tiny_flux_pipeline)(seed=0, vae_gain=gain).save_pretrained(
+        tmp_path / "pipe")
     a = train(small_cfg(preset, "train.steps=1", f"model.path={tmp_path / 'pipe'}"), tmp_path / "a")
     b = train(small_cfg(preset, "train.steps=1"), tmp_path / "b")
     # The folder holds the same weights as the in-code tiny pipeline: identical runs.

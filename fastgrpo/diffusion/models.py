@@ -150,21 +150,22 @@ class FlowModel:
     # ----------------------------------------------------------------------------------------------- prompts
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict:
-        """Embeddings for each prompt, computed once per distinct prompt and cached; stacked per sample."""
-        missing = sorted({p for p in prompts if p not in self._cache})
-        if missing:
+        """Embeddings for each prompt, computed once per distinct prompt and cached; stacked per sample.
+
+        Each prompt is encoded on its own: a batched text-encoder forward rounds differently with the batch's size
+        and members, so the cached embedding (and every later step) would depend on which prompts happened to be
+        encoded together first (a sample preview, another process's share, a resumed run)."""
+        for p in sorted({p for p in prompts if p not in self._cache}):
             if self.family == "sd3":
                 pe, npe, pp, npp = self.pipe.encode_prompt(
-                    prompt=missing, prompt_2=None, prompt_3=None, device=self.device,
-                    do_classifier_free_guidance=True, negative_prompt=[""] * len(missing),
+                    prompt=[p], prompt_2=None, prompt_3=None, device=self.device,
+                    do_classifier_free_guidance=True, negative_prompt=[""],
                     max_sequence_length=self.max_sequence_length)
-                for i, p in enumerate(missing):
-                    self._cache[p] = {"embeds": pe[i], "pooled": pp[i], "neg_embeds": npe[i], "neg_pooled": npp[i]}
+                self._cache[p] = {"embeds": pe[0], "pooled": pp[0], "neg_embeds": npe[0], "neg_pooled": npp[0]}
             else:
-                pe, pp, text_ids = self.pipe.encode_prompt(prompt=missing, prompt_2=None, device=self.device,
+                pe, pp, text_ids = self.pipe.encode_prompt(prompt=[p], prompt_2=None, device=self.device,
                                                            max_sequence_length=self.max_sequence_length)
-                for i, p in enumerate(missing):
-                    self._cache[p] = {"embeds": pe[i], "pooled": pp[i]}
+                self._cache[p] = {"embeds": pe[0], "pooled": pp[0]}
                 self._text_ids = text_ids
         return {k: torch.stack([self._cache[p][k] for p in prompts]) for k in self._cache[prompts[0]]}
 
