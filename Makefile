@@ -32,10 +32,10 @@ ext-clean: install
 
 # The suite without the tests marked slow (under 5 minutes on 2 cores); `make test-slow` runs those (CI runs both).
 test: ext
-	$(PY) -m pytest tests -q -m "not slow"
+	$(PY) -m pytest tests -q -m "not slow" -n auto
 
 test-slow: ext
-	$(PY) -m pytest tests -q -m slow
+	$(PY) -m pytest tests -q -m slow -n auto
 
 bench: ext
 	$(PY) -m pytest bench

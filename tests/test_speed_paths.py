@@ -74,6 +74,7 @@ def test_cuda_graphs_on_cpu_warn_and_sample_eagerly(tmp_path):
 # --------------------------------------------------------------------------------- compiled == eager (CPU)
 
 
+@pytest.mark.slow  # inductor compiles the tiny blocks on the CPU: ~25 s
 def test_compiled_blocks_give_the_eager_round(tmp_path, monkeypatch):
     """model.compile=true: every block compiled in place (same parameter names), the same rollouts and gradients.
     Dynamo traces each block; the backend here is aot_eager (tracing + autograd, no code generation) to keep the

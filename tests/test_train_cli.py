@@ -58,7 +58,8 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, strategy):
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
     config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{strategy}.yaml"
     proc = _run([accelerate, "launch", "--config_file", str(config), "--num_processes", "2", "-m", "fastgrpo",
-                 "train", "--preset", "tiny-flow-grpo", "--out", "run", "--set", "train.steps=2", *SMALL], tmp_path)
+                 "train", "--preset", "tiny-flow-grpo", "--out", "run", "--set", "train.steps=2",
+                 "--set", "sample.prompts_per_step=2", *SMALL], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "run/metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]  # one writer (rank 0)

@@ -96,7 +96,9 @@ def test_dance_trains_random_steps_never_the_last():
 
 
 # tiny-t2i-r1 is not here: on its tiny Janus it does not raise the reward reliably in 40 steps (README, AR section).
-@pytest.mark.parametrize("preset", ["tiny-flow-grpo", "tiny-dance-grpo", "tiny-eg-grpo"])
+# The demo's preset runs in `make test`; the others (25-30 s each) in the slow tier.
+@pytest.mark.parametrize("preset", ["tiny-flow-grpo", pytest.param("tiny-dance-grpo", marks=pytest.mark.slow),
+                                    pytest.param("tiny-eg-grpo", marks=pytest.mark.slow)])
 def test_short_training_raises_the_reward(tmp_path, preset):
     """A shorter version of the presets' learning check (40 steps: half of tiny-dance-grpo's and tiny-eg-grpo's,
     all of tiny-flow-grpo's): the mean reward of the last quarter of steps exceeds the first quarter's by more than

@@ -226,12 +226,23 @@ def test_branch_group_size_must_match_the_tree():
 # ---------------------------------------------------------------------------------------------- learning
 
 
+LEARNING_SEEDS = (0, 1, 2)
+
+
+@pytest.mark.slow  # 3 runs of 40 steps per variant: `make test-slow` (and CI)
 @pytest.mark.parametrize("preset", ["tiny-tempflow-grpo", "tiny-pro-grpo", "tiny-branch-grpo", "tiny-aegpo"])
 def test_tiny_variant_learns(tmp_path, preset):
-    """Shorter version of the presets' learning check: half the steps, on the CPU (see test_train_loop.py)."""
-    out = train(cfg_of(preset, "train.steps=40"), tmp_path / "run", device="cpu")
-    rows = read_metrics(out / "metrics.jsonl")
-    check = reward_improvement(rows)
-    assert check["z"] > 2, check
-    assert math.isfinite(check["last_quarter"])
-    assert max(r["first_ratio_dev"] for r in rows) < 1e-6  # the stored log-probs are the policy's
+    """The variants' learning claim over seeds 0, 1, 2 (half the presets' steps, on the CPU): the z of each run
+    (last quarter of steps against the first, `reward_improvement`) pooled over the seeds (Stouffer: sum / sqrt(n))
+    exceeds 2, and no seed's reward clearly falls (z > -2). These presets sample the tiny random VAE, which decodes
+    every latent to nearly the same gray, so single runs gain 0.1-1.6% and one seed alone is not a claim
+    (measured z at seed 0 / 1: TempFlow 1.0 / 3.2, Pro 4.8 / -0.8, Branch 7.3 / 16.5, AEGPO 11.2 / -)."""
+    zs = []
+    for seed in LEARNING_SEEDS:
+        out = train(cfg_of(preset, "train.steps=40", f"seed={seed}"), tmp_path / f"run{seed}", device="cpu")
+        rows = read_metrics(out / "metrics.jsonl")
+        check = reward_improvement(rows)
+        assert math.isfinite(check["last_quarter"]) and check["z"] > -2, (seed, check)
+        assert max(r["first_ratio_dev"] for r in rows) < 1e-6  # the stored log-probs are the policy's
+        zs.append(check["z"])
+    assert sum(zs) / math.sqrt(len(zs)) > 2, dict(zip(LEARNING_SEEDS, zs))
