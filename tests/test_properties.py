@@ -48,6 +48,18 @@ def _f64(t):
     return t.detach().to(torch.float64) if isinstance(t, torch.Tensor) else t
 
 
+def _assert_entropy_close(actual, reference, vocab: int, normalize: bool, name: str) -> None:
+    """Token entropies within 1e-5 of their scale: the largest entropy a row can have (log V, or 1 normalised).
+    The normwise rule of `assert_close` is relative to the largest entropy present, and a batch of peaked rows
+    has entropies near 0 where float32's cancellation in ``logsumexp - sum p z`` (absolute error ~ eps * |z|)
+    is all there is (found by this test: V = 3, T = 0.5, H = 2e-4, |diff| = 2e-8)."""
+    import math
+
+    scale = max(float(reference.abs().max()) if reference.numel() else 0.0, 1.0 if normalize else math.log(vocab))
+    err = float((actual.detach().double() - reference).abs().max()) if reference.numel() else 0.0
+    assert err <= 1e-5 * scale, f"{name}: max |diff| {err:.3e} > 1e-5 x {scale:.3g} (the entropy's scale)"
+
+
 def _impls(skip=()):
     from fastgrpo import _ext
 
@@ -189,7 +201,7 @@ def _check_token(c):
         logp, ent = token_logprob_entropy(xi, t, impl=impl, **kw)
         assert logp.dtype == ent.dtype == torch.float32 and logp.shape == ent.shape == t.shape
         assert_close(logp, ref_logp, name=f"{impl} logp")
-        assert_close(ent, ref_ent, name=f"{impl} entropy")
+        _assert_entropy_close(ent, ref_ent, x.shape[-1], c["normalize"], f"{impl} entropy")
         ignored = t == IGNORE
         assert torch.count_nonzero(logp[ignored]) == 0 and torch.count_nonzero(ent[ignored]) == 0
         (grads[impl],) = torch.autograd.grad((w_lp.float() * logp + w_h.float() * ent).sum(), xi)
@@ -262,7 +274,7 @@ def _check_shaping(c):
         x = logits.clone().requires_grad_(True)
         out = eg_grpo_shaping(x, targets, modality, A, impl=impl, **kw)
         assert_close(out.logp, ref_logp, name=f"{impl} logp")
-        assert_close(out.entropy, ref_ent, name=f"{impl} entropy")
+        _assert_entropy_close(out.entropy, ref_ent, logits.shape[-1], True, f"{impl} entropy")
         # pass 2 on the entropies this impl returned (ties make the masks sensitive to the last bit)
         low, high = eg_token_masks_ref(out.entropy, mod_eff, low_frac=c["low_frac"], high_frac=c["high_frac"],
                                        rule=c["rule"])
