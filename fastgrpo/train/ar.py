@@ -42,6 +42,8 @@ from .loop import GRPOTrainer, MicroBatch, TrainingDiverged
 
 
 class ARTrainer(GRPOTrainer):
+    MODEL_KIND = "model folder"
+
     def build_policy(self):
         from fastgrpo.ar import JANUS_LORA_TARGETS, JanusPolicy, load_janus
         from fastgrpo.ar.models import DTYPES

@@ -113,7 +113,7 @@ def prepare_run_folder(out_dir, *, resume: bool, overwrite: bool, remove: bool =
                 p.unlink()
 
 
-def check_model_sources(cfg: Config, *, pipeline=None) -> None:
+def check_model_sources(cfg: Config, *, pipeline=None, kind: str = "pipeline folder") -> None:
     """Every model the run loads -- ``model.path`` (unless ``tiny`` or a ``pipeline`` object is given) and each
     reward's model and processor (their defaults included: ``pickscore`` loads ``yuvalkirstain/PickScore_v1``) --
     is checked before anything loads (`fastgrpo.paths.check_model_source`): a local path must exist, a hub id must be
@@ -140,7 +140,7 @@ def check_model_sources(cfg: Config, *, pipeline=None) -> None:
                     raise ValueError(f"{e}{default}") from None
     if pipeline is None and cfg.model.path != "tiny":
         check_model_source("model.path", cfg.model.path,
-                           kind="model folder" if cfg.model.family == "janus" else "pipeline folder")
+                           kind=kind)
 
 
 def resume_config(out_dir, overrides=()) -> Config:
@@ -250,6 +250,8 @@ class EMA:
 class GRPOTrainer:
     """The family-independent loop; subclasses implement `build_policy`, `sample` and `train`."""
 
+    MODEL_KIND = "pipeline folder"  # what ``model.path`` names, in errors (the family subclass says)
+
     def __init__(self, cfg: Config, out_dir, *, resume: bool = False, overwrite: bool = False,
                  device: str | None = None, pipeline=None):
         from fastgrpo.algos import STRATEGIES
@@ -269,7 +271,7 @@ class GRPOTrainer:
         self.rank, self.world_size = world()  # after accelerate set up the process group
         # Before anything is loaded or written: a folder holding another run is refused untouched.
         prepare_run_folder(self.out, resume=resume, overwrite=overwrite, remove=self.rank == 0)
-        check_model_sources(cfg, pipeline=pipeline)
+        check_model_sources(cfg, pipeline=pipeline, kind=self.MODEL_KIND)
         if self.rank == 0:
             ensure_writable(self.out)
         self.strategy = STRATEGIES[cfg.algo].from_config(cfg)
