@@ -296,7 +296,7 @@ def test_groups_of_different_sizes_get_per_group_advantages(tmp_path, monkeypatc
         want.append(np.clip((r - r.mean()) / (r.std() + 1e-4), -5, 5))  # group std, ddof 0, +1e-4, clip 5
         start += n
     np.testing.assert_allclose(got, np.concatenate(want), rtol=1e-5, atol=1e-5)
-    rows = trainer._trained_rows(batches)
+    rows = trainer.train_rows(batches)
     if exploration == "tempflow":  # one branch transition per group, at one of its peaks, weighted by TempFlow's rule
         assert rows["step"].numel() == sum(sizes)
         branch = trainer.wave_log["branch_steps"]

@@ -75,15 +75,27 @@ def test_resume_is_bit_identical(tmp_path):
 
 
 def test_inner_epochs_take_several_clipped_steps(tmp_path):
-    """ar.inner_epochs=3: three optimizer steps per batch of rollouts, PPO-clipped against the sampling log-probs."""
-    trainer = make_trainer(small_cfg("tiny-eg-grpo", "train.steps=2", "ar.inner_epochs=3", "train.clip_range=0.2",
-                                     "train.lr=3e-3"), tmp_path / "r")
+    """train.inner_epochs=3 x train.minibatches=2: six optimizer steps per round, PPO-clipped against the sampling
+    log-probs; the first update's ratios are 1, later ones are not."""
+    trainer = make_trainer(small_cfg("tiny-eg-grpo", "train.steps=2", "train.inner_epochs=3", "train.minibatches=2",
+                                     "train.clip_range=0.2", "train.lr=3e-3"), tmp_path / "r")
     trainer.run()
     state = trainer.optimizer.state_dict()["state"]
-    assert {int(s["step"]) for s in state.values()} == {6}
+    assert {int(s["step"]) for s in state.values()} == {12}
     row = read_metrics(tmp_path / "r/metrics.jsonl")[-1]
+    cfg = trainer.cfg
+    assert row["optimizer_steps"] == 6 and row["trained_rollouts"] == cfg.sample.prompts_per_step * cfg.sample.group_size
     assert row["first_ratio_dev"] < 1e-5 and 0 <= row["clip_frac"] <= 1
-    assert row["ratio_mean"] != 1.0  # later epochs see the moved policy
+    assert row["ratio_dev_max"] > 1e-3 and row["approx_kl"] > 0  # later updates see the moved policy
+
+
+def test_ar_inner_epochs_is_a_deprecated_alias():
+    with pytest.warns(DeprecationWarning, match="ar.inner_epochs is deprecated: use train.inner_epochs"):
+        cfg = resolve_config(preset="tiny-eg-grpo", overrides=["ar.inner_epochs=3"])
+    assert cfg.train.inner_epochs == 3 and cfg.ar.inner_epochs is None
+    assert resolve_config(preset="tiny-eg-grpo", overrides=["ar.inner_epochs=1"]).train.inner_epochs == 1
+    with pytest.raises(ValueError, match=r"ar.inner_epochs \(2\) and train.inner_epochs \(3\) disagree"):
+        resolve_config(preset="tiny-eg-grpo", overrides=["ar.inner_epochs=2", "train.inner_epochs=3"])
 
 
 def test_nan_loss_stops_before_the_update(tmp_path, monkeypatch):
@@ -159,7 +171,8 @@ def test_strategies_defaults_and_overrides():
     (["ar.rule=median"], "ar.rule must be one of"),
     (["ar.impl=cuda"], "ar.impl must be one of"),
     (["ar.cot_template=no field"], "ar.cot_template must contain {prompt}"),
-    (["ar.inner_epochs=2", "train.clip_range=1.5"], r"train.clip_range must be in \(0, 1\)"),
+    (["train.inner_epochs=2", "train.clip_range=1.5"], r"train.clip_range must be in \(0, 1\)"),
+    (["train.minibatches=17"], r"train.minibatches \(17\) must be at most the rollouts of a round"),
     (["ar.shape_text=maybe"], "ar.shape_text must be true or false"),
 ])
 def test_bad_config_raises_naming_the_key(overrides, match):

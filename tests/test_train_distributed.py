@@ -188,12 +188,14 @@ def test_fsdp_shards_matches_ddp_and_resumes(tmp_path):
 # ------------------------------------------------------------------------------------- process-count independence
 # Each rank's share is a whole number of sampling micro-batches (and of waves), so both runs batch the same rows.
 INDEPENDENCE = {
-    "tiny-flow-grpo": ["sample.num_steps=3", "sample.group_size=4", "sample.batch_size=4"],
+    # Two optimizer steps per round (issue 16): the minibatches do not depend on the process count either.
+    "tiny-flow-grpo": ["sample.num_steps=3", "sample.group_size=4", "sample.batch_size=4", "train.minibatches=2"],
     "tiny-branch-grpo": ["sample.num_steps=5", "algo_args.split_steps=[0, 2]", "sample.group_size=4",
-                         "sample.batch_size=4"],
+                         "sample.batch_size=4", "train.minibatches=2"],
     "tiny-aegpo": ["sample.num_steps=4", "algo_args={r_high: 4, r_low: 2, warmup_steps: 1, top_k: 2, layers: [0, 1]}",
                    "sample.group_size=3", "sample.batch_size=4"],
-    "tiny-eg-grpo": ["sample.group_size=4", "sample.batch_size=4", "ar.cot_max_tokens=4"],
+    "tiny-eg-grpo": ["sample.group_size=4", "sample.batch_size=4", "ar.cot_max_tokens=4", "train.minibatches=2",
+                     "train.clip_range=0.2"],
 }
 COMMON = ["sample.prompts_per_step=2", "train.steps=2", "checkpoint.every=2", "log.progress=false",
           "log.tensorboard=false", "distributed.strategy=ddp"]

@@ -54,7 +54,7 @@ def test_tempflow_branches_once_per_prompt_and_trains_only_the_branch(tmp_path):
         assert tree.num_nodes == 1 + 4  # one root (ODE prefix), split into G children at k
         assert [tr["step"] for tr in tree.transitions] == [g]  # cycle: group g branches at step g
         assert tree.transitions[0]["node"].tolist() == tree.leaf_nodes.tolist()
-    rows = trainer._trained_rows(trainer_advantages(trainer, batches))
+    rows = trainer.train_rows(trainer_advantages(trainer, batches))
     assert rows["step"].tolist() == [0] * 4 + [1] * 4
     s = trainer.strategy
     w = s.step_weights(None, torch.tensor([0, 1]), trainer.sigmas)
@@ -102,7 +102,7 @@ def test_pro_grpo_prunes_and_never_steps_pruned_trajectories(tmp_path, monkeypat
             stepped = set(tr["node"].tolist())
             assert len(stepped) == trainer.strategy.schedule.survivors_after(tr["step"])
     trainer.advantages(batches)
-    rows = trainer._trained_rows(batches)
+    rows = trainer.train_rows(batches)
     assert rows["step"].numel() == 2 * 4 * 5  # only survivors' transitions, first floor(0.99*6) steps
 
 
@@ -193,7 +193,7 @@ def test_branch_tree_shape_and_depthwise_advantages(tmp_path):
         np.testing.assert_allclose(adv.numpy()[depth == d], (v - v.mean()) / (v.std() + 1e-4), rtol=1e-5,
                                    atol=1e-6)
     assert adv[0] == 0  # the root is alone at depth 0
-    rows = trainer._trained_rows([mb])
+    rows = trainer.train_rows([mb])
     assert rows["step"].numel() == 2 + 2 + 4 + 8 + 8  # every stochastic transition, shared prefixes once
 
 

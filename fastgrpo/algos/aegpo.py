@@ -202,6 +202,7 @@ class AEGPO(Strategy):
             raise ValueError("algo_args.split_noise_scale applies to exploration: branch only")
         self.split_noise_scale = float(scale)
         self.num_steps, self.run_seed = T, cfg.seed
+        self.minibatch_unit = "transition" if self.exploration == "branch" else "trajectory"  # BranchGRPO's edges
         if self.exploration == "branch":
             self._explorer = BranchGRPO(adv_ddof=self.adv_ddof, adv_eps=self.adv_eps,
                                         split_noise_scale=self.split_noise_scale)

@@ -30,6 +30,7 @@ class BranchGRPO(Strategy):
     adv_std: str = "group"
     split_steps: tuple = (0, 3, 6, 9)
     split_noise_scale: float = 1.0
+    minibatch_unit: str = "transition"  # the released trainer shuffles the tree's edges one by one
     ARGS: ClassVar[tuple] = ("split_steps", "split_noise_scale")
 
     def configure(self, cfg) -> None:

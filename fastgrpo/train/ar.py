@@ -12,13 +12,13 @@
   shaped modality, `token_logprob_entropy` otherwise); the reference's log-probs (no grad; LoRA disabled or the
   frozen copy); then one `grpo_token_loss` over the CoT and image tokens of the micro-batch together (token mean,
   k3 KL with ``train.beta``). One on-policy update has no clipping (ratio ``exp(logp - logp.detach())``, as
-  T2I-R1 / EG-GRPO); with ``ar.inner_epochs = K > 1`` the batch is used for K optimizer steps with PPO clipping
-  (``train.clip_range``) against the sampling-time log-probs, the first K - 1 steps taken here and the last by the
-  loop.
+  T2I-R1 / EG-GRPO, whose released trainers step once per round); with ``train.minibatches`` or
+  ``train.inner_epochs`` > 1 the loop takes several optimizer steps per round (`GRPOTrainer.update`), each
+  PPO-clipped (``train.clip_range``) against the sampling-time log-probs.
 
 Logged per step besides the loop's fields: ``policy_loss``, ``kl``, ``ratio_mean``, ``clip_frac``,
-``first_ratio_dev`` (max |ratio - 1| of the first inner epoch against the sampling-time log-probs: 0 up to float
-error, since both are conditional log-probs of the same tokens), ``entropy_text`` / ``entropy_image`` (mean
+``first_ratio_dev`` (max |ratio - 1| of the round's first update against the sampling-time log-probs: 0 up to
+float error, since both are conditional log-probs of the same tokens), ``entropy_text`` / ``entropy_image`` (mean
 normalised token entropy, H / ln V), ``low_frac_tokens`` / ``high_frac_tokens`` (fractions of shaped tokens in the
 low / high masks) and ``cot_tokens`` (mean CoT length).
 
@@ -78,6 +78,7 @@ class ARTrainer(GRPOTrainer):
             data = policy.sample_cot(prompts, gens)
             cots = policy.decode_cots(data["cot_ids"], data["cot_mask"])
             data.update(policy.sample_image_tokens(prompts, cots, gens))
+            data["first_sample"] = first + start  # global index of the micro-batch's first sample
             batches.append(MicroBatch(prompts, data))
             futures.append(self.submit_score(pool, policy.decode(data["image_ids"]), prompts))
         self.collect_scores(batches, futures)
@@ -108,53 +109,87 @@ class ARTrainer(GRPOTrainer):
                for lg, tg in zip((text_logits, image_logits), self._targets(data))]
         return torch.cat(out, 1)
 
-    def train(self, batches: list) -> dict:
+    row_name = "rollout"
+
+    def train_rows(self, batches: list) -> dict:
+        """One row per rollout: its micro-batch (``mb``), its row there (``row``), its global group and, as its
+        unit, its global sample index."""
+        G = self.cfg.sample.group_size
+        mbs, rws, idx = [], [], []
+        for b, mb in enumerate(batches):
+            n = len(mb.prompts)
+            mbs.append(torch.full((n,), b))
+            rws.append(torch.arange(n))
+            idx.append(mb.data["first_sample"] + torch.arange(n))
+        idx = torch.cat(idx)
+        return {"mb": torch.cat(mbs), "row": torch.cat(rws), "group": idx // G, "unit": idx}
+
+    def train(self, batches: list, rows: dict | None = None, *, n_all: int | None = None, first: bool = True,
+              several: bool = False) -> dict:
+        """One minibatch: per micro-batch, its rows of the minibatch (all of them with ``train.minibatches=1``)
+        teacher-forced, one `grpo_token_loss` over their CoT and image tokens, weighted by their share of the
+        minibatch's rollouts over all processes. One on-policy update (the round's only one) has no clipping
+        (ratio ``exp(logp - logp.detach())``, as T2I-R1 / EG-GRPO); with several updates per round every update
+        is PPO-clipped (``train.clip_range``) against the sampling-time log-probs. The reference log-probs are
+        computed once per round (``train.beta > 0``)."""
+        rows, n_all = self.whole_round(batches, rows, n_all)
         cfg, policy, strat = self.cfg, self.policy, self.strategy
-        beta, epochs = strat.beta, cfg.ar.inner_epochs
-        clip = cfg.train.clip_range if epochs > 1 else None
-        refs = [self._reference_logp(mb.data) if beta > 0 else None for mb in batches]
-        keys = ("loss", "policy_loss", "kl", "ratio_mean", "clip_frac", "entropy_text", "entropy_image",
+        beta = strat.beta
+        clip = cfg.train.clip_range if several else None
+        if first:
+            self._refs = [self._reference_logp(mb.data) if beta > 0 else None for mb in batches]
+        keys = ("loss", "policy_loss", "kl", "ratio_mean", "clip_frac", "approx_kl", "entropy_text", "entropy_image",
                 "low_frac_tokens", "high_frac_tokens")
         stats = dict.fromkeys(keys, 0.0)
-        first_ratio_dev = 0.0
-        n_terms = epochs * len(batches)
+        ratio_dev_max, n = 0.0, rows["mb"].numel()
+        norm = n_all / self.world_size
         policy.train_mode(True)
-        bar = tqdm(total=n_terms, desc="train", leave=False, disable=not (cfg.log.progress and self.is_main))
-        for epoch in range(epochs):
-            if epoch > 0:  # the loop takes the last optimizer step
-                self.optimizer_step()
-                self.optimizer.zero_grad(set_to_none=True)
-            for mb, ref in zip(batches, refs):
-                text_logits, image_logits = policy.teacher_forced_logits(mb.data)
-                terms = [strat.token_terms(lg, tg, m, mb.advantages, temperature=cfg.ar.temperature, impl=cfg.ar.impl)
-                         for m, (lg, tg) in enumerate(zip((text_logits, image_logits), self._targets(mb.data)))]
-                valid = [mb.data["cot_mask"], torch.ones_like(mb.data["image_ids"], dtype=torch.bool)]
-                logp = torch.cat([t.logp for t in terms], 1)
-                mask = torch.cat(valid, 1)
-                old = torch.cat([mb.data["cot_old_logp"], mb.data["image_old_logp"]], 1)
-                loss, st = grpo_token_loss(logp, old if clip is not None else None, ref,
-                                           torch.cat([t.token_adv for t in terms], 1), mask, clip_eps=clip, beta=beta)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"the loss became {loss.item()}; weights not updated")
-                (loss / len(batches)).backward()
-                if epoch == 0:
-                    dev = ((logp.detach() - old).exp() - 1).abs()[mask]
-                    first_ratio_dev = max(first_ratio_dev, dev.max().item() if dev.numel() else 0.0)
-                kl = st["kl"].item()
-                row = {"loss": loss.item(), "policy_loss": loss.item() - beta * kl, "kl": kl,
-                       "ratio_mean": st["ratio"].item(), "clip_frac": st["clip_fraction"].item()}
-                for name, t, v in (("text", terms[0], valid[0]), ("image", terms[1], valid[1])):
-                    row[f"entropy_{name}"] = (t.entropy[v].mean().item() if v.any() else 0.0)
-                shaped = [(t, v) for m, (t, v) in enumerate(zip(terms, valid)) if strat.shapes(m)]
-                n_shaped = sum(int(v.sum()) for _, v in shaped)
-                row["low_frac_tokens"] = sum(int(t.low.sum()) for t, _ in shaped) / max(1, n_shaped)
-                row["high_frac_tokens"] = sum(int(t.high.sum()) for t, _ in shaped) / max(1, n_shaped)
-                for k in keys:
-                    stats[k] += row[k] / n_terms
-                bar.update(1)
-        bar.close()
+        for b in tqdm(torch.unique(rows["mb"]).tolist(), desc="train", leave=False,
+                      disable=not (cfg.log.progress and self.is_main)):
+            sel = rows["row"][rows["mb"] == b]
+            mb, ref = _take(batches[b], sel), self._refs[b]
+            ref = ref.index_select(0, sel.to(ref.device)) if ref is not None else None
+            text_logits, image_logits = policy.teacher_forced_logits(mb.data)
+            terms = [strat.token_terms(lg, tg, m, mb.advantages, temperature=cfg.ar.temperature, impl=cfg.ar.impl)
+                     for m, (lg, tg) in enumerate(zip((text_logits, image_logits), self._targets(mb.data)))]
+            valid = [mb.data["cot_mask"], torch.ones_like(mb.data["image_ids"], dtype=torch.bool)]
+            logp = torch.cat([t.logp for t in terms], 1)
+            mask = torch.cat(valid, 1)
+            old = torch.cat([mb.data["cot_old_logp"], mb.data["image_old_logp"]], 1)
+            loss, st = grpo_token_loss(logp, old if clip is not None else None, ref,
+                                       torch.cat([t.token_adv for t in terms], 1), mask, clip_eps=clip, beta=beta)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"the loss became {loss.item()}; weights not updated")
+            share = len(sel) / norm
+            (loss * share).backward()
+            log_ratio = (logp.detach() - old)[mask]
+            if log_ratio.numel():
+                ratio_dev_max = max(ratio_dev_max, (log_ratio.exp() - 1).abs().max().item())
+            kl = st["kl"].item()
+            row = {"loss": loss.item(), "policy_loss": loss.item() - beta * kl, "kl": kl,
+                   "ratio_mean": st["ratio"].item(), "clip_frac": st["clip_fraction"].item(),
+                   "approx_kl": 0.5 * (log_ratio ** 2).mean().item() if log_ratio.numel() else 0.0}
+            for name, t, v in (("text", terms[0], valid[0]), ("image", terms[1], valid[1])):
+                row[f"entropy_{name}"] = (t.entropy[v].mean().item() if v.any() else 0.0)
+            shaped = [(t, v) for m, (t, v) in enumerate(zip(terms, valid)) if strat.shapes(m)]
+            n_shaped = sum(int(v.sum()) for _, v in shaped)
+            row["low_frac_tokens"] = sum(int(t.low.sum()) for t, _ in shaped) / max(1, n_shaped)
+            row["high_frac_tokens"] = sum(int(t.high.sum()) for t, _ in shaped) / max(1, n_shaped)
+            for k in keys:
+                stats[k] += row[k] * len(sel) / n
         policy.train_mode(False)
-        stats["first_ratio_dev"] = first_ratio_dev
+        stats["ratio_dev_max"] = ratio_dev_max
         stats["cot_tokens"] = sum(mb.data["cot_mask"].sum().item() for mb in batches) / sum(
             len(mb.prompts) for mb in batches)
         return stats
+
+
+def _take(mb: MicroBatch, rows: torch.Tensor) -> MicroBatch:
+    """The micro-batch restricted to ``rows`` (CPU int64): every per-sample tensor and the advantages."""
+    n = len(mb.prompts)
+    if rows.numel() == n and bool((rows == torch.arange(n)).all()):
+        return mb
+    data = {k: v.index_select(0, rows.to(v.device)) if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v
+            for k, v in mb.data.items()}
+    return MicroBatch([mb.prompts[i] for i in rows.tolist()], data,
+                      advantages=mb.advantages.index_select(0, rows.to(mb.advantages.device)))

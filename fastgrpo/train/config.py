@@ -102,7 +102,7 @@ class SampleConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 20  # optimizer steps; one per sampled batch of groups
+    steps: int = 20  # sampling rounds (each takes minibatches * inner_epochs optimizer steps)
     lr: float = 3e-4
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
@@ -115,9 +115,20 @@ class TrainConfig:
     adv_std: Optional[str] = None  # "global" | "group"; None: the variant's default
     adv_ddof: Optional[int] = None
     adv_eps: Optional[float] = None
+    # Update cadence (`fastgrpo.train.loop`): each round's rollouts are shuffled (each group's spread evenly over the
+    # minibatches) and split into ``minibatches`` optimizer steps, ``inner_epochs`` passes; every update after the
+    # first sees ratios away from 1 against the stored rollout log-probs, and the PPO clip (clip_range) binds.
+    minibatches: int = 1
+    inner_epochs: int = 1
+    # Advantage groups: "group" (each sampled group alone) or "prompt" (the groups of one prompt text within a round
+    # pooled into one, Flow-GRPO's PerPromptStatTracker).
+    group_by: str = "group"
 
     def validate(self, p):
         _positive(p, "steps", self.steps)
+        _positive(p, "minibatches", self.minibatches)
+        _positive(p, "inner_epochs", self.inner_epochs)
+        _choice(p, "group_by", self.group_by, ("group", "prompt"))
         _positive(p, "lr", self.lr)
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise ValueError(f"{p}weight_decay must be >= 0 and {p}max_grad_norm > 0")
@@ -143,7 +154,11 @@ class ARConfig:
     """Autoregressive families (model.family janus): two-stage rollouts and EG-GRPO's token shaping.
 
     The CFG weight is ``sample.guidance_scale`` (> 1 for Janus), the KL weight ``train.beta``, the PPO clip
-    ``train.clip_range`` (used only when ``inner_epochs > 1``). Shaping defaults: EG-GRPO (minebetter/EG-GRPO)."""
+    ``train.clip_range`` (used only when a round takes several updates: ``train.minibatches`` or
+    ``train.inner_epochs`` > 1). Shaping defaults: EG-GRPO (minebetter/EG-GRPO).
+
+    ``inner_epochs`` is the old name of ``train.inner_epochs`` (which now owns the cadence for both families): a
+    value other than null is moved there with a DeprecationWarning (a config.yaml of an earlier run still loads)."""
 
     image_tokens: int = 576  # must equal the model's VQ grid (24x24 for Janus-Pro at 384 px)
     cot_max_tokens: int = 256  # textual chain of thought, cut here when no EOS came
@@ -158,12 +173,14 @@ class ARConfig:
     bonus: float = 0.3
     rule: str = "released"  # released | quantile (fastgrpo.ops.eg_token_masks)
     calibrate: bool = False  # the paper's batch-calibrated bonus (reconstructed) instead of the released one
-    inner_epochs: int = 1  # > 1: several updates per batch of rollouts, with PPO clipping (train.clip_range)
+    inner_epochs: Optional[int] = None  # deprecated: train.inner_epochs
     impl: str = "auto"  # backend of the token ops: auto | triton | torch
 
     def validate(self, p):
-        for k in ("image_tokens", "cot_max_tokens", "inner_epochs"):
+        for k in ("image_tokens", "cot_max_tokens"):
             _positive(p, k, getattr(self, k))
+        if self.inner_epochs is not None:
+            _positive(p, "inner_epochs", self.inner_epochs)
         _positive(p, "temperature", self.temperature)
         for k in ("low_frac", "high_frac"):
             if not 0 < getattr(self, k) < 1:
@@ -260,9 +277,16 @@ class Config:
         if self.model.family == "janus" and not self.sample.guidance_scale > 1:
             raise ValueError(f"sample.guidance_scale must be > 1 for model.family janus: Janus samples image tokens "
                              f"with classifier-free guidance (T2I-R1 / EG-GRPO use 5), got {self.sample.guidance_scale}")
-        if self.model.family == "janus" and self.ar.inner_epochs > 1 and not 0 < self.train.clip_range < 1:
-            raise ValueError(f"train.clip_range must be in (0, 1) for PPO clipping with ar.inner_epochs > 1, "
-                             f"got {self.train.clip_range}")
+        if self.ar.inner_epochs is not None:
+            self._fold_ar_inner_epochs()
+        updates = self.train.minibatches * self.train.inner_epochs
+        if self.model.family == "janus" and updates > 1 and not 0 < self.train.clip_range < 1:
+            raise ValueError(f"train.clip_range must be in (0, 1) for PPO clipping with several updates per round "
+                             f"(train.minibatches * train.inner_epochs = {updates}), got {self.train.clip_range}")
+        rollouts = self.sample.prompts_per_step * self.sample.group_size
+        if self.train.minibatches > rollouts and self.model.family == "janus":
+            raise ValueError(f"train.minibatches ({self.train.minibatches}) must be at most the rollouts of a round "
+                             f"(sample.prompts_per_step * sample.group_size = {rollouts})")
         if not self.reward:
             raise ValueError("reward must list at least one reward")
         flow_only = [k for k, on in (("model.compile", self.model.compile),
@@ -277,6 +301,19 @@ class Config:
             from .sharding import check_fsdp_fits
 
             check_fsdp_fits(self, "distributed.strategy fsdp")
+
+    def _fold_ar_inner_epochs(self) -> None:
+        """Move the deprecated ``ar.inner_epochs`` into ``train.inner_epochs``."""
+        import warnings
+
+        old, new = self.ar.inner_epochs, self.train.inner_epochs
+        if new != 1 and old != new:
+            raise ValueError(f"ar.inner_epochs ({old}) and train.inner_epochs ({new}) disagree; ar.inner_epochs is "
+                             "the deprecated name of train.inner_epochs: set only train.inner_epochs")
+        if old != 1:
+            warnings.warn(f"ar.inner_epochs is deprecated: use train.inner_epochs (taken as train.inner_epochs={old})",
+                          DeprecationWarning, stacklevel=2)
+        self.train.inner_epochs, self.ar.inner_epochs = old, None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -25,6 +25,7 @@ def world() -> tuple[int, int]:
 STREAM_PROMPTS = 7  # the step's prompt draw (`GroupSampler`), the same on every rank
 STREAM_GROUP = 11  # index = global group index: every draw of a flow group (plan, initial noise, SDE noise)
 STREAM_SAMPLE = 13  # index = global sample index: every draw of an autoregressive sample's tokens
+STREAM_MINIBATCH = 17  # index = global group index (and the pass): the order of a group's units in the minibatches
 
 _MASK64 = (1 << 64) - 1
 
@@ -121,15 +122,66 @@ def all_sum(x):
     return int(total) if isinstance(x, int) else total
 
 
+def minibatch_split(seed: int, step: int, epoch: int, groups: torch.Tensor, minibatches: int) -> torch.Tensor:
+    """The minibatch (in ``[0, minibatches)``) of each training unit of a round's pass ``epoch``.
+
+    ``groups`` [n] (CPU int64): each unit's global group index; a group's units are listed in a canonical order
+    (the same whichever process holds them). Each group's units are put in a random order drawn from the
+    generator of (seed, step, `STREAM_MINIBATCH`, epoch, group) and dealt into ``minibatches`` contiguous parts
+    as evenly as possible (sizes differ by at most one): every minibatch holds an equal share of every group.
+
+    Decision: the released trainers shuffle the whole batch of a process (Flow-GRPO ``torch.randperm`` over the
+    process's samples); spreading each group evenly instead makes the minibatches independent of the number of
+    processes (groups never span processes) and gives every process the same number of units per minibatch when
+    its groups are of equal size (FSDP runs the same forwards on every process)."""
+    part = torch.empty(groups.shape[0], dtype=torch.int64)
+    for g in torch.unique(groups).tolist():
+        idx = (groups == g).nonzero().flatten()
+        k = idx.numel()
+        gen = torch.Generator().manual_seed(rng_seed(seed, step, STREAM_MINIBATCH, epoch, g))
+        pos = torch.empty(k, dtype=torch.int64)
+        pos[torch.randperm(k, generator=gen)] = torch.arange(k)  # each unit's place in the shuffled order
+        part[idx] = pos * minibatches // k
+    return part
+
+
+def pooled_sizes(sizes: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool the groups that share a key (``group_by: prompt``): returns (order, pooled sizes), where ``order``
+    [N] lists the rollouts with each key's groups made contiguous (keys in order of first appearance, groups in
+    their order) and ``pooled sizes`` the rollouts per key in that order."""
+    starts = torch.cumsum(sizes, 0) - sizes
+    first = {}
+    for i, k in enumerate(keys.tolist()):
+        first.setdefault(k, []).append(i)
+    order = torch.cat([torch.arange(int(starts[i]), int(starts[i] + sizes[i])) for gs in first.values() for i in gs])
+    pooled = torch.tensor([int(sizes[gs].sum()) for gs in map(torch.tensor, first.values())], dtype=torch.int64)
+    return order, pooled
+
+
 def gathered_advantages(local_rewards: torch.Tensor, group_sizes, *, std: str, ddof: int, eps: float,
-                        clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+                        clip: float | None, keys=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Advantages of this rank's samples from the rewards of all ranks; also returns all rewards.
 
     ``group_sizes``: an int (every group has that many rollouts, the K-repeat sampler's G) or this rank's group
-    sizes [p_local] (groups of different sizes, laid out one after another in ``local_rewards``)."""
+    sizes [p_local] (groups of different sizes, laid out one after another in ``local_rewards``).
+
+    ``keys``: one int per local group, or None. Groups of all ranks with the same key are normalised as one group
+    (``train.group_by: prompt``: the key identifies the prompt text, so a prompt drawn twice in a round has its
+    rollouts pooled, as Flow-GRPO's ``PerPromptStatTracker`` does by prompt string)."""
     from fastgrpo.ops import group_advantages
 
     rank, ws = world()
+    if keys is not None:
+        local_sizes = ([group_sizes] * (local_rewards.shape[0] // group_sizes) if isinstance(group_sizes, int)
+                       else list(group_sizes))
+        rewards, lengths = all_gather_varlen(local_rewards.float())
+        sizes, _ = all_gather_varlen(torch.as_tensor(local_sizes, dtype=torch.int64))
+        all_keys, _ = all_gather_varlen(torch.as_tensor(list(keys), dtype=torch.int64))
+        order, pooled = pooled_sizes(sizes, all_keys)
+        adv = torch.empty_like(rewards)
+        adv[order] = group_advantages(rewards[order], std=std, ddof=ddof, eps=eps, clip=clip, group_sizes=pooled)
+        start = sum(lengths[:rank])
+        return adv[start:start + lengths[rank]], rewards
     if isinstance(group_sizes, int):
         rewards = all_gather_cat(local_rewards.float())
         adv = group_advantages(rewards.view(-1, group_sizes), std=std, ddof=ddof, eps=eps, clip=clip).reshape(-1)

@@ -153,6 +153,7 @@ class FlowTrainer(GRPOTrainer):
             leaf_prompts = [prompts[g] for g in leaf_groups]
             sizes = torch.bincount(torch.tensor(leaf_groups), minlength=len(prompts)).tolist()
             batches.append(MicroBatch(leaf_prompts, {"tree": tree, "prompts": prompts,
+                                                     "groups": list(range(first + w, first + w + len(prompts))),
                                                      "emb": self.policy.encode_prompts(prompts)}, group_sizes=sizes))
             futures.append(self.submit_score(pool, self.policy.decode(x_final), leaf_prompts))
         self.collect_scores(batches, futures)
@@ -266,14 +267,25 @@ class FlowTrainer(GRPOTrainer):
         return model.decode(x)
 
     # ------------------------------------------------------------------------------------------------- train
-    def _trained_rows(self, batches):
-        """All trained transitions of this step: x, x_next, old log-prob (on the device), step, advantage, weight,
-        group, wave (on the CPU). Selecting rows uses device index tensors: no sync per transition."""
+    row_name = "transition"
+
+    @staticmethod
+    def unit_name(strategy) -> str:
+        return "trajectory's trained transitions" if strategy.minibatch_unit == "trajectory" else "transition"
+
+    def train_rows(self, batches):
+        """All trained transitions of the round: x, x_next, old log-prob (on the device), step, advantage, weight,
+        wave, the group within its wave (``local``), the global ``group`` and the ``unit`` (on the CPU). A unit is a
+        node of the tree (a trajectory segment: all its trained steps train in one minibatch, Flow-GRPO's sample)
+        or, for a strategy whose ``minibatch_unit`` is ``"transition"``, each transition alone (BranchGRPO's
+        edges). Selecting rows uses device index tensors: no sync per transition."""
         strat = self.strategy
-        cols = {k: [] for k in ("x", "x_next", "step", "old", "adv", "weight", "group", "wave")}
+        cols = {k: [] for k in ("x", "x_next", "step", "old", "adv", "weight", "local", "group", "wave", "unit")}
+        node_base = 0
         for w, mb in enumerate(batches):
             tree = mb.data["tree"]
             node_adv = strat.node_advantages(tree, mb.rewards, mb.advantages.cpu())
+            global_group = torch.tensor(mb.data["groups"])
             for tr in tree.transitions:
                 nodes = tr["node"].tolist()
                 # Trained: the node's planned steps (trees without splits) or every stochastic transition; never a
@@ -285,47 +297,53 @@ class FlowTrainer(GRPOTrainer):
                 take = _row_selector(mask, tr["x"].device)
                 steps = torch.full((int(mask.sum()),), tr["step"])
                 weights = strat.step_weights(take(tr["std"]), steps, self.sigmas)
+                local = torch.tensor([tree.group[n] for n in tr["node"][mask].tolist()], dtype=torch.int64)
                 cols["x"].append(take(tr["x"]))
                 cols["x_next"].append(take(tr["x_next"]))
                 cols["step"].append(steps)
                 cols["old"].append(take(tr["log_prob"]))
                 cols["adv"].append(node_adv[tr["node"][mask]])
                 cols["weight"].append(weights.cpu() if weights is not None else torch.ones(len(steps)))
-                cols["group"].append(torch.tensor([tree.group[n] for n in tr["node"][mask].tolist()]))
+                cols["local"].append(local)
+                cols["group"].append(global_group[local])
                 cols["wave"].append(torch.full((len(steps),), w))
-        return {k: torch.cat(v) for k, v in cols.items()}
+                cols["unit"].append(node_base + tr["node"][mask].cpu())
+            node_base += tree.num_nodes
+        rows = {k: torch.cat(v) if v else torch.empty(0) for k, v in cols.items()}
+        if strat.minibatch_unit == "transition" and rows["unit"].numel():
+            rows["unit"] = torch.arange(rows["unit"].numel())
+        return rows
 
-    def train(self, batches: list) -> dict:
-        """The policy-gradient pass. Per chunk nothing waits for the device: the chunk's rows, advantages,
-        weights and sigmas go to the device once for the whole phase (pinned, non-blocking), the statistics and the
-        finiteness of every chunk's loss accumulate on the device and are read once at the end (a non-finite loss
-        still stops the run before the optimizer step, naming the chunk's denoising steps)."""
+    def train(self, batches: list, rows: dict | None = None, *, n_all: int | None = None, first: bool = True,
+              several: bool = False) -> dict:
+        """One minibatch's policy gradient. Per chunk nothing waits for the device: the chunk's rows, advantages,
+        weights and sigmas go to the device once for the whole minibatch (pinned, non-blocking), the statistics and
+        the finiteness of every chunk's loss accumulate on the device and are read once at the end (a non-finite
+        loss still stops the run before the optimizer step, naming the chunk's denoising steps)."""
+        rows, n_all = self.whole_round(batches, rows, n_all)
         cfg, model, strat = self.cfg, self.policy, self.strategy
         beta, clip = strat.beta, cfg.train.clip_range
         sigma_max = self.sigmas[1].item()
-        rows = self._trained_rows(batches)
         n = rows["step"].shape[0]
-        # The loss is the mean over every process's trained transitions: the processes average their gradients,
-        # so each divides its sum by n_all / world_size (processes may train different numbers: AEGPO).
-        n_all = all_sum(n)
+        # The loss is the mean over every process's trained transitions of the minibatch: the processes average
+        # their gradients, so each divides its sum by n_all / world_size (processes may train different numbers).
         norm = n_all / self.world_size
         bs = cfg.sample.batch_size
         self.parallel.check_same_forwards(-(-n // bs))
-        if n == 0:
-            raise ValueError(f"{strat.name}: no transition is trained (check train.timestep_fraction and the plan)")
         dev = self.device
         # Each row's prompt embedding: the waves' embeddings stacked, indexed by (wave offset + group) on the device.
         keys = list(batches[0].data["emb"])
         offsets = torch.tensor([0] + [mb.data["emb"][keys[0]].shape[0] for mb in batches]).cumsum(0)
         emb_all = {k: torch.cat([mb.data["emb"][k] for mb in batches]) for k in keys}
-        emb_row = to_device(offsets[rows["wave"]] + rows["group"], dev)
+        emb_row = to_device(offsets[rows["wave"]] + rows["local"], dev)
         s_cpu, sn_cpu = self.sigmas[rows["step"]].double(), self.sigmas[rows["step"] + 1].double()
         s_dev = to_device(s_cpu.float(), dev)
         adv_all, weight_all = to_device(rows["adv"].float(), dev), to_device(rows["weight"].float(), dev)
         model.transformer.train()
         zero = torch.zeros((), device=dev)
-        acc = {k: zero.clone() for k in ("policy_loss", "kl", "ratio_mean", "clip_frac")}
-        losses, first_ratio_dev = [], None
+        acc = {k: zero.clone() for k in ("policy_loss", "kl", "ratio_mean", "clip_frac", "approx_kl")}
+        ratio_dev_max = zero.clone()
+        losses = []
         for start in tqdm(range(0, n, bs), desc="train", leave=False,
                           disable=not (cfg.log.progress and self.is_main)):
             sl = slice(start, start + bs)
@@ -339,9 +357,8 @@ class FlowTrainer(GRPOTrainer):
             # CPU float64 sigmas: checked on the host and copied without a sync (sde_step's contract).
             out = sde_step(x_t, v, s_cpu[sl], sn_cpu[sl], kind=strat.sde_kind, noise_level=strat.noise_level,
                            sigma_max=sigma_max, prev_sample=x_next, v_ref=v_ref, impl=cfg.model.impl)
-            ratio = torch.exp(out.log_prob - rows["old"][sl])
-            if first_ratio_dev is None:
-                first_ratio_dev = (ratio.detach() - 1).abs().max()
+            log_ratio = out.log_prob - rows["old"][sl]
+            ratio = torch.exp(log_ratio)
             adv = adv_all[sl]
             surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
             policy = (weight_all[sl] * surrogate).sum()
@@ -349,22 +366,24 @@ class FlowTrainer(GRPOTrainer):
             loss = (policy + beta * kl) / norm
             losses.append(loss.detach())
             loss.backward()
+            r = ratio.detach()
             acc["policy_loss"] += policy.detach() / n
             acc["kl"] += kl.detach() / n
-            acc["ratio_mean"] += ratio.detach().sum() / n
-            acc["clip_frac"] += ((ratio.detach() - 1).abs() > clip).float().sum() / n
+            acc["ratio_mean"] += r.sum() / n
+            acc["clip_frac"] += ((r - 1).abs() > clip).float().sum() / n
+            acc["approx_kl"] += 0.5 * (log_ratio.detach() ** 2).sum() / n
+            ratio_dev_max = torch.maximum(ratio_dev_max, (r - 1).abs().max())
         model.transformer.eval()
         names = list(acc)
-        values = torch.stack([acc[k] for k in names] + [first_ratio_dev.float()] + losses).tolist()  # one sync
+        values = torch.stack([acc[k] for k in names] + [ratio_dev_max] + losses).tolist() if n else \
+            [0.0] * (len(names) + 1)  # one sync
         values, chunk_losses = values[:len(names) + 1], values[len(names) + 1:]
         bad = next((i for i, v in enumerate(chunk_losses) if not math.isfinite(v)), None)
         if bad is not None:
             steps = rows["step"][bad * bs:(bad + 1) * bs].tolist()
             raise TrainingDiverged(f"the loss became {chunk_losses[bad]} at denoising steps {steps}; "
                                    "weights not updated")
-        stats = {"loss": sum(chunk_losses), **dict(zip(names, values[:-1]))}
-        stats["first_ratio_dev"] = values[-1]
-        stats["trained_transitions"] = n_all
+        stats = {"loss": sum(chunk_losses), **dict(zip(names, values[:-1])), "ratio_dev_max": values[-1]}
         stats.update(getattr(self, "wave_log", {}))
         return stats
 

@@ -66,7 +66,7 @@ from fastgrpo.rewards import build_reward
 
 from .checkpoint import _STEP_DIR, load_checkpoint, resumable_checkpoint, save_checkpoint
 from .config import Config
-from .distributed import GroupSampler, all_sum, gathered_advantages, world
+from .distributed import GroupSampler, all_sum, gathered_advantages, minibatch_split, world
 from .metrics import MetricsLogger, plot_curves
 from .prompts import load_prompts
 from .sharding import full_tensor, is_sharded, parallelism
@@ -227,6 +227,7 @@ class MicroBatch:
     prompts: list
     data: dict
     group_sizes: list | None = None  # rollouts of each group, in order; None: every group has sample.group_size
+    group_labels: list | None = None  # an int per group: groups of one prompt pool (group_by: prompt) only if equal
     rewards: torch.Tensor | None = None
     reward_parts: dict = field(default_factory=dict)
     advantages: torch.Tensor | None = None
@@ -328,9 +329,37 @@ class GRPOTrainer:
         the rollouts do not depend on the number of processes."""
         raise NotImplementedError
 
-    def train(self, batches: list) -> dict:
-        """Accumulate the policy gradient over the batches (weights unchanged); return stats for the log row."""
+    row_name = "rollout"  # what a row of `train_rows` is (the log's trained_<row>s)
+
+    @staticmethod
+    def unit_name(strategy) -> str:
+        """What the family trains together in one minibatch, in words (for messages)."""
+        return "rollout"
+
+    def train_rows(self, batches: list) -> dict:
+        """What this process trains in the round, one row per trained item: a dict of tensors with a first
+        dimension n, including ``group`` (CPU int64: the row's global group index) and ``unit`` (CPU int64: rows of
+        one unit go to the same minibatch; within a group, units listed in the same order on any number of
+        processes). The loop selects minibatches with `take_rows`."""
         raise NotImplementedError
+
+    def train(self, batches: list, rows: dict | None = None, *, n_all: int | None = None, first: bool = True,
+              several: bool = False) -> dict:
+        """Accumulate the policy gradient of one minibatch (``rows``: a selection of `train_rows`; ``n_all``: its
+        rows over all processes, the loss being their mean) with the weights unchanged; return stats for the log
+        (means over the rows, ``ratio_dev_max``). ``first``: the round's first update; ``several``: the round
+        takes more than one update (the AR family clips only then). Without ``rows``: the whole round as one
+        minibatch (`whole_round`)."""
+        raise NotImplementedError
+
+    def whole_round(self, batches: list, rows: dict | None, n_all: int | None) -> tuple[dict, int]:
+        """``(rows, n_all)`` as given, or every row of `train_rows` and their count over all processes."""
+        if rows is None:
+            rows = self.train_rows(batches)
+            rows.pop("group")
+        if n_all is None:
+            n_all = all_sum(int(next(iter(rows.values())).shape[0]))
+        return rows, n_all
 
     def preview(self, prompts: list, gens: list) -> torch.Tensor:
         """Images [K, 3, H, W] in [0, 1] for ``prompts``, one per generator in ``gens``, sampled deterministically
@@ -370,17 +399,38 @@ class GRPOTrainer:
     def advantages(self, batches: list) -> torch.Tensor:
         """Per-group statistics over the rewards of all ranks. Groups may differ in size (a micro-batch's
         ``group_sizes``, AEGPO): then each group is normalised by its own mean (and std), and a global std pools
-        every rollout of the batch."""
+        every rollout of the batch. With ``train.group_by: prompt`` the groups of one prompt text (a prompt drawn
+        twice in a round) are normalised as one (Flow-GRPO's ``PerPromptStatTracker`` keys its statistics by the
+        prompt string); a micro-batch's ``group_labels`` (one per group) keep groups of one prompt apart when they
+        stand for different things (TempFlow-GRPO's branch steps)."""
         local = torch.cat([mb.rewards for mb in batches])
         s, tc, G = self.strategy, self.cfg.train, self.cfg.sample.group_size
         sizes = [n for mb in batches for n in (mb.group_sizes or [G] * (len(mb.prompts) // G))]
+        keys = self.group_keys(batches) if tc.group_by == "prompt" else None
         adv, all_rewards = gathered_advantages(local, sizes, std=s.adv_std, ddof=s.adv_ddof, eps=s.adv_eps,
-                                               clip=tc.adv_clip)
+                                               clip=tc.adv_clip, keys=keys)
         n = 0
         for mb in batches:
             mb.advantages = adv[n:n + len(mb.prompts)].to(self.device)
             n += len(mb.prompts)
         return all_rewards
+
+    def group_keys(self, batches: list) -> list:
+        """One int per group of ``batches``: equal for groups of the same prompt text (and the same
+        ``group_labels`` entry), whichever process holds them."""
+        if not hasattr(self, "_text_ids"):
+            self._text_ids = {}
+            for p in self.prompts:
+                self._text_ids.setdefault(p, len(self._text_ids))
+        G, n_texts, keys = self.cfg.sample.group_size, len(self._text_ids), []
+        for mb in batches:
+            sizes = mb.group_sizes or [G] * (len(mb.prompts) // G)
+            labels = mb.group_labels or [0] * len(sizes)
+            start = 0
+            for size, label in zip(sizes, labels):
+                keys.append(int(label) * n_texts + self._text_ids[mb.prompts[start]])
+                start += size
+        return keys
 
     def select(self, batches: list) -> list:
         return batches
@@ -407,7 +457,8 @@ class GRPOTrainer:
 
     # --------------------------------------------------------------------------------------------------- run
     def round(self, step: int, pool: ThreadPoolExecutor, *, phase_times: dict | None = None) -> dict:
-        """One optimizer step (sample, score, advantages, select, train, optimizer step); returns its log row.
+        """One sampling round (sample, score, advantages, select, then ``train.inner_epochs`` passes of
+        ``train.minibatches`` optimizer steps each); returns its log row.
 
         ``phase_times``: a dict that receives each phase's wall time in seconds (``sample`` includes the scoring
         that overlaps it; on CUDA the device is synchronised at each phase boundary, which a normal run does not
@@ -420,12 +471,7 @@ class GRPOTrainer:
         all_rewards = self.advantages(batches)
         batches = self.select(batches)
         clock("advantages")
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.parallel.training():
-            stats = self.train(batches)
-        clock("train")
-        stats["grad_norm"] = self.optimizer_step()
-        clock("optimizer")
+        stats = self.update(step, batches, clock)
         # Ranks may run different numbers of forwards (groups of different sizes): sum them.
         self.model_forwards += all_sum(self.policy.model_forwards - self._forwards_seen)
         self._forwards_seen = self.policy.model_forwards
@@ -441,6 +487,60 @@ class GRPOTrainer:
         if len(parts) > 1:
             row.update({f"reward_{k}": torch.cat(v).mean().item() for k, v in parts.items()})
         return row
+
+    def update(self, step: int, batches: list, clock=None) -> dict:
+        """The round's optimizer steps: ``train.inner_epochs`` passes over the kept rollouts, each split into
+        ``train.minibatches`` minibatches (`fastgrpo.train.distributed.minibatch_split`: each group's units in a
+        random order keyed by (seed, step, pass, group), spread evenly), one optimizer step per minibatch. A unit
+        is what the family trains together (`train_rows`): a trajectory's trained transitions (Flow-GRPO: a sample
+        and all its timesteps go to one minibatch), a single transition (BranchGRPO's tree edges) or an
+        autoregressive rollout. Every update after the first is taken by a policy that moved since sampling, so
+        its ratios against the stored rollout log-probs leave 1 and the PPO clip binds.
+
+        Logged per round: ``optimizer_steps``; ``ratio_mean``, ``clip_frac``, ``approx_kl`` (Flow-GRPO's
+        ``0.5 * mean((logp - logp_old)^2)``), ``policy_loss``, ``kl``, ``loss`` and ``grad_norm`` averaged over the
+        updates; ``ratio_dev_max`` (max |ratio - 1| over every update) and ``first_ratio_dev`` (the first update's,
+        taken by the sampling policy: 0 up to float rounding)."""
+        tc = self.cfg.train
+        clock = clock or (lambda name: None)
+        rows = self.train_rows(batches)
+        groups = rows.pop("group")
+        n_units_all = all_sum(int(torch.unique(rows["unit"]).numel()) if len(groups) else 0)
+        if n_units_all == 0:
+            raise ValueError(f"{self.strategy.name}: no rollout is trained (check train.timestep_fraction and the "
+                             "variant's plan)")
+        if tc.minibatches > n_units_all:
+            raise ValueError(f"train.minibatches ({tc.minibatches}) exceeds the {n_units_all} training units of this "
+                             f"round ({self.strategy.name}'s unit: one {self.unit_name(self.strategy)}): lower it")
+        updates, trained = [], 0
+        for epoch in range(tc.inner_epochs):
+            unit_ids, unit_of_row = torch.unique(rows["unit"], return_inverse=True)
+            unit_group = torch.zeros(unit_ids.numel(), dtype=torch.int64).scatter_(0, unit_of_row, groups)
+            part = minibatch_split(self.cfg.seed, step, epoch, unit_group, tc.minibatches)[unit_of_row]
+            for m in range(tc.minibatches):
+                idx = (part == m).nonzero().flatten()
+                n_all = all_sum(int(idx.numel()))
+                if n_all == 0:
+                    continue
+                self.optimizer.zero_grad(set_to_none=True)
+                with self.parallel.training():
+                    st = self.train(batches, take_rows(rows, idx), n_all=n_all, first=not updates,
+                                    several=tc.minibatches * tc.inner_epochs > 1)
+                clock("train")
+                for p in self.params:  # a process that trained nothing still joins the gradient average
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                st["grad_norm"] = self.optimizer_step()
+                clock("optimizer")
+                updates.append(st)
+                trained += n_all if epoch == 0 else 0
+        out = {"optimizer_steps": len(updates)}
+        for k in updates[0]:
+            vals = [u[k] for u in updates if k in u]
+            out[k] = max(vals) if k.endswith("_max") else sum(vals) / len(vals)
+        out["first_ratio_dev"] = updates[0].get("ratio_dev_max", 0.0)
+        out[f"trained_{self.row_name}s"] = trained
+        return out
 
     def run(self) -> Path:
         cfg = self.cfg
@@ -504,6 +604,18 @@ class _PhaseClock:
         now = time.perf_counter()
         self.times[name] = self.times.get(name, 0.0) + now - self.last
         self.last = now
+
+
+def take_rows(rows: dict, idx: torch.Tensor) -> dict:
+    """The rows ``idx`` (CPU int64) of every tensor in ``rows`` (each indexed on its own device); the whole dict
+    when every row is taken in order."""
+    n = next(iter(rows.values())).shape[0] if rows else 0
+    if idx.numel() == n and bool((idx == torch.arange(n)).all()):
+        return dict(rows)
+    from fastgrpo.diffusion.graphs import to_device
+
+    on = {}
+    return {k: v.index_select(0, on.setdefault(v.device, to_device(idx, v.device))) for k, v in rows.items()}
 
 
 def check_resume_world_size(ckpt: Path, world_size: int, distributed: str) -> None:

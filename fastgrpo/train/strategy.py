@@ -52,6 +52,10 @@ class Strategy:
     adv_ddof: int = 0
     adv_eps: float = 1e-4
     same_noise: bool = False
+    # What one minibatch takes whole (`fastgrpo.train.flow.FlowTrainer.train_rows`): "trajectory" (a tree node's
+    # trained transitions together: Flow-GRPO shuffles samples, each with all its timesteps) or "transition"
+    # (every transition alone: BranchGRPO shuffles its tree's edges).
+    minibatch_unit: str = "trajectory"
     families: ClassVar[tuple] = ("sd3", "flux")  # the model families (config model.family) the variant trains
     needs_reference: ClassVar[bool] = False  # evaluates the reference policy even without a KL term (AEGPO)
 
@@ -142,7 +146,11 @@ class Strategy:
 
 def random_train_steps(num_steps: int, batch: int, fraction: float, generator: torch.Generator,
                        exclude_last: bool = True) -> torch.Tensor:
-    """A random ``floor(fraction * T)`` of the steps per sample (DanceGRPO), never the last one if asked."""
+    """A random ``int(fraction * pool)`` of the steps per sample (at least 1), where the pool is the T - 1 steps
+    before the last (``exclude_last``) or all T. DanceGRPO stores the T - 1 transitions before the last and trains
+    ``int(len(timesteps) * timestep_fraction)`` of them, the first of a random permutation per sample
+    (XueZeyue/DanceGRPO @15cc71d fastvideo/train_grpo_flux.py lines 511-519, 551-556 and 570; T = 20, f = 0.6:
+    11 steps, where ``floor(T * f)`` gave 12)."""
     pool = num_steps - 1 if exclude_last and num_steps > 1 else num_steps
-    n = max(1, min(pool, int(math.floor(num_steps * fraction))))
+    n = max(1, int(pool * fraction))
     return torch.stack([torch.randperm(pool, generator=generator)[:n] for _ in range(batch)])
