@@ -253,7 +253,8 @@ def _check_tree(leaf_rewards, branching, ddof, eps, min_std) -> tuple:
     if leaf_rewards.ndim not in (1, 2):
         raise ValueError(f"leaf_rewards must have shape [P, L] (P trees of L leaves) or [L] (one tree), "
                          f"got {tuple(leaf_rewards.shape)}")
-    if isinstance(branching, (str, bytes)) or not hasattr(branching, "__len__"):
+    if isinstance(branching, (str, bytes)) or not hasattr(branching, "__len__") or (
+            isinstance(branching, torch.Tensor) and branching.ndim != 1):
         raise ValueError(f"branching must be a non-empty sequence of ints >= 1 (children per split), "
                          f"got {branching!r}")
     levels = []
@@ -337,8 +338,8 @@ def tree_advantages(leaf_rewards: torch.Tensor, branching: Sequence[int], *, ddo
     out, n = [], 1
     for b in levels:
         n *= b
-        if n == 1:
-            adv = torch.zeros(P, 1, dtype=torch.float64, device=r.device)
+        if n == 1 or P == 0:
+            adv = torch.zeros(P, n, dtype=torch.float64, device=r.device)
         else:
             value = r.reshape(P, n, L // n).mean(dim=2)  # [P, n]: each node's mean leaf reward
             std = value.std(dim=1, correction=ddof, keepdim=True)
