@@ -281,6 +281,8 @@ def _check_tree(leaf_rewards, branching, ddof, eps, min_std) -> tuple:
     if leaf_rewards.shape[-1] != L:
         raise ValueError(f"leaf_rewards must have L = prod(branching) = {L} leaves per tree (branching "
                          f"{levels}), got shape {tuple(leaf_rewards.shape)}")
+    if leaf_rewards.device.type == "meta":
+        raise ValueError("leaf_rewards is on meta: tree advantages need the reward values")
     if leaf_rewards.numel() and not bool(torch.isfinite(leaf_rewards).all()):
         raise ValueError("leaf_rewards contain NaN or infinite values")
     return tuple(levels)
