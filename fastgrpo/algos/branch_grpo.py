@@ -19,8 +19,11 @@ transition at step i belongs to the node the released code would call its child 
 that depth are the same branches with the same leaves. The root segment (the steps before the first split, when
 ``split_steps`` does not start at 0) is alone at depth 0: advantage 0, as the released single-node depths; it is
 still sampled stochastically, but carries no policy gradient. ``train.adv_ddof`` / ``train.adv_eps`` override ddof
-and eps (they also set the leaf advantages the loop computes, which BranchGRPO logs but does not train with);
-the 1e-6 threshold is ``adv_min_std``.
+and eps (they also set the group advantages of the leaves the loop computes, which the node advantages do not
+use); the 1e-6 threshold is ``adv_min_std``. Left as they were: the released code clamps every advantage to
+``+-adv_clip_max`` (5) in its loss, which can bind only at depths of 27 nodes or more (max |A| = (n - 1) / sqrt(n)),
+so never on the 16-leaf trees; its optional ``tree_prob_weighted`` aggregation, ``use_group`` mode and depth /
+width pruning of the trained transitions are not implemented.
 """
 from __future__ import annotations
 
