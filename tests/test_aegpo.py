@@ -297,6 +297,18 @@ def test_groups_of_different_sizes_get_per_group_advantages(tmp_path, monkeypatc
         start += n
     np.testing.assert_allclose(got, np.concatenate(want), rtol=1e-5, atol=1e-5)
     rows = trainer.train_rows(batches)
+    if exploration == "branch":  # each group its own tree, the released BranchGRPO rule (fastgrpo.tree_advantages)
+        from fastgrpo import tree_advantages
+        from fastgrpo.algos.branch_grpo import tree_layout
+
+        for mb in batches:
+            tree = mb.data["tree"]
+            adv = trainer.strategy.node_advantages(tree, mb.rewards, mb.advantages.cpu())
+            for g, (pos, branching, nodes) in tree_layout(tree).items():
+                assert math.prod(branching) == len(pos) == mb.group_sizes[g] and adv[nodes[0]] == 0
+                want = tree_advantages(mb.rewards.cpu()[pos].double(), branching)  # ddof 1, eps 1e-8, min std 1e-6
+                for d, a in enumerate(want, start=1):
+                    torch.testing.assert_close(adv[nodes[d]].double(), a, rtol=1e-6, atol=1e-6)
     if exploration == "tempflow":  # one branch transition per group, at one of its peaks, weighted by TempFlow's rule
         assert rows["step"].numel() == sum(sizes)
         branch = trainer.wave_log["branch_steps"]

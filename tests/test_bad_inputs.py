@@ -10,7 +10,7 @@ import torch
 
 from fastgrpo.ops import (attention_with_text_entropy, eg_grpo_shaping, eg_token_advantages, eg_token_masks,
                           group_advantages, grpo_token_loss, ovf_select, sde_step, text_attention_probs,
-                          text_entropy_from_probs, token_logprob_entropy)
+                          text_entropy_from_probs, token_logprob_entropy, tree_advantages)
 
 NAN, INF = float("nan"), float("inf")
 ALL = ("torch", "cpp", "triton")
@@ -266,6 +266,31 @@ GROUP = [
      r"^with group_sizes, rewards must have shape"),
 ]
 
+TREE = [
+    ("leaf_rewards int", lambda i: tree_advantages(i64(2, 4), [2, 2]), r"^leaf_rewards must be a floating tensor"),
+    ("leaf_rewards rank 3", lambda i: tree_advantages(f(2, 4, 1), [2, 2]), r"^leaf_rewards must have shape"),
+    ("leaf_rewards L", lambda i: tree_advantages(f(2, 5), [2, 2]), r"^leaf_rewards must have L = prod"),
+    ("leaf_rewards nan", lambda i: tree_advantages(f(2, 4, fill=NAN), [2, 2]), r"^leaf_rewards contain NaN"),
+    ("leaf_rewards inf", lambda i: tree_advantages(torch.tensor([0.0, INF]), [2]), r"^leaf_rewards contain NaN"),
+    ("leaf_rewards meta", lambda i: tree_advantages(f(2, 4, device=META), [2, 2]), r"^leaf_rewards is on meta"),
+    ("branching empty", lambda i: tree_advantages(f(2, 1), []), r"^branching must be a non-empty sequence"),
+    ("branching zero", lambda i: tree_advantages(f(2, 4), [4, 0]), r"^branching must be a non-empty sequence"),
+    ("branching negative", lambda i: tree_advantages(f(2, 4), [-2, -2]), r"^branching must be a non-empty"),
+    ("branching float", lambda i: tree_advantages(f(2, 4), [2.0, 2]), r"^branching must be a non-empty sequence"),
+    ("branching bool", lambda i: tree_advantages(f(2, 4), [True, 4]), r"^branching must be a non-empty sequence"),
+    ("branching int", lambda i: tree_advantages(f(2, 4), 4), r"^branching must be a non-empty sequence"),
+    ("branching str", lambda i: tree_advantages(f(2, 4), "22"), r"^branching must be a non-empty sequence"),
+    ("ddof 2", lambda i: tree_advantages(f(2, 4), [2, 2], ddof=2), r"^ddof must be 0 or 1"),
+    ("ddof float", lambda i: tree_advantages(f(2, 4), [2, 2], ddof=0.5), r"^ddof must be 0 or 1"),
+    ("eps negative", lambda i: tree_advantages(f(2, 4), [2, 2], eps=-1e-8), r"^eps must be a finite float >= 0"),
+    ("eps nan", lambda i: tree_advantages(f(2, 4), [2, 2], eps=NAN), r"^eps must be a finite float >= 0"),
+    ("eps inf", lambda i: tree_advantages(f(2, 4), [2, 2], eps=INF), r"^eps must be a finite float >= 0"),
+    ("min_std negative", lambda i: tree_advantages(f(2, 4), [2, 2], min_std=-1.0), r"^min_std must be a finite"),
+    ("min_std str", lambda i: tree_advantages(f(2, 4), [2, 2], min_std="1e-6"), r"^min_std must be a finite"),
+    ("eps and min_std 0", lambda i: tree_advantages(f(2, 4), [2, 2], eps=0.0, min_std=0.0),
+     r"^eps and min_std must not both be 0"),
+]
+
 
 def loss(*, logp=None, old_logp="default", ref_logp=None, token_adv=None, mask=None, **kw):
     logp = f(2, 3) if logp is None else logp
@@ -306,6 +331,7 @@ OPS = {
     "text_entropy_from_probs": (NONE, ENTROPY_FROM_PROBS),
     "ovf_select": (ALL, OVF),
     "group_advantages": (NONE, GROUP),
+    "tree_advantages": (NONE, TREE),
     "grpo_token_loss": (NONE, LOSS),
 }
 CASES = [pytest.param(call, impl, match, id=f"{op}-{name}" + (f"-{impl}" if impl else ""))

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from fastgrpo.ops import (eg_grpo_shaping, eg_token_advantages, eg_token_masks, eg_token_masks_ref,
                           group_advantages, group_advantages_ref, grpo_token_loss, grpo_token_loss_ref, ovf_select,
                           ovf_select_ref, sde_step, sde_step_ref, text_attention_probs, text_entropy_from_probs,
-                          token_logprob_entropy, token_logprob_entropy_ref, attention_with_text_entropy,
-                          attention_with_text_entropy_ref)
+                          token_logprob_entropy, token_logprob_entropy_ref, tree_advantages, tree_advantages_ref,
+                          attention_with_text_entropy, attention_with_text_entropy_ref)
 from fastgrpo.testing import assert_close, rel_err, tolerance
 
 # examples per op and tier: the fast tier adds a few seconds to `make test`, the slow tier runs under -m slow
@@ -530,6 +530,54 @@ def _check_group_advantages(c):
 @pytest.mark.parametrize("tier", TIERS)
 def test_group_advantages_property(tier):
     _run(tier, advantage_group_cases(), _check_group_advantages, cheap=True)
+
+
+# ------------------------------------------------------------------------------------------- tree_advantages
+
+
+@st.composite
+def tree_cases(draw):
+    branching = draw(st.lists(st.integers(1, 4), min_size=1, max_size=4).filter(lambda b: math.prod(b) <= 64))
+    return dict(branching=branching, P=draw(st.integers(0, 4)), one_tree=draw(st.booleans()),
+                ddof=draw(st.sampled_from([0, 1])), eps=draw(st.sampled_from([1e-8, 1e-4, 0.0])),
+                min_std=draw(st.sampled_from([1e-6, 0.0, 0.1])),
+                scale=draw(st.sampled_from([1.0, 1e-9, 1e6])), constant=draw(st.booleans()),
+                layout=draw(st.sampled_from(["contiguous", "transposed", "expanded"])),
+                dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])),
+                seed=draw(seeds))
+
+
+def _check_tree_advantages(c):
+    g = torch.Generator().manual_seed(c["seed"])
+    b, L = c["branching"], math.prod(c["branching"])
+    P = 1 if c["one_tree"] else c["P"]
+    eps = c["eps"] if (c["eps"] > 0 or c["min_std"] > 0) else 1e-8
+    r = torch.randn(P, L, generator=g, dtype=torch.float64) * c["scale"] + 3 * c["scale"]
+    if c["constant"] and P:  # one constant subtree (the first node of the first split): 0 there at every depth
+        r[0, :L // b[0]] = 2 * c["scale"]
+    if c["dtype"] in (torch.float16, torch.bfloat16):
+        r = r / c["scale"]  # keep half-precision values finite
+    r = r.to(c["dtype"])
+    if c["layout"] == "transposed":
+        r = r.t().contiguous().t()
+    elif c["layout"] == "expanded" and P:
+        r = r[:1].expand(P, L)
+    rr = r[0] if c["one_tree"] else r
+    kw = dict(ddof=c["ddof"], eps=eps, min_std=c["min_std"])
+    got = tree_advantages(rr, b, **kw)
+    want = tree_advantages_ref(_f64(rr), b, **kw)
+    assert len(got) == len(want) == len(b)
+    for a, w in zip(got, want):
+        assert a.shape == w.shape and a.dtype == (torch.float64 if c["dtype"] == torch.float64 else torch.float32)
+        assert torch.isfinite(a).all()
+        # the two float64 paths differ by rounding only; near the min_std threshold they may pick different sides
+        # (never in these draws: the spreads are far from it)
+        assert_close(a, w, name="tree advantages")
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_tree_advantages_property(tier):
+    _run(tier, tree_cases(), _check_tree_advantages, cheap=True)
 
 
 # ------------------------------------------------------------------------------------------- grpo_token_loss

@@ -188,10 +188,11 @@ def test_branch_tree_shape_and_depthwise_advantages(tmp_path):
         return out
 
     value = np.array([r[below(n)].mean() for n in range(tree.num_nodes)])
-    for d in range(1, 4):
+    for d in range(1, 4):  # the released rule: sample std (ddof 1), + 1e-8 (BranchGRPO train_branchgrpo_flux.py:655)
         v = value[depth == d]
-        np.testing.assert_allclose(adv.numpy()[depth == d], (v - v.mean()) / (v.std() + 1e-4), rtol=1e-5,
-                                   atol=1e-6)
+        s = v.std(ddof=1)
+        want = np.zeros_like(v) if s < 1e-6 else (v - v.mean()) / (s + 1e-8)
+        np.testing.assert_allclose(adv.numpy()[depth == d], want, rtol=1e-5, atol=1e-6)
     assert adv[0] == 0  # the root is alone at depth 0
     rows = trainer.train_rows([mb])
     assert rows["step"].numel() == 2 + 2 + 4 + 8 + 8  # every stochastic transition, shared prefixes once

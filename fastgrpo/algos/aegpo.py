@@ -21,7 +21,9 @@ Every optimizer step, for each prompt of the batch:
 
 Advantages are per prompt group with the group's own size (the loop's advantages phase handles groups of
 different sizes); the credit assignment is the exploration's: BranchGRPO's depth-wise normalised subtree means
-(`fastgrpo.algos.branch_grpo`), or TempFlow-GRPO's leaf advantages on the one branch transition with its
+(`fastgrpo.algos.branch_grpo`, the released rule of `fastgrpo.tree_advantages`: ddof 1, eps 1e-8, a depth whose std
+is below 1e-6 gets 0; each group is its own tree with its own branching, its split factors in step order, e.g. 3,
+2, 2 in some order for 12 rollouts), or TempFlow-GRPO's leaf advantages on the one branch transition with its
 noise-aware weight (`fastgrpo.algos.tempflow_grpo`). The SDE is DanceGRPO's (``kind="dance"``, eta 0.3), as in
 BranchGRPO, on which the paper's FLUX results build; group std, no KL by default.
 
@@ -204,8 +206,12 @@ class AEGPO(Strategy):
         self.num_steps, self.run_seed = T, cfg.seed
         self.minibatch_unit = "transition" if self.exploration == "branch" else "trajectory"  # BranchGRPO's edges
         if self.exploration == "branch":
-            self._explorer = BranchGRPO(adv_ddof=self.adv_ddof, adv_eps=self.adv_eps,
-                                        split_noise_scale=self.split_noise_scale)
+            # The tree's node advantages follow the released BranchGRPO rule (ddof 1, eps 1e-8, min std 1e-6) unless
+            # train.adv_ddof / train.adv_eps say otherwise; AEGPO's own leaf advantages keep its defaults.
+            self._explorer = BranchGRPO(
+                adv_ddof=BranchGRPO.adv_ddof if cfg.train.adv_ddof is None else self.adv_ddof,
+                adv_eps=BranchGRPO.adv_eps if cfg.train.adv_eps is None else self.adv_eps,
+                split_noise_scale=self.split_noise_scale)
         else:
             self._explorer = TempFlowGRPO(sde_kind=self.sde_kind, noise_level=self.noise_level,
                                           branch_steps=tuple(range(T)))

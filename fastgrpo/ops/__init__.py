@@ -10,7 +10,8 @@ from .grpo_loss import grpo_token_loss, grpo_token_loss_ref
 from .attention import (AttnTextEntropy, attention_with_text_entropy, attention_with_text_entropy_ref,
                         text_attention_probs, text_attention_probs_ref, text_entropy_from_probs)
 from .ovf import OVFSelection, ovf_select, ovf_select_ref
-from .advantages import ADVANTAGE_CONVENTIONS, group_advantages, group_advantages_ref
+from .advantages import (ADVANTAGE_CONVENTIONS, group_advantages, group_advantages_ref, tree_advantages,
+                         tree_advantages_ref)
 
 __all__ = [
     "SDEStep", "sde_step", "sde_step_ref",
@@ -20,5 +21,5 @@ __all__ = [
     "AttnTextEntropy", "attention_with_text_entropy", "attention_with_text_entropy_ref", "text_attention_probs",
     "text_attention_probs_ref", "text_entropy_from_probs",
     "OVFSelection", "ovf_select", "ovf_select_ref",
-    "ADVANTAGE_CONVENTIONS", "group_advantages", "group_advantages_ref",
+    "ADVANTAGE_CONVENTIONS", "group_advantages", "group_advantages_ref", "tree_advantages", "tree_advantages_ref",
 ]

@@ -37,11 +37,15 @@ Decisions where DESIGN.md is silent:
   ``[N, R]``) holds the groups one after another and ``group_sizes [P]`` their sizes. The mean (and the group std)
   is each group's own; the global std pools all N rewards, each rollout counting once (so a larger group weighs
   more in it). When all sizes are equal this is exactly the ``[P, G]`` computation (the same float operations).
+
+`tree_advantages` is BranchGRPO's tree estimator (its docstring cites the released code): one tree per prompt,
+a node's reward the mean of its leaves' rewards, rewards normalised among the nodes of one depth.
 """
 from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -237,4 +241,139 @@ def group_advantages_ref(rewards: torch.Tensor, *, std: str = "group", ddof: int
     out = torch.cat(out).reshape(shape)
     if clip is not None:
         out = out.clamp(-clip, clip)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ tree advantages
+
+
+def _check_tree(leaf_rewards, branching, ddof, eps, min_std) -> tuple:
+    """Validate `tree_advantages`' inputs; returns the branching as a tuple of ints."""
+    check_float("leaf_rewards", leaf_rewards)
+    if leaf_rewards.ndim not in (1, 2):
+        raise ValueError(f"leaf_rewards must have shape [P, L] (P trees of L leaves) or [L] (one tree), "
+                         f"got {tuple(leaf_rewards.shape)}")
+    if isinstance(branching, (str, bytes)) or not hasattr(branching, "__len__") or (
+            isinstance(branching, torch.Tensor) and branching.ndim != 1):
+        raise ValueError(f"branching must be a non-empty sequence of ints >= 1 (children per split), "
+                         f"got {branching!r}")
+    levels = []
+    for b in (branching.tolist() if isinstance(branching, torch.Tensor) else list(branching)):
+        try:
+            if isinstance(b, bool):
+                raise TypeError
+            b = operator.index(b)
+        except TypeError:
+            raise ValueError(f"branching must be a non-empty sequence of ints >= 1 (children per split), "
+                             f"got {branching!r}") from None
+        levels.append(b)
+    if not levels or min(levels) < 1:
+        raise ValueError(f"branching must be a non-empty sequence of ints >= 1 (children per split), "
+                         f"got {branching!r}")
+    if isinstance(ddof, bool) or ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 or 1 (1: torch's default .std(), as the released BranchGRPO), got {ddof!r}")
+    for name, value in (("eps", eps), ("min_std", min_std)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+    if eps == 0 and min_std == 0:
+        raise ValueError("eps and min_std must not both be 0 (a depth of equal rewards would give 0 / 0)")
+    L = math.prod(levels)
+    if leaf_rewards.shape[-1] != L:
+        raise ValueError(f"leaf_rewards must have L = prod(branching) = {L} leaves per tree (branching "
+                         f"{levels}), got shape {tuple(leaf_rewards.shape)}")
+    if leaf_rewards.device.type == "meta":
+        raise ValueError("leaf_rewards is on meta: tree advantages need the reward values")
+    if leaf_rewards.numel() and not bool(torch.isfinite(leaf_rewards).all()):
+        raise ValueError("leaf_rewards contain NaN or infinite values")
+    return tuple(levels)
+
+
+def tree_advantages(leaf_rewards: torch.Tensor, branching: Sequence[int], *, ddof: int = 1, eps: float = 1e-8,
+                    min_std: float = 1e-6) -> list:
+    """BranchGRPO's depth-wise tree advantages, as released.
+
+    Every prompt's rollouts form one tree: the root splits into ``branching[0]`` children, each of those into
+    ``branching[1]``, ..., so that depth ``d + 1`` has ``n_d = prod(branching[:d + 1])`` nodes and the leaves
+    number ``L = prod(branching)``. Leaves are in depth-first order, so node ``j`` of depth ``d + 1`` covers the
+    leaves ``j * L / n_d`` to ``(j + 1) * L / n_d - 1``. Then, per tree and depth:
+
+    * a node's reward is the mean of its leaves' rewards;
+    * a depth with a single node (``n_d == 1``) gets advantage 0;
+    * ``s`` = the std of the node rewards of that depth (ddof 1 by default); if ``s < min_std`` every node of
+      that depth gets 0, else ``A = (r - mean) / (s + eps)``.
+
+    This is the released rule of Fredreic1849/BranchGRPO (``fastvideo/train_branchgrpo_flux.py`` at commit
+    19fbb9f: ``compute_node_rewards_from_leaves``, lines 545-652, its non-prob-weighted branch, lines 642-648, and
+    ``compute_hierarchical_advantages_by_depth``, lines 655-687: ``rewards.std()`` is torch's default ddof 1,
+    ``std_reward < 1e-6`` gives 0, else ``(rewards - mean) / (std + 1e-8)``; a depth of one node gets 0). Each
+    transition parent -> child trains with the child's advantage (``collect_all_transitions``, lines 1199-1221);
+    each root's (prompt's) tree is normalised on its own (lines 1134-1181).
+    The released tree has one node per denoising step; the nodes of the steps between two splits have the same
+    leaves, so they get the advantage of the depth after the last split, which is what this op returns per split
+    level. The root (depth 0, the steps before the first split) is alone at its depth: advantage 0, not returned.
+
+    Args:
+        leaf_rewards: [P, L] (P trees, one per prompt) or [L] (one tree), any float dtype, any strides.
+        branching: children per split level, ints >= 1 (a level of 1 child repeats the previous depth's nodes).
+        ddof: 1 (sample std, the released code's ``.std()``) or 0 (population std).
+        eps: added to the std (released: 1e-8).
+        min_std: a depth whose std is below this gets advantages 0 (released: 1e-6; an absolute threshold, so
+            rewards whose spread is below it get no signal whatever their scale).
+
+    Returns:
+        A list with one tensor per split level ``d``: ``[P, n_d]`` (``[n_d]`` for an ``[L]`` input), the
+        advantages of the nodes of depth ``d + 1`` in leaf order (the last entry is the leaves'). Statistics are
+        computed in float64; the result is float64 for a float64 input and float32 otherwise, on the input's
+        device, without gradient.
+
+    Example:
+        >>> adv = tree_advantages(rewards.view(P, 16), [2, 2, 2, 2])  # BranchGRPO's 4 binary splits
+        >>> adv[0].shape, adv[-1].shape
+        (torch.Size([P, 2]), torch.Size([P, 16]))
+    """
+    levels = _check_tree(leaf_rewards, branching, ddof, eps, min_std)
+    squeeze = leaf_rewards.ndim == 1
+    r = leaf_rewards.detach().to(torch.float64)
+    r = r.reshape(1, -1) if squeeze else r
+    P, L = r.shape
+    out_dtype = torch.float64 if leaf_rewards.dtype == torch.float64 else torch.float32
+    out, n = [], 1
+    for b in levels:
+        n *= b
+        if n == 1 or P == 0:
+            adv = torch.zeros(P, n, dtype=torch.float64, device=r.device)
+        else:
+            value = r.reshape(P, n, L // n).mean(dim=2)  # [P, n]: each node's mean leaf reward
+            std = value.std(dim=1, correction=ddof, keepdim=True)
+            adv = (value - value.mean(dim=1, keepdim=True)) / (std + eps)
+            adv = torch.where(std < min_std, torch.zeros_like(adv), adv)
+        adv = adv.to(out_dtype)
+        out.append(adv[0] if squeeze else adv)
+    return out
+
+
+def tree_advantages_ref(leaf_rewards: torch.Tensor, branching: Sequence[int], *, ddof: int = 1, eps: float = 1e-8,
+                        min_std: float = 1e-6) -> list:
+    """Plain twin of `tree_advantages` (the test oracle), written like the released code: per tree, each node's
+    reward is the mean of a list of its leaves' rewards, then per depth a loop over the nodes with the std from
+    its definition ``sqrt(sum (r - mean)^2 / (n - ddof))``; float64 output, same shapes."""
+    levels = _check_tree(leaf_rewards, branching, ddof, eps, min_std)
+    squeeze = leaf_rewards.ndim == 1
+    rows = leaf_rewards.detach().to(torch.float64).cpu().reshape(-1, math.prod(levels)).tolist()
+    L = math.prod(levels)
+    out, n = [], 1
+    for b in levels:
+        n *= b
+        per_tree = []
+        for leaves in rows:
+            width = L // n
+            nodes = [sum(leaves[j * width:(j + 1) * width]) / width for j in range(n)]
+            if len(nodes) <= 1:
+                per_tree.append([0.0] * len(nodes))
+                continue
+            mean = sum(nodes) / len(nodes)
+            std = math.sqrt(sum((x - mean) ** 2 for x in nodes) / (len(nodes) - ddof))
+            per_tree.append([0.0 if std < min_std else (x - mean) / (std + eps) for x in nodes])
+        adv = torch.tensor(per_tree, dtype=torch.float64, device=leaf_rewards.device).reshape(len(rows), n)
+        out.append(adv[0] if squeeze else adv)
     return out
