@@ -179,6 +179,7 @@ class ARTrainer(GRPOTrainer):
                 stats[k] += row[k] * len(sel) / n
         policy.train_mode(False)
         stats["ratio_dev_max"] = ratio_dev_max
+        stats["trained_rollouts"] = n_all
         stats["cot_tokens"] = sum(mb.data["cot_mask"].sum().item() for mb in batches) / sum(
             len(mb.prompts) for mb in batches)
         return stats

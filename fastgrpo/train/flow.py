@@ -383,7 +383,8 @@ class FlowTrainer(GRPOTrainer):
             steps = rows["step"][bad * bs:(bad + 1) * bs].tolist()
             raise TrainingDiverged(f"the loss became {chunk_losses[bad]} at denoising steps {steps}; "
                                    "weights not updated")
-        stats = {"loss": sum(chunk_losses), **dict(zip(names, values[:-1])), "ratio_dev_max": values[-1]}
+        stats = {"loss": sum(chunk_losses), **dict(zip(names, values[:-1])), "ratio_dev_max": values[-1],
+                 "trained_transitions": n_all}
         stats.update(getattr(self, "wave_log", {}))
         return stats
 

@@ -535,9 +535,12 @@ class GRPOTrainer:
                 updates.append(st)
                 trained += n_all if epoch == 0 else 0
         out = {"optimizer_steps": len(updates)}
-        for k in updates[0]:
+        for k, first in updates[0].items():
             vals = [u[k] for u in updates if k in u]
-            out[k] = max(vals) if k.endswith("_max") else sum(vals) / len(vals)
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                out[k] = first  # the round's records (Pro-GRPO's survivors, AEGPO's entropies): the same each update
+            else:
+                out[k] = max(vals) if k.endswith("_max") else sum(vals) / len(vals)
         out["first_ratio_dev"] = updates[0].get("ratio_dev_max", 0.0)
         out[f"trained_{self.row_name}s"] = trained
         return out
