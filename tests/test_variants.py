@@ -47,7 +47,8 @@ def test_tempflow_weights_are_2252_times_the_std_on_sd35_schedule():
 
 def test_tempflow_branches_once_per_prompt_and_trains_only_the_branch(tmp_path):
     trainer = make_trainer(cfg_of("tiny-tempflow-grpo", "sample.num_steps=5", "sample.group_size=4",
-                                  "sample.batch_size=4", "algo_args.branch_choice=cycle"), tmp_path / "r")
+                                  "sample.batch_size=4", "algo_args.mode=single",
+                                  "algo_args.branch_choice=cycle"), tmp_path / "r")
     batches = sampled(trainer)
     for g, mb in enumerate(batches):
         tree = mb.data["tree"]
