@@ -155,6 +155,22 @@ class TempFlowGRPO(Strategy):
         sde[k] = True
         return GroupPlan(roots=1, sde=sde, splits={k: group_size})
 
+    def node_advantages(self, tree, leaf_rewards, leaf_advantages):
+        """A node's advantage is its leaf's when exactly one leaf lies below it (a branch child), else NaN. The
+        default (leaves only) is not enough once groups branching at different steps share a wave: a split step
+        gives every active row of the wave a new node, so a child that branched earlier has its SDE transition on
+        a non-leaf node with one leaf below."""
+        adv = torch.full((tree.num_nodes,), float("nan"))
+        count = torch.zeros(tree.num_nodes, dtype=torch.long)
+        for leaf, a in zip(tree.leaf_nodes.tolist(), leaf_advantages.float().cpu().tolist()):
+            n = leaf
+            while n != -1:
+                count[n] += 1
+                adv[n] = a
+                n = tree.parent[n]
+        adv[count != 1] = float("nan")
+        return adv
+
     def transition_stds(self, sigmas: torch.Tensor) -> torch.Tensor:
         """s_t for every step of the schedule (float64 [T])."""
         T = sigmas.shape[0] - 1
