@@ -62,6 +62,19 @@ def test_tempflow_branches_once_per_prompt_and_trains_only_the_branch(tmp_path):
     torch.testing.assert_close(rows["weight"], w.repeat_interleave(4))
 
 
+def test_tempflow_groups_branching_at_different_steps_in_one_wave_all_train(tmp_path):
+    """Two groups in one wave (cycle: k = 0 and 1): the second split gives the first group's children new nodes,
+    yet both groups' branch transitions train (each node with one leaf below takes its leaf's advantage)."""
+    trainer = make_trainer(cfg_of("tiny-tempflow-grpo", "sample.num_steps=5", "sample.group_size=4",
+                                  "sample.batch_size=8", "algo_args.mode=single",
+                                  "algo_args.branch_choice=cycle"), tmp_path / "r")
+    batches = sampled(trainer)
+    assert len(batches) == 1 and batches[0].group_sizes == [4, 4]
+    rows = trainer._trained_rows(trainer_advantages(trainer, batches))
+    assert rows["step"].tolist() == [0] * 4 + [1] * 4
+    torch.testing.assert_close(rows["adv"], batches[0].advantages.cpu().float())
+
+
 def trainer_advantages(trainer, batches):
     trainer.advantages(batches)
     return batches
