@@ -123,6 +123,10 @@ class TrainConfig:
     # Advantage groups: "group" (each sampled group alone) or "prompt" (the groups of one prompt text within a round
     # pooled into one, Flow-GRPO's PerPromptStatTracker).
     group_by: str = "group"
+    # The KL term's variance: "flow_grpo" (Flow-GRPO's ``|mu - mu_ref|^2 / (2 sd_t^2)``, no dt) or "exact" (the
+    # Gaussian KL between the two transitions, ``/ (2 std_t^2)`` with ``std_t = sd_t sqrt(|dt|)``: TempFlow-GRPO's
+    # released code). See `fastgrpo.sde_step`.
+    kl_convention: str = "flow_grpo"
 
     def validate(self, p):
         _positive(p, "steps", self.steps)
@@ -147,6 +151,7 @@ class TrainConfig:
             _choice(p, "adv_ddof", self.adv_ddof, (0, 1))
         if self.adv_eps is not None:
             _positive(p, "adv_eps", self.adv_eps)
+        _choice(p, "kl_convention", self.kl_convention, ("flow_grpo", "exact"))
 
 
 @dataclass

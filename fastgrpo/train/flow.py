@@ -1,6 +1,7 @@
 """The flow-matching family's phases (SD3/SD3.5, FLUX): tree-shaped SDE rollouts and the per-transition update.
 
-**sample** -- the strategy plans this rank's groups (`Strategy.plan_groups`), then they are sampled in waves of
+**sample** -- the strategy plans this rank's groups (`Strategy.plan_groups`; a variant may return several plans per
+prompt, ``GroupPlan.prompt``, each then an advantage group of its own), then they are sampled in waves of
 whole groups (as many as fit ``sample.batch_size`` rows at the widest point), each wave scored in a worker thread
 while the next one samples. Within a wave every group follows its `GroupPlan`: ``roots`` trajectories from noise
 (or, from step ``start`` on, from the given ``x_start``: a prefix sampled elsewhere joins the wave there); at a
@@ -142,19 +143,31 @@ class FlowTrainer(GRPOTrainer):
         first = self.rank * len(group_idx)
         gens = group_generators(cfg.seed, step, range(first, first + len(group_idx)))
         plans = strat.plan_groups(self, step, group_idx, gens)
+        plan_prompts, plan_gens = plan_owners(plans, group_prompts, gens, strat.name)
+        # Each plan's global id (its prompt's global group, then its place among that prompt's plans) keys its
+        # minibatch order; the place is its label for ``train.group_by: prompt`` (the same spine and branch step
+        # of a prompt drawn twice pool, other plans of one prompt stay apart).
+        ordinal, seen = [], {}
+        for n, plan in enumerate(plans):
+            g = n if plan.prompt is None else plan.prompt
+            ordinal.append(seen.setdefault(g, 0))
+            seen[g] += 1
+        plan_ids = [(first + (n if p.prompt is None else p.prompt)) * 2 ** 20 + o
+                    for n, (p, o) in enumerate(zip(plans, ordinal))]
         widest = max(max(p.roots, p.leaves()) for p in plans)
         per_wave = max(1, cfg.sample.batch_size // widest)
         batches, futures = [], []
-        waves = range(0, len(group_prompts), per_wave)
+        waves = range(0, len(plans), per_wave)
         for w in tqdm(waves, desc="sample", leave=False, disable=not (cfg.log.progress and self.is_main)):
-            prompts, wave_plans = group_prompts[w:w + per_wave], plans[w:w + per_wave]
-            tree, x_final = self._rollout(prompts, wave_plans, gens[w:w + per_wave])
+            prompts, wave_plans = plan_prompts[w:w + per_wave], plans[w:w + per_wave]
+            tree, x_final = self._rollout(prompts, wave_plans, plan_gens[w:w + per_wave])
             leaf_groups = tree_groups(tree)
             leaf_prompts = [prompts[g] for g in leaf_groups]
             sizes = torch.bincount(torch.tensor(leaf_groups), minlength=len(prompts)).tolist()
             batches.append(MicroBatch(leaf_prompts, {"tree": tree, "prompts": prompts,
-                                                     "groups": list(range(first + w, first + w + len(prompts))),
-                                                     "emb": self.policy.encode_prompts(prompts)}, group_sizes=sizes))
+                                                     "groups": plan_ids[w:w + per_wave],
+                                                     "emb": self.policy.encode_prompts(prompts)}, group_sizes=sizes,
+                                      group_labels=ordinal[w:w + per_wave]))
             futures.append(self.submit_score(pool, self.policy.decode(x_final), leaf_prompts))
         self.collect_scores(batches, futures)
         self.samples += all_sum(sum(max(p.roots, p.leaves()) for p in plans))
@@ -356,7 +369,8 @@ class FlowTrainer(GRPOTrainer):
                     v_ref = model.velocity(x_t, s_dev[sl], emb, cfg=cfg.train.cfg, transformer=ref_net)
             # CPU float64 sigmas: checked on the host and copied without a sync (sde_step's contract).
             out = sde_step(x_t, v, s_cpu[sl], sn_cpu[sl], kind=strat.sde_kind, noise_level=strat.noise_level,
-                           sigma_max=sigma_max, prev_sample=x_next, v_ref=v_ref, impl=cfg.model.impl)
+                           sigma_max=sigma_max, prev_sample=x_next, v_ref=v_ref, impl=cfg.model.impl,
+                           kl_convention=cfg.train.kl_convention)
             log_ratio = out.log_prob - rows["old"][sl]
             ratio = torch.exp(log_ratio)
             adv = adv_all[sl]
@@ -387,6 +401,22 @@ class FlowTrainer(GRPOTrainer):
                  "trained_transitions": n_all}
         stats.update(getattr(self, "wave_log", {}))
         return stats
+
+
+def plan_owners(plans: list, group_prompts: list, gens: list, name: str) -> tuple:
+    """Each plan's prompt and generator: its group's (``GroupPlan.prompt``, or its position when None, which needs
+    one plan per group), its own generator when it has one (``GroupPlan.generator``)."""
+    prompts, out_gens = [], []
+    for n, plan in enumerate(plans):
+        g = n if plan.prompt is None else plan.prompt
+        if plan.prompt is None and len(plans) != len(group_prompts):
+            raise ValueError(f"{name}: {len(plans)} plans for {len(group_prompts)} groups; a plan that is not one "
+                             "per group must name its prompt (GroupPlan.prompt)")
+        if not 0 <= g < len(group_prompts):
+            raise ValueError(f"{name}: a plan names prompt {g}, outside the {len(group_prompts)} groups")
+        prompts.append(group_prompts[g])
+        out_gens.append(plan.generator if plan.generator is not None else gens[g])
+    return prompts, out_gens
 
 
 def group_noise(shape, rows_group: torch.Tensor, gens: list, device) -> torch.Tensor:

@@ -11,7 +11,9 @@ branching is one root split into G at step k (TempFlow-GRPO); BranchGRPO splits 
 are the group's G rollouts; a node is the segment of a trajectory between two splits. A plan may start its roots at
 a later step from latents computed elsewhere (``start``, ``x_start``: AEGPO's probe trajectory is the shared
 prefix), and a variant that plans all groups of a step together (`Strategy.plan_groups`) may give them different
-numbers of rollouts; the advantages phase then normalises each group by its own statistics.
+numbers of rollouts; the advantages phase then normalises each group by its own statistics. A variant may also
+return several plans per prompt (``GroupPlan.prompt``, TempFlow-GRPO's released mode): each plan is then an
+advantage group of its own, its randomness from its own ``GroupPlan.generator``.
 """
 from __future__ import annotations
 
@@ -33,6 +35,11 @@ class GroupPlan:
     pruned_to: int | None = None  # rollouts left at the end when the strategy prunes (Pro-GRPO)
     start: int = 0  # the step the roots begin at; the steps before it are not sampled
     x_start: torch.Tensor | None = None  # the roots' latent at ``start`` ([1 or roots, ...]); None: initial noise
+    # Several plans per prompt (TempFlow-GRPO's released mode: one per (spine, branch step)): the index, into the
+    # groups given to `Strategy.plan_groups`, of the prompt this plan samples (None: its own position, one plan per
+    # group), and the generator of its randomness (None: the group's). Each plan is its own advantage group.
+    prompt: int | None = None
+    generator: torch.Generator | None = None
 
     def leaves(self) -> int:
         """The group's final rollouts."""
