@@ -70,7 +70,7 @@ def test_tempflow_groups_branching_at_different_steps_in_one_wave_all_train(tmp_
                                   "algo_args.branch_choice=cycle"), tmp_path / "r")
     batches = sampled(trainer)
     assert len(batches) == 1 and batches[0].group_sizes == [4, 4]
-    rows = trainer._trained_rows(trainer_advantages(trainer, batches))
+    rows = trainer.train_rows(trainer_advantages(trainer, batches))
     assert rows["step"].tolist() == [0] * 4 + [1] * 4
     torch.testing.assert_close(rows["adv"], batches[0].advantages.cpu().float())
 
@@ -197,7 +197,7 @@ def test_tempflow_released_plan_layout(tmp_path):
         below = [tree.leaves_of(nd) for tr in tree.transitions for nd in tr["node"].tolist()]
         assert all(len(b) == 1 for b in below)
         assert sorted(b[0] for b in below) == list(range(len(tree.leaf_nodes)))
-    rows = trainer._trained_rows(trainer_advantages(trainer, batches))
+    rows = trainer.train_rows(trainer_advantages(trainer, batches))
     assert sorted(rows["step"].tolist()) == sorted(steps * (P * S * C))
     w = trainer.strategy.step_weights(None, rows["step"], trainer.sigmas)
     torch.testing.assert_close(rows["weight"], w)
