@@ -30,7 +30,8 @@ block), picks both thresholds (the released index rule of that modality, text or
 quantile: position and fraction in float64 from the fractions passed as three float32 scalars that sum exactly
 to the float64 value, interpolation rounded to the entropies' dtype after every operation, fused multiply-adds
 disabled), and writes the modality's ``low``/``high`` masks and shaped advantages in one pass; it also sets
-``flag[1]`` for modality values other than -1/0/1. The calibrated bonus (batch-level ``alpha``) adds one small launch, `eg_calibrate_kernel`.
+``flag[1]`` for modality values other than -1/0/1. The calibrated bonus (batch-level ``alpha``) adds one small
+launch, `eg_calibrate_kernel`.
 
 Rows whose target equals ``ignore_index`` read no logits, give logp = entropy = 0 and a zero gradient.
 

@@ -10,8 +10,9 @@ token entropies ``H`` of each sequence, separately for the text chain-of-thought
 
 Thresholds (DESIGN.md §3.2), per row and modality over its n valid tokens with entropies ``s`` sorted ascending:
 
-* ``rule="released"`` (the released code's index rule, per modality as it is written there: text thresholds at
-  ``eg_grpo_trainer.py`` lines 876-884, image thresholds at lines 888-891, masks at lines 894-897)::
+* ``rule="released"`` (the released code's index rule, per modality as it is written there, in
+  ``src/eg-grpo/src/open_r1/eg_trainer/eg_grpo_trainer.py`` @b0bdd65: text thresholds at lines 871-884, image
+  thresholds at lines 886-891, masks ``H > tau_hi`` / ``H < tau_lo`` at lines 894-897)::
 
       text  (0):  tau_hi = s[n - max(1, floor(high_frac * n))]     tau_lo = s[min(n - 1, max(1, floor(low_frac * n)))]
       image (1):  tau_hi = s[min(n - 1, floor((1 - high_frac) * n))]     tau_lo = s[min(n - 1, floor(low_frac * n))]
