@@ -26,11 +26,12 @@ after all of the call's kernels are queued and turns into the ValueError of the 
 
 EG-GRPO pass 2 (`eg_shaping_kernel`, see fastgrpo/ops/eg_grpo.py): one program per (row, modality) sorts that
 modality's entropies with ``tl.sort`` (others pushed to +inf; a row of L <= ``MAX_SHAPING_L`` tokens fits in one
-block), picks both thresholds (released index rule, or numpy's linear quantile: position and fraction in float64
-from the fractions passed as three float32 scalars that sum exactly to the float64 value, interpolation rounded
-to the entropies' dtype after every operation, fused multiply-adds disabled), and writes the modality's
-``low``/``high`` masks and shaped advantages in one pass; it also sets ``flag[1]`` for modality values other than
--1/0/1. The calibrated bonus (batch-level ``alpha``) adds one small launch, `eg_calibrate_kernel`.
+block), picks both thresholds (the released index rule of that modality, text or image, or numpy's linear
+quantile: position and fraction in float64 from the fractions passed as three float32 scalars that sum exactly
+to the float64 value, interpolation rounded to the entropies' dtype after every operation, fused multiply-adds
+disabled), and writes the modality's ``low``/``high`` masks and shaped advantages in one pass; it also sets
+``flag[1]`` for modality values other than -1/0/1. The calibrated bonus (batch-level ``alpha``) adds one small
+launch, `eg_calibrate_kernel`.
 
 Rows whose target equals ``ignore_index`` read no logits, give logp = entropy = 0 and a zero gradient.
 
@@ -278,10 +279,15 @@ def eg_shaping_kernel(
         sq = tl.where(offs < n, s, 0.0)  # no inf - inf in a row/modality without tokens (its masks are empty)
         tau_lo = _quantile(sq, offs, n, q_lo, ET, F64, ROUND)
         tau_hi = _quantile(sq, offs, n, q_hi, ET, F64, ROUND)
-    else:  # released: s[min(n-1, max(1, floor(lf n)))] and s[n - max(1, floor(hf n))], float64 products
+    else:  # released, float64 products (fastgrpo/ops/eg_grpo.py):
+        # text:  s[min(n-1, max(1, floor(lf n)))] and s[n - max(1, floor(hf n))]
+        # image: s[min(n-1, floor(lf n))] and s[min(n-1, floor((1 - hf) n))] (1 - hf: python's float64 value)
         nd = n.to(tl.float64)
-        k_lo = tl.minimum(n - 1, tl.maximum(1, (q_lo * nd).to(tl.int32)))
-        k_hi = n - tl.maximum(1, (q_hi * nd).to(tl.int32))
+        text = mod_id == 0
+        f_lo = (q_lo * nd).to(tl.int32)  # >= 0: truncation is floor
+        k_lo = tl.minimum(n - 1, tl.where(text, tl.maximum(1, f_lo), f_lo))
+        k_hi = tl.where(text, n - tl.maximum(1, (q_hi * nd).to(tl.int32)),
+                        tl.minimum(n - 1, ((1.0 - q_hi) * nd).to(tl.int32)))
         tau_lo = _pick(s, offs, k_lo)
         tau_hi = _pick(s, offs, k_hi)
     low = sel & (hc < tau_lo)

@@ -16,8 +16,27 @@ IMAGE_TOKENS = 576  # Janus-Pro: 24 x 24 image tokens
 # ------------------------------------------------------------------------------------------ numpy oracle
 
 
+# The released rule, per modality, from minebetter/EG-GRPO @b0bdd65, src/eg-grpo/src/open_r1/eg_trainer/
+# eg_grpo_trainer.py: text (modality 0) lines 876-884: tau_hi at n - max(1, floor(0.5 n)) (counted from the end),
+# tau_lo at max(1, floor(0.2 n)); image (modality 1) lines 888-891: tau_hi at floor(0.5 n), tau_lo at floor(0.2 n)
+# (counted from the start, no max(1, .)); lines 894-897: high = H > tau_hi, low = H < tau_lo (strict). Generalised
+# with 0.5 -> high_frac (text) / 1 - high_frac (image) and 0.2 -> low_frac, positions clamped into [0, n - 1]
+# (the released text tau_lo index overflows at n = 1; we give that token no mask). Fractions in float64.
+
+
+def released_positions(n, m, low_frac, high_frac):
+    """(i_lo, i_hi) among n >= 1 sorted values of modality m, from the formulas above (not the library's)."""
+    if m == 0:
+        i_hi = n - max(1, int(np.floor(np.float64(high_frac) * n)))
+        i_lo = max(1, int(np.floor(np.float64(low_frac) * n)))
+    else:
+        i_hi = int(np.floor((1.0 - np.float64(high_frac)) * n))
+        i_lo = int(np.floor(np.float64(low_frac) * n))
+    return min(n - 1, i_lo), min(n - 1, i_hi)
+
+
 def np_masks(entropy, modality, low_frac, high_frac, rule):
-    """The released index rule / numpy nanquantile rule, row by row and modality by modality."""
+    """The released index rule (per modality) / numpy nanquantile rule, row by row and modality by modality."""
     H = entropy.cpu().numpy()
     mod = modality.cpu().numpy()
     low = np.zeros(H.shape, dtype=bool)
@@ -30,9 +49,10 @@ def np_masks(entropy, modality, low_frac, high_frac, rule):
                 continue
             vals = H[b, idx]
             if rule == "released":
-                s = np.sort(vals)
-                tau_hi = s[n - max(1, int(np.floor(high_frac * n)))]
-                tau_lo = s[min(n - 1, max(1, int(np.floor(low_frac * n))))]
+                s = np.sort(vals.astype(np.float64))  # exact for every float dtype: thresholds are values
+                i_lo, i_hi = released_positions(n, m, low_frac, high_frac)
+                tau_lo, tau_hi = s[i_lo], s[i_hi]
+                vals = vals.astype(np.float64)
             else:
                 tau_hi = np.nanquantile(vals, 1 - high_frac)
                 tau_lo = np.nanquantile(vals, low_frac)
@@ -108,6 +128,216 @@ def test_masks_bf16_and_float64_entropies(device):
         low, high = eg_token_masks(e.to(device), modality.to(device), rule="released")
         want_low, want_high = np_masks(e.double(), modality, 0.2, 0.5, "released")
         assert torch.equal(low.cpu(), want_low) and torch.equal(high.cpu(), want_high)
+
+
+# ------------------------------------------------------------------------------------------ released rule, per modality
+
+SMALL_SIZES = tuple(range(1, 13)) + (13, 15, 17, 21, 25, 33)
+KINDS = ("random", "ties", "uniform", "peaked", "extreme", "zeros")
+
+
+def _segment_values(kind, n, g):
+    if kind == "random":
+        return torch.rand(n, generator=g, dtype=torch.float64)
+    if kind == "ties":
+        return torch.round(torch.rand(n, generator=g, dtype=torch.float64) * 3) / 3
+    if kind == "uniform":
+        return torch.full((n,), 0.5, dtype=torch.float64)
+    if kind == "peaked":
+        v = torch.full((n,), 1e-4, dtype=torch.float64)
+        v[torch.randint(0, n, (1,), generator=g)] = 0.99
+        return v
+    if kind == "extreme":  # zero, subnormal, tiny, huge (inf in float16): thresholds are picked values
+        pool = torch.tensor([0.0, 1e-40, 1e-30, 1e-3, 1.0, 1e4, 1e30, 3e38], dtype=torch.float64)
+        return pool[torch.randint(0, len(pool), (n,), generator=g)]
+    v = torch.rand(n, generator=g, dtype=torch.float64)  # real tokens with entropy exactly 0 (not padding)
+    v[torch.rand(n, generator=g) < 0.5] = 0.0
+    return v
+
+
+def small_segment_rows(seed, compact=False):
+    """One row per (size, kind) (compact: one row per size, the kinds in turn; the Triton interpreter sorts slowly):
+    n text and n' image tokens (n' another size of SMALL_SIZES) at random positions, the rest modality -1 with
+    garbage entropies."""
+    g = torch.Generator().manual_seed(seed)
+    L = 2 * max(SMALL_SIZES) + 3
+    if compact:
+        rows = [(n, KINDS[i % len(KINDS)]) for i, n in enumerate(SMALL_SIZES)]
+    else:
+        rows = [(n, kind) for n in SMALL_SIZES for kind in KINDS]
+    entropy = torch.rand(len(rows), L, generator=g, dtype=torch.float64) * 7
+    modality = torch.full((len(rows), L), -1, dtype=torch.long)
+    image_sizes = [SMALL_SIZES[int(i)] for i in torch.randint(0, len(SMALL_SIZES), (len(rows),), generator=g)]
+    for b, ((n, kind), n_img) in enumerate(zip(rows, image_sizes)):
+        if b % 3 == 0:
+            n_img = n  # same size in both modalities: the two rules side by side
+        pos = torch.randperm(L, generator=g)
+        text, image = pos[:n], pos[n:n + n_img]
+        modality[b, text], modality[b, image] = 0, 1
+        entropy[b, text] = _segment_values(kind, n, g)
+        entropy[b, image] = _segment_values(kind, n_img, g)
+    return entropy, modality
+
+
+def test_released_positions_per_modality():
+    """The positions at the defaults, n = 1..12 and odd sizes, from the released formulas (see the oracle)."""
+    from fastgrpo.ops.eg_grpo import _released_positions
+
+    for n in SMALL_SIZES + (576, 577, 1001):
+        for m in (0, 1):
+            assert _released_positions(n, 0.2, 0.5, m) == released_positions(n, m, 0.2, 0.5), (n, m)
+        assert _released_positions(n, 0.2, 0.5, 1) == (min(n - 1, n // 5), n // 2)  # int(0.2 n), int(0.5 n)
+        assert _released_positions(n, 0.2, 0.5, 0) == (min(n - 1, max(1, n // 5)), n - max(1, n // 2))
+    for lf, hf in ((0.1, 0.3), (0.35, 0.8), (0.01, 0.99), (0.99, 0.01), (0.5, 0.5), (1 - 2**-53, 2**-53)):
+        for n in SMALL_SIZES + (576,):
+            for m in (0, 1):
+                i_lo, i_hi = _released_positions(n, lf, hf, m)
+                assert (i_lo, i_hi) == released_positions(n, m, lf, hf) and 0 <= i_lo < n and 0 <= i_hi < n
+
+
+@pytest.mark.parametrize("impl", ["ref", "torch", "triton"])
+def test_released_counts_distinct_values(impl, device):
+    """Distinct entropies: image segments of fewer than 5 tokens have no low token; n = 5, 6, 7: one; the image
+    high count is n - 1 - floor(n / 2), the text one max(1, floor(n / 2)) - 1, the text low count
+    min(n - 1, max(1, floor(n / 5))) (n >= 2)."""
+    sizes = SMALL_SIZES
+    L = max(sizes)
+    g = torch.Generator().manual_seed(12)
+    entropy = torch.rand(2 * len(sizes), L, generator=g)
+    modality = torch.full(entropy.shape, -1, dtype=torch.long)
+    for i, n in enumerate(sizes):
+        modality[2 * i, :n] = 0
+        modality[2 * i + 1, L - n:] = 1
+    fn = eg_token_masks_ref if impl == "ref" else eg_token_masks
+    kw = {} if impl == "ref" else {"impl": impl}
+    low, high = fn(entropy.to(device), modality.to(device), **kw)
+    low, high = low.cpu().sum(1).tolist(), high.cpu().sum(1).tolist()
+    for i, n in enumerate(sizes):
+        assert low[2 * i] == (0 if n == 1 else min(n - 1, max(1, n // 5))), ("text low", n)
+        assert high[2 * i] == max(1, n // 2) - 1, ("text high", n)
+        assert low[2 * i + 1] == n // 5, ("image low", n)  # 0 for n < 5, 1 for n = 5..9
+        assert high[2 * i + 1] == n - 1 - n // 2, ("image high", n)
+
+
+def literal_released_masks(segment):
+    """The released thresholds transcribed step by step (hard-coded 0.5 / 0.2, float32 products for the text,
+    python floats for the image; eg_grpo_trainer.py lines 867-897), on one padding-free segment [B, n] per
+    modality with every entropy > 0 (where its padding quirk has no effect): (text_low, text_high, img_low,
+    img_high)."""
+    s = np.sort(segment, axis=1)
+    B, n = segment.shape
+    nz = (segment > 0).sum(1)  # = n here
+    k_hi = np.maximum(np.floor(nz.astype(np.float32) * np.float32(0.5)), 1).astype(np.int64)
+    k_lo = np.maximum(np.floor(nz.astype(np.float32) * np.float32(0.2)), 1).astype(np.int64)
+    t_hi = s[np.arange(B), n - k_hi][:, None]
+    t_lo = s[np.arange(B), n - nz + k_lo][:, None]
+    i_hi, i_lo = int(n * 0.5), int(n * 0.2)
+    return segment < t_lo, segment > t_hi, segment < s[:, i_lo:i_lo + 1], segment > s[:, i_hi:i_hi + 1]
+
+
+def test_rules_equal_the_literal_released_thresholds_without_padding():
+    """At the defaults, on segments with no padding and every entropy > 0 (n >= 2, where the released text rule
+    does not crash), both rules give exactly the released masks: text on text, image on image."""
+    g = np.random.default_rng(5)
+    for n in tuple(range(2, 13)) + (13, 15, 17, 31, 64, 576):
+        seg = g.random((6, n)) + 1e-3
+        seg[1] = np.round(seg[1] * 4) / 4 + 1e-3  # ties
+        seg[2] = 0.5  # uniform
+        t_low, t_high, i_low, i_high = literal_released_masks(seg)
+        both = torch.from_numpy(np.concatenate([seg, seg], 1))
+        modality = torch.tensor([0] * n + [1] * n).expand(6, -1)
+        for fn in (eg_token_masks_ref, eg_token_masks):
+            low, high = fn(both, modality)
+            assert np.array_equal(low[:, :n].numpy(), t_low) and np.array_equal(high[:, :n].numpy(), t_high), n
+            assert np.array_equal(low[:, n:].numpy(), i_low) and np.array_equal(high[:, n:].numpy(), i_high), n
+
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _small_segment_check(impl, dtype, device, compact, fracs_list):
+    entropy, modality = small_segment_rows(seed={torch.float32: 1, torch.float64: 2}.get(dtype, 3), compact=compact)
+    e = entropy.to(dtype)
+    if impl == "triton" and dtype == torch.bfloat16 and device.type == "cpu":
+        # Triton's interpreter flushes bf16 subnormals to 0 when it converts them to float32 (a GPU does not):
+        # the extreme rows' 1e-40 becomes the smallest normal there.
+        tiny = torch.finfo(torch.bfloat16).tiny
+        e = torch.where((e != 0) & (e.abs() < tiny), torch.full_like(e, tiny), e)
+    fn = eg_token_masks_ref if impl == "ref" else eg_token_masks
+    kw = {} if impl == "ref" else {"impl": impl}
+    for fracs in fracs_list:
+        low, high = fn(e.to(device), modality.to(device), low_frac=fracs[0], high_frac=fracs[1], rule="released",
+                       **kw)
+        want_low, want_high = np_masks(e.double(), modality, *fracs, "released")
+        assert torch.equal(low.cpu(), want_low), (dtype, fracs)
+        assert torch.equal(high.cpu(), want_high), (dtype, fracs)
+
+
+@pytest.mark.parametrize("impl", ["ref", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_released_rule_small_segments_match_oracle(impl, dtype, device):
+    """Fresh random rows, n = 1..12 and odd sizes per modality, ties, uniform/peaked rows, extreme values, real
+    zero entropies; every dtype: the float64 oracle of the per-modality released rule decides."""
+    _small_segment_check(impl, dtype, device, False, ((0.2, 0.5), (0.3, 0.45), (0.05, 0.9)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16,
+                                   pytest.param(torch.float16, marks=pytest.mark.slow),
+                                   pytest.param(torch.float64, marks=pytest.mark.slow)])
+def test_kernel_released_rule_small_segments(dtype, device):
+    """The same on one row per size (the kinds in turn): the Triton kernel (interpreted tl.sort: ~30 s a call
+    on CPU, so float16 / float64 only in `make test-slow`)."""
+    _small_segment_check("triton", dtype, device, True, ((0.2, 0.5),))
+
+
+@pytest.mark.slow  # interpreted tl.sort, minutes per call: `make test-slow` (and CI) runs it
+def test_kernel_released_rule_small_segments_every_kind(device):
+    _small_segment_check("triton", torch.float32, device, False, ((0.2, 0.5),))
+
+
+@pytest.mark.parametrize("impl", ["ref", "torch", "triton"])
+def test_released_rule_strided_entropies(impl, device):
+    entropy, modality = small_segment_rows(seed=4, compact=True)
+    entropy = entropy.float()
+    wide = torch.rand(2 * entropy.shape[0], 2 * entropy.shape[1])
+    wide[::2, 1::2] = entropy
+    strided = wide[::2, 1::2]
+    assert not strided.is_contiguous()
+    mod_t = modality.t().contiguous().t()  # column-major modality
+    fn = eg_token_masks_ref if impl == "ref" else eg_token_masks
+    kw = {} if impl == "ref" else {"impl": impl}
+    low, high = fn(strided.to(device), mod_t.to(device), **kw)
+    want_low, want_high = np_masks(entropy.double(), modality, 0.2, 0.5, "released")
+    assert torch.equal(low.cpu(), want_low) and torch.equal(high.cpu(), want_high)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_shaping_applies_the_image_rule_to_image_tokens(impl, device):
+    """eg_grpo_shaping (and the AR trainer's EGGRPO.token_terms, which passes modality 1 for the image logits) on
+    short image segments: the image rule (no low token below 5 tokens, tau_hi at floor(n / 2)) applies."""
+    from fastgrpo.algos.eg_grpo import EGGRPO
+
+    g = torch.Generator().manual_seed(77)
+    B, L, V = 5, 7, 33
+    logits = (torch.randn(B, L, V, generator=g) * 2).to(device)
+    targets = torch.randint(0, V, (B, L), generator=g)
+    for b, n in enumerate((3, 4, 5, 7, 6)):
+        targets[b, n:] = -100  # padding: n valid tokens per row
+    targets = targets.to(device)
+    A = torch.randn(B, generator=g).to(device)
+    strat = EGGRPO()
+    for m in (0, 1):
+        terms = strat.token_terms(logits, targets, m, A, impl=impl)
+        valid = (targets != -100).cpu()
+        mod = torch.where(valid, torch.full_like(valid, m, dtype=torch.long), torch.full_like(valid, -1,
+                                                                                             dtype=torch.long))
+        want_low, want_high = np_masks(terms.entropy.double(), mod, 0.2, 0.5, "released")
+        assert torch.equal(terms.low.cpu(), want_low) and torch.equal(terms.high.cpu(), want_high), m
+        if m == 1:
+            assert not terms.low[:2].any()  # 3 and 4 image tokens: no low token
+            assert terms.high.cpu().sum(1).tolist() == [1, 1, 2, 3, 2]  # n - 1 - floor(n / 2), distinct entropies
+        else:
+            assert terms.high.cpu().sum(1).tolist() == [0, 1, 1, 2, 2]  # max(1, floor(n / 2)) - 1
 
 
 # ------------------------------------------------------------------------------------------ advantages

@@ -113,14 +113,21 @@ def test_nan_loss_stops_before_the_update(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ token terms
 
 
-def _np_released(entropy, valid, adv, low_frac, high_frac, bonus):
-    """numpy float64: EG-GRPO's released rule per row (DESIGN.md §3.2), written independently of the ops."""
+def _np_released(entropy, valid, adv, low_frac, high_frac, bonus, modality):
+    """numpy float64: EG-GRPO's released rule per row (DESIGN.md §3.2), written independently of the ops, per
+    modality as in minebetter/EG-GRPO @b0bdd65 src/eg-grpo/src/open_r1/eg_trainer/eg_grpo_trainer.py: text lines
+    876-884 (tau_hi at n - max(1, floor(0.5 n)), tau_lo at max(1, floor(0.2 n))), image lines 888-891 (tau_hi at
+    floor(0.5 n), tau_lo at floor(0.2 n)); 0.5 -> high_frac (text) / 1 - high_frac (image), 0.2 -> low_frac."""
     token_adv = np.zeros_like(entropy)
     for b in range(entropy.shape[0]):
         h = entropy[b][valid[b]]
         s, n = np.sort(h), h.size
-        tau_hi = s[n - max(1, int(np.floor(high_frac * n)))]
-        tau_lo = s[min(n - 1, max(1, int(np.floor(low_frac * n))))]
+        if modality == 0:
+            tau_hi = s[n - max(1, int(np.floor(high_frac * n)))]
+            tau_lo = s[min(n - 1, max(1, int(np.floor(low_frac * n))))]
+        else:
+            tau_hi = s[min(n - 1, int(np.floor((1 - high_frac) * n)))]
+            tau_lo = s[min(n - 1, int(np.floor(low_frac * n)))]
         bonus_b = np.minimum(bonus * abs(adv[b]), bonus * h) * (h > tau_hi)
         token_adv[b, valid[b]] = (adv[b] + bonus_b) * (1 - (h < tau_lo))
     return token_adv
@@ -145,7 +152,8 @@ def test_token_terms_follow_the_ablation_flags(shape_text, shape_image):
         torch.testing.assert_close(terms.logp.double(), lp64, rtol=0, atol=1e-5)
         torch.testing.assert_close(terms.entropy.double(), h64, rtol=0, atol=1e-5)
         if shaped:
-            want = _np_released(terms.entropy.double().numpy(), valid.numpy(), adv.double().numpy(), 0.2, 0.5, 0.3)
+            want = _np_released(terms.entropy.double().numpy(), valid.numpy(), adv.double().numpy(), 0.2, 0.5, 0.3,
+                                modality)
         else:
             want = (adv.double()[:, None] * valid).numpy()
             assert not terms.low.any() and not terms.high.any()

@@ -10,11 +10,33 @@ token entropies ``H`` of each sequence, separately for the text chain-of-thought
 
 Thresholds (DESIGN.md §3.2), per row and modality over its n valid tokens with entropies ``s`` sorted ascending:
 
-* ``rule="released"`` (the released code, without its padding quirk: it indexes text thresholds in a sorted tensor
-  that still holds the padding)::
+* ``rule="released"`` (the released code's index rule, per modality as it is written there, in
+  ``src/eg-grpo/src/open_r1/eg_trainer/eg_grpo_trainer.py`` @b0bdd65: text thresholds at lines 871-884, image
+  thresholds at lines 886-891, masks ``H > tau_hi`` / ``H < tau_lo`` at lines 894-897)::
 
-      tau_hi = s[n - max(1, floor(high_frac * n))]      tau_lo = s[min(n - 1, max(1, floor(low_frac * n)))]
+      text  (0):  tau_hi = s[n - max(1, floor(high_frac * n))]     tau_lo = s[min(n - 1, max(1, floor(low_frac * n)))]
+      image (1):  tau_hi = s[min(n - 1, floor((1 - high_frac) * n))]     tau_lo = s[min(n - 1, floor(low_frac * n))]
 
+  Products in float64 (python floats). The released code hard-codes the fractions: text ``0.5`` / ``0.2`` of the
+  count (float32 products, which floor to the same integers for every n < 2^21; ``clamp(min=1)``; the high
+  position counted from the end), image ``s[int(0.5 * n)]`` / ``s[int(0.2 * n)]`` counted from the start, with
+  no ``max(1, .)``; we read the image ``0.5`` as ``1 - high_frac`` and ``0.2`` as ``low_frac``, so the defaults
+  (0.2, 0.5) give its positions exactly. The two rules differ: for an odd n the image ``tau_hi`` is one position
+  lower (n = 7: text s[4], image s[3]: 3 high image tokens, 2 high text tokens); a segment of fewer than 5 image
+  tokens (at the defaults) has no low token (``tau_lo = s[0]``, the minimum), where 2 to 4 text tokens have the
+  lowest one(s) low. The ``min(n - 1, .)`` clamps never move a position at the defaults except the text ``tau_lo``
+  at n = 1 (see (c) below); they keep every position inside the segment for any fractions in (0, 1).
+
+  The released code's padding quirk, which we do not copy (we rank exactly the n valid tokens of the modality):
+  for the text it sorts each row's segment at its full, micro-batch padded length ``Lp`` (padding included) and
+  takes n as the number of positions with entropy > 0: ``tau_hi = s[Lp - max(1, floor(0.5 n))]``,
+  ``tau_lo = s[Lp - n + max(1, floor(0.2 n))]`` -- our text rule when every padding entropy is exactly 0 and
+  every real one > 0, which does not hold there: (a) the padding positions (after EOS) get the model's entropies,
+  not zeros, so padding entropies are ranked with the real tokens (and counted in n when > 0); (b) a real token
+  whose entropy is exactly 0 counts as padding (it is left out of n); (c) when at most one position of the row
+  has entropy > 0 -- a CoT of one token with no other position > 0, e.g. a micro-batch of one-token CoTs -- the
+  ``tau_lo`` index is >= ``Lp`` and the gather raises (we give n = 1 no mask). The image segment has no padding
+  there (576 tokens per image, all ranked) and no entropy > 0 count.
 * ``rule="quantile"``: numpy's ``nanquantile`` with linear interpolation, ``tau_hi = q(1 - high_frac)``,
   ``tau_lo = q(low_frac)``, reproduced bit for bit (position in float64, interpolation in the entropies' dtype).
 
@@ -156,9 +178,13 @@ def _check_bonus(bonus):
 # ----------------------------------------------------------------------------------------------- references
 
 
-def _released_positions(n: int, low_frac: float, high_frac: float) -> tuple[int, int]:
-    """Sorted positions of (tau_lo, tau_hi) among n >= 1 values, released rule."""
-    return min(n - 1, max(1, math.floor(low_frac * n))), n - max(1, math.floor(high_frac * n))
+def _released_positions(n: int, low_frac: float, high_frac: float, modality: int = 0) -> tuple[int, int]:
+    """Sorted positions of (tau_lo, tau_hi) among n >= 1 values of one modality, released rule (module docstring):
+    text (0) ``min(n-1, max(1, floor(lf n)))``, ``n - max(1, floor(hf n))``; image (1) ``min(n-1, floor(lf n))``,
+    ``min(n-1, floor((1-hf) n))``."""
+    if modality == 0:
+        return min(n - 1, max(1, math.floor(low_frac * n))), n - max(1, math.floor(high_frac * n))
+    return min(n - 1, math.floor(low_frac * n)), min(n - 1, math.floor((1 - high_frac) * n))
 
 
 def _lerp_quantile(s: torch.Tensor, n, q: float) -> torch.Tensor:
@@ -194,7 +220,7 @@ def eg_token_masks_ref(entropy, modality, *, low_frac=0.2, high_frac=0.5, rule="
                 continue
             s = vals.sort().values
             if rule == "released":
-                i_lo, i_hi = _released_positions(n, low_frac, high_frac)
+                i_lo, i_hi = _released_positions(n, low_frac, high_frac, mod)
                 tau_lo, tau_hi = s[i_lo], s[i_hi]
             else:
                 nn = torch.tensor(n, device=s.device)
@@ -269,7 +295,8 @@ def eg_token_masks(entropy, modality, *, low_frac=0.2, high_frac=0.5, rule="rele
         entropy: [B, L] float token entropies (normalised or not; only their order and ties matter).
         modality: [B, L] int: 0 text (CoT), 1 image, -1 ignored (padding, prompt).
         low_frac, high_frac: fractions in (0, 1) (EG-GRPO: 0.2 and 0.5).
-        rule: "released" (minebetter/EG-GRPO's index rule, the default) or "quantile" (numpy nanquantile, linear).
+        rule: "released" (minebetter/EG-GRPO's index rules, the default: one for text, one for image tokens;
+            see the module docstring) or "quantile" (numpy nanquantile, linear, the same for both modalities).
         impl: "auto" (the Triton kernel on CUDA, else torch sorts) | "triton" | "torch" | "cpp" (= torch).
 
     Returns:
@@ -301,8 +328,12 @@ def _torch_masks(entropy, modality, low_frac, high_frac, rule):
         n = sel.sum(dim=1)
         if rule == "released":
             nf = n.to(torch.float64)
-            i_hi = n - torch.floor(high_frac * nf).long().clamp(min=1)
-            i_lo = torch.minimum(n - 1, torch.floor(low_frac * nf).long().clamp(min=1))
+            if mod == 0:  # text
+                i_hi = n - torch.floor(high_frac * nf).long().clamp(min=1)
+                i_lo = torch.minimum(n - 1, torch.floor(low_frac * nf).long().clamp(min=1))
+            else:  # image: positions from the start, no max(1, .)
+                i_hi = torch.minimum(n - 1, torch.floor((1 - high_frac) * nf).long())
+                i_lo = torch.minimum(n - 1, torch.floor(low_frac * nf).long())
             tau_hi = s.gather(1, i_hi.clamp(0, L - 1).unsqueeze(1))
             tau_lo = s.gather(1, i_lo.clamp(0, L - 1).unsqueeze(1))
         else:
