@@ -37,17 +37,17 @@ def test_train_then_plot(tmp_path):
     assert proc.returncode == 0 and png.stat().st_size > 0
 
 
-def test_train_errors_are_clear(tmp_path):
+def test_train_errors_are_clear(tmp_path, capsys, monkeypatch):
+    """One real interpreter (the exit code of `python -m fastgrpo`), the other cases in process (`main()`)."""
     proc = _run([sys.executable, "-m", "fastgrpo", "train", "--preset", "nope"], tmp_path)
     assert proc.returncode == 2 and "unknown preset 'nope'" in proc.stderr
-    proc = _run([sys.executable, "-m", "fastgrpo", "train", "--preset", "tiny-flow-grpo", "--set", "train.lr=-1"],
-                tmp_path)
-    assert proc.returncode == 2 and "train.lr must be > 0" in proc.stderr
-    proc = _run([sys.executable, "-m", "fastgrpo", "train", "--preset", "tiny-flow-grpo", "--resume", "--out", "x"],
-                tmp_path)
-    assert proc.returncode == 1 and "no checkpoint" in proc.stderr
-    proc = _run([sys.executable, "-m", "fastgrpo", "plot", "nowhere"], tmp_path)
-    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = _main(capsys, "train", "--preset", "tiny-flow-grpo", "--set", "train.lr=-1")
+    assert rc == 2 and "train.lr must be > 0" in err
+    rc, _, err = _main(capsys, "train", "--preset", "tiny-flow-grpo", "--resume", "--out", "x")
+    assert rc == 1 and "no checkpoint" in err
+    rc, _, err = _main(capsys, "plot", "nowhere")
+    assert rc == 2 and "does not exist" in err
 
 
 @pytest.mark.slow  # several processes: `make test-slow` (and CI) runs it
