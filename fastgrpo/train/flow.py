@@ -15,12 +15,14 @@ no density and are never trained.
 **train** -- the trained transitions (per node: the strategy's steps for trees without splits, every stochastic
 transition otherwise) in chunks of ``sample.batch_size``: the transition's new log-prob and the KL to the reference
 in one fused ``sde_step(prev_sample=..., v_ref=...)`` call, the clipped surrogate ``max(-A r, -A clip(r, 1-e,
-1+e))`` (Flow-GRPO's ``policy_loss``) times the strategy's weight, plus ``beta * kl``, averaged over all trained
-transitions; gradients accumulate over the chunks. A transition's advantage is its node's (`Strategy.
-node_advantages`: the leaf's, or BranchGRPO's depth-wise one).
+1+e))`` (Flow-GRPO's ``policy_loss``) times the strategy's weight, plus ``beta * kl``, averaged over the
+minibatch's trained transitions (the loop cuts a round into ``train.minibatches`` of them, each unit -- a
+trajectory, or a transition for ``Strategy.minibatch_unit = "transition"`` -- whole); gradients accumulate over the
+chunks. A transition's advantage is its node's (`Strategy.node_advantages`: the leaf's, or BranchGRPO's depth-wise
+one).
 
-With plain GRPO and G a multiple of the batch size, the training chunks are the sampling chunks of each step, so the
-importance ratio is exactly 1 on the first inner step (``first_ratio_dev`` in the log).
+The first update of a round is taken by the sampling policy, so its importance ratio is 1 (exactly on CPU, where
+the tiny transformers' rows do not depend on what they are batched with; ``first_ratio_dev`` in the log).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The one GRPO loop, in named phases; model families plug in their sampling and training phases.
 
-Each optimizer step runs:
+Each round (a ``train.steps`` step) runs:
 
 1. **sample**  -- this rank's share of ``prompts_per_step`` groups of ``group_size`` rollouts, in micro-batches of
    ``sample.batch_size``, keeping what the train phase needs (family-specific: `fastgrpo.train.flow`, `fastgrpo.train.ar`);
@@ -8,15 +8,17 @@ Each optimizer step runs:
 3. **advantages** -- rewards gathered across ranks, then per-prompt statistics (`fastgrpo.ops.group_advantages`
    with the variant's conventions; groups may differ in size), each rank keeping its slice;
 4. **select**  -- the variant's filter (none for Flow-GRPO / DanceGRPO);
-5. **train**   -- the family's policy-gradient pass over the kept rollouts, one optimizer step;
+5. **train**   -- the family's policy-gradient passes over the kept rollouts: ``train.inner_epochs`` passes of
+   ``train.minibatches`` optimizer steps each (`GRPOTrainer.update`; default one step per round);
 6. **log**     -- one ``metrics.jsonl`` row, tensorboard, progress bar; checkpoints every ``checkpoint.every``
    steps and at the end; ``curves.png`` and ``samples.png`` (the same prompts and seeds at step 0 and at each
    checkpoint: `fastgrpo.train.samples`) at every checkpoint.
 
 `GRPOTrainer` holds everything family-independent (config, strategy, prompts, rewards, the K-repeat sampler,
 where the weights live across processes (`fastgrpo.train.sharding`: DDP or FSDP), optimizer, EMA, checkpoints,
-logging, the run loop). A family subclass implements ``build_policy`` (returns the policy object, which counts
-``model_forwards``, and its trainable parameters by name), ``sample`` and ``train``.
+logging, the run loop, the update cadence). A family subclass implements ``build_policy`` (returns the policy
+object, which counts ``model_forwards``, and its trainable parameters by name), ``sample``, ``train_rows`` (what a
+round trains, with each row's group and unit) and ``train`` (one minibatch's gradient).
 
 Randomness is keyed by (seed, step, what is drawn) for every step, so ``--resume`` from a checkpoint replays
 exactly the steps a straight run would take (bit-identical weights on CPU). It continues from the newest checkpoint
