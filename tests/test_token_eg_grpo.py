@@ -292,11 +292,6 @@ def test_kernel_released_rule_small_segments(dtype, device):
     _small_segment_check("triton", dtype, device, True, ((0.2, 0.5),))
 
 
-@pytest.mark.slow  # interpreted tl.sort, minutes per call: `make test-slow` (and CI) runs it
-def test_kernel_released_rule_small_segments_every_kind(device):
-    _small_segment_check("triton", torch.float32, device, False, ((0.2, 0.5),))
-
-
 @pytest.mark.parametrize("impl", ["ref", "torch", pytest.param("triton", marks=pytest.mark.slow)])
 def test_released_rule_strided_entropies(impl, device):
     entropy, modality = small_segment_rows(seed=4, compact=True)
