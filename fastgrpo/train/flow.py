@@ -145,17 +145,16 @@ class FlowTrainer(GRPOTrainer):
         first = self.rank * len(group_idx)
         gens = group_generators(cfg.seed, step, range(first, first + len(group_idx)))
         plans = strat.plan_groups(self, step, group_idx, gens)
-        plan_prompts, plan_gens = plan_owners(plans, group_prompts, gens, strat.name)
+        owners, plan_gens = plan_owners(plans, group_prompts, gens, strat.name)
+        plan_prompts = [group_prompts[g] for g in owners]
         # Each plan's global id (its prompt's global group, then its place among that prompt's plans) keys its
         # minibatch order; the place is its label for ``train.group_by: prompt`` (the same spine and branch step
         # of a prompt drawn twice pool, other plans of one prompt stay apart).
         ordinal, seen = [], {}
-        for n, plan in enumerate(plans):
-            g = n if plan.prompt is None else plan.prompt
-            ordinal.append(seen.setdefault(g, 0))
-            seen[g] += 1
-        plan_ids = [(first + (n if p.prompt is None else p.prompt)) * 2 ** 20 + o
-                    for n, (p, o) in enumerate(zip(plans, ordinal))]
+        for g in owners:
+            ordinal.append(seen.get(g, 0))
+            seen[g] = ordinal[-1] + 1
+        plan_ids = [(first + g) * 2 ** 20 + o for g, o in zip(owners, ordinal)]
         widest = max(max(p.roots, p.leaves()) for p in plans)
         per_wave = max(1, cfg.sample.batch_size // widest)
         batches, futures = [], []
@@ -406,9 +405,9 @@ class FlowTrainer(GRPOTrainer):
 
 
 def plan_owners(plans: list, group_prompts: list, gens: list, name: str) -> tuple:
-    """Each plan's prompt and generator: its group's (``GroupPlan.prompt``, or its position when None, which needs
-    one plan per group), its own generator when it has one (``GroupPlan.generator``)."""
-    prompts, out_gens = [], []
+    """Each plan's group (``GroupPlan.prompt``, or its position when None, which needs one plan per group) and
+    generator (its own ``GroupPlan.generator`` when it has one, else its group's)."""
+    owners, out_gens = [], []
     for n, plan in enumerate(plans):
         g = n if plan.prompt is None else plan.prompt
         if plan.prompt is None and len(plans) != len(group_prompts):
@@ -416,9 +415,9 @@ def plan_owners(plans: list, group_prompts: list, gens: list, name: str) -> tupl
                              "per group must name its prompt (GroupPlan.prompt)")
         if not 0 <= g < len(group_prompts):
             raise ValueError(f"{name}: a plan names prompt {g}, outside the {len(group_prompts)} groups")
-        prompts.append(group_prompts[g])
+        owners.append(g)
         out_gens.append(plan.generator if plan.generator is not None else gens[g])
-    return prompts, out_gens
+    return owners, out_gens
 
 
 def group_noise(shape, rows_group: torch.Tensor, gens: list, device) -> torch.Tensor:

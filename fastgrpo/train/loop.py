@@ -507,7 +507,9 @@ class GRPOTrainer:
         clock = clock or (lambda name: None)
         rows = self.train_rows(batches)
         groups = rows.pop("group")
-        n_units_all = all_sum(int(torch.unique(rows["unit"]).numel()) if len(groups) else 0)
+        unit_ids, unit_of_row = torch.unique(rows["unit"], return_inverse=True)
+        unit_group = torch.zeros(unit_ids.numel(), dtype=torch.int64).scatter_(0, unit_of_row, groups.long())
+        n_units_all = all_sum(int(unit_ids.numel()))
         if n_units_all == 0:
             raise ValueError(f"{self.strategy.name}: no rollout is trained (check train.timestep_fraction and the "
                              "variant's plan)")
@@ -516,8 +518,6 @@ class GRPOTrainer:
                              f"round ({self.strategy.name}'s unit: one {self.unit_name(self.strategy)}): lower it")
         updates, trained = [], 0
         for epoch in range(tc.inner_epochs):
-            unit_ids, unit_of_row = torch.unique(rows["unit"], return_inverse=True)
-            unit_group = torch.zeros(unit_ids.numel(), dtype=torch.int64).scatter_(0, unit_of_row, groups)
             part = minibatch_split(self.cfg.seed, step, epoch, unit_group, tc.minibatches)[unit_of_row]
             for m in range(tc.minibatches):
                 idx = (part == m).nonzero().flatten()
