@@ -86,7 +86,7 @@ class _Path:
     """A trainer and its timed rounds."""
 
     def __init__(self, name, cfg, device, tmp):
-        from fastgrpo.train.loop import make_trainer
+        from fastgrpo.train.run import make_trainer
 
         self.name, self.device = name, device
         self.trainer = make_trainer(cfg, tmp / name, device=device, pipeline=_pipeline(device))

@@ -16,7 +16,7 @@ import torch
 
 from fastgrpo.testing import cuda_syncs
 from fastgrpo.train.config import resolve_config
-from fastgrpo.train.loop import make_trainer
+from fastgrpo.train.run import make_trainer
 
 CUDA = torch.cuda.is_available()
 
@@ -79,10 +79,10 @@ def test_compiled_blocks_give_the_eager_round(tmp_path, monkeypatch):
     """model.compile=true: every block compiled in place (same parameter names), the same rollouts and gradients.
     Dynamo traces each block; the backend here is aot_eager (tracing + autograd, no code generation) to keep the
     suite fast; the inductor round is compared in bench/test_bench_round.py."""
-    from fastgrpo.diffusion.models import FlowModel
+    from fastgrpo.diffusion.adapter import FlowAdapter
 
-    original = FlowModel.compile_blocks
-    monkeypatch.setattr(FlowModel, "compile_blocks", lambda self, **kw: original(self, backend="aot_eager"))
+    original = FlowAdapter.compile_blocks
+    monkeypatch.setattr(FlowAdapter, "compile_blocks", lambda self, **kw: original(self, backend="aot_eager"))
     torch._dynamo.reset()
     lora = ["model.lora={rank: 4, alpha: 8}"]
     eager = make_trainer(_cfg(*lora), tmp_path / "e", device="cpu")

@@ -34,7 +34,7 @@ def test_every_preset_builds():
         ({"distributed": {"strategy": "fsdp"}}, "distributed.strategy fsdp shards full fine-tuning only: set "
                                                 "model.lora=null"),
         ({"algo": "eg_grpo", "model": {"family": "janus", "lora": None}, "sample": {"guidance_scale": 5.0},
-          "distributed": {"strategy": "fsdp"}}, "distributed.strategy fsdp supports model.family sd3 and flux"),
+          "distributed": {"strategy": "fsdp"}}, "distributed.strategy fsdp supports the flow families, not model.family .janus."),
     ],
 )
 def test_bad_config_raises_naming_the_key(data, match):

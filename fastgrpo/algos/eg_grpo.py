@@ -57,7 +57,7 @@ class EGGRPO(Strategy):
     bonus: float = 0.3
     rule: str = "released"
     calibrate: bool = False
-    families: ClassVar[tuple] = ("janus",)
+    kinds: ClassVar[tuple] = ("ar",)
 
     @classmethod
     def from_config(cls, cfg) -> "EGGRPO":

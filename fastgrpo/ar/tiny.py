@@ -7,7 +7,7 @@ has a 24x24 grid (576 tokens, 384 px) over a 16,384-entry codebook and a 102,400
 
 The tokenizer is character level (printable ASCII and newline) plus the special tokens Janus uses: a begin-of-
 sentence, end-of-sentence and pad token and the image tags ``<begin_of_image>``, ``<end_of_image>`` and
-``<image_placeholder>``. ``fastgrpo.ar.models.load_janus`` looks these up by name, for this tokenizer and for the
+``<image_placeholder>``. ``fastgrpo.ar.janus.load_janus`` looks these up by name, for this tokenizer and for the
 real checkpoint's alike.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ DECODER_GAIN = 10.0  # scale of the VQ decoder's output convolution
 
 def tiny_janus_tokenizer():
     """A character-level ``PreTrainedTokenizerFast`` with Janus's special tokens (no BOS added automatically:
-    `fastgrpo.ar.models` prepends it itself, for every tokenizer)."""
+    `fastgrpo.ar.janus` prepends it itself, for every tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

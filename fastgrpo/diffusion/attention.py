@@ -52,6 +52,7 @@ Decisions where DESIGN.md is silent:
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional, Sequence
 
 import torch
@@ -64,26 +65,14 @@ MODES = ("mixture", "head_mean")
 _LN2 = math.log(2.0)
 
 
-def _joint_blocks(transformer):
-    """The joint (double-stream) blocks of an SD3/FLUX transformer, looking through a peft wrapper."""
+def joint_blocks(transformer):
+    """The joint (double-stream) blocks (``transformer_blocks``) of a transformer, looking through a peft wrapper."""
     blocks = getattr(transformer, "transformer_blocks", None)
     if blocks is None and hasattr(transformer, "get_base_model"):
         blocks = getattr(transformer.get_base_model(), "transformer_blocks", None)
     if blocks is None:
-        raise ValueError(f"transformer must be a diffusers SD3Transformer2DModel or FluxTransformer2DModel (with "
-                         f"`transformer_blocks`), got {type(transformer).__name__}")
+        raise ValueError(f"{type(transformer).__name__} has no transformer_blocks")
     return blocks
-
-
-def _model_kind(processor) -> Optional[str]:
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
-    if type(processor) is JointAttnProcessor2_0:
-        return "sd3"
-    if type(processor) is FluxAttnProcessor:
-        return "flux"
-    return None
 
 
 class _EntropyAttnProcessor:
@@ -200,15 +189,23 @@ class AttentionEntropyCollector:
     Use as a context manager; ``pop()`` after each forward (see the module docstring).
     """
 
-    # The processors installed per model kind (a subclass may swap them, e.g. bench/'s eager map extraction).
-    processor_classes = {"sd3": SD3EntropyAttnProcessor, "flux": FluxEntropyAttnProcessor}
+    # Processors to install instead of the family's own (`FlowAdapter.entropy_processor`), by model.family: a
+    # subclass may swap them (bench/'s eager map extraction).
+    processor_classes: dict = {}
 
     def __init__(self, transformer, layers: Sequence[int] = (5, 10, 15), mode: str = "mixture", impl: str = "auto"):
+        from fastgrpo.families import FAMILIES, adapter_for_transformer
+
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        blocks = _joint_blocks(transformer)
+        adapter = adapter_for_transformer(transformer)
+        if adapter is None:
+            known = [f.adapter_class().transformer_class for f in FAMILIES.values() if f.kind == "flow"]
+            raise ValueError(f"transformer must be a diffusers transformer of a flow family ({', '.join(known)}), "
+                             f"got {type(transformer).__name__}")
+        blocks = adapter.attention_modules(transformer)
         if isinstance(layers, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
             raise ValueError(f"layers must be a sequence of block indices (ints), got {layers!r}")
         layers = tuple(layers)
@@ -217,20 +214,23 @@ class AttentionEntropyCollector:
         bad = [i for i in layers if not 0 <= i < len(blocks)]
         if bad:
             raise ValueError(f"layers {bad} do not exist: the transformer has {len(blocks)} joint blocks "
-                             f"(transformer_blocks[0..{len(blocks) - 1}])")
-        kinds = set()
+                             f"({adapter.family}: {len(blocks)} attention layers the collector can read)")
+        names = {id(m): n for n, m in transformer.named_modules()}
+        self._classes = {}
         for i in layers:
-            proc = blocks[i].attn.processor
-            kind = _model_kind(proc)
-            if kind is None:
-                raise ValueError(f"layers: transformer_blocks[{i}].attn uses {type(proc).__name__}; the collector "
-                                 "replaces only diffusers' JointAttnProcessor2_0 (SD3) or FluxAttnProcessor (FLUX)")
-            kinds.add(kind)
+            proc = blocks[i].processor
+            stock = adapter.entropy_processor(proc)
+            if stock is None:
+                where = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]",
+                               names.get(id(blocks[i]), f"layer {i}").removeprefix("base_model.model."))
+                raise ValueError(f"layers: {where} uses {type(proc).__name__}; the collector replaces only the "
+                                 f"stock attention processor of {adapter.family} ({adapter.transformer_class})")
+            self._classes[i] = self.processor_classes.get(adapter.family, stock)
         self.transformer = transformer
         self.layers = layers
         self.mode = mode
         self.impl = impl
-        self.kind = kinds.pop()
+        self.family = adapter.family
         self._blocks = blocks
         self._originals: Optional[dict] = None
         self._hooks: list = []
@@ -244,10 +244,9 @@ class AttentionEntropyCollector:
     def __enter__(self) -> "AttentionEntropyCollector":
         if self._originals is not None:
             raise RuntimeError("this AttentionEntropyCollector is already installed")
-        cls = self.processor_classes[self.kind]
-        self._originals = {i: self._blocks[i].attn.processor for i in self.layers}
+        self._originals = {i: self._blocks[i].processor for i in self.layers}
         for i in self.layers:
-            self._blocks[i].attn.set_processor(cls(self, i))
+            self._blocks[i].set_processor(self._classes[i](self, i))
         self._hooks = [self.transformer.register_forward_pre_hook(self._begin_forward),
                        self.transformer.register_forward_hook(self._end_forward)]
         return self
@@ -258,7 +257,7 @@ class AttentionEntropyCollector:
         self._hooks = []
         if self._originals is not None:
             for i, proc in self._originals.items():
-                self._blocks[i].attn.set_processor(proc)
+                self._blocks[i].set_processor(proc)
         self._originals = None
         self._in_forward = False
 

@@ -1,9 +1,9 @@
-"""CUDA graphs for the sampling forwards of a `FlowModel` (``sample.cuda_graphs``), and a host->device copy that
+"""CUDA graphs for the sampling forwards of a flow adapter (`fastgrpo.diffusion.adapter.FlowAdapter`) (``sample.cuda_graphs``), and a host->device copy that
 never blocks the host.
 
 A rollout evaluates the transformer on chunks of the same shape step after step; at small per-GPU batches the
 GPU then waits for Python (diffusers runs every block from Python). `GraphedVelocity` captures
-``FlowModel.velocity`` (CFG batch, transformer, guidance combine) once per input shape in a ``torch.cuda.CUDAGraph``
+``FlowAdapter.velocity`` (CFG batch, transformer, guidance combine) once per input shape in a ``torch.cuda.CUDAGraph``
 and replays it: one launch per forward, whatever the number of kernels.
 
 Decisions (where DESIGN.md is silent):

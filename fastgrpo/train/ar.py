@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 from fastgrpo.algos.eg_grpo import IGNORE_INDEX
 from fastgrpo.ops import grpo_token_loss, token_logprob_entropy
 
-from .config import LoraConfig
 from .distributed import STREAM_SAMPLE, step_generator
 from .loop import GRPOTrainer, MicroBatch, TrainingDiverged
 
@@ -45,8 +44,8 @@ class ARTrainer(GRPOTrainer):
     MODEL_KIND = "model folder"
 
     def build_policy(self):
-        from fastgrpo.ar import JANUS_LORA_TARGETS, JanusPolicy, load_janus
-        from fastgrpo.ar.models import DTYPES
+        from fastgrpo.ar import JanusPolicy, load_janus
+        from fastgrpo.ar.janus import DTYPES
 
         cfg = self.cfg
         model, tok = load_janus(cfg.model.path, DTYPES[cfg.model.dtype], seed=cfg.seed)
@@ -55,10 +54,7 @@ class ARTrainer(GRPOTrainer):
                              cot_template=cfg.ar.cot_template, image_template=cfg.ar.image_template,
                              device=self.device)
         if cfg.model.lora is not None:
-            targets = cfg.model.lora.targets
-            if list(targets) == LoraConfig().targets:  # the flow families' default: use Janus's own
-                targets = JANUS_LORA_TARGETS
-            policy.add_lora(cfg.model.lora.rank, cfg.model.lora.alpha, targets)
+            policy.add_lora(cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.targets or policy.lora_targets)
         else:
             policy.full_finetune(keep_reference=self.strategy.beta > 0)
         return policy, policy.trainable_state()

@@ -30,22 +30,20 @@ PRESET_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).r
 class LoraConfig:
     rank: int = 32
     alpha: float = 64.0
-    # Flow-GRPO's targets (config/grpo.py): the joint-attention projections of every block.
-    targets: list = field(default_factory=lambda: [
-        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    ])
+    # Module names (suffixes) that get adapters. None: the family's own (its adapter's ``lora_targets``; for SD3 and
+    # FLUX Flow-GRPO's, config/grpo.py: the joint-attention projections of every block).
+    targets: Optional[list] = None
 
     def validate(self, p):
         _positive(p, "rank", self.rank)
         _positive(p, "alpha", self.alpha)
-        if not self.targets:
-            raise ValueError(f"{p}targets must list at least one module name")
+        if self.targets is not None and not self.targets:
+            raise ValueError(f"{p}targets must list at least one module name (or be null: the family's default)")
 
 
 @dataclass
 class ModelConfig:
-    family: str = "sd3"  # sd3 | flux | janus
+    family: str = "sd3"  # a row of the family table, fastgrpo.families.FAMILIES (sd3 | flux | ... | janus)
     path: str = "tiny"  # "tiny" (random, built in code), a local pipeline/checkpoint folder, or a hub id
     dtype: str = "float32"  # weights of the frozen parts: float32 | bfloat16 | float16
     height: int = 32
@@ -63,7 +61,9 @@ class ModelConfig:
     impl: str = "auto"
 
     def validate(self, p):
-        _choice(p, "family", self.family, ("sd3", "flux", "janus"))
+        from fastgrpo.families import get_family
+
+        get_family(self.family, f"{p}family")
         _choice(p, "impl", self.impl, ("auto", "triton", "cpp", "torch"))
         _choice(p, "dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _positive(p, "height", self.height)
@@ -275,30 +275,33 @@ class Config:
         if self.threads is not None:
             _positive(p, "threads", self.threads)
         STRATEGIES[self.algo].check_args(self)
-        families = STRATEGIES[self.algo].families
-        if self.model.family not in families:
+        from fastgrpo.families import FAMILIES, get_family
+
+        family = get_family(self.model.family)
+        kinds = STRATEGIES[self.algo].kinds
+        if family.kind not in kinds:
+            fits = [f for f, row in FAMILIES.items() if row.kind in kinds]
             raise ValueError(f"model.family {self.model.family!r} does not fit algo {self.algo!r} "
-                             f"(it trains {' / '.join(families)})")
-        if self.model.family == "janus" and not self.sample.guidance_scale > 1:
-            raise ValueError(f"sample.guidance_scale must be > 1 for model.family janus: Janus samples image tokens "
-                             f"with classifier-free guidance (T2I-R1 / EG-GRPO use 5), got {self.sample.guidance_scale}")
+                             f"(it trains {' / '.join(fits)})")
+        family.adapter_class().check_config(self)
         if self.ar.inner_epochs is not None:
             self._fold_ar_inner_epochs()
         updates = self.train.minibatches * self.train.inner_epochs
-        if self.model.family == "janus" and updates > 1 and not 0 < self.train.clip_range < 1:
+        token_rollouts = family.kind == "ar"
+        if token_rollouts and updates > 1 and not 0 < self.train.clip_range < 1:
             raise ValueError(f"train.clip_range must be in (0, 1) for PPO clipping with several updates per round "
                              f"(train.minibatches * train.inner_epochs = {updates}), got {self.train.clip_range}")
         rollouts = self.sample.prompts_per_step * self.sample.group_size
-        if self.train.minibatches > rollouts and self.model.family == "janus":
+        if self.train.minibatches > rollouts and token_rollouts:
             raise ValueError(f"train.minibatches ({self.train.minibatches}) must be at most the rollouts of a round "
                              f"(sample.prompts_per_step * sample.group_size = {rollouts})")
         if not self.reward:
             raise ValueError("reward must list at least one reward")
         flow_only = [k for k, on in (("model.compile", self.model.compile),
                                      ("sample.cuda_graphs", self.sample.cuda_graphs)) if on]
-        if flow_only and self.model.family == "janus":
+        if flow_only and token_rollouts:
             raise ValueError(f"{' and '.join(flow_only)} {'is' if len(flow_only) == 1 else 'are'} for the flow "
-                             "families (sd3, flux); Janus samples token by token")
+                             f"families; model.family {self.model.family} samples token by token")
         if self.sample.cuda_graphs and self.distributed.strategy == "fsdp":
             raise ValueError("sample.cuda_graphs cannot be used with distributed.strategy fsdp (FSDP gathers the "
                              "weights in every forward); use ddp")

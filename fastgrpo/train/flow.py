@@ -78,20 +78,22 @@ class Tree:
 
 class FlowTrainer(GRPOTrainer):
     def build_policy(self):
-        from fastgrpo.diffusion.models import DTYPES, FlowModel, load_pipeline
+        from fastgrpo.diffusion.adapter import DTYPES
+        from fastgrpo.families import get_family
 
         cfg = self.cfg
-        pipe = self.pipeline if self.pipeline is not None else load_pipeline(
-            cfg.model.family, cfg.model.path, DTYPES[cfg.model.dtype], seed=cfg.seed,
-            tiny_vae_gain=cfg.model.tiny_vae_gain)
-        model = FlowModel(pipe, cfg.model.family, height=cfg.model.height, width=cfg.model.width,
-                          guidance_scale=cfg.sample.guidance_scale, max_sequence_length=cfg.model.max_sequence_length,
-                          device=self.device)
+        adapter = get_family(cfg.model.family).adapter_class()
+        pipe = self.pipeline if self.pipeline is not None else adapter.load_pipeline(
+            cfg.model.path, DTYPES[cfg.model.dtype], seed=cfg.seed, tiny_vae_gain=cfg.model.tiny_vae_gain)
+        model = adapter(pipe, height=cfg.model.height, width=cfg.model.width, guidance_scale=cfg.sample.guidance_scale,
+                        max_sequence_length=cfg.model.max_sequence_length, device=self.device,
+                        **adapter.options_from_config(cfg))
         if cfg.model.lora is not None:
-            model.add_lora(cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.targets)
+            model.add_lora(cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.targets or model.lora_targets)
         else:
             model.full_finetune(keep_reference=self.strategy.beta > 0 or self.strategy.needs_reference)
-            self.parallel.shard(model.transformer, reference=model.frozen_reference)
+            self.parallel.shard(model.transformer, reference=model.frozen_reference,
+                                block_classes=model.fsdp_block_classes())
         if cfg.model.compile:
             model.compile_blocks()
         self.graphed = None

@@ -67,9 +67,12 @@ def check_fsdp_fits(cfg, why: str) -> None:
     if cfg.model.lora is not None:
         raise ValueError(f"{why} shards full fine-tuning only: set model.lora=null, or train LoRA with "
                          "distributed.strategy=ddp (its trainable weights are small; configs/accelerate/ddp.yaml)")
-    if cfg.model.family not in ("sd3", "flux"):
-        raise ValueError(f"{why} supports model.family sd3 and flux, not {cfg.model.family!r} (its rollouts decode "
-                         "token by token, a different number of forwards per process); use distributed.strategy=ddp")
+    from fastgrpo.families import get_family
+
+    if get_family(cfg.model.family).kind != "flow":
+        raise ValueError(f"{why} supports the flow families, not model.family {cfg.model.family!r} (its rollouts "
+                         "decode token by token, a different number of forwards per process); use "
+                         "distributed.strategy=ddp")
     if cfg.algo == "aegpo":
         raise ValueError(f"{why} cannot run algo aegpo: its groups differ in size between processes (16 / 8 "
                          "rollouts per prompt) and its base-entropy probes run on the reference only where a prompt "
@@ -144,7 +147,7 @@ class Replicated:
     name = "ddp"
     shards = False
 
-    def shard(self, trained, reference=None) -> None:
+    def shard(self, trained, reference=None, block_classes=None) -> None:
         pass
 
     def sampling(self):
@@ -170,12 +173,13 @@ class Sharded(Replicated):
         self.reshard_after_forward = reshard_after_forward
         self.trained, self.reference = None, None
 
-    def shard(self, trained, reference=None) -> None:
+    def shard(self, trained, reference=None, block_classes=None) -> None:
         """Shard the trained network and the frozen reference in place (their parameters become DTensors: take
-        the trainable parameters again afterwards)."""
-        self.trained = shard_blocks(trained, self.reshard_after_forward)
+        the trainable parameters again afterwards). ``block_classes``: the class names of the FSDP units (the
+        family adapter's `fsdp_block_classes`; None: the network's ``_no_split_modules``)."""
+        self.trained = shard_blocks(trained, self.reshard_after_forward, block_classes)
         # The reference never runs backward: keeping its gathered blocks after forward would only hold memory.
-        self.reference = shard_blocks(reference, True) if reference is not None else None
+        self.reference = shard_blocks(reference, True, block_classes) if reference is not None else None
 
     def blocks(self, module) -> list:
         return [m for m in module.modules() if m is not module and is_fsdp_unit(m)]
@@ -224,11 +228,12 @@ def is_fsdp_unit(module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def shard_blocks(module, reshard_after_forward: bool):
-    """``fully_shard`` every block (the model's ``_no_split_modules`` classes), then the module as the root."""
+def shard_blocks(module, reshard_after_forward: bool, block_classes=None):
+    """``fully_shard`` every block (the classes named in ``block_classes``, default the model's
+    ``_no_split_modules``), then the module as the root."""
     from torch.distributed.fsdp import fully_shard
 
-    names = set(getattr(module, "_no_split_modules", None) or ())
+    names = set(block_classes if block_classes is not None else getattr(module, "_no_split_modules", None) or ())
     blocks = [m for m in module.modules() if type(m).__name__ in names]
     if not blocks:
         raise ValueError(f"{type(module).__name__} names no transformer blocks (_no_split_modules) to shard with FSDP")

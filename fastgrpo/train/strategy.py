@@ -63,7 +63,9 @@ class Strategy:
     # trained transitions together: Flow-GRPO shuffles samples, each with all its timesteps) or "transition"
     # (every transition alone: BranchGRPO shuffles its tree's edges).
     minibatch_unit: str = "trajectory"
-    families: ClassVar[tuple] = ("sd3", "flux")  # the model families (config model.family) the variant trains
+    # The family kinds the variant trains (`fastgrpo.families.Family.kind`): "flow" (SDE rollouts over latents) or
+    # "ar" (token-by-token rollouts)
+    kinds: ClassVar[tuple] = ("flow",)
     needs_reference: ClassVar[bool] = False  # evaluates the reference policy even without a KL term (AEGPO)
 
     @classmethod

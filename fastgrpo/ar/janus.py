@@ -109,6 +109,23 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 class JanusPolicy:
+    """The ``janus`` family's adapter (`fastgrpo.families`): Janus / Janus-Pro through transformers."""
+
+    kind = "ar"  # token-by-token rollouts: the trainer `fastgrpo.train.ar.ARTrainer`, the strategies of kind "ar"
+    family = "janus"
+    lora_targets = tuple(JANUS_LORA_TARGETS)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Janus-specific checks of a whole config (ValueError naming the key)."""
+        if not cfg.sample.guidance_scale > 1:
+            raise ValueError(f"sample.guidance_scale must be > 1 for model.family janus: Janus samples image tokens "
+                             f"with classifier-free guidance (T2I-R1 / EG-GRPO use 5), got {cfg.sample.guidance_scale}")
+
+    def fsdp_block_classes(self) -> set:
+        """None: FSDP is not implemented for token-by-token rollouts (`fastgrpo.train.sharding`)."""
+        return set()
+
     def __init__(self, model, tokenizer, *, image_tokens: int, cot_max_tokens: int, cfg_weight: float,
                  temperature: float = 1.0, cot_template: str = "{prompt}", image_template: str = "{prompt} {cot}",
                  device: torch.device | str = "cpu"):
