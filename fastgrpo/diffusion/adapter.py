@@ -58,6 +58,9 @@ class FlowAdapter:
     block_lists: ClassVar[tuple] = ("transformer_blocks",)
     # What one sample is, in words (the README's family table and messages): "image" or "video"
     modality: ClassVar[str] = "image"
+    # Image editing: every prompt carries a source image (`fastgrpo.train.prompts.EditPrompt`), which `encode_prompt`
+    # encodes with the text; the prompt list must then hold editing prompts, and text-to-image families refuse them
+    edits_images: ClassVar[bool] = False
 
     def __init__(self, pipe, *, height: int, width: int, guidance_scale: float, max_sequence_length: int,
                  device: torch.device | str = "cpu", **options):

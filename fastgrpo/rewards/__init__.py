@@ -5,6 +5,8 @@
 
 Built in:
 * cheap pixel rewards for CPU demos: ``brightness``, ``colorfulness``, ``jpeg_compressibility`` (DDPO's);
+* for image editing: ``source_similarity`` (1 - mean absolute pixel difference to the prompt's source image; the
+  source reaches a reward through the prompts: `fastgrpo.train.prompts.EditPrompt`);
 * CLIP-based rewards through transformers: ``clip_score`` and ``pickscore`` (a ``CLIPModel`` + processor from a
   local folder or a hub id; ``hps`` is the same scorer pointed at an HPS-v2 checkpoint converted to the
   transformers CLIP format).
@@ -16,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from .clip import ClipPreference
-from .pixel import brightness, colorfulness, jpeg_compressibility
+from .pixel import brightness, colorfulness, jpeg_compressibility, source_similarity
 
 # The arguments of each model-based reward that name a model (local folder or hub id), with their defaults
 # (None: required; a processor defaults to the model). `model_sources` lists them; the trainer checks every one
@@ -32,6 +34,7 @@ REWARDS: dict[str, Callable[..., Callable]] = {
     "brightness": lambda: brightness,
     "colorfulness": lambda: colorfulness,
     "jpeg_compressibility": lambda: jpeg_compressibility,
+    "source_similarity": lambda: source_similarity,
     "clip_score": lambda **kw: ClipPreference(**{**_defaults("clip_score"), **kw}),
     "pickscore": lambda **kw: ClipPreference(**{**_defaults("pickscore"), **kw}),
     "hps": lambda **kw: ClipPreference(**kw),
@@ -85,4 +88,4 @@ def build_reward(specs) -> WeightedReward:
 
 
 __all__ = ["MODEL_ARGS", "REWARDS", "model_sources", "WeightedReward", "build_reward", "brightness", "colorfulness",
-           "jpeg_compressibility", "ClipPreference"]
+           "jpeg_compressibility", "source_similarity", "ClipPreference"]

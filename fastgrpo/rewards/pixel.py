@@ -50,3 +50,24 @@ def jpeg_compressibility(images, prompts=None) -> torch.Tensor:
         im.save(buf, format="JPEG", quality=95)
         sizes.append(buf.tell() / 1000.0)
     return -torch.tensor(sizes, dtype=torch.float32)
+
+
+def source_similarity(images, prompts) -> torch.Tensor:
+    """For image editing: how close each edited image stays to its prompt's source image, ``1 - mean |x - s|`` over
+    pixels and channels, in [0, 1] (1: unchanged). ``s`` is the source resized to the image's size as the model saw
+    it (`fastgrpo.train.prompts.EditPrompt.source_pixels`). A pixel-level stand-in for Flow-GRPO's ``image_similarity``
+    (CLIP image-image cosine, yifan123/flow_grpo flow_grpo/rewards.py ``image_similarity_score``): combined with a
+    reward for the edit itself it keeps the edit local. Prompts without a source image are a ValueError."""
+    x = as_tensor_images(images)
+    if len(prompts) != x.shape[0]:
+        raise ValueError(f"source_similarity: {x.shape[0]} images for {len(prompts)} prompts")
+    H, W = x.shape[-2:]
+    sources = []
+    for p in prompts:
+        pixels = getattr(p, "source_pixels", None)
+        if pixels is None:
+            raise ValueError(f"reward source_similarity needs prompts with source images (image editing: "
+                             f"prompts.source a JSONL file, a folder of captioned images or builtin_edit); prompt "
+                             f"{str(p)!r} has none")
+        sources.append(pixels(H, W))
+    return 1.0 - (x - torch.stack(sources)).abs().mean(dim=(1, 2, 3))

@@ -108,10 +108,14 @@ def _set_rng_state(rng: dict, path: Path) -> None:
 
 def load_pt(path: Path):
     """``torch.load`` of a checkpoint file without executing code (``weights_only=True``): a file holding objects
-    other than tensors and plain data, or an unreadable one, raises ValueError naming it."""
+    other than tensors and plain data, or an unreadable one, raises ValueError naming it. Image-editing prompts
+    (`fastgrpo.train.prompts.EditPrompt`: a str and its image's name, e.g. AEGPO's cache keys) are plain data too."""
+    from .prompts import EditPrompt
+
     path = Path(path)
     try:
-        return torch.load(path, weights_only=True)
+        with torch.serialization.safe_globals([EditPrompt]):
+            return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: refused to load: it holds objects other than tensors and plain data, which could "

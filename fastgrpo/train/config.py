@@ -214,12 +214,19 @@ class RewardSpec:
 
 @dataclass
 class PromptConfig:
-    source: str = "builtin"  # "builtin" or a text file with one prompt per line
+    # "builtin", a text file with one prompt per line, or for image-editing families (flux_kontext) a JSONL file of
+    # {"prompt": ..., "image": path} rows, a folder of images with same-named .txt captions, or "builtin_edit"
+    # (`fastgrpo.train.prompts`)
+    source: str = "builtin"
 
     def validate(self, p):
-        if self.source != "builtin" and not Path(self.source).expanduser().is_file():
+        if self.source in ("builtin", "builtin_edit"):
+            return
+        where = Path(self.source).expanduser()
+        if not (where.is_file() or where.is_dir()):
             raise ValueError(f"{p}source: prompt file {self.source!r} does not exist "
-                             "(give 'builtin' or a text file with one prompt per line)")
+                             "(give 'builtin', a text file with one prompt per line, or for an image-editing family "
+                             "a JSONL file, a folder of captioned images, or 'builtin_edit')")
 
 
 @dataclass

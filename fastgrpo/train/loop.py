@@ -278,7 +278,10 @@ class GRPOTrainer:
         if self.rank == 0:
             ensure_writable(self.out)
         self.strategy = STRATEGIES[cfg.algo].from_config(cfg)
-        self.prompts = load_prompts(cfg.prompts.source)
+        from fastgrpo.families import get_family
+
+        edits = bool(getattr(get_family(cfg.model.family).adapter_class(), "edits_images", False))
+        self.prompts = load_prompts(cfg.prompts.source, edit=edits, family=cfg.model.family)
         self.reward_fn = build_reward(cfg.reward)
         if cfg.sample.prompts_per_step % self.world_size:
             raise ValueError(f"sample.prompts_per_step ({cfg.sample.prompts_per_step}) must be a multiple of the "

@@ -1,7 +1,37 @@
-"""Prompt lists: a small built-in list for demos, or a text file with one prompt per line."""
+"""Prompt lists: text prompts (a built-in list, or a text file with one prompt per line) and image-editing prompts
+(an instruction with a source image: a JSONL file, a folder of images with captions, or a built-in set).
+
+``prompts.source`` is one of:
+
+* ``builtin``: `BUILTIN_PROMPTS` (text);
+* a text file, one prompt per line (blank lines skipped);
+* a ``.jsonl`` file, one JSON object per line: ``{"prompt": "...", "image": "path"}``, the image path relative to
+  the JSONL file's folder (or absolute, ``~`` expanded); rows without ``"image"`` are text prompts (the other keys of
+  a row are ignored, so Flow-GRPO's ``*_metadata.jsonl`` files load as they are);
+* a folder of images (``.png .jpg .jpeg .webp .bmp``, sorted by name), each with a caption file of the same stem
+  (``cat.png`` + ``cat.txt``: the whole file, stripped, is the instruction);
+* ``builtin_edit``: `BUILTIN_EDITS`, a few editing instructions over small images drawn in code (deterministic,
+  no files), for the tiny image-editing preset.
+
+An editing prompt is an `EditPrompt`: a ``str`` (the instruction, so everything that handles prompts -- the
+embedding cache, ``group_by: prompt``, previews, logs -- keeps working) that also carries its source image
+(``.image``). The adapter of an image-editing family (`fastgrpo.diffusion.flux_kontext`) encodes the image with the
+text, and rewards reach it through the prompts (`EditPrompt.source_pixels`; `fastgrpo.rewards.source_similarity`).
+
+Whether a run takes editing prompts is its family's (``edits_images`` of the family's adapter): an editing family
+given text prompts, or a text-to-image family given prompts with images, is a ValueError naming ``prompts.source``,
+the file and the line. So is a JSONL row that is not an object or lacks a non-empty ``"prompt"``, an image that
+does not exist or cannot be read, an image without its caption file, and a folder without images. Every image is
+opened (header and data checked with PIL's ``verify``) when the list loads, so a bad file stops the run before
+any model loads, not in the middle of training.
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import numpy as np
+import torch
 
 BUILTIN_PROMPTS = [
     "a red apple on a table", "a cat sleeping in the sun", "a lighthouse at night", "a bowl of blue berries",
@@ -10,14 +40,235 @@ BUILTIN_PROMPTS = [
     "a dog playing with a ball", "a cup of coffee", "a sailing boat", "a field of sunflowers",
 ]
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+BUILTIN_EDIT_SIZE = 64  # the built-in source images are drawn at 64x64 px (resized to model.height x model.width)
 
-def load_prompts(source: str) -> list[str]:
-    if source == "builtin":
-        return list(BUILTIN_PROMPTS)
+
+class EditPrompt(str):
+    """An image-editing prompt: the instruction (the string itself) and its source image (``image``).
+
+    ``image`` names the source image: the resolved path of its file, or ``builtin:<name>`` for the drawn images of
+    `BUILTIN_EDITS`. Decisions:
+
+    * Equality and hash take the text *and* the image: the same instruction over another image is another prompt
+      (its own cache entry in the adapter, its own statistics under ``train.group_by: prompt``: Flow-GRPO keys edit
+      groups by ``f"{prompt}_{image_path}"``, yifan123/flow_grpo scripts/train_flux_kontext.py,
+      ``prompt_with_image_path``). An EditPrompt never equals a plain ``str``. Ordering is the text's.
+    * String operations (slicing, ``+``, ``.strip()``, f-strings) give plain ``str``: the text.
+    * It pickles as (text, image) (``copy``, ``torch.save``; `fastgrpo.train.checkpoint.load_pt` allows the class), and
+      the pixels are read from the file (or drawn again) when first needed, then kept in the object.
+    """
+
+    def __new__(cls, text: str, image: str):
+        obj = super().__new__(cls, text)
+        obj.image = str(image)
+        obj._pil = None
+        return obj
+
+    def __reduce__(self):
+        return (EditPrompt, (str(self), self.image))
+
+    def __eq__(self, other):
+        return isinstance(other, EditPrompt) and str.__eq__(self, other) and self.image == other.image
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    def __hash__(self):
+        return hash((str(self), self.image))
+
+    def __repr__(self):
+        return f"EditPrompt({str.__repr__(self)}, image={self.image!r})"
+
+    @property
+    def text(self) -> str:
+        return str(self)
+
+    def load(self):
+        """The source image as an RGB ``PIL.Image`` (ValueError naming the file when it cannot be read)."""
+        if self._pil is None:
+            if self.image.startswith("builtin:"):
+                self._pil = builtin_edit_image(self.image.removeprefix("builtin:"))
+            else:
+                self._pil = _open_rgb(Path(self.image))
+        return self._pil
+
+    def source_pixels(self, height: int, width: int) -> torch.Tensor:
+        """The source image resized to ``height`` x ``width`` (Lanczos, as diffusers' ``VaeImageProcessor.resize``,
+        which the editing pipelines use) as float32 [3, H, W] in [0, 1]: what the model was shown, in pixels."""
+        from PIL import Image
+
+        img = self.load()
+        if img.size != (width, height):
+            img = img.resize((width, height), resample=Image.LANCZOS)
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def _open_rgb(path: Path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"source image {str(path)!r} does not exist") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"source image {str(path)!r} cannot be read as an image ({type(e).__name__}: {e})") from None
+
+
+def _check_image(path: Path) -> str | None:
+    """None when ``path`` is a readable image file, else why not (PIL opens it and verifies its data)."""
+    from PIL import Image
+
+    if not path.is_file():
+        return "does not exist"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"cannot be read as an image ({type(e).__name__}: {e})"
+    return None
+
+
+# ------------------------------------------------------------------------------------- built-in editing set
+# Instructions over four small drawn images; the tiny preset's reward (brightness + source_similarity) asks for a
+# brighter image that keeps the source's layout, which these instructions say in words.
+BUILTIN_EDITS = [
+    ("make the picture brighter", "stripes"),
+    ("brighten the sky", "horizon"),
+    ("turn on the lights", "checker"),
+    ("make the disc glow", "disc"),
+]
+
+
+def builtin_edit_image(name: str):
+    """One of the built-in source images (64x64 RGB ``PIL.Image``), drawn in code: the same pixels every time."""
+    from PIL import Image
+
+    n = BUILTIN_EDIT_SIZE
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / (n - 1)
+    if name == "stripes":  # vertical red / blue stripes on a dark ground
+        band = (np.floor(xx * 6) % 2 == 0)
+        rgb = np.stack([0.15 + 0.55 * band, 0.1 + 0.0 * xx, 0.55 - 0.4 * band], -1)
+    elif name == "horizon":  # dark blue sky over a green field
+        sky = yy < 0.5
+        rgb = np.stack([0.05 + 0.1 * ~sky, 0.1 + 0.45 * ~sky, 0.35 * sky + 0.05 + 0.1 * xx], -1)
+    elif name == "checker":  # a gray checkerboard of 8 px squares
+        c = ((np.floor(xx * 8) + np.floor(yy * 8)) % 2).astype(np.float32)
+        rgb = np.stack([0.2 + 0.3 * c] * 3, -1)
+    elif name == "disc":  # an orange disc on purple
+        d = ((xx - 0.5) ** 2 + (yy - 0.5) ** 2) < 0.09
+        rgb = np.stack([0.3 + 0.5 * d, 0.05 + 0.35 * d, 0.35 - 0.3 * d], -1)
+    else:
+        raise ValueError(f"unknown built-in edit image {name!r} (known: {', '.join(n for _, n in BUILTIN_EDITS)})")
+    return Image.fromarray((np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), mode="RGB")
+
+
+def builtin_edits() -> list:
+    return [EditPrompt(text, f"builtin:{name}") for text, name in BUILTIN_EDITS]
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def load_prompts(source: str, *, edit: bool = False, family: str | None = None) -> list:
+    """The prompt list of ``prompts.source`` (module docstring). ``edit``: the run's family edits images, so
+    every prompt must carry a source image (`EditPrompt`), else none may; ``family`` names it in messages."""
+    who = f"model.family {family!r}" if family else "this model family"
+    if source in ("builtin", "builtin_edit"):
+        if (source == "builtin_edit") != edit:
+            raise ValueError(_mismatch(f"prompts.source {source!r}", has_image=not edit, who=who))
+        return builtin_edits() if edit else list(BUILTIN_PROMPTS)
     path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_folder(path, source, edit, who)
     if not path.is_file():
         raise ValueError(f"prompts.source: prompt file {source!r} does not exist")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix.lower() == ".jsonl":
+        return _load_jsonl(path, source, edit, who)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"prompts.source: {source!r} cannot be read as text ({type(e).__name__}: {e})") from None
+    prompts = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
     if not prompts:
         raise ValueError(f"prompts.source: {source!r} holds no prompts (one per line expected)")
-    return prompts
+    if edit:
+        raise ValueError(_mismatch(f"prompts.source {source!r} line {prompts[0][0]}", has_image=False, who=who))
+    return [p for _, p in prompts]
+
+
+def _mismatch(where: str, *, has_image: bool, who: str) -> str:
+    if has_image:
+        return (f"{where}: a prompt with a source image, but {who} generates from text alone; prompts with images "
+                "are for an image-editing family (model.family flux_kontext)")
+    return (f"{where}: a prompt without a source image, but {who} edits images: give prompts.source a JSONL file "
+            "of {\"prompt\": ..., \"image\": path} rows, a folder of images with same-named .txt captions, or "
+            "builtin_edit")
+
+
+def _load_jsonl(path: Path, source: str, edit: bool, who: str) -> list:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"prompts.source: {source!r} cannot be read as text ({type(e).__name__}: {e})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"prompts.source {source!r} line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object {{\"prompt\": ..., \"image\": ...}}, got "
+                             f"{type(row).__name__}")
+        text = row.get("prompt")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: the row has no \"prompt\" (a non-empty string), got keys {sorted(row)}")
+        image = row.get("image")
+        if (image is not None) != edit:
+            raise ValueError(_mismatch(where, has_image=image is not None, who=who))
+        if image is None:
+            out.append(text.strip())
+            continue
+        if not isinstance(image, str) or not image:
+            raise ValueError(f"{where}: \"image\" must be a path (a non-empty string), got {image!r}")
+        img_path = Path(image).expanduser()
+        if not img_path.is_absolute():
+            img_path = path.parent / img_path
+        img_path = img_path.resolve()
+        problem = _check_image(img_path)
+        if problem:
+            raise ValueError(f"{where}: image {image!r} ({img_path}) {problem}")
+        out.append(EditPrompt(text.strip(), str(img_path)))
+    if not out:
+        raise ValueError(f"prompts.source: {source!r} holds no prompts (one JSON object per line expected)")
+    return out
+
+
+def _load_folder(path: Path, source: str, edit: bool, who: str) -> list:
+    images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"prompts.source: the folder {source!r} holds no images ({' '.join(IMAGE_SUFFIXES)}), each "
+                         "with a same-named .txt caption")
+    if not edit:
+        raise ValueError(_mismatch(f"prompts.source {source!r} (a folder of images, e.g. {images[0].name})",
+                                   has_image=True, who=who))
+    out = []
+    for img in images:
+        caption = img.with_suffix(".txt")
+        if not caption.is_file():
+            raise ValueError(f"prompts.source {source!r}: image {img.name} has no caption file {caption.name}")
+        try:
+            text = caption.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"prompts.source {source!r}: caption {caption.name} cannot be read "
+                             f"({type(e).__name__}: {e})") from None
+        if not text:
+            raise ValueError(f"prompts.source {source!r}: caption {caption.name} line 1: the caption is empty")
+        problem = _check_image(img)
+        if problem:
+            raise ValueError(f"prompts.source {source!r}: image {img.name} {problem}")
+        out.append(EditPrompt(text, str(img.resolve())))
+    return out
