@@ -19,7 +19,11 @@ Supported models, detected from the processors found on the selected blocks:
   block keep their processors.
 * FLUX (`FluxTransformer2DModel`, ``FluxAttnProcessor``): sequence = text tokens, then image tokens, layout
   [B, S, H, D]; qk-norm, then RoPE (``image_rotary_emb``) on the joint sequence, as in diffusers. ``layers`` index
-  the double-stream blocks (``transformer_blocks``); the single-stream blocks are untouched.
+  the double-stream blocks (``transformer_blocks``); the single-stream blocks are untouched. FLUX.1-Kontext (the
+  same transformer class, the same processors) appends the source image's tokens to the image sequence with
+  position ids whose first coordinate is 1: the queries are then the generated image tokens only (first coordinate
+  0, which must come first), read from the forward's ``img_ids`` (once per ids tensor: no sync per forward); the
+  source tokens are attended to but not averaged over.
 
 Modes: ``"mixture"`` is the paper's definition (average the text-key probabilities over the selected layers and
 heads, renormalise over the text keys, entropy, mean over image queries): each layer adds its head-summed
@@ -166,8 +170,10 @@ class FluxEntropyAttnProcessor(_EntropyAttnProcessor):
 
         n_text = encoder_hidden_states.shape[1]
         n_image = hidden_states.shape[1]
+        # Queries: the generated image tokens (FLUX.1-Kontext appends its source image's tokens: keys only)
+        n_query = self.collector._generated if self.collector._generated is not None else n_image
         out = self._attend(q, k, v, layout="bshd", text_start=0, text_len=n_text, image_start=n_text,
-                           image_len=n_image)
+                           image_len=n_query)
         out = out.flatten(2, 3).to(q.dtype)
         text_out, image_out = out[:, :n_text], out[:, n_text:]
         image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
@@ -237,6 +243,8 @@ class AttentionEntropyCollector:
         self._results: list[torch.Tensor] = []
         self._in_forward = False
         self._plans: dict = {}  # TextEntropyPlan per q/k/v geometry (validated once)
+        self._generated: Optional[int] = None  # generated image tokens of the current forward (None: all)
+        self._ids_seen: Optional[tuple] = None  # (img_ids, its version, generated count): the last ids read
         self._reset()
 
     # --------------------------------------------------------------------------------------- context manager
@@ -247,7 +255,7 @@ class AttentionEntropyCollector:
         self._originals = {i: self._blocks[i].processor for i in self.layers}
         for i in self.layers:
             self._blocks[i].set_processor(self._classes[i](self, i))
-        self._hooks = [self.transformer.register_forward_pre_hook(self._begin_forward),
+        self._hooks = [self.transformer.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
                        self.transformer.register_forward_hook(self._end_forward)]
         return self
 
@@ -276,9 +284,28 @@ class AttentionEntropyCollector:
         self._stats: Optional[tuple] = None
         self._entropy_sum: Optional[torch.Tensor] = None
 
-    def _begin_forward(self, module, args):
+    def _begin_forward(self, module, args, kwargs):
         self._reset()
         self._in_forward = True
+        self._generated = self._generated_queries(kwargs.get("img_ids"))
+
+    def _generated_queries(self, img_ids) -> Optional[int]:
+        """How many leading image tokens are generated ones (FLUX position ids with first coordinate 0), or None
+        when all are (FLUX.1, SD3: no ``img_ids``). Read on the host once per ids tensor (kept referenced, so its
+        memory is not reused while cached; its version counter catches in-place writes)."""
+        if not isinstance(img_ids, torch.Tensor):
+            return None
+        if self._ids_seen is not None and self._ids_seen[0] is img_ids and self._ids_seen[1] == img_ids._version:
+            return self._ids_seen[2]
+        ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        index = (ids[:, 0] != 0).tolist()
+        n = index.index(True) if True in index else len(index)
+        if not all(index[n:]):
+            raise ValueError("img_ids: the generated image tokens (position ids with first coordinate 0) must come "
+                             "before the conditioning image tokens (FLUX.1-Kontext's source: first coordinate 1)")
+        result = None if n == len(index) else n
+        self._ids_seen = (img_ids, img_ids._version, result)
+        return result
 
     def _end_forward(self, module, args, output):
         self._in_forward = False
