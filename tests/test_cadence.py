@@ -130,6 +130,9 @@ def test_bad_cadence_keys_are_named(key, value, match):
 #   fastvideo/train_branchgrpo_flux.py lines 1481-1607: shuffled edges, a step every 12 and one for the rest).
 FLOW_GRPO_STEPS = (48 // (32 * 9 // 24)) // ((48 // (32 * 9 // 24)) // 2)
 DANCE_STEPS = 2 * 12 // 12
+# * Flow-GRPO on FLUX.1-Kontext (yifan123/flow_grpo config/grpo.py counting_flux_kontext: 28 GPUs, train_batch_size 3,
+#   21 images per prompt, num_batches_per_epoch = int(48 / (28 * 3 / 21)) = 12, gradient accumulation 12 // 2).
+KONTEXT_STEPS = int(48 / (28 * 3 / 21)) // (int(48 / (28 * 3 / 21)) // 2)
 
 
 def _branch_edges(splits, T):
@@ -146,6 +149,7 @@ BRANCH_STEPS = math.ceil(2 * _branch_edges((0, 3, 6, 9), 20) / 12)
     ("sd35m-pro-grpo-flash-pickscore", FLOW_GRPO_STEPS, "prompt"),
     ("sd35m-tempflow-grpo-pickscore", FLOW_GRPO_STEPS, "group"),  # per (spine, step), per process as released
     ("flux-dance-grpo-hps", DANCE_STEPS, "group"),
+    ("flux-kontext-flow-grpo-clip", KONTEXT_STEPS, "prompt"),
     ("flux-branch-grpo-hps", BRANCH_STEPS, "group"),
     ("janus-pro-eg-grpo", 1, "group"),
 ])
@@ -153,7 +157,7 @@ def test_paper_presets_take_the_released_cadence(preset, steps, group_by):
     cfg = resolve_config(preset=preset)
     assert cfg.train.minibatches * cfg.train.inner_epochs == steps and cfg.train.inner_epochs == 1
     assert cfg.train.group_by == group_by
-    assert BRANCH_STEPS == 37 and FLOW_GRPO_STEPS == 2  # the arithmetic above, spelled out
+    assert BRANCH_STEPS == 37 and FLOW_GRPO_STEPS == 2 and KONTEXT_STEPS == 2  # the arithmetic above, spelled out
 
 
 # ------------------------------------------------------------------------------ group_by: prompt

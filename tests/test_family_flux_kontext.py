@@ -384,3 +384,54 @@ def test_collector_reads_generated_queries_only(tmp_path):
     assert torch.equal(out, plain)
     assert (got.double() - want).abs().max() < 1e-5 * want.abs().max() and torch.equal(got, again)
     assert (want - every).abs().max() > 1e-4  # the distinction is visible at this size
+
+
+def test_clip_image_similarity_reward(tmp_path):
+    """Cosine of the CLIP image embeddings of each edit and its source (Flow-GRPO's image_similarity), against an
+    independent computation with the same tiny CLIP; an edit equal to its source scores 1."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from fastgrpo.diffusion.tiny import tiny_clip_tokenizer
+    from fastgrpo.rewards import REWARDS
+    from fastgrpo.rewards.pixel import as_pil_images
+
+    tok = tiny_clip_tokenizer(max_length=16)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=len(tok) - 2,
+                         eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8)
+    torch.manual_seed(0)
+    model = CLIPModel(cfg).eval()
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
+    model.save_pretrained(tmp_path / "clip")
+    proc.save_pretrained(tmp_path / "clip")
+    fn = REWARDS["clip_image_similarity"](model=str(tmp_path / "clip"), device="cpu")
+    prompts = [EditPrompt("a", str(_random_image(tmp_path / "a.png", (40, 24), 0))), builtin_edits()[3]]
+    images = torch.rand(2, 3, 24, 40, generator=torch.Generator().manual_seed(1))
+    got = fn(images, prompts)
+    with torch.no_grad():
+        def embed(pils):
+            f = model.get_image_features(pixel_values=proc(images=pils, return_tensors="pt")["pixel_values"])
+            f = f if isinstance(f, torch.Tensor) else f.pooler_output
+            return f.double() / f.double().norm(dim=-1, keepdim=True)
+        sources = [p.load().resize((40, 24), Image.LANCZOS) for p in prompts]
+        want = (embed(as_pil_images(images)) * embed(sources)).sum(-1)
+    assert (got.double() - want).abs().max() < 1e-5
+    same = torch.stack([p.source_pixels(24, 40) for p in prompts])
+    assert torch.allclose(fn(same, prompts), torch.ones(2), atol=1e-5)
+    with pytest.raises(ValueError, match="clip_image_similarity needs prompts with source images"):
+        fn(images[:1], ["a cat"])
+
+
+def test_paper_preset_lora_targets_exist_on_the_transformer():
+    """The paper preset's LoRA targets (Flow-GRPO's Kontext list) all match modules of a FLUX transformer."""
+    cfg = resolve_config(preset="flux-kontext-flow-grpo-clip")
+    _, model = _adapter(32, 32)
+    names = [n for n, _ in model.transformer.named_modules()]
+    for t in cfg.model.lora.targets:
+        assert any(n == t or n.endswith("." + t) for n in names), t
+    assert model.add_lora(4, 8, cfg.model.lora.targets)

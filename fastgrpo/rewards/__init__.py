@@ -6,7 +6,8 @@
 Built in:
 * cheap pixel rewards for CPU demos: ``brightness``, ``colorfulness``, ``jpeg_compressibility`` (DDPO's);
 * for image editing: ``source_similarity`` (1 - mean absolute pixel difference to the prompt's source image; the
-  source reaches a reward through the prompts: `fastgrpo.train.prompts.EditPrompt`);
+  source reaches a reward through the prompts: `fastgrpo.train.prompts.EditPrompt`) and ``clip_image_similarity``
+  (cosine of the CLIP image embeddings of the edit and its source: Flow-GRPO's ``image_similarity``);
 * CLIP-based rewards through transformers: ``clip_score`` and ``pickscore`` (a ``CLIPModel`` + processor from a
   local folder or a hub id; ``hps`` is the same scorer pointed at an HPS-v2 checkpoint converted to the
   transformers CLIP format).
@@ -17,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .clip import ClipPreference
+from .clip import ClipImageSimilarity, ClipPreference
 from .pixel import brightness, colorfulness, jpeg_compressibility, source_similarity
 
 # The arguments of each model-based reward that name a model (local folder or hub id), with their defaults
@@ -27,6 +28,7 @@ MODEL_ARGS: dict[str, dict[str, str | None]] = {
     "clip_score": {"model": "openai/clip-vit-large-patch14", "processor": None},
     "pickscore": {"model": "yuvalkirstain/PickScore_v1", "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"},
     "hps": {"model": None, "processor": None},
+    "clip_image_similarity": {"model": "openai/clip-vit-large-patch14", "processor": None},
 }
 
 
@@ -38,6 +40,7 @@ REWARDS: dict[str, Callable[..., Callable]] = {
     "clip_score": lambda **kw: ClipPreference(**{**_defaults("clip_score"), **kw}),
     "pickscore": lambda **kw: ClipPreference(**{**_defaults("pickscore"), **kw}),
     "hps": lambda **kw: ClipPreference(**kw),
+    "clip_image_similarity": lambda **kw: ClipImageSimilarity(**{**_defaults("clip_image_similarity"), **kw}),
 }
 
 
@@ -88,4 +91,4 @@ def build_reward(specs) -> WeightedReward:
 
 
 __all__ = ["MODEL_ARGS", "REWARDS", "model_sources", "WeightedReward", "build_reward", "brightness", "colorfulness",
-           "jpeg_compressibility", "source_similarity", "ClipPreference"]
+           "jpeg_compressibility", "source_similarity", "ClipImageSimilarity", "ClipPreference"]

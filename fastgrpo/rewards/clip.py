@@ -61,3 +61,41 @@ def _features(x):
         if getattr(x, attr, None) is not None:
             return getattr(x, attr)
     raise TypeError(f"unexpected feature output {type(x).__name__}")
+
+
+class ClipImageSimilarity(ClipPreference):
+    """For image editing: the cosine between the CLIP image embeddings of each edited image and of its prompt's source
+    image, in [-1, 1] -- Flow-GRPO's ``image_similarity`` reward of its Kontext / Qwen-Image-Edit configs
+    (yifan123/flow_grpo flow_grpo/rewards.py ``image_similarity_score`` -> ``ClipScorer.image_similarity``,
+    flow_grpo/clip_scorer.py: openai/clip-vit-large-patch14, ``get_image_features``, L2-normalised, the diagonal of
+    their products). The source is what the model saw (`fastgrpo.train.prompts.EditPrompt.source_pixels` at the
+    image's size); both go through the CLIP processor (Flow-GRPO applies its resize/crop/normalise to tensors: the
+    same steps, PIL rounding aside). Prompts without a source image are a ValueError."""
+
+    @torch.no_grad()
+    def __call__(self, images, prompts) -> torch.Tensor:
+        from .pixel import as_tensor_images
+
+        x = as_tensor_images(images)
+        H, W = x.shape[-2:]
+        sources = []
+        for p in prompts:
+            pixels = getattr(p, "source_pixels", None)
+            if pixels is None:
+                raise ValueError(f"reward clip_image_similarity needs prompts with source images (image editing: "
+                                 f"prompts.source a JSONL file, a folder of captioned images or builtin_edit); "
+                                 f"prompt {str(p)!r} has none")
+            sources.append(pixels(H, W))
+        if self._model is None:
+            self._load()
+        a, b = as_pil_images(x), as_pil_images(torch.stack(sources))
+        out = []
+        for i in range(0, len(a), self.batch_size):
+            feats = []
+            for pil in (a[i:i + self.batch_size], b[i:i + self.batch_size]):
+                im = self._processor(images=pil, return_tensors="pt")
+                f = _features(self._model.get_image_features(pixel_values=im["pixel_values"].to(self.device,
+                                                                                               self.dtype)))
+                feats.append(f / f.norm(dim=-1, keepdim=True))
+            out.append((feats[0] * feats[1]).sum(-1))
+        return torch.cat(out).float().cpu()
