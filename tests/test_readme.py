@@ -68,7 +68,11 @@ def test_readme_has_snippets():
 
 
 @pytest.mark.parametrize("line,code", PYTHON_BLOCKS, ids=[f"README.md:{n}" for n, _ in PYTHON_BLOCKS])
-def test_python_snippet_runs(line, code):
+def test_python_snippet_runs(line, code, monkeypatch, tmp_path):
+    from fastgrpo import families
+
+    monkeypatch.setattr(families, "FAMILIES", dict(families.FAMILIES))  # a snippet may register a family
+    monkeypatch.chdir(tmp_path)  # and write a run folder
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": f"readme_{line}"})
 
 
@@ -181,3 +185,21 @@ def test_presets_table_is_current():
     text = README.read_text()
     section = re.search(r"<!-- presets:start -->\n(.*?)\n<!-- presets:end -->", text, re.S)
     assert section and section.group(1) == presets_text(markdown=True)
+
+
+def test_families_table_lists_every_family_and_its_presets():
+    """The README's model-family table has one row per row of `fastgrpo.families.FAMILIES`, naming every tiny
+    preset of that family."""
+    import yaml
+
+    from fastgrpo.families import FAMILIES
+    from fastgrpo.train.config import preset_paths
+
+    section = re.search(r"<!-- families:start -->\n(.*?)\n<!-- families:end -->", README.read_text(), re.S)
+    assert section
+    rows = {m.group(1): line for line in section.group(1).splitlines() if (m := re.match(r"\| `(\w+)` \|", line))}
+    assert set(rows) == set(FAMILIES)
+    for name, path in preset_paths().items():
+        family = (yaml.safe_load(Path(path).read_text()).get("model") or {}).get("family", "sd3")
+        if name.startswith("tiny-"):
+            assert f"`{name}`" in rows[family], (name, family)
