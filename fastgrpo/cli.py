@@ -1,4 +1,4 @@
-"""Command line: ``fastgrpo train | eval | presets | env | plot | demo`` (DESIGN.md §6).
+"""Command line: ``fastgrpo train | eval | serve-reward | presets | env | plot | demo`` (DESIGN.md §6).
 
 Errors are one line on stderr, never a traceback: a bad config (unknown key, bad value, YAML syntax error with its
 file and line) exits 2; a run that cannot start or stops (an unwritable ``--out``, a model not available locally,
@@ -164,6 +164,11 @@ def main(argv=None) -> int:
     p_eval.add_argument("--ema", action="store_true", help="evaluate the EMA weights (ema.safetensors)")
     p_eval.add_argument("--no-base", action="store_true", help="skip the base model")
     p_eval.add_argument("--out", help="output folder (default RUN/eval, or RUN/eval_step_N for one checkpoint)")
+    p_serve = sub.add_parser("serve-reward", help="serve the rewards of a YAML config over HTTP (for reward: "
+                                                  "[{name: remote, args: {url: ...}}])")
+    p_serve.add_argument("config", help="a YAML file with a `reward:` list (a training config works)")
+    p_serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    p_serve.add_argument("--port", type=int, default=8000)
     p_presets = sub.add_parser("presets", help="list the presets with a one-line description")
     p_presets.add_argument("--markdown", action="store_true",
                            help="a Markdown table (preset, algo, family, description): the README's list")
@@ -182,6 +187,16 @@ def main(argv=None) -> int:
         return _train(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "serve-reward":
+        from fastgrpo.rewards.remote import serve
+
+        try:
+            serve(args.config, host=args.host, port=args.port)
+        except ValueError as e:
+            return _error("fastgrpo serve-reward", e, 2)
+        except KeyboardInterrupt:
+            return 0
+        return 0
     if args.command == "presets":
         print(presets_text(markdown=args.markdown))
         return 0
