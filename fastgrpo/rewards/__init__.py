@@ -10,7 +10,8 @@ Built in:
   (cosine of the CLIP image embeddings of the edit and its source: Flow-GRPO's ``image_similarity``);
 * CLIP-based rewards through transformers: ``clip_score`` and ``pickscore`` (a ``CLIPModel`` + processor from a
   local folder or a hub id; ``hps`` is the same scorer pointed at an HPS-v2 checkpoint converted to the
-  transformers CLIP format).
+  transformers CLIP format);
+* ``remote``: any of these served over HTTP by ``fastgrpo serve-reward`` (`fastgrpo.rewards.remote`).
 """
 from __future__ import annotations
 
@@ -41,7 +42,14 @@ REWARDS: dict[str, Callable[..., Callable]] = {
     "pickscore": lambda **kw: ClipPreference(**{**_defaults("pickscore"), **kw}),
     "hps": lambda **kw: ClipPreference(**kw),
     "clip_image_similarity": lambda **kw: ClipImageSimilarity(**{**_defaults("clip_image_similarity"), **kw}),
+    "remote": lambda **kw: _remote(**kw),
 }
+
+
+def _remote(**kw):
+    from .remote import RemoteReward
+
+    return RemoteReward(**kw)
 
 
 def _defaults(name: str) -> dict:

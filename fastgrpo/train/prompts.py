@@ -4,6 +4,9 @@
 ``prompts.source`` is one of:
 
 * ``builtin``: `BUILTIN_PROMPTS` (text);
+* ``heldout``: for evaluation (`fastgrpo.train.evaluate`), prompts the built-in training list does not hold:
+  `HELDOUT_PROMPTS` (text), or for an image-editing family `HELDOUT_EDITS` (other instructions over other drawn
+  images than ``builtin_edit``'s);
 * a text file, one prompt per line (blank lines skipped);
 * a ``.jsonl`` file, one JSON object per line: ``{"prompt": "...", "image": "path"}``, the image path relative to
   the JSONL file's folder (or absolute, ``~`` expanded); rows without ``"image"`` are text prompts (the other keys of
@@ -38,6 +41,15 @@ BUILTIN_PROMPTS = [
     "a snowy mountain", "a yellow taxi in the rain", "a green forest path", "an orange sunset over the sea",
     "a white horse in a field", "a purple flower", "a black and white photo of a city", "a bright desert",
     "a dog playing with a ball", "a cup of coffee", "a sailing boat", "a field of sunflowers",
+]
+
+# Evaluation prompts none of which is in BUILTIN_PROMPTS (tests/test_evaluate.py checks it): the same kinds of
+# subjects, other objects, colours and scenes.
+HELDOUT_PROMPTS = [
+    "a blue vase on a shelf", "a fox in the snow", "a windmill at dawn", "a plate of red strawberries",
+    "a frozen lake", "a green bus on a bridge", "a brown owl on a branch", "a pink sky over the hills",
+    "a grey wolf in a forest", "a white teapot", "a neon street at night", "a dark cave entrance",
+    "a child flying a kite", "a glass of orange juice", "a red canoe on a river", "a field of lavender",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -142,6 +154,16 @@ BUILTIN_EDITS = [
 ]
 
 
+# Held-out edits for evaluation (``heldout`` for an image-editing family): instructions and images none of which
+# is in BUILTIN_EDITS.
+HELDOUT_EDITS = [
+    ("lighten the whole scene", "rings"),
+    ("make the square shine", "square"),
+    ("add daylight", "diagonal"),
+    ("brighten the dots", "dots"),
+]
+
+
 def builtin_edit_image(name: str):
     """One of the built-in source images (64x64 RGB ``PIL.Image``), drawn in code: the same pixels every time."""
     from PIL import Image
@@ -160,13 +182,27 @@ def builtin_edit_image(name: str):
     elif name == "disc":  # an orange disc on purple
         d = ((xx - 0.5) ** 2 + (yy - 0.5) ** 2) < 0.09
         rgb = np.stack([0.3 + 0.5 * d, 0.05 + 0.35 * d, 0.35 - 0.3 * d], -1)
+    elif name == "rings":  # concentric teal rings
+        r = np.sqrt((xx - 0.5) ** 2 + (yy - 0.5) ** 2)
+        ring = (np.floor(r * 10) % 2 == 0)
+        rgb = np.stack([0.05 + 0.0 * r, 0.2 + 0.3 * ring, 0.25 + 0.3 * ring], -1)
+    elif name == "square":  # a yellow square on dark green
+        sq = (np.abs(xx - 0.5) < 0.25) & (np.abs(yy - 0.5) < 0.25)
+        rgb = np.stack([0.1 + 0.6 * sq, 0.25 + 0.45 * sq, 0.1 + 0.0 * xx], -1)
+    elif name == "diagonal":  # a dark blue / brown diagonal split
+        upper = xx > yy
+        rgb = np.stack([0.1 + 0.3 * ~upper, 0.1 + 0.15 * ~upper, 0.4 * upper + 0.05], -1)
+    elif name == "dots":  # a grid of pale dots on black
+        d = ((xx * 4 % 1 - 0.5) ** 2 + (yy * 4 % 1 - 0.5) ** 2) < 0.06
+        rgb = np.stack([0.6 * d, 0.55 * d, 0.5 * d], -1)
     else:
-        raise ValueError(f"unknown built-in edit image {name!r} (known: {', '.join(n for _, n in BUILTIN_EDITS)})")
+        known = ", ".join(n for _, n in BUILTIN_EDITS + HELDOUT_EDITS)
+        raise ValueError(f"unknown built-in edit image {name!r} (known: {known})")
     return Image.fromarray((np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), mode="RGB")
 
 
-def builtin_edits() -> list:
-    return [EditPrompt(text, f"builtin:{name}") for text, name in BUILTIN_EDITS]
+def builtin_edits(held_out: bool = False) -> list:
+    return [EditPrompt(text, f"builtin:{name}") for text, name in (HELDOUT_EDITS if held_out else BUILTIN_EDITS)]
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -174,6 +210,8 @@ def load_prompts(source: str, *, edit: bool = False, family: str | None = None) 
     """The prompt list of ``prompts.source`` (module docstring). ``edit``: the run's family edits images, so
     every prompt must carry a source image (`EditPrompt`), else none may; ``family`` names it in messages."""
     who = f"model.family {family!r}" if family else "this model family"
+    if source == "heldout":
+        return builtin_edits(held_out=True) if edit else list(HELDOUT_PROMPTS)
     if source in ("builtin", "builtin_edit"):
         if (source == "builtin_edit") != edit:
             raise ValueError(_mismatch(f"prompts.source {source!r}", has_image=not edit, who=who))
