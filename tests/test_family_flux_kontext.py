@@ -139,6 +139,7 @@ def test_jsonl_folder_and_builtin_edit_prompts(tmp_path, monkeypatch):
     # a JSONL of text-only rows is a text prompt list for a text-to-image family
     t = _jsonl(tmp_path / "text.jsonl", [{"prompt": "a cat"}, {"prompt": "a dog", "meta": 1}])
     assert load_prompts(str(t)) == ["a cat", "a dog"] and type(load_prompts(str(t))[0]) is str
+    assert load_prompts(str(f)) == got  # without a family: what the source holds
 
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -150,8 +151,12 @@ def test_jsonl_folder_and_builtin_edit_prompts(tmp_path, monkeypatch):
     got = load_prompts(str(folder), edit=True)
     assert [(str(p), Path(p.image).name) for p in got] == [("first edit", "1.webp"), ("second", "2.png")]
 
+    assert load_prompts(str(folder)) == got
     one, two = builtin_edits(), builtin_edits()
-    assert one == two and len(one) == 4 and load_prompts("builtin_edit", edit=True) == one
+    assert one == two and len(one) == 4 and load_prompts("builtin_edit", edit=True) == one == load_prompts("builtin_edit")
+    held = load_prompts("heldout", edit=True)  # evaluation: other instructions over other images
+    assert len(held) == 4 and not set(held) & set(one) and not {p.image for p in held} & {p.image for p in one}
+    assert len({p.source_pixels(16, 16).mean().item() for p in held}) == 4
     assert all(torch.equal(p.source_pixels(32, 32), q.source_pixels(32, 32)) for p, q in zip(one, two))
     assert len({p.source_pixels(16, 16).mean().item() for p in one}) == 4  # four different images
 
@@ -177,7 +182,10 @@ def test_bad_edit_prompt_sources_name_the_key_file_and_line(tmp_path):
     f = _jsonl(tmp_path / "mixed.jsonl", [{"prompt": "a"}, {"prompt": "b", "image": str(img)}])
     with pytest.raises(ValueError, match="mixed.jsonl' line 2: a prompt with a source image, but model.family "
                                          "'flux' generates from text alone"):
-        load_prompts(str(f), family="flux")
+        load_prompts(str(f), edit=False, family="flux")
+    with pytest.raises(ValueError, match="mixed.jsonl' line 2: a prompt without a source image after prompts with "
+                                         "one \\(or the other way round\\)"):
+        load_prompts(str(f))  # no family given: the first row says which kind of list it is
     txt = tmp_path / "p.txt"
     txt.write_text("\n a cat\n")
     with pytest.raises(ValueError, match="p.txt' line 2: a prompt without a source image, but model.family "
@@ -186,14 +194,14 @@ def test_bad_edit_prompt_sources_name_the_key_file_and_line(tmp_path):
     with pytest.raises(ValueError, match="prompts.source 'builtin': a prompt without a source image"):
         load_prompts("builtin", edit=True)
     with pytest.raises(ValueError, match="prompts.source 'builtin_edit': a prompt with a source image"):
-        load_prompts("builtin_edit")
+        load_prompts("builtin_edit", edit=False)
     folder = tmp_path / "f"
     folder.mkdir()
     with pytest.raises(ValueError, match="holds no images"):
         load_prompts(str(folder), edit=True)
     _random_image(folder / "x.png", (8, 8), 1)
     with pytest.raises(ValueError, match="a folder of images.*generates from text alone"):
-        load_prompts(str(folder))
+        load_prompts(str(folder), edit=False)
     with pytest.raises(ValueError, match="image x.png has no caption file x.txt"):
         load_prompts(str(folder), edit=True)
     (folder / "x.txt").write_text("  \n")

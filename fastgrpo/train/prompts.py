@@ -206,19 +206,23 @@ def builtin_edits(held_out: bool = False) -> list:
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def load_prompts(source: str, *, edit: bool = False, family: str | None = None) -> list:
-    """The prompt list of ``prompts.source`` (module docstring). ``edit``: the run's family edits images, so
-    every prompt must carry a source image (`EditPrompt`), else none may; ``family`` names it in messages."""
+def load_prompts(source: str, *, edit: bool | None = None, family: str | None = None) -> list:
+    """The prompt list of ``prompts.source`` (module docstring). ``edit``: whether the run's family edits images:
+    True, every prompt must carry a source image (`EditPrompt`); False, none may; None (the default), the list is
+    what the source holds (``heldout`` then the text one), as long as its prompts agree. ``family`` names the
+    family in messages."""
     who = f"model.family {family!r}" if family else "this model family"
     if source == "heldout":
         return builtin_edits(held_out=True) if edit else list(HELDOUT_PROMPTS)
     if source in ("builtin", "builtin_edit"):
+        if edit is None:
+            edit = source == "builtin_edit"
         if (source == "builtin_edit") != edit:
             raise ValueError(_mismatch(f"prompts.source {source!r}", has_image=not edit, who=who))
         return builtin_edits() if edit else list(BUILTIN_PROMPTS)
     path = Path(source).expanduser()
     if path.is_dir():
-        return _load_folder(path, source, edit, who)
+        return _load_folder(path, source, True if edit is None else edit, who)
     if not path.is_file():
         raise ValueError(f"prompts.source: prompt file {source!r} does not exist")
     if path.suffix.lower() == ".jsonl":
@@ -235,6 +239,11 @@ def load_prompts(source: str, *, edit: bool = False, family: str | None = None) 
     return [p for _, p in prompts]
 
 
+def _mixed(where: str) -> str:
+    return (f"{where}: a prompt without a source image after prompts with one (or the other way round): a prompt "
+            "list is either image-editing prompts or text prompts")
+
+
 def _mismatch(where: str, *, has_image: bool, who: str) -> str:
     if has_image:
         return (f"{where}: a prompt with a source image, but {who} generates from text alone; prompts with images "
@@ -244,12 +253,12 @@ def _mismatch(where: str, *, has_image: bool, who: str) -> str:
             "builtin_edit")
 
 
-def _load_jsonl(path: Path, source: str, edit: bool, who: str) -> list:
+def _load_jsonl(path: Path, source: str, edit: bool | None, who: str) -> list:
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"prompts.source: {source!r} cannot be read as text ({type(e).__name__}: {e})") from None
-    out = []
+    out, inferred = [], edit is None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -265,7 +274,11 @@ def _load_jsonl(path: Path, source: str, edit: bool, who: str) -> list:
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{where}: the row has no \"prompt\" (a non-empty string), got keys {sorted(row)}")
         image = row.get("image")
+        if edit is None and not out:
+            edit = image is not None  # the first row says which kind of list this is
         if (image is not None) != edit:
+            if inferred:
+                raise ValueError(_mixed(where))
             raise ValueError(_mismatch(where, has_image=image is not None, who=who))
         if image is None:
             out.append(text.strip())
