@@ -448,3 +448,18 @@ def test_paper_preset_lora_targets_exist_on_the_transformer():
     for t in cfg.model.lora.targets:
         assert any(n == t or n.endswith("." + t) for n in names), t
     assert model.add_lora(4, 8, cfg.model.lora.targets)
+
+
+def test_evaluation_uses_held_out_edits(tmp_path):
+    """``eval.every`` on an editing run evaluates the held-out edits (other instructions over other drawn images),
+    scored with the run's rewards, source_similarity included; ``fastgrpo eval`` reports them by their text."""
+    from fastgrpo.train.evaluate import evaluate_run
+    from fastgrpo.train.prompts import HELDOUT_EDITS
+
+    run = train(_cfg("train.steps=1", "checkpoint.every=1", "eval.every=1", "eval.num_prompts=2",
+                     "eval.samples_per_prompt=1"), tmp_path / "run")
+    row = read_metrics(run / "metrics.jsonl")[0]
+    assert math.isfinite(row["eval_reward_mean"])
+    report = json.loads((evaluate_run(run, out=tmp_path / "e", progress=False) / "eval.json").read_text())
+    assert report["prompts"] == [text for text, _ in HELDOUT_EDITS[:2]]
+    assert {"brightness", "source_similarity"} <= set(report["checkpoints"][0]["rewards"])
