@@ -463,3 +463,27 @@ def test_evaluation_uses_held_out_edits(tmp_path):
     report = json.loads((evaluate_run(run, out=tmp_path / "e", progress=False) / "eval.json").read_text())
     assert report["prompts"] == [text for text, _ in HELDOUT_EDITS[:2]]
     assert {"brightness", "source_similarity"} <= set(report["checkpoints"][0]["rewards"])
+
+
+@pytest.mark.slow  # about 10 s of CPU
+def test_aegpo_on_kontext_resumes_bit_identical(tmp_path):
+    """AEGPO on the editing family: its probes run under the collector (generated queries), its base-entropy cache is
+    keyed by (EditPrompt, seed) and saved in strategy.pt, which loads with weights_only: 4 steps straight == 2, then
+    --resume to 4."""
+    from fastgrpo.train.checkpoint import load_pt
+
+    base = ["algo=aegpo", "algo_args={r_high: 4, r_low: 2, warmup_steps: 1, top_k: 2, layers: [0, 1], "
+            "exploration: branch}", "sample.num_steps=4", "sample.prompts_per_step=2", "sample.group_size=3",
+            "sample.batch_size=8", "log.progress=false", "log.tensorboard=false", "checkpoint.every=2",
+            "train.lr=1e-3"]
+    cfg = lambda steps: resolve_config(preset=PRESET, overrides=[*base, f"train.steps={steps}"])  # noqa: E731
+    a = train(cfg(4), tmp_path / "a")
+    train(cfg(2), tmp_path / "b")
+    b = train(cfg(4), tmp_path / "b", resume=True)
+    wa = load_file(str(a / "checkpoints/step_4/trainable.safetensors"))
+    wb = load_file(str(b / "checkpoints/step_4/trainable.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    rows = read_metrics(a / "metrics.jsonl")
+    assert sorted(rows[-1]["rollouts_per_prompt"]) == [2, 4] and all(len(r["entropy_t"]) == 4 for r in rows)
+    keys = [k for k in load_pt(a / "checkpoints/step_4/strategy.pt")["base_entropy"]]
+    assert keys and all(type(p) is EditPrompt for p, _ in keys)
