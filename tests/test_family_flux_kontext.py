@@ -294,7 +294,9 @@ def test_lora_and_full_finetuning_train(tmp_path, lora):
     assert any(not torch.equal(before[k], v) for k, v in trainer.named.items())
 
 
+@pytest.mark.slow  # tests/test_families.py resumes every tiny family (this one too) in the fast tier, at 1 + 1 steps
 def test_resume_is_bit_identical(tmp_path):
+    """4 steps straight == 2 steps, then --resume to 4: weights and every step's reward."""
     straight = train(_cfg("train.steps=4", "checkpoint.every=2"), tmp_path / "a")
     train(_cfg("train.steps=2", "checkpoint.every=2"), tmp_path / "b")
     resumed = train(_cfg("train.steps=4", "checkpoint.every=2"), tmp_path / "b", resume=True)
