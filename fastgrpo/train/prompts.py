@@ -4,7 +4,7 @@
 ``prompts.source`` is one of:
 
 * ``builtin``: `BUILTIN_PROMPTS` (text);
-* ``heldout``: for evaluation (`fastgrpo.train.evaluate`), prompts the built-in training list does not hold:
+* ``heldout`` (``eval.prompts`` only): for evaluation (`fastgrpo.train.evaluate`), prompts the built-in training list does not hold:
   `HELDOUT_PROMPTS` (text), or for an image-editing family `HELDOUT_EDITS` (other instructions over other drawn
   images than ``builtin_edit``'s);
 * a text file, one prompt per line (blank lines skipped);
@@ -30,6 +30,7 @@ any model loads, not in the middle of training.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -67,8 +68,8 @@ class EditPrompt(str):
       groups by ``f"{prompt}_{image_path}"``, yifan123/flow_grpo scripts/train_flux_kontext.py,
       ``prompt_with_image_path``). An EditPrompt never equals a plain ``str``. Ordering is the text's.
     * String operations (slicing, ``+``, ``.strip()``, f-strings) give plain ``str``: the text.
-    * It pickles as (text, image) (``copy``, ``torch.save``; `fastgrpo.train.checkpoint.load_pt` allows the class), and
-      the pixels are read from the file (or drawn again) when first needed, then kept in the object.
+    * It pickles as (text, image) (``copy``, ``torch.save``; `fastgrpo.train.checkpoint.load_pt` allows the class);
+      the pixels are read from the file (or drawn) when needed (`load`).
     """
 
     def __new__(cls, text: str, image: str):
@@ -97,13 +98,15 @@ class EditPrompt(str):
         return str(self)
 
     def load(self):
-        """The source image as an RGB ``PIL.Image`` (ValueError naming the file when it cannot be read)."""
-        if self._pil is None:
-            if self.image.startswith("builtin:"):
+        """The source image as an RGB ``PIL.Image`` (ValueError naming the file when it cannot be read; do not modify
+        it: it may be shared). A file is read again when needed (the last 64 read are kept: a large dataset is not
+        held in memory; the adapter encodes each prompt's image once and caches the latents); a built-in image is
+        drawn once and kept in the prompt."""
+        if self.image.startswith("builtin:"):
+            if self._pil is None:
                 self._pil = builtin_edit_image(self.image.removeprefix("builtin:"))
-            else:
-                self._pil = _open_rgb(Path(self.image))
-        return self._pil
+            return self._pil
+        return _open_rgb(self.image)
 
     def source_pixels(self, height: int, width: int) -> torch.Tensor:
         """The source image resized to ``height`` x ``width`` (Lanczos, as diffusers' ``VaeImageProcessor.resize``,
@@ -117,7 +120,8 @@ class EditPrompt(str):
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-def _open_rgb(path: Path):
+@functools.lru_cache(maxsize=64)
+def _open_rgb(path: str):
     from PIL import Image
 
     try:
