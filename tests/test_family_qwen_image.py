@@ -48,6 +48,13 @@ def test_tiny_tokenizer_drops_exactly_the_template_prefix(pipe):
     n = len(full) - 34
     assert emb["mask"].tolist() == [True] * n + [False] * (40 - n)
     assert emb["embeds"][n:].abs().max() == 0 and emb["embeds"][:n].abs().min() > 0
+    # the pipeline's own encoding of one prompt (no mask: every token valid), here unpadded
+    pe, pm = pipe.encode_prompt(["two cats"], max_sequence_length=40)
+    assert pm is None and torch.equal(emb["embeds"][:n], pe[0])
+    # a prompt longer than max_sequence_length is cut there, as in the pipeline
+    long = _adapter(pipe, max_sequence_length=12).encode_prompt(PROMPTS[2] * 3)
+    assert long["mask"].all() and torch.equal(long["embeds"], pipe.encode_prompt([PROMPTS[2] * 3],
+                                                                               max_sequence_length=12)[0][0])
 
 
 def test_packing_round_trips():
@@ -337,11 +344,51 @@ def test_bad_input(pipe, kw, match):
         _adapter(pipe, **kw)
 
 
+def test_height_must_be_a_multiple_of_16_with_qwen_images_vae(pipe):
+    """With Qwen-Image's 8x VAE (three downsampling stages) the 2x2 packing needs multiples of 16."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
+
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                 latents_std=[1.0] * 4)
+    pipe8 = QwenImagePipeline(scheduler=pipe.scheduler, vae=vae, text_encoder=pipe.text_encoder,
+                              tokenizer=pipe.tokenizer, transformer=pipe.transformer)
+    assert _adapter(pipe8, height=64, width=48).latent_shape(1) == (1, 4 * 3, 16)
+    with pytest.raises(ValueError, match="model.height must be a multiple of 16"):
+        _adapter(pipe8, height=40, width=48)
+
+
 def test_bad_input_through_the_config(tmp_path):
     from fastgrpo.train import make_trainer
 
     with pytest.raises(ValueError, match="model.height"):
         make_trainer(_cfg("model.height=30"), tmp_path / "run")
+
+
+AEGPO_SMALL = ["algo_args={r_high: 4, r_low: 2, warmup_steps: 0, top_k: 2, layers: [0, 2]}", "sample.group_size=3",
+               "sample.batch_size=4", "sample.num_steps=4", "train.steps=2", "sample.guidance_scale=2.0"]
+
+
+@pytest.mark.parametrize("preset, extra", [
+    pytest.param("tiny-dance-grpo", [], marks=pytest.mark.slow),
+    pytest.param("tiny-tempflow-grpo", [], marks=pytest.mark.slow),
+    pytest.param("tiny-pro-grpo", [], marks=pytest.mark.slow),
+    pytest.param("tiny-branch-grpo", [], marks=pytest.mark.slow),
+    ("tiny-aegpo", AEGPO_SMALL),  # the collector on padded prompts inside the loop, with a CFG batch
+])
+def test_every_flow_variant_trains_qwen_image(tmp_path, preset, extra):
+    """Each variant's tiny preset on the tiny Qwen-Image pipeline (model.family=qwen_image): a finite step that
+    moves the weights."""
+    from fastgrpo.train import resolve_config, train
+    from fastgrpo.train.metrics import read_metrics
+
+    overrides = ["model.family=qwen_image", "sample.guidance_scale=1.0", "train.steps=1", "log.progress=false",
+                 "log.tensorboard=false", *extra]
+
+    out = train(resolve_config(preset=preset, overrides=overrides), tmp_path / "run")
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows and all(math.isfinite(r["loss"]) and r["model_forwards"] > 0 for r in rows)
+    assert any(r["grad_norm"] > 0 for r in rows)
 
 
 @pytest.mark.slow

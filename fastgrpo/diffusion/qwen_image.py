@@ -174,8 +174,8 @@ class QwenImageAdapter(FlowAdapter):
         cfg = self.vae.config
         z = unpack_latents(x, self.lat_h, self.lat_w).to(self.vae.dtype)
         mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
-        std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
-        img = self.vae.decode(z * std + mean).sample[:, :, 0].float()
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
+        img = self.vae.decode(z / inv_std + mean).sample[:, :, 0].float()  # the pipeline's ops, in its order
         return (img / 2 + 0.5).clamp(0, 1)
 
 
