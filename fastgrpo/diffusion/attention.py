@@ -24,6 +24,10 @@ and installs the adapter's entropy processor in place of each selected layer's s
   [B, S, H, D]; qk-norm, then RoPE (``image_rotary_emb``) on the joint sequence, as in diffusers. ``layers`` index
   the double-stream blocks (``transformer_blocks``); the single-stream blocks are untouched.
 
+Other families keep their processor in their adapter module (Qwen-Image: `fastgrpo.diffusion.qwen_image`). A family
+whose text keys carry padding (a key mask) reports its statistics through `AttentionEntropyCollector._record_masked`
+(eager, padded keys excluded) instead of the kernel, which has no mask.
+
 Modes: ``"mixture"`` is the paper's definition (average the text-key probabilities over the selected layers and
 heads, renormalise over the text keys, entropy, mean over image queries): each layer adds its head-summed
 probabilities into one float32 [B, N, T] buffer (`text_attention_probs`; the first layer of a forward writes it). ``"head_mean"`` averages the per-head,
