@@ -497,3 +497,13 @@ def test_paper_preset_carries_flow_grpos_qwen_image_settings():
     assert (cfg.model.lora.rank, cfg.model.lora.alpha) == (64, 128)
     assert set(QwenImageAdapter.lora_targets) < set(cfg.model.lora.targets)
     assert {"img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"} < set(cfg.model.lora.targets)
+
+
+def test_old_diffusers_without_the_text_mask_is_refused(pipe, monkeypatch):
+    """diffusers < 0.37 ran the joint attention without the text mask: padded prompts would differ from the
+    pipeline's, so the adapter refuses them, naming the version."""
+    from diffusers.models.transformers import transformer_qwenimage
+
+    monkeypatch.delattr(transformer_qwenimage, "compute_text_seq_len_from_mask")
+    with pytest.raises(ValueError, match=r"qwen_image needs diffusers >= 0\.37"):
+        _adapter(pipe)

@@ -9,8 +9,9 @@ Conventions, as in diffusers' ``pipelines/qwenimage/pipeline_qwenimage.py`` (0.4
   own (`FlowAdapter.encode_prompts`), then **padded with zeros to ``model.max_sequence_length`` tokens** with a
   boolean mask (``embeds`` [T, D], ``mask`` [T]): prompts have different lengths, and the trainer stacks and
   concatenates the embeddings of any samples, so every cached encoding has one shape whatever the batch. The
-  transformer's joint attention ignores the padded keys (``encoder_hidden_states_mask``), so a padded prompt gives
-  the pipeline's velocity (which runs unpadded with no mask for one prompt) to float rounding. Decision: the
+  transformer's joint attention ignores the padded keys (``encoder_hidden_states_mask``; diffusers >= 0.37, checked
+  in `setup`: older versions ignore the mask), so a padded prompt gives the pipeline's velocity (which runs
+  unpadded with no mask for one prompt) to float rounding. Decision: the
   padding costs attention over ``max_sequence_length`` text tokens; set ``model.max_sequence_length`` near the
   longest prompt's length (the prompt is cut there, as in the pipeline).
 * **Latents**: packed [B, (h/2)*(w/2), 4C] as the pipeline's ``_pack_latents`` (noise drawn in the packed layout:
@@ -98,6 +99,14 @@ class QwenImageAdapter(FlowAdapter):
 
     # ------------------------------------------------------------------------------------------- instance
     def setup(self) -> None:
+        import diffusers
+        from diffusers.models.transformers import transformer_qwenimage
+
+        if not hasattr(transformer_qwenimage, "compute_text_seq_len_from_mask"):
+            # Before 0.37 the joint attention ignored encoder_hidden_states_mask: padded prompts would attend to
+            # their padding, unlike the pipeline on one prompt.
+            raise ValueError(f"model.family qwen_image needs diffusers >= 0.37 (masked joint attention for padded "
+                             f"prompts), found {diffusers.__version__}")
         self.vae_scale = 2 ** len(self.vae.temperal_downsample)  # the pipeline's vae_scale_factor
         mult = 2 * self.vae_scale
         for key, v in (("model.height", self.height), ("model.width", self.width)):
