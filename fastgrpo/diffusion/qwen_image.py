@@ -296,14 +296,23 @@ def _byte_chars() -> list:
     return [chr(c) for _, c in sorted(zip(bs, cs))]
 
 
+# Qwen2's pre-tokenizer split (transformers' models/qwen2/tokenization_qwen2.py, PRETOKENIZE_REGEX): the byte-level
+# BPE runs on these pieces
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
 def tiny_qwen_tokenizer():
-    """A byte-level BPE ``Qwen2Tokenizer`` built in code: every byte is a token, plus one token for each word of
-    the pipeline's template (merged from its characters, so other text containing those words uses them too), plus
-    Qwen's special tokens ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>``. The template's prefix is then 34
-    tokens, as with Qwen's tokenizer (the pipeline's ``prompt_template_encode_start_idx``)."""
+    """A byte-level BPE tokenizer built in code with Qwen2's pre-tokenizer (``tokenizers`` wrapped in
+    ``PreTrainedTokenizerFast``, which every transformers version loads back): every byte is a token, plus one token
+    for each word of the pipeline's template (merged from its characters, so other text containing those words uses
+    them too), plus Qwen's special tokens ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>``. The template's
+    prefix is then 34 tokens, as with Qwen's tokenizer (the pipeline's ``prompt_template_encode_start_idx``)."""
     import re
 
-    from transformers import Qwen2Tokenizer
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
 
     byte = _byte_chars()
     vocab = {c: i for i, c in enumerate(byte)}
@@ -312,15 +321,19 @@ def tiny_qwen_tokenizer():
     for piece in re.findall(r" ?[A-Za-z]+", re.sub(r"<\|[a-z_]+\|>", "\n", text)):
         chars = "".join(byte[b] for b in piece.encode())
         for i in range(1, len(chars)):
-            pair = (chars[:i], chars[i])
             if chars[:i + 1] not in vocab:
                 vocab[chars[:i + 1]] = len(vocab)
-                merges.append(pair)
-    for s in _SPECIAL:
-        vocab[s] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=2048)
-    tok.add_special_tokens({"additional_special_tokens": list(_SPECIAL[1:])})
-    return tok
+                merges.append((chars[:i], chars[i]))
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
+                        fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _SPECIAL])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=_SPECIAL[0], eos_token=_SPECIAL[0],
+                                   model_max_length=2048)
 
 
 TINY_QWEN_TRANSFORMER = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=3, attention_head_dim=16,
