@@ -98,7 +98,7 @@ def test_cfg_combination_is_the_pipelines_with_norm_rescale(pipe):
     sigma = torch.tensor([0.9, 0.3])
     with torch.no_grad():
         v = a.velocity(x, sigma, emb)
-        kw = dict(hidden_states=x, timestep=sigma, img_shapes=[a.img_shapes] * 2)
+        kw = dict(hidden_states=x, timestep=sigma, img_shapes=[[a.img_shapes]] * 2)
         vc = a.transformer(encoder_hidden_states=emb["embeds"], encoder_hidden_states_mask=emb["mask"], **kw).sample
         vu = a.transformer(encoder_hidden_states=emb["neg_embeds"], encoder_hidden_states_mask=emb["neg_mask"],
                            **kw).sample
@@ -356,6 +356,18 @@ def test_height_must_be_a_multiple_of_16_with_qwen_images_vae(pipe):
     assert _adapter(pipe8, height=64, width=48).latent_shape(1) == (1, 4 * 3, 16)
     with pytest.raises(ValueError, match="model.height must be a multiple of 16"):
         _adapter(pipe8, height=40, width=48)
+
+
+def test_guidance_distilled_transformer_is_refused(pipe):
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+
+    from fastgrpo.diffusion.qwen_image import TINY_QWEN_TRANSFORMER
+
+    net = QwenImageTransformer2DModel(**TINY_QWEN_TRANSFORMER, guidance_embeds=True)
+    other = QwenImagePipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                              tokenizer=pipe.tokenizer, transformer=net)
+    with pytest.raises(ValueError, match="guidance-distilled"):
+        _adapter(other)
 
 
 def test_bad_input_through_the_config(tmp_path):

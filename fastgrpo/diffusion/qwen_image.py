@@ -26,7 +26,8 @@ Conventions, as in diffusers' ``pipelines/qwenimage/pipeline_qwenimage.py`` (0.4
 
       comb = v_u + g (v_c - v_u);   v = comb * ||v_c|| / ||comb||     (norms over the channel dim, per token)
 
-  A transformer with ``guidance_embeds`` gets ``guidance = sample.guidance_scale`` instead, as the pipeline.
+  ``sample.guidance_scale <= 1``: no negative prompt, one forward (the pipeline with ``true_cfg_scale <= 1``). A
+  transformer with ``guidance_embeds`` is refused: diffusers' own forward cannot run its guidance input.
 * **Schedule**: the pipeline's sigmas ``linspace(1, 1/N, N)`` through its scheduler with the dynamic shift ``mu``
   linear in the packed image sequence length (the scheduler config's ``base_image_seq_len``/``max_image_seq_len``
   and ``base_shift``/``max_shift``); computed by a copy of the pipeline's own scheduler, so every option of its
@@ -107,6 +108,9 @@ class QwenImageAdapter(FlowAdapter):
             # their padding, unlike the pipeline on one prompt.
             raise ValueError(f"model.family qwen_image needs diffusers >= 0.37 (masked joint attention for padded "
                              f"prompts), found {diffusers.__version__}")
+        if self.transformer.config.guidance_embeds:
+            raise ValueError("model.path: a guidance-distilled Qwen-Image transformer (guidance_embeds) is not "
+                             "supported (diffusers' QwenImageTransformer2DModel cannot run its guidance input)")
         self.vae_scale = 2 ** len(self.vae.temperal_downsample)  # the pipeline's vae_scale_factor
         mult = 2 * self.vae_scale
         for key, v in (("model.height", self.height), ("model.width", self.width)):
@@ -133,7 +137,7 @@ class QwenImageAdapter(FlowAdapter):
     def encode_prompt(self, prompt: str) -> dict:
         embeds, mask = self._encode_one(prompt)
         out = {"embeds": embeds, "mask": mask}
-        if self.guidance_scale > 1 and not self.transformer.config.guidance_embeds:
+        if self.guidance_scale > 1:
             if not hasattr(self, "_negative"):
                 self._negative = self._encode_one(self.negative_prompt)
             out["neg_embeds"], out["neg_mask"] = self._negative
@@ -154,27 +158,23 @@ class QwenImageAdapter(FlowAdapter):
 
     def predict(self, net, x, sigma, emb, cfg):
         dtype, B = self.dtype, x.shape[0]
-        guidance = None
-        if net.config.guidance_embeds:
-            guidance = torch.full((B,), self.guidance_scale, device=self.device, dtype=torch.float32)
-        elif cfg and self.guidance_scale > 1:
+        if cfg and self.guidance_scale > 1:
             out = net(hidden_states=torch.cat([x, x]).to(dtype), timestep=torch.cat([sigma, sigma]),
                       encoder_hidden_states=torch.cat([emb["embeds"], emb["neg_embeds"]]).to(dtype),
                       encoder_hidden_states_mask=torch.cat([emb["mask"], emb["neg_mask"]]),
-                      img_shapes=[self.img_shapes] * (2 * B)).sample
+                      img_shapes=[[self.img_shapes]] * (2 * B)).sample
             self.model_forwards += 2 * B
             v_c, v_u = out.float().chunk(2)
             comb = v_u + self.guidance_scale * (v_c - v_u)
             return comb * (torch.linalg.vector_norm(v_c, dim=-1, keepdim=True)
                            / torch.linalg.vector_norm(comb, dim=-1, keepdim=True))
         self.model_forwards += B
-        return net(hidden_states=x.to(dtype), timestep=sigma, guidance=guidance,
-                   encoder_hidden_states=emb["embeds"].to(dtype), encoder_hidden_states_mask=emb["mask"],
-                   img_shapes=[self.img_shapes] * B).sample.float()
+        return net(hidden_states=x.to(dtype), timestep=sigma, encoder_hidden_states=emb["embeds"].to(dtype),
+                   encoder_hidden_states_mask=emb["mask"], img_shapes=[[self.img_shapes]] * B).sample.float()
 
     def conditional_rows(self, per_row: torch.Tensor, *, cfg: bool = True) -> torch.Tensor:
         """With true CFG the forward runs ``[cond, uncond]``: the first half."""
-        if cfg and self.guidance_scale > 1 and not self.transformer.config.guidance_embeds:
+        if cfg and self.guidance_scale > 1:
             return per_row[: per_row.shape[0] // 2]
         return per_row
 
