@@ -332,6 +332,11 @@ def test_save_pretrained_and_load_from_folder(tmp_path, pipe):
     assert torch.equal(e1["mask"], e2["mask"]) and torch.equal(e1["embeds"], e2["embeds"])
     with pytest.raises(ValueError, match="model.path"):
         QwenImageAdapter.load_pipeline(str(tmp_path / "missing"), torch.float32)
+    from fastgrpo.train import make_trainer  # the same folder through the config
+
+    trainer = make_trainer(_cfg(f"model.path={tmp_path / 'qwen'}", "train.steps=1"), tmp_path / "run")
+    got = trainer.policy.transformer.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in pipe.transformer.state_dict().items())
 
 
 @pytest.mark.parametrize("kw, match", [
