@@ -75,7 +75,8 @@ class QwenImageAdapter(FlowAdapter):
     family: ClassVar[str] = "qwen_image"
     pipeline_class: ClassVar[str] = "QwenImagePipeline"
     transformer_class: ClassVar[str] = "QwenImageTransformer2DModel"
-    # The joint-attention projections of every block (Flow-GRPO's SD3/FLUX targets; the same names here)
+    # The joint-attention projections of every block (the SD3/FLUX families' default; Flow-GRPO's Qwen-Image trainer
+    # adds both streams' MLPs: configs/qwen-image-flow-grpo-pickscore.yaml lists them in model.lora.targets)
     lora_targets: ClassVar[tuple] = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
                                      "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
     block_lists: ClassVar[tuple] = ("transformer_blocks",)
