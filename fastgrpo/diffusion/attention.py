@@ -28,6 +28,10 @@ and installs the adapter's entropy processor in place of each selected layer's s
   0, which must come first), read from the forward's ``img_ids`` (once per ids tensor: no sync per forward); the
   source tokens are attended to but not averaged over.
 
+Other families keep their processor in their adapter module (Qwen-Image: `fastgrpo.diffusion.qwen_image`). A family
+whose text keys carry padding (a key mask) reports its statistics through `AttentionEntropyCollector._record_masked`
+(eager, padded keys excluded) instead of the kernel, which has no mask.
+
 Modes: ``"mixture"`` is the paper's definition (average the text-key probabilities over the selected layers and
 heads, renormalise over the text keys, entropy, mean over image queries): each layer adds its head-summed
 probabilities into one float32 [B, N, T] buffer (`text_attention_probs`; the first layer of a forward writes it). ``"head_mean"`` averages the per-head,
@@ -337,6 +341,47 @@ class AttentionEntropyCollector:
                                    query_start=image_start, query_len=image_len, impl=self.impl)
             self._plans[key] = plan
         return plan
+
+    def _record_masked(self, layer, q, k, text_mask, *, text_len, image_start, image_len, text_start=0):
+        """One selected layer's statistics when some text keys are padding (a family whose processor passes a
+        key mask, e.g. Qwen-Image's padded prompts): eager, from logits materialised one head at a time in
+        float32 (float64 for float64 inputs), the padded keys excluded from the softmax (AEGPO eq. 1) and from the
+        text renormalisation (eq. 2-3). ``q``, ``k``: [B, S, H, D] (no grad); ``text_mask``: bool [B, text_len],
+        True for the valid keys of ``[text_start, text_start + text_len)``. Records nothing outside a forward."""
+        if not self._in_forward:
+            return
+        if layer in self._seen:
+            raise RuntimeError(f"joint block {layer} ran twice in one transformer forward")
+        first = not self._seen
+        self._seen.append(layer)
+        B, S, H, D = q.shape
+        acc = torch.promote_types(q.dtype, torch.float32)
+        valid = torch.ones(B, S, dtype=torch.bool, device=q.device)
+        valid[:, text_start:text_start + text_len] = text_mask
+        text_valid = text_mask[:, None, :]
+        qi = q[:, image_start:image_start + image_len].to(acc)
+        kf = k.to(acc)
+        probs = torch.zeros(B, image_len, text_len, dtype=acc, device=q.device) if self.mode == "mixture" else None
+        entropy = torch.zeros(B, dtype=acc, device=q.device)
+        for h in range(H):
+            s = (qi[:, :, h] @ kf[:, :, h].transpose(-1, -2)) / math.sqrt(D)  # [B, N, S]
+            s = s.masked_fill(~valid[:, None, :], -math.inf)
+            s_text = s[..., text_start:text_start + text_len]
+            if probs is not None:
+                probs += torch.exp(s_text - torch.logsumexp(s, dim=-1, keepdim=True))
+            else:
+                log_p = s_text - torch.logsumexp(s_text, dim=-1, keepdim=True)
+                ent = -torch.where(text_valid, log_p.exp() * log_p, torch.zeros((), dtype=acc, device=q.device))
+                entropy += ent.sum(-1).mean(-1)
+        if probs is not None:
+            if first:
+                self._probs = probs.float()
+            else:
+                self._probs += probs.float()
+        elif first:
+            self._entropy_sum = entropy / H
+        else:
+            self._entropy_sum += entropy / H
 
     def _attend(self, layer, q, k, v, layout, text_start, text_len, image_start, image_len):
         """One selected layer under no grad: the attention output, and (inside a transformer forward) this layer's
