@@ -153,7 +153,8 @@ def test_jsonl_folder_and_builtin_edit_prompts(tmp_path, monkeypatch):
 
     assert load_prompts(str(folder)) == got
     one, two = builtin_edits(), builtin_edits()
-    assert one == two and len(one) == 4 and load_prompts("builtin_edit", edit=True) == one == load_prompts("builtin_edit")
+    assert one == two and len(one) == 4
+    assert load_prompts("builtin_edit", edit=True) == one == load_prompts("builtin_edit")
     held = load_prompts("heldout", edit=True)  # evaluation: other instructions over other images
     assert len(held) == 4 and not set(held) & set(one) and not {p.image for p in held} & {p.image for p in one}
     assert len({p.source_pixels(16, 16).mean().item() for p in held}) == 4

@@ -4,9 +4,9 @@
 ``prompts.source`` is one of:
 
 * ``builtin``: `BUILTIN_PROMPTS` (text);
-* ``heldout`` (``eval.prompts`` only): for evaluation (`fastgrpo.train.evaluate`), prompts the built-in training list does not hold:
-  `HELDOUT_PROMPTS` (text), or for an image-editing family `HELDOUT_EDITS` (other instructions over other drawn
-  images than ``builtin_edit``'s);
+* ``heldout`` (``eval.prompts`` only): for evaluation (`fastgrpo.train.evaluate`), prompts the built-in training
+  list does not hold: `HELDOUT_PROMPTS` (text), or for an image-editing family `HELDOUT_EDITS` (other instructions
+  over other drawn images than ``builtin_edit``'s);
 * a text file, one prompt per line (blank lines skipped);
 * a ``.jsonl`` file, one JSON object per line: ``{"prompt": "...", "image": "path"}``, the image path relative to
   the JSONL file's folder (or absolute, ``~`` expanded); rows without ``"image"`` are text prompts (the other keys of
