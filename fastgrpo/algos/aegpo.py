@@ -77,8 +77,8 @@ import torch
 from fastgrpo.diffusion.attention import MODES, AttentionEntropyCollector
 from fastgrpo.ops import sde_step
 from fastgrpo.train.distributed import all_gather_cat, world
-from fastgrpo.train.strategy import GroupPlan, Strategy
 
+from .base import GroupPlan, Strategy
 from .branch_grpo import BranchGRPO
 from .tempflow_grpo import TempFlowGRPO
 

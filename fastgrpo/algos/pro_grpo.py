@@ -62,7 +62,8 @@ import torch
 
 from fastgrpo.algos.flow_grpo import FlowGRPO
 from fastgrpo.ops.ovf import OVFSelection, ovf_select
-from fastgrpo.train.strategy import GroupPlan
+
+from .base import GroupPlan
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,8 @@ import torch
 
 from fastgrpo.ops import sde_step
 from fastgrpo.train.distributed import rng_seed
-from fastgrpo.train.strategy import GroupPlan, Strategy
+
+from .base import GroupPlan, Strategy
 
 MODES = ("released", "single")
 
