@@ -6,7 +6,8 @@ steps are trained, advantage conventions, KL weight) plus, where needed, overrid
 
 A strategy never sees the trainer. Its rollout hooks (`Strategy.plan_groups`, `Strategy.prune`) receive a
 `RolloutContext`: the prompt list, the sigma schedule, the sizes, the chunked velocity, the policy adapter and the
-reward, nothing else; the other hooks receive plain tensors. What a variant logs per optimizer step it records on
+reward, nothing else; the other hooks receive plain values (tensors, a wave's tree). What a variant logs per
+optimizer step it records on
 itself (`Strategy.record`, from any hook of the sample phase); the loop takes the records after the sample phase
 (`Strategy.take_log`) and adds them to the step's ``metrics.jsonl`` row. A variant's state across steps (AEGPO's
 base-entropy cache) lives on the strategy and travels in checkpoints through `Strategy.state_dict`.
@@ -96,13 +97,17 @@ class Strategy:
       ``algo_args.<key>``);
     * the hooks it changes. Rollouts: `group_plan` (one prompt's tree: roots, split steps, SDE steps) or, to plan a
       step's groups together, `plan_groups`; `noise_scale`; `prune`. Training: `train_steps`, `step_weights`,
-      `node_advantages`. State that must survive ``--resume``: `state_dict` / `load_state_dict`.
+      `node_advantages`. State that must survive ``--resume``: `state_dict` / `load_state_dict`;
+
+    and is registered in `fastgrpo.algos.STRATEGIES` under its ``name`` (the config's ``algo``).
 
     Rollout hooks get a `RolloutContext`, never the trainer. Log fields are recorded, not written anywhere: a hook
-    calls ``self.record(name=value, ...)`` (JSON values; a later record of the same name replaces the earlier one,
-    so a field recorded once per wave holds the last wave's value); after the sample phase the loop calls
-    `take_log` and adds the fields to every update's stats of the step, hence to its ``metrics.jsonl`` row (a
-    list keeps its value; a number would be averaged over the step's updates).
+    of the sample phase calls ``self.record(name=value, ...)`` (JSON values; a later record of the same name
+    replaces the earlier one, so a field recorded once per wave holds the last wave's value); after the sample
+    phase the loop calls `take_log` and adds the fields to every update's stats of the step, hence to its
+    ``metrics.jsonl`` row (a list keeps its value; a number is averaged over the step's updates). Decision: records
+    rather than return values, because the hooks already return what the sampler needs (plans, kept rows) and a
+    field may be known only at a later hook of the wave (Pro-GRPO's survivors at each checkpoint).
     """
 
     name: str = "base"

@@ -2,16 +2,16 @@
 
 **sample** -- the strategy plans this rank's groups (`Strategy.plan_groups`, given the `RolloutContext` of
 `FlowTrainer.rollout_context`; a variant may return several plans per prompt, ``GroupPlan.prompt``, each then an
-advantage group of its own), then they are sampled in waves of
-whole groups (as many as fit ``sample.batch_size`` rows at the widest point), each wave scored in a worker thread
-while the next one samples. Within a wave every group follows its `GroupPlan`: ``roots`` trajectories from noise
-(or, from step ``start`` on, from the given ``x_start``: a prefix sampled elsewhere joins the wave there); at a
-split step each active trajectory becomes that many children, each taking the step with its own noise; stochastic
-steps call `fastgrpo.sde_step` with the variant's kind, the others ``kind="ode"``; after each velocity evaluation
-the strategy may prune rows (Pro-GRPO). Rows stay ordered by group, so a group's leaves are contiguous and its
-size is its number of leaves (``MicroBatch.group_sizes``). Forwards run in chunks of at most ``sample.batch_size``
-rows. Every stochastic transition is kept (x_t, x_{t-1}, its log-prob, its node of the tree); ODE transitions have
-no density and are never trained.
+advantage group of its own), then they are sampled in waves of whole groups (as many as fit ``sample.batch_size``
+rows at the widest point), each wave scored in a worker thread while the next one samples. Within a wave every
+group follows its `GroupPlan`: ``roots`` trajectories from noise (or, from step ``start`` on, from the given
+``x_start``: a prefix sampled elsewhere joins the wave there); at a split step each active trajectory becomes that
+many children, each taking the step with its own noise; stochastic steps call `fastgrpo.sde_step` with the
+variant's kind, the others ``kind="ode"``; after each velocity evaluation the strategy may prune rows (Pro-GRPO).
+Rows stay ordered by group, so a group's leaves are contiguous and its size is its number of leaves
+(``MicroBatch.group_sizes``). What the strategy logs it records on itself (`Strategy.record`); the loop takes it
+after this phase. Forwards run in chunks of at most ``sample.batch_size`` rows. Every stochastic transition is kept
+(x_t, x_{t-1}, its log-prob, its node of the tree); ODE transitions have no density and are never trained.
 
 **train** -- the trained transitions (per node: the strategy's steps for trees without splits, every stochastic
 transition otherwise) in chunks of ``sample.batch_size``: the transition's new log-prob and the KL to the reference
@@ -192,10 +192,10 @@ class FlowTrainer(GRPOTrainer):
         return batches
 
     def _rollout(self, ctx, prompts, plans, gens):
-        """One wave's trees (``gens``: each group's generator; ``ctx``: the strategy's `RolloutContext`). Nothing here waits for the device per denoising
-        step: schedule values are views of a device copy, row indices go to the device from pinned memory, each
-        group's noise is drawn on its CPU generator and the wave's copied at once without blocking (`group_noise`);
-        only splits and pruning touch the host."""
+        """One wave's trees (``gens``: each group's generator; ``ctx``: what `Strategy.prune` gets). Nothing here
+        waits for the device per denoising step: schedule values are views of a device copy, row indices go to the
+        device from pinned memory, each group's noise is drawn on its CPU generator and the wave's copied at once
+        without blocking (`group_noise`); only splits and pruning touch the host."""
         cfg, strat, model = self.cfg, self.strategy, self.policy
         T = cfg.sample.num_steps
         emb = model.encode_prompts(prompts)
