@@ -7,7 +7,8 @@ Built in:
 * cheap pixel rewards for CPU demos: ``brightness``, ``colorfulness``, ``jpeg_compressibility`` (DDPO's);
 * CLIP-based rewards through transformers: ``clip_score`` and ``pickscore`` (a ``CLIPModel`` + processor from a
   local folder or a hub id; ``hps`` is the same scorer pointed at an HPS-v2 checkpoint converted to the
-  transformers CLIP format).
+  transformers CLIP format);
+* ``remote``: any of these served over HTTP by ``fastgrpo serve-reward`` (`fastgrpo.rewards.remote`).
 """
 from __future__ import annotations
 
@@ -35,7 +36,14 @@ REWARDS: dict[str, Callable[..., Callable]] = {
     "clip_score": lambda **kw: ClipPreference(**{**_defaults("clip_score"), **kw}),
     "pickscore": lambda **kw: ClipPreference(**{**_defaults("pickscore"), **kw}),
     "hps": lambda **kw: ClipPreference(**kw),
+    "remote": lambda **kw: _remote(**kw),
 }
+
+
+def _remote(**kw):
+    from .remote import RemoteReward
+
+    return RemoteReward(**kw)
 
 
 def _defaults(name: str) -> dict:
