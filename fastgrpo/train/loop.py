@@ -283,6 +283,7 @@ class GRPOTrainer:
         if self.rank == 0:
             ensure_writable(self.out)
         self.strategy = STRATEGIES[cfg.algo].from_config(cfg)
+        self.strategy_log = {}  # the fields the strategy recorded in this round's sample phase (`round`)
         self.prompts = load_prompts(cfg.prompts.source)
         self.reward_fn = build_reward(cfg.reward)
         if cfg.sample.prompts_per_step % self.world_size:
@@ -481,8 +482,10 @@ class GRPOTrainer:
         do). `bench/test_bench_round.py` times rounds through this."""
         cfg = self.cfg
         clock = _PhaseClock(self.device, phase_times)
+        self.strategy.take_log()  # not this round's: records of hooks called outside a round
         with self.parallel.sampling():
             batches = self.sample(step, pool)
+        self.strategy_log = self.strategy.take_log()  # what the variant recorded while sampling (`Strategy.record`)
         clock("sample")
         all_rewards = self.advantages(batches)
         batches = self.select(batches)
@@ -516,7 +519,8 @@ class GRPOTrainer:
         Logged per round: ``optimizer_steps``; ``ratio_mean``, ``clip_frac``, ``approx_kl`` (Flow-GRPO's
         ``0.5 * mean((logp - logp_old)^2)``), ``policy_loss``, ``kl``, ``loss`` and ``grad_norm`` averaged over the
         updates; ``ratio_dev_max`` (max |ratio - 1| over every update) and ``first_ratio_dev`` (the first update's,
-        taken by the sampling policy: 0 up to float rounding)."""
+        taken by the sampling policy: 0 up to float rounding); the fields the strategy recorded while sampling
+        (``strategy_log``, from `fastgrpo.algos.base.Strategy.take_log`), added to every update's stats."""
         tc = self.cfg.train
         clock = clock or (lambda name: None)
         rows = self.train_rows(batches)
@@ -542,6 +546,7 @@ class GRPOTrainer:
                 with self.parallel.training():
                     st = self.train(batches, take_rows(rows, idx), n_all=n_all, first=not updates,
                                     several=tc.minibatches * tc.inner_epochs > 1)
+                st.update(self.strategy_log)
                 clock("train")
                 for p in self.params:  # a process that trained nothing still joins the gradient average
                     if p.grad is None:
