@@ -289,9 +289,11 @@ class ProGRPO(FlowGRPO):
         prompts = [rows["prompts"][g] for g in group.tolist()]
         images = torch.cat([trainer.policy.decode(x0_hat[i:i + trainer.cfg.sample.batch_size])
                             for i in range(0, x.shape[0], trainer.cfg.sample.batch_size)])
-        preview, _ = trainer.reward_fn(images, prompts)
         n_groups = int(group.max()) + 1
         active = self.schedule.active(step)
+        # a group-level reward (`fastgrpo.rewards.is_group_level`) compares each prompt's active rollouts
+        grouped = getattr(trainer.reward_fn, "has_group_level", False)
+        preview, _ = trainer.reward_fn(images, prompts, **({"group_sizes": [active] * n_groups} if grouped else {}))
         sel = self.schedule.select(step, preview.view(n_groups, active).float())
         keep = (sel.indices + torch.arange(n_groups).unsqueeze(1) * active).reshape(-1)
         trainer.wave_log.setdefault("survivors", [self.schedule.g_max]).append(self.schedule.survivors_after(step))
