@@ -138,7 +138,8 @@ def select_objects(boxes, scores, labels, classes, *, threshold: float, max_obje
     """{class: [(box [4] list, score), ...] most confident first} from one image's detections (boxes [N, 4] xyxy
     pixels, scores [N], labels [N] indices into ``classes``): GenEval's selection (evaluate_images.py 229-244):
     score > threshold, the ``max_objects`` best per class, greedy NMS dropping IoU >= ``max_overlap`` (1: off)."""
-    boxes, scores, labels = (torch.as_tensor(t).tolist() for t in (boxes, scores, labels))
+    boxes, scores = (torch.as_tensor(t, dtype=torch.float64).tolist() for t in (boxes, scores))
+    labels = torch.as_tensor(labels, dtype=torch.int64).tolist()
     out = {}
     for c, name in enumerate(classes):
         idx = sorted((i for i in range(len(scores)) if labels[i] == c and scores[i] > threshold),
