@@ -92,10 +92,11 @@ def test_collect_scores_hands_each_group_whole_across_micro_batches():
 
 
 def _round_rewards(out_dir, reward):
-    """One sampling round of the tiny flow preset: every rank's rewards (gathered) and parts of this rank."""
+    """One sampling round of the tiny flow preset: every rank's rewards (gathered) and parts of this rank. One
+    process samples both groups in one micro-batch (batch_size 8), two processes one group each."""
     from fastgrpo.train import make_trainer
 
-    cfg = _cfg("sample.num_steps=2", "sample.group_size=4", "sample.batch_size=4", "sample.prompts_per_step=2",
+    cfg = _cfg("sample.num_steps=2", "sample.group_size=4", "sample.batch_size=8", "sample.prompts_per_step=2",
                "distributed.strategy=ddp", f"reward={reward}")
     trainer = make_trainer(cfg, out_dir)
     with ThreadPoolExecutor(1) as pool:
@@ -130,8 +131,9 @@ def _group_worker(rank, world_size, port, out_dir):
 @pytest.mark.slow  # two processes (spawn): about 30 s here
 def test_group_reward_is_the_same_on_one_and_two_processes(tmp_path):
     """The trainer hands a group-level reward each prompt's rollouts together: 1 and 2 processes (gloo) give
-    bit-identical rewards, equal to the win rates computed per group from the brightness part (the whole
-    process's batch compared at once -- Pref-GRPO's released layout -- would give other numbers in 1 process)."""
+    identical rewards, equal to the win rates computed per group from the brightness part; comparing within a
+    process's batch (Pref-GRPO's released layout: here one micro-batch of both groups in one process, one group
+    per process in two) gives other numbers in one process."""
     import torch.multiprocessing as mp
 
     one, parts = _round_rewards(tmp_path / "single", GROUP_REWARD)
@@ -142,12 +144,14 @@ def test_group_reward_is_the_same_on_one_and_two_processes(tmp_path):
     b = parts["brightness"].double().tolist()
     want = [v for g in range(2) for v in _pairwise_ref(b[4 * g:4 * g + 4])]
     torch.testing.assert_close(one.double(), torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-7)
-    assert torch.equal(torch.cat([two[0][1]["brightness"], two[1][1]["brightness"]]), parts["brightness"])
+    # the rollouts are the same (to float32 rounding: 8 rows per forward in one process, 4 in each of two)
+    torch.testing.assert_close(torch.cat([two[0][1]["brightness"], two[1][1]["brightness"]]), parts["brightness"])
     assert not torch.equal(one.double(), torch.tensor(_pairwise_ref(b), dtype=torch.float64))
 
 
 def test_trainer_scores_a_group_reward_per_group(tmp_path):
-    """One process, the real trainer: each rollout's reward is its win rate within its own group."""
+    """One process, the real trainer: each rollout's reward is its win rate within its own group, though both
+    groups are sampled (and scored) in one micro-batch."""
     rewards, parts = _round_rewards(tmp_path / "r", GROUP_REWARD)
     b = parts["brightness"].double().tolist()
     want = [v for g in range(2) for v in _pairwise_ref(b[4 * g:4 * g + 4])]

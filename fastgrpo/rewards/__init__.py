@@ -41,7 +41,7 @@ MODEL_ARGS: dict[str, dict[str, str | None]] = {
     "hps": {"model": None, "processor": None},
     "aesthetic": {"model": "openai/clip-vit-large-patch14", "processor": None},
     "geneval": {"model": "google/owlv2-base-patch16-ensemble", "processor": None,
-                "color_model": "openai/clip-vit-large-patch14"},
+                "color_model": "openai/clip-vit-large-patch14", "color_processor": None},
     "ocr": {"model": "microsoft/trocr-base-printed", "processor": None},
     "vlm_judge": {"model": "CodeGoat24/UnifiedReward-qwen-7b", "processor": None},
 }
