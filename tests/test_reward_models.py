@@ -356,6 +356,44 @@ def test_geneval_end_to_end_on_a_tiny_detector(tmp_path):
         REWARDS["geneval"](model="/no/such/owl")
 
 
+def test_geneval_owlv2_boxes_scale_with_the_longer_side(tmp_path):
+    """An OWLv2 detector (OWL-ViT's processor stands in: OWLv2's needs scipy or torchvision, absent here): boxes are
+    relative to the image padded to a square, so both axes scale by the longer side; OWL-ViT's by width/height."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection
+
+    from fastgrpo.rewards.geneval import select_objects
+
+    owl = _tiny_owlvit(tmp_path)
+    cfg = Owlv2Config.from_pretrained(owl)
+    torch.manual_seed(2)
+    Owlv2ForObjectDetection(Owlv2Config(text_config=cfg.text_config.to_dict(),
+                                        vision_config=cfg.vision_config.to_dict(),
+                                        projection_dim=16)).eval().save_pretrained(tmp_path / "owl2")
+    import shutil
+
+    for f in os.listdir(owl):
+        if not f.startswith(("config", "model")):
+            shutil.copy(os.path.join(owl, f), tmp_path / "owl2" / f)
+    for path, kind in ((str(tmp_path / "owl2"), "owlv2"), (owl, "owlvit")):
+        fn = REWARDS["geneval"](model=path, color_model=None, device="cpu")
+        fn._load()
+        assert fn._kind == kind
+        img = as_pil_images(_images(1, seed=8, h=20, w=30))[0]  # W 30, H 20
+        got = fn.detect(img, ["cat", "dog"], threshold=0.0)
+        with torch.no_grad():
+            inputs = fn._processor(text=[["a photo of a cat", "a photo of a dog"]], images=[img], return_tensors="pt")
+            out = fn._model(**inputs)
+        cx, cy, w, h = out.pred_boxes[0].double().unbind(-1)
+        sx, sy = (30.0, 30.0) if kind == "owlv2" else (30.0, 20.0)
+        boxes = torch.stack([(cx - w / 2) * sx, (cy - h / 2) * sy, (cx + w / 2) * sx, (cy + h / 2) * sy], -1)
+        best = out.logits[0].double().max(-1)
+        want = select_objects(boxes, torch.sigmoid(best.values), best.indices, ["cat", "dog"], threshold=0.0)
+        assert got.keys() == want.keys() and sum(len(v) for v in got.values()) == 16
+        for c in want:  # (near-equal scores of the random model may swap places: compare sorted)
+            np.testing.assert_allclose(sorted(b for b, _ in got[c]), sorted(b for b, _ in want[c]), atol=1e-4)
+            np.testing.assert_allclose(sorted(s for _, s in got[c]), sorted(s for _, s in want[c]), rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------- ocr
 def _levenshtein_ref(a, b):
     """Edit distance by the recursive definition (memoised)."""
