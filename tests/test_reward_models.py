@@ -91,13 +91,13 @@ def test_collect_scores_hands_each_group_whole_across_micro_batches():
         torch.testing.assert_close(pair, want, rtol=0, atol=1e-7)
 
 
-def _round_rewards(out_dir, reward):
+def _round_rewards(out_dir, reward, *overrides):
     """One sampling round of the tiny flow preset: every rank's rewards (gathered) and parts of this rank. One
     process samples both groups in one micro-batch (batch_size 8), two processes one group each."""
     from fastgrpo.train import make_trainer
 
     cfg = _cfg("sample.num_steps=2", "sample.group_size=4", "sample.batch_size=8", "sample.prompts_per_step=2",
-               "distributed.strategy=ddp", f"reward={reward}")
+               "distributed.strategy=ddp", f"reward={reward}", *overrides)
     trainer = make_trainer(cfg, out_dir)
     with ThreadPoolExecutor(1) as pool:
         batches = trainer.sample(0, pool)
@@ -354,6 +354,18 @@ def test_geneval_end_to_end_on_a_tiny_detector(tmp_path):
         by_text(x[:1], ["a photo of a unicorn"])
     with pytest.raises(ValueError, match="^model '/no/such/owl' does not exist"):
         REWARDS["geneval"](model="/no/such/owl")
+
+
+def test_geneval_metadata_reaches_the_reward_through_the_trainer(tmp_path):
+    """A GenEval JSONL prompt source: the trainer samples its prompts and the geneval reward reads each one's
+    metadata (threshold 0 on the tiny detector: single objects are found, the counting exclude fails)."""
+    owl = _tiny_owlvit(tmp_path)
+    meta = _jsonl(tmp_path / "geneval.jsonl", GENEVAL_LINES[:2])
+    reward = json.dumps([{"name": "geneval", "args": {"model": owl, "color_model": None, "device": "cpu",
+                                                      "threshold": 0.0, "counting_threshold": 0.0}}])
+    rewards, parts = _round_rewards(tmp_path / "run", reward, f"prompts.source={meta}")
+    assert sorted(rewards.tolist()) == [0.5] * 4 + [1.0] * 4  # one group per prompt
+    assert sorted(parts["geneval_strict"].tolist()) == [0.0] * 4 + [1.0] * 4
 
 
 def test_geneval_owlv2_boxes_scale_with_the_longer_side(tmp_path):
@@ -650,6 +662,8 @@ def test_bad_reward_config_names_the_key(tmp_path, monkeypatch):
         check_model_sources(_cfg("reward=[{name: geneval, args: {metadata: meta.jsonl}}]"))
     assert model_sources("geneval", {"model": "org/owl"}) == {
         "model": "org/owl", "processor": "org/owl", "color_model": "openai/clip-vit-large-patch14"}
+    assert model_sources("geneval", {"color_model": None}) == {  # no colour model: nothing to check
+        "model": "google/owlv2-base-patch16-ensemble", "processor": "google/owlv2-base-patch16-ensemble"}
     with pytest.raises(ValueError, match=r"reward\[0\]\.name must be one of .*got 'gen_eval'"):
         _cfg("reward=[{name: gen_eval}]")
     with pytest.raises(ValueError, match="reward 'pairwise_brightness': .*unexpected keyword argument 'model'"):

@@ -76,12 +76,19 @@ def _defaults(name: str) -> dict:
 
 def model_sources(name: str, args: dict) -> dict:
     """{argument: model folder or hub id} that reward ``name`` with ``args`` loads (a processor given no value
-    loads from the model); an empty dict for the pixel rewards. A required one missing, or a file argument
+    loads from the model; another argument given as null loads nothing, e.g. geneval's ``color_model: null``); an
+    empty dict for the pixel rewards. A required one missing, or a file argument
     (`FILE_ARGS`) missing or naming no file, is a ValueError starting ``args.<key>``."""
     check_files(name, args)
     if name not in MODEL_ARGS:
         return {}
-    out = {**_defaults(name), **{k: v for k, v in args.items() if k in MODEL_ARGS[name] and v}}
+    out = _defaults(name)
+    for k in MODEL_ARGS[name]:
+        if k in args:  # given: that value; given empty (null): none, as the reward's constructor takes it
+            if args[k]:
+                out[k] = args[k]
+            else:
+                out.pop(k, None)
     if "model" not in out:
         raise ValueError(f"args.model is required: reward {name!r} needs its model's local folder or hub id")
     out.setdefault("processor", out["model"])
