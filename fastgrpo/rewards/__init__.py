@@ -14,7 +14,8 @@ Built in:
   in UnifiedReward's template: `fastgrpo.rewards.vlm`);
 * group-level rewards (a class attribute ``group_level = True``): called once per group with that group's images
   and prompts together (one prompt's rollouts), e.g. ``pairwise_brightness``. `WeightedReward` takes the groups'
-  sizes; the trainer scores a group where it lives (a group never spans processes: `fastgrpo.train.loop`).
+  sizes; the trainer scores a group where it lives (a group never spans processes: `fastgrpo.train.loop`);
+* ``remote``: any of these served over HTTP by ``fastgrpo serve-reward`` (`fastgrpo.rewards.remote`).
 
 A reward may also expose ``last_stats`` ({name: Tensor[B]}) after a call: per-image diagnostics (e.g. the judge's
 malformed answers) that `WeightedReward` returns among the parts as ``<reward>_<name>``, logged, never summed.
@@ -67,7 +68,14 @@ REWARDS: dict[str, Callable[..., Callable]] = {
     "ocr": lambda **kw: OcrReward(**{**_defaults("ocr"), **kw}),
     "vlm_judge": lambda **kw: VlmJudge(**{**_defaults("vlm_judge"), **kw}),
     "pairwise_brightness": lambda: PairwiseBrightness(),
+    "remote": lambda **kw: _remote(**kw),
 }
+
+
+def _remote(**kw):
+    from .remote import RemoteReward
+
+    return RemoteReward(**kw)
 
 
 def _defaults(name: str) -> dict:
