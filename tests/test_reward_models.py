@@ -91,6 +91,26 @@ def test_collect_scores_hands_each_group_whole_across_micro_batches():
         torch.testing.assert_close(pair, want, rtol=0, atol=1e-7)
 
 
+def test_evaluation_and_serving_of_group_rewards():
+    """Evaluation compares each prompt's samples_per_prompt images; a reward server, which receives
+    micro-batches rather than groups, refuses a group-level reward when it starts."""
+    from fastgrpo.rewards.remote import make_app
+    from fastgrpo.train.evaluate import Evaluator
+
+    ev = Evaluator.__new__(Evaluator)
+    ev.trainer = SimpleNamespace(cfg=SimpleNamespace(eval=SimpleNamespace(samples_per_prompt=3)))
+    ev.prompt_list = ["a", "b"]
+    ev.prompts = ["a"] * 3 + ["b"] * 3
+    ev.rewards = [("pairwise_brightness", 1.0, build_reward([{"name": "pairwise_brightness"}]))]
+    x = _images(6, seed=9)
+    b = brightness(x).double().tolist()
+    got = ev.score(x)["pairwise_brightness"]
+    torch.testing.assert_close(got, torch.tensor(_pairwise_ref(b[:3]) + _pairwise_ref(b[3:]), dtype=torch.float64),
+                               rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="cannot serve group-level rewards \\(pairwise_brightness\\)"):
+        make_app([{"name": "brightness"}, {"name": "pairwise_brightness"}])
+
+
 def _round_rewards(out_dir, reward, *overrides):
     """One sampling round of the tiny flow preset: every rank's rewards (gathered) and parts of this rank. One
     process samples both groups in one micro-batch (batch_size 8), two processes one group each."""
