@@ -284,6 +284,30 @@ def test_geneval_requirements_on_crafted_detections():
                     lambda cls, objs: colours[cls][:len(objs)]) == [True, False]
 
 
+def test_geneval_flow_grpo_rule_on_crafted_detections():
+    """Flow-GRPO's training rule (yifan123/reward-server reward_server/gen_eval.py, evaluate_reward), by hand."""
+    from fastgrpo.rewards.geneval import flow_grpo_score
+
+    def obj(x0, y0, x1, y1):
+        return ([x0, y0, x1, y1], 0.9)
+
+    single, counting, position, color = (x for x in GENEVAL_LINES)
+    assert flow_grpo_score(single, {"bench": [obj(0, 0, 5, 5)]}) == (1.0, True)
+    assert flow_grpo_score(single, {"bench": [obj(0, 0, 5, 5)] * 2}) == (0.0, False)  # exact count: 1 - 1/1
+    assert flow_grpo_score(counting, {"clock": [obj(0, 0, 1, 1)] * 3}) == (0.5, False)  # 1 - 1/2; exclude unused
+    assert flow_grpo_score(counting, {"clock": [obj(0, 0, 1, 1)] * 5}) == (-0.5, False)  # 1 - 3/2
+    kite, above, below = obj(0, 40, 10, 50), obj(0, 0, 10, 10), obj(0, 60, 10, 70)
+    assert flow_grpo_score(position, {"kite": [kite], "wine glass": [above]}) == (1.0, True)  # 1, 1, then 1
+    # a failing pair appends 0 and then (as released) 1: credits [1, 1, 0, 1]
+    assert flow_grpo_score(position, {"kite": [kite], "wine glass": [below]}) == (0.75, False)
+    assert flow_grpo_score(position, {"wine glass": [above]}) == (1 / 3, False)  # [0, 1, 0]: target failed
+    assert flow_grpo_score(position, {"kite": [kite]}) == (1 / 3, False)  # [1, 0, 0]: count off, one 0
+    colours = {"bus": ["green"], "apple": ["red"]}
+    got = flow_grpo_score(color, {"bus": [obj(0, 0, 5, 5)], "apple": [obj(9, 9, 12, 12)]},
+                          lambda cls, objs: colours[cls][:len(objs)])
+    assert got == (0.75, False)  # [1, 1, 1, 0]
+
+
 def _tiny_clip(tmp_path, name="clip", proj=8):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
@@ -374,6 +398,13 @@ def test_geneval_end_to_end_on_a_tiny_detector(tmp_path):
         by_text(x[:1], ["a photo of a unicorn"])
     with pytest.raises(ValueError, match="^model '/no/such/owl' does not exist"):
         REWARDS["geneval"](model="/no/such/owl")
+    # Flow-GRPO's rule on the same detections: at threshold 0 the 16 boxes are far from the asked counts
+    fg = REWARDS["geneval"](model=owl, color_model=clip, device="cpu", threshold=0.0, counting_threshold=0.0,
+                            rule="flow_grpo")
+    got = fg(x[:2], prompts[:2])
+    assert got.tolist() == [1 - 15 / 1, 1 - 14 / 2] and fg.last_stats["strict"].tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="rule must be"):
+        REWARDS["geneval"](model=owl, rule="strict")
 
 
 def test_geneval_metadata_reaches_the_reward_through_the_trainer(tmp_path):

@@ -9,7 +9,8 @@ looked up by their text in ``args.metadata`` (the same JSONL format).
 Output: by default the fraction of the prompt's requirements the image meets, in [0, 1] (one requirement per
 ``include`` clause -- its count, colour and position together -- and one per ``exclude`` clause); with
 ``strict: true`` GenEval's own 0/1 "correct" (every requirement met). The other of the two is logged as the part
-``geneval_strict`` (or ``geneval_score``) through ``last_stats``.
+``geneval_strict`` (or ``geneval_score``) through ``last_stats``. With ``rule: flow_grpo`` the score is Flow-GRPO's
+training reward (below; at most 1, negative when a class is detected more than twice the asked count).
 
 The rules are GenEval's (djghosh13/geneval, ``evaluation/evaluate_images.py``):
 * detections per class sorted by confidence, kept above ``threshold`` (0.3 there) or, for tag ``counting``,
@@ -25,6 +26,10 @@ The rules are GenEval's (djghosh13/geneval, ``evaluation/evaluate_images.py``):
 * colour: CLIP zero-shot classification of the object's box crop over GenEval's 10 colours with its three
   templates ("a photo of a {c} {class}", "a photo of a {c}-colored {class}", "a photo of a {c} object"), each
   colour's text embeddings normalised, averaged and normalised again (lines 76, 109-127).
+
+``rule: flow_grpo`` scores by Flow-GRPO's GenEval training reward instead (its reward server:
+yifan123/reward-server ``reward_server/gen_eval.py``, ``evaluate_reward``; same detection thresholds): partial
+credit for counts and colours, exact counts, excludes unused (`flow_grpo_score`).
 
 How it differs from GenEval: the detector is OWLv2 (or OWL-ViT) queried with "a photo of a {class}" for the
 prompt's classes only, instead of Mask2Former over the 80 COCO classes; a box takes the class of its best query
@@ -200,6 +205,44 @@ def evaluate(meta: dict, objects: dict, colors_of=None, position_threshold: floa
     return met
 
 
+def flow_grpo_score(meta: dict, objects: dict, colors_of=None, position_threshold: float = 0.1) -> tuple:
+    """(score, strict) by Flow-GRPO's training rule (yifan123/reward-server ``reward_server/gen_eval.py``,
+    ``evaluate_reward``), kept as released: per include clause a count credit ``1 - |count - found| / count`` over
+    *all* detections of the class (negative past twice the count) and an exact count required; if the count is
+    off, one 0 for the clause's colour and/or position; else a colour credit ``1 - |count - n_colour| / count``
+    (exactly ``count`` of that colour required) and, for a position, 0 when its target clause failed, else 0 on the
+    first failing pair and then 1 (the released code appends the 1 after the loop even when a pair failed); the
+    score is the mean of the credits (0 without any). ``exclude`` clauses are not used; strict: every include
+    clause matched."""
+    credits, matched_groups, strict = [], [], True
+    for req in meta.get("include", []):
+        found, n = objects.get(req["class"], []), req["count"]
+        credits.append(1 - abs(n - len(found)) / n)
+        ok = len(found) == n
+        if not ok:
+            if "color" in req or "position" in req:
+                credits.append(0.0)
+        else:
+            if "color" in req:
+                k = colors_of(req["class"], found).count(req["color"])
+                credits.append(1 - abs(n - k) / n)
+                ok = k == n
+            if "position" in req and ok:
+                relation, target = req["position"]
+                if matched_groups[target] is None:
+                    ok = False
+                    credits.append(0.0)
+                else:
+                    if not all(relation in relative_position(o[0], t[0], position_threshold)
+                               for o in found for t in matched_groups[target]):
+                        ok = False
+                        credits.append(0.0)
+                    credits.append(1.0)
+        strict = strict and ok
+        matched_groups.append(found if ok else None)
+    return (sum(credits) / len(credits) if credits else 0.0), strict
+
+
 def classes_of(meta: dict) -> list[str]:
     """The class names a prompt's metadata mentions, in order of first mention."""
     out = []
@@ -215,14 +258,15 @@ class GenEvalReward:
 
     ``model``/``processor``: the detector (``Owlv2ForObjectDetection`` or ``OwlViTForObjectDetection``, chosen by
     its config's ``model_type``); ``color_model``/``color_processor``: the CLIP model for colours (GenEval uses
-    OpenAI's ViT-L/14); ``metadata``: an optional GenEval JSONL file for prompts that carry none; ``strict``:
-    return GenEval's 0/1 instead of the fraction of requirements met."""
+    OpenAI's ViT-L/14; null: no colour clauses allowed); ``metadata``: an optional GenEval JSONL file for prompts
+    that carry none; ``strict``: return the 0/1 "all correct" instead of the score; ``rule``: ``geneval`` (the
+    fraction of requirements met; strict = GenEval's "correct") or ``flow_grpo`` (`flow_grpo_score`)."""
 
     def __init__(self, model: str | None = None, processor: str | None = None, color_model: str | None = None,
                  color_processor: str | None = None, metadata: str | None = None, strict: bool = False,
                  threshold: float = 0.1, counting_threshold: float = 0.2, max_objects: int = 16,
-                 max_overlap: float = 1.0, position_threshold: float = 0.1, device: str | None = None,
-                 dtype: str = "float32"):
+                 max_overlap: float = 1.0, position_threshold: float = 0.1, rule: str = "geneval",
+                 device: str | None = None, dtype: str = "float32"):
         from fastgrpo.paths import model_location
 
         if not model:
@@ -237,7 +281,9 @@ class GenEvalReward:
             if not Path(metadata).expanduser().is_file():
                 raise ValueError(f"metadata {metadata!r} does not exist (a GenEval JSONL file)")
             self.by_text = {str(p): p.meta for p in load_jsonl_prompts(metadata)}
-        self.strict = bool(strict)
+        if rule not in ("geneval", "flow_grpo"):
+            raise ValueError(f"rule must be 'geneval' or 'flow_grpo', got {rule!r}")
+        self.rule, self.strict = rule, bool(strict)
         self.threshold, self.counting_threshold = float(threshold), float(counting_threshold)
         self.max_objects, self.max_overlap = int(max_objects), float(max_overlap)
         self.position_threshold = float(position_threshold)
@@ -333,15 +379,26 @@ class GenEvalReward:
         objects = self.detect(image, classes_of(meta), threshold)
         return evaluate(meta, objects, lambda cls, objs: self.colors(image, cls, objs), self.position_threshold)
 
+    def score_image(self, image, meta: dict) -> tuple[float, float]:
+        """(score, strict) of one PIL image under ``rule``."""
+        if self.rule == "flow_grpo":
+            threshold = self.counting_threshold if meta.get("tag") == "counting" else self.threshold
+            objects = self.detect(image, classes_of(meta), threshold)
+            score, strict = flow_grpo_score(meta, objects, lambda cls, objs: self.colors(image, cls, objs),
+                                            self.position_threshold)
+            return score, float(strict)
+        met = self.requirements(image, meta)
+        return sum(met) / len(met), float(all(met))
+
     def __call__(self, images, prompts) -> torch.Tensor:
         metas = [self.metadata(p) for p in prompts]  # before loading: a prompt without metadata fails at once
         if self._model is None:
             self._load()
         score, strict = [], []
         for image, meta in zip(as_pil_images(images), metas):
-            met = self.requirements(image.convert("RGB"), meta)
-            score.append(sum(met) / len(met))
-            strict.append(float(all(met)))
+            a, b = self.score_image(image.convert("RGB"), meta)
+            score.append(a)
+            strict.append(b)
         score, strict = torch.tensor(score), torch.tensor(strict)
         self.last_stats = {"score": score} if self.strict else {"strict": strict}
         return strict if self.strict else score
