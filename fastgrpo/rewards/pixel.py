@@ -54,7 +54,8 @@ def jpeg_compressibility(images, prompts=None) -> torch.Tensor:
 
 class PairwiseBrightness:
     """A group-level reward: the fraction of the group's other images each image beats on brightness (a tie
-    counts one half), in [0, 1]; a group of one scores 0.5.
+    counts one half), in [0, 1]; a group of one scores 0.5. Inputs: one group's images [n, 3, H, W] in [0, 1] (or
+    PIL images); prompts are ignored.
 
     A cheap stand-in for a pairwise preference model used the way Pref-GRPO uses one (arXiv 2508.20751: the
     reward of a rollout is its win rate against the other rollouts of the same prompt's group). It is called
