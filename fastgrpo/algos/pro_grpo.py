@@ -291,9 +291,11 @@ class ProGRPO(FlowGRPO):
         prompts = [rows["prompts"][g] for g in group.tolist()]
         bs = ctx.batch_size
         images = torch.cat([ctx.policy.decode(x0_hat[i:i + bs]) for i in range(0, x.shape[0], bs)])
-        preview, _ = ctx.reward(images, prompts)
         n_groups = int(group.max()) + 1
         active = sched.active(step)
+        # a group-level reward (`fastgrpo.rewards.is_group_level`) compares each prompt's active rollouts
+        grouped = getattr(ctx.reward, "has_group_level", False)
+        preview, _ = ctx.reward(images, prompts, **({"group_sizes": [active] * n_groups} if grouped else {}))
         sel = sched.select(step, preview.view(n_groups, active).float())
         keep = (sel.indices + torch.arange(n_groups).unsqueeze(1) * active).reshape(-1)
         # The counts so far in this wave: G_max, then one per checkpoint passed (prune sees every step in order).

@@ -214,7 +214,7 @@ class RewardSpec:
 
 @dataclass
 class PromptConfig:
-    source: str = "builtin"  # "builtin" or a text file with one prompt per line
+    source: str = "builtin"  # "builtin", a text file with one prompt per line, or a .jsonl file (GenEval metadata)
 
     def validate(self, p):
         if self.source != "builtin" and not Path(self.source).expanduser().is_file():

@@ -398,20 +398,62 @@ class GRPOTrainer:
         return self._evaluator()
 
     def submit_score(self, pool: ThreadPoolExecutor, images, prompts):
+        """Score one micro-batch's per-image rewards in the worker thread; a group-level reward's images are kept
+        (on the CPU) until `collect_scores` holds the process's whole groups."""
         return pool.submit(self._score, images, prompts)
 
-    @staticmethod
-    def collect_scores(batches: list, futures: list) -> None:
+    def collect_scores(self, batches: list, futures: list) -> None:
+        """Each micro-batch's rewards and parts, once its scoring is done. Group-level rewards
+        (`fastgrpo.rewards.is_group_level`) are then called once per group with all of that group's rollouts: the
+        process's micro-batches are concatenated and cut at the group boundaries (a micro-batch's
+        ``group_sizes``, else groups of ``sample.group_size`` in sampling order, which may span micro-batches).
+        A group never spans processes (`GroupSampler.local` gives each process whole groups: the trainer requires
+        ``prompts_per_step`` to be a multiple of the number of processes), so 1 and N processes score the same
+        groups. A "group" is an advantage group; with ``train.group_by: prompt`` two groups of one prompt text are
+        still scored apart."""
+        held = []
         for mb, fut in zip(batches, futures):
-            mb.rewards, mb.reward_parts = fut.result()
+            mb.rewards, mb.reward_parts, images = fut.result()
+            held.append(images)
+        if not getattr(self.reward_fn, "has_group_level", False) or not batches:
+            return
+        G = self.cfg.sample.group_size
+        if all(mb.group_sizes is not None for mb in batches):
+            sizes = [n for mb in batches for n in mb.group_sizes]
+        else:
+            rows = sum(len(mb.prompts) for mb in batches)
+            if rows % G:
+                raise ValueError(f"a group-level reward needs whole groups: this process holds {rows} rollouts, "
+                                 f"not a multiple of sample.group_size {G}")
+            sizes = [G] * (rows // G)
+        images = torch.cat(held) if isinstance(held[0], torch.Tensor) else [im for h in held for im in h]
+        prompts = [p for mb in batches for p in mb.prompts]
+        total, parts = self.reward_fn.group_level(images, prompts, sizes)
+        self._check_finite(total, prompts, parts)
+        n = 0
+        for mb in batches:
+            sl = slice(n, n + len(mb.prompts))
+            mb.rewards = mb.rewards + total[sl]
+            mb.reward_parts.update({k: v[sl] for k, v in parts.items()})
+            n += len(mb.prompts)
 
     def _score(self, images, prompts):
-        total, parts = self.reward_fn(images, prompts)
+        """(per-image total [B], parts, the images kept for group-level rewards or None)."""
+        # ``reward_fn`` may be any callable (images, prompts) -> (total, parts); a `WeightedReward` with
+        # group-level parts scores only its per-image parts here
+        total, parts = getattr(self.reward_fn, "sample_level", self.reward_fn)(images, prompts)
+        self._check_finite(total, prompts, parts)
+        keep = None
+        if getattr(self.reward_fn, "has_group_level", False):
+            keep = images.detach().cpu() if isinstance(images, torch.Tensor) else list(images)
+        return total, parts, keep
+
+    @staticmethod
+    def _check_finite(total, prompts, parts):
         if not torch.isfinite(total).all():
             bad = [prompts[i] for i in torch.nonzero(~torch.isfinite(total)).flatten().tolist()]
             raise TrainingDiverged(f"a reward returned NaN/inf for prompts {bad[:3]}; parts: "
                                    f"{ {k: v.tolist()[:4] for k, v in parts.items()} }")
-        return total, parts
 
     def advantages(self, batches: list) -> torch.Tensor:
         """Per-group statistics over the rewards of all ranks. Groups may differ in size (a micro-batch's

@@ -1,5 +1,8 @@
 """Prompt lists: a small built-in list for demos, a built-in held-out list for evaluation (prompts the training list
-does not hold, `fastgrpo.train.evaluate`), or a text file with one prompt per line."""
+does not hold, `fastgrpo.train.evaluate`), a text file with one prompt per line, or a JSONL file (``.jsonl``: one
+JSON object with a ``prompt`` string per line, e.g. GenEval's ``evaluation_metadata.jsonl``) whose prompts carry
+their line as metadata (`fastgrpo.rewards.geneval.MetaPrompt`: a ``str`` with ``.meta``) for the rewards that read
+it (``geneval``). A JSONL line that does not parse is a ValueError naming the file and line."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,6 +32,16 @@ def load_prompts(source: str) -> list[str]:
     path = Path(source).expanduser()
     if not path.is_file():
         raise ValueError(f"prompts.source: prompt file {source!r} does not exist")
+    if path.suffix.lower() == ".jsonl":
+        from fastgrpo.rewards.geneval import load_jsonl_prompts
+
+        try:
+            prompts = load_jsonl_prompts(path)
+        except ValueError as e:
+            raise ValueError(f"prompts.source: {e}") from None
+        if not prompts:
+            raise ValueError(f"prompts.source: {source!r} holds no prompts (one JSON object per line expected)")
+        return prompts
     prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompts.source: {source!r} holds no prompts (one per line expected)")
