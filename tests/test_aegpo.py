@@ -94,30 +94,32 @@ def test_warmup_then_median_tiers_and_peak_splits(tmp_path, monkeypatch):
                            tmp_path / "r")
     s = trainer.strategy
 
-    def probe(self, tr, x, emb, transformer=None):  # the policy's probe: latents = the step index
+    def probe(self, ctx, x, emb, transformer=None):  # the policy's probe: latents = the step index
         assert transformer is None
         entropy = torch.tensor([theta[p] for p in self._probe_prompts])
         return torch.arange(T + 1.0).view(-1, 1, 1, 1).expand(T + 1, *x.shape).clone(), entropy
 
     monkeypatch.setattr(AEGPO, "probe", probe)
-    monkeypatch.setattr(AEGPO, "base_entropies", lambda self, tr, keys, x, emb: torch.ones(len(keys), T))
+    monkeypatch.setattr(AEGPO, "base_entropies", lambda self, ctx, keys, x, emb: torch.ones(len(keys), T))
     for step in range(3):
-        trainer.wave_log = {}
         idx = trainer.sampler.groups(step).tolist()
         prompts = [trainer.prompts[i] for i in idx]
         s._probe_prompts = prompts
-        plans = s.plan_groups(trainer, step, idx, group_generators(0, step, range(len(idx))))
+        plans = s.plan_groups(trainer.rollout_context(), step, idx, group_generators(0, step, range(len(idx))))
+        log = s.take_log()
+        assert list(log) == ["entropy_t", "entropy_delta", "rollouts_per_prompt", "branch_steps"]
         want = [12] * 5 if step < 2 else [tiers[p] for p in prompts]
         assert [p.leaves() for p in plans] == want
-        assert trainer.wave_log["rollouts_per_prompt"] == want
-        assert trainer.wave_log["entropy_delta"] == [v[p] for p in prompts]
+        assert log["rollouts_per_prompt"] == want
+        assert log["entropy_delta"] == [v[p] for p in prompts]
         for p, plan, r in zip(prompts, plans, want):
             f = factors[r]
             assert plan.splits == dict(zip(peaks[p][:len(f)], f))
             assert plan.start == min(plan.splits) and plan.roots == 1
             assert plan.sde.tolist() == [t >= plan.start for t in range(T)]
             assert torch.equal(plan.x_start, torch.full_like(plan.x_start, float(plan.start)))
-        assert trainer.wave_log["branch_steps"] == [sorted(pl.splits) for pl in plans]
+        assert log["branch_steps"] == [sorted(pl.splits) for pl in plans]
+        assert s.take_log() == {}  # taken: cleared
 
 
 def test_entropy_peaks_on_constructed_curves():
@@ -174,7 +176,7 @@ def test_base_entropy_is_computed_once_per_prompt_and_seed(tmp_path):
     (key, cached), = [(k, v) for k, v in s.base_entropy.items() if k[0] == "prompt number 0"]
     x = tr.policy.initial_latents(1, torch.Generator().manual_seed(key[1]))
     with torch.no_grad(), tr.policy.reference() as ref:
-        _, again = s.probe(tr, x, tr.policy.encode_prompts([key[0]]), transformer=ref)
+        _, again = s.probe(tr.rollout_context(), x, tr.policy.encode_prompts([key[0]]), transformer=ref)
     torch.testing.assert_close(again[0], cached, rtol=1e-5, atol=1e-5)
     assert read_metrics(tmp_path / "a/metrics.jsonl")[0]["entropy_delta"] == [0.0, 0.0]
 
@@ -214,8 +216,8 @@ def test_probe_is_the_shared_prefix(tmp_path, monkeypatch):
     real = AEGPO.probe
     seen = []
 
-    def probe(self, tr, x, emb, transformer=None):
-        out = real(self, tr, x, emb, transformer=transformer)
+    def probe(self, ctx, x, emb, transformer=None):
+        out = real(self, ctx, x, emb, transformer=transformer)
         if transformer is None:
             seen.append(out)
         return out
@@ -259,7 +261,7 @@ def test_sd3_lora_probe_conditional_rows_and_adapters_disabled_reference(tmp_pat
     x = policy.initial_latents(2, torch.Generator().manual_seed(0))
     emb = policy.encode_prompts(["a red apple on a table", "a purple flower"])
     with torch.no_grad():
-        _, entropy = s.probe(trainer, x, emb)
+        _, entropy = s.probe(trainer.rollout_context(), x, emb)
         sigma = trainer.sigmas[:1].expand(2)
         for cond, want_close in ((True, True), (False, False)):
             e = {k: v for k, v in emb.items()}
@@ -283,10 +285,11 @@ def test_groups_of_different_sizes_get_per_group_advantages(tmp_path, monkeypatc
     the advantages phase normalises each group by its own statistics (float64 reference in numpy)."""
     trainer = make_trainer(cfg_of("sample.prompts_per_step=3", f"algo_args.exploration={exploration}"),
                            tmp_path / "r")
-    monkeypatch.setattr(AEGPO, "base_entropies", lambda self, tr, keys, x, emb: torch.zeros(len(keys), 4))
+    monkeypatch.setattr(AEGPO, "base_entropies", lambda self, ctx, keys, x, emb: torch.zeros(len(keys), 4))
     batches = sampled(trainer)
+    log = trainer.strategy.take_log()
     sizes = [n for mb in batches for n in mb.group_sizes]
-    assert sorted(sizes) == [2, 3, 4] and sizes == trainer.wave_log["rollouts_per_prompt"]
+    assert sorted(sizes) == [2, 3, 4] and sizes == log["rollouts_per_prompt"]
     trainer.advantages(batches)
     rewards = torch.cat([mb.rewards for mb in batches]).double().numpy()
     got = torch.cat([mb.advantages.cpu() for mb in batches]).double().numpy()
@@ -311,7 +314,7 @@ def test_groups_of_different_sizes_get_per_group_advantages(tmp_path, monkeypatc
                     torch.testing.assert_close(adv[nodes[d]].double(), a, rtol=1e-6, atol=1e-6)
     if exploration == "tempflow":  # one branch transition per group, at one of its peaks, weighted by TempFlow's rule
         assert rows["step"].numel() == sum(sizes)
-        branch = trainer.wave_log["branch_steps"]
+        branch = log["branch_steps"]
         assert all(len(b) == 1 for b in branch)
         assert sorted(rows["step"].tolist()) == sorted(b[0] for b, n in zip(branch, sizes) for _ in range(n))
         s = trainer.strategy

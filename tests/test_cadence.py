@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
+from fastgrpo.algos.base import random_train_steps
 from fastgrpo.train import make_trainer, resolve_config
 from fastgrpo.train.distributed import gathered_advantages, minibatch_split
-from fastgrpo.train.strategy import random_train_steps
 
 QUIET = ["log.progress=false", "log.tensorboard=false", "checkpoint.every=100"]
 

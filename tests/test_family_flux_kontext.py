@@ -166,30 +166,32 @@ def test_bad_edit_prompt_sources_name_the_key_file_and_line(tmp_path):
     img = _random_image(tmp_path / "ok.png", (8, 8), 0)
     (tmp_path / "garbage.png").write_bytes(b"not an image at all")
     cases = [
-        ([{"prompt": "a", "image": "ok.png"}, {"prompt": "b", "image": "missing.png"}], "line 2: image 'missing.png'.*"
+        ([{"prompt": "a", "image": "ok.png"}, {"prompt": "b", "image": "missing.png"}], "2: image 'missing.png'.*"
          "does not exist"),
-        ([{"prompt": "a", "image": "garbage.png"}], "line 1: image 'garbage.png'.*cannot be read"),
-        ([{"prompt": "a", "image": "ok.png"}, "", {"image": "ok.png"}], "line 3: the row has no \"prompt\""),
-        ([{"prompt": "", "image": "ok.png"}], "line 1: the row has no \"prompt\""),
-        (["{not json"], "line 1: not valid JSON"),
-        (['["a", "b"]'], "line 1: expected a JSON object"),
-        ([{"prompt": "a", "image": "ok.png"}, {"prompt": "b"}], "line 2: a prompt without a source image"),
+        ([{"prompt": "a", "image": "garbage.png"}], "1: image 'garbage.png'.*cannot be read"),
+        ([{"prompt": "a", "image": "ok.png"}, "", {"image": "ok.png"}], "3: each line must be a JSON object with a "
+         "non-empty \"prompt\""),
+        ([{"prompt": "", "image": "ok.png"}], "1: each line must be a JSON object with a non-empty \"prompt\""),
+        (["{not json"], "1: not valid JSON"),
+        (['["a", "b"]'], "1: each line must be a JSON object"),
+        ([{"prompt": "a", "image": "ok.png"}, {"prompt": "b"}], "2: a prompt without a source image"),
+        ([{"prompt": "a", "image": "ok.png", "include": [{"class": "cat", "count": 0}]}], "1: include\\[0\\]: count"),
     ]
     for n, (rows, match) in enumerate(cases):
         f = _jsonl(tmp_path / f"bad{n}.jsonl", rows)
-        with pytest.raises(ValueError, match=f"prompts.source '.*bad{n}.jsonl' {match}"):
+        with pytest.raises(ValueError, match=f"^prompts.source: .*bad{n}.jsonl:{match}"):
             load_prompts(str(f), edit=True)
     # families that generate from text refuse prompts with images, and the other way round
     f = _jsonl(tmp_path / "mixed.jsonl", [{"prompt": "a"}, {"prompt": "b", "image": str(img)}])
-    with pytest.raises(ValueError, match="mixed.jsonl' line 2: a prompt with a source image, but model.family "
+    with pytest.raises(ValueError, match="mixed.jsonl:2: a prompt with a source image, but model.family "
                                          "'flux' generates from text alone"):
         load_prompts(str(f), edit=False, family="flux")
-    with pytest.raises(ValueError, match="mixed.jsonl' line 2: a prompt without a source image after prompts with "
+    with pytest.raises(ValueError, match="mixed.jsonl:2: a prompt without a source image after prompts with "
                                          "one \\(or the other way round\\)"):
         load_prompts(str(f))  # no family given: the first row says which kind of list it is
     txt = tmp_path / "p.txt"
     txt.write_text("\n a cat\n")
-    with pytest.raises(ValueError, match="p.txt' line 2: a prompt without a source image, but model.family "
+    with pytest.raises(ValueError, match="p.txt:2: a prompt without a source image, but model.family "
                                          "'flux_kontext' edits images"):
         load_prompts(str(txt), edit=True, family="flux_kontext")
     with pytest.raises(ValueError, match="prompts.source 'builtin': a prompt without a source image"):
@@ -206,7 +208,7 @@ def test_bad_edit_prompt_sources_name_the_key_file_and_line(tmp_path):
     with pytest.raises(ValueError, match="image x.png has no caption file x.txt"):
         load_prompts(str(folder), edit=True)
     (folder / "x.txt").write_text("  \n")
-    with pytest.raises(ValueError, match="caption x.txt line 1: the caption is empty"):
+    with pytest.raises(ValueError, match="x.txt:1: the caption is empty"):
         load_prompts(str(folder), edit=True)
     shutil.copy(tmp_path / "garbage.png", folder / "y.png")
     (folder / "x.txt").write_text("fine")
@@ -220,7 +222,7 @@ def test_the_run_refuses_mismatched_prompts_before_loading_a_model(tmp_path):
         resolve_config(preset=PRESET, overrides=["prompts.source=builtin"])
     txt = tmp_path / "p.txt"
     txt.write_text("a cat\n")
-    with pytest.raises(ValueError, match="p.txt' line 1: a prompt without a source image, but model.family "
+    with pytest.raises(ValueError, match="p.txt:1: a prompt without a source image, but model.family "
                                          "'flux_kontext' edits images"):
         make_trainer(resolve_config(preset=PRESET, overrides=[*SMALL, f"prompts.source={txt}"]), tmp_path / "a")
     with pytest.raises(ValueError, match="prompts.source 'builtin_edit': a prompt with a source image, but "

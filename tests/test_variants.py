@@ -22,7 +22,6 @@ def sampled(trainer, step=0):
     """Run the sample phase of one optimizer step; returns the micro-batches."""
     from concurrent.futures import ThreadPoolExecutor
 
-    trainer.wave_log = {}
     with ThreadPoolExecutor(1) as pool:
         return trainer.sample(step, pool)
 
@@ -170,8 +169,8 @@ def test_tempflow_released_plan_layout(tmp_path):
     from fastgrpo.train.distributed import group_generators
 
     gens = group_generators(trainer.cfg.seed, 0, range(P))
-    trainer.wave_log = {}
-    plans = trainer.strategy.plan_groups(trainer, 0, idx[::C].tolist(), gens)
+    plans = trainer.strategy.plan_groups(trainer.rollout_context(), 0, idx[::C].tolist(), gens)
+    assert trainer.strategy.take_log() == {"branch_steps": steps}
     assert len(plans) == P * plans_per_prompt
     gens = group_generators(trainer.cfg.seed, 0, range(P))
     model = trainer.policy
@@ -235,9 +234,9 @@ def test_tempflow_released_plans_do_not_depend_on_the_process_count(tmp_path):
 
     trainer = _released_trainer(tmp_path)
     idx = trainer.sampler.local(0, 0, 1)[0][::3].tolist()
-    trainer.wave_log = {}
-    both = trainer.strategy.plan_groups(trainer, 0, idx, group_generators(0, 0, [0, 1]))
-    alone = trainer.strategy.plan_groups(trainer, 0, idx[1:], group_generators(0, 0, [1]))
+    ctx = trainer.rollout_context()
+    both = trainer.strategy.plan_groups(ctx, 0, idx, group_generators(0, 0, [0, 1]))
+    alone = trainer.strategy.plan_groups(ctx, 0, idx[1:], group_generators(0, 0, [1]))
     for a, b in zip(both[len(alone):], alone):
         torch.testing.assert_close(a.x_start, b.x_start, rtol=1e-5, atol=1e-6)
         assert a.generator.initial_seed() == b.generator.initial_seed()
@@ -299,7 +298,7 @@ def test_pro_grpo_prunes_and_never_steps_pruned_trajectories(tmp_path, monkeypat
     # One wave per group (12 roots > batch 8): 12 rows at steps 0-2 (the checkpoint step 2 still evaluates all 12,
     # whose velocity the preview reuses), 8 at steps 3-4 (checkpoint 4), 4 afterwards.
     assert rows_per_step == [(0, 12), (1, 12), (2, 12), (3, 8), (4, 8), (5, 4)] * 2
-    assert trainer.wave_log["survivors"] == [12, 8, 4]
+    assert trainer.strategy.take_log() == {"survivors": [12, 8, 4]}
     for mb in batches:
         tree = mb.data["tree"]
         assert len(mb.prompts) == 4 and tree.leaf_nodes.numel() == 4

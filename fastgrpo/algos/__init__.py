@@ -1,6 +1,6 @@
 """GRPO variants: one small module per variant (a config plus strategies plugged into the one training loop).
 
-``STRATEGIES`` maps a config's ``algo`` to its `fastgrpo.train.strategy.Strategy` subclass.
+``STRATEGIES`` maps a config's ``algo`` to its `fastgrpo.algos.base.Strategy` subclass.
 """
 from .aegpo import AEGPO
 from .branch_grpo import BranchGRPO

@@ -77,8 +77,8 @@ import torch
 from fastgrpo.diffusion.attention import MODES, AttentionEntropyCollector
 from fastgrpo.ops import sde_step
 from fastgrpo.train.distributed import all_gather_cat, world
-from fastgrpo.train.strategy import GroupPlan, Strategy
 
+from .base import GroupPlan, Strategy
 from .branch_grpo import BranchGRPO
 from .tempflow_grpo import TempFlowGRPO
 
@@ -228,10 +228,11 @@ class AEGPO(Strategy):
         self.base_entropy = dict(state.get("base_entropy", {}))
 
     # ---------------------------------------------------------------------------------------- probes
-    def probe(self, trainer, x: torch.Tensor, emb: dict, transformer=None) -> tuple:
+    def probe(self, ctx, x: torch.Tensor, emb: dict, transformer=None) -> tuple:
         """ODE trajectory of the policy (or of ``transformer``) from ``x`` [B, ...] over all T steps, under the
-        attention-entropy collector: (latents [T+1, B, ...], Entropy(t) [B, T] float32 bits)."""
-        policy, bs, B = trainer.policy, trainer.cfg.sample.batch_size, x.shape[0]
+        attention-entropy collector (``ctx``: the `fastgrpo.algos.base.RolloutContext`): (latents [T+1, B, ...],
+        Entropy(t) [B, T] float32 bits)."""
+        policy, bs, B = ctx.policy, ctx.batch_size, x.shape[0]
         try:
             collector = AttentionEntropyCollector(transformer if transformer is not None else policy.transformer,
                                                   self.layers, self.entropy_mode)
@@ -241,20 +242,20 @@ class AEGPO(Strategy):
         latents, entropy = [x], []
         with collector:
             for i in range(self.num_steps):
-                v = trainer.velocity(x, torch.full((B,), i), emb, rows, transformer=transformer)
+                v = ctx.velocity(x, torch.full((B,), i), emb, rows, transformer=transformer)
                 entropy.append(torch.cat([policy.conditional_rows(collector.pop()) for _ in range(0, B, bs)]))
-                x = sde_step(x, v, trainer.sigmas[i].item(), trainer.sigmas[i + 1].item(), kind="ode").prev_sample
+                x = sde_step(x, v, ctx.sigmas[i].item(), ctx.sigmas[i + 1].item(), kind="ode").prev_sample
                 latents.append(x)
         return torch.stack(latents), torch.stack(entropy, dim=1).float().cpu()
 
-    def base_entropies(self, trainer, keys: list, x: torch.Tensor, emb: dict) -> torch.Tensor:
+    def base_entropies(self, ctx, keys: list, x: torch.Tensor, emb: dict) -> torch.Tensor:
         """Entropy_base(t) [B, T] of the probes ``keys`` [(prompt, seed)] from ``x``: cached ones from the cache,
         the others by one probe of the reference network (not inserted here: see `plan_groups`)."""
         out = torch.empty(len(keys), self.num_steps)
         missing = [n for n, key in enumerate(keys) if key not in self.base_entropy]
         if missing:
-            with trainer.policy.reference() as ref_net:
-                _, out[missing] = self.probe(trainer, x[missing], {k: v[missing] for k, v in emb.items()},
+            with ctx.policy.reference() as ref_net:
+                _, out[missing] = self.probe(ctx, x[missing], {k: v[missing] for k, v in emb.items()},
                                              transformer=ref_net)
         for n, key in enumerate(keys):
             if n not in missing:
@@ -262,22 +263,22 @@ class AEGPO(Strategy):
         return out
 
     # ---------------------------------------------------------------------------------------- plans
-    def plan_groups(self, trainer, step, prompt_idx, generators):
-        policy, T = trainer.policy, self.num_steps
+    def plan_groups(self, ctx, step, prompt_idx, generators):
+        policy, T = ctx.policy, self.num_steps
         noise_idx = [int(torch.randint(self.probe_noises, (1,), generator=g)) for g in generators]
         seeds = [probe_seed(self.run_seed, i, j) for i, j in zip(prompt_idx, noise_idx)]
-        keys = [(trainer.prompts[i], s) for i, s in zip(prompt_idx, seeds)]
+        keys = [(ctx.prompts[i], s) for i, s in zip(prompt_idx, seeds)]
         x_T = torch.cat([policy.initial_latents(1, torch.Generator().manual_seed(s)) for s in seeds])
         emb = policy.encode_prompts([k[0] for k in keys])
-        latents, entropy = self.probe(trainer, x_T, emb)
-        base = self.base_entropies(trainer, keys, x_T, emb)
+        latents, entropy = self.probe(ctx, x_T, emb)
+        base = self.base_entropies(ctx, keys, x_T, emb)
 
         # The whole batch, gathered: the median is over every prompt of the step, and each process caches the
         # base entropies of all, so the caches stay identical.
         ids = torch.tensor([prompt_idx, noise_idx], dtype=torch.int64).T
         all_ids, all_entropy, all_base = all_gather_cat(ids), all_gather_cat(entropy), all_gather_cat(base)
         for (i, j), b in zip(all_ids.tolist(), all_base):
-            self.base_entropy.setdefault((trainer.prompts[i], probe_seed(self.run_seed, i, j)), b.clone())
+            self.base_entropy.setdefault((ctx.prompts[i], probe_seed(self.run_seed, i, j)), b.clone())
         delta = (all_entropy.double() - all_base.double()).abs().mean(dim=1)
         if step < self.warmup_steps:
             rollouts = [self.r_mean] * len(delta)
@@ -298,12 +299,9 @@ class AEGPO(Strategy):
             plans.append(GroupPlan(roots=1, sde=sde, splits=splits, start=start,
                                    x_start=latents[start, n:n + 1]))
             branch[n, :len(splits)] = torch.tensor(sorted(splits))
-        trainer.wave_log.update({
-            "entropy_t": all_entropy.mean(dim=0).tolist(),
-            "entropy_delta": delta.tolist(),
-            "rollouts_per_prompt": rollouts,
-            "branch_steps": [[s for s in row if s >= 0] for row in all_gather_cat(branch).tolist()],
-        })
+        self.record(entropy_t=all_entropy.mean(dim=0).tolist(), entropy_delta=delta.tolist(),
+                    rollouts_per_prompt=rollouts,
+                    branch_steps=[[s for s in row if s >= 0] for row in all_gather_cat(branch).tolist()])
         return plans
 
     # ---------------------------------------------------------------------------------------- credit

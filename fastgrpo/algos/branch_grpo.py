@@ -33,7 +33,8 @@ from typing import ClassVar
 import torch
 
 from fastgrpo.ops.advantages import tree_advantages
-from fastgrpo.train.strategy import GroupPlan, Strategy
+
+from .base import GroupPlan, Strategy
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastgrpo.train.strategy import Strategy, random_train_steps
+from .base import Strategy, random_train_steps
 
 
 @dataclass

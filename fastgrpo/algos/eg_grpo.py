@@ -28,7 +28,8 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from fastgrpo.ops import eg_grpo_shaping, token_logprob_entropy
-from fastgrpo.train.strategy import Strategy
+
+from .base import Strategy
 
 IGNORE_INDEX = -100
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastgrpo.train.strategy import Strategy
+from .base import Strategy
 
 
 @dataclass

@@ -62,7 +62,8 @@ import torch
 
 from fastgrpo.algos.flow_grpo import FlowGRPO
 from fastgrpo.ops.ovf import OVFSelection, ovf_select
-from fastgrpo.train.strategy import GroupPlan
+
+from .base import GroupPlan
 
 
 @dataclass(frozen=True)
@@ -278,21 +279,25 @@ class ProGRPO(FlowGRPO):
         return GroupPlan(roots=self.schedule.g_max, sde=torch.ones(num_steps, dtype=torch.bool),
                          same_noise=self.same_noise, pruned_to=self.schedule.k)
 
-    def prune(self, trainer, step, rows):
-        if step not in self.schedule.checkpoints:
+    def prune(self, ctx, step, rows):
+        sched = self.schedule
+        if step not in sched.checkpoints:
             if step == 0:
-                trainer.wave_log["survivors"] = [self.schedule.g_max]
+                self.record(survivors=[sched.g_max])
             return None
         x, v, group = rows["x"], rows["v"], rows["group"]
-        sigma = float(trainer.sigmas[step])
+        sigma = float(ctx.sigmas[step])
         x0_hat = x - sigma * v  # one Euler step to sigma = 0 with the velocity already computed
         prompts = [rows["prompts"][g] for g in group.tolist()]
-        images = torch.cat([trainer.policy.decode(x0_hat[i:i + trainer.cfg.sample.batch_size])
-                            for i in range(0, x.shape[0], trainer.cfg.sample.batch_size)])
-        preview, _ = trainer.reward_fn(images, prompts)
+        bs = ctx.batch_size
+        images = torch.cat([ctx.policy.decode(x0_hat[i:i + bs]) for i in range(0, x.shape[0], bs)])
         n_groups = int(group.max()) + 1
-        active = self.schedule.active(step)
-        sel = self.schedule.select(step, preview.view(n_groups, active).float())
+        active = sched.active(step)
+        # a group-level reward (`fastgrpo.rewards.is_group_level`) compares each prompt's active rollouts
+        grouped = getattr(ctx.reward, "has_group_level", False)
+        preview, _ = ctx.reward(images, prompts, **({"group_sizes": [active] * n_groups} if grouped else {}))
+        sel = sched.select(step, preview.view(n_groups, active).float())
         keep = (sel.indices + torch.arange(n_groups).unsqueeze(1) * active).reshape(-1)
-        trainer.wave_log.setdefault("survivors", [self.schedule.g_max]).append(self.schedule.survivors_after(step))
+        # The counts so far in this wave: G_max, then one per checkpoint passed (prune sees every step in order).
+        self.record(survivors=list(sched.survivors[:sched.checkpoints.index(step) + 2]))
         return keep

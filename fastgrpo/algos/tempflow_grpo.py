@@ -62,7 +62,8 @@ import torch
 
 from fastgrpo.ops import sde_step
 from fastgrpo.train.distributed import rng_seed
-from fastgrpo.train.strategy import GroupPlan, Strategy
+
+from .base import GroupPlan, Strategy
 
 MODES = ("released", "single")
 
@@ -108,17 +109,17 @@ class TempFlowGRPO(Strategy):
     def candidates(self, num_steps: int) -> tuple:
         return self.branch_steps or tuple(range(self.num_train_steps(num_steps)))
 
-    def plan_groups(self, trainer, step, prompt_idx, generators):
+    def plan_groups(self, ctx, step, prompt_idx, generators):
         if self.mode == "single":
-            return super().plan_groups(trainer, step, prompt_idx, generators)
-        policy, T, C = trainer.policy, trainer.cfg.sample.num_steps, trainer.cfg.sample.group_size
+            return super().plan_groups(ctx, step, prompt_idx, generators)
+        policy, T, C = ctx.policy, ctx.num_steps, ctx.group_size
         steps = sorted(set(self.candidates(T)))
         S, P = self.spines, len(prompt_idx)
         # Per group, from its generator in this order: the spines' initial noises, then the seed of the plans' own
         # generators (keyed by (seed, spine, branch step)).
         x = torch.cat([policy.initial_latents(S, g) for g in generators]) if P else None
         seeds = [int(torch.randint(2 ** 62, (1,), generator=g)) for g in generators]
-        latents = self.spine(trainer, x, [trainer.prompts[i] for i in prompt_idx], max(steps)) if P else None
+        latents = self.spine(ctx, x, [ctx.prompts[i] for i in prompt_idx], max(steps)) if P else None
         plans = []
         for n in range(P):
             for sp in range(S):
@@ -126,20 +127,20 @@ class TempFlowGRPO(Strategy):
                     plans.append(GroupPlan(roots=1, sde=torch.arange(T) == k, splits={k: C}, start=k,
                                            x_start=latents[k][n * S + sp:n * S + sp + 1], prompt=n,
                                            generator=torch.Generator().manual_seed(rng_seed(seeds[n], sp, k))))
-        trainer.wave_log["branch_steps"] = steps
+        self.record(branch_steps=steps)
         return plans
 
     @torch.no_grad()
-    def spine(self, trainer, x: torch.Tensor, prompts: list, last: int) -> list:
-        """The ODE spines of ``x`` [P * S, ...] (S rows per prompt of ``prompts``) over steps 0..last-1: the
-        latents at steps 0..last ([P * S, ...] each)."""
+    def spine(self, ctx, x: torch.Tensor, prompts: list, last: int) -> list:
+        """The ODE spines of ``x`` [P * S, ...] (S rows per prompt of ``prompts``) over steps 0..last-1 (``ctx``:
+        the `fastgrpo.algos.base.RolloutContext`): the latents at steps 0..last ([P * S, ...] each)."""
         S = x.shape[0] // len(prompts)
-        emb = trainer.policy.encode_prompts(prompts)
+        emb = ctx.policy.encode_prompts(prompts)
         rows = torch.arange(len(prompts)).repeat_interleave(S)
         out = [x]
         for i in range(last):
-            v = trainer.velocity(x, i, emb, rows)
-            x = sde_step(x, v, trainer.sigmas[i].item(), trainer.sigmas[i + 1].item(), kind="ode",
+            v = ctx.velocity(x, i, emb, rows)
+            x = sde_step(x, v, ctx.sigmas[i].item(), ctx.sigmas[i + 1].item(), kind="ode",
                          impl=self.impl).prev_sample
             out.append(x)
         return out

@@ -11,7 +11,17 @@ Built in:
 * CLIP-based rewards through transformers: ``clip_score`` and ``pickscore`` (a ``CLIPModel`` + processor from a
   local folder or a hub id; ``hps`` is the same scorer pointed at an HPS-v2 checkpoint converted to the
   transformers CLIP format);
+* ``aesthetic`` (LAION's MLP head on CLIP image embeddings: `fastgrpo.rewards.aesthetic`), ``geneval`` (GenEval's
+  compositional rules over an open-vocabulary detector: `fastgrpo.rewards.geneval`), ``ocr`` (1 - normalised edit
+  distance to the prompt's quoted text: `fastgrpo.rewards.ocr`), ``vlm_judge`` (a vision-language model's 1-5 rating
+  in UnifiedReward's template: `fastgrpo.rewards.vlm`);
+* group-level rewards (a class attribute ``group_level = True``): called once per group with that group's images
+  and prompts together (one prompt's rollouts), e.g. ``pairwise_brightness``. `WeightedReward` takes the groups'
+  sizes; the trainer scores a group where it lives (a group never spans processes: `fastgrpo.train.loop`);
 * ``remote``: any of these served over HTTP by ``fastgrpo serve-reward`` (`fastgrpo.rewards.remote`).
+
+A reward may also expose ``last_stats`` ({name: Tensor[B]}) after a call: per-image diagnostics (e.g. the judge's
+malformed answers) that `WeightedReward` returns among the parts as ``<reward>_<name>``, logged, never summed.
 """
 from __future__ import annotations
 
@@ -19,8 +29,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from .aesthetic import AestheticPredictor
 from .clip import ClipImageSimilarity, ClipPreference
-from .pixel import brightness, colorfulness, jpeg_compressibility, source_similarity
+from .geneval import GenEvalReward
+from .ocr import OcrReward
+from .pixel import PairwiseBrightness, brightness, colorfulness, jpeg_compressibility, source_similarity
+from .vlm import VlmJudge
 
 # The arguments of each model-based reward that name a model (local folder or hub id), with their defaults
 # (None: required; a processor defaults to the model). `model_sources` lists them; the trainer checks every one
@@ -29,8 +43,21 @@ MODEL_ARGS: dict[str, dict[str, str | None]] = {
     "clip_score": {"model": "openai/clip-vit-large-patch14", "processor": None},
     "pickscore": {"model": "yuvalkirstain/PickScore_v1", "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"},
     "hps": {"model": None, "processor": None},
+    "aesthetic": {"model": "openai/clip-vit-large-patch14", "processor": None},
+    "geneval": {"model": "google/owlv2-base-patch16-ensemble", "processor": None,
+                "color_model": "openai/clip-vit-large-patch14", "color_processor": None},
+    "ocr": {"model": "microsoft/trocr-base-printed", "processor": None},
+    "vlm_judge": {"model": "CodeGoat24/UnifiedReward-qwen-7b", "processor": None},
     "clip_image_similarity": {"model": "openai/clip-vit-large-patch14", "processor": None},
 }
+
+# Arguments naming a local file a reward reads (not a model: never a hub id), required unless listed in
+# OPTIONAL_FILES. `model_sources` checks each exists, so a missing one stops the run before anything loads.
+FILE_ARGS: dict[str, tuple[str, ...]] = {
+    "aesthetic": ("head",),
+    "geneval": ("metadata",),
+}
+OPTIONAL_FILES = {("geneval", "metadata")}
 
 
 REWARDS: dict[str, Callable[..., Callable]] = {
@@ -41,6 +68,11 @@ REWARDS: dict[str, Callable[..., Callable]] = {
     "clip_score": lambda **kw: ClipPreference(**{**_defaults("clip_score"), **kw}),
     "pickscore": lambda **kw: ClipPreference(**{**_defaults("pickscore"), **kw}),
     "hps": lambda **kw: ClipPreference(**kw),
+    "aesthetic": lambda **kw: AestheticPredictor(**{**_defaults("aesthetic"), **kw}),
+    "geneval": lambda **kw: GenEvalReward(**{**_defaults("geneval"), **kw}),
+    "ocr": lambda **kw: OcrReward(**{**_defaults("ocr"), **kw}),
+    "vlm_judge": lambda **kw: VlmJudge(**{**_defaults("vlm_judge"), **kw}),
+    "pairwise_brightness": lambda: PairwiseBrightness(),
     "clip_image_similarity": lambda **kw: ClipImageSimilarity(**{**_defaults("clip_image_similarity"), **kw}),
     "remote": lambda **kw: _remote(**kw),
 }
@@ -58,32 +90,118 @@ def _defaults(name: str) -> dict:
 
 def model_sources(name: str, args: dict) -> dict:
     """{argument: model folder or hub id} that reward ``name`` with ``args`` loads (a processor given no value
-    loads from the model); an empty dict for the pixel rewards. A required one missing is a ValueError."""
+    loads from the model; another argument given as null loads nothing, e.g. geneval's ``color_model: null``); an
+    empty dict for the pixel rewards. A required one missing, or a file argument
+    (`FILE_ARGS`) missing or naming no file, is a ValueError starting ``args.<key>``."""
+    check_files(name, args)
     if name not in MODEL_ARGS:
         return {}
-    out = {**_defaults(name), **{k: v for k, v in args.items() if k in MODEL_ARGS[name] and v}}
+    out = _defaults(name)
+    for k in MODEL_ARGS[name]:
+        if k in args:  # given: that value; given empty (null): none, as the reward's constructor takes it
+            if args[k]:
+                out[k] = args[k]
+            else:
+                out.pop(k, None)
     if "model" not in out:
         raise ValueError(f"args.model is required: reward {name!r} needs its model's local folder or hub id")
     out.setdefault("processor", out["model"])
     return out
 
 
+def check_files(name: str, args: dict) -> None:
+    """Each file argument of reward ``name`` (`FILE_ARGS`) is given (unless optional) and names an existing file
+    (``~`` expanded); ValueError ``args.<key> ...`` otherwise (the trainer prefixes ``reward[i].``)."""
+    from pathlib import Path
+
+    for key in FILE_ARGS.get(name, ()):
+        value = args.get(key)
+        if not value:
+            if (name, key) in OPTIONAL_FILES:
+                continue
+            raise ValueError(f"args.{key} is required: reward {name!r} needs a local file")
+        if not Path(str(value)).expanduser().is_file():
+            raise ValueError(f"args.{key} {value!r} does not exist (reward {name!r} reads it as a local file)")
+
+
+def is_group_level(fn) -> bool:
+    """Whether reward ``fn`` scores a whole group at once (class attribute ``group_level = True``)."""
+    return bool(getattr(fn, "group_level", False))
+
+
+def _groups(group_sizes, n: int) -> list[tuple[int, int]]:
+    sizes = [int(s) for s in group_sizes]
+    if any(s < 0 for s in sizes) or sum(sizes) != n:
+        raise ValueError(f"group_sizes {sizes} must be non-negative and sum to the {n} images")
+    out, start = [], 0
+    for s in sizes:
+        out.append((start, start + s))
+        start += s
+    return out
+
+
+def _take(images, a: int, b: int):
+    return images[a:b] if isinstance(images, torch.Tensor) else list(images)[a:b]
+
+
 class WeightedReward:
-    """Weighted sum of named rewards; ``__call__`` returns (total [B], {name: component [B]})."""
+    """Weighted sum of named rewards; ``__call__`` returns (total [B], {name: component [B]}).
+
+    ``group_sizes`` (ints summing to B: consecutive images of one group, i.e. one prompt's rollouts) is needed
+    when a part is group-level (`is_group_level`): it is called once per group. `sample_level` / `group_level`
+    compute only the parts of one kind (the trainer scores the per-image parts of each micro-batch as it is
+    sampled, the group-level parts once the process holds its whole groups)."""
 
     def __init__(self, parts: Sequence[tuple[str, float, Callable]]):
         self.parts = list(parts)
 
-    def __call__(self, images, prompts):
+    @property
+    def has_group_level(self) -> bool:
+        return any(is_group_level(fn) for _, _, fn in self.parts)
+
+    def __call__(self, images, prompts, group_sizes=None):
+        return self._score(images, prompts, group_sizes, kinds=(False, True))
+
+    def sample_level(self, images, prompts):
+        """(total [B], parts) of the per-image parts only (total zeros when there are none)."""
+        return self._score(images, prompts, None, kinds=(False,))
+
+    def group_level(self, images, prompts, group_sizes):
+        """(total [B], parts) of the group-level parts only, each called once per group."""
+        return self._score(images, prompts, group_sizes, kinds=(True,))
+
+    def _score(self, images, prompts, group_sizes, kinds):
         comps = {}
-        total = None
+        total = torch.zeros(len(prompts), dtype=torch.float32)
         for name, weight, fn in self.parts:
-            r = torch.as_tensor(fn(images, prompts), dtype=torch.float32).reshape(-1).cpu()
-            if r.shape[0] != len(prompts):
-                raise ValueError(f"reward {name!r} returned {r.shape[0]} values for {len(prompts)} images")
+            grouped = is_group_level(fn)
+            if grouped not in kinds:
+                continue
+            if grouped:
+                if group_sizes is None:
+                    raise ValueError(f"reward {name!r} is group-level: give the groups' sizes (group_sizes)")
+                pieces, stats = [], {}
+                for a, b in _groups(group_sizes, len(prompts)):
+                    pieces.append(self._check(name, fn(_take(images, a, b), list(prompts[a:b])), b - a))
+                    for k, v in (getattr(fn, "last_stats", None) or {}).items():
+                        stats.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32).reshape(-1))
+                r = torch.cat(pieces) if pieces else total.clone()
+                stats = {k: torch.cat(v) for k, v in stats.items()}
+            else:
+                r = self._check(name, fn(images, prompts), len(prompts))
+                stats = getattr(fn, "last_stats", None) or {}
             comps[name] = r
-            total = weight * r if total is None else total + weight * r
+            for k, v in stats.items():
+                comps[f"{name}_{k}"] = torch.as_tensor(v, dtype=torch.float32).reshape(-1).cpu()
+            total = total + weight * r
         return total, comps
+
+    @staticmethod
+    def _check(name, r, n):
+        r = torch.as_tensor(r, dtype=torch.float32).reshape(-1).cpu()
+        if r.shape[0] != n:
+            raise ValueError(f"reward {name!r} returned {r.shape[0]} values for {n} images")
+        return r
 
 
 def build_reward(specs) -> WeightedReward:
@@ -94,9 +212,16 @@ def build_reward(specs) -> WeightedReward:
             spec, dict) else (spec.name, spec.weight, spec.args)
         if name not in REWARDS:
             raise ValueError(f"unknown reward {name!r}; known: {', '.join(sorted(REWARDS))}")
-        parts.append((name, float(weight), REWARDS[name](**args)))
+        try:
+            fn = REWARDS[name](**args)
+        except TypeError as e:  # an argument the reward does not take: name it, as a config error
+            if "argument" not in str(e):
+                raise
+            raise ValueError(f"reward {name!r}: {e} (check its args)") from None
+        parts.append((name, float(weight), fn))
     return WeightedReward(parts)
 
 
-__all__ = ["MODEL_ARGS", "REWARDS", "model_sources", "WeightedReward", "build_reward", "brightness", "colorfulness",
-           "jpeg_compressibility", "source_similarity", "ClipImageSimilarity", "ClipPreference"]
+__all__ = ["MODEL_ARGS", "FILE_ARGS", "REWARDS", "model_sources", "check_files", "is_group_level", "WeightedReward",
+           "build_reward", "brightness", "colorfulness", "jpeg_compressibility", "source_similarity", "ClipPreference",
+           "ClipImageSimilarity", "AestheticPredictor", "GenEvalReward", "OcrReward", "VlmJudge", "PairwiseBrightness"]

@@ -71,3 +71,26 @@ def source_similarity(images, prompts) -> torch.Tensor:
                              f"{str(p)!r} has none")
         sources.append(pixels(H, W))
     return 1.0 - (x - torch.stack(sources)).abs().mean(dim=(1, 2, 3))
+
+
+class PairwiseBrightness:
+    """A group-level reward: the fraction of the group's other images each image beats on brightness (a tie
+    counts one half), in [0, 1]; a group of one scores 0.5. Inputs: one group's images [n, 3, H, W] in [0, 1] (or
+    PIL images); prompts are ignored.
+
+    A cheap stand-in for a pairwise preference model used the way Pref-GRPO uses one (arXiv 2508.20751: the
+    reward of a rollout is its win rate against the other rollouts of the same prompt's group). It is called
+    once per group (``group_level = True``) with that group's images and prompts: `WeightedReward` splits the
+    batch by the groups' sizes, and the trainer hands it each prompt's rollouts together on any number of
+    processes (Pref-GRPO's released trainer compares within each GPU's batch instead)."""
+
+    group_level = True
+
+    def __call__(self, images, prompts=None) -> torch.Tensor:
+        b = brightness(images).double()
+        n = b.shape[0]
+        if n < 2:
+            return torch.full((n,), 0.5, dtype=torch.float32)
+        wins = (b[:, None] > b[None, :]).double() + 0.5 * (b[:, None] == b[None, :]).double()
+        wins.fill_diagonal_(0.0)
+        return (wins.sum(1) / (n - 1)).float()

@@ -167,6 +167,10 @@ def make_app(specs):
     if "remote" in names:
         raise ValueError("reward: a reward server cannot serve the remote reward (it would call itself or another "
                          "server); list the rewards to compute here")
+    if reward.has_group_level:  # a client sends micro-batches, not whole groups: score those in the trainer
+        grouped = [name for name, _, fn in reward.parts if getattr(fn, "group_level", False)]
+        raise ValueError(f"reward: a reward server cannot serve group-level rewards ({', '.join(grouped)}): the "
+                         "remote reward sends micro-batches, not whole groups; list them in the training config")
     lock = threading.Lock()
 
     def score(prompts, images):

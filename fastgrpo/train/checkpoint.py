@@ -108,13 +108,16 @@ def _set_rng_state(rng: dict, path: Path) -> None:
 
 def load_pt(path: Path):
     """``torch.load`` of a checkpoint file without executing code (``weights_only=True``): a file holding objects
-    other than tensors and plain data, or an unreadable one, raises ValueError naming it. Image-editing prompts
-    (`fastgrpo.train.prompts.EditPrompt`: a str and its image's name, e.g. AEGPO's cache keys) are plain data too."""
+    other than tensors and plain data, or an unreadable one, raises ValueError naming it. Prompts that carry data
+    (`fastgrpo.train.prompts.EditPrompt`: a str, its image's name and its JSONL row; `fastgrpo.rewards.geneval.
+    MetaPrompt`: a str and its row; e.g. AEGPO's cache keys) are plain data too."""
+    from fastgrpo.rewards.geneval import MetaPrompt
+
     from .prompts import EditPrompt
 
     path = Path(path)
     try:
-        with torch.serialization.safe_globals([EditPrompt]):
+        with torch.serialization.safe_globals([EditPrompt, MetaPrompt]):
             return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

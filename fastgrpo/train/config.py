@@ -214,9 +214,9 @@ class RewardSpec:
 
 @dataclass
 class PromptConfig:
-    # "builtin", a text file with one prompt per line, or for image-editing families (flux_kontext) a JSONL file of
-    # {"prompt": ..., "image": path} rows, a folder of images with same-named .txt captions, or "builtin_edit"
-    # (`fastgrpo.train.prompts`)
+    # "builtin", a text file with one prompt per line, a .jsonl file ({"prompt": ...} rows, GenEval metadata kept),
+    # or for image-editing families (flux_kontext) a .jsonl file of {"prompt": ..., "image": path} rows, a folder of
+    # images with same-named .txt captions, or "builtin_edit" (`fastgrpo.train.prompts`)
     source: str = "builtin"
 
     def validate(self, p):

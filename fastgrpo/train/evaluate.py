@@ -111,10 +111,12 @@ class Evaluator:
         return torch.cat(out)
 
     def score(self, images: torch.Tensor) -> dict:
-        """{label: float64 [N]} for each reward, and ``reward``: their weighted sum."""
+        """{label: float64 [N]} for each reward, and ``reward``: their weighted sum. A group-level reward
+        (`fastgrpo.rewards.is_group_level`) compares each prompt's ``eval.samples_per_prompt`` images."""
         scores, total = {}, None
+        groups = [self.trainer.cfg.eval.samples_per_prompt] * len(self.prompt_list)
         for label, weight, fn in self.rewards:
-            r, _ = fn(images, self.prompts)
+            r, _ = fn(images, self.prompts, group_sizes=groups)
             scores[label] = r.double()
             total = weight * scores[label] if total is None else total + weight * scores[label]
         scores["reward"] = total

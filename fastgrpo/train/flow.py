@@ -1,17 +1,18 @@
 """The flow families' phases (every `fastgrpo.diffusion.adapter.FlowAdapter`): tree-shaped SDE rollouts and the
 per-transition update.
 
-**sample** -- the strategy plans this rank's groups (`Strategy.plan_groups`; a variant may return several plans per
-prompt, ``GroupPlan.prompt``, each then an advantage group of its own), then they are sampled in waves of
-whole groups (as many as fit ``sample.batch_size`` rows at the widest point), each wave scored in a worker thread
-while the next one samples. Within a wave every group follows its `GroupPlan`: ``roots`` trajectories from noise
-(or, from step ``start`` on, from the given ``x_start``: a prefix sampled elsewhere joins the wave there); at a
-split step each active trajectory becomes that many children, each taking the step with its own noise; stochastic
-steps call `fastgrpo.sde_step` with the variant's kind, the others ``kind="ode"``; after each velocity evaluation
-the strategy may prune rows (Pro-GRPO). Rows stay ordered by group, so a group's leaves are contiguous and its
-size is its number of leaves (``MicroBatch.group_sizes``). Forwards run in chunks of at most ``sample.batch_size``
-rows. Every stochastic transition is kept (x_t, x_{t-1}, its log-prob, its node of the tree); ODE transitions have
-no density and are never trained.
+**sample** -- the strategy plans this rank's groups (`Strategy.plan_groups`, given the `RolloutContext` of
+`FlowTrainer.rollout_context`; a variant may return several plans per prompt, ``GroupPlan.prompt``, each then an
+advantage group of its own), then they are sampled in waves of whole groups (as many as fit ``sample.batch_size``
+rows at the widest point), each wave scored in a worker thread while the next one samples. Within a wave every
+group follows its `GroupPlan`: ``roots`` trajectories from noise (or, from step ``start`` on, from the given
+``x_start``: a prefix sampled elsewhere joins the wave there); at a split step each active trajectory becomes that
+many children, each taking the step with its own noise; stochastic steps call `fastgrpo.sde_step` with the
+variant's kind, the others ``kind="ode"``; after each velocity evaluation the strategy may prune rows (Pro-GRPO).
+Rows stay ordered by group, so a group's leaves are contiguous and its size is its number of leaves
+(``MicroBatch.group_sizes``). What the strategy logs it records on itself (`Strategy.record`); the loop takes it
+after this phase. Forwards run in chunks of at most ``sample.batch_size`` rows. Every stochastic transition is kept
+(x_t, x_{t-1}, its log-prob, its node of the tree); ODE transitions have no density and are never trained.
 
 **train** -- the trained transitions (per node: the strategy's steps for trees without splits, every stochastic
 transition otherwise) in chunks of ``sample.batch_size``: the transition's new log-prob and the KL to the reference
@@ -114,6 +115,20 @@ class FlowTrainer(GRPOTrainer):
         return model, model.trainable_state()
 
     # ------------------------------------------------------------------------------------------------ sample
+    def rollout_context(self):
+        """The `fastgrpo.algos.base.RolloutContext` the strategy's rollout hooks get: the prompts, the schedule,
+        ``sample.num_steps`` / ``group_size`` / ``batch_size``, the chunked `velocity` (looked up on the trainer
+        at each call, eager: no CUDA graphs), the policy adapter and the reward."""
+        from fastgrpo.algos.base import RolloutContext
+
+        def velocity(x, step_idx, emb, rows_group, transformer=None):
+            return self.velocity(x, step_idx, emb, rows_group, transformer=transformer)
+
+        s = self.cfg.sample
+        return RolloutContext(prompts=self.prompts, sigmas=self.sigmas, num_steps=s.num_steps,
+                              group_size=s.group_size, batch_size=s.batch_size, velocity=velocity,
+                              policy=self.policy, reward=self.reward_fn)
+
     def velocity(self, x, step_idx, emb, rows_group, *, cfg=True, transformer=None, graphs=False):
         """v for rows ``x`` at steps ``step_idx`` (an int for all rows, or [n] ints), prompt embeddings per group
         (``rows_group`` [n]: each row's group, best on x's device), in ``sample.batch_size`` chunks. ``graphs``: the
@@ -143,11 +158,11 @@ class FlowTrainer(GRPOTrainer):
         prompt_idx, _ = self.sampler.local(step, self.rank, self.world_size)
         group_idx = prompt_idx[::cfg.sample.group_size].tolist()
         group_prompts = [self.prompts[i] for i in group_idx]
-        self.wave_log = {}
+        ctx = self.rollout_context()
         # One generator per global group: its plan, initial noise, trained steps and SDE noise, in that order.
         first = self.rank * len(group_idx)
         gens = group_generators(cfg.seed, step, range(first, first + len(group_idx)))
-        plans = strat.plan_groups(self, step, group_idx, gens)
+        plans = strat.plan_groups(ctx, step, group_idx, gens)
         owners, plan_gens = plan_owners(plans, group_prompts, gens, strat.name)
         plan_prompts = [group_prompts[g] for g in owners]
         # Each plan's global id (its prompt's global group, then its place among that prompt's plans) keys its
@@ -164,7 +179,7 @@ class FlowTrainer(GRPOTrainer):
         waves = range(0, len(plans), per_wave)
         for w in tqdm(waves, desc="sample", leave=False, disable=not (cfg.log.progress and self.is_main)):
             prompts, wave_plans = plan_prompts[w:w + per_wave], plans[w:w + per_wave]
-            tree, x_final = self._rollout(prompts, wave_plans, plan_gens[w:w + per_wave])
+            tree, x_final = self._rollout(ctx, prompts, wave_plans, plan_gens[w:w + per_wave])
             leaf_groups = tree_groups(tree)
             leaf_prompts = [prompts[g] for g in leaf_groups]
             sizes = torch.bincount(torch.tensor(leaf_groups), minlength=len(prompts)).tolist()
@@ -177,11 +192,11 @@ class FlowTrainer(GRPOTrainer):
         self.samples += all_sum(sum(max(p.roots, p.leaves()) for p in plans))
         return batches
 
-    def _rollout(self, prompts, plans, gens):
-        """One wave's trees (``gens``: each group's generator). Nothing here waits for the device per denoising
-        step: schedule values are views of a device copy, row indices go to the device from pinned memory, each
-        group's noise is drawn on its CPU generator and the wave's copied at once without blocking (`group_noise`);
-        only splits and pruning touch the host."""
+    def _rollout(self, ctx, prompts, plans, gens):
+        """One wave's trees (``gens``: each group's generator; ``ctx``: what `Strategy.prune` gets). Nothing here
+        waits for the device per denoising step: schedule values are views of a device copy, row indices go to the
+        device from pinned memory, each group's noise is drawn on its CPU generator and the wave's copied at once
+        without blocking (`group_noise`); only splits and pruning touch the host."""
         cfg, strat, model = self.cfg, self.strategy, self.policy
         T = cfg.sample.num_steps
         emb = model.encode_prompts(prompts)
@@ -208,7 +223,7 @@ class FlowTrainer(GRPOTrainer):
                 node = tree.add_nodes(parent.tolist(), [tree.depth[p] + 1 for p in parent.tolist()], group.tolist())
                 group_dev = to_device(group, self.device)
             v = self.velocity(x, i, emb, group_dev, graphs=True)
-            keep = strat.prune(self, i, {"x": x, "v": v, "group": group, "prompts": prompts, "emb": emb})
+            keep = strat.prune(ctx, i, {"x": x, "v": v, "group": group, "prompts": prompts, "emb": emb})
             if keep is not None:
                 x, v, group, node = x[keep], v[keep], group[keep], node[keep]
                 group_dev = to_device(group, self.device)
@@ -403,7 +418,6 @@ class FlowTrainer(GRPOTrainer):
                                    "weights not updated")
         stats = {"loss": sum(chunk_losses), **dict(zip(names, values[:-1])), "ratio_dev_max": values[-1],
                  "trained_transitions": n_all}
-        stats.update(getattr(self, "wave_log", {}))
         return stats
 
 

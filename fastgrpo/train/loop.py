@@ -283,6 +283,7 @@ class GRPOTrainer:
         if self.rank == 0:
             ensure_writable(self.out)
         self.strategy = STRATEGIES[cfg.algo].from_config(cfg)
+        self.strategy_log = {}  # the fields the strategy recorded in this round's sample phase (`round`)
         from fastgrpo.families import get_family
 
         edits = bool(getattr(get_family(cfg.model.family).adapter_class(), "edits_images", False))
@@ -400,20 +401,62 @@ class GRPOTrainer:
         return self._evaluator()
 
     def submit_score(self, pool: ThreadPoolExecutor, images, prompts):
+        """Score one micro-batch's per-image rewards in the worker thread; a group-level reward's images are kept
+        (on the CPU) until `collect_scores` holds the process's whole groups."""
         return pool.submit(self._score, images, prompts)
 
-    @staticmethod
-    def collect_scores(batches: list, futures: list) -> None:
+    def collect_scores(self, batches: list, futures: list) -> None:
+        """Each micro-batch's rewards and parts, once its scoring is done. Group-level rewards
+        (`fastgrpo.rewards.is_group_level`) are then called once per group with all of that group's rollouts: the
+        process's micro-batches are concatenated and cut at the group boundaries (a micro-batch's
+        ``group_sizes``, else groups of ``sample.group_size`` in sampling order, which may span micro-batches).
+        A group never spans processes (`GroupSampler.local` gives each process whole groups: the trainer requires
+        ``prompts_per_step`` to be a multiple of the number of processes), so 1 and N processes score the same
+        groups. A "group" is an advantage group; with ``train.group_by: prompt`` two groups of one prompt text are
+        still scored apart."""
+        held = []
         for mb, fut in zip(batches, futures):
-            mb.rewards, mb.reward_parts = fut.result()
+            mb.rewards, mb.reward_parts, images = fut.result()
+            held.append(images)
+        if not getattr(self.reward_fn, "has_group_level", False) or not batches:
+            return
+        G = self.cfg.sample.group_size
+        if all(mb.group_sizes is not None for mb in batches):
+            sizes = [n for mb in batches for n in mb.group_sizes]
+        else:
+            rows = sum(len(mb.prompts) for mb in batches)
+            if rows % G:
+                raise ValueError(f"a group-level reward needs whole groups: this process holds {rows} rollouts, "
+                                 f"not a multiple of sample.group_size {G}")
+            sizes = [G] * (rows // G)
+        images = torch.cat(held) if isinstance(held[0], torch.Tensor) else [im for h in held for im in h]
+        prompts = [p for mb in batches for p in mb.prompts]
+        total, parts = self.reward_fn.group_level(images, prompts, sizes)
+        self._check_finite(total, prompts, parts)
+        n = 0
+        for mb in batches:
+            sl = slice(n, n + len(mb.prompts))
+            mb.rewards = mb.rewards + total[sl]
+            mb.reward_parts.update({k: v[sl] for k, v in parts.items()})
+            n += len(mb.prompts)
 
     def _score(self, images, prompts):
-        total, parts = self.reward_fn(images, prompts)
+        """(per-image total [B], parts, the images kept for group-level rewards or None)."""
+        # ``reward_fn`` may be any callable (images, prompts) -> (total, parts); a `WeightedReward` with
+        # group-level parts scores only its per-image parts here
+        total, parts = getattr(self.reward_fn, "sample_level", self.reward_fn)(images, prompts)
+        self._check_finite(total, prompts, parts)
+        keep = None
+        if getattr(self.reward_fn, "has_group_level", False):
+            keep = images.detach().cpu() if isinstance(images, torch.Tensor) else list(images)
+        return total, parts, keep
+
+    @staticmethod
+    def _check_finite(total, prompts, parts):
         if not torch.isfinite(total).all():
             bad = [prompts[i] for i in torch.nonzero(~torch.isfinite(total)).flatten().tolist()]
             raise TrainingDiverged(f"a reward returned NaN/inf for prompts {bad[:3]}; parts: "
                                    f"{ {k: v.tolist()[:4] for k, v in parts.items()} }")
-        return total, parts
 
     def advantages(self, batches: list) -> torch.Tensor:
         """Per-group statistics over the rewards of all ranks. Groups may differ in size (a micro-batch's
@@ -484,8 +527,10 @@ class GRPOTrainer:
         do). `bench/test_bench_round.py` times rounds through this."""
         cfg = self.cfg
         clock = _PhaseClock(self.device, phase_times)
+        self.strategy.take_log()  # not this round's: records of hooks called outside a round
         with self.parallel.sampling():
             batches = self.sample(step, pool)
+        self.strategy_log = self.strategy.take_log()  # what the variant recorded while sampling (`Strategy.record`)
         clock("sample")
         all_rewards = self.advantages(batches)
         batches = self.select(batches)
@@ -519,7 +564,8 @@ class GRPOTrainer:
         Logged per round: ``optimizer_steps``; ``ratio_mean``, ``clip_frac``, ``approx_kl`` (Flow-GRPO's
         ``0.5 * mean((logp - logp_old)^2)``), ``policy_loss``, ``kl``, ``loss`` and ``grad_norm`` averaged over the
         updates; ``ratio_dev_max`` (max |ratio - 1| over every update) and ``first_ratio_dev`` (the first update's,
-        taken by the sampling policy: 0 up to float rounding)."""
+        taken by the sampling policy: 0 up to float rounding); the fields the strategy recorded while sampling
+        (``strategy_log``, from `fastgrpo.algos.base.Strategy.take_log`), added to every update's stats."""
         tc = self.cfg.train
         clock = clock or (lambda name: None)
         rows = self.train_rows(batches)
@@ -545,6 +591,7 @@ class GRPOTrainer:
                 with self.parallel.training():
                     st = self.train(batches, take_rows(rows, idx), n_all=n_all, first=not updates,
                                     several=tc.minibatches * tc.inner_epochs > 1)
+                st.update(self.strategy_log)
                 clock("train")
                 for p in self.params:  # a process that trained nothing still joins the gradient average
                     if p.grad is None:

@@ -9,8 +9,10 @@
   over other drawn images than ``builtin_edit``'s);
 * a text file, one prompt per line (blank lines skipped);
 * a ``.jsonl`` file, one JSON object per line: ``{"prompt": "...", "image": "path"}``, the image path relative to
-  the JSONL file's folder (or absolute, ``~`` expanded); rows without ``"image"`` are text prompts (the other keys of
-  a row are ignored, so Flow-GRPO's ``*_metadata.jsonl`` files load as they are);
+  the JSONL file's folder (or absolute, ``~`` expanded); rows without ``"image"`` are text prompts
+  (`fastgrpo.rewards.geneval.MetaPrompt`, e.g. GenEval's ``evaluation_metadata.jsonl``). Every prompt keeps its row
+  as ``.meta`` (GenEval's ``include`` / ``exclude`` clauses are validated, for the ``geneval`` reward), so
+  Flow-GRPO's ``counting_edit/*_metadata.jsonl`` files load as they are;
 * a folder of images (``.png .jpg .jpeg .webp .bmp``, sorted by name), each with a caption file of the same stem
   (``cat.png`` + ``cat.txt``: the whole file, stripped, is the instruction);
 * ``builtin_edit``: `BUILTIN_EDITS`, a few editing instructions over small images drawn in code (deterministic,
@@ -61,25 +63,27 @@ class EditPrompt(str):
     """An image-editing prompt: the instruction (the string itself) and its source image (``image``).
 
     ``image`` names the source image: the resolved path of its file, or ``builtin:<name>`` for the drawn images of
-    `BUILTIN_EDITS`. Decisions:
+    `BUILTIN_EDITS`; ``meta`` is its JSONL row (as `fastgrpo.rewards.geneval.MetaPrompt`'s: rewards such as
+    ``geneval`` read their clauses there; equality ignores it). Decisions:
 
     * Equality and hash take the text *and* the image: the same instruction over another image is another prompt
       (its own cache entry in the adapter, its own statistics under ``train.group_by: prompt``: Flow-GRPO keys edit
       groups by ``f"{prompt}_{image_path}"``, yifan123/flow_grpo scripts/train_flux_kontext.py,
       ``prompt_with_image_path``). An EditPrompt never equals a plain ``str``. Ordering is the text's.
     * String operations (slicing, ``+``, ``.strip()``, f-strings) give plain ``str``: the text.
-    * It pickles as (text, image) (``copy``, ``torch.save``; `fastgrpo.train.checkpoint.load_pt` allows the class);
+    * It pickles as (text, image, meta) (``copy``, ``torch.save``; `fastgrpo.train.checkpoint.load_pt` allows it);
       the pixels are read from the file (or drawn) when needed (`load`).
     """
 
-    def __new__(cls, text: str, image: str):
+    def __new__(cls, text: str, image: str, meta: dict | None = None):
         obj = super().__new__(cls, text)
         obj.image = str(image)
+        obj.meta = dict(meta or {})
         obj._pil = None
         return obj
 
     def __reduce__(self):
-        return (EditPrompt, (str(self), self.image))
+        return (EditPrompt, (str(self), self.image, self.meta))
 
     def __eq__(self, other):
         return isinstance(other, EditPrompt) and str.__eq__(self, other) and self.image == other.image
@@ -239,7 +243,7 @@ def load_prompts(source: str, *, edit: bool | None = None, family: str | None = 
     if not prompts:
         raise ValueError(f"prompts.source: {source!r} holds no prompts (one per line expected)")
     if edit:
-        raise ValueError(_mismatch(f"prompts.source {source!r} line {prompts[0][0]}", has_image=False, who=who))
+        raise ValueError(_mismatch(f"prompts.source: {path}:{prompts[0][0]}", has_image=False, who=who))
     return [p for _, p in prompts]
 
 
@@ -258,6 +262,10 @@ def _mismatch(where: str, *, has_image: bool, who: str) -> str:
 
 
 def _load_jsonl(path: Path, source: str, edit: bool | None, who: str) -> list:
+    """Each row a `fastgrpo.rewards.geneval.MetaPrompt` (text) or an `EditPrompt` (with ``"image"``), both carrying
+    the row as ``.meta`` (GenEval clauses checked: the geneval reward reads them, e.g. Flow-GRPO's counting edits)."""
+    from fastgrpo.rewards.geneval import MetaPrompt, check_metadata
+
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -266,18 +274,16 @@ def _load_jsonl(path: Path, source: str, edit: bool | None, who: str) -> list:
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        where = f"prompts.source {source!r} line {n}"
+        where = f"prompts.source: {path}:{n}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object {{\"prompt\": ..., \"image\": ...}}, got "
-                             f"{type(row).__name__}")
-        text = row.get("prompt")
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{where}: the row has no \"prompt\" (a non-empty string), got keys {sorted(row)}")
-        image = row.get("image")
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f"{where}: each line must be a JSON object with a non-empty \"prompt\" string")
+        if "include" in row or "exclude" in row:  # GenEval clauses, read by the geneval reward
+            check_metadata(row, where)
+        text, image = row["prompt"], row.get("image")
         if edit is None and not out:
             edit = image is not None  # the first row says which kind of list this is
         if (image is not None) != edit:
@@ -285,7 +291,7 @@ def _load_jsonl(path: Path, source: str, edit: bool | None, who: str) -> list:
                 raise ValueError(_mixed(where))
             raise ValueError(_mismatch(where, has_image=image is not None, who=who))
         if image is None:
-            out.append(text.strip())
+            out.append(MetaPrompt(text.strip(), row))
             continue
         if not isinstance(image, str) or not image:
             raise ValueError(f"{where}: \"image\" must be a path (a non-empty string), got {image!r}")
@@ -296,7 +302,7 @@ def _load_jsonl(path: Path, source: str, edit: bool | None, who: str) -> list:
         problem = _check_image(img_path)
         if problem:
             raise ValueError(f"{where}: image {image!r} ({img_path}) {problem}")
-        out.append(EditPrompt(text.strip(), str(img_path)))
+        out.append(EditPrompt(text.strip(), str(img_path), meta=row))
     if not out:
         raise ValueError(f"prompts.source: {source!r} holds no prompts (one JSON object per line expected)")
     return out
@@ -321,7 +327,7 @@ def _load_folder(path: Path, source: str, edit: bool, who: str) -> list:
             raise ValueError(f"prompts.source {source!r}: caption {caption.name} cannot be read "
                              f"({type(e).__name__}: {e})") from None
         if not text:
-            raise ValueError(f"prompts.source {source!r}: caption {caption.name} line 1: the caption is empty")
+            raise ValueError(f"prompts.source: {caption}:1: the caption is empty")
         problem = _check_image(img)
         if problem:
             raise ValueError(f"prompts.source {source!r}: image {img.name} {problem}")

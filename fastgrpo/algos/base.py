@@ -4,6 +4,14 @@ A variant (``fastgrpo.algos``) is a `Strategy` subclass with its defaults (SDE k
 steps are trained, advantage conventions, KL weight) plus, where needed, overridden hooks. The config's
 ``sample.noise_level`` and ``train.*`` values override the defaults when set.
 
+A strategy never sees the trainer. Its rollout hooks (`Strategy.plan_groups`, `Strategy.prune`) receive a
+`RolloutContext`: the prompt list, the sigma schedule, the sizes, the chunked velocity, the policy adapter and the
+reward, nothing else; the other hooks receive plain values (tensors, a wave's tree). What a variant logs per
+optimizer step it records on
+itself (`Strategy.record`, from any hook of the sample phase); the loop takes the records after the sample phase
+(`Strategy.take_log`) and adds them to the step's ``metrics.jsonl`` row. A variant's state across steps (AEGPO's
+base-entropy cache) lives on the strategy and travels in checkpoints through `Strategy.state_dict`.
+
 Rollouts of one prompt form a tree (`fastgrpo.train.flow`): ``GroupPlan.roots`` trajectories start from noise,
 and at a step listed in ``GroupPlan.splits`` every active trajectory splits into that many children, each taking
 the step with its own noise. Plain GRPO is the tree with G roots and no splits (Flow-GRPO, DanceGRPO); trajectory
@@ -19,9 +27,40 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
+
+
+@dataclass(frozen=True)
+class RolloutContext:
+    """What a strategy's rollout hooks may use of the run; the family's trainer builds it for each sample phase
+    (`fastgrpo.train.flow.FlowTrainer.rollout_context`).
+
+    Attributes:
+        prompts: the run's prompt list; ``plan_groups`` gets its groups' prompts as indices into it.
+        sigmas: the sampler's schedule [T + 1] (CPU float32): step i goes from ``sigmas[i]`` to ``sigmas[i + 1]``.
+        num_steps: T (``sample.num_steps``).
+        group_size: the rollouts per group (``sample.group_size``).
+        batch_size: the most rows one forward takes (``sample.batch_size``).
+        velocity: ``velocity(x, step_idx, emb, rows_group, transformer=None) -> v``: the velocity of rows ``x``
+            at ``step_idx`` (an int for every row, or one per row) with the prompt embeddings ``emb`` (as returned
+            by ``policy.encode_prompts``) of each row's group ``rows_group`` [n], guided as in sampling
+            (``sample.guidance_scale``), in chunks of ``batch_size`` rows; ``transformer``: another network than the
+            policy's (the reference, from ``policy.reference()``).
+        policy: the family's adapter (`fastgrpo.diffusion.adapter.FlowAdapter`): ``encode_prompts``,
+            ``initial_latents``, ``decode``, ``reference()``, ``transformer``, ``conditional_rows``.
+        reward: the run's reward, ``reward(images, prompts) -> (total [B], {name: [B]})``.
+    """
+
+    prompts: Sequence[str]
+    sigmas: torch.Tensor
+    num_steps: int
+    group_size: int
+    batch_size: int
+    velocity: Callable
+    policy: Any
+    reward: Callable
 
 
 @dataclass
@@ -48,7 +87,28 @@ class GroupPlan:
 
 @dataclass
 class Strategy:
-    """Defaults are Flow-GRPO's; a variant states only what it changes."""
+    """Defaults are Flow-GRPO's; a variant states only what it changes.
+
+    A new variant subclasses it (a dataclass) and sets:
+
+    * its conventions, as field defaults: ``sde_kind``, ``noise_level``, ``timestep_fraction``, ``beta``,
+      ``adv_std`` / ``adv_ddof`` / ``adv_eps``, ``minibatch_unit``; ``kinds`` (the family kinds it trains);
+    * its ``algo_args``: their keys in ``ARGS``, read and validated in `configure` (bad values: ValueError naming
+      ``algo_args.<key>``);
+    * the hooks it changes. Rollouts: `group_plan` (one prompt's tree: roots, split steps, SDE steps) or, to plan a
+      step's groups together, `plan_groups`; `noise_scale`; `prune`. Training: `train_steps`, `step_weights`,
+      `node_advantages`. State that must survive ``--resume``: `state_dict` / `load_state_dict`;
+
+    and is registered in `fastgrpo.algos.STRATEGIES` under its ``name`` (the config's ``algo``).
+
+    Rollout hooks get a `RolloutContext`, never the trainer. Log fields are recorded, not written anywhere: a hook
+    of the sample phase calls ``self.record(name=value, ...)`` (JSON values; a later record of the same name
+    replaces the earlier one, so a field recorded once per wave holds the last wave's value); after the sample
+    phase the loop calls `take_log` and adds the fields to every update's stats of the step, hence to its
+    ``metrics.jsonl`` row (a list keeps its value; a number is averaged over the step's updates). Decision: records
+    rather than return values, because the hooks already return what the sampler needs (plans, kept rows) and a
+    field may be known only at a later hook of the wave (Pro-GRPO's survivors at each checkpoint).
+    """
 
     name: str = "base"
     sde_kind: str = "flow_grpo"
@@ -67,6 +127,7 @@ class Strategy:
     # "ar" (token-by-token rollouts)
     kinds: ClassVar[tuple] = ("flow",)
     needs_reference: ClassVar[bool] = False  # evaluates the reference policy even without a KL term (AEGPO)
+    _log: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # `record`ed, not yet taken
 
     @classmethod
     def from_config(cls, cfg) -> "Strategy":
@@ -102,14 +163,24 @@ class Strategy:
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict` on ``--resume``."""
 
+    # ------------------------------------------------------------------------------------------- log
+    def record(self, **fields) -> None:
+        """Record log fields of this optimizer step (JSON values); the loop takes them with `take_log`."""
+        self._log.update(fields)
+
+    def take_log(self) -> dict:
+        """The fields recorded since the last call, in the order first recorded; clears them."""
+        out, self._log = self._log, {}
+        return out
+
     # ------------------------------------------------------------------------------------------- rollouts
-    def plan_groups(self, trainer, step: int, prompt_idx: list, generators: list) -> list:
+    def plan_groups(self, ctx: RolloutContext, step: int, prompt_idx: list, generators: list) -> list:
         """The plans of this rank's groups at optimizer ``step`` (``prompt_idx``: their prompts' indices into
-        ``trainer.prompts``, in order; ``generators``: each group's own generator, keyed by its global index, which
+        ``ctx.prompts``, in order; ``generators``: each group's own generator, keyed by its global index, which
         a plan must draw from so that it does not depend on the number of processes). Default: one `group_plan`
         per group, each yielding ``sample.group_size`` rollouts. AEGPO overrides it: it probes every prompt first
         and plans the groups from what it measured."""
-        T, G = trainer.cfg.sample.num_steps, trainer.cfg.sample.group_size
+        T, G = ctx.num_steps, ctx.group_size
         plans = [self.group_plan(T, G, gen) for gen in generators]
         for p in plans:
             if p.leaves() != G:
@@ -125,9 +196,12 @@ class Strategy:
         """Scale of the noise drawn at ``step`` (the log-prob stays under the unscaled std); BranchGRPO's option."""
         return 1.0
 
-    def prune(self, trainer, step: int, rows) -> torch.Tensor | None:
-        """Called at every step after the velocity is computed; return the indices of the rows to keep (sorted),
-        or None to keep all (Pro-GRPO overrides it)."""
+    def prune(self, ctx: RolloutContext, step: int, rows: dict) -> torch.Tensor | None:
+        """Called at every step of a wave, in order, after the velocity is computed, with the wave's active
+        ``rows``: ``x`` [n, ...] (the latents at ``step``), ``v`` [n, ...] (their velocity), ``group`` [n] (CPU:
+        each row's group in the wave, rows ordered by group), ``prompts`` (the wave's groups' prompts) and
+        ``emb`` (their embeddings); return the indices of the rows to keep (sorted), or None to keep all
+        (Pro-GRPO overrides it)."""
         return None
 
     # ------------------------------------------------------------------------------------------- training
