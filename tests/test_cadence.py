@@ -150,7 +150,7 @@ BRANCH_STEPS = math.ceil(2 * _branch_edges((0, 3, 6, 9), 20) / 12)
     ("sd35m-pro-grpo-flash-pickscore", FLOW_GRPO_STEPS, "prompt"),
     ("sd35m-tempflow-grpo-pickscore", FLOW_GRPO_STEPS, "group"),  # per (spine, step), per process as released
     ("flux-dance-grpo-hps", DANCE_STEPS, "group"),
-    ("flux-kontext-flow-grpo-clip", KONTEXT_STEPS, "prompt"),
+    ("flux-kontext-flow-grpo-geneval", KONTEXT_STEPS, "prompt"),
     ("flux-branch-grpo-hps", BRANCH_STEPS, "group"),
     ("janus-pro-eg-grpo", 1, "group"),
 ])

@@ -138,7 +138,13 @@ def test_jsonl_folder_and_builtin_edit_prompts(tmp_path, monkeypatch):
     assert [str(p) for p in got] == ["make it blue", "add snow", "again"]
     # a JSONL of text-only rows is a text prompt list for a text-to-image family
     t = _jsonl(tmp_path / "text.jsonl", [{"prompt": "a cat"}, {"prompt": "a dog", "meta": 1}])
-    assert load_prompts(str(t)) == ["a cat", "a dog"] and type(load_prompts(str(t))[0]) is str
+    from fastgrpo.rewards.geneval import MetaPrompt
+
+    texts = load_prompts(str(t))
+    assert texts == ["a cat", "a dog"] and all(type(p) is MetaPrompt for p in texts)
+    # every row is kept as .meta (the geneval reward reads GenEval clauses there, e.g. Flow-GRPO's counting edits)
+    assert got[0].meta == {"prompt": " make it blue ", "image": "img/a.png", "tag": 3}
+    assert pickle.loads(pickle.dumps(got[0])).meta == got[0].meta
     assert load_prompts(str(f)) == got  # without a family: what the source holds
 
     folder = tmp_path / "folder"
@@ -447,7 +453,7 @@ def test_clip_image_similarity_reward(tmp_path):
 
 def test_paper_preset_lora_targets_exist_on_the_transformer():
     """The paper preset's LoRA targets (Flow-GRPO's Kontext list) all match modules of a FLUX transformer."""
-    cfg = resolve_config(preset="flux-kontext-flow-grpo-clip")
+    cfg = resolve_config(preset="flux-kontext-flow-grpo-geneval")
     _, model = _adapter(32, 32)
     names = [n for n, _ in model.transformer.named_modules()]
     for t in cfg.model.lora.targets:
@@ -492,3 +498,17 @@ def test_aegpo_on_kontext_resumes_bit_identical(tmp_path):
     assert sorted(rows[-1]["rollouts_per_prompt"]) == [2, 4] and all(len(r["entropy_t"]) == 4 for r in rows)
     keys = [k for k in load_pt(a / "checkpoints/step_4/strategy.pt")["base_entropy"]]
     assert keys and all(type(p) is EditPrompt for p, _ in keys)
+
+
+def test_geneval_reads_the_clauses_of_an_edit_row(tmp_path):
+    """Flow-GRPO's counting edits are JSONL rows with an image and GenEval clauses: the EditPrompt keeps the row, so
+    the geneval reward of the paper preset finds its metadata (no detector needed to check that)."""
+    from fastgrpo.rewards.geneval import GenEvalReward
+
+    img = _random_image(tmp_path / "a.png", (8, 8), 0)
+    row = {"prompt": "make it three cats", "image": "a.png", "tag": "counting",
+           "include": [{"class": "cat", "count": 3}]}
+    f = _jsonl(tmp_path / "train_metadata.jsonl", [row])
+    (p,) = load_prompts(str(f), edit=True)
+    assert p.image == str(img.resolve())
+    assert GenEvalReward(model="google/owlv2-base-patch16-ensemble", rule="flow_grpo").metadata(p) == row
