@@ -43,6 +43,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline)"),
     Family("flux", "fastgrpo.diffusion.flux:FluxAdapter", _FLOW_TRAINER,
            "FLUX.1 (FluxPipeline)"),
+    Family("wan", "fastgrpo.diffusion.wan:WanAdapter", _FLOW_TRAINER,
+           "Wan2.1 text-to-video (WanPipeline)"),
     Family("janus", "fastgrpo.ar.janus:JanusPolicy", "fastgrpo.train.ar:ARTrainer",
            "Janus / Janus-Pro (JanusForConditionalGeneration, transformers)"),
 )}

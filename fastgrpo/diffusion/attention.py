@@ -20,6 +20,15 @@ Supported models, detected from the processors found on the selected blocks:
 * FLUX (`FluxTransformer2DModel`, ``FluxAttnProcessor``): sequence = text tokens, then image tokens, layout
   [B, S, H, D]; qk-norm, then RoPE (``image_rotary_emb``) on the joint sequence, as in diffusers. ``layers`` index
   the double-stream blocks (``transformer_blocks``); the single-stream blocks are untouched.
+* Wan2.1 (`WanTransformer3DModel`, ``WanAttnProcessor`` on ``blocks[i].attn2``): no joint sequence; the video
+  tokens' cross-attention over the text tokens alone (q [B, N, H, D], k and v [B, T, H, D], layout [B, S, H, D];
+  qk-norm across heads before the head split, no RoPE), so ``text_start = 0`` over the T cross-attention keys and
+  every key is a text key (the text entropy is the row's entropy; "mixture" weighs each head's row equally). The
+  keys include the zero-padded positions up to ``model.max_sequence_length``, since Wan attends to them (no mask).
+  The op's kernels take joint self-attention only, so these layers run the torch path of
+  `fastgrpo.ops.attention.TextEntropyPlan` (``cross=True``: SDPA output, statistics from chunked logits) on every
+  device; the self-attention ``attn1`` keeps its processor. Image-conditioned cross-attention (I2V's
+  ``add_k_proj``) is refused.
 
 Modes: ``"mixture"`` is the paper's definition (average the text-key probabilities over the selected layers and
 heads, renormalise over the text keys, entropy, mean over image queries): each layer adds its head-summed
@@ -82,17 +91,19 @@ class _EntropyAttnProcessor:
         self.collector = collector
         self.layer = layer
 
-    def _attend(self, q, k, v, *, layout, text_start, text_len, image_start, image_len):
+    def _attend(self, q, k, v, *, layout, text_start, text_len, image_start, image_len, cross=False):
+        """``cross``: k, v are a sequence of their own (cross-attention: every key a text key), not q's."""
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return self._attend_training(q, k, v, layout=layout, text_start=text_start, text_len=text_len,
-                                         image_start=image_start, image_len=image_len)
-        return self.collector._attend(self.layer, q, k, v, layout, text_start, text_len, image_start, image_len)
+                                         image_start=image_start, image_len=image_len, cross=cross)
+        return self.collector._attend(self.layer, q, k, v, layout, text_start, text_len, image_start, image_len,
+                                      cross)
 
-    def _attend_training(self, q, k, v, *, layout, text_start, text_len, image_start, image_len):
+    def _attend_training(self, q, k, v, *, layout, text_start, text_len, image_start, image_len, cross=False):
         """Grad-enabled pass: the block output from SDPA (differentiable), the statistics from detached q, k."""
         with torch.no_grad():
             self.collector._attend(self.layer, q.detach(), k.detach(), v.detach(), layout, text_start, text_len,
-                                   image_start, image_len)
+                                   image_start, image_len, cross)
         if layout == "bhsd":
             return F.scaled_dot_product_attention(q, k, v)
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
@@ -173,6 +184,35 @@ class FluxEntropyAttnProcessor(_EntropyAttnProcessor):
         image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
         text_out = attn.to_add_out(text_out.contiguous())
         return image_out, text_out
+
+
+class WanEntropyAttnProcessor(_EntropyAttnProcessor):
+    """``WanAttnProcessor`` semantics on a Wan cross-attention (``blocks[i].attn2``), attention through the
+    cross-attention entropy path (text keys ``[0, T)``)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is None:
+            raise ValueError(f"encoder_hidden_states is None in block {self.layer}'s attn2: the entropy processor "
+                             "replaces Wan's cross-attention, which needs the text tokens")
+        if attn.add_k_proj is not None:
+            raise ValueError(f"block {self.layer}'s attn2 has image-context projections (Wan I2V): the entropy "
+                             "processor supports text-to-video cross-attention only")
+        if attention_mask is not None or rotary_emb is not None:
+            raise ValueError("attention_mask / rotary_emb given to a Wan cross-attention: not supported by the "
+                             "entropy processor (diffusers' WanTransformerBlock passes neither)")
+        if getattr(attn, "fused_projections", False):
+            q = attn.to_q(hidden_states)
+            k, v = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        q, k = attn.norm_q(q), attn.norm_k(k)  # across heads, before the split (as WanAttnProcessor)
+        split = lambda x: x.unflatten(2, (attn.heads, -1))  # noqa: E731  [B, L, H*D] -> [B, L, H, D]
+        q, k, v = split(q), split(k), split(v)
+        n_text, n_video = k.shape[1], q.shape[1]
+        out = self._attend(q, k, v, layout="bshd", text_start=0, text_len=n_text, image_start=0,
+                           image_len=n_video, cross=True)
+        out = out.flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
 
 
 class AttentionEntropyCollector:
@@ -298,20 +338,21 @@ class AttentionEntropyCollector:
         self._results.append(entropy if entropy.dtype == torch.float32 else entropy.float())
         self._reset()
 
-    def _plan(self, q, k, v, layout, text_start, text_len, image_start, image_len) -> TextEntropyPlan:
-        key = TextEntropyPlan.key(q, k, v, layout, text_start, text_len, image_start, image_len)
+    def _plan(self, q, k, v, layout, text_start, text_len, image_start, image_len, cross=False) -> TextEntropyPlan:
+        key = TextEntropyPlan.key(q, k, v, layout, text_start, text_len, image_start, image_len, cross)
         plan = self._plans.get(key)
         if plan is None:  # first call with this geometry: every check of the ops runs here, once
             plan = TextEntropyPlan(q, k, v, layout=layout, text_start=text_start, text_len=text_len,
-                                   query_start=image_start, query_len=image_len, impl=self.impl)
+                                   query_start=image_start, query_len=image_len, impl=self.impl, cross=cross)
             self._plans[key] = plan
         return plan
 
-    def _attend(self, layer, q, k, v, layout, text_start, text_len, image_start, image_len):
+    def _attend(self, layer, q, k, v, layout, text_start, text_len, image_start, image_len, cross=False):
         """One selected layer under no grad: the attention output, and (inside a transformer forward) this layer's
         statistics added to the forward's. Host work: the plan look-up, one output allocation, the two kernel
-        launches (the statistics and [B, N, T] buffers are allocated once per forward); no device sync."""
-        plan = self._plan(q, k, v, layout, text_start, text_len, image_start, image_len)
+        launches (the statistics and [B, N, T] buffers are allocated once per forward); no device sync.
+        ``cross``: cross-attention (k, v of their own length; `TextEntropyPlan` with ``cross=True``, torch path)."""
+        plan = self._plan(q, k, v, layout, text_start, text_len, image_start, image_len, cross)
         triton = plan.backend == "triton"
         if not self._in_forward:  # e.g. recomputation by gradient checkpointing: nothing is recorded
             return plan.attention(q, k, v, plan.new_stats()[:3] if triton else None)[0]
