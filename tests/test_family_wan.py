@@ -104,6 +104,8 @@ def test_hub_folder_with_unipc_loads_with_the_euler_scheduler(tmp_path):
     assert model.flow_shift == 5.0 and torch.equal(model.sigmas(7), sd3_sigmas(7, shift=5.0))
     pipe.scheduler.set_timesteps(7)
     assert torch.equal(model.sigmas(7), pipe.scheduler.sigmas.float())
+    bf16 = WanAdapter.load_pipeline(str(tmp_path / "pipe"), torch.bfloat16)
+    assert bf16.transformer.dtype == torch.bfloat16 and bf16.vae.dtype == torch.float32  # the VAE stays float32
     # the folder holds the in-code weights and tokenizer: the same embeddings
     assert torch.equal(model.encode_prompt("a cat")["embeds"], _adapter(src, 1.0).encode_prompt("a cat")["embeds"])
 

@@ -216,12 +216,13 @@ class WanEntropyAttnProcessor(_EntropyAttnProcessor):
 
 
 class AttentionEntropyCollector:
-    """Measure AEGPO's Entropy(t) (bits, per sample) on every forward of an SD3/SD3.5 or FLUX transformer.
+    """Measure AEGPO's Entropy(t) (bits, per sample) on every forward of a flow family's transformer.
 
     Args:
-        transformer: a diffusers ``SD3Transformer2DModel`` or ``FluxTransformer2DModel`` (peft adapters allowed).
-        layers: indices into ``transformer.transformer_blocks`` (the joint / double-stream blocks); AEGPO uses
-            (5, 10, 15).
+        transformer: a diffusers ``SD3Transformer2DModel``, ``FluxTransformer2DModel`` or ``WanTransformer3DModel``
+            (any flow family's: `fastgrpo.families`; peft adapters allowed).
+        layers: indices into the family's `FlowAdapter.attention_modules` (SD3 / FLUX: the joint / double-stream
+            blocks ``transformer_blocks``; Wan: the cross-attention ``blocks[i].attn2``); AEGPO uses (5, 10, 15).
         mode: "mixture" (the paper: entropy of the layer- and head-averaged text attention) or "head_mean"
             (mean of per-head entropies).
         impl: "auto" | "triton" | "torch", passed to the ops.

@@ -101,8 +101,21 @@ class WanAdapter(FlowAdapter):
     @classmethod
     def load_pipeline(cls, path, dtype, *, seed=0, tiny_vae_gain=1.0):
         """As the base (``WanPipeline.from_pretrained``), then the scheduler becomes a
-        ``FlowMatchEulerDiscreteScheduler`` at the loaded scheduler's flow shift (see the module docstring)."""
+        ``FlowMatchEulerDiscreteScheduler`` at the loaded scheduler's flow shift (see the module docstring), and the
+        VAE stays in float32 whatever ``model.dtype`` (diffusers' Wan example and Flow-GRPO's train_wan2_1.py load it
+        so: the 3-D VAE is small next to the transformer and decodes visibly worse in bf16)."""
         pipe = super().load_pipeline(path, dtype, seed=seed, tiny_vae_gain=tiny_vae_gain)
+        if pipe.vae.dtype != torch.float32:
+            import logging
+
+            # diffusers warns on every ``.to(dtype)`` of a model with _keep_in_fp32_modules (the Wan VAE has none)
+            log = logging.getLogger("diffusers.models.modeling_utils")
+            level = log.level
+            log.setLevel(logging.ERROR)
+            try:
+                pipe.vae.to(torch.float32)
+            finally:
+                log.setLevel(level)
         if type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
             from diffusers import FlowMatchEulerDiscreteScheduler
 
