@@ -288,6 +288,56 @@ def _wan_inputs(seed=0, B=2, T=7):
                 encoder_hidden_states=torch.randn(B, T, 32, generator=g))
 
 
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_cross_attention_plan_against_float64(layout):
+    """`TextEntropyPlan(cross=True)`: q with N queries, k and v with their own T keys (odd sizes), a text range
+    inside the keys: out, lse, the text entropy and the head-summed text probabilities against float64 maps."""
+    from fastgrpo.ops.attention import TextEntropyPlan
+
+    g = torch.Generator().manual_seed(7)
+    B, H, N, T, D = 2, 3, 11, 7, 5
+    q, k, v = (torch.randn(B, H, L, D, generator=g) * 2 for L in (N, T, T))
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    plan = TextEntropyPlan(q, k, v, layout=layout, text_start=2, text_len=4, query_start=1, query_len=9, cross=True)
+    assert plan.backend == "torch"
+    out, lse, ent = plan.attention(q, k, v, None)
+    probs = plan.new_probs()
+    plan.probs(q, k, lse, probs, accumulate=True)
+    bh = (lambda t: t) if layout == "bhsd" else (lambda t: t.transpose(1, 2))
+    qd, kd, vd = (bh(t).double() for t in (q, k, v))
+    s = qd @ kd.transpose(-1, -2) / math.sqrt(D)  # [B, H, N, T]
+    P = torch.softmax(s, -1)
+    assert_close(bh(out), P @ vd, name="out")
+    assert_close(lse, torch.logsumexp(s, -1), name="lse")
+    pt = torch.softmax(s[..., 2:6], -1)
+    assert_close(ent, -(pt * pt.log()).sum(-1), name="text entropy")
+    assert_close(probs, P[:, :, 1:10, 2:6].sum(1), name="head-summed text probabilities")
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(impl="triton"), "cross-attention runs the torch path"),
+    (dict(k=torch.zeros(2, 4, 7, 5)), "k and v must be \\[B, H, T, D\\] with q's B=2, H=3, D=5"),
+    (dict(v=torch.zeros(2, 3, 6, 5)), "k and v must be"),
+    (dict(k=torch.zeros(2, 3, 7, 5, dtype=torch.float64)), "k must have the dtype of q"),
+    (dict(text_len=8), "text_len must be in \\[1, 7\\]"),
+    (dict(text_start=7), "text_start must be in \\[0, 6\\]"),
+    (dict(query_len=12), "query_len must be in \\[0, 11\\]"),
+])
+def test_cross_attention_plan_rejects_bad_inputs(change, match):
+    from fastgrpo.ops.attention import TextEntropyPlan
+
+    args = dict(q=torch.zeros(2, 3, 11, 5), k=torch.zeros(2, 3, 7, 5), v=torch.zeros(2, 3, 7, 5), layout="bhsd",
+                text_start=0, text_len=7, query_start=0, query_len=11, impl="auto", cross=True)
+    args.update(change)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(ValueError, match=match):
+        TextEntropyPlan(q, k, v, **args)
+    with pytest.raises(ValueError, match="must have the shape of q"):  # the joint plan still refuses other lengths
+        TextEntropyPlan(torch.zeros(2, 3, 11, 5), torch.zeros(2, 3, 7, 5), torch.zeros(2, 3, 7, 5), layout="bhsd",
+                        text_start=0, text_len=7, query_start=0, query_len=11)
+
+
 @pytest.mark.parametrize("mode", ["mixture", "head_mean"])
 def test_collector_on_cross_attention_matches_eager_and_keeps_outputs(mode):
     from fastgrpo.diffusion import AttentionEntropyCollector
