@@ -1,4 +1,4 @@
-"""Command line: ``fastgrpo train | presets | env | plot | demo`` (DESIGN.md §6).
+"""Command line: ``fastgrpo train | eval | serve-reward | presets | env | plot | demo`` (DESIGN.md §6).
 
 Errors are one line on stderr, never a traceback: a bad config (unknown key, bad value, YAML syntax error with its
 file and line) exits 2; a run that cannot start or stops (an unwritable ``--out``, a model not available locally,
@@ -109,6 +109,19 @@ def _train(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from fastgrpo.train.evaluate import evaluate_run
+
+    try:
+        out = evaluate_run(args.run, out=args.out, overrides=args.set or [], steps=args.steps, ema=args.ema,
+                           base=not args.no_base)
+    except ValueError as e:
+        return _error("fastgrpo eval", e, 2)
+    print((out / "eval.md").read_text(), end="")
+    print(f"eval folder: {out} (eval.json, eval.md, eval_grid.png)")
+    return 0
+
+
 def presets_text(markdown: bool = False) -> str:
     """Every preset with its algo, model family and the first line of its description; ``markdown``: as the
     README's table (tests/test_readme.py checks the README holds exactly this)."""
@@ -142,6 +155,20 @@ def main(argv=None) -> int:
                               "tensorboard and curves first (without it such a folder is refused)")
     p_train.add_argument("--dry-run", action="store_true",
                          help="resolve and validate the config, print it and exit (loads no model, writes nothing)")
+    p_eval = sub.add_parser("eval", help="evaluate the base model and the checkpoints of a run on fixed prompts and "
+                                         "seeds (eval.json, eval.md, eval_grid.png)")
+    p_eval.add_argument("run", help="a run folder (every checkpoint) or one checkpoint folder (RUN/checkpoints/step_N)")
+    p_eval.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a key of the run's config.yaml, e.g. eval.num_prompts=16 (repeatable)")
+    p_eval.add_argument("--steps", type=int, nargs="+", help="only the checkpoints of these steps")
+    p_eval.add_argument("--ema", action="store_true", help="evaluate the EMA weights (ema.safetensors)")
+    p_eval.add_argument("--no-base", action="store_true", help="skip the base model")
+    p_eval.add_argument("--out", help="output folder (default RUN/eval, or RUN/eval_step_N for one checkpoint)")
+    p_serve = sub.add_parser("serve-reward", help="serve the rewards of a YAML config over HTTP (for reward: "
+                                                  "[{name: remote, args: {url: ...}}])")
+    p_serve.add_argument("config", help="a YAML file with a `reward:` list (a training config works)")
+    p_serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    p_serve.add_argument("--port", type=int, default=8000)
     p_presets = sub.add_parser("presets", help="list the presets with a one-line description")
     p_presets.add_argument("--markdown", action="store_true",
                            help="a Markdown table (preset, algo, family, description): the README's list")
@@ -158,6 +185,18 @@ def main(argv=None) -> int:
 
     if args.command == "train":
         return _train(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "serve-reward":
+        from fastgrpo.rewards.remote import serve
+
+        try:
+            serve(args.config, host=args.host, port=args.port)
+        except ValueError as e:
+            return _error("fastgrpo serve-reward", e, 2)
+        except KeyboardInterrupt:
+            return 0
+        return 0
     if args.command == "presets":
         print(presets_text(markdown=args.markdown))
         return 0

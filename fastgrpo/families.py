@@ -12,7 +12,9 @@ import importlib
 from dataclasses import dataclass
 
 
-def _load(ref: str):
+def _load(ref):
+    if not isinstance(ref, str):  # a class given directly (a family registered from the user's own code)
+        return ref
     module, name = ref.split(":")
     return getattr(importlib.import_module(module), name)
 
@@ -20,8 +22,8 @@ def _load(ref: str):
 @dataclass(frozen=True)
 class Family:
     name: str  # the model.family string
-    adapter: str  # "module:Class" of its adapter
-    trainer: str  # "module:Class" of its trainer (a `fastgrpo.train.loop.GRPOTrainer` subclass)
+    adapter: object  # "module:Class" of its adapter (or the class itself)
+    trainer: object  # "module:Class" of its trainer, a `fastgrpo.train.loop.GRPOTrainer` subclass (or the class)
     description: str  # one line: the model and the pipeline / model class it loads
 
     def adapter_class(self):
@@ -48,6 +50,19 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("janus", "fastgrpo.ar.janus:JanusPolicy", "fastgrpo.train.ar:ARTrainer",
            "Janus / Janus-Pro (JanusForConditionalGeneration, transformers)"),
 )}
+
+
+def register_family(row: Family, *, replace: bool = False) -> Family:
+    """Add a family to the table (a user's own adapter, without editing fastgrpo); an existing name is a
+    ValueError unless ``replace``. The adapter's ``family`` must be the row's name."""
+    if row.name in FAMILIES and not replace:
+        raise ValueError(f"model.family {row.name!r} is already in the family table (replace=True replaces it)")
+    adapter = row.adapter_class()
+    if getattr(adapter, "family", None) != row.name:
+        raise ValueError(f"the adapter {adapter.__name__} says family {getattr(adapter, 'family', None)!r}, "
+                         f"the row {row.name!r}")
+    FAMILIES[row.name] = row
+    return row
 
 
 def get_family(name: str, key: str = "model.family") -> Family:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 
 def looks_local(value: str) -> bool:
-    """Whether ``value`` reads as a local path rather than a hub id (see the module doc)."""
+    """Whether ``value`` reads as a local path rather than a hub id (see the module doc); a URL is neither."""
+    if "://" in value:
+        return False
     if value.startswith((".", "/", "~")) or "\\" in value or (os.sep != "/" and os.sep in value):
         return True
     if value.count("/") > 1 or Path(value).exists():

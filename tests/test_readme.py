@@ -6,6 +6,7 @@
   snippet must be taught here:
 
   - ``fastgrpo presets | env | plot | demo`` run (``plot`` on a run folder made for it);
+  - ``fastgrpo serve-reward CONFIG`` loads CONFIG's reward list (serving would block);
   - ``fastgrpo train ...`` runs with ``--dry-run`` appended: the config is resolved and validated (presets, config
     files, ``--set`` keys and values) without loading a model (a real run is the demo, `test_readme_demo`);
   - ``accelerate launch ...`` is parsed by accelerate's own parser, its ``--config_file`` must exist, and the
@@ -68,7 +69,11 @@ def test_readme_has_snippets():
 
 
 @pytest.mark.parametrize("line,code", PYTHON_BLOCKS, ids=[f"README.md:{n}" for n, _ in PYTHON_BLOCKS])
-def test_python_snippet_runs(line, code):
+def test_python_snippet_runs(line, code, monkeypatch, tmp_path):
+    from fastgrpo import families
+
+    monkeypatch.setattr(families, "FAMILIES", dict(families.FAMILIES))  # a snippet may register a family
+    monkeypatch.chdir(tmp_path)  # and write a run folder
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": f"readme_{line}"})
 
 
@@ -103,6 +108,12 @@ def _parse(parser, args: list, where: str):
 
 
 def _run_fastgrpo(argv: list, where: str) -> None:
+    if argv[0] == "serve-reward":  # serving blocks: its arguments parse and its config's reward list loads
+        from fastgrpo.rewards.remote import load_reward_specs
+
+        config = argv[1] if Path(argv[1]).exists() else REPO / argv[1]
+        assert load_reward_specs(config), where
+        return
     if argv[0] == "train":
         argv = [*argv, "--dry-run"]
     rc, out, err = _fastgrpo(argv)
@@ -181,3 +192,32 @@ def test_presets_table_is_current():
     text = README.read_text()
     section = re.search(r"<!-- presets:start -->\n(.*?)\n<!-- presets:end -->", text, re.S)
     assert section and section.group(1) == presets_text(markdown=True)
+
+
+def test_families_table_lists_every_family_and_its_presets():
+    """The README's model-family table has one row per row of `fastgrpo.families.FAMILIES`, naming every tiny
+    preset of that family."""
+    import yaml
+
+    from fastgrpo.families import FAMILIES
+    from fastgrpo.train.config import preset_paths
+
+    section = re.search(r"<!-- families:start -->\n(.*?)\n<!-- families:end -->", README.read_text(), re.S)
+    assert section
+    rows = {m.group(1): line for line in section.group(1).splitlines() if (m := re.match(r"\| `(\w+)` \|", line))}
+    assert set(rows) == set(FAMILIES)
+    for name, path in preset_paths().items():
+        family = (yaml.safe_load(Path(path).read_text()).get("model") or {}).get("family", "sd3")
+        if name.startswith("tiny-"):
+            assert f"`{name}`" in rows[family], (name, family)
+
+
+def test_rewards_table_lists_every_reward():
+    """Every reward of the registry is documented in the README's rewards table (inputs, output, rule), and the
+    table names no reward that does not exist."""
+    from fastgrpo.rewards import REWARDS
+
+    section = re.search(r"<!-- rewards:start -->\n(.*?)\n<!-- rewards:end -->", README.read_text(), re.S)
+    assert section
+    names = [m.group(1) for line in section.group(1).splitlines() if (m := re.match(r"\| `(\w+)` \|", line))]
+    assert sorted(names) == sorted(REWARDS)

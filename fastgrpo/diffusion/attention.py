@@ -11,7 +11,10 @@ joint attention of the selected blocks (``transformer.transformer_blocks[i].attn
             entropy_t = collector.pop()          # float32 [B], bits
             ...
 
-Supported models, detected from the processors found on the selected blocks:
+Supported models: the flow families of `fastgrpo.families`. The collector finds the family by the transformer's class
+(`FlowAdapter.owns`), takes the attention layers ``layers`` index from its adapter (`FlowAdapter.attention_modules`)
+and installs the adapter's entropy processor in place of each selected layer's stock one
+(`FlowAdapter.entropy_processor`). The processors of SD3 and FLUX are here:
 
 * SD3 / SD3.5 (`SD3Transformer2DModel`, ``JointAttnProcessor2_0``): sequence = image tokens, then text tokens,
   layout [B, H, S, D]; qk-norm (``norm_q``/``norm_k``, ``norm_added_q``/``norm_added_k``) as in diffusers; the last
@@ -219,10 +222,11 @@ class AttentionEntropyCollector:
     """Measure AEGPO's Entropy(t) (bits, per sample) on every forward of a flow family's transformer.
 
     Args:
-        transformer: a diffusers ``SD3Transformer2DModel``, ``FluxTransformer2DModel`` or ``WanTransformer3DModel``
-            (any flow family's: `fastgrpo.families`; peft adapters allowed).
-        layers: indices into the family's `FlowAdapter.attention_modules` (SD3 / FLUX: the joint / double-stream
-            blocks ``transformer_blocks``; Wan: the cross-attention ``blocks[i].attn2``); AEGPO uses (5, 10, 15).
+        transformer: the diffusers transformer of a flow family (``SD3Transformer2DModel``,
+            ``FluxTransformer2DModel``, ``WanTransformer3DModel``, ...; peft adapters allowed).
+        layers: indices into the family's attention layers (`FlowAdapter.attention_modules`: for SD3 and FLUX the
+            joint / double-stream blocks ``transformer.transformer_blocks[i].attn``, for Wan the cross-attention
+            ``transformer.blocks[i].attn2``); AEGPO uses (5, 10, 15).
         mode: "mixture" (the paper: entropy of the layer- and head-averaged text attention) or "head_mean"
             (mean of per-head entropies).
         impl: "auto" | "triton" | "torch", passed to the ops.

@@ -14,7 +14,8 @@ Built in:
 * for videos: ``temporal_consistency`` (1 - mean absolute difference of consecutive frames, in [0, 1]);
 * CLIP-based rewards through transformers: ``clip_score`` and ``pickscore`` (a ``CLIPModel`` + processor from a
   local folder or a hub id; ``hps`` is the same scorer pointed at an HPS-v2 checkpoint converted to the
-  transformers CLIP format).
+  transformers CLIP format);
+* ``remote``: any of these served over HTTP by ``fastgrpo serve-reward`` (`fastgrpo.rewards.remote`).
 """
 from __future__ import annotations
 
@@ -44,7 +45,14 @@ REWARDS: dict[str, Callable[..., Callable]] = {
     "clip_score": lambda **kw: ClipPreference(**{**_defaults("clip_score"), **kw}),
     "pickscore": lambda **kw: ClipPreference(**{**_defaults("pickscore"), **kw}),
     "hps": lambda **kw: ClipPreference(**kw),
+    "remote": lambda **kw: _remote(**kw),
 }
+
+
+def _remote(**kw):
+    from .remote import RemoteReward
+
+    return RemoteReward(**kw)
 
 
 def _defaults(name: str) -> dict:

@@ -228,6 +228,31 @@ class PromptConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation (`fastgrpo.train.evaluate`): a fixed prompt set with fixed seeds, sampled deterministically (the
+    flow families' ODE; Janus's token sampling from fixed generators), every reward of a list reported apart.
+    ``fastgrpo eval RUN`` evaluates the base model and each checkpoint; ``every`` evaluates during training too."""
+
+    every: Optional[int] = None  # evaluate every N optimizer steps during training (logged as eval_*); None: off
+    # "heldout": built-in prompts the training list does not hold (`fastgrpo.train.prompts.HELDOUT_PROMPTS`),
+    # "builtin": the training list's, or a prompt file (as prompts.source)
+    prompts: str = "heldout"
+    num_prompts: int = 8  # the first N prompts of the source (fewer when it holds fewer)
+    samples_per_prompt: int = 2  # images per prompt, each from its own fixed seed
+    seed: int = 0  # the evaluation's generators: keyed by (seed, prompt, sample), never by the run's seed
+    reward: Optional[list] = None  # {name, weight, args} items like `reward`; None: the training reward's items
+
+    def validate(self, p):
+        if self.every is not None:
+            _positive(p, "every", self.every)
+        _positive(p, "num_prompts", self.num_prompts)
+        _positive(p, "samples_per_prompt", self.samples_per_prompt)
+        if self.prompts not in ("heldout", "builtin") and not Path(self.prompts).expanduser().is_file():
+            raise ValueError(f"{p}prompts: prompt file {self.prompts!r} does not exist (give 'heldout', 'builtin' "
+                             "or a prompt file)")
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 10
 
@@ -270,6 +295,7 @@ class Config:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     ar: ARConfig = field(default_factory=ARConfig)  # autoregressive families only
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -396,13 +422,13 @@ def _build(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for name, value in data.items():
         key = prefix + name
-        if cls is Config and name == "reward":
+        if cls in (Config, EvalConfig) and name == "reward" and not (cls is EvalConfig and value is None):
             if isinstance(value, dict):
                 value = [value]
-            if not isinstance(value, list):
-                raise ValueError(f"reward must be a list of {{name, weight, args}} mappings, got {value!r}")
-            kwargs[name] = [_build(RewardSpec, r, f"reward[{i}].") if isinstance(r, dict) else
-                            _fail(f"reward[{i}] must be a mapping, got {r!r}") for i, r in enumerate(value)]
+            if not isinstance(value, list) or not value:
+                raise ValueError(f"{key} must be a non-empty list of {{name, weight, args}} mappings, got {value!r}")
+            kwargs[name] = [_build(RewardSpec, r, f"{key}[{i}].") if isinstance(r, dict) else
+                            _fail(f"{key}[{i}] must be a mapping, got {r!r}") for i, r in enumerate(value)]
             continue
         kwargs[name] = _convert(key, hints[name], value)
     obj = cls(**kwargs)

@@ -1,4 +1,5 @@
-"""The flow-matching family's phases (SD3/SD3.5, FLUX): tree-shaped SDE rollouts and the per-transition update.
+"""The flow families' phases (every `fastgrpo.diffusion.adapter.FlowAdapter`): tree-shaped SDE rollouts and the
+per-transition update.
 
 **sample** -- the strategy plans this rank's groups (`Strategy.plan_groups`; a variant may return several plans per
 prompt, ``GroupPlan.prompt``, each then an advantage group of its own), then they are sampled in waves of

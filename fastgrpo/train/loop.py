@@ -115,29 +115,34 @@ def prepare_run_folder(out_dir, *, resume: bool, overwrite: bool, remove: bool =
                 p.unlink()
 
 
-def check_model_sources(cfg: Config, *, pipeline=None, kind: str = "pipeline folder") -> None:
+def check_model_sources(cfg: Config, *, pipeline=None, kind: str = "pipeline folder",
+                        check_eval: bool = False) -> None:
     """Every model the run loads -- ``model.path`` (unless ``tiny`` or a ``pipeline`` object is given) and each
     reward's model and processor (their defaults included: ``pickscore`` loads ``yuvalkirstain/PickScore_v1``) --
     is checked before anything loads (`fastgrpo.paths.check_model_source`): a local path must exist, a hub id must be
     in the local Hugging Face cache or, online, answer one short request. Otherwise a ValueError naming the key
     (``model.path``, ``reward[0].args.model``) at once, instead of minutes of hub retries and a traceback. Other
-    reward ``args`` that read as local paths must exist too (never sent to the hub)."""
+    reward ``args`` that read as local paths must exist too (never sent to the hub). ``eval.reward``'s too when the
+    run evaluates (``eval.every``) or ``check_eval``."""
     from fastgrpo.paths import check_model_source, model_location
     from fastgrpo.rewards import model_sources
 
-    for i, spec in enumerate(cfg.reward):
+    specs = [(f"reward[{i}]", s) for i, s in enumerate(cfg.reward)]
+    if cfg.eval.reward is not None and (cfg.eval.every or check_eval):
+        specs += [(f"eval.reward[{i}]", s) for i, s in enumerate(cfg.eval.reward)]
+    for key, spec in specs:
         try:
             sources = model_sources(spec.name, spec.args)
         except ValueError as e:
-            raise ValueError(f"reward[{i}].{e}") from None
+            raise ValueError(f"{key}.{e}") from None
         for k, v in spec.args.items():
             if isinstance(v, str) and k not in sources:
-                model_location(f"reward[{i}].args.{k}", v)
+                model_location(f"{key}.args.{k}", v)
         for k, v in sources.items():
             if isinstance(v, str):
                 default = "" if spec.args.get(k) else f" ({spec.name}'s default)"
                 try:
-                    check_model_source(f"reward[{i}].args.{k}", v)
+                    check_model_source(f"{key}.args.{k}", v)
                 except ValueError as e:
                     raise ValueError(f"{e}{default}") from None
     if pipeline is None and cfg.model.path != "tiny":
@@ -382,6 +387,15 @@ class GRPOTrainer:
             save_row(self.out, self.step, images, prompts)
             draw_samples(self.out, upto=self.step)
 
+    def evaluate(self) -> dict:
+        """The held-out evaluation of the current weights (``eval.every``; `fastgrpo.train.evaluate.Evaluator`):
+        its ``eval_*`` metrics fields. Every process runs it; its forwards are not counted in ``model_forwards``."""
+        from .evaluate import Evaluator
+
+        if getattr(self, "_evaluator", None) is None:
+            self._evaluator = Evaluator(self)
+        return self._evaluator()
+
     def submit_score(self, pool: ThreadPoolExecutor, images, prompts):
         return pool.submit(self._score, images, prompts)
 
@@ -557,6 +571,8 @@ class GRPOTrainer:
         with ThreadPoolExecutor(max_workers=1) as pool:
             for step in outer:
                 row = self.round(step, pool)
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    row.update(self.evaluate())
                 self.elapsed = time.time() - t0
                 row["time_s"] = self.elapsed
                 if self.is_main:

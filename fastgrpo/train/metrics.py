@@ -98,7 +98,8 @@ def plot_curves(run_dir: Path) -> Path:
     """(Re)draw ``run_dir/curves.png`` from ``run_dir/metrics.jsonl``: the panels of `curve_panels`, x = optimizer
     step, y = the quantity (a list-valued field such as AEGPO's ``entropy_t`` draws one line per element).
 
-    The reward panel is kept honest: when every reward is >= 0 its y-axis starts at 0 (a gain of 0.5% is not
+    The reward panel also draws the held-out evaluation (``eval_reward_mean`` ± ``eval_reward_se``, logged every
+    ``eval.every`` steps: `fastgrpo.train.evaluate`) where the run has one. It is kept honest: when every reward is >= 0 its y-axis starts at 0 (a gain of 0.5% is not
     stretched over the whole panel), and its title states the change of the mean reward from the first quarter of
     steps to the last, relative and in standard errors (`reward_improvement`)."""
     import matplotlib
@@ -125,7 +126,14 @@ def plot_curves(run_dir: Path) -> Path:
                 smooth = [sum(ys[i - w + 1:i + 1]) / w for i in range(w - 1, len(ys))]
                 ax.plot(steps[w - 1:], smooth, lw=2.5, label=f"mean of {w}")
                 ax.legend(loc="best", fontsize=8)
+            held = [(r["step"], r["eval_reward_mean"], r.get("eval_reward_se", 0.0)) for r in rows
+                    if isinstance(r.get("eval_reward_mean"), (int, float)) and math.isfinite(r["eval_reward_mean"])]
+            if held:  # eval.every: the held-out evaluation (fixed prompts and seeds, deterministic sampling)
+                ax.errorbar([h[0] for h in held], [h[1] for h in held], yerr=[h[2] for h in held], fmt="o-",
+                            ms=4, lw=1.2, capsize=2, label="held-out eval (± s.e.)")
+                ax.legend(loc="best", fontsize=8)
             finite = [(y, s) for y, s in zip(ys, sd) if math.isfinite(y)]
+            finite += [(h[1], h[2]) for h in held if math.isfinite(h[2])]
             if finite and all(y - s >= 0 for y, s in finite):
                 ax.set_ylim(0, 1.08 * max(y + s for y, s in finite) or 1.0)
             title = "reward"
