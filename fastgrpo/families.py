@@ -45,6 +45,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline)"),
     Family("flux", "fastgrpo.diffusion.flux:FluxAdapter", _FLOW_TRAINER,
            "FLUX.1 (FluxPipeline)"),
+    Family("qwen_image", "fastgrpo.diffusion.qwen_image:QwenImageAdapter", _FLOW_TRAINER,
+           "Qwen-Image (QwenImagePipeline)"),
     Family("wan", "fastgrpo.diffusion.wan:WanAdapter", _FLOW_TRAINER,
            "Wan2.1 text-to-video (WanPipeline)"),
     Family("janus", "fastgrpo.ar.janus:JanusPolicy", "fastgrpo.train.ar:ARTrainer",

@@ -142,6 +142,7 @@ BRANCH_STEPS = math.ceil(2 * _branch_edges((0, 3, 6, 9), 20) / 12)
 
 @pytest.mark.parametrize("preset, steps, group_by", [
     ("sd35m-flow-grpo-pickscore", FLOW_GRPO_STEPS, "prompt"),
+    ("qwen-image-flow-grpo-pickscore", FLOW_GRPO_STEPS, "prompt"),
     ("sd35m-pro-grpo-pickscore", FLOW_GRPO_STEPS, "prompt"),
     ("sd35m-pro-grpo-flash-pickscore", FLOW_GRPO_STEPS, "prompt"),
     ("sd35m-tempflow-grpo-pickscore", FLOW_GRPO_STEPS, "group"),  # per (spine, step), per process as released

@@ -23,15 +23,12 @@ and installs the adapter's entropy processor in place of each selected layer's s
 * FLUX (`FluxTransformer2DModel`, ``FluxAttnProcessor``): sequence = text tokens, then image tokens, layout
   [B, S, H, D]; qk-norm, then RoPE (``image_rotary_emb``) on the joint sequence, as in diffusers. ``layers`` index
   the double-stream blocks (``transformer_blocks``); the single-stream blocks are untouched.
-* Wan2.1 (`WanTransformer3DModel`, ``WanAttnProcessor`` on ``blocks[i].attn2``): no joint sequence; the video
-  tokens' cross-attention over the text tokens alone (q [B, N, H, D], k and v [B, T, H, D], layout [B, S, H, D];
-  qk-norm across heads before the head split, no RoPE), so ``text_start = 0`` over the T cross-attention keys and
-  every key is a text key (the text entropy is the row's entropy; "mixture" weighs each head's row equally). The
-  keys include the zero-padded positions up to ``model.max_sequence_length``, since Wan attends to them (no mask).
-  The op's kernels take joint self-attention only, so these layers run the torch path of
-  `fastgrpo.ops.attention.TextEntropyPlan` (``cross=True``: SDPA output, statistics from chunked logits) on every
-  device; the self-attention ``attn1`` keeps its processor. Image-conditioned cross-attention (I2V's
-  ``add_k_proj``) is refused.
+Other families keep their processor in their adapter module (Qwen-Image: `fastgrpo.diffusion.qwen_image`; Wan2.1:
+`fastgrpo.diffusion.wan`, whose cross-attention ``blocks[i].attn2`` has no joint sequence: its processor passes
+``cross=True`` to ``_attend``, and the statistics come from the torch path of
+`fastgrpo.ops.attention.TextEntropyPlan` with ``cross=True``, the kernels taking joint self-attention only). A family
+whose text keys carry padding (a key mask) reports its statistics through `AttentionEntropyCollector._record_masked`
+(eager, padded keys excluded) instead of the kernel, which has no mask.
 
 Modes: ``"mixture"`` is the paper's definition (average the text-key probabilities over the selected layers and
 heads, renormalise over the text keys, entropy, mean over image queries): each layer adds its head-summed
@@ -189,35 +186,6 @@ class FluxEntropyAttnProcessor(_EntropyAttnProcessor):
         return image_out, text_out
 
 
-class WanEntropyAttnProcessor(_EntropyAttnProcessor):
-    """``WanAttnProcessor`` semantics on a Wan cross-attention (``blocks[i].attn2``), attention through the
-    cross-attention entropy path (text keys ``[0, T)``)."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if encoder_hidden_states is None:
-            raise ValueError(f"encoder_hidden_states is None in block {self.layer}'s attn2: the entropy processor "
-                             "replaces Wan's cross-attention, which needs the text tokens")
-        if attn.add_k_proj is not None:
-            raise ValueError(f"block {self.layer}'s attn2 has image-context projections (Wan I2V): the entropy "
-                             "processor supports text-to-video cross-attention only")
-        if attention_mask is not None or rotary_emb is not None:
-            raise ValueError("attention_mask / rotary_emb given to a Wan cross-attention: not supported by the "
-                             "entropy processor (diffusers' WanTransformerBlock passes neither)")
-        if getattr(attn, "fused_projections", False):
-            q = attn.to_q(hidden_states)
-            k, v = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
-        else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        q, k = attn.norm_q(q), attn.norm_k(k)  # across heads, before the split (as WanAttnProcessor)
-        split = lambda x: x.unflatten(2, (attn.heads, -1))  # noqa: E731  [B, L, H*D] -> [B, L, H, D]
-        q, k, v = split(q), split(k), split(v)
-        n_text, n_video = k.shape[1], q.shape[1]
-        out = self._attend(q, k, v, layout="bshd", text_start=0, text_len=n_text, image_start=0,
-                           image_len=n_video, cross=True)
-        out = out.flatten(2, 3).type_as(q)
-        return attn.to_out[1](attn.to_out[0](out))
-
-
 class AttentionEntropyCollector:
     """Measure AEGPO's Entropy(t) (bits, per sample) on every forward of a flow family's transformer.
 
@@ -351,6 +319,47 @@ class AttentionEntropyCollector:
                                    query_start=image_start, query_len=image_len, impl=self.impl, cross=cross)
             self._plans[key] = plan
         return plan
+
+    def _record_masked(self, layer, q, k, text_mask, *, text_len, image_start, image_len, text_start=0):
+        """One selected layer's statistics when some text keys are padding (a family whose processor passes a
+        key mask, e.g. Qwen-Image's padded prompts): eager, from logits materialised one head at a time in
+        float32 (float64 for float64 inputs), the padded keys excluded from the softmax (AEGPO eq. 1) and from the
+        text renormalisation (eq. 2-3). ``q``, ``k``: [B, S, H, D] (no grad); ``text_mask``: bool [B, text_len],
+        True for the valid keys of ``[text_start, text_start + text_len)``. Records nothing outside a forward."""
+        if not self._in_forward:
+            return
+        if layer in self._seen:
+            raise RuntimeError(f"joint block {layer} ran twice in one transformer forward")
+        first = not self._seen
+        self._seen.append(layer)
+        B, S, H, D = q.shape
+        acc = torch.promote_types(q.dtype, torch.float32)
+        valid = torch.ones(B, S, dtype=torch.bool, device=q.device)
+        valid[:, text_start:text_start + text_len] = text_mask
+        text_valid = text_mask[:, None, :]
+        qi = q[:, image_start:image_start + image_len].to(acc)
+        kf = k.to(acc)
+        probs = torch.zeros(B, image_len, text_len, dtype=acc, device=q.device) if self.mode == "mixture" else None
+        entropy = torch.zeros(B, dtype=acc, device=q.device)
+        for h in range(H):
+            s = (qi[:, :, h] @ kf[:, :, h].transpose(-1, -2)) / math.sqrt(D)  # [B, N, S]
+            s = s.masked_fill(~valid[:, None, :], -math.inf)
+            s_text = s[..., text_start:text_start + text_len]
+            if probs is not None:
+                probs += torch.exp(s_text - torch.logsumexp(s, dim=-1, keepdim=True))
+            else:
+                log_p = s_text - torch.logsumexp(s_text, dim=-1, keepdim=True)
+                ent = -torch.where(text_valid, log_p.exp() * log_p, torch.zeros((), dtype=acc, device=q.device))
+                entropy += ent.sum(-1).mean(-1)
+        if probs is not None:
+            if first:
+                self._probs = probs.float()
+            else:
+                self._probs += probs.float()
+        elif first:
+            self._entropy_sum = entropy / H
+        else:
+            self._entropy_sum += entropy / H
 
     def _attend(self, layer, q, k, v, layout, text_start, text_len, image_start, image_len, cross=False):
         """One selected layer under no grad: the attention output, and (inside a transformer forward) this layer's

@@ -37,8 +37,17 @@ samples what the trainer samples (its ODE). The public trainers do the same kind
 Our sigmas are exactly the Euler scheduler's (tests/test_family_wan.py checks ``pipe.scheduler.sigmas``);
 DanceGRPO's linspace differs at the ends (it starts at sigma 1 and has no ``1/1000`` floor before the final 0).
 
-AEGPO's collector reads the cross-attention ``blocks[i].attn2`` (video queries over the text keys alone; see
-`fastgrpo.diffusion.attention.WanEntropyAttnProcessor`).
+**AEGPO** (a decision): the collector reads the cross-attention ``blocks[i].attn2`` (``WanAttnProcessor``), the
+only place Wan's video tokens meet the text: no joint sequence; the video queries attend to the text tokens alone
+(q [B, N, H, D], k and v [B, T, H, D], layout [B, S, H, D]; qk-norm across heads before the head split, no RoPE).
+So ``text_start = 0`` over the T cross-attention keys and every key is a text key: the text entropy is the row's
+entropy, and "mixture" weighs each head's row equally. The keys include the zero-padded positions up to
+``model.max_sequence_length``, since Wan attends to them (no mask; the entropy of a random model is near
+``log2(T)``). The fused kernels take joint self-attention only (one sequence for q and k), so these layers run the
+torch path of `fastgrpo.ops.attention.TextEntropyPlan` with ``cross=True`` on every device (SDPA for the output,
+the statistics from logits in query chunks of [B, H, 1024, T]); the kernels are untouched. The self-attention
+``attn1`` keeps its processor; image-conditioned cross-attention (I2V's ``add_k_proj``) is refused.
+`WanEntropyAttnProcessor` reproduces the stock processor.
 """
 from __future__ import annotations
 
@@ -47,6 +56,7 @@ from typing import ClassVar
 import torch
 
 from .adapter import FlowAdapter
+from .attention import _EntropyAttnProcessor
 from .schedules import sd3_sigmas
 
 DEFAULT_NUM_FRAMES = 81  # WanPipeline.__call__'s default (5 s at 16 fps)
@@ -147,8 +157,6 @@ class WanAdapter(FlowAdapter):
     def entropy_processor(cls, processor):
         from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-        from .attention import WanEntropyAttnProcessor
-
         return WanEntropyAttnProcessor if type(processor) is WanAttnProcessor else None
 
     # ------------------------------------------------------------------------------------------ instance
@@ -205,3 +213,32 @@ class WanAdapter(FlowAdapter):
         z = x.to(dt) / self._inv_std.to(x.device, dt) + self._mean.to(x.device, dt)
         video = self.vae.decode(z).sample.float()  # [B, 3, F, H, W] in [-1, 1]
         return (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4).contiguous()
+
+
+class WanEntropyAttnProcessor(_EntropyAttnProcessor):
+    """``WanAttnProcessor`` semantics on a Wan cross-attention (``blocks[i].attn2``), attention through the
+    cross-attention entropy path (text keys ``[0, T)``)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is None:
+            raise ValueError(f"encoder_hidden_states is None in block {self.layer}'s attn2: the entropy processor "
+                             "replaces Wan's cross-attention, which needs the text tokens")
+        if attn.add_k_proj is not None:
+            raise ValueError(f"block {self.layer}'s attn2 has image-context projections (Wan I2V): the entropy "
+                             "processor supports text-to-video cross-attention only")
+        if attention_mask is not None or rotary_emb is not None:
+            raise ValueError("attention_mask / rotary_emb given to a Wan cross-attention: not supported by the "
+                             "entropy processor (diffusers' WanTransformerBlock passes neither)")
+        if getattr(attn, "fused_projections", False):
+            q = attn.to_q(hidden_states)
+            k, v = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        q, k = attn.norm_q(q), attn.norm_k(k)  # across heads, before the split (as WanAttnProcessor)
+        split = lambda x: x.unflatten(2, (attn.heads, -1))  # noqa: E731  [B, L, H*D] -> [B, L, H, D]
+        q, k, v = split(q), split(k), split(v)
+        n_text, n_video = k.shape[1], q.shape[1]
+        out = self._attend(q, k, v, layout="bshd", text_start=0, text_len=n_text, image_start=0,
+                           image_len=n_video, cross=True)
+        out = out.flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
