@@ -47,6 +47,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "FLUX.1 (FluxPipeline)"),
     Family("qwen_image", "fastgrpo.diffusion.qwen_image:QwenImageAdapter", _FLOW_TRAINER,
            "Qwen-Image (QwenImagePipeline)"),
+    Family("wan", "fastgrpo.diffusion.wan:WanAdapter", _FLOW_TRAINER,
+           "Wan2.1 text-to-video (WanPipeline)"),
     Family("janus", "fastgrpo.ar.janus:JanusPolicy", "fastgrpo.train.ar:ARTrainer",
            "Janus / Janus-Pro (JanusForConditionalGeneration, transformers)"),
 )}
