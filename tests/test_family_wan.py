@@ -124,12 +124,13 @@ def test_bad_wan_config_names_the_key(overrides, match):
         resolve_config(preset="tiny-wan-flow-grpo", overrides=overrides)
 
 
-def test_num_frames_defaults_to_wans_and_image_families_ignore_it(pipe):
+def test_num_frames_defaults_to_wans_and_image_families_refuse_it(pipe):
     from fastgrpo.train import resolve_config
 
     cfg = resolve_config(preset="tiny-wan-flow-grpo", overrides=["model.num_frames=null"])
     assert WanAdapter.options_from_config(cfg) == {"num_frames": 81}
-    assert resolve_config(preset="tiny-flow-grpo", overrides=["model.num_frames=7"]).model.num_frames == 7
+    with pytest.raises(ValueError, match="model.num_frames is for the video families"):
+        resolve_config(preset="tiny-flow-grpo", overrides=["model.num_frames=7"])
     with pytest.raises(ValueError, match="model.num_frames must be 1 \\+ a multiple of 4 for this VAE"):
         _adapter(pipe, 1.0, num_frames=8)
     assert _adapter(pipe, 1.0, num_frames=9).latent_shape(3) == (3, 16, 3, 4, 4)

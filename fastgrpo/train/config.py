@@ -50,7 +50,7 @@ class ModelConfig:
     width: int = 32
     max_sequence_length: int = 32  # T5 tokens (SD3: 256, FLUX: 512 in the papers)
     # Video families (wan) only: frames per sample; null: the family's default (Wan: 81), checked by the family
-    # (Wan: 1 + a multiple of 4). The image families ignore it.
+    # (Wan: 1 + a multiple of 4). An image family given it refuses it (ValueError).
     num_frames: Optional[int] = None
     lora: Optional[LoraConfig] = field(default_factory=LoraConfig)  # None: full fine-tuning
     # path "tiny" (flow families) only: scale of the tiny VAE decoder's output; 1 decodes every latent to nearly
@@ -314,7 +314,11 @@ class Config:
             fits = [f for f, row in FAMILIES.items() if row.kind in kinds]
             raise ValueError(f"model.family {self.model.family!r} does not fit algo {self.algo!r} "
                              f"(it trains {' / '.join(fits)})")
-        family.adapter_class().check_config(self)
+        adapter = family.adapter_class()
+        if self.model.num_frames is not None and getattr(adapter, "modality", "image") != "video":
+            raise ValueError(f"model.num_frames is for the video families; model.family {self.model.family} samples "
+                             "images (remove the key)")
+        adapter.check_config(self)
         if self.ar.inner_epochs is not None:
             self._fold_ar_inner_epochs()
         updates = self.train.minibatches * self.train.inner_epochs
