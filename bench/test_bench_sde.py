@@ -1,4 +1,5 @@
-"""sde_step: fused (Triton, C++) vs the torch eager reference, at SD3.5-512 and FLUX-1024 latent shapes.
+"""sde_step: fused (Triton, C++) vs the torch eager reference, at SD3.5-512, FLUX-1024 and Wan2.1-480p video latent
+shapes.
 
 Two cases:
 * ``sample``: a rollout step -- read x, v, noise; write prev_sample, mean (fp32).
@@ -18,6 +19,8 @@ from harness import impl_device, measure, require_cpp, require_cuda
 SHAPES = {
     "sd35-512": (24, 16, 64, 64),  # B=24 latents of SD3.5 at 512 px
     "flux-1024": (12, 4096, 64),  # B=12 packed FLUX latents at 1024 px
+    # B=1 video latent of Wan2.1-T2V-1.3B at 480x832 px, 81 frames: [B, 16, (81-1)/4+1, 480/8, 832/8] (2.1 M elements)
+    "wan21-480p": (1, 16, 21, 60, 104),
 }
 IMPLS = ["torch", "triton", "cpp"]
 

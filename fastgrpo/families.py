@@ -47,6 +47,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "FLUX.1 (FluxPipeline)"),
     Family("qwen_image", "fastgrpo.diffusion.qwen_image:QwenImageAdapter", _FLOW_TRAINER,
            "Qwen-Image (QwenImagePipeline)"),
+    Family("wan", "fastgrpo.diffusion.wan:WanAdapter", _FLOW_TRAINER,
+           "Wan2.1 text-to-video (WanPipeline)"),
     Family("flux_kontext", "fastgrpo.diffusion.flux_kontext:FluxKontextAdapter", _FLOW_TRAINER,
            "FLUX.1-Kontext image editing (FluxKontextPipeline)"),
     Family("janus", "fastgrpo.ar.janus:JanusPolicy", "fastgrpo.train.ar:ARTrainer",

@@ -135,3 +135,8 @@ def test_missing_local_model_paths_fail_at_once_naming_the_key(tmp_path, monkeyp
 
     with pytest.raises(ValueError, match="model '~/nothing' does not exist"):
         ClipPreference(model="~/nothing")
+
+
+def test_num_frames_is_refused_for_an_image_family():
+    with pytest.raises(ValueError, match="model.num_frames is for the video families; model.family sd3"):
+        resolve_config(preset="tiny-flow-grpo", overrides=["model.num_frames=5"])

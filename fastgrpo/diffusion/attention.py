@@ -28,7 +28,10 @@ and installs the adapter's entropy processor in place of each selected layer's s
   0, which must come first), read from the forward's ``img_ids`` (once per ids tensor: no sync per forward); the
   source tokens are attended to but not averaged over.
 
-Other families keep their processor in their adapter module (Qwen-Image: `fastgrpo.diffusion.qwen_image`). A family
+Other families keep their processor in their adapter module (Qwen-Image: `fastgrpo.diffusion.qwen_image`; Wan2.1:
+`fastgrpo.diffusion.wan`, whose cross-attention ``blocks[i].attn2`` has no joint sequence: its processor passes
+``cross=True`` to ``_attend``, and the statistics come from the torch path of
+`fastgrpo.ops.attention.TextEntropyPlan` with ``cross=True``, the kernels taking joint self-attention only). A family
 whose text keys carry padding (a key mask) reports its statistics through `AttentionEntropyCollector._record_masked`
 (eager, padded keys excluded) instead of the kernel, which has no mask.
 
@@ -93,17 +96,19 @@ class _EntropyAttnProcessor:
         self.collector = collector
         self.layer = layer
 
-    def _attend(self, q, k, v, *, layout, text_start, text_len, image_start, image_len):
+    def _attend(self, q, k, v, *, layout, text_start, text_len, image_start, image_len, cross=False):
+        """``cross``: k, v are a sequence of their own (cross-attention: every key a text key), not q's."""
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return self._attend_training(q, k, v, layout=layout, text_start=text_start, text_len=text_len,
-                                         image_start=image_start, image_len=image_len)
-        return self.collector._attend(self.layer, q, k, v, layout, text_start, text_len, image_start, image_len)
+                                         image_start=image_start, image_len=image_len, cross=cross)
+        return self.collector._attend(self.layer, q, k, v, layout, text_start, text_len, image_start, image_len,
+                                      cross)
 
-    def _attend_training(self, q, k, v, *, layout, text_start, text_len, image_start, image_len):
+    def _attend_training(self, q, k, v, *, layout, text_start, text_len, image_start, image_len, cross=False):
         """Grad-enabled pass: the block output from SDPA (differentiable), the statistics from detached q, k."""
         with torch.no_grad():
             self.collector._attend(self.layer, q.detach(), k.detach(), v.detach(), layout, text_start, text_len,
-                                   image_start, image_len)
+                                   image_start, image_len, cross)
         if layout == "bhsd":
             return F.scaled_dot_product_attention(q, k, v)
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
@@ -193,9 +198,10 @@ class AttentionEntropyCollector:
 
     Args:
         transformer: the diffusers transformer of a flow family (``SD3Transformer2DModel``,
-            ``FluxTransformer2DModel``, ...; peft adapters allowed).
+            ``FluxTransformer2DModel``, ``WanTransformer3DModel``, ...; peft adapters allowed).
         layers: indices into the family's attention layers (`FlowAdapter.attention_modules`: for SD3 and FLUX the
-            joint / double-stream blocks ``transformer.transformer_blocks[i].attn``); AEGPO uses (5, 10, 15).
+            joint / double-stream blocks ``transformer.transformer_blocks[i].attn``, for Wan the cross-attention
+            ``transformer.blocks[i].attn2``); AEGPO uses (5, 10, 15).
         mode: "mixture" (the paper: entropy of the layer- and head-averaged text attention) or "head_mean"
             (mean of per-head entropies).
         impl: "auto" | "triton" | "torch", passed to the ops.
@@ -333,12 +339,12 @@ class AttentionEntropyCollector:
         self._results.append(entropy if entropy.dtype == torch.float32 else entropy.float())
         self._reset()
 
-    def _plan(self, q, k, v, layout, text_start, text_len, image_start, image_len) -> TextEntropyPlan:
-        key = TextEntropyPlan.key(q, k, v, layout, text_start, text_len, image_start, image_len)
+    def _plan(self, q, k, v, layout, text_start, text_len, image_start, image_len, cross=False) -> TextEntropyPlan:
+        key = TextEntropyPlan.key(q, k, v, layout, text_start, text_len, image_start, image_len, cross)
         plan = self._plans.get(key)
         if plan is None:  # first call with this geometry: every check of the ops runs here, once
             plan = TextEntropyPlan(q, k, v, layout=layout, text_start=text_start, text_len=text_len,
-                                   query_start=image_start, query_len=image_len, impl=self.impl)
+                                   query_start=image_start, query_len=image_len, impl=self.impl, cross=cross)
             self._plans[key] = plan
         return plan
 
@@ -383,11 +389,12 @@ class AttentionEntropyCollector:
         else:
             self._entropy_sum += entropy / H
 
-    def _attend(self, layer, q, k, v, layout, text_start, text_len, image_start, image_len):
+    def _attend(self, layer, q, k, v, layout, text_start, text_len, image_start, image_len, cross=False):
         """One selected layer under no grad: the attention output, and (inside a transformer forward) this layer's
         statistics added to the forward's. Host work: the plan look-up, one output allocation, the two kernel
-        launches (the statistics and [B, N, T] buffers are allocated once per forward); no device sync."""
-        plan = self._plan(q, k, v, layout, text_start, text_len, image_start, image_len)
+        launches (the statistics and [B, N, T] buffers are allocated once per forward); no device sync.
+        ``cross``: cross-attention (k, v of their own length; `TextEntropyPlan` with ``cross=True``, torch path)."""
+        plan = self._plan(q, k, v, layout, text_start, text_len, image_start, image_len, cross)
         triton = plan.backend == "triton"
         if not self._in_forward:  # e.g. recomputation by gradient checkpointing: nothing is recorded
             return plan.attention(q, k, v, plan.new_stats()[:3] if triton else None)[0]

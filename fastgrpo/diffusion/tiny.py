@@ -207,3 +207,84 @@ def random_sd3_pipeline(transformer: dict | None = None, *, vae: dict | None = N
                 text_encoder_3=_tiny_t5(tcfg["joint_attention_dim"]), tokenizer_3=tiny_t5_tokenizer(t5_tokens),
             )
     return pipe.to(dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------ Wan2.1 (video)
+TINY_WAN = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+    text_dim=32, freq_dim=32, ffn_dim=32, num_layers=3, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
+# Wan's real compression (8x spatial, 4x temporal: scale_factor_spatial / scale_factor_temporal keep their defaults)
+# and its 16 latent channels with the released latents_mean / latents_std (the class defaults), at base width 8.
+TINY_WAN_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                    temperal_downsample=[False, True, True])
+
+
+def tiny_umt5_tokenizer(max_length: int = 32):
+    """A character-level fast tokenizer standing in for UMT5's (pad 0, eos 1, unk 2), appending ``</s>`` as the
+    real one does with ``add_special_tokens=True``."""
+    from tokenizers import processors
+
+    tok = tiny_t5_tokenizer(max_length)
+    backend = tok.backend_tokenizer
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=max_length)
+
+
+def _tiny_umt5(d_model: int = 32):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(UMT5Config(vocab_size=len(_CHARS) + 3, d_model=d_model, d_kv=8, d_ff=32, num_layers=1,
+                                       num_heads=2, relative_attention_num_buckets=8))
+
+
+def tiny_wan_transformer(seed: int = 0, **overrides):
+    """A Wan2.1-shaped ``WanTransformer3DModel`` (3 blocks: 3-D RoPE self-attention, cross-attention to the text,
+    qk-norm across heads) with random weights (float32, eval mode).
+
+    Inputs: latents [B, 16, f, h, w] (f, h, w: latent frames and size; h, w even), ``encoder_hidden_states``
+    [B, T, 32], ``timestep`` [B] in [0, 1000].
+    """
+    from diffusers import WanTransformer3DModel
+
+    config = {**TINY_WAN, **overrides}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = WanTransformer3DModel(**config)
+    return model.eval()
+
+
+def tiny_wan_vae(gain: float = 1.0):
+    """A tiny ``AutoencoderKLWan`` (see `TINY_WAN_VAE`); ``gain`` scales the decoder's output convolution (see the
+    note on ``vae_gain`` above)."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan(**TINY_WAN_VAE)
+    if gain != 1.0:
+        with torch.no_grad():
+            vae.decoder.conv_out.weight.mul_(gain)
+            vae.decoder.conv_out.bias.mul_(gain)
+    return vae.eval()
+
+
+def tiny_wan_pipeline(seed: int = 0, vae_gain: float = 1.0):
+    """A ``WanPipeline`` of tiny random components (UMT5 encoder, Wan VAE, `tiny_wan_transformer`) with a
+    ``FlowMatchEulerDiscreteScheduler`` at Wan's 480p ``flow_shift`` 3 (`fastgrpo.diffusion.wan` explains why not
+    the UniPC scheduler the hub pipelines ship).
+
+    Videos of 5 frames at 32x32 px give latents [16, 2, 4, 4] (8 video tokens after the 1x2x2 patches).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe = WanPipeline(
+            tokenizer=tiny_umt5_tokenizer(), text_encoder=_tiny_umt5(TINY_WAN["text_dim"]),
+            vae=tiny_wan_vae(vae_gain), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            transformer=tiny_wan_transformer(seed),
+        )
+    return pipe

@@ -32,7 +32,12 @@ Decisions where DESIGN.md is silent (written down here, as it asks):
 * Forward only: the ops serve no-grad sampling passes (training passes keep SDPA). Inputs that require grad with
   grad mode on raise ValueError instead of silently returning outputs without gradient.
 * ``text_len >= 1`` (an entropy over no keys is undefined); ``text_start + text_len <= S``.
-* q, k, v share one shape and dtype (joint self-attention; no cross-attention or GQA).
+* q, k, v share one shape and dtype (joint self-attention; no GQA). The public ops and the Triton kernels take only
+  that. Cross-attention (image queries over text keys alone, Wan's ``attn2``: q [B, H, N, D], k and v [B, H, T, D])
+  goes through `TextEntropyPlan` with ``cross=True``, on the torch path only: the output from SDPA (what the stock
+  processor computes), the statistics from logits materialised in query chunks ([B, H, 1024, T] at a time, as for
+  joint attention). The kernels are untouched (their grids and masks assume one sequence for queries and keys);
+  with every key a text key, ``lse == text_lse`` and the text entropy is the row's whole entropy.
 * The Triton kernel takes any head dim up to 128 (64 and 128 are the targets; others are padded to a power of
   two >= 16 with masked loads); larger head dims raise ValueError under impl="triton" (the torch path has no limit).
 * The torch path computes ``out`` with ``torch.nn.functional.scaled_dot_product_attention`` (so on CPU the model
@@ -145,6 +150,36 @@ def _check_attention(q, k, v, text_start, text_len, scale, layout):
     _check_int("text_len", text_len, 1, S - text_start,
                f"at least one text key, and text_start + text_len <= S={S}")
     return _check_scale(scale, D)
+
+
+def _check_cross_attention(q, k, v, text_start, text_len, layout, impl):
+    """Cross-attention for `TextEntropyPlan` (``cross=True``): q [B, H, N, D] (in ``layout``), k and v
+    [B, H, T, D] of q's batch, heads, head dim, dtype and device; the text keys ``[text_start, text_start +
+    text_len)`` of T. Only the torch path (the kernels take joint self-attention): ``impl="triton"`` is refused."""
+    if impl == "triton":
+        raise ValueError("impl='triton': the Triton kernels take joint self-attention (one sequence for q and k); "
+                         "cross-attention runs the torch path (impl='auto' or 'torch')")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t)
+        if t.ndim != 4:
+            raise ValueError(f"{name} must have 4 dims ({layout}), got shape {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    check_same_device([("q", q), ("k", k), ("v", v)])
+    B, H, N, D = _bhsd(q, layout).shape
+    kb, vb = _bhsd(k, layout).shape, _bhsd(v, layout).shape
+    if kb != vb or kb[0] != B or kb[1] != H or kb[3] != D:
+        raise ValueError(f"k and v must be [B, H, T, D] with q's B={B}, H={H}, D={D} (layout {layout!r}), got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if D == 0:
+        raise ValueError(f"q must have a head dim >= 1, got shape {tuple(q.shape)}")
+    _check_forward_only(q, k, v)
+    T = kb[2]
+    _check_int("text_start", text_start, 0, max(T - 1, 0), f"a position among the T={T} keys")
+    _check_int("text_len", text_len, 1, T - text_start, f"at least one text key, and text_start + text_len <= T={T}")
+    return 1.0 / math.sqrt(D)
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -348,24 +383,31 @@ class TextEntropyPlan:
     * ``probs(accumulate=False)`` writes instead of adding, so the first layer of a forward needs no zeroed buffer
       (`new_probs` is ``torch.empty``; on the torch backend it is zeroed and always added to).
     * Inputs without unit stride along D fall back to the public ops (validated per call).
+    * ``cross=True``: cross-attention (k, v [B, H, T, D] with their own length T; Wan's ``attn2``), validated by
+      its own check and always on the torch path (see the module docstring); the statistics and ``out`` are over q's
+      N queries, the text range indexes k's T keys.
     """
 
     @staticmethod
-    def key(q, k, v, layout, text_start, text_len, query_start, query_len):
-        return (layout, q.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, text_start, text_len,
+    def key(q, k, v, layout, text_start, text_len, query_start, query_len, cross=False):
+        base = (layout, q.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, text_start, text_len,
                 query_start, query_len)
+        return base + ("cross", k.shape) if cross else base
 
-    def __init__(self, q, k, v, *, layout, text_start, text_len, query_start, query_len, impl="auto"):
-        scale = _check_attention(q, k, v, text_start, text_len, None, layout)
+    def __init__(self, q, k, v, *, layout, text_start, text_len, query_start, query_len, impl="auto", cross=False):
+        if cross:
+            scale = _check_cross_attention(q, k, v, text_start, text_len, layout, impl)
+        else:
+            scale = _check_attention(q, k, v, text_start, text_len, None, layout)
         B, H, S, D = _bhsd(q, layout).shape
         _check_int("query_start", query_start, 0, S, f"a position in the sequence of S={S} tokens")
         _check_int("query_len", query_len, 0, S - query_start, f"query_start + query_len <= S={S}")
-        self.layout, self.scale, self.impl = layout, scale, impl
+        self.layout, self.scale, self.impl, self.cross = layout, scale, impl, cross
         self.text_start, self.text_len, self.query_start, self.query_len = text_start, text_len, query_start, query_len
         self.stats_shape = (3, B, H, S)
         self.probs_shape = (B, query_len, text_len)
         self.device = q.device
-        backend = resolve_impl(impl, q.device)
+        backend = "torch" if cross else resolve_impl(impl, q.device)
         if backend == "triton":
             _check_triton_head_dim(D)
             if q.dtype == torch.float64:

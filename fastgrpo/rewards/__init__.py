@@ -3,11 +3,18 @@
 ``images`` is a float tensor [B, 3, H, W] in [0, 1] or a list of PIL images; ``prompts`` a list of B strings.
 `build_reward(specs)` combines several by a weighted sum and also returns each component (for logging).
 
+Videos (a video family's samples: [B, F, 3, H, W] in [0, 1]): `WeightedReward` gives an image reward every frame
+as an image -- the B*F frames flattened to [B*F, 3, H, W], each with its video's prompt -- and averages the F
+scores per video; a reward that marks itself ``takes_video = True`` (``temporal_consistency``) gets the videos
+whole. Where the frame average lives: here, once, so every image reward (pixel, CLIP, a user's own) scores videos
+without knowing about them; a video-only reward given images raises ValueError naming it.
+
 Built in:
 * cheap pixel rewards for CPU demos: ``brightness``, ``colorfulness``, ``jpeg_compressibility`` (DDPO's);
 * for image editing: ``source_similarity`` (1 - mean absolute pixel difference to the prompt's source image; the
   source reaches a reward through the prompts: `fastgrpo.train.prompts.EditPrompt`) and ``clip_image_similarity``
   (cosine of the CLIP image embeddings of the edit and its source: Flow-GRPO's ``image_similarity``);
+* for videos: ``temporal_consistency`` (1 - mean absolute difference of consecutive frames, in [0, 1]);
 * CLIP-based rewards through transformers: ``clip_score`` and ``pickscore`` (a ``CLIPModel`` + processor from a
   local folder or a hub id; ``hps`` is the same scorer pointed at an HPS-v2 checkpoint converted to the
   transformers CLIP format);
@@ -34,6 +41,7 @@ from .clip import ClipImageSimilarity, ClipPreference
 from .geneval import GenEvalReward
 from .ocr import OcrReward
 from .pixel import PairwiseBrightness, brightness, colorfulness, jpeg_compressibility, source_similarity
+from .video import temporal_consistency
 from .vlm import VlmJudge
 
 # The arguments of each model-based reward that name a model (local folder or hub id), with their defaults
@@ -65,6 +73,7 @@ REWARDS: dict[str, Callable[..., Callable]] = {
     "colorfulness": lambda: colorfulness,
     "jpeg_compressibility": lambda: jpeg_compressibility,
     "source_similarity": lambda: source_similarity,
+    "temporal_consistency": lambda: temporal_consistency,
     "clip_score": lambda **kw: ClipPreference(**{**_defaults("clip_score"), **kw}),
     "pickscore": lambda **kw: ClipPreference(**{**_defaults("pickscore"), **kw}),
     "hps": lambda **kw: ClipPreference(**kw),
@@ -173,22 +182,30 @@ class WeightedReward:
     def _score(self, images, prompts, group_sizes, kinds):
         comps = {}
         total = torch.zeros(len(prompts), dtype=torch.float32)
+        video = isinstance(images, torch.Tensor) and images.ndim == 5
+        unit = "videos" if video else "images"
         for name, weight, fn in self.parts:
             grouped = is_group_level(fn)
             if grouped not in kinds:
                 continue
-            if grouped:
+            whole = getattr(fn, "takes_video", False)
+            if whole and not video:
+                raise ValueError(f"reward {name!r} scores videos [B, F, 3, H, W]; this model's samples are images")
+            if grouped:  # the group's samples as they are (a video family's: videos)
                 if group_sizes is None:
                     raise ValueError(f"reward {name!r} is group-level: give the groups' sizes (group_sizes)")
                 pieces, stats = [], {}
                 for a, b in _groups(group_sizes, len(prompts)):
-                    pieces.append(self._check(name, fn(_take(images, a, b), list(prompts[a:b])), b - a))
+                    pieces.append(self._check(name, fn(_take(images, a, b), list(prompts[a:b])), b - a, unit))
                     for k, v in (getattr(fn, "last_stats", None) or {}).items():
                         stats.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32).reshape(-1))
                 r = torch.cat(pieces) if pieces else total.clone()
                 stats = {k: torch.cat(v) for k, v in stats.items()}
+            elif video and not whole:
+                r = self._per_frame(name, fn, images, prompts)
+                stats = {}
             else:
-                r = self._check(name, fn(images, prompts), len(prompts))
+                r = self._check(name, fn(images, prompts), len(prompts), unit)
                 stats = getattr(fn, "last_stats", None) or {}
             comps[name] = r
             for k, v in stats.items():
@@ -197,11 +214,22 @@ class WeightedReward:
         return total, comps
 
     @staticmethod
-    def _check(name, r, n):
+    def _check(name, r, n, unit="images"):
         r = torch.as_tensor(r, dtype=torch.float32).reshape(-1).cpu()
         if r.shape[0] != n:
-            raise ValueError(f"reward {name!r} returned {r.shape[0]} values for {n} images")
+            raise ValueError(f"reward {name!r} returned {r.shape[0]} values for {n} {unit}")
         return r
+
+    @staticmethod
+    def _per_frame(name, fn, videos, prompts):
+        """An image reward over videos [B, F, 3, H, W]: every frame scored with its video's prompt, the mean of
+        the F scores per video."""
+        B, F = videos.shape[:2]
+        frames = videos.reshape(B * F, *videos.shape[2:])
+        r = torch.as_tensor(fn(frames, [p for p in prompts for _ in range(F)]), dtype=torch.float32).reshape(-1).cpu()
+        if r.shape[0] != B * F:
+            raise ValueError(f"reward {name!r} returned {r.shape[0]} values for {B * F} frames ({B} videos of {F})")
+        return r.view(B, F).mean(dim=1)
 
 
 def build_reward(specs) -> WeightedReward:
@@ -223,5 +251,6 @@ def build_reward(specs) -> WeightedReward:
 
 
 __all__ = ["MODEL_ARGS", "FILE_ARGS", "REWARDS", "model_sources", "check_files", "is_group_level", "WeightedReward",
-           "build_reward", "brightness", "colorfulness", "jpeg_compressibility", "source_similarity", "ClipPreference",
-           "ClipImageSimilarity", "AestheticPredictor", "GenEvalReward", "OcrReward", "VlmJudge", "PairwiseBrightness"]
+           "build_reward", "brightness", "colorfulness", "jpeg_compressibility", "source_similarity",
+           "temporal_consistency", "ClipPreference", "ClipImageSimilarity", "AestheticPredictor", "GenEvalReward",
+           "OcrReward", "VlmJudge", "PairwiseBrightness"]

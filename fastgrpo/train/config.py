@@ -49,6 +49,9 @@ class ModelConfig:
     height: int = 32
     width: int = 32
     max_sequence_length: int = 32  # T5 tokens (SD3: 256, FLUX: 512 in the papers)
+    # Video families (wan) only: frames per sample; null: the family's default (Wan: 81), checked by the family
+    # (Wan: 1 + a multiple of 4). An image family given it refuses it (ValueError).
+    num_frames: Optional[int] = None
     lora: Optional[LoraConfig] = field(default_factory=LoraConfig)  # None: full fine-tuning
     # path "tiny" (flow families) only: scale of the tiny VAE decoder's output; 1 decodes every latent to nearly
     # the same gray, 4 lets a pixel reward show in the images (`fastgrpo.diffusion.tiny`)
@@ -69,6 +72,8 @@ class ModelConfig:
         _positive(p, "height", self.height)
         _positive(p, "width", self.width)
         _positive(p, "max_sequence_length", self.max_sequence_length)
+        if self.num_frames is not None:
+            _positive(p, "num_frames", self.num_frames)
         _positive(p, "tiny_vae_gain", self.tiny_vae_gain)
         if not self.path:
             raise ValueError(f"{p}path must be 'tiny', a local pipeline folder or a hub id")
@@ -318,7 +323,11 @@ class Config:
             fits = [f for f, row in FAMILIES.items() if row.kind in kinds]
             raise ValueError(f"model.family {self.model.family!r} does not fit algo {self.algo!r} "
                              f"(it trains {' / '.join(fits)})")
-        family.adapter_class().check_config(self)
+        adapter = family.adapter_class()
+        if self.model.num_frames is not None and getattr(adapter, "modality", "image") != "video":
+            raise ValueError(f"model.num_frames is for the video families; model.family {self.model.family} samples "
+                             "images (remove the key)")
+        adapter.check_config(self)
         if self.ar.inner_epochs is not None:
             self._fold_ar_inner_epochs()
         updates = self.train.minibatches * self.train.inner_epochs

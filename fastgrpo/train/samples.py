@@ -8,6 +8,13 @@ through the weights. Each row is stored at its native resolution as ``samples/st
 ``samples.png`` is redrawn from the rows up to the current step: one row per checkpoint, labelled with its step,
 one column per prompt (titled with the prompt). Only rank 0 writes; every rank generates (FSDP gathers weights in
 each forward). The preview's forwards are not counted in ``model_forwards`` and draw no randomness of the run.
+
+Videos (a video family's previews, [K, F, 3, H, W]): each cell of a row is a frame strip, up to `STRIP_FRAMES`
+evenly spaced frames (first and last included) side by side, so ``samples.png`` shows each prompt's video as a
+film strip per checkpoint; every video is also written whole as ``samples/step_NNNNNN_K.gif`` (PIL, always; `FPS`
+frames per second, looping) and as ``samples/step_NNNNNN_K.mp4`` when an MP4 writer is importable (``imageio``
+with its ``imageio-ffmpeg`` plugin; fastgrpo does not depend on either: without them the MP4s are skipped, with one
+warning per process).
 """
 from __future__ import annotations
 
@@ -26,6 +33,9 @@ MAX_ROWS = 16  # more checkpoints than this: step 0, the newest, and evenly spac
 # samples.png layout (pixels): a label column, a header row, each image scaled up by SCALE with PAD around it.
 SCALE, PAD, LABEL_W, HEADER_H = 4, 4, 72, 28
 _ROW_FILE = re.compile(r"^step_(\d+)\.png$")
+STRIP_FRAMES = 8  # frames of a video shown in its samples.png cell
+FPS = 16  # of the saved GIF / MP4 videos (Wan2.1's: diffusers' example exports at 16 fps)
+_warned_mp4 = False
 
 
 def preview_generators(seed: int, n: int) -> list:
@@ -34,19 +44,83 @@ def preview_generators(seed: int, n: int) -> list:
     return [step_generator(seed, 0, STREAM_PREVIEW, j) for j in range(n)]
 
 
+def _uint8(images: torch.Tensor) -> torch.Tensor:
+    return (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def strip_frames(num_frames: int, most: int = STRIP_FRAMES) -> list[int]:
+    """At most ``most`` frame indices, evenly spaced, the first and the last included."""
+    if num_frames <= most:
+        return list(range(num_frames))
+    return sorted({round(i * (num_frames - 1) / (most - 1)) for i in range(most)})
+
+
 def save_row(run_dir, step: int, images: torch.Tensor, prompts: list[str]) -> Path:
-    """Store one preview row (``images`` [K, 3, H, W] in [0, 1]) as ``samples/step_NNNNNN.png`` (the K images side
-    by side) and the prompts as ``samples/prompts.json``."""
+    """Store one preview row (``images`` [K, 3, H, W] in [0, 1], or videos [K, F, 3, H, W]) as
+    ``samples/step_NNNNNN.png`` (the K images, or the K videos' frame strips, side by side) and the prompts as
+    ``samples/prompts.json``; videos also as GIF (and MP4 when possible), see the module docstring."""
     d = Path(run_dir) / SAMPLES_DIR
     d.mkdir(parents=True, exist_ok=True)
     from PIL import Image
 
-    arr = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)  # [K, 3, H, W]
+    arr = _uint8(images)
+    if arr.ndim == 5:  # videos: each cell a strip of frames [H, n*W, 3]
+        save_videos(d, step, arr)
+        arr = arr[:, strip_frames(arr.shape[1])]  # [K, n, 3, H, W]
+        arr = arr.permute(0, 2, 3, 1, 4).reshape(arr.shape[0], 3, arr.shape[3], -1)  # [K, 3, H, n*W]
     strip = arr.permute(2, 0, 3, 1).reshape(arr.shape[2], -1, 3).numpy()  # [H, K*W, 3]
     path = d / f"step_{step:06d}.png"
     Image.fromarray(strip).save(path)
     (d / "prompts.json").write_text(json.dumps({"prompts": list(prompts), "columns": arr.shape[0]}))
     return path
+
+
+def save_videos(d: Path, step: int, videos: torch.Tensor) -> list[Path]:
+    """``videos`` uint8 [K, F, 3, H, W] as ``step_NNNNNN_K.gif`` (and ``.mp4`` when `mp4_writer` finds one) in
+    ``d``; returns the paths written."""
+    from PIL import Image
+
+    written = []
+    writer = mp4_writer()
+    for j, video in enumerate(videos):
+        frames = video.permute(0, 2, 3, 1).numpy()  # [F, H, W, 3]
+        pil = [Image.fromarray(f) for f in frames]
+        gif = d / f"step_{step:06d}_{j}.gif"
+        pil[0].save(gif, save_all=True, append_images=pil[1:], duration=gif_frame_ms(), loop=0)
+        written.append(gif)
+        if writer is not None:
+            mp4 = d / f"step_{step:06d}_{j}.mp4"
+            writer(mp4, frames)
+            written.append(mp4)
+    return written
+
+
+def gif_frame_ms() -> int:
+    """A GIF frame's duration: `FPS` rounded to GIF's unit of 10 ms (16 fps -> 60 ms)."""
+    return 10 * max(1, round(100 / FPS))
+
+
+def mp4_writer():
+    """A function ``(path, frames uint8 [F, H, W, 3])`` writing an H.264 MP4 through ``imageio`` + ``imageio-ffmpeg``,
+    or None (with one warning per process) when they are not installed."""
+    global _warned_mp4
+    try:
+        import imageio.v2 as imageio
+        import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary imageio's FFMPEG plugin uses)
+    except ImportError:
+        if not _warned_mp4:
+            import warnings
+
+            warnings.warn("samples: no MP4 writer (pip install imageio imageio-ffmpeg); preview videos are saved as "
+                          "GIF only", RuntimeWarning, stacklevel=3)
+            _warned_mp4 = True
+        return None
+
+    def write(path, frames):
+        # H.264 needs even sizes: ffmpeg's macro_block_size=1 keeps the frames as they are
+        imageio.mimsave(str(path), list(frames), fps=FPS, codec="libx264", format="FFMPEG", macro_block_size=1)
+
+    return write
 
 
 def sample_rows(run_dir, upto: int | None = None) -> list[tuple[int, np.ndarray]]:
