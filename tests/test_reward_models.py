@@ -721,3 +721,21 @@ def test_bad_reward_config_names_the_key(tmp_path, monkeypatch):
         build_reward([{"name": "pairwise_brightness", "args": {"model": "x"}}])
     assert isinstance(build_reward([{"name": "brightness"}]), WeightedReward)
     assert isinstance(REWARDS["pairwise_brightness"](), PairwiseBrightness)
+
+
+def test_rewards_refuse_prompts_they_cannot_score_before_anything_loads(tmp_path):
+    """GenEval without metadata and the editing rewards without source images stop the run at its start (naming
+    prompts.source and the reward), not at the first scoring after the model has loaded."""
+    from fastgrpo.train import make_trainer, resolve_config
+
+    small = ["sample.num_steps=2", "sample.prompts_per_step=2", "sample.group_size=2", "log.progress=false",
+             "log.tensorboard=false"]
+    for reward, match in (("{name: geneval, args: {model: " + str(tmp_path) + ", color_model: null}}",
+                           "has no GenEval metadata"),
+                          ("{name: source_similarity}", "needs prompts with source images"),
+                          ("{name: clip_image_similarity, args: {model: " + str(tmp_path) + "}}",
+                           "needs prompts with source images")):
+        cfg = resolve_config(preset="tiny-flow-grpo", overrides=[*small, f"reward=[{reward}]"])
+        with pytest.raises(ValueError, match=rf"prompts.source: reward '\w+' cannot score these prompts: .*{match}"):
+            make_trainer(cfg, tmp_path / "run")
+        assert not (tmp_path / "run" / "config.yaml").exists()

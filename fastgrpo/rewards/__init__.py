@@ -164,6 +164,17 @@ class WeightedReward:
     def __init__(self, parts: Sequence[tuple[str, float, Callable]]):
         self.parts = list(parts)
 
+    def check_prompts(self, prompts, key: str = "prompts.source") -> None:
+        """Refuse, before anything loads, prompts a part cannot score (a part's own ``check_prompts``: GenEval
+        metadata, editing source images); ValueError naming the reward and ``key``."""
+        for name, _, fn in self.parts:
+            check = getattr(fn, "check_prompts", None)
+            if check is not None:
+                try:
+                    check(prompts)
+                except ValueError as e:
+                    raise ValueError(f"{key}: reward {name!r} cannot score these prompts: {e}") from None
+
     @property
     def has_group_level(self) -> bool:
         return any(is_group_level(fn) for _, _, fn in self.parts)

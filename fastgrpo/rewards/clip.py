@@ -72,6 +72,11 @@ class ClipImageSimilarity(ClipPreference):
     image's size); both go through the CLIP processor (Flow-GRPO applies its resize/crop/normalise to tensors: the
     same steps, PIL rounding aside). Prompts without a source image are a ValueError."""
 
+    def check_prompts(self, prompts) -> None:
+        from .pixel import need_sources
+
+        need_sources("clip_image_similarity")(prompts)
+
     @torch.no_grad()
     def __call__(self, images, prompts) -> torch.Tensor:
         from .pixel import as_tensor_images

@@ -314,6 +314,11 @@ class GenEvalReward:
             self._clip = CLIPModel.from_pretrained(self.color_id, torch_dtype=self.dtype).to(self.device).eval()
 
     # -- metadata
+    def check_prompts(self, prompts) -> None:
+        """Every prompt has GenEval metadata (checked when the run starts, before any model loads)."""
+        for p in prompts:
+            self.metadata(p)
+
     def metadata(self, prompt) -> dict:
         meta = getattr(prompt, "meta", None)
         if meta and ("include" in meta or "exclude" in meta):

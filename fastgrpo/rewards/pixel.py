@@ -73,6 +73,19 @@ def source_similarity(images, prompts) -> torch.Tensor:
     return 1.0 - (x - torch.stack(sources)).abs().mean(dim=(1, 2, 3))
 
 
+def need_sources(name: str):
+    """A ``check_prompts`` for the editing rewards: every prompt must carry a source image."""
+    def check(prompts) -> None:
+        bare = [p for p in prompts if getattr(p, "source_pixels", None) is None]
+        if bare:
+            raise ValueError(f"reward {name} needs prompts with source images (image editing: prompts.source a JSONL "
+                             f"file, a folder of captioned images or builtin_edit); prompt {str(bare[0])!r} has none")
+    return check
+
+
+source_similarity.check_prompts = need_sources("source_similarity")
+
+
 class PairwiseBrightness:
     """A group-level reward: the fraction of the group's other images each image beats on brightness (a tie
     counts one half), in [0, 1]; a group of one scores 0.5. Inputs: one group's images [n, 3, H, W] in [0, 1] (or

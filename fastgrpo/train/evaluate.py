@@ -97,6 +97,8 @@ class Evaluator:
         self.prompts = [p for p in self.prompt_list for _ in range(k)]
         self.generators = lambda: eval_generators(cfg.eval.seed, len(self.prompt_list), k)
         self.rewards = eval_rewards(cfg)
+        for _, _, fn in self.rewards:
+            fn.check_prompts(self.prompt_list, key="eval.prompts")
 
     @torch.no_grad()
     def sample(self, progress=None) -> torch.Tensor:

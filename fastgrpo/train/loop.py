@@ -289,6 +289,7 @@ class GRPOTrainer:
         edits = bool(getattr(get_family(cfg.model.family).adapter_class(), "edits_images", False))
         self.prompts = load_prompts(cfg.prompts.source, edit=edits, family=cfg.model.family)
         self.reward_fn = build_reward(cfg.reward)
+        self.reward_fn.check_prompts(self.prompts)  # before any model loads (GenEval metadata, source images)
         if cfg.sample.prompts_per_step % self.world_size:
             raise ValueError(f"sample.prompts_per_step ({cfg.sample.prompts_per_step}) must be a multiple of the "
                              f"number of processes ({self.world_size}): each process samples whole groups")
