@@ -16,8 +16,8 @@ What a subclass **must** provide (class attributes and methods marked *family* b
 * `encode_prompt` (the text-encoder outputs of one prompt; cached per prompt by `encode_prompts`);
 * `latent_shape`, `sigmas` (the pipeline's schedule), `predict` (one velocity forward, with classifier-free guidance
   or guidance embedding as the pipeline does it);
-* for AEGPO: `attention_modules` (the attention modules whose text keys the collector reads) and
-  `entropy_processor` (the processor class that replaces a stock one there).
+* for AEGPO: `entropy_processor` (the processor class that replaces a stock one on the `attention_modules`, whose
+  default is each joint block's ``attn``).
 
 What it **may** override: `decode` (default: latents [B, C, h, w] through the VAE; images [B, 3, H, W] in [0, 1],
 videos [B, F, 3, H, W]), `setup` (derived sizes and their checks), `frozen_modules`, `conditional_rows` (where the conditional rows of a CFG batch are), `check_config`
@@ -54,7 +54,10 @@ class FlowAdapter:
     family: ClassVar[str] = ""
     pipeline_class: ClassVar[str] = ""  # the diffusers pipeline class `load_pipeline` uses
     transformer_class: ClassVar[str] = ""  # the diffusers class of its transformer (`owns`)
-    lora_targets: ClassVar[tuple] = ("to_q", "to_k", "to_v", "to_out.0")
+    # Default: Flow-GRPO's (config/grpo.py), the joint-attention projections of every dual-stream block (SD3, FLUX,
+    # Qwen-Image); a family whose attention is laid out otherwise sets its own (Wan).
+    lora_targets: ClassVar[tuple] = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+                                     "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
     block_lists: ClassVar[tuple] = ("transformer_blocks",)
     # What one sample is, in words (the README's family table and messages): "image" or "video"
     modality: ClassVar[str] = "image"
@@ -125,9 +128,12 @@ class FlowAdapter:
 
     @classmethod
     def attention_modules(cls, transformer) -> list:
-        """*family*: the attention modules (``diffusers.models.attention_processor.Attention``) the AEGPO collector
-        may replace, in layer order (``layers`` of `fastgrpo.diffusion.AttentionEntropyCollector` index them)."""
-        raise NotImplementedError(f"{cls.__name__} does not support the attention entropy collector")
+        """*may override*: the attention modules (``diffusers.models.attention_processor.Attention``) the AEGPO
+        collector may replace, in layer order (``layers`` of `fastgrpo.diffusion.AttentionEntropyCollector` index
+        them). Default: the joint attention ``attn`` of each of ``transformer_blocks`` (SD3, FLUX, Qwen-Image)."""
+        from .attention import joint_blocks
+
+        return [b.attn for b in joint_blocks(transformer)]
 
     @classmethod
     def entropy_processor(cls, processor):

@@ -42,9 +42,6 @@ class FluxAdapter(FlowAdapter):
     family: ClassVar[str] = "flux"
     pipeline_class: ClassVar[str] = "FluxPipeline"
     transformer_class: ClassVar[str] = "FluxTransformer2DModel"
-    # Flow-GRPO's (config/grpo.py): the joint-attention projections of every block
-    lora_targets: ClassVar[tuple] = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
-                                     "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
     block_lists: ClassVar[tuple] = ("transformer_blocks", "single_transformer_blocks")
 
     @classmethod
@@ -52,12 +49,6 @@ class FluxAdapter(FlowAdapter):
         from .tiny import tiny_flux_pipeline
 
         return tiny_flux_pipeline(seed, vae_gain=vae_gain)
-
-    @classmethod
-    def attention_modules(cls, transformer) -> list:
-        from .attention import joint_blocks
-
-        return [b.attn for b in joint_blocks(transformer)]
 
     @classmethod
     def entropy_processor(cls, processor):

@@ -77,8 +77,6 @@ class QwenImageAdapter(FlowAdapter):
     transformer_class: ClassVar[str] = "QwenImageTransformer2DModel"
     # The joint-attention projections of every block (the SD3/FLUX families' default; Flow-GRPO's Qwen-Image trainer
     # adds both streams' MLPs: configs/qwen-image-flow-grpo-pickscore.yaml lists them in model.lora.targets)
-    lora_targets: ClassVar[tuple] = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
-                                     "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
     block_lists: ClassVar[tuple] = ("transformer_blocks",)
     negative_prompt: ClassVar[str] = NEGATIVE_PROMPT
 
@@ -86,12 +84,6 @@ class QwenImageAdapter(FlowAdapter):
     @classmethod
     def tiny_pipeline(cls, seed: int = 0, vae_gain: float = 1.0):
         return tiny_qwen_image_pipeline(seed, vae_gain=vae_gain)
-
-    @classmethod
-    def attention_modules(cls, transformer) -> list:
-        from .attention import joint_blocks
-
-        return [b.attn for b in joint_blocks(transformer)]
 
     @classmethod
     def entropy_processor(cls, processor):

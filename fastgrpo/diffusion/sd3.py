@@ -20,9 +20,6 @@ class SD3Adapter(FlowAdapter):
     family: ClassVar[str] = "sd3"
     pipeline_class: ClassVar[str] = "StableDiffusion3Pipeline"
     transformer_class: ClassVar[str] = "SD3Transformer2DModel"
-    # Flow-GRPO's (config/grpo.py): the joint-attention projections of every block
-    lora_targets: ClassVar[tuple] = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
-                                     "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
     block_lists: ClassVar[tuple] = ("transformer_blocks",)
 
     @classmethod
@@ -30,12 +27,6 @@ class SD3Adapter(FlowAdapter):
         from .tiny import tiny_sd3_pipeline
 
         return tiny_sd3_pipeline(seed, vae_gain=vae_gain)
-
-    @classmethod
-    def attention_modules(cls, transformer) -> list:
-        from .attention import joint_blocks
-
-        return [b.attn for b in joint_blocks(transformer)]
 
     @classmethod
     def entropy_processor(cls, processor):

@@ -79,21 +79,13 @@ class ClipImageSimilarity(ClipPreference):
 
     @torch.no_grad()
     def __call__(self, images, prompts) -> torch.Tensor:
-        from .pixel import as_tensor_images
+        from .pixel import as_tensor_images, source_images
 
         x = as_tensor_images(images)
-        H, W = x.shape[-2:]
-        sources = []
-        for p in prompts:
-            pixels = getattr(p, "source_pixels", None)
-            if pixels is None:
-                raise ValueError(f"reward clip_image_similarity needs prompts with source images (image editing: "
-                                 f"prompts.source a JSONL file, a folder of captioned images or builtin_edit); "
-                                 f"prompt {str(p)!r} has none")
-            sources.append(pixels(H, W))
+        sources = source_images("clip_image_similarity", prompts, *x.shape[-2:])
         if self._model is None:
             self._load()
-        a, b = as_pil_images(x), as_pil_images(torch.stack(sources))
+        a, b = as_pil_images(x), as_pil_images(sources)
         out = []
         for i in range(0, len(a), self.batch_size):
             feats = []

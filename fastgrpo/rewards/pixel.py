@@ -61,16 +61,7 @@ def source_similarity(images, prompts) -> torch.Tensor:
     x = as_tensor_images(images)
     if len(prompts) != x.shape[0]:
         raise ValueError(f"source_similarity: {x.shape[0]} images for {len(prompts)} prompts")
-    H, W = x.shape[-2:]
-    sources = []
-    for p in prompts:
-        pixels = getattr(p, "source_pixels", None)
-        if pixels is None:
-            raise ValueError(f"reward source_similarity needs prompts with source images (image editing: "
-                             f"prompts.source a JSONL file, a folder of captioned images or builtin_edit); prompt "
-                             f"{str(p)!r} has none")
-        sources.append(pixels(H, W))
-    return 1.0 - (x - torch.stack(sources)).abs().mean(dim=(1, 2, 3))
+    return 1.0 - (x - source_images("source_similarity", prompts, *x.shape[-2:])).abs().mean(dim=(1, 2, 3))
 
 
 def need_sources(name: str):
@@ -81,6 +72,13 @@ def need_sources(name: str):
             raise ValueError(f"reward {name} needs prompts with source images (image editing: prompts.source a JSONL "
                              f"file, a folder of captioned images or builtin_edit); prompt {str(bare[0])!r} has none")
     return check
+
+
+def source_images(name: str, prompts, height: int, width: int) -> torch.Tensor:
+    """The prompts' source images at ``height`` x ``width`` ([B, 3, H, W] in [0, 1]) for the editing reward
+    ``name``; ValueError naming it when a prompt has none."""
+    need_sources(name)(prompts)
+    return torch.stack([p.source_pixels(height, width) for p in prompts])
 
 
 source_similarity.check_prompts = need_sources("source_similarity")
