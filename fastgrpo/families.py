@@ -34,7 +34,8 @@ class Family:
 
     @property
     def kind(self) -> str:
-        """``flow`` (SDE rollouts over latents) or ``ar`` (token-by-token rollouts): what strategies declare they train."""
+        """``flow`` (SDE rollouts over latents) or ``ar`` (token-by-token rollouts): what strategies declare they
+        train."""
         return self.adapter_class().kind
 
 

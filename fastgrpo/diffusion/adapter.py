@@ -9,20 +9,21 @@ family".
 What a subclass **must** provide (class attributes and methods marked *family* below):
 
 * ``family`` (the ``model.family`` string), ``pipeline_class`` and ``transformer_class`` (diffusers class names:
-  what ``from_pretrained`` loads, and how the collector recognises the transformer), ``lora_targets`` (the default ``model.lora.targets``: the attention projections of
-  its transformer) and ``block_lists`` (the attributes of the transformer holding its repeated blocks, for regional
-  ``torch.compile``);
+  what ``from_pretrained`` loads, and how the collector recognises the transformer), ``block_lists`` (the
+  attributes of the transformer holding its repeated blocks, for regional ``torch.compile``) and ``modality``
+  (``image`` or ``video``);
 * `tiny_pipeline` (a random pipeline built in code, for tests and CPU demos: ``model.path: tiny``);
 * `encode_prompt` (the text-encoder outputs of one prompt; cached per prompt by `encode_prompts`);
 * `latent_shape`, `sigmas` (the pipeline's schedule), `predict` (one velocity forward, with classifier-free guidance
   or guidance embedding as the pipeline does it);
-* for AEGPO: `entropy_processor` (the processor class that replaces a stock one on the `attention_modules`, whose
-  default is each joint block's ``attn``).
+* for AEGPO: `entropy_processor` (the processor class that replaces a stock one on the `attention_modules`).
 
-What it **may** override: `decode` (default: latents [B, C, h, w] through the VAE; images [B, 3, H, W] in [0, 1],
-videos [B, F, 3, H, W]), `setup` (derived sizes and their checks), `frozen_modules`, `conditional_rows` (where the conditional rows of a CFG batch are), `check_config`
-(family-specific config checks, ValueError naming the key), `fsdp_block_classes` (default: the transformer's
-``_no_split_modules``), `load_pipeline` (default: ``pipeline_class.from_pretrained``).
+What it **may** override: ``lora_targets`` (the default ``model.lora.targets``; default: the joint-attention
+projections), `attention_modules` (default: each joint block's ``attn``), `decode` (default: latents [B, C, h, w]
+through the VAE; images [B, 3, H, W] in [0, 1], videos [B, F, 3, H, W]), `setup` (derived sizes and their checks),
+`frozen_modules`, `conditional_rows` (where the conditional rows of a CFG batch are), `check_config`
+(family-specific config checks, ValueError naming the key), `options_from_config`, `fsdp_block_classes` (default:
+the transformer's ``_no_split_modules``), `load_pipeline` (default: ``pipeline_class.from_pretrained``).
 
 Inherited (family-independent): LoRA (`add_lora`) and full fine-tuning (`full_finetune`) with the reference policy
 (`reference`), the per-prompt embedding cache, `initial_latents`, `velocity` (counts ``model_forwards``),

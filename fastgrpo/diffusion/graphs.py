@@ -1,5 +1,5 @@
-"""CUDA graphs for the sampling forwards of a flow adapter (`fastgrpo.diffusion.adapter.FlowAdapter`) (``sample.cuda_graphs``), and a host->device copy that
-never blocks the host.
+"""CUDA graphs for the sampling forwards of a flow adapter (`fastgrpo.diffusion.adapter.FlowAdapter`;
+``sample.cuda_graphs``), and a host->device copy that never blocks the host.
 
 A rollout evaluates the transformer on chunks of the same shape step after step; at small per-GPU batches the
 GPU then waits for Python (diffusers runs every block from Python). `GraphedVelocity` captures

@@ -269,8 +269,8 @@ def markdown_table(report: dict) -> str:
     n = report["checkpoints"][0]["rewards"][labels[0]]["n"]
     lines.append("")
     lines.append(f"{len(report['prompts'])} prompts ({report['prompt_source']}) x {report['samples_per_prompt']} "
-                 f"seeds = {n} samples per checkpoint, {report['sampling']}; ± one standard error; Δ: the mean of the "
-                 "per-sample differences to the base (same prompt and seed).")
+                 f"seeds = {n} samples per checkpoint, {report['sampling']}; ± one standard error; Δ: the mean "
+                 "of the per-sample differences to the base (same prompt and seed).")
     return "\n".join(lines)
 
 

@@ -99,9 +99,10 @@ def plot_curves(run_dir: Path) -> Path:
     step, y = the quantity (a list-valued field such as AEGPO's ``entropy_t`` draws one line per element).
 
     The reward panel also draws the held-out evaluation (``eval_reward_mean`` ± ``eval_reward_se``, logged every
-    ``eval.every`` steps: `fastgrpo.train.evaluate`) where the run has one. It is kept honest: when every reward is >= 0 its y-axis starts at 0 (a gain of 0.5% is not
-    stretched over the whole panel), and its title states the change of the mean reward from the first quarter of
-    steps to the last, relative and in standard errors (`reward_improvement`)."""
+    ``eval.every`` steps: `fastgrpo.train.evaluate`) where the run has one. It is kept honest: when every reward is
+    >= 0 its y-axis starts at 0 (a gain of 0.5% is not stretched over the whole panel), and its title states the
+    change of the mean reward from the first quarter of steps to the last, relative and in standard errors
+    (`reward_improvement`)."""
     import matplotlib
 
     matplotlib.use("Agg")

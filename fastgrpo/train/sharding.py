@@ -6,9 +6,10 @@
   accumulation the gradients are averaged over processes (`fastgrpo.train.distributed.average_gradients`, the mean
   DDP's all-reduce computes), so every replica takes the same optimizer step. LoRA or full fine-tuning, any family.
 * ``fsdp`` -- full fine-tuning (``model.lora: null``) of the flow families (tested on SD3) with FSDP2
-  (``torch.distributed.fsdp.fully_shard``). Every transformer block is one FSDP unit (the classes the family adapter
-  names, `FlowAdapter.fsdp_block_classes`: by default the model's ``_no_split_modules``, SD3's ``JointTransformerBlock``, FLUX's double- and single-stream blocks -- the units
-  accelerate's TRANSFORMER_BASED_WRAP picks by default) and the rest of the transformer is the root unit. Each of N
+  (``torch.distributed.fsdp.fully_shard``). Every transformer block is one FSDP unit (the classes the family
+  adapter names, `FlowAdapter.fsdp_block_classes`: by default the model's ``_no_split_modules``, SD3's
+  ``JointTransformerBlock``, FLUX's double- and single-stream blocks -- the units accelerate's
+  TRANSFORMER_BASED_WRAP picks by default) and the rest of the transformer is the root unit. Each of N
   processes keeps a 1/N dim-0 shard of every weight (a DTensor); FSDP all-gathers a block's weights for its forward
   and reduce-scatters its gradients during backward (the mean over processes), so gradients, AdamW's moments and
   the EMA are sharded as well. The frozen reference copy for the KL (`fastgrpo.reference`) is sharded the same way.
