@@ -66,11 +66,13 @@ def _impls(skip=()):
     return [i for i in IMPLS3 if i not in skip and (i != "cpp" or _ext.available())]
 
 
-def _agree(outs, name, reference):
-    """The impls' outputs agree with each other: ``max|a - b| / max|reference|`` within twice the float64 rule (each
-    one is within the rule of the same reference)."""
+def _agree(outs, name, reference, scale=None):
+    """The impls' outputs agree with each other: ``max|a - b| / scale`` within twice the float64 rule (each one is
+    within the rule of the same reference); ``scale`` defaults to ``max|reference|`` (entropies pass theirs: a
+    batch of peaked rows has entropies near 0, `_assert_entropy_close`)."""
     items = list(outs.items())
-    scale = reference.detach().double().abs().max().item() if reference.numel() else 0.0
+    if scale is None:
+        scale = reference.detach().double().abs().max().item() if reference.numel() else 0.0
     for (ia, a), (ib, b) in zip(items, items[1:]):
         if a.numel() == 0:
             continue
@@ -131,6 +133,12 @@ def _check_sde(c):
         extra["prev_sample"] = eps.float()
     ref = sde_step_ref(_f64(x), _f64(v), _f64(s), _f64(sn), v_ref=_f64(v_ref),
                        **{k: _f64(t) for k, t in extra.items()}, **kw)
+    # PyTorch's own float32 evaluation of the formula: a one-element log-prob is a sum of terms that can cancel to
+    # ~1e-5 of their size (found: cps, shape (1, 1), |log_prob| 9e-6), where float32 itself is off by more than
+    # FP32_RTOL of the result; the rule then allows twice float32's own error (`fastgrpo.testing.tolerance`).
+    f32 = lambda t: t if not torch.is_tensor(t) else t.float()  # noqa: E731
+    base = sde_step_ref(f32(x), f32(v), f32(s), f32(sn), v_ref=f32(v_ref), **{k: f32(t) for k, t in extra.items()},
+                        **kw)
     outs = {impl: sde_step(x, v, s, sn, v_ref=v_ref, impl=impl, **extra, **kw) for impl in _impls()}
     for name in ("prev_sample", "log_prob", "mean", "std", "kl"):
         want = getattr(ref, name)
@@ -140,7 +148,7 @@ def _check_sde(c):
             continue
         for impl, t in got.items():
             assert t.dtype == torch.float32 and t.shape == want.shape, (impl, name)
-            assert_close(t, want, name=f"{impl} {c['kind']} {name}")
+            assert_close(t, want, baseline=getattr(base, name), name=f"{impl} {c['kind']} {name}")
         _agree(got, name, want)
     if c["kind"] == "ode":  # deterministic: the sample is the mean, on every impl
         for o in outs.values():
@@ -209,11 +217,21 @@ def _check_token(c):
     x64 = _f64(x).requires_grad_(True)
     rl, rh = token_logprob_entropy_ref(x64, t, **kw)
     (grad64,) = torch.autograd.grad((w_lp * rl + w_h * rh).sum(), x64)
+    # The gradient's natural size, |w| / T per entry (d logp / d z = (onehot - p) / T; the entropy's is as large):
+    # rows that are all peaked on their targets have gradients of ~1e-46 (found: V = 3, T = 0.5), where the
+    # normwise rule measures denormal noise; there the error is taken relative to the natural size.
+    natural = float((w_lp.abs() + w_h.abs()).max()) / c["temperature"] if t.numel() else 0.0
     for impl, grad in grads.items():
         assert grad.dtype == x.dtype
-        assert_close(grad, grad64, name=f"{impl} grad logits")
+        if float(grad64.abs().max()) >= 1e-3 * natural:
+            assert_close(grad, grad64, name=f"{impl} grad logits")
+        else:
+            err = float((grad.double() - grad64).abs().max())
+            assert err <= tolerance(grad.dtype, grad64) * natural, f"{impl} grad logits: {err:.3e}, size {natural:.3g}"
     _agree(logps, "logp", ref_logp.detach())
-    _agree(ents, "entropy", ref_ent.detach())
+    _agree(ents, "entropy", ref_ent.detach(),
+           scale=max(float(ref_ent.abs().max()) if ref_ent.numel() else 0.0,
+                     1.0 if c["normalize"] else math.log(x.shape[-1])))
 
 
 @pytest.mark.parametrize("tier", TIERS)
