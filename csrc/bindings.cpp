@@ -9,6 +9,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "kernels.h"
@@ -54,36 +55,85 @@ at::TensorOptions f32_on(const Tensor& like) { return like.options().dtype(at::k
 
 // ---- sde_step ---------------------------------------------------------------------------------------------------
 
-std::tuple<OptTensor, Tensor, OptTensor, OptTensor> sde_step_fwd_py(const Tensor& x, const Tensor& v,
-                                                                    const Tensor& cx, const Tensor& cv,
-                                                                    const Tensor& std, const OptTensor& eps,
-                                                                    const OptTensor& prev, const OptTensor& v_ref) {
+// A fastgrpo.ops.sde._Schedule (the argument the Triton launchers take) as the kernels' SdeSched. Its sigma
+// tensors are float64 CPU arrays (the op copies per-sample host sigmas into one); `keep` holds converted copies.
+SdeSched sched_of(const pybind11::object& sched, bool has_vref, Tensor keep[2]) {
+  namespace py = pybind11;
+  SdeSched sc;
+  const std::string kind = sched.attr("kind").cast<std::string>();
+  sc.kind = kind == "flow_grpo" ? 0 : kind == "dance" ? 1 : kind == "cps" ? 2 : kind == "ode" ? 3 : -1;
+  TORCH_CHECK(sc.kind >= 0, "unknown sde_step kind ", kind);
+  sc.s_val = sched.attr("s").cast<double>();
+  sc.sn_val = sched.attr("sn").cast<double>();
+  const char* names[2] = {"s_tensor", "sn_tensor"};
+  for (int i = 0; i < 2; ++i) {
+    py::object t = sched.attr(names[i]);
+    if (t.is_none()) continue;
+    Tensor ten = t.cast<Tensor>();
+    TORCH_CHECK(ten.device().is_cpu(), names[i], " must be a CPU tensor, got one on ", ten.device());
+    int64_t stride = ten.numel() == 1 ? 0 : ten.stride(0);
+    if (ten.scalar_type() != at::kDouble) {
+      ten = ten.to(at::kDouble).contiguous();
+      stride = ten.numel() == 1 ? 0 : 1;
+    }
+    keep[i] = ten;
+    (i == 0 ? sc.s_ptr : sc.sn_ptr) = ten.data_ptr<double>();
+    (i == 0 ? sc.s_stride : sc.sn_stride) = stride;
+  }
+  sc.noise_level = sched.attr("noise_level").cast<double>();
+  sc.sigma_max = sched.attr("sigma_max").cast<double>();
+  sc.sin_a = sched.attr("sin_a").cast<double>();
+  sc.has_sigma_max = sched.attr("has_sigma_max").cast<bool>();
+  sc.kl_exact = sched.attr("kl_exact").cast<bool>();
+  sc.has_vref = has_vref;
+  return sc;
+}
+
+std::tuple<OptTensor, Tensor, Tensor, Tensor, OptTensor> sde_step_fwd_py(const Tensor& x, const Tensor& v,
+                                                                         const pybind11::object& sched,
+                                                                         const OptTensor& eps, const OptTensor& prev,
+                                                                         const OptTensor& v_ref) {
   TORCH_CHECK(x.dim() == 2, "x must be [B, N], got ", x.dim(), " dims");
   TORCH_CHECK(!(eps.has_value() && prev.has_value()), "give eps (sample) or prev (given sample), not both");
   const int64_t B = x.size(0), N = x.size(1);
-  const In ix = as_in(x, "x", B * N), iv = as_in(v, "v", B * N);
-  const In ie = as_in(eps, "eps", B * N), ip = as_in(prev, "prev", B * N), ir = as_in(v_ref, "v_ref", B * N);
+  Tensor keep[2];
+  const SdeSched sc = sched_of(sched, v_ref.has_value(), keep);
+  const bool ode = sc.kind == 3;
+  const In ix = as_in(x, "x", B * N), iv = as_in(v, "v", B * N), ir = as_in(v_ref, "v_ref", B * N);
+  const In ie = ode ? In{} : as_in(eps, "eps", B * N), ip = ode ? In{} : as_in(prev, "prev", B * N);
   Tensor mean = at::empty({B, N}, f32_on(x));
-  OptTensor new_prev, ssq, klssq;
-  if (eps.has_value()) new_prev = at::empty({B, N}, f32_on(x));
-  if (eps.has_value() || prev.has_value()) ssq = at::empty({B}, f32_on(x));
-  if (v_ref.has_value()) klssq = at::empty({B}, f32_on(x));
+  OptTensor new_prev, kl;
+  if (eps.has_value() && !ode) new_prev = at::empty({B, N}, f32_on(x));
+  Tensor log_prob = at::empty({B}, f32_on(x)), std = at::empty({B}, f32_on(x));
+  if (v_ref.has_value()) kl = at::empty({B}, f32_on(x));
   if (B > 0) {
-    sde_step_fwd(ix, iv, ie, ip, ir, f32_ptr(cx, "cx", B), f32_ptr(cv, "cv", B), f32_ptr(std, "std", B), B, N,
-                 mean.data_ptr<float>(), new_prev ? new_prev->data_ptr<float>() : nullptr,
-                 ssq ? ssq->data_ptr<float>() : nullptr, klssq ? klssq->data_ptr<float>() : nullptr);
+    pybind11::gil_scoped_release no_gil;
+    sde_step_fwd(ix, iv, ie, ip, ir, sc, B, N, mean.data_ptr<float>(), new_prev ? new_prev->data_ptr<float>() : nullptr,
+                 log_prob.data_ptr<float>(), std.data_ptr<float>(), kl ? kl->data_ptr<float>() : nullptr);
   }
-  return {new_prev, mean, ssq, klssq};
+  return {new_prev, mean, log_prob, std, kl};
 }
 
-std::tuple<OptTensor, OptTensor, OptTensor> sde_step_bwd_py(const Tensor& x, const Tensor& v, const Tensor& cx,
-                                                            const Tensor& cv, const OptTensor& prev,
+const float* f32_strided(const OptTensor& t, const char* name, int64_t numel, int64_t* stride) {
+  *stride = 0;
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor, got one on ", t->device());
+  TORCH_CHECK(t->scalar_type() == at::kFloat, name, " must be float32, got ", t->scalar_type());
+  TORCH_CHECK(t->dim() == 1 && t->numel() == numel, name, " must have shape [", numel, "]");
+  *stride = t->stride(0);
+  return t->data_ptr<float>();
+}
+
+std::tuple<OptTensor, OptTensor, OptTensor> sde_step_bwd_py(const Tensor& x, const Tensor& v,
+                                                            const pybind11::object& sched, const OptTensor& prev,
                                                             const OptTensor& v_ref, const OptTensor& g_mean,
-                                                            const OptTensor& g_ssq, const OptTensor& g_klssq,
+                                                            const OptTensor& g_log_prob, const OptTensor& g_kl,
                                                             bool need_gx, bool need_gv, bool need_gvref) {
   const int64_t B = x.size(0), N = x.size(1);
-  const bool has_diff = g_ssq.has_value() && prev.has_value();
-  const bool has_ref = g_klssq.has_value() && v_ref.has_value();
+  Tensor keep[2];
+  const SdeSched sc = sched_of(sched, v_ref.has_value(), keep);
+  const bool has_diff = g_log_prob.has_value() && prev.has_value() && sc.kind != 3;
+  const bool has_ref = g_kl.has_value() && v_ref.has_value();
   OptTensor gx, gv, gvref;
   if (need_gx) gx = at::empty_like(x);
   if (need_gv) gv = at::empty_like(v);
@@ -93,13 +143,19 @@ std::tuple<OptTensor, OptTensor, OptTensor> sde_step_bwd_py(const Tensor& x, con
   }
   const bool write_gvref = gvref.has_value() && has_ref;
   if (B > 0 && (need_gx || need_gv || write_gvref)) {
-    sde_step_bwd(as_in(x, "x", B * N), as_in(v, "v", B * N), has_diff ? as_in(prev, "prev", B * N) : In{},
-                 has_ref ? as_in(v_ref, "v_ref", B * N) : In{}, f32_ptr(g_mean, "g_mean", B * N),
-                 has_diff ? f32_ptr(g_ssq, "g_ssq", B) : nullptr, has_ref ? f32_ptr(g_klssq, "g_klssq", B) : nullptr,
-                 f32_ptr(cx, "cx", B), f32_ptr(cv, "cv", B), B, N, gx ? gx->data_ptr() : nullptr,
-                 gx ? dtype_of(*gx, "x") : DType::F32, gv ? gv->data_ptr() : nullptr,
-                 gv ? dtype_of(*gv, "v") : DType::F32, write_gvref ? gvref->data_ptr() : nullptr,
-                 write_gvref ? dtype_of(*gvref, "v_ref") : DType::F32);
+    int64_t glp_stride = 0, gkl_stride = 0;
+    const float* glp = has_diff ? f32_strided(g_log_prob, "g_log_prob", B, &glp_stride) : nullptr;
+    const float* gkl = has_ref ? f32_strided(g_kl, "g_kl", B, &gkl_stride) : nullptr;
+    const In ix = as_in(x, "x", B * N), iv = as_in(v, "v", B * N);
+    const In ip = has_diff ? as_in(prev, "prev", B * N) : In{}, ir = has_ref ? as_in(v_ref, "v_ref", B * N) : In{};
+    const float* gm = f32_ptr(g_mean, "g_mean", B * N);
+    void* pgx = gx ? gx->data_ptr() : nullptr;
+    void* pgv = gv ? gv->data_ptr() : nullptr;
+    void* pgr = write_gvref ? gvref->data_ptr() : nullptr;
+    const DType tx = gx ? dtype_of(*gx, "x") : DType::F32, tv = gv ? dtype_of(*gv, "v") : DType::F32;
+    const DType tr = write_gvref ? dtype_of(*gvref, "v_ref") : DType::F32;
+    pybind11::gil_scoped_release no_gil;
+    sde_step_bwd(ix, iv, ip, ir, sc, gm, glp, glp_stride, gkl, gkl_stride, B, N, pgx, tx, pgv, tv, pgr, tr);
   }
   return {gx, gv, gvref};
 }
@@ -173,13 +229,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastgrpo._C: fused CPU kernels (OpenMP) of sde_step, token_logprob_entropy and ovf_select";
   m.attr("BLOCK") = BLOCK;            // logits per staging block of a token row (tests place hard blocks with it)
   m.attr("SDE_CHUNK") = SDE_CHUNK;    // latent elements per parallel sde_step task
-  m.def("sde_step_fwd", &sde_step_fwd_py, py::arg("x"), py::arg("v"), py::arg("cx"), py::arg("cv"),
-        py::arg("std"), py::kw_only(), py::arg("eps") = py::none(), py::arg("prev") = py::none(),
-        py::arg("v_ref") = py::none(),
-        "sde_step forward on [B, N] rows: (prev or None, mean, ssq [B] or None, klssq [B] or None), float32");
-  m.def("sde_step_bwd", &sde_step_bwd_py, py::arg("x"), py::arg("v"), py::arg("cx"), py::arg("cv"), py::kw_only(),
+  m.def("sde_step_fwd", &sde_step_fwd_py, py::arg("x"), py::arg("v"), py::arg("sched"), py::kw_only(),
+        py::arg("eps") = py::none(), py::arg("prev") = py::none(), py::arg("v_ref") = py::none(),
+        "sde_step forward on [B, N] rows with a fastgrpo.ops.sde._Schedule (the Triton launcher's arguments): "
+        "(prev or None, mean, log_prob [B], std [B], kl [B] or None), float32");
+  m.def("sde_step_bwd", &sde_step_bwd_py, py::arg("x"), py::arg("v"), py::arg("sched"), py::kw_only(),
         py::arg("prev") = py::none(), py::arg("v_ref") = py::none(), py::arg("g_mean") = py::none(),
-        py::arg("g_ssq") = py::none(), py::arg("g_klssq") = py::none(), py::arg("need_gx") = true,
+        py::arg("g_log_prob") = py::none(), py::arg("g_kl") = py::none(), py::arg("need_gx") = true,
         py::arg("need_gv") = true, py::arg("need_gvref") = false,
         "sde_step backward: (g_x or None, g_v or None, g_vref or None) in the inputs' dtypes");
   m.def("token_stats_fwd", &token_stats_fwd_py, py::arg("logits3"), py::arg("targets"), py::arg("inv_t"),

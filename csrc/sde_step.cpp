@@ -8,6 +8,9 @@
 // eps; write prev, mean (5 * 4 bytes per element), as the Triton kernel.
 #include "kernels.h"
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 namespace fastgrpo {
@@ -94,41 +97,110 @@ void sde_bwd_chunk(const In& x, const In& v, const In& prev, const In& vref, con
   }
 }
 
+constexpr double LOG_SQRT_2PI = 0.91893853320467274178;  // log(sqrt(2 pi))
+// Below this many elements the loops run on the calling thread: waking the OpenMP team costs more than the work.
+constexpr int64_t SERIAL_ELEMENTS = 1 << 16;
+
+inline double sigma_at(const double* p, double val, int64_t stride, int64_t b) { return p ? p[b * stride] : val; }
+
 }  // namespace
 
-void sde_step_fwd(In x, In v, In eps, In prev, In vref, const float* cx, const float* cv, const float* std,
-                  int64_t B, int64_t N, float* mean, float* new_prev, float* ssq, float* klssq) {
+SdeCoef sde_coefficients(const SdeSched& sc, int64_t b) {
+  const double s = sigma_at(sc.s_ptr, sc.s_val, sc.s_stride, b);
+  const double sn = sigma_at(sc.sn_ptr, sc.sn_val, sc.sn_stride, b);
+  const double dt = sn - s;
+  bool ok = (s <= 1.0) && (sn >= 0.0) && (sn < s);
+  double cx, cv, std, kl_d;
+  if (sc.kind == 0 || sc.kind == 1) {
+    double sd;
+    if (sc.kind == 0) {
+      if (!sc.has_sigma_max) ok = ok && s != 1.0;
+      const double guard = s == 1.0 ? (sc.has_sigma_max ? sc.sigma_max : 0.5) : s;
+      sd = sc.noise_level * std::sqrt(s / (1.0 - guard));
+    } else {
+      sd = sc.noise_level;
+    }
+    const double sd2 = sd * sd;
+    cx = 1.0 + sd2 * dt / (2.0 * s);
+    cv = (1.0 + sd2 * (1.0 - s) / (2.0 * s)) * dt;
+    std = sd * std::sqrt(std::max(-dt, 0.0));
+    kl_d = sc.kl_exact ? std : sd;
+  } else if (sc.kind == 2) {
+    std = sn * sc.sin_a;
+    const double c = std::sqrt(std::max(sn * sn - std * std, 0.0));
+    cx = (1.0 - sn) + c;  // x0*(1-sn) + x1*c with x0 = x - s*v, x1 = x + (1-s)*v
+    cv = -s * (1.0 - sn) + (1.0 - s) * c;
+    kl_d = std;
+    if (sc.has_vref) ok = ok && sn != 0.0;
+  } else {
+    cx = 1.0, cv = dt, std = 0.0, kl_d = 1.0;
+  }
+  if (!ok) {
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    return {nan, nan, nan, nan};
+  }
+  return {cx, cv, std, kl_d};
+}
+
+void sde_step_fwd(In x, In v, In eps, In prev, In vref, const SdeSched& sc, int64_t B, int64_t N, float* mean,
+                  float* new_prev, float* log_prob, float* std, float* kl) {
   const int64_t chunks = sde_chunks(N);
+  std::vector<SdeCoef> coef(static_cast<size_t>(B));
+  std::vector<float> cx(B), cv(B), sd(B);
+  for (int64_t b = 0; b < B; ++b) {
+    coef[b] = sde_coefficients(sc, b);
+    cx[b] = static_cast<float>(coef[b].cx), cv[b] = static_cast<float>(coef[b].cv);
+    sd[b] = static_cast<float>(coef[b].std);
+  }
   std::vector<Partial> parts(static_cast<size_t>(B * chunks));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * N >= SERIAL_ELEMENTS)
   for (int64_t t = 0; t < B * chunks; ++t) {
     const int64_t b = t / chunks, c = t % chunks;
     const int64_t begin = b * N + c * SDE_CHUNK;
     const int64_t end = b * N + (c + 1 < chunks ? (c + 1) * SDE_CHUNK : N);
-    parts[t] = sde_fwd_chunk(x, v, eps, prev, vref, cx[b], cv[b], std[b], begin, end, mean, new_prev);
+    parts[t] = sde_fwd_chunk(x, v, eps, prev, vref, cx[b], cv[b], sd[b], begin, end, mean, new_prev);
   }
+  const bool has_sample = eps.present() || prev.present();
+  const double n = static_cast<double>(N);
   for (int64_t b = 0; b < B; ++b) {  // fixed order over chunks: deterministic
     double s = 0.0, k = 0.0;
     for (int64_t c = 0; c < chunks; ++c) {
       s += parts[b * chunks + c].ssq;
       k += parts[b * chunks + c].klssq;
     }
-    if (ssq) ssq[b] = static_cast<float>(s);
-    if (klssq) klssq[b] = static_cast<float>(k);
+    const SdeCoef& cf = coef[b];
+    std[b] = static_cast<float>(cf.std);
+    double lp = 0.0 * cf.std;  // no density (ODE); NaN with invalid sigmas
+    if (has_sample) lp = sc.kind == 2 ? -s / n + 0.0 * cf.std
+                                      : -s / (2.0 * n * cf.std * cf.std) - std::log(cf.std) - LOG_SQRT_2PI;
+    log_prob[b] = static_cast<float>(lp);
+    if (kl) kl[b] = static_cast<float>(k / (2.0 * n * cf.kl_d * cf.kl_d));
   }
 }
 
-void sde_step_bwd(In x, In v, In prev, In vref, const float* g_mean, const float* g_ssq, const float* g_klssq,
-                  const float* cx, const float* cv, int64_t B, int64_t N, void* gx, DType gx_dtype, void* gv,
-                  DType gv_dtype, void* gvref, DType gvref_dtype) {
+void sde_step_bwd(In x, In v, In prev, In vref, const SdeSched& sc, const float* g_mean, const float* g_log_prob,
+                  int64_t glp_stride, const float* g_kl, int64_t gkl_stride, int64_t B, int64_t N, void* gx,
+                  DType gx_dtype, void* gv, DType gv_dtype, void* gvref, DType gvref_dtype) {
+  // d log_prob/d ssq = -1/(2 N std^2) (cps: -1/N); d kl/d klssq = 1/(2 N kl_d^2), in float64 then rounded.
   const int64_t chunks = sde_chunks(N);
-#pragma omp parallel for schedule(static)
+  const double n = static_cast<double>(N);
+  std::vector<float> cx(B), cv(B), gssq(B, 0.0f), gkl(B, 0.0f);
+  for (int64_t b = 0; b < B; ++b) {
+    const SdeCoef cf = sde_coefficients(sc, b);
+    cx[b] = static_cast<float>(cf.cx), cv[b] = static_cast<float>(cf.cv);
+    if (g_log_prob) {
+      const double glp = g_log_prob[b * glp_stride];
+      gssq[b] = static_cast<float>(sc.kind == 2 ? -glp / n : -glp / (2.0 * n * cf.std * cf.std));
+    }
+    if (g_kl) gkl[b] = static_cast<float>(g_kl[b * gkl_stride] / (2.0 * n * cf.kl_d * cf.kl_d));
+  }
+#pragma omp parallel for schedule(static) if (B * N >= SERIAL_ELEMENTS)
   for (int64_t t = 0; t < B * chunks; ++t) {
     const int64_t b = t / chunks, c = t % chunks;
     const int64_t begin = b * N + c * SDE_CHUNK;
     const int64_t end = b * N + (c + 1 < chunks ? (c + 1) * SDE_CHUNK : N);
-    sde_bwd_chunk(x, v, prev, vref, g_mean, g_ssq ? g_ssq[b] : 0.0f, g_klssq ? g_klssq[b] : 0.0f, cx[b], cv[b],
-                  begin, end, gx, gx_dtype, gv, gv_dtype, gvref, gvref_dtype);
+    sde_bwd_chunk(x, v, prev, vref, g_mean, gssq[b], gkl[b], cx[b], cv[b], begin, end, gx, gx_dtype, gv, gv_dtype,
+                  gvref, gvref_dtype);
   }
 }
 

@@ -72,8 +72,10 @@ per-chunk partial sums of squares; a second one (one program per sample) adds th
 log_prob, std and kl -- 2 launches (plus ``torch.randn`` when it draws the noise), no torch op on [B] tensors.
 Under ``torch.no_grad`` (or when nothing requires grad) no autograd.Function is involved; with gradients, the
 backward is one kernel that takes the gradients of log_prob and kl directly. The C++ path (CPU,
-csrc/sde_step.cpp) keeps the coefficients and the [B] epilogue as float64/float32 torch ops on the host (there
-is no device to wait for) and passes the same tests.
+csrc/sde_step.cpp) has the same launchers (``sde_step_fwd(x, v, sched, ...)``, ``sde_step_bwd``) and does the same
+work in one call each way: float64 coefficients from the sigmas, the elementwise pass, and the [B] epilogue
+(log_prob, std, kl) from per-chunk partial sums, with no torch op on [B] tensors in Python (issue 20: the host
+work around the kernel used to cost 0.2-0.6 ms a call, 14x the kernel at the tiny presets' size).
 """
 from __future__ import annotations
 
@@ -87,7 +89,6 @@ from ._backend import check_float, check_same_device, check_same_shape, kernel_m
 
 KINDS = ("flow_grpo", "dance", "cps", "ode")
 KL_CONVENTIONS = ("flow_grpo", "exact")
-_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class SDEStep(NamedTuple):
@@ -453,43 +454,9 @@ def _coefficients(kind, s, sn, noise_level, sigma_max, kl_convention):
     return cx, cv, std, kl_d
 
 
-class _SDEStepCppFn(torch.autograd.Function):
-    """C++ path: elementwise mean (and sample) plus per-sample sums of squares; autograd finishes log_prob/kl on
-    [B] (CPU tensors: a few tiny host ops, no device to wait for)."""
-
-    @staticmethod
-    def forward(ctx, x, v, v_ref, eps, prev, cx, cv, std):
-        from fastgrpo import _ext
-
-        launch = _ext.load()
-        new_prev, mean, ssq, klssq = launch.sde_step_fwd(x, v, cx, cv, std, eps=eps, prev=prev, v_ref=v_ref)
-        used_prev = new_prev if new_prev is not None else prev
-        ctx.save_for_backward(x, v, v_ref, used_prev, cx, cv)
-        ctx.set_materialize_grads(False)
-        outs = (mean, ssq if ssq is not None else mean.new_empty(0),
-                klssq if klssq is not None else mean.new_empty(0),
-                new_prev if new_prev is not None else mean.new_empty(0))
-        ctx.mark_non_differentiable(outs[3])
-        return outs
-
-    @staticmethod
-    def backward(ctx, g_mean, g_ssq, g_klssq, _g_prev):
-        from fastgrpo import _ext
-
-        x, v, v_ref, prev, cx, cv = ctx.saved_tensors
-        need_gx, need_gv, need_gvref = ctx.needs_input_grad[:3]
-        gx, gv, gvref = _ext.load().sde_step_bwd(
-            x, v, cx, cv, prev=prev, v_ref=v_ref,
-            g_mean=g_mean.contiguous() if g_mean is not None else None,
-            g_ssq=g_ssq.float().contiguous() if (g_ssq is not None and g_ssq.numel()) else None,
-            g_klssq=g_klssq.float().contiguous() if (g_klssq is not None and g_klssq.numel()) else None,
-            need_gx=need_gx, need_gv=need_gv, need_gvref=need_gvref,
-        )
-        return gx, gv, gvref, None, None, None, None, None
-
-
-class _SDEStepTritonFn(torch.autograd.Function):
-    """Triton path with gradients: forward + finish kernels; the backward kernel takes g_log_prob and g_kl."""
+class _SDEStepFusedFn(torch.autograd.Function):
+    """The fused paths with gradients (``launch``: the Triton module or the C++ extension, same launchers): the
+    forward writes mean, log_prob, std and kl; the backward kernel takes g_log_prob and g_kl."""
 
     @staticmethod
     def forward(ctx, x, v, v_ref, eps, prev, sched, launch):
@@ -534,15 +501,16 @@ def _flat_inputs(x, v, kind, noise, prev_sample, generator, v_ref):
     return x2, v2, vref2, eps, prev
 
 
-def _sde_step_triton(x, v, sched, noise, prev_sample, generator, v_ref) -> SDEStep:
-    """Two launches (forward, finish), one more in backward; no torch op on [B] tensors, no sync."""
-    launch = kernel_module("triton", "fastgrpo.kernels.sde_step")
+def _sde_step_fused(x, v, sched, noise, prev_sample, generator, v_ref, launch) -> SDEStep:
+    """The fused kernels of ``launch`` (the Triton module or the C++ extension, same launchers): Triton, two
+    launches (forward, finish) and one more in backward, no torch op on [B] tensors, no sync; C++, one call each
+    way, the float64 coefficients and the [B] epilogue computed inside it."""
     kind = sched.kind
     x2, v2, vref2, eps, prev = _flat_inputs(x, v, kind, noise, prev_sample, generator, v_ref)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or v.requires_grad
                                               or (v_ref is not None and v_ref.requires_grad))
     if needs_grad:
-        mean, log_prob, kl, std, new_prev = _SDEStepTritonFn.apply(x2, v2, vref2, eps, prev, sched, launch)
+        mean, log_prob, kl, std, new_prev = _SDEStepFusedFn.apply(x2, v2, vref2, eps, prev, sched, launch)
         kl = kl if v_ref is not None else None
     else:  # sampling (no_grad): no autograd.Function at all
         new_prev, mean, log_prob, std, kl = launch.sde_step_fwd(x2, v2, sched, eps=eps, prev=prev, v_ref=vref2)
@@ -559,33 +527,6 @@ def _result(x, kind, mean, new_prev, prev_sample, log_prob, std, kl) -> SDEStep:
     else:
         out_prev = new_prev.view(x.shape)
     return SDEStep(out_prev, log_prob, mean, std, kl)
-
-
-def _sde_step_cpp(x, v, sched, noise, prev_sample, generator, v_ref) -> SDEStep:
-    """The C++ kernels (CPU): coefficients and the [B] epilogue as float64/float32 torch ops on the host."""
-    B, kind = x.shape[0], sched.kind
-    n = math.prod(x.shape[1:])
-
-    def as_b(val, t):
-        if t is None:
-            return torch.full((B,), val, dtype=torch.float64)
-        return t.to(torch.float64).expand(B) if t.numel() == 1 else t.to(torch.float64)
-
-    s, sn = as_b(sched.s, sched.s_tensor), as_b(sched.sn, sched.sn_tensor)
-    cx, cv, std, kl_d = _coefficients(kind, s, sn, sched.noise_level,
-                                      sched.sigma_max if sched.has_sigma_max else None,
-                                      "exact" if sched.kl_exact else "flow_grpo")
-    cx, cv, std, kl_d = torch.stack([cx, cv, std, kl_d if kl_d is not None else std]).to(torch.float32).unbind(0)
-    x2, v2, vref2, eps, prev = _flat_inputs(x, v, kind, noise, prev_sample, generator, v_ref)
-    mean, ssq, klssq, new_prev = _SDEStepCppFn.apply(x2, v2, vref2, eps, prev, cx, cv, std)
-    if kind in ("flow_grpo", "dance"):
-        log_prob = -ssq / (2 * n * std ** 2) - torch.log(std) - _LOG_SQRT_2PI
-    elif kind == "cps":
-        log_prob = -ssq / n
-    else:
-        log_prob = torch.zeros(B, dtype=torch.float32, device=x.device)
-    kl = klssq / (2 * n * kl_d ** 2) if v_ref is not None else None
-    return _result(x, kind, mean, new_prev, prev_sample, log_prob, std, kl)
 
 
 def sde_step(x, v, sigma, sigma_next, *, kind="flow_grpo", noise_level=0.7, sigma_max=None, noise=None,
@@ -626,6 +567,5 @@ def sde_step(x, v, sigma, sigma_next, *, kind="flow_grpo", noise_level=0.7, sigm
             out = SDEStep(*(t.float() if t is not None else None for t in out))
         return out
     sched = _schedule(x, sigma, sigma_next, kind, noise_level, sigma_max, v_ref, kl_convention)
-    if backend == "cpp":
-        return _sde_step_cpp(x, v, sched, noise, prev_sample, generator, v_ref)
-    return _sde_step_triton(x, v, sched, noise, prev_sample, generator, v_ref)
+    launch = kernel_module(backend, "fastgrpo.kernels.sde_step")
+    return _sde_step_fused(x, v, sched, noise, prev_sample, generator, v_ref, launch)
