@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "kernels.h"
 
@@ -55,6 +56,15 @@ at::TensorOptions f32_on(const Tensor& like) { return like.options().dtype(at::k
 
 // ---- sde_step ---------------------------------------------------------------------------------------------------
 
+// A latent [B, ...] as B rows of N elements (the op passes [B, N], or x itself when it is contiguous: outputs then
+// come back in x's shape with no view to make in Python).
+std::pair<int64_t, int64_t> rows_of(const Tensor& x) {
+  TORCH_CHECK(x.dim() >= 2, "x must be [B, ...] with at least one non-batch dim, got ", x.dim(), " dims");
+  int64_t n = 1;
+  for (int64_t d = 1; d < x.dim(); ++d) n *= x.size(d);
+  return {x.size(0), n};
+}
+
 // A fastgrpo.ops.sde._Schedule (the argument the Triton launchers take) as the kernels' SdeSched. Its sigma
 // tensors are float64 CPU arrays (the op copies per-sample host sigmas into one); `keep` holds converted copies.
 SdeSched sched_of(const pybind11::object& sched, bool has_vref, Tensor keep[2]) {
@@ -93,17 +103,16 @@ std::tuple<OptTensor, Tensor, Tensor, Tensor, OptTensor> sde_step_fwd_py(const T
                                                                          const pybind11::object& sched,
                                                                          const OptTensor& eps, const OptTensor& prev,
                                                                          const OptTensor& v_ref) {
-  TORCH_CHECK(x.dim() == 2, "x must be [B, N], got ", x.dim(), " dims");
   TORCH_CHECK(!(eps.has_value() && prev.has_value()), "give eps (sample) or prev (given sample), not both");
-  const int64_t B = x.size(0), N = x.size(1);
+  const auto [B, N] = rows_of(x);
   Tensor keep[2];
   const SdeSched sc = sched_of(sched, v_ref.has_value(), keep);
   const bool ode = sc.kind == 3;
   const In ix = as_in(x, "x", B * N), iv = as_in(v, "v", B * N), ir = as_in(v_ref, "v_ref", B * N);
   const In ie = ode ? In{} : as_in(eps, "eps", B * N), ip = ode ? In{} : as_in(prev, "prev", B * N);
-  Tensor mean = at::empty({B, N}, f32_on(x));
+  Tensor mean = at::empty(x.sizes(), f32_on(x));
   OptTensor new_prev, kl;
-  if (eps.has_value() && !ode) new_prev = at::empty({B, N}, f32_on(x));
+  if (eps.has_value() && !ode) new_prev = at::empty(x.sizes(), f32_on(x));
   Tensor log_prob = at::empty({B}, f32_on(x)), std = at::empty({B}, f32_on(x));
   if (v_ref.has_value()) kl = at::empty({B}, f32_on(x));
   if (B > 0) {
@@ -129,7 +138,7 @@ std::tuple<OptTensor, OptTensor, OptTensor> sde_step_bwd_py(const Tensor& x, con
                                                             const OptTensor& v_ref, const OptTensor& g_mean,
                                                             const OptTensor& g_log_prob, const OptTensor& g_kl,
                                                             bool need_gx, bool need_gv, bool need_gvref) {
-  const int64_t B = x.size(0), N = x.size(1);
+  const auto [B, N] = rows_of(x);
   Tensor keep[2];
   const SdeSched sc = sched_of(sched, v_ref.has_value(), keep);
   const bool has_diff = g_log_prob.has_value() && prev.has_value() && sc.kind != 3;

@@ -85,7 +85,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._backend import check_float, check_same_device, check_same_shape, kernel_module, resolve_impl
+from ._backend import check_float, check_same_shape, kernel_module, resolve_impl
 
 KINDS = ("flow_grpo", "dance", "cps", "ode")
 KL_CONVENTIONS = ("flow_grpo", "exact")
@@ -147,8 +147,11 @@ def _check_args(x, v, kind, noise_level, sigma_max, noise, prev_sample, v_ref, k
         if t is not None:
             check_float(name, t)
             check_same_shape(name, t, "x", x)
-    check_same_device([("x", x), ("v", v), ("noise", noise), ("prev_sample", prev_sample), ("v_ref", v_ref)])
-    if any(d == 0 for d in x.shape[1:]):
+    device = x.device  # what check_same_device says, without building its list (issue 20: O(1) and lean)
+    for name, t in (("v", v), ("noise", noise), ("prev_sample", prev_sample), ("v_ref", v_ref)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}; put them on one device")
+    if 0 in x.shape[1:]:
         raise ValueError(f"x must have at least one element per sample, got shape {tuple(x.shape)}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -156,7 +159,8 @@ def _check_args(x, v, kind, noise_level, sigma_max, noise, prev_sample, v_ref, k
         raise ValueError(f"kl_convention must be one of {KL_CONVENTIONS}, got {kl_convention!r}")
     if kind == "ode" and v_ref is not None:
         raise ValueError("v_ref was given with kind='ode': a deterministic step has no density, hence no KL")
-    if isinstance(noise_level, bool) or not isinstance(noise_level, numbers.Real) \
+    if type(noise_level) is not float and (isinstance(noise_level, bool)
+                                           or not isinstance(noise_level, numbers.Real)) \
             or not math.isfinite(noise_level):
         raise ValueError(f"noise_level must be a finite float, got {noise_level!r}")
     if sigma_max is not None and (isinstance(sigma_max, bool) or not isinstance(sigma_max, numbers.Real)):
@@ -272,11 +276,31 @@ def _host_sigma(value) -> Optional[list]:
     return [float(value)]
 
 
+_NUMBER = (float, int)  # exact types: bool (an int subclass) takes the general path, which refuses it
+
+
 def _schedule(x, sigma, sigma_next, kind, noise_level, sigma_max, v_ref, kl_convention) -> _Schedule:
     """Check the sigmas (type, shape, device; values wherever the host sees them: python floats and CPU tensors,
     plain python math, no torch op) and pack them for the kernels. No device sync, no synchronous copy: CPU
     tensors of B > 1 values go to x's device in one copy from pinned memory (non_blocking)."""
     B, device = x.shape[0], x.device
+    if type(sigma) in _NUMBER and type(sigma_next) in _NUMBER:  # the sampling loop's floats: the lean path
+        a, b = float(sigma), float(sigma_next)
+        if B > 0:
+            if not (a <= 1 and b >= 0):
+                raise ValueError(_MSG_RANGE)
+            if not b < a:
+                raise ValueError(_MSG_ORDER)
+            if kind == "flow_grpo" and sigma_max is None and a == 1:
+                raise ValueError(_MSG_MAX)
+            if kind == "cps" and v_ref is not None and b == 0:
+                raise ValueError(_MSG_CPS)
+            if _std_is_scored(kind, v_ref) and _host_std(kind, a, b, noise_level, sigma_max) < MIN_STD:
+                raise ValueError(_MSG_STD)
+        return _Schedule(kind, a, b, None, None, 0, 0, float(noise_level),
+                         float(sigma_max) if sigma_max is not None else 0.5,
+                         math.sin(noise_level * math.pi / 2) if kind == "cps" else 0.0,
+                         sigma_max is not None, kl_convention == "exact")
     _check_sigma_type("sigma", sigma, B, device)
     _check_sigma_type("sigma_next", sigma_next, B, device)
     hs, hn = _host_sigma(sigma), _host_sigma(sigma_next)
@@ -483,30 +507,34 @@ class _SDEStepFusedFn(torch.autograd.Function):
         return gx, gv, gvref, None, None, None, None
 
 
-def _flat_inputs(x, v, kind, noise, prev_sample, generator, v_ref):
-    """x, v, v_ref, eps, prev as contiguous [B, N] (views when already contiguous)."""
-    B, n = x.shape[0], math.prod(x.shape[1:])
-    flat = lambda t: t.detach().reshape(B, n).contiguous() if t is not None else None  # noqa: E731
-    x2 = x.reshape(B, n).contiguous()
-    v2 = v.reshape(B, n).contiguous()
-    vref2 = v_ref.reshape(B, n).contiguous() if v_ref is not None else None
+def _flat_inputs(x, v, kind, noise, prev_sample, generator, v_ref, flat=True):
+    """x, v, v_ref, eps, prev as contiguous [B, N] (views when already contiguous), or in x's shape with
+    ``flat=False`` (the C++ launchers take either: no view to make on the way in or out)."""
+    if flat:
+        B, n = x.shape[0], math.prod(x.shape[1:])
+        prep = lambda t: t.reshape(B, n).contiguous()  # noqa: E731
+    else:
+        prep = torch.Tensor.contiguous
+    x2, v2 = prep(x), prep(v)
+    vref2 = prep(v_ref) if v_ref is not None else None
     eps = prev = None
     if kind != "ode":
         if prev_sample is not None:
-            prev = flat(prev_sample)
+            prev = prep(prev_sample.detach())
         elif noise is not None:
-            eps = flat(noise)
+            eps = prep(noise.detach())
         else:
-            eps = standard_normal(x.shape, generator, x.device).reshape(B, n)
+            eps = standard_normal(x.shape, generator, x.device)
+            eps = eps.view(x2.shape) if flat else eps
     return x2, v2, vref2, eps, prev
 
 
-def _sde_step_fused(x, v, sched, noise, prev_sample, generator, v_ref, launch) -> SDEStep:
+def _sde_step_fused(x, v, sched, noise, prev_sample, generator, v_ref, launch, flat=True) -> SDEStep:
     """The fused kernels of ``launch`` (the Triton module or the C++ extension, same launchers): Triton, two
     launches (forward, finish) and one more in backward, no torch op on [B] tensors, no sync; C++, one call each
     way, the float64 coefficients and the [B] epilogue computed inside it."""
     kind = sched.kind
-    x2, v2, vref2, eps, prev = _flat_inputs(x, v, kind, noise, prev_sample, generator, v_ref)
+    x2, v2, vref2, eps, prev = _flat_inputs(x, v, kind, noise, prev_sample, generator, v_ref, flat)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or v.requires_grad
                                               or (v_ref is not None and v_ref.requires_grad))
     if needs_grad:
@@ -519,13 +547,14 @@ def _sde_step_fused(x, v, sched, noise, prev_sample, generator, v_ref, launch) -
 
 def _result(x, kind, mean, new_prev, prev_sample, log_prob, std, kl) -> SDEStep:
     """The fused paths' SDEStep: mean in x's shape, and the sample that was taken (the mean for ODE steps)."""
-    mean = mean.view(x.shape)
+    flat = mean.dim() != x.dim()
+    mean = mean.view(x.shape) if flat else mean
     if kind == "ode":
         out_prev = mean.detach()
     elif prev_sample is not None:
         out_prev = prev_sample.detach().to(torch.float32)
     else:
-        out_prev = new_prev.view(x.shape)
+        out_prev = new_prev.view(x.shape) if flat else new_prev
     return SDEStep(out_prev, log_prob, mean, std, kl)
 
 
@@ -568,4 +597,4 @@ def sde_step(x, v, sigma, sigma_next, *, kind="flow_grpo", noise_level=0.7, sigm
         return out
     sched = _schedule(x, sigma, sigma_next, kind, noise_level, sigma_max, v_ref, kl_convention)
     launch = kernel_module(backend, "fastgrpo.kernels.sde_step")
-    return _sde_step_fused(x, v, sched, noise, prev_sample, generator, v_ref, launch)
+    return _sde_step_fused(x, v, sched, noise, prev_sample, generator, v_ref, launch, flat=backend != "cpp")
