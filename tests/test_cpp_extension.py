@@ -4,6 +4,7 @@ fails, what `fastgrpo env` reports, and results that do not depend on the thread
 (The kernels themselves are tested against their float64 references in test_sde_step.py,
 test_token_logprob_entropy.py and test_ovf.py, parametrised over impl="cpp".)
 """
+import os
 import warnings
 
 import pytest
@@ -136,6 +137,58 @@ def test_results_do_not_depend_on_thread_count(impl):
         torch.set_num_threads(threads)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
+
+
+# --- reused output buffers (issue 20): large outputs are recycled, fully overwritten, and the cache can be off --
+
+def _require_cpp():
+    if not _ext.available():
+        pytest.skip(f"the C++ extension fastgrpo._C is not usable: {_ext.failure_reason()}")
+
+
+def test_large_outputs_are_reused_and_fully_overwritten():
+    _require_cpp()
+    C = _ext.load()
+    if os.environ.get("FASTGRPO_CPU_CACHE_MB"):
+        pytest.skip("the output cache is configured by FASTGRPO_CPU_CACHE_MB in this environment")
+    g = torch.Generator().manual_seed(3)
+    shape = (3, 5, 97, 131)  # 762 KiB per float32 output: above the cache's 256 KiB floor, odd sizes
+    first = [torch.randn(shape, generator=g) for _ in range(3)]
+    out = sde_step(*first[:2], 0.9, 0.4, noise=first[2], impl="cpp")
+    ptrs = {out.mean.data_ptr(), out.prev_sample.data_ptr()}
+    del out
+    assert C.cached_bytes() >= 2 * 3 * 5 * 97 * 131 * 4
+    x, v, noise = (torch.randn(shape, generator=g) * 3 for _ in range(3))
+    again = sde_step(x, v, 0.7, 0.65, noise=noise, impl="cpp")
+    assert {again.mean.data_ptr(), again.prev_sample.data_ptr()} == ptrs  # the same blocks, no new mapping
+    ref = sde_step_ref(x.double(), v.double(), 0.7, 0.65, noise=noise.double())
+    for name in ("mean", "prev_sample", "log_prob"):
+        torch.testing.assert_close(getattr(again, name).double(), getattr(ref, name), rtol=1e-5, atol=1e-5)
+    # gradients come from the cache too, and are exact after reuse of a block that held other values
+    for _ in range(2):
+        vv = v.clone().requires_grad_(True)
+        o = sde_step(x, vv, 0.7, 0.65, prev_sample=noise, v_ref=x, impl="cpp")
+        (gv,) = torch.autograd.grad(o.log_prob.sum() + o.kl.sum(), vv)
+        v64 = v.double().requires_grad_(True)
+        r = sde_step_ref(x.double(), v64, 0.7, 0.65, prev_sample=noise.double(), v_ref=x.double())
+        (g64,) = torch.autograd.grad(r.log_prob.sum() + r.kl.sum(), v64)
+        torch.testing.assert_close(gv.double(), g64, rtol=1e-4, atol=1e-6)
+        del o, gv
+    del again
+    assert C.empty_cache() > 0 and C.cached_bytes() == 0
+
+
+def test_output_cache_off_by_environment():
+    _require_cpp()
+    import subprocess
+    import sys
+
+    code = ("import torch; from fastgrpo import _ext, sde_step; C = _ext.load(); x = torch.randn(4, 100_000); "
+            "o = sde_step(x, x, 0.9, 0.4, noise=x, impl='cpp'); del o; print(C.cached_bytes())")
+    env = {**os.environ, "FASTGRPO_CPU_CACHE_MB": "0", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "0"
 
 
 # --- the build lock: a killed build must not hang later processes, a live one is waited for -------------------
