@@ -26,9 +26,9 @@ demo: install
 ext: install
 	$(PY) -m fastgrpo._ext
 
-# Remove the extension's build cache (the next use rebuilds it from scratch).
+# Remove the extension's build caches, one per ISA (the next use rebuilds it from scratch).
 ext-clean: install
-	rm -rf "$$($(PY) -c 'from fastgrpo._ext import build_dir; print(build_dir())')"
+	$(PY) -c 'import shutil; from fastgrpo._ext import build_dir, ISA_FLAGS; [shutil.rmtree(build_dir(i), ignore_errors=True) for i in ISA_FLAGS]'
 
 # The suite without the tests marked slow (under 5 minutes on 2 cores); `make test-slow` runs those (CI runs both).
 test: ext

@@ -359,6 +359,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastgrpo._C: fused CPU kernels (OpenMP) of sde_step, token_logprob_entropy and ovf_select";
   m.attr("BLOCK") = BLOCK;            // logits per staging block of a token row (tests place hard blocks with it)
   m.attr("SDE_CHUNK") = SDE_CHUNK;    // latent elements per parallel sde_step task
+  // The vector ISA the whole module was compiled for (fastgrpo/_ext.py, FASTGRPO_CPU_ISA); "generic" is the
+  // portable build whose hot loops are cloned for AVX2 and the baseline.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  m.attr("ISA") = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  m.attr("ISA") = "avx2";
+#else
+  m.attr("ISA") = "generic";
+#endif
   m.def("sde_step_fwd", &sde_step_fwd_py, py::arg("x"), py::arg("v"), py::arg("sched"), py::kw_only(),
         py::arg("eps") = py::none(), py::arg("prev") = py::none(), py::arg("v_ref") = py::none(),
         "sde_step forward on [B, N] rows with a fastgrpo.ops.sde._Schedule (the Triton launcher's arguments): "

@@ -120,7 +120,8 @@ inline float exp_f32(float x) {
 // Hot loops are compiled twice on x86-64 with GCC -- for AVX2+FMA (x86-64-v3) and for the baseline -- and the
 // loader picks the clone the CPU supports at run time, so one build is both fast and portable (a build cache may
 // be shared by machines). Elsewhere (clang, ARM) they are compiled once for the target.
-// (-DFASTGRPO_HOT= builds the baseline only.)
+// (-DFASTGRPO_HOT= builds one version, for the target of -march: fastgrpo/_ext.py passes it with the ISA builds,
+// FASTGRPO_CPU_ISA=avx512/avx2/native; the portable generic build keeps the clones.)
 #ifndef FASTGRPO_HOT
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FASTGRPO_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))

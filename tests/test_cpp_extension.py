@@ -191,6 +191,73 @@ def test_output_cache_off_by_environment():
     assert res.stdout.strip().splitlines()[-1] == "0"
 
 
+# --- the vector ISA of the build (issue 20) ------------------------------------------------------------------
+
+def test_isa_is_detected_from_cpu_flags(monkeypatch):
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    avx2 = {"sse2", "avx", "avx2", "fma", "bmi1", "bmi2", "movbe", "f16c"}
+    avx512 = avx2 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+    assert _ext.detect_isa(avx512) == "avx512"
+    assert _ext.detect_isa(avx512 - {"avx512vl"}) == "avx2"  # AVX-512 F without VL (Knights Landing): not v4
+    assert _ext.detect_isa(avx2) == "avx2"
+    assert _ext.detect_isa(avx2 - {"fma"}) == "generic"
+    assert _ext.detect_isa(set()) == "generic"
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert _ext.detect_isa(avx512) == "generic"
+
+
+def test_isa_from_environment_and_its_own_build_folder(monkeypatch):
+    monkeypatch.setenv("FASTGRPO_CPU_ISA", "generic")
+    assert _ext.requested_isa() == "generic"
+    generic = _ext.build_dir()
+    monkeypatch.setenv("FASTGRPO_CPU_ISA", "AVX2")
+    assert _ext.requested_isa() == "avx2"
+    assert _ext.build_dir() == generic.with_name(generic.name + "-avx2")  # keyed by the flags: no rebuild
+    monkeypatch.setenv("FASTGRPO_CPU_ISA", "auto")
+    assert _ext.requested_isa() == _ext.detect_isa()
+    monkeypatch.setenv("FASTGRPO_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="FASTGRPO_CPU_ISA='sse9'"):
+        _ext.requested_isa()
+    assert _ext.ISA_FLAGS["generic"] == [] and all("-DFASTGRPO_HOT=" in f for k, f in _ext.ISA_FLAGS.items()
+                                                     if k != "generic")
+
+
+def test_a_refused_isa_falls_back_to_the_portable_build(monkeypatch):
+    """The compiler probe: flags it does not know mean the generic build (checked without building)."""
+    assert _ext._compiler_accepts([])
+    assert not _ext._compiler_accepts(["-march=no-such-cpu-fastgrpo"])
+
+
+def test_loaded_extension_reports_its_isa():
+    _require_cpp()
+    mod = _ext.load()
+    assert _ext.isa() in _ext.ISA_FLAGS
+    assert f"built for {_ext.isa()}" in _ext.describe()
+    if _ext.isa() in ("avx512", "avx2"):  # what the compiler was told is what the module was compiled for
+        assert mod.ISA == _ext.isa()
+
+
+@pytest.mark.slow  # builds the other ISA's extension (~40 s) and runs the kernels' float64 tests with it
+def test_the_other_isa_build_passes_the_float64_tests(tmp_path):
+    _require_cpp()
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    other = "generic" if _ext.isa() != "generic" else _ext.detect_isa()
+    if other == "generic" and _ext.isa() == "generic":
+        pytest.skip("this CPU has no vector ISA beyond the portable build")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "FASTGRPO_CPU_ISA": other, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cpp",
+                          str(root / "tests/test_sde_step.py"), str(root / "tests/test_token_logprob_entropy.py"),
+                          str(root / "tests/test_ovf.py")], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=1200)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
 # --- the build lock: a killed build must not hang later processes, a live one is waited for -------------------
 
 _LOCK_TEST_NAME = "fastgrpo_C_lock_test"
@@ -246,6 +313,7 @@ def lock_build(tmp_path):
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "build"), OMP_NUM_THREADS="1",
                PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("FASTGRPO_BUILD_EXT", None)
+    env["FASTGRPO_CPU_ISA"] = "generic"  # the build folder below is the generic one (others get a suffix)
     procs = []
 
     def start(mode, **extra_env):
