@@ -17,6 +17,7 @@ from fastgrpo.testing import assert_close
 from harness import impl_device, measure, require_cpp, require_cuda
 
 SHAPES = {
+    "tiny": (8, 4, 16, 16),  # the tiny presets' latents (8K elements): the per-call host cost dominates (issue 20)
     "sd35-512": (24, 16, 64, 64),  # B=24 latents of SD3.5 at 512 px
     "flux-1024": (12, 4096, 64),  # B=12 packed FLUX latents at 1024 px
     # B=1 video latent of Wan2.1-T2V-1.3B at 480x832 px, 81 frames: [B, 16, (81-1)/4+1, 480/8, 832/8] (2.1 M elements)
