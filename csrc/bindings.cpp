@@ -310,9 +310,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> token_stats_fwd_py(const Tens
                                                                       double ent_scale) {
   const TokenRows rows = token_rows(logits3, targets, inv_t, ignore_index, ent_scale);
   const int64_t R = rows.P * rows.L;
+  // The target range, checked here rather than with torch ops in Python (issue 20): the kernel indexes with it.
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t t = rows.targets[r];
+    if (t != ignore_index && (t < 0 || t >= rows.V))
+      throw pybind11::value_error("targets must lie in [0, " + std::to_string(rows.V) +
+                                  ") (the vocabulary of logits) or equal ignore_index=" + std::to_string(ignore_index));
+  }
   auto o = f32_on(logits3);
-  Tensor logp = at::empty({R}, o), ent = at::empty({R}, o), rowmax = at::empty({R}, o), logs = at::empty({R}, o),
-         mean_rel = at::empty({R}, o);
+  // logp and entropy in the targets' shape (no view to make in Python)
+  Tensor logp = at::empty(targets.sizes(), o), ent = at::empty(targets.sizes(), o), rowmax = at::empty({R}, o),
+         logs = at::empty({R}, o), mean_rel = at::empty({R}, o);
   if (R > 0) {
     token_stats_fwd(rows, logp.data_ptr<float>(), ent.data_ptr<float>(), rowmax.data_ptr<float>(),
                     logs.data_ptr<float>(), mean_rel.data_ptr<float>());

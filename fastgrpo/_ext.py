@@ -334,6 +334,8 @@ def load(*, strict: bool = False, verbose: bool = False) -> Optional[ModuleType]
     The outcome is remembered for the process. ``strict=True`` retries a failed build and raises its error instead
     of warning (``make ext`` uses it, so CI fails loudly rather than skipping the C++ tests).
     """
+    if _state["done"] and not strict:  # every op call: no lock once the outcome is known
+        return _state["module"]
     with _lock:
         if not _state["done"] or (strict and _state["module"] is None and not disabled()):
             _attempt(strict, verbose)

@@ -146,6 +146,8 @@ class _TokenLogprobEntropyFn(torch.autograd.Function):
 
 def _as_rows(logits):
     """View logits [..., V] as [P, L, V] without copying when possible (unit stride along V is required)."""
+    if logits.ndim == 3 and logits.stride(-1) == 1:
+        return logits
     V = logits.shape[-1]
     lead = logits.shape[:-1]
     L = lead[-1] if len(lead) else 1
@@ -180,9 +182,12 @@ def token_logprob_entropy(logits, targets, *, temperature=1.0, normalize=False, 
     """
     _check_token_inputs(logits, targets, temperature, ignore_index, check_range=False)
     backend = resolve_impl(impl, logits.device, has_cpp=True)
-    if backend != "triton":
-        _check_token_inputs(logits, targets, temperature, ignore_index)
+    # The target range: the C++ binding checks it (same ValueError) before its kernel reads anything; Triton sets a
+    # flag read below; the torch path checks it here.
     if backend == "torch":
+        V = logits.shape[-1]
+        if targets.numel() and bool((((targets < 0) | (targets >= V)) & (targets != ignore_index)).any()):
+            _raise_target_range(V, ignore_index)
         logp, ent = token_logprob_entropy_ref(logits, targets, temperature=temperature, normalize=normalize,
                                               ignore_index=ignore_index)
         return logp.float(), ent.float()
@@ -201,7 +206,17 @@ def _fused(logits, targets, temperature, normalize, ignore_index, backend, *, mo
     V = logits.shape[-1]
     ent_scale = 1.0 / math.log(V) if (normalize and V > 1) else (0.0 if normalize else 1.0)
     logits3 = _as_rows(logits)
-    flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
+    if backend == "cpp":  # the C++ launcher takes targets in their shape and returns logp/entropy in it
+        flat_targets = targets.to(torch.int64).contiguous()
+        if not (torch.is_grad_enabled() and logits.requires_grad):  # no autograd.Function without gradients
+            launch = kernel_module("cpp", "fastgrpo.kernels.token_entropy")
+            logp, ent = launch.token_stats_fwd(logits3, flat_targets, 1.0 / float(temperature), int(ignore_index),
+                                               ent_scale)[:2]
+            return logp, ent, flat_targets
+    else:
+        flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
     logp, ent, eff = _TokenLogprobEntropyFn.apply(logits3, flat_targets, 1.0 / float(temperature), int(ignore_index),
                                                   ent_scale, backend, modality, flag)
-    return logp.view(targets.shape), ent.view(targets.shape), eff
+    if logp.shape != targets.shape:
+        logp, ent = logp.view(targets.shape), ent.view(targets.shape)
+    return logp, ent, eff
