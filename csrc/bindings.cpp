@@ -14,6 +14,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -358,6 +359,26 @@ std::tuple<Tensor, Tensor> ovf_select_py(const Tensor& rewards, int64_t k) {
   return {idx, var};
 }
 
+// max |r| over a [P, G] tensor of any strides, NaN when one is NaN (ovf_select's value check: one call instead of
+// three torch ops).
+double max_abs_py(const Tensor& t) {
+  TORCH_CHECK(t.dim() == 2, "max_abs takes [P, G], got ", t.dim(), " dims");
+  TORCH_CHECK(t.device().is_cpu(), "max_abs needs a CPU tensor, got one on ", t.device());
+  const In a{t.data_ptr(), dtype_of(t, "rewards")};
+  const int64_t P = t.size(0), G = t.size(1), sp = t.stride(0), sg = t.stride(1);
+  double top = 0.0;
+  float v;
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t g = 0; g < G; ++g) {
+      const double x = a.dtype == DType::F64 ? static_cast<const double*>(a.ptr)[p * sp + g * sg]
+                                             : static_cast<double>(*load_block(a, p * sp + g * sg, 1, &v));
+      const double ax = std::fabs(x);
+      if (ax != ax) return ax;
+      top = ax > top ? ax : top;
+    }
+  return top;
+}
+
 }  // namespace
 }  // namespace fastgrpo
 
@@ -395,6 +416,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "unmap the output buffers kept for reuse (FASTGRPO_CPU_CACHE_MB); returns the bytes released");
   m.def("cached_bytes", &cache_bytes,
         "bytes of output buffers kept for reuse");
+  m.def("max_abs", &max_abs_py, py::arg("rewards"), "max |r| of a [P, G] tensor (NaN if one is NaN), as a float");
   m.def("ovf_select_launch", &ovf_select_py, py::arg("rewards"), py::arg("k"),
         "OVF on [P, G] rewards: (indices [P, k] int64 ascending, variance [P] float32)");
 }

@@ -69,7 +69,9 @@ class OVFSelection(NamedTuple):
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def _check_inputs(rewards, k) -> None:
+def _check_inputs(rewards, k, top=None) -> None:
+    """Validate `ovf_select`'s inputs; ``top``: a function giving max |rewards| as a float (default: torch ops,
+    one host sync; the C++ path passes its one-call loop)."""
     check_float("rewards", rewards)
     if rewards.ndim not in (1, 2):
         raise ValueError(f"rewards must have shape [P, G] (groups x group size) or [G], got {tuple(rewards.shape)}")
@@ -79,7 +81,7 @@ def _check_inputs(rewards, k) -> None:
     if not 1 <= k <= G:
         raise ValueError(f"k must satisfy 1 <= k <= G = {G} (rewards shape {tuple(rewards.shape)}), got k={k}")
     if rewards.numel():
-        top = float(rewards.detach().abs().amax())  # one host sync; NaN propagates through amax
+        top = float(rewards.detach().abs().amax()) if top is None else top()  # one host sync; NaN propagates
         if not math.isfinite(top):
             raise ValueError("rewards contain NaN or infinite values; OVF needs finite rewards to compare variances")
         limit = max_abs_reward(G, k)
@@ -175,8 +177,13 @@ def ovf_select(rewards: torch.Tensor, k: int, *, impl: str = "auto") -> OVFSelec
         >>> rows = (sel.indices + 48 * torch.arange(P, device=sel.indices.device)[:, None]).reshape(-1)
         >>> latents = latents[rows]                                     # [P*48, ...] -> the [P*24, ...] survivors
     """
-    _check_inputs(rewards, k)
-    backend = resolve_impl(impl, rewards.device, has_cpp=True)
+    backend = resolve_impl(impl, rewards.device if isinstance(rewards, torch.Tensor) else torch.device("cpu"),
+                           has_cpp=True)
+    if backend == "cpp" and isinstance(rewards, torch.Tensor) and rewards.ndim in (1, 2):
+        launch = kernel_module("cpp", "fastgrpo.kernels.ovf")
+        _check_inputs(rewards, k, top=lambda: launch.max_abs(rewards.detach().reshape(-1, rewards.shape[-1])))
+    else:
+        _check_inputs(rewards, k)
     G = rewards.shape[-1]
     if backend == "triton" and G > TRITON_MAX_GROUP:
         if impl == "triton":
