@@ -57,7 +57,8 @@ Decisions where DESIGN.md is silent (written down here, as it asks):
     arguments; the kernels compute the coefficients from them in float64;
   - CPU tensors are accepted with latents on any device (a change: they used to raise with CUDA latents). They
     are checked on the host (reading a CPU tensor needs no sync); one with a single value is passed as a scalar,
-    [B] ones go to x's device as one float64 [2, B] tensor copied from pinned memory with ``non_blocking=True``;
+    [B] ones go to x's device as one float64 [2, B] tensor copied from pinned memory with ``non_blocking=True``
+    (with CPU latents a float64 one is read in place, any stride);
   - tensors on x's device (CUDA) are trusted by the host, which cannot read them without a sync: the kernels
     check them, and a sample whose sigmas are invalid gets NaN ``prev_sample``/``mean``/``log_prob``/``std``/
     ``kl`` -- never a finite wrong number. Pass the schedule as floats or CPU tensors to get the ValueError.
@@ -272,7 +273,9 @@ class _Schedule(NamedTuple):
 def _host_sigma(value) -> Optional[list]:
     """The values of a sigma the host can read without a device sync (a number or a CPU tensor), else None."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to(torch.float64).reshape(-1).tolist() if value.device.type == "cpu" else None
+        if value.device.type != "cpu":
+            return None
+        return (value if value.dtype == torch.float64 else value.to(torch.float64)).reshape(-1).tolist()
     return [float(value)]
 
 
@@ -326,6 +329,9 @@ def _schedule(x, sigma, sigma_next, kind, noise_level, sigma_max, v_ref, kl_conv
     for i, (value, host) in enumerate(((sigma, hs), (sigma_next, hn))):
         if host is not None and len(host) == 1:
             vals[i] = host[0]  # a number, or a one-element CPU tensor: a scalar argument
+        elif host is not None and device.type == "cpu" and value.dtype == torch.float64:
+            t = value.detach().reshape(-1)  # read in place by the kernels (any stride): no copy for CPU latents
+            tensors[i], strides[i] = t, t.stride(0)
         elif host is not None:
             to_copy.append((i, host))
         else:  # on x's device: read by the kernel, which checks it (NaN outputs for invalid values)
