@@ -28,7 +28,7 @@ ext: install
 
 # Remove the extension's build caches, one per ISA (the next use rebuilds it from scratch).
 ext-clean: install
-	$(PY) -c 'import shutil; from fastgrpo._ext import build_dir, ISA_FLAGS; [shutil.rmtree(build_dir(i), ignore_errors=True) for i in ISA_FLAGS]'
+	$(PY) -c 'from fastgrpo._ext import clean; clean()'
 
 # The suite without the tests marked slow (under 5 minutes on 2 cores); `make test-slow` runs those (CI runs both).
 test: ext

@@ -176,6 +176,16 @@ def build_dir(isa: Optional[str] = None) -> Path:
     return cache / "fastgrpo" / (tag + suffix)
 
 
+def clean() -> list:
+    """Remove the build caches of every ISA (``make ext-clean``); returns the folders removed."""
+    import shutil
+
+    gone = [build_dir(isa) for isa in ISA_FLAGS if build_dir(isa).exists()]
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    return gone
+
+
 def _with_ninja_on_path():
     """Put the ninja of the `ninja` PyPI package (a dependency) on PATH: an unactivated venv does not."""
     try:
