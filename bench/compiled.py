@@ -207,6 +207,15 @@ def _compile_failure(exc: BaseException) -> bool:
     return isinstance(exc, (BackendCompilerFailed, OSError)) or mod.startswith(("torch._inductor", "triton"))
 
 
+def only_shape_in_correctness_runs(benchmark, device: torch.device, shape_name: str, checked: str) -> None:
+    """Under ``--benchmark-disable`` on CPU (CI: correctness only, 2 cores), skip the compiled case unless it is
+    at shape ``checked``: each new shape is a new compilation (seconds each), and one shape per case checks the
+    formula. Timed runs, and every run on CUDA, compile every shape."""
+    if shape_name != checked and getattr(benchmark, "disabled", False) and device.type == "cpu":
+        pytest.skip(f"correctness-only run on CPU (--benchmark-disable): the compiled formula is checked at shape "
+                    f"{checked!r} (compile time); timed runs compile every shape")
+
+
 def prepare(benchmark, fn, *args, run=None):
     """``(callable, extra_info)`` for the benchmark: ``run(compiled_fn)`` (default: ``compiled_fn(*args)``) after
     compiling ``fn`` for these arguments' shapes and dtypes and two warm-up calls (none under
