@@ -207,13 +207,14 @@ def _compile_failure(exc: BaseException) -> bool:
     return isinstance(exc, (BackendCompilerFailed, OSError)) or mod.startswith(("torch._inductor", "triton"))
 
 
-def only_shape_in_correctness_runs(benchmark, device: torch.device, shape_name: str, checked: str) -> None:
-    """Under ``--benchmark-disable`` on CPU (CI: correctness only, 2 cores), skip the compiled case unless it is
-    at shape ``checked``: each new shape is a new compilation (seconds each), and one shape per case checks the
-    formula. Timed runs, and every run on CUDA, compile every shape."""
-    if shape_name != checked and getattr(benchmark, "disabled", False) and device.type == "cpu":
-        pytest.skip(f"correctness-only run on CPU (--benchmark-disable): the compiled formula is checked at shape "
-                    f"{checked!r} (compile time); timed runs compile every shape")
+def only_in_correctness_runs_at(benchmark, device: torch.device, this_case: bool, checked: str) -> None:
+    """Under ``--benchmark-disable`` on CPU (CI: correctness only, 2 cores), skip the compiled case unless
+    ``this_case`` (the one case, ``checked``, that stands for the others): each new shape or dtype is a new
+    compilation (seconds each), and one per test checks the formula. Timed runs, and every run on CUDA, compile
+    every case."""
+    if not this_case and getattr(benchmark, "disabled", False) and device.type == "cpu":
+        pytest.skip(f"correctness-only run on CPU (--benchmark-disable): the compiled formula is checked at "
+                    f"{checked} (compile time); timed runs compile every case")
 
 
 def prepare(benchmark, fn, *args, run=None):

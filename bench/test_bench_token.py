@@ -70,7 +70,7 @@ def test_forward(benchmark, bench_device, impl, shape_name, case):
         require_cpp()
     device = impl_device(impl, bench_device)
     if impl == "compiled":
-        compiled.only_shape_in_correctness_runs(benchmark, device, shape_name, "image")
+        compiled.only_in_correctness_runs_at(benchmark, device, shape_name == "image", "the image shape")
     logits, targets, scale = _inputs(shape_name, device)
     modality = torch.full(targets.shape, 1 if shape_name == "image" else 0, device=device)
     advantages = torch.randn(targets.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
@@ -111,7 +111,8 @@ def test_train(benchmark, bench_device, impl, shape_name):
     if impl == "cpp":
         require_cpp()
     if impl == "compiled":
-        compiled.only_shape_in_correctness_runs(benchmark, impl_device(impl, bench_device), shape_name, "image")
+        compiled.only_in_correctness_runs_at(benchmark, impl_device(impl, bench_device), shape_name == "image",
+                                             "the image shape")
     logits, targets, scale = _inputs(shape_name, impl_device(impl, bench_device))
     logits.requires_grad_(True)
     info = {}
