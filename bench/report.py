@@ -55,13 +55,13 @@ def _ratio(num, den) -> str:
     return f"{r:.3f}" if r >= 0.001 else f"{r:.1e}"
 
 
-def vs_compiled(compiled_s: float | None, ours_s: float, digits: int = 1) -> str:
-    """Ours against the compiled baseline: ``compiled / ours`` as "2.0x", or "0.7x (compiled is faster)" where
+def vs_compiled(compiled_s: float | None, ours_s: float) -> str:
+    """Ours against the compiled baseline: ``compiled / ours`` as "2.00x", or "0.70x (compiled is faster)" where
     ours is slower; "n/a" without a compiled time."""
     if not compiled_s or not ours_s:
         return "n/a"
     r = compiled_s / ours_s
-    return f"{r:.{digits}f}x" + (" (compiled is faster)" if r < 1 else "")
+    return f"{r:.2f}x" + (" (compiled is faster)" if r < 1 else "")
 
 
 def _compile_note(benches) -> str:
@@ -105,15 +105,14 @@ def table(results: dict) -> str:
         tp, cp = t["extra_info"].get("peak_extra_memory_bytes"), c["extra_info"].get("peak_extra_memory_bytes")
         ratio = _ratio(cp, tp)
         shapes = "; ".join(f"{k} {'x'.join(map(str, v))}" for k, v in c["extra_info"].get("shapes", {}).items())
-        compiled = ""
+        xm = p["compiled"]["stats"]["median"] if "compiled" in p else None
+        cells = [case, shapes, f"{tm * 1e3:,.1f}"]
         if has_compiled:
-            xm = p["compiled"]["stats"]["median"] if "compiled" in p else None
-            compiled_ms = "n/a" if xm is None else f"{xm * 1e3:,.1f}"
-            compiled = f"{compiled_ms} | "
-        row = f"| {case} | {shapes} | {tm * 1e3:,.1f} | {compiled}{cm * 1e3:,.1f} | {tm / cm:.1f}x | "
+            cells.append("n/a" if xm is None else f"{xm * 1e3:,.1f}")
+        cells += [f"{cm * 1e3:,.1f}", f"{tm / cm:.1f}x"]
         if has_compiled:
-            row += f"{vs_compiled(xm, cm)} | "
-        lines.append(row + f"{_mib(tp)} | {_mib(cp)} | {ratio} |")
+            cells.append(vs_compiled(xm, cm))
+        lines.append("| " + " | ".join(cells + [_mib(tp), _mib(cp), ratio]) + " |")
     return "\n".join(lines)
 
 
@@ -238,7 +237,7 @@ def gpu_table(results: dict) -> str:
             checks.append((f"{_median(ours) * 1e3:.3f} ms", _median(ours) < OVF_TARGET_S))
         tflops = e.get("tflops")
         comp = group.get("compiled")
-        compiled = (f"{_ms(comp) if comp else 'n/a'} | {vs_compiled(_median(comp) if comp else None, _median(ours), 2)}"
+        compiled = (f"{_ms(comp) if comp else 'n/a'} | {vs_compiled(_median(comp) if comp else None, _median(ours))}"
                     " | ") if has_compiled else ""
         lines.append(f"| {fn.removeprefix('test_')} | {case} | {_ms(ours)} | {base_impl if base else 'n/a'} | "
                      f"{_ms(base) if base else 'n/a'} | {speed} | {compiled}{bw_cell} | "
