@@ -9,7 +9,8 @@ under ``torch.compile(fn, mode=MODE, fullgraph=True, dynamic=False)``:
 * ``fullgraph=True``: a graph break would leave part of the formula eager, so it fails instead (a bug here);
 * ``dynamic=False``: every benchmark shape gets its own static-shape graph, as a trainer with fixed shapes would;
 * ``MODE``: ``"default"``, or ``FASTGRPO_BENCH_COMPILE_MODE`` (e.g. ``max-autotune-no-cudagraphs``); recorded as
-  ``compile_mode`` in ``extra_info`` with the first call's time (compilation included) as ``compile_s``.
+  ``compile_mode`` in ``extra_info``, with the first call's time as ``compile_s`` (compilation, or loading it from
+  inductor's on-disk cache when an earlier process compiled the same graph: then a fraction of a second).
 
 `prepare` compiles and warms up each (function, shapes, dtypes, mode) once per process, outside the timed region,
 and returns the zero-argument callable the harness times. Where compiling fails on a machine (no C++ compiler for
@@ -33,10 +34,6 @@ from fastgrpo.testing import assert_close as _assert_close, rel_err, tolerance
 from harness import sync
 
 MODE = os.environ.get("FASTGRPO_BENCH_COMPILE_MODE", "default")
-# One static graph per benchmark shape and dtype: more than dynamo's default of 8 per function on a full GPU run.
-for _name in ("recompile_limit", "cache_size_limit"):
-    if hasattr(torch._dynamo.config, _name):
-        setattr(torch._dynamo.config, _name, max(64, getattr(torch._dynamo.config, _name)))
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 # The float32 tolerance of the compiled baseline's check (against the float64 oracle, like every case). It is a
@@ -193,9 +190,21 @@ _COMPILED: dict = {}  # (function, mode) -> torch.compile wrapper
 _READY: dict = {}  # (function, mode, argument signature) -> compile_s, or the reason it could not compile
 
 
+def _raise_recompile_limit() -> None:
+    """One static graph per benchmark shape and dtype: more than dynamo's default of 8 per function on a full GPU
+    run (past it, dynamo stops compiling new shapes of the function)."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+
+
 def _signature(args) -> tuple:
-    return tuple((tuple(a.shape), a.dtype, a.device.type, a.requires_grad) if isinstance(a, torch.Tensor) else a
-                 for a in args)
+    """What makes dynamo compile a new graph: tensors' shapes, dtypes, devices and requires_grad, and the values of
+    ints, bools and strings (floats are graph inputs, not constants: ``specialize_float=False``)."""
+    return tuple((tuple(a.shape), a.dtype, a.device.type, a.requires_grad) if isinstance(a, torch.Tensor)
+                 else "float" if isinstance(a, float) else a for a in args)
 
 
 def _compile_failure(exc: BaseException) -> bool:
@@ -226,12 +235,16 @@ def prepare(benchmark, fn, *args, run=None):
     warmup = 0 if getattr(benchmark, "disabled", False) else 2
     key = (fn.__name__, MODE, _signature(args))
     if (fn, MODE) not in _COMPILED:
+        _raise_recompile_limit()
         try:
             _COMPILED[fn, MODE] = torch.compile(fn, mode=MODE, fullgraph=True, dynamic=False)
         except RuntimeError as exc:  # e.g. "Dynamo is not supported on Python 3.x"
             _READY[key] = f"torch.compile is not available here: {exc}"
     compiled = _COMPILED.get((fn, MODE))
     if key not in _READY:
+        from torch._dynamo.utils import counters
+
+        graphs = counters["stats"]["unique_graphs"]
         try:
             for i in range(1 + warmup):  # the first call compiles (forward, and backward when run asks for it)
                 start = time.perf_counter()
@@ -242,9 +255,13 @@ def prepare(benchmark, fn, *args, run=None):
                     _READY[key] = time.perf_counter() - start
         except Exception as exc:
             if not _compile_failure(exc):
+                _READY.pop(key, None)
                 raise
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             _READY[key] = f"torch.compile(mode={MODE!r}) failed on this machine: {type(exc).__name__}: {first}"
+        if not isinstance(_READY[key], str) and counters["stats"]["unique_graphs"] == graphs:
+            raise AssertionError(f"torch.compile made no graph for {fn.__name__} at {key[2]}: the case would time "
+                                 "eager code")
     ready = _READY[key]
     if isinstance(ready, str):
         pytest.skip(ready)
