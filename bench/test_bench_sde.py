@@ -1,5 +1,5 @@
-"""sde_step: fused (Triton, C++) vs the torch eager reference and its torch.compile (bench/compiled.py), at SD3.5-512, FLUX-1024 and Wan2.1-480p video latent
-shapes.
+"""sde_step: fused (Triton, C++) vs the torch eager reference and its torch.compile (bench/compiled.py), at SD3.5-512,
+FLUX-1024 and Wan2.1-480p video latent shapes.
 
 Two cases:
 * ``sample``: a rollout step -- read x, v, noise; write prev_sample, mean (fp32).

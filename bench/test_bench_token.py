@@ -15,10 +15,10 @@ Peak extra memory (``peak_extra_memory_bytes``) is measured on one extra call ou
 ``impl="compiled"``: the reference's formula under torch.compile on the bench device (shaping: with the sort-based
 masks of the torch path), compiled and warmed up before timing.
 
-On CPU the torch reference, its compiled twin and the C++ extension (``impl="cpp"``) run, at a scaled-down batch (``cpu_scale`` in
-extra_info: 2 sequences instead of 16), so that the eager float32 intermediates of V = 102,400 stay within seconds
-and a few GB. The C++ path always runs on CPU tensors; it is compared with the torch reference on machines without
-CUDA (``bench/report.py`` prints the ratios).
+On CPU the torch reference, its compiled twin and the C++ extension (``impl="cpp"``) run, at a scaled-down batch
+(``cpu_scale`` in extra_info: 2 sequences instead of 16), so that the eager float32 intermediates of V = 102,400
+stay within seconds and a few GB. The C++ path always runs on CPU tensors; it is compared with the torch reference
+(and the compiled one) on machines without CUDA (``bench/report.py`` prints the ratios).
 """
 import pytest
 import torch
