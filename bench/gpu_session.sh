@@ -65,7 +65,7 @@ round)
         tail -1 "$LOG"
     }
     bench kernels 70 bench/test_bench_ceilings.py bench/test_bench_sde.py bench/test_bench_token.py \
-        -k "not cpp and not forward- and not (test_train and image) and not (test_train and text)"
+        -k "not cpp and not compiled and not forward- and not (test_train and image) and not (test_train and text)"
     bench collector 45 bench/test_bench_collector.py
     part "CUDA tests"
     timeout "$(left 60)" python3 -m pytest tests/test_speed_paths.py tests/test_sde_step.py tests/test_collector.py \

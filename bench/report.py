@@ -1,15 +1,17 @@
 r"""CPU comparison table of the C++ extension against the torch reference, from recorded benchmark results.
 
     # record (on a quiet machine, please):
-    pytest bench/test_bench_token.py bench/test_bench_sde.py bench/test_bench_ovf.py -k "torch or cpp" \
+    pytest bench/test_bench_token.py bench/test_bench_sde.py bench/test_bench_ovf.py -k "torch or cpp or compiled" \
         --benchmark-json=bench/results/cpu.json
     python bench/report.py bench/results/cpu.json                      # print the markdown table
     python bench/report.py bench/results/cpu.json --readme README.md   # rewrite the README's table
 
 For every benchmark case run with both impl="torch" and impl="cpp" on CPU, the table gives both median times, the
 speed-up (torch / cpp), both peak extra memories (``peak_extra_memory_bytes``, see bench/harness.py) and their
-ratio (cpp / torch), plus the machine, thread count and versions recorded with the numbers. Nothing is typed by
-hand: the README section between the markers is replaced by this output.
+ratio (cpp / torch), plus the machine, thread count and versions recorded with the numbers. Where the results hold
+the compiled baseline (``impl="compiled"``: torch.compile of the reference's formula, bench/compiled.py), two more
+columns: its median time and ours against it (compiled / cpp), with "(compiled is faster)" where ours is slower.
+Nothing is typed by hand: the README section between the markers is replaced by this output.
 
 GPU results (``pytest bench/ --benchmark-json=bench/results/h100.json`` on a CUDA machine) get their own table,
 written between ``<!-- gpu-bench:start -->`` and ``<!-- gpu-bench:end -->`` by ``--gpu``::
@@ -18,7 +20,8 @@ written between ``<!-- gpu-bench:start -->`` and ``<!-- gpu-bench:end -->`` by `
 
 It sets every Triton case against the baseline DESIGN.md §5 names (SDPA flash attention; the torch eager
 references; OVF's per-group loop), checks the targets (speed-up, fraction of the measured copy bandwidth, peak
-extra memory, AEGPO's whole-step overhead) and says "met" or "gap" for each.
+extra memory, AEGPO's whole-step overhead) and says "met" or "gap" for each; where the results hold the compiled
+baseline, each Triton case is also set against it (compiled ms, and "vs compiled": compiled / triton).
 """
 from __future__ import annotations
 
@@ -32,12 +35,12 @@ GPU_START, GPU_END = "<!-- gpu-bench:start -->", "<!-- gpu-bench:end -->"
 
 
 def _case(bench: dict) -> str:
-    """The benchmark's name without its impl id: the key that pairs torch with cpp."""
+    """The benchmark's name without its impl id: the key that pairs torch with cpp (and compiled)."""
     name = bench["name"]
     if "[" not in name:
         return name
     base, ids = name[:-1].split("[", 1)
-    kept = [p for p in ids.split("-") if p not in ("torch", "cpp")]
+    kept = [p for p in ids.split("-") if p not in ("torch", "cpp", "compiled")]
     return f"{base}[{'-'.join(kept)}]" if kept else base
 
 
@@ -52,22 +55,47 @@ def _ratio(num, den) -> str:
     return f"{r:.3f}" if r >= 0.001 else f"{r:.1e}"
 
 
+def vs_compiled(compiled_s: float | None, ours_s: float) -> str:
+    """Ours against the compiled baseline: ``compiled / ours`` as "2.00x", or "0.70x (compiled is faster)" where
+    ours is slower; "n/a" without a compiled time."""
+    if not compiled_s or not ours_s:
+        return "n/a"
+    r = compiled_s / ours_s
+    return f"{r:.2f}x" + (" (compiled is faster)" if r < 1 else "")
+
+
+def _compile_note(benches) -> str:
+    """One sentence on the compiled baseline (its mode, what is compiled), '' when no result holds one."""
+    modes = sorted({str(b["extra_info"].get("compile_mode")) for b in benches
+                    if (b.get("params") or {}).get("impl") == "compiled"})
+    if not modes:
+        return ""
+    return (f" Compiled: torch.compile(mode={'/'.join(repr(m) for m in modes)}, fullgraph=True, dynamic=False) of the "
+            "reference's plain formula (bench/compiled.py), compiled and warmed up before timing.")
+
+
 def table(results: dict) -> str:
     pairs: dict[str, dict[str, dict]] = {}
-    for b in results["benchmarks"]:
+    cpu = [b for b in results["benchmarks"] if str(b["extra_info"].get("device", "")).startswith("cpu")]
+    for b in cpu:
         impl = (b.get("params") or {}).get("impl")
-        if impl in ("torch", "cpp") and str(b["extra_info"].get("device", "")).startswith("cpu"):
+        if impl in ("torch", "cpp", "compiled"):
             pairs.setdefault(_case(b), {})[impl] = b
+    has_compiled = any("compiled" in p for p in pairs.values())
     info = results.get("machine_info", {})
-    first = next(iter(pairs.values()))["cpp"]["extra_info"] if pairs else {}
+    first = next((p["cpp"]["extra_info"] for p in pairs.values() if "cpp" in p), {})
     lines = [
         f"CPU: {info.get('cpu', {}).get('brand_raw', info.get('processor', '?'))}, "
         f"{first.get('device', '?')}; torch {first.get('torch', '?')}; recorded {results.get('datetime', '?')}"
-        f" ({Path(results.get('_source', '')).name}).",
+        f" ({Path(results.get('_source', '')).name}).{_compile_note(cpu)}",
         "",
-        "| case | shapes | torch ms | cpp ms | speed-up | torch peak MiB | cpp peak MiB | memory ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    if has_compiled:
+        lines += ["| case | shapes | torch ms | compiled ms | cpp ms | speed-up | vs compiled | torch peak MiB | "
+                  "cpp peak MiB | memory ratio |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    else:
+        lines += ["| case | shapes | torch ms | cpp ms | speed-up | torch peak MiB | cpp peak MiB | memory ratio |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
     for case in sorted(pairs):
         p = pairs[case]
         if "torch" not in p or "cpp" not in p:
@@ -77,8 +105,14 @@ def table(results: dict) -> str:
         tp, cp = t["extra_info"].get("peak_extra_memory_bytes"), c["extra_info"].get("peak_extra_memory_bytes")
         ratio = _ratio(cp, tp)
         shapes = "; ".join(f"{k} {'x'.join(map(str, v))}" for k, v in c["extra_info"].get("shapes", {}).items())
-        lines.append(f"| {case} | {shapes} | {tm * 1e3:,.1f} | {cm * 1e3:,.1f} | {tm / cm:.1f}x | {_mib(tp)} | "
-                     f"{_mib(cp)} | {ratio} |")
+        xm = p["compiled"]["stats"]["median"] if "compiled" in p else None
+        cells = [case, shapes, f"{tm * 1e3:,.1f}"]
+        if has_compiled:
+            cells.append("n/a" if xm is None else f"{xm * 1e3:,.1f}")
+        cells += [f"{cm * 1e3:,.1f}", f"{tm / cm:.1f}x"]
+        if has_compiled:
+            cells.append(vs_compiled(xm, cm))
+        lines.append("| " + " | ".join(cells + [_mib(tp), _mib(cp), ratio]) + " |")
     return "\n".join(lines)
 
 
@@ -161,9 +195,16 @@ def gpu_table(results: dict) -> str:
             parts.append(f"bf16 GEMM {ceil['gemm']['extra_info']['tflops']:,.0f} TFLOP/s "
                          f"({ceil['gemm']['extra_info']['shapes']['a'][0]}^3)")
         lines += ["Ceilings: " + "; ".join(parts) + ".", ""]
-    lines += ["| op | case | ours ms | baseline | baseline ms | speed-up | GB/s (% of copy) | TFLOP/s | "
-              "peak extra MiB ours / baseline | target | verdict |",
-              "|---|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
+    has_compiled = any("compiled" in g and "triton" in g for g in by_key.values())
+    if has_compiled:
+        lines[0] += _compile_note(benches)
+        lines += ["| op | case | ours ms | baseline | baseline ms | speed-up | compiled ms | vs compiled | "
+                  "GB/s (% of copy) | TFLOP/s | peak extra MiB ours / baseline | target | verdict |",
+                  "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    else:
+        lines += ["| op | case | ours ms | baseline | baseline ms | speed-up | GB/s (% of copy) | TFLOP/s | "
+                  "peak extra MiB ours / baseline | target | verdict |",
+                  "|---|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
     for key in sorted(by_key):
         fn, params = key
         group = by_key[key]
@@ -195,8 +236,11 @@ def gpu_table(results: dict) -> str:
             target.append("well under 1 ms")
             checks.append((f"{_median(ours) * 1e3:.3f} ms", _median(ours) < OVF_TARGET_S))
         tflops = e.get("tflops")
+        comp = group.get("compiled")
+        compiled = (f"{_ms(comp) if comp else 'n/a'} | {vs_compiled(_median(comp) if comp else None, _median(ours))}"
+                    " | ") if has_compiled else ""
         lines.append(f"| {fn.removeprefix('test_')} | {case} | {_ms(ours)} | {base_impl if base else 'n/a'} | "
-                     f"{_ms(base) if base else 'n/a'} | {speed} | {bw_cell} | "
+                     f"{_ms(base) if base else 'n/a'} | {speed} | {compiled}{bw_cell} | "
                      f"{f'{tflops:,.0f}' if tflops else ''} | {_mib(mine)} / {_mib(theirs)} | "
                      f"{'; '.join(target) or 'n/a'} | {_verdict(checks)} |")
     steps = {k: g for k, g in by_key.items() if k[0] == "test_denoising_step" and "plain" in g}

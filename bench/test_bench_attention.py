@@ -1,4 +1,5 @@
-"""attention_with_text_entropy (ours) vs attention without entropy (torch SDPA, flash backend on GPU; flash-attn
+"""attention_with_text_entropy (ours; its torch reference, and that formula under torch.compile: bench/compiled.py)
+vs attention without entropy (torch SDPA, flash backend on GPU; flash-attn
 when installed) vs eager attention-map extraction (softmax(QK^T) materialised, then out and the text entropy read
 off the map), at SD3-512 and FLUX-1024 shapes in bf16.
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from fastgrpo import attention_with_text_entropy, attention_with_text_entropy_ref
 from fastgrpo.testing import assert_close
+import compiled
 from harness import HAS_CUDA, measure, require_cuda
 
 CASES = {  # name: (B, H, n_image, n_text, D, layout)
@@ -26,7 +28,7 @@ CASES = {  # name: (B, H, n_image, n_text, D, layout)
     "flux-1024-b1": (1, 24, 4096, 512, 128, "bshd"),
     "flux-1024-b2": (2, 24, 4096, 512, 128, "bshd"),
 }
-IMPLS = ["triton", "torch", "sdpa", "flash_attn", "eager"]
+IMPLS = ["triton", "torch", "compiled", "sdpa", "flash_attn", "eager"]
 
 
 def _shape(case):
@@ -90,7 +92,13 @@ def test_attention_with_text_entropy(benchmark, bench_device, impl, case):
     g = torch.Generator(device="cpu").manual_seed(0)
     shape = (B, H, S, D) if layout == "bhsd" else (B, S, H, D)
     q, k, v = (torch.randn(shape, generator=g).to(device=bench_device, dtype=dtype) for _ in range(3))
-    fn = _runner(impl, q, k, v, text_start, text_len, layout)
+    info, close = {}, assert_close
+    if impl == "compiled":  # SDPA for out, the statistics from the whole [B, H, S, S] float32 logits at once
+        fn, info = compiled.prepare(benchmark, compiled.attention_with_text_entropy, q, k, v, text_start, text_len,
+                                    layout, run=lambda f: f(q, k, v, text_start, text_len, layout)[:2])
+        close = compiled.assert_close
+    else:
+        fn = _runner(impl, q, k, v, text_start, text_len, layout)
 
     def check(result):
         out, ent = result
@@ -100,16 +108,16 @@ def test_attention_with_text_entropy(benchmark, bench_device, impl, case):
                                               text_len=text_len, layout=layout)
         qh, kh, vh = (_bhsd(t, layout) for t in (qs, ks, vs))
         baseline = _bhsd(F.scaled_dot_product_attention(qh, kh, vh), layout)
-        assert_close(out[sl], ref.out, baseline=baseline, name="out")
+        close(out[sl], ref.out, baseline=baseline, name="out")
         if ent is not None:
-            assert_close(ent[:1, :2], ref.text_entropy, name="text_entropy")
+            close(ent[:1, :2], ref.text_entropy, name="text_entropy")
 
     es = q.element_size()
-    bytes_moved = 4 * q.numel() * es + (3 * B * H * S * 4 if impl in ("triton", "torch") else 0)
+    bytes_moved = 4 * q.numel() * es + (3 * B * H * S * 4 if impl in ("triton", "torch", "compiled") else 0)
     flops = 4 * B * H * S * S * D
     measure(benchmark, fn, check=check, bytes_moved=bytes_moved, dtype=dtype, shapes={"q": shape}, impl=impl,
             case=case, layout=layout, text_start=text_start, text_len=text_len, flops=flops,
-            scaled_down=not HAS_CUDA, rounds=10 if HAS_CUDA else 3, warmup=2 if HAS_CUDA else 1)
+            scaled_down=not HAS_CUDA, rounds=10 if HAS_CUDA else 3, warmup=2 if HAS_CUDA else 1, **info)
     median = benchmark.extra_info.get("median_s")
     if median:
         benchmark.extra_info["tflops"] = flops / median / 1e12

@@ -93,3 +93,60 @@ def test_round_table_sets_each_path_against_the_eager_one(fast_s, verdict):
     cpu = _round_bench(5.0, 10.0)
     cpu["extra_info"].update(device="cpu x1", cuda=None)
     assert report.round_table({"benchmarks": [cpu]}) == ""
+
+
+def _cpu_bench(name, impl, median, mode="default"):
+    info = {"device": "cpu x86_64 x1 threads", "torch": "2.13", "shapes": {"x": [2, 3]},
+            "peak_extra_memory_bytes": 2 << 20}
+    if impl == "compiled":
+        info["compile_mode"] = mode
+    return {"name": f"{name[:-1]}-{impl}]", "params": {"impl": impl}, "stats": {"median": median}, "extra_info": info}
+
+
+@pytest.mark.parametrize("compiled_s, cell", [(4e-3, "2.00x"), (1.4e-3, "0.70x (compiled is faster)"),
+                                              (1.99e-3, "0.99x (compiled is faster)"), (None, "n/a")])
+def test_cpu_table_sets_cpp_against_the_compiled_baseline(compiled_s, cell):
+    benches = [_cpu_bench("test_sample[a-bf16]", "torch", 8e-3), _cpu_bench("test_sample[a-bf16]", "cpp", 2e-3),
+               _cpu_bench("test_train[b]", "torch", 1.0), _cpu_bench("test_train[b]", "cpp", 0.5),
+               _cpu_bench("test_train[b]", "compiled", 0.25)]
+    if compiled_s is not None:
+        benches.append(_cpu_bench("test_sample[a-bf16]", "compiled", compiled_s))
+    out = report.table({"benchmarks": benches})
+    header = next(line for line in out.splitlines() if line.startswith("| case"))
+    assert [c.strip() for c in header.split("|")[3:8]] == ["torch ms", "compiled ms", "cpp ms", "speed-up",
+                                                          "vs compiled"]
+    row = next(line for line in out.splitlines() if line.startswith("| test_sample[a-bf16]"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    want_ms = "n/a" if compiled_s is None else f"{compiled_s * 1e3:,.1f}"
+    assert cells[2:7] == ["8.0", want_ms, "2.0", "4.0x", cell], row
+    train = next(line for line in out.splitlines() if line.startswith("| test_train[b]"))
+    assert "| 0.50x (compiled is faster) |" in train
+    assert "torch.compile(mode='default'" in out.splitlines()[0]
+
+
+def test_cpu_table_without_compiled_results_keeps_its_columns():
+    out = report.table({"benchmarks": [_cpu_bench("test_sample[a]", "torch", 8e-3),
+                                       _cpu_bench("test_sample[a]", "cpp", 2e-3)]})
+    assert "compiled" not in out and "| torch ms | cpp ms | speed-up |" in out
+
+
+@pytest.mark.parametrize("compiled_s, cell", [(2e-5, "2.00x"), (5e-6, "0.50x (compiled is faster)")])
+def test_gpu_table_sets_triton_against_the_compiled_baseline(compiled_s, cell):
+    dtype = {"dtype": "UNSERIALIZABLE[torch.bfloat16]"}
+    results = {"benchmarks": [
+        _bench("test_ceiling[copy]", {"ceiling": "copy"}, 1e-3, gb_per_s=3000.0, shapes={"src": [1 << 29]}),
+        _bench("test_sample[a-triton]", {"impl": "triton", **dtype}, 1e-5, gb_per_s=2500.0),
+        _bench("test_sample[a-torch]", {"impl": "torch", **dtype}, 1e-4),
+        _bench("test_sample[a-compiled]", {"impl": "compiled", **dtype}, compiled_s, compile_mode="default"),
+    ]}
+    out = report.gpu_table(results)
+    header = next(line for line in out.splitlines() if line.startswith("| op"))
+    assert [c.strip() for c in header.split("|")[6:9]] == ["speed-up", "compiled ms", "vs compiled"]
+    row = next(line for line in out.splitlines() if line.startswith("| sample"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[5:8] == ["10.00x", f"{compiled_s * 1e3:.3f}", cell], row
+    assert row.rstrip(" |").endswith("met")  # the verdict stays against DESIGN.md's baseline (torch)
+    assert "torch.compile(mode='default'" in out.splitlines()[0]
+    # without compiled results the table keeps its columns (the committed h100/h200 tables)
+    no_compiled = {"benchmarks": results["benchmarks"][:3]}
+    assert "compiled" not in report.gpu_table(no_compiled)
