@@ -110,8 +110,9 @@ def peak_extra_memory(fn, device: torch.device) -> int | None:
     On CUDA: the growth of ``torch.cuda.max_memory_allocated`` over the memory allocated before the call. On CPU:
     the growth of the process's peak resident set (``VmHWM`` in /proc/self/status, reset to the current RSS
     through /proc/self/clear_refs just before the call), which sees every page the call touches; large buffers
-    are mmapped and unmapped on free (`_fixed_mmap_threshold`), so earlier calls do not hide them. None where /proc
-    is not writable or the allocator cannot be set up that way.
+    are mmapped and unmapped on free (`_fixed_mmap_threshold`), so earlier calls do not hide them, and the C++ ops'
+    output cache is emptied first for the same reason. None where /proc is not writable or the allocator cannot be
+    set up that way.
     """
     gc.collect()
     if device.type == "cuda":
@@ -125,6 +126,10 @@ def peak_extra_memory(fn, device: torch.device) -> int | None:
         return int(peak)
     if not _MMAP_FIXED:
         return None
+    from fastgrpo import _ext
+
+    if _ext.available():  # the C++ ops' output cache keeps freed blocks resident: release them, so a call's own
+        _ext.load().empty_cache()  # blocks count in its peak (`FASTGRPO_CPU_CACHE_MB`)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS to the current RSS

@@ -60,6 +60,18 @@ def _assert_entropy_close(actual, reference, vocab: int, normalize: bool, name: 
     assert err <= 1e-5 * scale, f"{name}: max |diff| {err:.3e} > 1e-5 x {scale:.3g} (the entropy's scale)"
 
 
+def _assert_logp_close(actual, reference, logits, temperature: float, name: str) -> None:
+    """Token log-probs by the normwise rule, at least at the size of the terms they are computed from: a row
+    peaked on its target has logp = z_t / T - logsumexp(z / T) ~ -1e-13, a difference of numbers of size
+    max|z| / T, where float32 (or float64) rounding alone is ~1e-12 (found: V = 3, a peaked row, T = 2)."""
+    size = float(logits.double().abs().max()) / temperature if logits.numel() else 0.0
+    if float(reference.detach().abs().max() if reference.numel() else 0.0) >= 1e-3 * size:
+        assert_close(actual, reference, name=name)
+        return
+    err = float((actual.detach().double() - reference.detach()).abs().max())
+    assert err <= tolerance(actual.dtype, reference.detach().double()) * size, f"{name}: {err:.3e} at size {size:.3g}"
+
+
 def _impls(skip=()):
     from fastgrpo import _ext
 
@@ -208,7 +220,7 @@ def _check_token(c):
         xi = x.clone().requires_grad_(True)
         logp, ent = token_logprob_entropy(xi, t, impl=impl, **kw)
         assert logp.dtype == ent.dtype == torch.float32 and logp.shape == ent.shape == t.shape
-        assert_close(logp, ref_logp, name=f"{impl} logp")
+        _assert_logp_close(logp, ref_logp, x, c["temperature"], f"{impl} logp")
         _assert_entropy_close(ent, ref_ent, x.shape[-1], c["normalize"], f"{impl} entropy")
         ignored = t == IGNORE
         assert torch.count_nonzero(logp[ignored]) == 0 and torch.count_nonzero(ent[ignored]) == 0
@@ -228,7 +240,9 @@ def _check_token(c):
         else:
             err = float((grad.double() - grad64).abs().max())
             assert err <= tolerance(grad.dtype, grad64) * natural, f"{impl} grad logits: {err:.3e}, size {natural:.3g}"
-    _agree(logps, "logp", ref_logp.detach())
+    size = float(x.double().abs().max()) / c["temperature"] if x.numel() else 0.0  # see _assert_logp_close
+    _agree(logps, "logp", ref_logp.detach(),
+           scale=max(float(ref_logp.abs().max()) if ref_logp.numel() else 0.0, 1e-3 * size))
     _agree(ents, "entropy", ref_ent.detach(),
            scale=max(float(ref_ent.abs().max()) if ref_ent.numel() else 0.0,
                      1.0 if c["normalize"] else math.log(x.shape[-1])))
@@ -585,12 +599,20 @@ def _check_tree_advantages(c):
     got = tree_advantages(rr, b, **kw)
     want = tree_advantages_ref(_f64(rr), b, **kw)
     assert len(got) == len(want) == len(b)
+    # A depth whose nodes are all equal has advantages (r - mean) / (std + eps) of rounding noise, |r| * ulp / eps
+    # (found: branching [1, 3, 4], a constant tree at 1e-9: one path gives 4e-17, the other 0). Below that size the
+    # two paths are compared absolutely.
+    noise = 64 * torch.finfo(torch.float64 if c["dtype"] == torch.float64 else torch.float32).eps * (
+        float(_f64(rr).abs().max()) if rr.numel() else 0.0) / max(eps, c["min_std"])  # std >= min_std or 0
     for a, w in zip(got, want):
         assert a.shape == w.shape and a.dtype == (torch.float64 if c["dtype"] == torch.float64 else torch.float32)
         assert torch.isfinite(a).all()
         # the two float64 paths differ by rounding only; near the min_std threshold they may pick different sides
         # (never in these draws: the spreads are far from it)
-        assert_close(a, w, name="tree advantages")
+        if w.numel() and float(w.abs().max()) <= noise:
+            assert float((a.double() - w).abs().max()) <= noise, "tree advantages of equal nodes: not rounding noise"
+        else:
+            assert_close(a, w, name="tree advantages")
 
 
 @pytest.mark.parametrize("tier", TIERS)
