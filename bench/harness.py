@@ -2,7 +2,8 @@
 
 `measure(benchmark, fn, check=..., bytes_moved=..., ...)`:
 1. runs ``fn`` once and calls ``check(result)`` -- a wrong kernel is never timed;
-2. warms up, then times ``fn`` with a CUDA synchronisation inside every timed call (pytest-benchmark's table: host
+2. warms up, then times ``fn`` (on CPU with glibc keeping freed buffers for the next call, `_warm_allocator`: no
+   implementation is timed page-faulting fresh outputs) with a CUDA synchronisation inside every timed call (pytest-benchmark's table: host
    time per call, launch overhead included);
 3. on CUDA, also times the device work with CUDA events (`device_times`: ``triton.testing.do_bench``, L2 flushed
    before each call, so data that fits in the 50 MB L2 is not read from cache) -- ``median_s`` is that median and
@@ -17,6 +18,7 @@ reason on CPU (Triton's interpreter is a correctness tool, not something to time
 from __future__ import annotations
 
 import gc
+import os
 import importlib.metadata as md
 import platform
 
@@ -102,6 +104,25 @@ def _fixed_mmap_threshold() -> bool:
 
 
 _MMAP_FIXED = _fixed_mmap_threshold() if platform.system() == "Linux" else False
+_M_TRIM_THRESHOLD = -1  # glibc mallopt parameter
+
+
+def _warm_allocator(on: bool) -> None:
+    """Timing (``on``): glibc keeps freed buffers of any size in its heap for the next call (mmap threshold and trim
+    threshold 1 GiB), the steady state of a training loop (glibc's own threshold grows after large frees), so no
+    implementation is timed page-faulting fresh outputs: torch and torch.compile get what the C++ ops' output cache
+    gives them. Off: back to `_fixed_mmap_threshold` for `peak_extra_memory`. ``FASTGRPO_BENCH_ALLOCATOR=cold``
+    keeps `_fixed_mmap_threshold` throughout: every large output freshly mapped (the peak-memory pass of the CPU
+    table: after a warm timing, freed memory that glibc keeps in its arenas hides later calls' peaks)."""
+    if not _MMAP_FIXED or os.environ.get("FASTGRPO_BENCH_ALLOCATOR", "warm") == "cold":
+        return
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(_M_TRIM_THRESHOLD, (1 << 30) if on else 128 * 1024)
+    libc.mallopt(_M_MMAP_THRESHOLD, (1 << 30) if on else 64 * 1024)
+    if not on:
+        libc.malloc_trim(0)  # return what the timing kept, so the peak measurement starts from the real resident set
 
 
 def peak_extra_memory(fn, device: torch.device) -> int | None:
@@ -175,7 +196,11 @@ def measure(benchmark, fn, *, check, bytes_moved: int, dtype: torch.dtype, shape
         "peak_extra_memory_bytes": peak,
         **info,
     })
-    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    _warm_allocator(True)
+    try:
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    finally:
+        _warm_allocator(False)
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # absent under --benchmark-disable
         return

@@ -380,6 +380,17 @@ def _rewrite(path: Path, start: str, end: str, out: str) -> None:
     path.write_text(text)
 
 
+def with_peaks_from(results: dict, cold: dict) -> dict:
+    """``results`` (timed with the warm allocator) with each case's ``peak_extra_memory_bytes`` from ``cold`` (the
+    same cases run with ``FASTGRPO_BENCH_ALLOCATOR=cold``: every large allocation freshly mapped, so each call's
+    peak shows); the source is recorded as ``peak_from``. A case missing from ``cold`` keeps no peak (None)."""
+    peaks = {b["fullname"]: b["extra_info"].get("peak_extra_memory_bytes") for b in cold.get("benchmarks", [])}
+    for b in results.get("benchmarks", []):
+        b["extra_info"]["peak_extra_memory_bytes"] = peaks.get(b["fullname"])
+        b["extra_info"]["peak_from"] = "FASTGRPO_BENCH_ALLOCATOR=cold run"
+    return results
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (tests/test_readme.py parses the README's report.py lines with it)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -388,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--readme", help="rewrite the table's section (between its markers) in this file")
     ap.add_argument("--save-merged", help="write the merged results to this JSON file")
     ap.add_argument("--probe", help="with --gpu: also the table of bench/gpu_probe.py's probe.json")
+    ap.add_argument("--peaks-from", help="take each case's peak memory from this JSON (a FASTGRPO_BENCH_ALLOCATOR=cold "
+                                         "run of the same cases; `bench/harness.py`) and write the merge back")
     ap.add_argument("--section", default="gpu-bench",
                     help="with --gpu --readme: the README section's marker name (<!-- NAME:start --> ... end)")
     return ap
@@ -401,6 +414,9 @@ def main(argv=None):
     results = merge(runs)
     if args.save_merged:
         Path(args.save_merged).write_text(json.dumps(results, indent=1))
+    if args.peaks_from:
+        results = with_peaks_from(results, json.loads(Path(args.peaks_from).read_text()))
+        Path(args.save_merged or args.results[0]).write_text(json.dumps(results, indent=1))
     results["_source"] = args.save_merged or args.results[0]
     out = gpu_table(results) if args.gpu else table(results)
     if args.gpu and args.probe:

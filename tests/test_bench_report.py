@@ -150,3 +150,15 @@ def test_gpu_table_sets_triton_against_the_compiled_baseline(compiled_s, cell):
     # without compiled results the table keeps its columns (the committed h100/h200 tables)
     no_compiled = {"benchmarks": results["benchmarks"][:3]}
     assert "compiled" not in report.gpu_table(no_compiled)
+
+
+def test_peaks_come_from_the_cold_run_by_case():
+    warm = {"benchmarks": [{"fullname": "a[x]", "extra_info": {"peak_extra_memory_bytes": 0}},
+                           {"fullname": "b[y]", "extra_info": {"peak_extra_memory_bytes": 5}}]}
+    cold = {"benchmarks": [{"fullname": "b[y]", "extra_info": {"peak_extra_memory_bytes": 7 << 20}},
+                           {"fullname": "a[x]", "extra_info": {"peak_extra_memory_bytes": 3 << 20}}]}
+    out = report.with_peaks_from(warm, cold)
+    assert [b["extra_info"]["peak_extra_memory_bytes"] for b in out["benchmarks"]] == [3 << 20, 7 << 20]
+    assert all(b["extra_info"]["peak_from"].startswith("FASTGRPO_BENCH_ALLOCATOR=cold") for b in out["benchmarks"])
+    missing = report.with_peaks_from({"benchmarks": [{"fullname": "c", "extra_info": {}}]}, cold)
+    assert missing["benchmarks"][0]["extra_info"]["peak_extra_memory_bytes"] is None

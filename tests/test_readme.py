@@ -141,6 +141,8 @@ def test_bash_snippet(line, code, user_dir):
     written = set()  # files an earlier command of this block writes
     for argv in commands(code):
         where = f"README.md:{line}: {' '.join(argv)[:100]}"
+        while argv and re.match(r"^[A-Z_][A-Z0-9_]*=", argv[0]):  # environment assignments before the command
+            argv = argv[1:]
         prog = Path(argv[0]).name
         if prog == "make" or prog == "pip" or argv[:3] == ["python3", "-m", "venv"] or prog == "mv":
             continue  # install lines: `make install` / `make test` run them in CI
