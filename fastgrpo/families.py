@@ -33,6 +33,11 @@ class Family:
         return _load(self.trainer)
 
     @property
+    def edits_images(self) -> bool:
+        """Whether the family edits images: its prompts carry source images (`fastgrpo.train.prompts`)."""
+        return bool(getattr(self.adapter_class(), "edits_images", False))
+
+    @property
     def kind(self) -> str:
         """``flow`` (SDE rollouts over latents) or ``ar`` (token-by-token rollouts): what strategies declare they
         train."""

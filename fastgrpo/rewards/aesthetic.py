@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .clip import _features
+from .clip import ClipPreference
 from .pixel import as_pil_images
 
 
@@ -71,32 +71,22 @@ def apply_head(layers, embeds: torch.Tensor) -> torch.Tensor:
     return x.squeeze(-1)
 
 
-class AestheticPredictor:
+class AestheticPredictor(ClipPreference):
     """LAION's aesthetic head on CLIP image embeddings (see the module doc). ``model``/``processor``: the CLIP model
     (OpenAI's ViT-L/14 for LAION's heads); ``head``: the head's state dict file (required)."""
 
     def __init__(self, model: str | None = None, processor: str | None = None, head: str | None = None,
                  device: str | None = None, dtype: str = "float32", batch_size: int = 32):
-        from fastgrpo.paths import model_location
-
         if not model:
             raise ValueError("model: give the CLIP model's local folder or hub id")
         if not head:
             raise ValueError("head: give the aesthetic head's .pth or .safetensors file")
-        self.model_id = model_location("model", model)
-        self.processor_id = model_location("processor", processor or model)
+        super().__init__(model, processor, device=device, dtype=dtype, batch_size=batch_size)
         self.layers = load_head(head)
         self.head = head
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = getattr(torch, dtype)
-        self.batch_size = batch_size
-        self._model = None
 
     def _load(self):
-        from transformers import AutoProcessor, CLIPModel
-
-        self._processor = AutoProcessor.from_pretrained(self.processor_id)
-        self._model = CLIPModel.from_pretrained(self.model_id, torch_dtype=self.dtype).to(self.device).eval()
+        super()._load()
         dim = self._model.config.projection_dim
         if self.layers[0][0].shape[1] != dim:
             raise ValueError(f"head {self.head!r} takes {self.layers[0][0].shape[1]}-d embeddings, the CLIP model "
@@ -104,13 +94,4 @@ class AestheticPredictor:
 
     @torch.no_grad()
     def __call__(self, images, prompts=None) -> torch.Tensor:
-        if self._model is None:
-            self._load()
-        pil = as_pil_images(images)
-        out = []
-        for i in range(0, len(pil), self.batch_size):
-            im = self._processor(images=pil[i:i + self.batch_size], return_tensors="pt")
-            emb = _features(self._model.get_image_features(
-                pixel_values=im["pixel_values"].to(self.device, self.dtype))).float()
-            out.append(apply_head(self.layers, emb / emb.norm(dim=-1, keepdim=True)))
-        return torch.cat(out).cpu()
+        return apply_head(self.layers, self.image_embeddings(as_pil_images(images))).cpu()

@@ -34,6 +34,19 @@ class ClipPreference:
         self._model = CLIPModel.from_pretrained(self.model_id, torch_dtype=self.dtype).to(self.device).eval()
 
     @torch.no_grad()
+    def image_embeddings(self, pil: list) -> torch.Tensor:
+        """L2-normalised CLIP image embeddings (float32 [n, d]) of PIL images, in batches of ``batch_size``."""
+        if self._model is None:
+            self._load()
+        out = []
+        for i in range(0, len(pil), self.batch_size):
+            im = self._processor(images=pil[i:i + self.batch_size], return_tensors="pt")
+            f = _features(self._model.get_image_features(pixel_values=im["pixel_values"].to(self.device,
+                                                                                           self.dtype))).float()
+            out.append(f / f.norm(dim=-1, keepdim=True))
+        return torch.cat(out) if out else torch.empty(0, 0)
+
+    @torch.no_grad()
     def __call__(self, images, prompts) -> torch.Tensor:
         if self._model is None:
             self._load()
@@ -83,16 +96,7 @@ class ClipImageSimilarity(ClipPreference):
 
         x = as_tensor_images(images)
         sources = source_images("clip_image_similarity", prompts, *x.shape[-2:])
-        if self._model is None:
-            self._load()
-        a, b = as_pil_images(x), as_pil_images(sources)
-        out = []
-        for i in range(0, len(a), self.batch_size):
-            feats = []
-            for pil in (a[i:i + self.batch_size], b[i:i + self.batch_size]):
-                im = self._processor(images=pil, return_tensors="pt")
-                f = _features(self._model.get_image_features(pixel_values=im["pixel_values"].to(self.device,
-                                                                                               self.dtype)))
-                feats.append(f / f.norm(dim=-1, keepdim=True))
-            out.append((feats[0] * feats[1]).sum(-1))
-        return torch.cat(out).float().cpu()
+        if not len(x):
+            return torch.zeros(0)
+        edits, srcs = self.image_embeddings(as_pil_images(x)), self.image_embeddings(as_pil_images(sources))
+        return (edits * srcs).sum(-1).cpu()

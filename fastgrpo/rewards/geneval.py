@@ -107,26 +107,29 @@ def check_metadata(meta, where: str) -> dict:
     return meta
 
 
-def load_jsonl_prompts(path) -> list[MetaPrompt]:
-    """The prompts of a JSONL file (one JSON object with a ``prompt`` string per line; blank lines skipped), each a
-    `MetaPrompt` carrying its line; a line with GenEval clauses (``include`` / ``exclude``) is validated
-    (`check_metadata`). A line that does not parse: ValueError naming the file and line."""
-    path = Path(path).expanduser()
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+def jsonl_rows(lines: list[str], where: str):
+    """(``where:line``, row) of each non-blank line of a JSONL prompt file: a JSON object with a non-empty
+    ``prompt`` string, its GenEval clauses (``include`` / ``exclude``) validated (`check_metadata`). A line that does
+    not parse: ValueError naming ``where`` and the line."""
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        where = f"{path}:{n}"
+        at = f"{where}:{n}"
         try:
-            meta = json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(meta, dict) or not isinstance(meta.get("prompt"), str) or not meta["prompt"].strip():
-            raise ValueError(f"{where}: each line must be a JSON object with a non-empty \"prompt\" string")
-        if "include" in meta or "exclude" in meta:
-            check_metadata(meta, where)
-        out.append(MetaPrompt(meta["prompt"].strip(), meta))
-    return out
+            raise ValueError(f"{at}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f"{at}: each line must be a JSON object with a non-empty \"prompt\" string")
+        if "include" in row or "exclude" in row:  # GenEval clauses, read by the geneval reward
+            check_metadata(row, at)
+        yield at, row
+
+
+def load_jsonl_prompts(path) -> list[MetaPrompt]:
+    """The prompts of a JSONL file (`jsonl_rows`; blank lines skipped), each a `MetaPrompt` carrying its line."""
+    path = Path(path).expanduser()
+    return [MetaPrompt(row["prompt"].strip(), row) for _, row in jsonl_rows(path.read_text().splitlines(), str(path))]
 
 
 # ------------------------------------------------------------------------------------------------- the rules

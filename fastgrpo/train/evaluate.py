@@ -50,9 +50,9 @@ def eval_prompts(cfg) -> list[str]:
 
     from fastgrpo.families import get_family
 
-    edits = bool(getattr(get_family(cfg.model.family).adapter_class(), "edits_images", False))
     try:
-        prompts = load_prompts(cfg.eval.prompts, edit=edits, family=cfg.model.family)
+        prompts = load_prompts(cfg.eval.prompts, edit=get_family(cfg.model.family).edits_images,
+                               family=cfg.model.family)
     except ValueError as e:
         raise ValueError(str(e).replace("prompts.source", "eval.prompts")) from None
     return prompts[:cfg.eval.num_prompts]

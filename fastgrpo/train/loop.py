@@ -286,8 +286,8 @@ class GRPOTrainer:
         self.strategy_log = {}  # the fields the strategy recorded in this round's sample phase (`round`)
         from fastgrpo.families import get_family
 
-        edits = bool(getattr(get_family(cfg.model.family).adapter_class(), "edits_images", False))
-        self.prompts = load_prompts(cfg.prompts.source, edit=edits, family=cfg.model.family)
+        self.prompts = load_prompts(cfg.prompts.source, edit=get_family(cfg.model.family).edits_images,
+                                    family=cfg.model.family)
         self.reward_fn = build_reward(cfg.reward)
         self.reward_fn.check_prompts(self.prompts)  # before any model loads (GenEval metadata, source images)
         if cfg.sample.prompts_per_step % self.world_size:

@@ -33,7 +33,6 @@ any model loads, not in the middle of training.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -264,25 +263,14 @@ def _mismatch(where: str, *, has_image: bool, who: str) -> str:
 def _load_jsonl(path: Path, source: str, edit: bool | None, who: str) -> list:
     """Each row a `fastgrpo.rewards.geneval.MetaPrompt` (text) or an `EditPrompt` (with ``"image"``), both carrying
     the row as ``.meta`` (GenEval clauses checked: the geneval reward reads them, e.g. Flow-GRPO's counting edits)."""
-    from fastgrpo.rewards.geneval import MetaPrompt, check_metadata
+    from fastgrpo.rewards.geneval import MetaPrompt, jsonl_rows
 
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"prompts.source: {source!r} cannot be read as text ({type(e).__name__}: {e})") from None
     out, inferred = [], edit is None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"prompts.source: {path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise ValueError(f"{where}: each line must be a JSON object with a non-empty \"prompt\" string")
-        if "include" in row or "exclude" in row:  # GenEval clauses, read by the geneval reward
-            check_metadata(row, where)
+    for where, row in jsonl_rows(lines, f"prompts.source: {path}"):
         text, image = row["prompt"], row.get("image")
         if edit is None and not out:
             edit = image is not None  # the first row says which kind of list this is
