@@ -12,6 +12,10 @@ rounded) inputs, with the error measured normwise -- ``max|actual - ref| / max|r
 
 Helpers: `rel_err`, `assert_close`, and `poisoned_allocations`, which makes ``torch.empty``/``empty_like`` return
 NaN-filled (or extreme-integer) memory so a test can prove a kernel writes every element of its outputs.
+
+Host-cost helpers (bench/test_bench_host.py): `stubbed_kernels` replaces the Triton kernels of some modules by stubs
+that launch nothing and record each launch, so that a call's own host work (checks, allocations, launch arguments,
+the autograd Function) can be timed and profiled on any machine; `aten_ops` counts the torch ops a call dispatches.
 """
 from __future__ import annotations
 
@@ -96,6 +100,77 @@ def poisoned_allocations():
         yield
     finally:
         torch.empty, torch.empty_like = real_empty, real_empty_like
+
+
+class KernelLaunches(list):
+    """The launches recorded by `stubbed_kernels`: (kernel name, grid) in launch order."""
+
+    def names(self) -> list:
+        return [name for name, _ in self]
+
+
+class _StubKernel:
+    """Stands in for one Triton kernel: ``kernel[grid](*args, **kwargs)`` does nothing but record (name, grid)."""
+
+    def __init__(self, name: str, log: KernelLaunches):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        log, name = self.log, self.name
+
+        def launch(*args, **kwargs):
+            log.append((name, grid))
+
+        return launch
+
+
+@contextlib.contextmanager
+def stubbed_kernels(*modules):
+    """Within the block, every Triton kernel (any ``triton.jit``/autotuned object, interpreted or compiled) defined in
+    ``modules`` (module objects or dotted names, e.g. ``"fastgrpo.kernels.sde_step"``) is replaced by a stub that
+    launches nothing and appends ``(kernel name, grid)`` to the yielded `KernelLaunches`; the kernels are restored
+    on exit. The launchers look their kernels up as module globals at call time, so they call the stubs.
+
+    What is left of a call is its host path: argument checks, output allocation, launch arguments, the autograd
+    Function -- on CPU tensors (``impl="triton"`` needs ``TRITON_INTERPRET=1`` there, which only opens the backend
+    check: nothing runs in the interpreter) or CUDA tensors alike. The outputs are uninitialised memory, so nothing
+    about the results can be checked: check the recorded launches instead.
+    """
+    import importlib
+
+    from triton.runtime.jit import KernelInterface  # imported lazily: importing triton takes seconds
+
+    log = KernelLaunches()
+    saved = []
+    try:
+        for mod in modules:
+            mod = importlib.import_module(mod) if isinstance(mod, str) else mod
+            for name, obj in list(vars(mod).items()):
+                if isinstance(obj, KernelInterface):
+                    saved.append((mod, name, obj))
+                    setattr(mod, name, _StubKernel(name, log))
+        yield log
+    finally:
+        for mod, name, obj in saved:
+            setattr(mod, name, obj)
+
+
+def aten_ops(fn) -> list:
+    """The aten ops one ``fn()`` dispatches (names like ``"aten.empty.memory_format"``, in order), seen below
+    autograd by a ``TorchDispatchMode`` -- including the ones the autograd engine runs in a backward on this thread
+    (CPU tensors; CUDA backward work runs on the engine's device thread and is not seen)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return seen
 
 
 def cuda_syncs(fn) -> list:
