@@ -4,7 +4,11 @@
 
 1. ``ops``: for each op at the benchmark shapes, the CUDA-event time of one call (``triton.testing.do_bench``,
    L2 flushed) beside the summed device time of the kernels it launches (torch.profiler), kernel by kernel. The
-   difference is host work the GPU waits for (Python, launches, a validation sync).
+   difference is host work the GPU waits for (Python, launches, a validation sync); where it goes, per case:
+   ``host_issue_ms`` (the time until the call returns, before synchronising), ``cpu_events`` (torch.profiler's
+   CPU-side events by self time: aten ops, ``cudaLaunchKernel``/``cuLaunchKernel``, the autograd engine's
+   ``evaluate_function`` nodes) and ``host_profile`` (cProfile: the Python functions by own time). Without CUDA
+   (``probe_ops()`` on a CPU machine, or ``main`` there) it is a smoke run: tiny shapes, host timings only.
 2. ``attention``: ``attention_with_text_entropy`` under each candidate (BLOCK_M, BLOCK_N, num_warps, num_stages)
    against SDPA's flash backend at the SD3-512 and FLUX-1024 shapes.
 3. ``collector``: AEGPO's whole step (bench/test_bench_collector.py's SD3.5-Medium forward, bf16, no grad) at
@@ -14,7 +18,8 @@
    adds shows), and, from torch.profiler, the CPU ops and device kernels per forward with and without it. About
    20 s of GPU time. On CPU (``probe_collector()`` without CUDA) a scaled-down model runs as a smoke test.
 
-Writes ``DIR/probe.json`` and prints a short table.
+Writes ``DIR/probe.json`` and prints a short table. On a machine without CUDA, ``python bench/gpu_probe.py --out DIR``
+runs the CPU smoke path of the ``ops`` and ``collector`` sections (the attention sweep needs CUDA).
 """
 from __future__ import annotations
 
@@ -49,13 +54,22 @@ def _kernel_ms(fn, calls: int = 20) -> tuple[float, dict]:
     return sum(per_kernel.values()), dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
 
 
-def ops_cases():
+# The CPU smoke run's shapes (no CUDA): the code path of the probe, not numbers to read.
+SMOKE_SDE_SHAPES = {"tiny": (8, 4, 16, 16)}
+SMOKE_TOKEN_SHAPES = {"image": (2, 16, 512)}
+SMOKE_OVF = (64, 8, 4)  # P, G, K
+
+
+def ops_cases(smoke: bool = False):
+    """name -> (call, minimum bytes) at the benchmark shapes on CUDA; ``smoke``: tiny shapes on the CPU."""
     from fastgrpo import eg_grpo_shaping, ovf_select, sde_step, token_logprob_entropy
     from test_bench_ovf import G, K, P
     from test_bench_sde import SHAPES as SDE_SHAPES
     from test_bench_token import SHAPES as TOKEN_SHAPES
 
-    dev = "cuda"
+    dev = "cpu" if smoke else "cuda"
+    if smoke:
+        SDE_SHAPES, TOKEN_SHAPES, (P, G, K) = SMOKE_SDE_SHAPES, SMOKE_TOKEN_SHAPES, SMOKE_OVF
     g = torch.Generator().manual_seed(0)
     cases = {}
     for name, shape in SDE_SHAPES.items():
@@ -93,16 +107,71 @@ def ops_cases():
     return cases
 
 
-def probe_ops(copy_gbps: float) -> dict:
+def _host_issue_ms(fn, repeats: int = 20) -> float:
+    """Median time until ``fn()`` returns, started on an idle device and not waiting for it: the host's share of
+    a call (close to the CUDA-event time when the call is host-bound)."""
+    import statistics
+    import time
+
+    cuda = torch.cuda.is_available()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if cuda:
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def _cpu_events(fn, calls: int = 10, top: int = 12) -> list:
+    """torch.profiler's CPU-side events of ``fn`` (the launches as the CUDA runtime/driver API calls they are, the
+    autograd engine's nodes, aten ops), the ``top`` by self CPU time, as [event, calls per call, self us per call,
+    total us per call]; the launch events are always listed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    rows = events[:top] + [e for e in events[top:] if e.key in LAUNCH_EVENTS]
+    return [[e.key[:80], e.count / calls, round(e.self_cpu_time_total / calls, 2), round(e.cpu_time_total / calls, 2)]
+            for e in rows]
+
+
+def probe_ops(copy_gbps: float | None) -> dict:
+    """Per op case: CUDA-event time, kernel time and kernels, and where the host time goes (``host_issue_ms``,
+    ``cpu_events``, ``host_profile``). Without CUDA: the smoke run (tiny CPU shapes, ``event_ms`` is the host time
+    of a call, no kernel table)."""
+    cuda = torch.cuda.is_available()
     res = {}
-    for name, (fn, nbytes) in ops_cases().items():
+    for name, (fn, nbytes) in ops_cases(smoke=not cuda).items():
         with torch.no_grad() if "train" not in name else torch.enable_grad():
-            ev = _event_ms(fn)
-            kern, per = _kernel_ms(fn)
-        res[name] = {"event_ms": ev, "kernel_ms": kern, "bytes": nbytes, "gb_per_s_event": nbytes / ev / 1e6,
-                     "gb_per_s_kernels": nbytes / kern / 1e6, "kernels": per}
-        print(f"{name:32s} event {ev:8.3f} ms  kernels {kern:8.3f} ms  "
-              f"{nbytes / kern / 1e6 / copy_gbps:6.1%} of copy (kernels)  {len(per)} kernels", flush=True)
+            fn()  # compiles the kernels on a GPU
+            issue = _host_issue_ms(fn, repeats=20 if cuda else 3)
+            ev = _event_ms(fn) if cuda else issue
+            kern, per = _kernel_ms(fn) if cuda else (None, {})
+            events = _cpu_events(fn, calls=10 if cuda else 2)
+            host = _host_profile(fn, top=12)
+        res[name] = {"event_ms": ev, "kernel_ms": kern, "host_issue_ms": issue, "bytes": nbytes,
+                     "gb_per_s_event": nbytes / ev / 1e6,
+                     "gb_per_s_kernels": nbytes / kern / 1e6 if kern else None, "kernels": per,
+                     "cpu_events": events, "host_profile": host}
+        bw = f"{nbytes / kern / 1e6 / copy_gbps:6.1%} of copy (kernels)" if kern and copy_gbps else ""
+        print(f"{name:32s} event {ev:8.3f} ms  host issue {issue:8.3f} ms  kernels "
+              f"{kern if kern is not None else float('nan'):8.3f} ms  {bw}  {len(per)} kernels", flush=True)
     return res
 
 
@@ -269,16 +338,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    copy_gbps = _copy_gbps()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gb_per_s": copy_gbps}
+    cuda = torch.cuda.is_available()
+    copy_gbps = _copy_gbps() if cuda else None
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke run: tiny shapes, host timings only)",
+              "torch": torch.__version__, "copy_gb_per_s": copy_gbps}
     import triton
 
     result["triton"] = triton.__version__
-    print(f"copy {copy_gbps:,.0f} GB/s", flush=True)
+    print(f"copy {copy_gbps:,.0f} GB/s" if cuda else "no CUDA: CPU smoke run of the ops and collector sections",
+          flush=True)
     # Each section on its own: one that fails is reported and the others still run (and are written).
     sections = [("collector", probe_collector), ("ops", lambda: probe_ops(copy_gbps)), ("attention", _attention_probe)]
     for name, fn in sections:
         if args.only is not None and name not in args.only:
+            continue
+        if name == "attention" and not cuda:
             continue
         try:
             result[name] = fn()

@@ -103,14 +103,23 @@ def poisoned_allocations():
 
 
 class KernelLaunches(list):
-    """The launches recorded by `stubbed_kernels`: (kernel name, grid) in launch order."""
+    """The launches recorded by `stubbed_kernels`: the kernels' names in launch order (a list), and their grids
+    (``grids``, in the same order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.grids = []
 
     def names(self) -> list:
-        return [name for name, _ in self]
+        return list(self)
+
+    def clear(self) -> None:
+        super().clear()
+        self.grids.clear()
 
 
 class _StubKernel:
-    """Stands in for one Triton kernel: ``kernel[grid](*args, **kwargs)`` does nothing but record (name, grid)."""
+    """Stands in for one Triton kernel: ``kernel[grid](*args, **kwargs)`` does nothing but record its name and grid."""
 
     def __init__(self, name: str, log: KernelLaunches):
         self.name, self.log = name, log
@@ -119,7 +128,8 @@ class _StubKernel:
         log, name = self.log, self.name
 
         def launch(*args, **kwargs):
-            log.append((name, grid))
+            log.append(name)
+            log.grids.append(grid)
 
         return launch
 
@@ -128,8 +138,8 @@ class _StubKernel:
 def stubbed_kernels(*modules):
     """Within the block, every Triton kernel (any ``triton.jit``/autotuned object, interpreted or compiled) defined in
     ``modules`` (module objects or dotted names, e.g. ``"fastgrpo.kernels.sde_step"``) is replaced by a stub that
-    launches nothing and appends ``(kernel name, grid)`` to the yielded `KernelLaunches`; the kernels are restored
-    on exit. The launchers look their kernels up as module globals at call time, so they call the stubs.
+    launches nothing and records the kernel's name and grid in the yielded `KernelLaunches`; the kernels are
+    restored on exit. The launchers look their kernels up as module globals at call time, so they call the stubs.
 
     What is left of a call is its host path: argument checks, output allocation, launch arguments, the autograd
     Function -- on CPU tensors (``impl="triton"`` needs ``TRITON_INTERPRET=1`` there, which only opens the backend

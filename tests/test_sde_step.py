@@ -345,24 +345,13 @@ def test_auto_on_cpu_uses_cpp_when_built_else_torch(cpp_disabled):
 # ---------------------------------------------------------------------------------------------- host work per call
 
 
-class _LaunchRecorder:
-    """Stands in for a @triton.jit kernel: records ``kernel[grid](...)`` launches instead of running them."""
-
-    def __init__(self, name, log):
-        self.name, self.log = name, log
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.log.append(self.name)
-
-
 @pytest.fixture
-def recorded_launches(monkeypatch):
-    from fastgrpo.kernels import sde_step as mod
+def recorded_launches():
+    """The sde_step kernels' launches (names, in order), which are recorded instead of run."""
+    from fastgrpo.testing import stubbed_kernels
 
-    log = []
-    for name in ("sde_step_fwd_kernel", "sde_step_finish_kernel", "sde_step_bwd_kernel"):
-        monkeypatch.setattr(mod, name, _LaunchRecorder(name, log))
-    return log
+    with stubbed_kernels("fastgrpo.kernels.sde_step") as log:
+        yield log
 
 
 def _aten_ops(fn):
