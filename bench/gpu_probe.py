@@ -38,20 +38,40 @@ def _event_ms(fn) -> float:
     return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
-def _kernel_ms(fn, calls: int = 20) -> tuple[float, dict]:
+def _profile_calls(fn, calls: int = 20, top: int = 12) -> tuple:
+    """One torch.profiler session over ``calls`` calls of ``fn``: (summed kernel ms per call, {kernel: ms per call},
+    CPU-side events). The events (`_cpu_rows`) are the host's: aten ops, the autograd engine's nodes, and the
+    launches as the CUDA runtime/driver API calls they are. Without CUDA: (None, {}, CPU events)."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = torch.cuda.is_available()
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(calls):
             fn()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
     per_kernel: dict[str, float] = {}
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[evt.name[:80]] = per_kernel.get(evt.name[:80], 0.0) + evt.device_time / 1e3 / calls
-    return sum(per_kernel.values()), dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
+    per_kernel = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
+    return (sum(per_kernel.values()) if cuda else None), per_kernel, _cpu_rows(prof, calls, top)
+
+
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def _cpu_rows(prof, calls: int, top: int) -> list:
+    """The ``top`` CPU-side events of a profile by self CPU time (the launch events always listed), as [event,
+    calls per call, self us per call, total us per call]."""
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    rows = events[:top] + [e for e in events[top:] if e.key in LAUNCH_EVENTS]
+    return [[e.key[:80], e.count / calls, round(e.self_cpu_time_total / calls, 2), round(e.cpu_time_total / calls, 2)]
+            for e in rows]
 
 
 # The CPU smoke run's shapes (no CUDA): the code path of the probe, not numbers to read.
@@ -126,31 +146,6 @@ def _host_issue_ms(fn, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
-
-
-def _cpu_events(fn, calls: int = 10, top: int = 12) -> list:
-    """torch.profiler's CPU-side events of ``fn`` (the launches as the CUDA runtime/driver API calls they are, the
-    autograd engine's nodes, aten ops), the ``top`` by self CPU time, as [event, calls per call, self us per call,
-    total us per call]; the launch events are always listed."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = torch.cuda.is_available()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        for _ in range(calls):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
-    events.sort(key=lambda e: -e.self_cpu_time_total)
-    rows = events[:top] + [e for e in events[top:] if e.key in LAUNCH_EVENTS]
-    return [[e.key[:80], e.count / calls, round(e.self_cpu_time_total / calls, 2), round(e.cpu_time_total / calls, 2)]
-            for e in rows]
-
-
 def probe_ops(copy_gbps: float | None) -> dict:
     """Per op case: CUDA-event time, kernel time and kernels, and where the host time goes (``host_issue_ms``,
     ``cpu_events``, ``host_profile``). Without CUDA: the smoke run (tiny CPU shapes, ``event_ms`` is the host time
@@ -162,16 +157,16 @@ def probe_ops(copy_gbps: float | None) -> dict:
             fn()  # compiles the kernels on a GPU
             issue = _host_issue_ms(fn, repeats=20 if cuda else 3)
             ev = _event_ms(fn) if cuda else issue
-            kern, per = _kernel_ms(fn) if cuda else (None, {})
-            events = _cpu_events(fn, calls=10 if cuda else 2)
+            kern, per, events = _profile_calls(fn, calls=20 if cuda else 2)
             host = _host_profile(fn, top=12)
         res[name] = {"event_ms": ev, "kernel_ms": kern, "host_issue_ms": issue, "bytes": nbytes,
                      "gb_per_s_event": nbytes / ev / 1e6,
                      "gb_per_s_kernels": nbytes / kern / 1e6 if kern else None, "kernels": per,
                      "cpu_events": events, "host_profile": host}
         bw = f"{nbytes / kern / 1e6 / copy_gbps:6.1%} of copy (kernels)" if kern and copy_gbps else ""
-        print(f"{name:32s} event {ev:8.3f} ms  host issue {issue:8.3f} ms  kernels "
-              f"{kern if kern is not None else float('nan'):8.3f} ms  {bw}  {len(per)} kernels", flush=True)
+        kern_txt = f"{kern:8.3f} ms" if kern is not None else "     n/a   "
+        print(f"{name:32s} event {ev:8.3f} ms  host issue {issue:8.3f} ms  kernels {kern_txt}  {bw}  "
+              f"{len(per)} kernels", flush=True)
     return res
 
 
@@ -235,7 +230,7 @@ def _profile_counts(fn) -> dict:
     events = prof.events()
     cpu_ops = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::"))
     launches = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU
-                   and e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"))
+                   and e.name in LAUNCH_EVENTS)
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     return {"cpu_aten_ops": cpu_ops, "launch_calls": launches, "device_kernels": kernels}
 

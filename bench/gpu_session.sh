@@ -31,7 +31,7 @@ case "${1:-bench}" in
 bench)
     # Two runs, each writing its own JSON, so that one that overruns does not lose the other's results.
     i=0
-    for files in "bench/test_bench_ceilings.py bench/test_bench_sde.py bench/test_bench_ovf.py bench/test_bench_token.py" \
+    for files in "bench/test_bench_ceilings.py bench/test_bench_sde.py bench/test_bench_ovf.py bench/test_bench_token.py bench/test_bench_host.py" \
                  "bench/test_bench_attention.py bench/test_bench_collector.py"; do
         i=$((i + 1))
         timeout "${3:-270}" python3 -m pytest $files -q -p no:cacheprovider -k "${2:-not cpp}" \
@@ -64,7 +64,7 @@ round)
             --benchmark-columns=median,rounds >> "$LOG" 2>&1
         tail -1 "$LOG"
     }
-    bench kernels 70 bench/test_bench_ceilings.py bench/test_bench_sde.py bench/test_bench_token.py \
+    bench kernels 75 bench/test_bench_ceilings.py bench/test_bench_sde.py bench/test_bench_token.py bench/test_bench_host.py \
         -k "not cpp and not compiled and not forward- and not (test_train and image) and not (test_train and text)"
     bench collector 45 bench/test_bench_collector.py
     part "CUDA tests"

@@ -229,7 +229,8 @@ def device_times(fn, *, host_median_s: float, rep_ms: int = 200) -> dict | None:
             "timing": "CUDA events (triton.testing.do_bench, L2 flushed before each call)"}
 
 
-def measure_host(benchmark, fn, *, launches, expected: list, rounds: int = 300, warmup: int = 30, **info):
+def measure_host(benchmark, fn, *, launches, expected: list, device: torch.device, rounds: int = 300, warmup: int = 30,
+                 **info):
     """Time the host path of ``fn``, a call whose Triton kernels are stubbed (`fastgrpo.testing.stubbed_kernels`,
     which yields ``launches``): nothing runs on a device, so what is timed is Python, argument checks, allocations
     and autograd -- the part of a call that a GPU waits for when the call is host-bound.
@@ -239,7 +240,8 @@ def measure_host(benchmark, fn, *, launches, expected: list, rounds: int = 300, 
     in ``benchmark.extra_info``: ``host_us`` (median of the timed calls, with glibc keeping freed buffers for the
     next call as a CUDA caching allocator would, `_warm_allocator`), ``kernel_launches`` and ``launched`` (the
     stubbed launches of one call), ``aten_ops`` and ``aten_op_counts`` (the torch ops one call dispatches,
-    `fastgrpo.testing.aten_ops`), plus the machine and versions.
+    `fastgrpo.testing.aten_ops`), plus the machine and versions; ``device`` (where the call's tensors live) names
+    the machine as `measure` does ("cpu x{threads}" for CPU tensors, so GPU tables leave the CPU cases out).
     """
     from collections import Counter
 
@@ -252,8 +254,9 @@ def measure_host(benchmark, fn, *, launches, expected: list, rounds: int = 300, 
     assert got == list(expected), f"the call launched {got}, expected {list(expected)}"
     launches.clear()
     benchmark.extra_info.update({
-        "device": device_name() if HAS_CUDA else f"cpu x{torch.get_num_threads()}",
+        "device": device_name() if device.type == "cuda" or not HAS_CUDA else f"cpu x{torch.get_num_threads()}",
         "torch": torch.__version__, "triton": _version("triton"), "fastgrpo": _version("fastgrpo"),
+        "cuda": torch.version.cuda, "driver": driver_version() if device.type == "cuda" else None,
         "kernel_launches": len(got), "launched": got, "aten_ops": len(ops), "aten_op_counts": dict(Counter(ops)),
         "timing": "host clock, Triton kernels stubbed (fastgrpo.testing.stubbed_kernels)", **info,
     })

@@ -15,7 +15,7 @@ Cases (bf16 inputs, ``impl="triton"``):
 * ``sde_train``: ``sde_step(x, v, 0.8, 0.7, prev_sample=prev, v_ref=v_ref)`` and ``torch.autograd.grad`` of
   ``log_prob.sum() + 0.01 * kl.sum()`` w.r.t. v (bench/test_bench_sde.py's training case, loss ops included);
   at the tiny presets' shape [8, 4, 16, 16] and SD3.5-512's [24, 16, 64, 64];
-* ``token_forward``: ``token_logprob_entropy`` under no_grad, and ``eg_grpo_shaping`` (masks and shaped
+* ``token_logprob_entropy`` (forward, under no_grad) and ``eg_grpo_shaping`` (forward: masks and shaped
   advantages), at the T2I-R1 image shape [16, 576, 16384] of bench/test_bench_token.py.
 
 Every tensor has its real shape; the large ones are ``torch.empty`` (never touched: with the kernels stubbed
@@ -75,19 +75,18 @@ def test_host_sde_step(benchmark, host_device, case, shape_name):
 
         expected = ["sde_step_fwd_kernel", "sde_step_finish_kernel", "sde_step_bwd_kernel"]
     with stubbed_kernels(SDE) as launches:
-        measure_host(benchmark, fn, launches=launches, expected=expected, op="sde_step", case=case,
-                     shape_name=shape_name, shapes={"x": list(shape)}, dtype="bfloat16",
-                     tensors=str(host_device))
+        measure_host(benchmark, fn, launches=launches, expected=expected, op="sde_step", case=case.removeprefix("sde_"),
+                     shape_name=shape_name, shapes={"x": list(shape)}, dtype="bfloat16", device=host_device)
 
 
 @pytest.mark.parametrize("host_device", DEVICES, indirect=True)
-@pytest.mark.parametrize("case", ["token_forward", "eg_grpo_shaping"])
+@pytest.mark.parametrize("case", ["token_logprob_entropy", "eg_grpo_shaping"])
 def test_host_token(benchmark, host_device, case):
     B, L, V = TOKEN_SHAPES["image"]
     g = torch.Generator().manual_seed(0)
     logits = torch.empty((B, L, V), dtype=torch.bfloat16, device=host_device)
     targets = torch.randint(0, V, (B, L), generator=g).to(host_device)
-    if case == "token_forward":
+    if case == "token_logprob_entropy":
         def fn():
             with torch.no_grad():
                 return token_logprob_entropy(logits, targets, impl="triton")
@@ -103,9 +102,8 @@ def test_host_token(benchmark, host_device, case):
 
         expected = ["token_stats_fwd_kernel", "eg_shaping_kernel"]
     with stubbed_kernels(TOKEN) as launches:
-        measure_host(benchmark, fn, launches=launches, expected=expected,
-                     op="token_logprob_entropy" if case == "token_forward" else "eg_grpo_shaping", case=case,
-                     shape_name="image", shapes={"logits": [B, L, V]}, dtype="bfloat16", tensors=str(host_device))
+        measure_host(benchmark, fn, launches=launches, expected=expected, op=case, case="forward", shape_name="image",
+                     shapes={"logits": [B, L, V]}, dtype="bfloat16", device=host_device)
 
 
 def test_gpu_probe_ops_section():

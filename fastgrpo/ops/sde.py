@@ -77,6 +77,13 @@ csrc/sde_step.cpp) has the same launchers (``sde_step_fwd(x, v, sched, ...)``, `
 work in one call each way: float64 coefficients from the sigmas, the elementwise pass, and the [B] epilogue
 (log_prob, std, kl) from per-chunk partial sums, with no torch op on [B] tensors in Python (issue 20: the host
 work around the kernel used to cost 0.2-0.6 ms a call, 14x the kernel at the tiny presets' size).
+
+Host path of the fused paths (on a GPU the calls are host-bound at the benchmark shapes; bench/test_bench_host.py
+times it with the Triton kernels stubbed): the inputs go to the launchers in x's own shape (contiguous; the
+tensors themselves when they already are) and the outputs come back in it, so nothing is reshaped; the Triton
+launchers plan each launch (grid, blocking, constexprs) once per (B, N, variant); the autograd.Function returns
+only the outputs that exist (no placeholder for an absent kl or sample). A sampling call is 5 allocations and 2
+launches, a training step's forward the same and its backward 1 allocation and 1 launch.
 """
 from __future__ import annotations
 
