@@ -115,6 +115,8 @@ def ops_cases(smoke: bool = False):
         cases[f"token_forward_{name}"] = (lambda lg=logits, t=targets: token_logprob_entropy(lg, t), R * V * 2)
         cases[f"token_shaping_{name}"] = (
             lambda lg=logits, t=targets, m=modality, a=adv: eg_grpo_shaping(lg, t, m, a), R * V * 2)
+        cases[f"token_shaping_novalidate_{name}"] = (
+            lambda lg=logits, t=targets, m=modality, a=adv: eg_grpo_shaping(lg, t, m, a, validate=False), R * V * 2)
         lr = logits.clone().requires_grad_(True)
 
         def ttrain(lr=lr, t=targets):

@@ -240,12 +240,13 @@ def measure_host(benchmark, fn, *, launches, expected: list, device: torch.devic
     in ``benchmark.extra_info``: ``host_us`` (median of the timed calls, with glibc keeping freed buffers for the
     next call as a CUDA caching allocator would, `_warm_allocator`), ``kernel_launches`` and ``launched`` (the
     stubbed launches of one call), ``aten_ops`` and ``aten_op_counts`` (the torch ops one call dispatches,
-    `fastgrpo.testing.aten_ops`), plus the machine and versions; ``device`` (where the call's tensors live) names
+    `fastgrpo.testing.aten_ops`), ``host_reads`` (its reads of tensor values into Python, `fastgrpo.testing.host_reads`:
+    device syncs with CUDA tensors), plus the machine and versions; ``device`` (where the call's tensors live) names
     the machine as `measure` does ("cpu x{threads}" for CPU tensors, so GPU tables leave the CPU cases out).
     """
     from collections import Counter
 
-    from fastgrpo.testing import aten_ops
+    from fastgrpo.testing import aten_ops, host_reads
 
     fn()  # first call: lazy imports and caches
     launches.clear()
@@ -253,11 +254,14 @@ def measure_host(benchmark, fn, *, launches, expected: list, device: torch.devic
     got = launches.names()
     assert got == list(expected), f"the call launched {got}, expected {list(expected)}"
     launches.clear()
+    reads = host_reads(fn)
+    launches.clear()
     benchmark.extra_info.update({
         "device": device_name() if device.type == "cuda" or not HAS_CUDA else f"cpu x{torch.get_num_threads()}",
         "torch": torch.__version__, "triton": _version("triton"), "fastgrpo": _version("fastgrpo"),
         "cuda": torch.version.cuda, "driver": driver_version() if device.type == "cuda" else None,
         "kernel_launches": len(got), "launched": got, "aten_ops": len(ops), "aten_op_counts": dict(Counter(ops)),
+        "host_reads": reads,
         "timing": "host clock, Triton kernels stubbed (fastgrpo.testing.stubbed_kernels)", **info,
     })
 

@@ -125,7 +125,8 @@ def table(results: dict) -> str:
 
 def host_table(results: dict) -> str:
     """The host cost of the Triton launchers (bench/test_bench_host.py): per case, the median host time of one call
-    with every kernel stubbed, its kernel launches and the torch ops it dispatches."""
+    with every kernel stubbed, its kernel launches, the torch ops it dispatches and how many of them read a value
+    back to the host."""
     host = sorted((b for b in results["benchmarks"] if _fn(b).startswith("test_host_")), key=lambda b: b["name"])
     if not host:
         raise SystemExit("no bench/test_bench_host.py results in this file")
@@ -136,15 +137,18 @@ def host_table(results: dict) -> str:
              f"CPU: {info.get('cpu', {}).get('brand_raw', info.get('processor', '?'))}; torch {e0.get('torch')}, "
              f"triton {e0.get('triton')}; recorded {results.get('datetime', '?')} "
              f"({Path(results.get('_source', '')).name}).", "",
-             "| op | case | shapes | tensors | host us | kernel launches | torch ops |",
-             "|---|---|---|---|---:|---:|---:|"]
+             "Host reads: reads of a tensor's value into Python (``.item()``, ``.tolist()``, ...), each a device sync "
+             "with CUDA tensors.", "",
+             "| op | case | shapes | tensors | host us | kernel launches | torch ops | host reads |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
     for b in host:
         e = b["extra_info"]
         tensors = "cpu" if str(e.get("device", "cpu")).startswith("cpu") else "cuda"
         shapes = "; ".join(f"{k} {'x'.join(map(str, v))}" for k, v in e.get("shapes", {}).items())
         us = e.get("host_us", b["stats"]["median"] * 1e6)
         lines.append(f"| {e.get('op', _fn(b))} | {e.get('case', '')} | {e.get('shape_name', '')} ({shapes}) | "
-                     f"{tensors} | {us:,.1f} | {e.get('kernel_launches')} | {e.get('aten_ops')} |")
+                     f"{tensors} | {us:,.1f} | {e.get('kernel_launches')} | {e.get('aten_ops')} | "
+                     f"{len(e.get('host_reads') or [])} |")
     return "\n".join(lines)
 
 

@@ -16,7 +16,8 @@ Cases (bf16 inputs, ``impl="triton"``):
   ``log_prob.sum() + 0.01 * kl.sum()`` w.r.t. v (bench/test_bench_sde.py's training case, loss ops included);
   at the tiny presets' shape [8, 4, 16, 16] and SD3.5-512's [24, 16, 64, 64];
 * ``token_logprob_entropy`` (forward, under no_grad) and ``eg_grpo_shaping`` (forward: masks and shaped
-  advantages), at the T2I-R1 image shape [16, 576, 16384] of bench/test_bench_token.py.
+  advantages), at the T2I-R1 image shape [16, 576, 16384] of bench/test_bench_token.py, with the default
+  ``validate=True`` (a host read of the check flag: a device sync on CUDA) and with ``validate=False``.
 
 Every tensor has its real shape; the large ones are ``torch.empty`` (never touched: with the kernels stubbed
 nothing reads them, so they cost no memory), the small ones the host reads (targets, modality, advantages) hold
@@ -80,8 +81,9 @@ def test_host_sde_step(benchmark, host_device, case, shape_name):
 
 
 @pytest.mark.parametrize("host_device", DEVICES, indirect=True)
+@pytest.mark.parametrize("validate", [True, False], ids=["validate", "novalidate"])
 @pytest.mark.parametrize("case", ["token_logprob_entropy", "eg_grpo_shaping"])
-def test_host_token(benchmark, host_device, case):
+def test_host_token(benchmark, host_device, case, validate):
     B, L, V = TOKEN_SHAPES["image"]
     g = torch.Generator().manual_seed(0)
     logits = torch.empty((B, L, V), dtype=torch.bfloat16, device=host_device)
@@ -89,7 +91,7 @@ def test_host_token(benchmark, host_device, case):
     if case == "token_logprob_entropy":
         def fn():
             with torch.no_grad():
-                return token_logprob_entropy(logits, targets, impl="triton")
+                return token_logprob_entropy(logits, targets, impl="triton", validate=validate)
 
         expected = ["token_stats_fwd_kernel"]
     else:
@@ -98,11 +100,12 @@ def test_host_token(benchmark, host_device, case):
 
         def fn():
             with torch.no_grad():
-                return eg_grpo_shaping(logits, targets, modality, advantages, impl="triton")
+                return eg_grpo_shaping(logits, targets, modality, advantages, impl="triton", validate=validate)
 
         expected = ["token_stats_fwd_kernel", "eg_shaping_kernel"]
     with stubbed_kernels(TOKEN) as launches:
-        measure_host(benchmark, fn, launches=launches, expected=expected, op=case, case="forward", shape_name="image",
+        measure_host(benchmark, fn, launches=launches, expected=expected, op=case,
+                     case="forward" if validate else "forward, validate=False", shape_name="image",
                      shapes={"logits": [B, L, V]}, dtype="bfloat16", device=host_device)
 
 
