@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import math
-
 from typing import NamedTuple, Optional
 
 import torch

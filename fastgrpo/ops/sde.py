@@ -530,7 +530,7 @@ class _SDEStepFusedFn(torch.autograd.Function):
         return gx, gv, gvref, None, None, None, None
 
 
-def _no_grad(t):
+def _detached(t):
     """``t`` detached; the tensor itself when it does not require grad (a detach is an op: skipped when idle)."""
     return t.detach() if t.requires_grad else t
 
@@ -544,9 +544,9 @@ def _kernel_inputs(x, v, kind, noise, prev_sample, generator, v_ref):
     eps = prev = None
     if kind != "ode":
         if prev_sample is not None:
-            prev = _no_grad(prev_sample).contiguous()
+            prev = _detached(prev_sample).contiguous()
         elif noise is not None:
-            eps = _no_grad(noise).contiguous()
+            eps = _detached(noise).contiguous()
         else:
             eps = standard_normal(x.shape, generator, x.device)
     return x2, v2, vref2, eps, prev
