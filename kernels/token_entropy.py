@@ -146,6 +146,13 @@ def blocking(V: int) -> tuple[int, int, int]:
     return block, iters, triton.cdiv(V, block * iters)
 
 
+def fwd_config(V: int) -> dict:
+    """The forward kernel's launch configuration for rows of V logits: ``BLOCK`` (logits per loop step, from
+    `blocking`) and ``num_warps``. One function so that bench/gpu_probe.py can sweep it on a GPU."""
+    block = blocking(V)[0]
+    return {"BLOCK": block, "num_warps": 8 if block >= 2048 else 4}
+
+
 def _row_strides(logits3):
     _, L, _ = logits3.shape
     return max(L, 1), logits3.stride(0), logits3.stride(1)
@@ -166,7 +173,7 @@ def token_stats_fwd(logits3, targets, inv_t: float, ignore_index: int, ent_scale
     """
     P, L, V = logits3.shape
     R = P * L
-    block = blocking(V)[0]
+    cfg = fwd_config(V)
     dev = logits3.device
     logp, ent, rowmax, logs, mean_rel = (torch.empty(R, dtype=torch.float32, device=dev) for _ in range(5))
     if flag is None:
@@ -178,7 +185,7 @@ def token_stats_fwd(logits3, targets, inv_t: float, ignore_index: int, ent_scale
         token_stats_fwd_kernel[(R,)](
             logits3, targets, modality if modality is not None else targets, eff, logp, ent, rowmax, logs, mean_rel,
             flag, Lr, sb, sl, msb, msl, V, inv_t, ignore_index, ent_scale,
-            HAS_MOD=modality is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+            HAS_MOD=modality is not None, **cfg,
         )
     return logp, ent, rowmax, logs, mean_rel, eff
 
