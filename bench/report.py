@@ -132,12 +132,15 @@ def host_table(results: dict) -> str:
         raise SystemExit("no bench/test_bench_host.py results in this file")
     e0 = host[0]["extra_info"]
     info = results.get("machine_info", {})
+    threads = next((b["extra_info"]["device"] for b in host
+                    if str(b["extra_info"].get("device")).startswith("cpu")), "")
     lines = [f"Host cost per call (bench/test_bench_host.py): the Triton launchers with every kernel stubbed (no "
              "device work; Triton's own launch path not included), median host time. "
-             f"CPU: {info.get('cpu', {}).get('brand_raw', info.get('processor', '?'))}; torch {e0.get('torch')}, "
+             f"CPU: {info.get('cpu', {}).get('brand_raw', info.get('processor', '?'))}, {threads}; "
+             f"torch {e0.get('torch')}, "
              f"triton {e0.get('triton')}; recorded {results.get('datetime', '?')} "
              f"({Path(results.get('_source', '')).name}).", "",
-             "Host reads: reads of a tensor's value into Python (``.item()``, ``.tolist()``, ...), each a device sync "
+             "Host reads: reads of a tensor's value into Python (`.item()`, `.tolist()`, ...), each a device sync "
              "with CUDA tensors.", "",
              "| op | case | shapes | tensors | host us | kernel launches | torch ops | host reads |",
              "|---|---|---|---|---:|---:|---:|---:|"]
