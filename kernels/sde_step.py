@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 # NOISE modes of the forward kernel.
 NO_SAMPLE = 0  # ODE: prev = mean, no log-prob
 SAMPLE = 1  # prev = mean + std * eps, eps read from memory
@@ -269,20 +271,11 @@ def sde_step_bwd_kernel(
             tl.store(gv_ptr + base + offs, gv.to(gv_ptr.dtype.element_ty), mask=m)
 
 
-def _next_power_of_2(n: int) -> int:
-    """``triton.next_power_of_2`` in plain python (Triton's is a constexpr function: ~2 us per host call)."""
-    return 1 << (n - 1).bit_length() if n > 1 else 1
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _blocking(n: int) -> tuple[int, int, int]:
     """(BLOCK, ITERS, n_chunks): each program covers BLOCK*ITERS elements of one sample."""
-    block = min(1024, _next_power_of_2(max(n, 16)))
-    iters = max(1, min(4, _cdiv(n, block)))
-    return block, iters, _cdiv(n, block * iters)
+    block = min(1024, next_power_of_2(max(n, 16)))
+    iters = max(1, min(4, cdiv(n, block)))
+    return block, iters, cdiv(n, block * iters)
 
 
 def _variant(sched) -> tuple:
@@ -320,7 +313,7 @@ def _fwd_plan(B: int, N: int, variant: tuple, mode: int, has_vref: bool) -> _Fwd
     n_parts = (mode != NO_SAMPLE) + has_vref
     return _FwdPlan(
         (n_chunks, B), dict(NOISE=mode, HAS_VREF=has_vref, BLOCK=block, ITERS=iters, num_warps=4, **consts),
-        (B,), dict(HAS_SAMPLE=mode != NO_SAMPLE, HAS_VREF=has_vref, CBLOCK=min(128, _next_power_of_2(n_chunks)),
+        (B,), dict(HAS_SAMPLE=mode != NO_SAMPLE, HAS_VREF=has_vref, CBLOCK=min(128, next_power_of_2(n_chunks)),
                    num_warps=1, **consts),
         n_chunks, (n_parts, B, n_chunks) if n_parts else None)
 
