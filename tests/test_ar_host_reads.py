@@ -88,6 +88,18 @@ def test_ar_train_reads_do_not_grow_with_micro_batches(tmp_path, preset):
     assert counts[2] == counts[4], f"host reads grow with the micro-batches: {counts}"
 
 
+def test_ar_sampling_reads_nothing_per_image_token(tmp_path):
+    """Sampling reads on the host per CoT token (the early stop), per micro-batch (the CoTs' text, the rewards),
+    never per image token: no read from transformers' mask construction, which read the padding mask per forward
+    (64 per micro-batch here) until the policy handed SDPA its 4-D mask."""
+    trainer = _trainer(tmp_path, "tiny-eg-grpo", 4)
+    with ThreadPoolExecutor(1) as pool:
+        reads = host_reads(lambda: trainer.sample(0, pool))
+    assert not [r for r in reads if " via " in r], reads
+    per_mb = len(reads) / 2
+    assert per_mb < trainer.cfg.ar.cot_max_tokens + 10 < trainer.cfg.ar.image_tokens, reads
+
+
 # ---------------------------------------------------------------------------------------------- statistics
 
 
@@ -225,3 +237,14 @@ def test_no_sync_per_ar_training_micro_batch(tmp_path, preset):
         trainer.optimizer.zero_grad(set_to_none=True)
         syncs[batch] = cuda_syncs(lambda: trainer.train(batches))
     assert len(syncs[2]) == len(syncs[4]), f"AR training syncs grow with the micro-batches: {syncs}"
+
+
+@pytest.mark.skipif(not CUDA, reason="counts CUDA device syncs: needs a CUDA device (runs in the GPU session)")
+def test_no_sync_per_ar_image_token(tmp_path):
+    """AR sampling waits for the device per CoT token (the early stop) and per micro-batch, not per image token
+    (64 per micro-batch here)."""
+    trainer = _trainer(tmp_path, "tiny-eg-grpo", 4, device="cuda")
+    with ThreadPoolExecutor(1) as pool:
+        trainer.sample(0, pool)  # warm-up
+        syncs = cuda_syncs(lambda: trainer.sample(0, pool))
+    assert len(syncs) / 2 < trainer.cfg.ar.image_tokens / 2, syncs
