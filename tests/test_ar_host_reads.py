@@ -248,3 +248,31 @@ def test_no_sync_per_ar_image_token(tmp_path):
         trainer.sample(0, pool)  # warm-up
         syncs = cuda_syncs(lambda: trainer.sample(0, pool))
     assert len(syncs) / 2 < trainer.cfg.ar.image_tokens / 2, syncs
+
+
+@pytest.mark.parametrize("q_length", [1, 3, 9])
+def test_attention_mask_is_the_one_transformers_builds(q_length):
+    """The Janus policy's 4-D SDPA mask (which spares transformers its host read of the padding) equals the mask
+    transformers builds from the 2-D padding mask, for a whole sequence (q = K) and for cached steps (q < K), and
+    the language model's outputs on the real tokens agree."""
+    from transformers.masking_utils import sdpa_mask
+
+    from fastgrpo.ar.janus import _attention_mask, _positions, load_janus
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    B, K = 5, 9
+    lengths = torch.randint(1, K + 1, (B,), generator=g)
+    lengths[0] = K  # one row without padding
+    mask = (torch.arange(K)[None, :] >= K - lengths[:, None]).long()  # left padding
+    lm = load_janus("tiny")[0].model.language_model
+    got = _attention_mask(lm, mask, q_length)
+    want = sdpa_mask(batch_size=B, q_length=q_length, kv_length=K, q_offset=K - q_length, kv_offset=0,
+                     attention_mask=mask.bool(), allow_is_causal_skip=False)
+    assert got.dtype == torch.bool and torch.equal(got, want.expand_as(got))
+    if q_length == K:
+        emb = torch.randn(B, K, lm.config.hidden_size, generator=g)
+        with torch.no_grad():
+            ours = lm(inputs_embeds=emb, attention_mask=got, position_ids=_positions(mask)).last_hidden_state
+            theirs = lm(inputs_embeds=emb, attention_mask=mask, position_ids=_positions(mask)).last_hidden_state
+        real = mask.bool()
+        torch.testing.assert_close(ours[real], theirs[real], rtol=1e-5, atol=1e-5)

@@ -22,6 +22,12 @@ float error, since both are conditional log-probs of the same tokens), ``entropy
 normalised token entropy, H / ln V), ``low_frac_tokens`` / ``high_frac_tokens`` (fractions of shaped tokens in the
 low / high masks) and ``cot_tokens`` (mean CoT length).
 
+Host reads (each a device sync on CUDA): the train phase reads the device once, at its end (the statistics and every
+micro-batch's loss, stacked; a non-finite loss then raises `TrainingDiverged` naming the micro-batch, before the
+loop's optimizer step); sampling reads once per CoT token (the early stop when every row has ended) and per
+micro-batch (the CoTs' text, the rewards), never per image token (`fastgrpo.ar.janus.JanusPolicy` hands SDPA its
+4-D attention mask, so transformers does not read the padding mask per forward).
+
 On CUDA ``ar.impl="auto"`` runs the token ops' Triton kernels (no float32 [B, L, V] softmax); on CPU it runs their
 torch reference unless a C++ kernel is built (``ar.impl=triton`` uses Triton's interpreter under
 ``TRITON_INTERPRET=1``, slow but memory-light).
