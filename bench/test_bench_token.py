@@ -6,7 +6,10 @@ Shapes (Janus-Pro T2I-R1 / EG-GRPO, 16 sequences per step):
 * ``text``: 16 x 256 CoT tokens, V = 102,400 (the text vocabulary).
 
 Cases: ``forward`` (logp + entropy, no grad), ``train`` (forward + backward of ``logp.sum() + entropy.sum()``),
-``shaping`` (`eg_grpo_shaping` forward: logp, normalised entropy, masks, shaped advantages).
+``shaping`` (`eg_grpo_shaping` forward: logp, normalised entropy, masks, shaped advantages; it checks the targets
+and modality values, which costs one device-to-host read at the end of each call on CUDA), ``shaping_novalidate``
+(the same call with ``validate=False``, as the AR trainer makes it: no host read, so calls queue back to back;
+torch and Triton only).
 Minimum bytes: the bf16 logits read once per pass over V (forward 1x, train 2x) plus the gradient written once.
 
 Peak extra memory (``peak_extra_memory_bytes``) is measured on one extra call outside the timed rounds
@@ -61,9 +64,13 @@ def _rows_check(logits, targets, rows=64, **kw):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape_name", list(SHAPES))
-@pytest.mark.parametrize("case", ["forward", "shaping"])
+@pytest.mark.parametrize("case", ["forward", "shaping", "shaping_novalidate"])
 def test_forward(benchmark, bench_device, impl, shape_name, case):
-    """``forward``: token_logprob_entropy without grad; ``shaping``: eg_grpo_shaping (normalised entropy)."""
+    """``forward``: token_logprob_entropy without grad; ``shaping``: eg_grpo_shaping (normalised entropy);
+    ``shaping_novalidate``: the same with ``validate=False``."""
+    if case == "shaping_novalidate" and impl in ("compiled", "cpp"):
+        pytest.skip("validate=False changes the torch and Triton paths only (compiled has no check; cpp checks on "
+                    "the host at no cost)")
     if impl == "triton":
         require_cuda(impl)
     if impl == "cpp":
@@ -88,16 +95,17 @@ def test_forward(benchmark, bench_device, impl, shape_name, case):
     else:
         def fn():
             with torch.no_grad():
-                if case == "shaping":
-                    return eg_grpo_shaping(logits, targets, modality, advantages, impl=impl)
+                if case != "forward":
+                    return eg_grpo_shaping(logits, targets, modality, advantages, impl=impl,
+                                           validate=case == "shaping")
                 return token_logprob_entropy(logits, targets, impl=impl)
     close = compiled.assert_close if impl == "compiled" else assert_close
 
     def check(out):
-        ref_logp, ref_ent = _rows_check(logits, targets, normalize=case == "shaping")
+        ref_logp, ref_ent = _rows_check(logits, targets, normalize=case != "forward")
         close(out[0].reshape(-1)[:64], ref_logp, name="logp")
         close(out[1].reshape(-1)[:64], ref_ent, name="entropy")
-        if case == "shaping":  # (logp, entropy, token_adv, low, high)
+        if case != "forward":  # (logp, entropy, token_adv, low, high)
             assert out[4].any() and out[3].any()
 
     _run(benchmark, fn, check, logits, targets, impl, case, shape_name, scale, passes=1, info=info)

@@ -22,7 +22,8 @@ split into ``n_split`` chunks of ``BLOCK * ITERS`` logits per row (no merge need
     dlogits = [ g_logp * (onehot(target) - p) - g_H * p * (z - E_p[z]) ] / T
 
 Targets outside ``[0, V)`` (and not ignored) are not read; they set ``flag[0] = 1``, which the caller reads once
-after all of the call's kernels are queued and turns into the ValueError of the host check.
+after all of the call's kernels are queued and turns into the ValueError of the host check. Their rows get NaN
+``logp`` and ``entropy`` and no gradient (what a caller sees that does not read the flag: ``validate=False``).
 
 EG-GRPO pass 2 (`eg_shaping_kernel`, see fastgrpo/ops/eg_grpo.py): one program per (row, modality) sorts that
 modality's entropies with ``tl.sort`` (others pushed to +inf; a row of L <= ``MAX_SHAPING_L`` tokens fits in one
@@ -30,8 +31,8 @@ block), picks both thresholds (the released index rule of that modality, text or
 quantile: position and fraction in float64 from the fractions passed as three float32 scalars that sum exactly
 to the float64 value, interpolation rounded to the entropies' dtype after every operation, fused multiply-adds
 disabled), and writes the modality's ``low``/``high`` masks and shaped advantages in one pass; it also sets
-``flag[1]`` for modality values other than -1/0/1. The calibrated bonus (batch-level ``alpha``) adds one small
-launch, `eg_calibrate_kernel`.
+``flag[1]`` for modality values other than -1/0/1 (whose shaped advantage it writes as NaN). The calibrated
+bonus (batch-level ``alpha``) adds one small launch, `eg_calibrate_kernel`.
 
 Rows whose target equals ``ignore_index`` read no logits, give logp = entropy = 0 and a zero gradient.
 
@@ -39,6 +40,8 @@ Bytes moved: forward reads R*V logits once (+ O(R) statistics); backward reads t
 gradients.
 """
 from __future__ import annotations
+
+import struct
 
 import torch
 import triton
@@ -67,7 +70,7 @@ def token_stats_fwd_kernel(
         valid = valid & (mod != -1)
     bad = valid & ((tgt < 0) | (tgt >= V))
     tl.store(flag_ptr, 1, mask=bad)  # the host reads the flag once, after every kernel of the call is queued
-    valid = valid & (tgt >= 0) & (tgt < V)  # a bad row reads nothing (the call raises)
+    valid = valid & (tgt >= 0) & (tgt < V)  # a bad row reads nothing: NaN logp/entropy (validate=False)
     if HAS_MOD:
         tl.store(efft_ptr + row, tl.where(valid, tgt, ignore_index))  # the backward's and pass 2's targets
     m = -float("inf")
@@ -93,8 +96,9 @@ def token_stats_fwd_kernel(
     logs = tl.log(total)
     mean_rel = tl.where(valid, w / total, 0.0)  # E_p[z] - rowmax / T
     xt = tl.load(base + tl.where(valid, tgt, 0), mask=valid, other=0.0).to(tl.float32)
-    tl.store(logp_ptr + row, tl.where(valid, (xt - big) * inv_t - logs, 0.0))
-    tl.store(ent_ptr + row, tl.where(valid, (logs - mean_rel) * ent_scale, 0.0))
+    unread = tl.where(bad, float("nan"), 0.0)  # ignored rows 0; out-of-range targets NaN (never a finite number)
+    tl.store(logp_ptr + row, tl.where(valid, (xt - big) * inv_t - logs, unread))
+    tl.store(ent_ptr + row, tl.where(valid, (logs - mean_rel) * ent_scale, unread))
     tl.store(rowmax_ptr + row, big)
     tl.store(logs_ptr + row, logs)
     tl.store(meanrel_ptr + row, mean_rel)
@@ -111,7 +115,7 @@ def token_stats_bwd_kernel(
     base = logits_ptr + (row // L).to(tl.int64) * stride_b + (row % L).to(tl.int64) * stride_l
     out = dlogits_ptr + row.to(tl.int64) * V
     tgt = tl.load(targets_ptr + row)
-    valid = tgt != ignore_index
+    valid = (tgt != ignore_index) & (tgt >= 0) & (tgt < V)  # an out-of-range target's row: no gradient
     big = tl.load(rowmax_ptr + row)
     logs = tl.load(logs_ptr + row)
     mean_rel = tl.load(meanrel_ptr + row)
@@ -142,6 +146,13 @@ def blocking(V: int) -> tuple[int, int, int]:
     return block, iters, triton.cdiv(V, block * iters)
 
 
+def fwd_config(V: int) -> dict:
+    """The forward kernel's launch configuration for rows of V logits: ``BLOCK`` (logits per loop step, from
+    `blocking`) and ``num_warps``. One function so that bench/gpu_probe.py can sweep it on a GPU."""
+    block = blocking(V)[0]
+    return {"BLOCK": block, "num_warps": 8 if block >= 2048 else 4}
+
+
 def _row_strides(logits3):
     _, L, _ = logits3.shape
     return max(L, 1), logits3.stride(0), logits3.stride(1)
@@ -153,7 +164,8 @@ def token_stats_fwd(logits3, targets, inv_t: float, ignore_index: int, ent_scale
 
     modality: optional integer [P, L] (any strides); rows where it is -1 are ignored like ignore_index.
     flag: optional int32 tensor whose element 0 is set to 1 when a non-ignored target lies outside [0, V)
-    (the kernel never reads out of bounds; the caller raises after reading the flag once).
+    (the kernel never reads out of bounds and writes NaN logp/entropy for that row; the caller raises after
+    reading the flag once, or leaves the NaN to its loss check).
 
     Returns float32 [P*L] tensors (logp, entropy, rowmax, log_s, mean_rel) -- the last three are the backward's
     per-row statistics -- and the effective targets (ignore_index where modality == -1 or the target is out of
@@ -161,7 +173,7 @@ def token_stats_fwd(logits3, targets, inv_t: float, ignore_index: int, ent_scale
     """
     P, L, V = logits3.shape
     R = P * L
-    block = blocking(V)[0]
+    cfg = fwd_config(V)
     dev = logits3.device
     logp, ent, rowmax, logs, mean_rel = (torch.empty(R, dtype=torch.float32, device=dev) for _ in range(5))
     if flag is None:
@@ -173,7 +185,7 @@ def token_stats_fwd(logits3, targets, inv_t: float, ignore_index: int, ent_scale
         token_stats_fwd_kernel[(R,)](
             logits3, targets, modality if modality is not None else targets, eff, logp, ent, rowmax, logs, mean_rel,
             flag, Lr, sb, sl, msb, msl, V, inv_t, ignore_index, ent_scale,
-            HAS_MOD=modality is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4,
+            HAS_MOD=modality is not None, **cfg,
         )
     return logp, ent, rowmax, logs, mean_rel, eff
 
@@ -265,7 +277,8 @@ def eg_shaping_kernel(
     else:
         hc = h.to(tl.float32)
     m = tl.load(mod_ptr + b64 * mod_sb + offs * mod_sl, mask=inb, other=-1)
-    bad_mod = tl.sum(((m < -1) | (m > 1)).to(tl.int32), 0) > 0
+    bad_tok = (m < -1) | (m > 1)
+    bad_mod = tl.sum(bad_tok.to(tl.int32), 0) > 0
     tl.store(flag_ptr + 1, 1, mask=bad_mod & (mod_id == 0))
     if HAS_TGT:
         t = tl.load(efft_ptr + b64 * L + offs, mask=inb, other=ignore_index)
@@ -307,6 +320,7 @@ def eg_shaping_kernel(
             tadv = tl.where(keep, A, 0.0)
             tl.store(hsum_ptr + b * 2 + mod_id, tl.sum(tl.where(high, H, 0.0), 0))
             tl.store(hcnt_ptr + b * 2 + mod_id, tl.sum(high.to(tl.int32), 0))
+        tadv = tl.where(bad_tok, float("nan"), tadv)  # a modality value not in -1/0/1: NaN (validate=False)
         tl.store(tadv_ptr + out, tadv, mask=mine)
 
 
@@ -343,7 +357,7 @@ MAX_SHAPING_L = 8192  # a row (both modalities) is sorted in registers; longer r
 
 def _split3(q: float) -> tuple[float, float, float]:
     """Three float32 numbers whose float64 sum is exactly q (kernel scalars are float32)."""
-    f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731
+    f32 = lambda v: struct.unpack("f", struct.pack("f", v))[0]  # noqa: E731  (round to nearest, like torch)
     a = f32(q)
     b = f32(q - a)
     c = f32(q - a - b)

@@ -762,3 +762,67 @@ def test_shaping_temperature_range(impl, temperature):
             torch.zeros(2))
     with pytest.raises(ValueError, match="temperature must be a float in"):
         eg_grpo_shaping(*args, temperature=temperature, impl=impl)
+
+
+# ------------------------------------------------------------------------------------- validate=False
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_shaping_validate_false_marks_bad_tokens_nan(impl, calibrate, device):
+    """No host read: an out-of-range target gives NaN logp/entropy there, a modality value outside -1/0/1 a NaN
+    token_adv there; both are left out of the ranking, so every other output is the validated call's on the same
+    inputs with those two tokens ignored (modality -1)."""
+    logits, targets, modality, A = _hard_shaping_inputs(device, torch.float32, seed=80 + int(calibrate))
+    bt, bm = (2, 3), (5, 0)
+    t, m = targets.clone(), modality.clone()
+    t[bt], m[bt] = logits.shape[-1] + 4, 1  # a read target outside the vocabulary
+    m[bm], t[bm] = 3, 5  # a modality value that is no modality (its target is in range)
+    out = eg_grpo_shaping(logits, t, m, A, calibrate=calibrate, impl=impl, validate=False)
+    m_ok = m.clone()
+    m_ok[bt] = m_ok[bm] = -1
+    ref = eg_grpo_shaping(logits, targets, m_ok, A, calibrate=calibrate, impl=impl)
+    assert torch.isnan(out.logp[bt]) and torch.isnan(out.entropy[bt]) and out.token_adv[bt] == 0
+    assert torch.isnan(out.token_adv[bm]) and not out.low[bm] and not out.high[bm]
+    assert torch.isfinite(out.logp[bm]) and torch.isfinite(out.entropy[bm])  # pass 1 read that token
+    keep = torch.ones_like(m, dtype=torch.bool)
+    keep[bt] = keep[bm] = False
+    assert torch.equal(out.low, ref.low) and torch.equal(out.high, ref.high)
+    assert torch.equal(out.token_adv[keep], ref.token_adv[keep])
+    assert torch.equal(out.logp[keep], ref.logp[keep]) and torch.equal(out.entropy[keep], ref.entropy[keep])
+    lp, ent = token_logprob_entropy_ref(logits[5:6, :1].double(), t[5:6, :1], normalize=True)
+    assert_close(out.logp[bm].reshape(1, 1), lp, name="logp of the bad-modality token")
+    assert_close(out.entropy[bm].reshape(1, 1), ent, name="entropy of the bad-modality token")
+
+
+def test_shaping_validate_false_makes_no_host_read(monkeypatch, device):
+    import fastgrpo.kernels.token_entropy as k
+
+    logits, targets, modality, A = _hard_shaping_inputs(device, torch.bfloat16, seed=51)
+    ref = eg_grpo_shaping(logits, targets, modality, A, impl="triton")
+    eg_grpo_shaping(logits, targets, modality, A, impl="triton", validate=False)  # scratch flags allocated
+    events = []
+
+    class Counted:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                events.append(self.name)
+                return self.kernel[grid](*a, **kw)
+            return launch
+
+    for name in ("token_stats_fwd_kernel", "eg_shaping_kernel"):
+        monkeypatch.setattr(k, name, Counted(name, getattr(k, name)))
+
+    def forbidden(*a, **kw):
+        raise AssertionError("host read of a device value")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu"):
+            m.setattr(torch.Tensor, name, forbidden)
+        out = eg_grpo_shaping(logits, targets, modality, A, impl="triton", validate=False)
+    assert events == ["token_stats_fwd_kernel", "eg_shaping_kernel"]
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)

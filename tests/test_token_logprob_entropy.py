@@ -342,3 +342,78 @@ def test_nan_logit_gives_nan_on_every_impl(impl, where, device):
     others = torch.ones_like(logp, dtype=torch.bool)
     others[0, 2] = False
     assert torch.isfinite(logp[others]).all() and torch.isfinite(ent[others]).all()
+
+
+# ------------------------------------------------------------------------------------- validate=False
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("bad", [37, -1, 10**9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_validate_false_gives_nan_rows_and_no_gradient_there(impl, bad, dtype, device):
+    """No host read: an out-of-range target's row is NaN (never a finite number) and gets no gradient; every other
+    row is what the float64 reference gives with that row ignored."""
+    V = 37
+    x, t = _logits(3, 7, V, dtype, device, seed=70 + abs(bad) % 11)
+    t[0, 3], t[2, 5] = bad, bad
+    is_bad = torch.zeros_like(t, dtype=torch.bool)
+    is_bad[0, 3] = is_bad[2, 5] = True
+    xg = x.clone().requires_grad_(True)
+    logp, ent = token_logprob_entropy(xg, t, temperature=0.9, normalize=True, impl=impl, validate=False)
+    assert torch.isnan(logp[is_bad]).all() and torch.isnan(ent[is_bad]).all()
+    t_ok = torch.where(is_bad, torch.full_like(t, IGNORE), t)
+    x64 = x.detach().double().requires_grad_(True)
+    ref_logp, ref_ent = token_logprob_entropy_ref(x64, t_ok, temperature=0.9, normalize=True)
+    assert_close(logp[~is_bad], ref_logp[~is_bad], name="logp")
+    assert_close(ent[~is_bad], ref_ent[~is_bad], name="entropy")
+    g = torch.Generator().manual_seed(5)
+    w1, w2 = torch.randn(3, 7, generator=g).to(device), torch.randn(3, 7, generator=g).to(device)
+    zero = torch.zeros((), device=device)
+    loss = (torch.where(is_bad, zero, logp) * w1).sum() + (torch.where(is_bad, zero, ent) * w2).sum()
+    (gx,) = torch.autograd.grad(loss, xg)
+    (g64,) = torch.autograd.grad((ref_logp * w1.double()).sum() + (ref_ent * w2.double()).sum(), x64)
+    assert torch.isfinite(gx).all()
+    assert (gx[is_bad] == 0).all()
+    assert_close(gx, g64, name="grad logits")
+
+
+def test_validate_false_cpp_still_raises():
+    """The C++ path checks on the host, where it costs no wait: it raises whatever ``validate`` says."""
+    from fastgrpo import _ext
+
+    if not _ext.available():
+        pytest.skip("C++ extension not built")
+    t = torch.zeros(2, 3, dtype=torch.long)
+    t[1, 1] = 9
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 5\)"):
+        token_logprob_entropy(torch.randn(2, 3, 5), t, impl="cpp", validate=False)
+
+
+def test_validate_false_triton_is_one_launch_and_no_host_read(monkeypatch, device):
+    import fastgrpo.kernels.token_entropy as k
+
+    events = []
+    kernel = k.token_stats_fwd_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            events.append("launch")
+            return kernel[grid]
+
+    x, t = _logits(2, 3, 129, torch.bfloat16, device, seed=13)
+    token_logprob_entropy(x, t, impl="triton", validate=False)  # the scratch flag buffer exists from here on
+    monkeypatch.setattr(k, "token_stats_fwd_kernel", Counted())
+    real_zeros = torch.zeros
+
+    def forbidden(*a, **kw):
+        raise AssertionError("host read of a device value")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "cpu"):
+            m.setattr(torch.Tensor, name, forbidden)
+        m.setattr(torch, "zeros", lambda *a, **kw: events.append("zeros") or real_zeros(*a, **kw))
+        logp, ent = token_logprob_entropy(x, t, impl="triton", validate=False)
+    assert events == ["launch"]  # no zeroed flag, no read
+    ref_logp, ref_ent = _ref64(x, t)
+    assert_close(logp, ref_logp)
+    assert_close(ent, ref_ent)

@@ -66,7 +66,9 @@ Decisions where DESIGN.md is silent (written down here, as it asks):
 * Launches and syncs of `eg_grpo_shaping` on CUDA: a zeroed int32 flag pair, the pass-1 kernel (one program per
   token), the pass-2 kernel (plus the calibrate kernel), then one host read of the flag pair at the very end
   (after every kernel is queued): 3 launches (4 with calibrate) and one device-to-host read, instead of 29 kernels
-  with a validation sync in the middle. Pass 1 also ignores modality -1 tokens itself and hands pass 2 the
+  with a validation sync in the middle. With ``validate=False`` (what the AR trainer passes: its targets are its
+  own samples) there is no flag to zero and no read: 2 launches (3), and the call never waits for the device; an
+  out-of-range target gives NaN logp/entropy, a bad modality value a NaN token_adv (on the torch path too). Pass 1 also ignores modality -1 tokens itself and hands pass 2 the
   effective targets, so no torch op prepares the inputs.
 * A row/modality with no valid token has no threshold and empty masks; with n = 1 both masks are empty (the one
   token is its own threshold and comparisons are strict).
@@ -86,7 +88,7 @@ from typing import NamedTuple
 import torch
 
 from ._backend import check_float, check_same_device, resolve_impl
-from .token_entropy import _check_token_inputs, _fused, _raise_target_range, token_logprob_entropy
+from .token_entropy import _check_token_inputs, _fused, _raise_target_range, scratch_flags, token_logprob_entropy
 
 RULES = ("released", "quantile")
 MODALITIES = (0, 1)  # text (CoT), image; -1 = ignored
@@ -378,50 +380,63 @@ def _check_shaping_inputs(logits, targets, modality, advantages, low_frac, high_
 
 
 def _shaping(logits, targets, modality, advantages, temperature, low_frac, high_frac, bonus, rule, calibrate, impl,
-             masks):
+             masks, validate=True):
     kernel = (masks is eg_token_masks and isinstance(logits, torch.Tensor) and logits.ndim == 3
               and resolve_impl(impl, logits.device, has_cpp=True) == "triton" and logits.shape[1] <= _kernel_max_l())
     if kernel:
         return _shaping_triton(logits, targets, modality, advantages, temperature, low_frac, high_frac, bonus, rule,
-                               calibrate)
-    _check_shaping_inputs(logits, targets, modality, advantages, low_frac, high_frac, rule)
+                               calibrate, validate)
+    _check_shaping_inputs(logits, targets, modality, advantages, low_frac, high_frac, rule, check_values=validate)
+    bad_mod = None if validate else (modality < -1) | (modality > 1)
     if isinstance(targets, torch.Tensor) and targets.shape == modality.shape and not targets.dtype.is_floating_point:
         ignored = (modality == -1) | (targets == IGNORE_INDEX)
         targets = torch.where(ignored, torch.full_like(targets, IGNORE_INDEX), targets)
         modality = torch.where(ignored, torch.full_like(modality, -1), modality)
     # Pass 1: one pass over V per token (ignored tokens are not read).
     logp, entropy = token_logprob_entropy(logits, targets, temperature=temperature, normalize=True,
-                                          ignore_index=IGNORE_INDEX, impl=impl)
+                                          ignore_index=IGNORE_INDEX, impl=impl, validate=validate)
     entropy = entropy.detach()
     # Pass 2: per row and modality thresholds, masks, shaped advantages.
-    low, high = masks(entropy, modality, low_frac=low_frac, high_frac=high_frac, rule=rule, impl="torch")
-    token_adv = eg_token_advantages(advantages, entropy, low, high, bonus=bonus, calibrate=calibrate)
-    token_adv = token_adv * (modality != -1)
+    h_adv = entropy
+    if validate:
+        low, high = masks(entropy, modality, low_frac=low_frac, high_frac=high_frac, rule=rule, impl="torch")
+    else:  # values unchecked: an out-of-range target (NaN logp and entropy) leaves the ranking and the calibrated
+        # bonus's batch means, as on the Triton path; a bad modality value is in no modality (NaN token_adv below)
+        oor = (targets < 0) | (targets >= logits.shape[-1])
+        modality = torch.where(oor, torch.full_like(modality, -1), modality)
+        h_adv = torch.where(oor, torch.zeros_like(entropy), entropy)
+        low, high = _torch_masks(entropy, modality, low_frac, high_frac, rule)
+    token_adv = eg_token_advantages(advantages, h_adv, low, high, bonus=bonus, calibrate=calibrate)
+    token_adv = torch.where(modality != -1, token_adv, torch.zeros_like(token_adv))  # (NaN entropy * 0 is NaN)
+    if bad_mod is not None:
+        token_adv = torch.where(bad_mod, torch.full_like(token_adv, float("nan")), token_adv)
     return EGShaping(logp, entropy, token_adv, low, high)
 
 
-def _shaping_triton(logits, targets, modality, advantages, temperature, low_frac, high_frac, bonus, rule, calibrate):
+def _shaping_triton(logits, targets, modality, advantages, temperature, low_frac, high_frac, bonus, rule, calibrate,
+                    validate=True):
     """Triton path: every check that needs no device value first, then a zeroed flag, pass 1 (one launch), pass 2
-    (one launch, two with calibrate), and the call's one host read of the flags at the end."""
+    (one launch, two with calibrate), and the call's one host read of the flags at the end (none, and no zeroed
+    flag, with ``validate=False``)."""
     from fastgrpo.kernels.token_entropy import eg_shaping
 
     _check_shaping_inputs(logits, targets, modality, advantages, low_frac, high_frac, rule, check_values=False)
     _check_token_inputs(logits, targets, temperature, IGNORE_INDEX, check_range=False)
     _check_bonus(bonus)
-    check_same_device([("logits", logits), ("modality", modality), ("advantages", advantages)])
-    flag = torch.zeros(2, dtype=torch.int32, device=logits.device)
+    flag = torch.zeros(2, dtype=torch.int32, device=logits.device) if validate else scratch_flags(logits.device)
     logp, entropy, eff_targets = _fused(logits, targets, temperature, True, IGNORE_INDEX, "triton",
                                         modality=modality, flag=flag)
     entropy = entropy.detach()
     low, high, token_adv = eg_shaping(entropy, modality, low_frac=low_frac, high_frac=high_frac, rule=rule,
                                       flag=flag, eff_targets=eff_targets, ignore_index=IGNORE_INDEX,
                                       advantages=advantages, bonus=bonus, calibrate=calibrate)
-    _read_flags(flag, logits.shape[-1])
+    if validate:
+        _read_flags(flag, logits.shape[-1])
     return EGShaping(logp, entropy, token_adv, low, high)
 
 
 def eg_grpo_shaping(logits, targets, modality, advantages, *, temperature=1.0, low_frac=0.2, high_frac=0.5,
-                    bonus=0.3, rule="released", calibrate=False, impl="auto") -> EGShaping:
+                    bonus=0.3, rule="released", calibrate=False, impl="auto", validate=True) -> EGShaping:
     """EG-GRPO's fused entry point: token log-probs and entropies, masks and shaped advantages.
 
     Pass 1 (`token_logprob_entropy`, one pass over V) gives logp and the normalised entropy H / ln V per token;
@@ -436,9 +451,13 @@ def eg_grpo_shaping(logits, targets, modality, advantages, *, temperature=1.0, l
         temperature: sampling temperature T (> 0).
         low_frac, high_frac, rule: see `eg_token_masks`.  bonus, calibrate: see `eg_token_advantages`.
         impl: "auto" | "triton" | "torch" | "cpp" for pass 1.
+        validate: True (default): an out-of-range target or a modality value other than -1/0/1 raises ValueError
+            (on CUDA: one small device-to-host read at the end of the call). False: no host read at all (a
+            training loop runs ahead of the GPU); such a target's ``logp``/``entropy`` and such a token's
+            ``token_adv`` are NaN instead (never a finite wrong number; see `token_logprob_entropy`).
 
     Returns:
         EGShaping(logp, entropy, token_adv, low, high), all [B, L].
     """
     return _shaping(logits, targets, modality, advantages, temperature, low_frac, high_frac, bonus, rule, calibrate,
-                    impl=impl, masks=eg_token_masks)
+                    impl=impl, masks=eg_token_masks, validate=validate)

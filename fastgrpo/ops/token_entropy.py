@@ -29,7 +29,10 @@ Decisions where DESIGN.md is silent (written down here, as it asks):
 * ``targets`` must lie in [0, V) or equal ``ignore_index``. The Triton path checks this in its kernel (an
   out-of-range target is never read) and the host reads the flag once, after the kernel is queued: one launch and
   one small device-to-host read per call, no sync before the work. The C++ and torch paths check on the host
-  before the call (CPU tensors: no device to wait for). All raise the same ValueError.
+  before the call (CPU tensors: no device to wait for). All raise the same ValueError. ``validate=False`` (for
+  training loops, whose targets are their own samples) drops that read: the call then never waits for the device,
+  and an out-of-range target's row gets NaN logp and entropy and no gradient (Triton, torch; C++ still raises).
+  A silent clamp or a 0 would train on a wrong number; a NaN stops the trainers at their loss check.
 * ``temperature`` must lie in [1e-4, 1e4] (``MIN_TEMPERATURE``, ``MAX_TEMPERATURE``) on every impl, else
   ValueError naming it (issue 14: 1e-39 gave NaN on cpp/triton, 1e300 on triton, where torch returned numbers).
   The same range holds for `eg_grpo_shaping`'s temperature.
@@ -94,6 +97,11 @@ def token_logprob_entropy_ref(logits, targets, *, temperature=1.0, normalize=Fal
     intermediates; differentiable through torch autograd.
     """
     _check_token_inputs(logits, targets, temperature, ignore_index)
+    return _token_ref(logits, targets, temperature, normalize, ignore_index)
+
+
+def _token_ref(logits, targets, temperature, normalize, ignore_index):
+    """Body of `token_logprob_entropy_ref` on validated inputs (targets in range or ignored)."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     x = logits.to(dtype)
     # Shift by the (detached) row max before dividing by T: softmax is shift-invariant, and x - max is exact in
@@ -160,7 +168,8 @@ def _as_rows(logits):
         return logits.reshape(P, L, V)
 
 
-def token_logprob_entropy(logits, targets, *, temperature=1.0, normalize=False, ignore_index=-100, impl="auto"):
+def token_logprob_entropy(logits, targets, *, temperature=1.0, normalize=False, ignore_index=-100, impl="auto",
+                          validate=True):
     """Log-prob of each target token and entropy of each next-token distribution, fused over the vocabulary.
 
     Args:
@@ -172,6 +181,12 @@ def token_logprob_entropy(logits, targets, *, temperature=1.0, normalize=False, 
         normalize: divide the entropy by ln V (EG-GRPO's normalised entropy, in [0, 1]).
         ignore_index: target value marking rows to skip (logp = entropy = 0, zero gradient, logits not read).
         impl: "auto" | "triton" | "torch" | "cpp" (see ``fastgrpo.ops._backend``).
+        validate: True (default): a target outside [0, V) that is not ``ignore_index`` raises ValueError, which
+            on CUDA costs one small device-to-host read at the end of the call (the host waits for the kernel).
+            False: the call never reads a device value, so a training loop runs ahead of the GPU; such a target's
+            ``logp`` and ``entropy`` are NaN and its logits get no gradient (never a finite wrong number: a loss
+            over them is NaN, which the trainers' finiteness check stops on). The C++ path (CPU tensors, where
+            the check costs no wait) raises either way.
 
     Returns:
         (logp, entropy): float32 tensors of shape [...]; both differentiable w.r.t. ``logits``.
@@ -185,17 +200,42 @@ def token_logprob_entropy(logits, targets, *, temperature=1.0, normalize=False, 
     # The target range: the C++ binding checks it (same ValueError) before its kernel reads anything; Triton sets a
     # flag read below; the torch path checks it here.
     if backend == "torch":
-        V = logits.shape[-1]
-        if targets.numel() and bool((((targets < 0) | (targets >= V)) & (targets != ignore_index)).any()):
-            _raise_target_range(V, ignore_index)
-        logp, ent = token_logprob_entropy_ref(logits, targets, temperature=temperature, normalize=normalize,
-                                              ignore_index=ignore_index)
-        return logp.float(), ent.float()
-    flag = torch.zeros(1, dtype=torch.int32, device=logits.device) if backend == "triton" else None
+        return _token_torch(logits, targets, temperature, normalize, ignore_index, validate)
+    flag = None
+    if backend == "triton":
+        flag = torch.zeros(1, dtype=torch.int32, device=logits.device) if validate else scratch_flags(logits.device)
     logp, ent, _ = _fused(logits, targets, temperature, normalize, ignore_index, backend, flag=flag)
-    if flag is not None and flag.item():  # the one host read, after the kernel is queued
+    if validate and flag is not None and flag.item():  # the one host read, after the kernel is queued
         _raise_target_range(logits.shape[-1], ignore_index)
     return logp, ent
+
+
+def _token_torch(logits, targets, temperature, normalize, ignore_index, validate):
+    """The torch path of `token_logprob_entropy`: the reference, after the range check (one device sync on CUDA)
+    or, with ``validate=False``, with NaN on the out-of-range rows (no host read)."""
+    V = logits.shape[-1]
+    bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
+    if validate:
+        if targets.numel() and bool(bad.any()):
+            _raise_target_range(V, ignore_index)
+        logp, ent = _token_ref(logits, targets, temperature, normalize, ignore_index)
+        return logp.float(), ent.float()
+    safe = torch.where(bad, torch.full_like(targets, ignore_index), targets)
+    logp, ent = _token_ref(logits, safe, temperature, normalize, ignore_index)
+    nan = torch.full((), float("nan"), dtype=logp.dtype, device=logp.device)
+    return torch.where(bad, nan, logp).float(), torch.where(bad, nan, ent).float()
+
+
+_SCRATCH: dict = {}
+
+
+def scratch_flags(device) -> torch.Tensor:
+    """A per-device int32 [2] buffer that kernels may set error flags in when nobody reads them (``validate=False``):
+    no allocation and no zero-fill launch per call. Its contents are meaningless."""
+    flags = _SCRATCH.get(device)
+    if flags is None:
+        flags = _SCRATCH[device] = torch.zeros(2, dtype=torch.int32, device=device)
+    return flags
 
 
 def _fused(logits, targets, temperature, normalize, ignore_index, backend, *, modality=None, flag=None):
