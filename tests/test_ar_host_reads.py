@@ -221,6 +221,30 @@ def test_nonfinite_micro_batch_loss_stops_before_the_step(tmp_path, monkeypatch)
     assert not trainer.optimizer.state  # no step taken
 
 
+@pytest.mark.parametrize("preset", ["tiny-eg-grpo", "tiny-t2i-r1"])
+def test_bad_target_without_validation_stops_at_the_loss_check(tmp_path, monkeypatch, preset):
+    """The trainer calls the token ops with validate=False (no host read): an out-of-range image token in
+    micro-batch 1 gives NaN log-probs instead of a ValueError, and the loss check names that micro-batch before
+    any optimizer step (torch path; the C++ path raises its ValueError either way)."""
+    trainer = _trainer(tmp_path, preset, 4, "ar.impl=torch")
+    batches = _rollouts(trainer)
+    real = trainer._targets
+
+    def targets(data):
+        cot, image = real(data)
+        if data is batches[1].data:
+            image = image.clone()
+            image[0, 3] = 10**6
+        return cot, image
+
+    monkeypatch.setattr(trainer, "_targets", targets)
+    before = {k: v.detach().clone() for k, v in trainer.policy.model.state_dict().items()}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    with pytest.raises(TrainingDiverged, match=r"the loss became nan in micro-batch 1 \(prompts"):
+        trainer.train(batches)
+    assert all(torch.equal(before[k], v) for k, v in trainer.policy.model.state_dict().items())
+
+
 # --------------------------------------------------------------------------------------------- CUDA only
 
 

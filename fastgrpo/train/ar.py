@@ -109,7 +109,9 @@ class ARTrainer(GRPOTrainer):
         policy, T = self.policy, self.cfg.ar.temperature
         with policy.reference() as parts:
             text_logits, image_logits = policy.teacher_forced_logits(data, parts)
-        out = [token_logprob_entropy(lg, tg, temperature=T, ignore_index=IGNORE_INDEX, impl=self.cfg.ar.impl)[0]
+        # validate=False: no host read per micro-batch; a bad target gives NaN, which the loss check catches
+        out = [token_logprob_entropy(lg, tg, temperature=T, ignore_index=IGNORE_INDEX, impl=self.cfg.ar.impl,
+                                     validate=False)[0]
                for lg, tg in zip((text_logits, image_logits), self._targets(data))]
         return torch.cat(out, 1)
 
@@ -163,7 +165,10 @@ class ARTrainer(GRPOTrainer):
             mb, take = _take(batches[b], per_mb[b])
             ref = take(self._refs[b]) if self._refs[b] is not None else None
             text_logits, image_logits = policy.teacher_forced_logits(mb.data)
-            terms = [strat.token_terms(lg, tg, m, mb.advantages, temperature=cfg.ar.temperature, impl=cfg.ar.impl)
+            # validate=False: the token ops read nothing on the host; a bad target gives a NaN log-prob, so a NaN
+            # loss, which the finiteness check at the end of the phase catches
+            terms = [strat.token_terms(lg, tg, m, mb.advantages, temperature=cfg.ar.temperature, impl=cfg.ar.impl,
+                                       validate=False)
                      for m, (lg, tg) in enumerate(zip((text_logits, image_logits), self._targets(mb.data)))]
             valid = [mb.data["cot_mask"], torch.ones_like(mb.data["image_ids"], dtype=torch.bool)]
             logp = torch.cat([t.logp for t in terms], 1)
