@@ -96,8 +96,8 @@ def test_ar_sampling_reads_nothing_per_image_token(tmp_path):
     with ThreadPoolExecutor(1) as pool:
         reads = host_reads(lambda: trainer.sample(0, pool))
     assert not [r for r in reads if " via " in r], reads
-    per_mb = len(reads) / 2
-    assert per_mb < trainer.cfg.ar.cot_max_tokens + 10 < trainer.cfg.ar.image_tokens, reads
+    per_mb = len(reads) / 2  # measured 12: 4 CoT steps, 4 CoT texts, the rewards; a read per image token: >= 64
+    assert per_mb < trainer.cfg.ar.image_tokens / 2, reads
 
 
 # ---------------------------------------------------------------------------------------------- statistics
