@@ -68,8 +68,9 @@ round)
         -k "not cpp and not compiled and not forward- and not (test_train and image) and not (test_train and text)"
     bench collector 45 bench/test_bench_collector.py
     part "CUDA tests"
-    timeout "$(left 60)" python3 -m pytest tests/test_speed_paths.py tests/test_sde_step.py tests/test_collector.py \
-        tests/test_token_eg_grpo.py -q -ra -p no:cacheprovider -k "cuda or graph or sync" >> "$LOG" 2>&1
+    timeout "$(left 90)" python3 -m pytest tests/test_speed_paths.py tests/test_ar_host_reads.py tests/test_sde_step.py \
+        tests/test_collector.py tests/test_token_eg_grpo.py -q -ra -p no:cacheprovider -k "cuda or graph or sync" \
+        >> "$LOG" 2>&1
     tail -8 "$LOG"
     part round
     FASTGRPO_ROUND_PARTIAL="$OUT/round.json" timeout "$(left 330)" python3 -m pytest bench/test_bench_round.py -q \

@@ -222,3 +222,66 @@ def cuda_syncs(fn) -> list:
     # torch's per-sync warning ("called a synchronizing CUDA operation"), not its one-off note that the debug mode
     # is a prototype
     return [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
+
+
+# Tensor methods that hand a tensor's value to the host: on CUDA each waits for the device (a sync).
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+
+
+def host_reads(fn) -> list:
+    """Run ``fn()`` and return one ``"fastgrpo/<file>:<line> <method>"`` per call that read a tensor's value on the
+    host (`HOST_READS`: ``.item()``, ``.tolist()``, ``bool``/``int``/``float``/index conversion, ``.cpu()``,
+    ``.numpy()``), from any thread, whatever the tensor's device.
+
+    A read is attributed to the innermost frame inside the ``fastgrpo`` package (this module excepted) on the
+    caller's stack, with `` via <file>:<line>`` added when the read itself happens outside the package (torch,
+    transformers); reads with no ``fastgrpo`` frame on the stack (the test's own) are not counted. On the CPU
+    these reads cost nothing, but on CUDA each is a device sync: a CPU test proves with this that a loop does not
+    read per iteration (`cuda_syncs` counts the syncs themselves on a GPU, including those a C++ op does, which
+    this cannot see). The patched methods are restored when ``fn`` returns or raises."""
+    import os
+    import sys
+    import threading
+
+    import fastgrpo
+
+    root = os.path.dirname(os.path.abspath(fastgrpo.__file__))
+    top = os.path.dirname(root)
+    me = os.path.abspath(__file__)
+    found, lock = [], threading.Lock()
+
+    def where(frame):
+        via = None
+        while frame is not None:
+            path = os.path.abspath(frame.f_code.co_filename)
+            if path.startswith(root + os.sep) and path != me:
+                here = f"{os.path.relpath(path, top)}:{frame.f_lineno}"
+                return here if via is None else f"{here} via {via}"
+            if via is None and path != me:
+                via = f"{os.path.basename(path)}:{frame.f_lineno}"
+            frame = frame.f_back
+        return None
+
+    def wrap(name, real):
+        def read(self, *args, **kwargs):
+            at = where(sys._getframe(1))
+            if at is not None:
+                with lock:
+                    found.append(f"{at} {name}")
+            return real(self, *args, **kwargs)
+
+        read.__name__ = name
+        return read
+
+    saved = {name: torch.Tensor.__dict__.get(name) for name in HOST_READS}
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
+        fn()
+    finally:
+        for name, own in saved.items():
+            if own is None:
+                delattr(torch.Tensor, name)  # back to torch._C.TensorBase's method
+            else:
+                setattr(torch.Tensor, name, own)
+    return found
