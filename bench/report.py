@@ -140,8 +140,8 @@ def host_table(results: dict) -> str:
              f"torch {e0.get('torch')}, "
              f"triton {e0.get('triton')}; recorded {results.get('datetime', '?')} "
              f"({Path(results.get('_source', '')).name}).", "",
-             "Host reads: reads of a tensor's value into Python (`.item()`, `.tolist()`, ...), each a device sync "
-             "with CUDA tensors.", "",
+             "Host reads: reads of a tensor's value on the host by fastgrpo's code (`.item()`, `.tolist()`, ...; "
+             "`fastgrpo.testing.host_reads`), each a device sync with CUDA tensors.", "",
              "| op | case | shapes | tensors | host us | kernel launches | torch ops | host reads |",
              "|---|---|---|---|---:|---:|---:|---:|"]
     for b in host:

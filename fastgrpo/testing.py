@@ -16,7 +16,7 @@ NaN-filled (or extreme-integer) memory so a test can prove a kernel writes every
 Host-cost helpers (bench/test_bench_host.py): `stubbed_kernels` replaces the Triton kernels of some modules by stubs
 that launch nothing and record each launch, so that a call's own host work (checks, allocations, launch arguments,
 the autograd Function) can be timed and profiled on any machine; `aten_ops` lists the torch ops a call dispatches
-and `host_reads` its reads of tensor values into Python (device syncs on a GPU).
+(`host_reads` below lists its reads of tensor values on the host: device syncs on a GPU).
 """
 from __future__ import annotations
 
@@ -180,29 +180,6 @@ def aten_ops(fn) -> list:
             return func(*args, **(kwargs or {}))
 
     with _Count():
-        fn()
-    return seen
-
-
-_READS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "__array__"})
-
-
-def host_reads(fn) -> list:
-    """The reads of a tensor's value into Python that one ``fn()`` makes (``.item()``, ``.tolist()``, ``bool()``,
-    ``float()``, ...), by name, seen by a ``TorchFunctionMode``: each is a device sync when the tensor lives on a GPU
-    (on CPU stand-ins the same calls show where a GPU call would wait)."""
-    from torch.overrides import TorchFunctionMode
-
-    seen = []
-
-    class _Reads(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            name = getattr(func, "__name__", "")
-            if name in _READS:
-                seen.append(name)
-            return func(*args, **(kwargs or {}))
-
-    with _Reads():
         fn()
     return seen
 

@@ -40,7 +40,7 @@ def test_stubbed_kernels_record_launches_and_restore_the_kernels():
     it -- also when the block raises -- the real kernels are back and compute again."""
     import fastgrpo.kernels.sde_step as mod
     from fastgrpo import sde_step
-    from fastgrpo.testing import aten_ops, host_reads, stubbed_kernels
+    from fastgrpo.testing import aten_ops, stubbed_kernels
 
     real = mod.sde_step_fwd_kernel
     x = torch.randn(3, 2, 2500)  # N = 5000: two chunks of 1024 x 4 per sample
@@ -60,5 +60,3 @@ def test_stubbed_kernels_record_launches_and_restore_the_kernels():
     assert torch.isfinite(out.log_prob).all()
     ops = aten_ops(lambda: torch.zeros(3).add_(1).sum())
     assert ops == ["aten.zeros.default", "aten.add_.Tensor", "aten.sum.default"]
-    t = torch.ones(2)
-    assert host_reads(lambda: (t.tolist(), t[0].item(), bool(t[1] > 0), t + 1)) == ["tolist", "item", "__bool__"]
