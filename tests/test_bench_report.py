@@ -40,6 +40,10 @@ def test_readme_cpu_table_is_generated_from_the_committed_results():
     assert _section(report.START, report.END) == report.table(_load("cpu.json"))
 
 
+def test_readme_host_table_is_generated_from_the_committed_results():
+    assert _section(report.HOST_START, report.HOST_END) == report.host_table(_load("cpu-host.json"))
+
+
 def _bench(name, params, median, **extra):
     info = {"device": "NVIDIA H100 80GB HBM3", "cuda": "13.0", "median_s": median, "peak_extra_memory_bytes": 1 << 20}
     return {"name": name, "params": params, "stats": {"median": median}, "extra_info": {**info, **extra}}
