@@ -10,7 +10,9 @@
    ``evaluate_function`` nodes) and ``host_profile`` (cProfile: the Python functions by own time). Without CUDA
    (``probe_ops()`` on a CPU machine, or ``main`` there) it is a smoke run: tiny shapes, host timings only.
 2. ``attention``: ``attention_with_text_entropy`` under each candidate (BLOCK_M, BLOCK_N, num_warps, num_stages)
-   against SDPA's flash backend at the SD3-512 and FLUX-1024 shapes.
+   against SDPA's flash backend at the SD3-512 and FLUX-1024 shapes. ``token_tiles``: the token forward kernel
+   (the whole of ``eg_grpo_shaping``'s bandwidth but 3-8 us) under each (BLOCK, num_warps, num_stages) at the
+   T2I-R1 shapes, as % of copy bandwidth (CUDA only; about 54 configurations, a minute or two).
 3. ``collector``: AEGPO's whole step (bench/test_bench_collector.py's SD3.5-Medium forward, bf16, no grad) at
    batch 2 and 8, plain and inside ``AttentionEntropyCollector(layers=(5, 10, 15), mode="mixture")``: the forward
    timed with CUDA events (median of a few), the host's issue time of the call (until it returns, before the
@@ -219,6 +221,53 @@ def _attention_probe() -> dict:
     return out
 
 
+TOKEN_TILE_SHAPES = {"image": (16, 576, 16_384), "text": (16, 256, 102_400)}  # bench/test_bench_token.py's
+
+
+def _token_tiles_probe(copy_gbps, blocks=(2048, 4096, 8192), warps=(4, 8, 16), stages=(1, 2, 3),
+                       shapes=None) -> dict:
+    """``token_logprob_entropy``'s forward kernel (no grad, ``validate=False``) under each candidate (BLOCK,
+    num_warps, num_stages) at the T2I-R1 shapes, against the current `fwd_config`: event ms, % of copy bandwidth
+    (the bf16 logits read once), and the largest logp difference from the current configuration's output (the
+    block size changes the summation order only). Without CUDA (a smoke test: Triton's interpreter, host time,
+    ``shapes`` small) the percentages are None."""
+    from fastgrpo import token_logprob_entropy
+    from fastgrpo.kernels import token_entropy as mod
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    timer = _event_ms if cuda else lambda fn: _host_issue_ms(fn, repeats=1)
+    pct = lambda n, ms: n / ms / 1e6 / copy_gbps if copy_gbps else None  # noqa: E731
+    original = mod.fwd_config
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    for name, (B, L, V) in (shapes or TOKEN_TILE_SHAPES).items():
+        logits = (torch.randn(B, L, V, generator=g) * 2).to(device, torch.bfloat16)
+        targets = torch.randint(0, V, (B, L), generator=g).to(device)
+        fn = lambda: token_logprob_entropy(logits, targets, validate=False, impl="triton")  # noqa: E731
+        with torch.no_grad():
+            ref = fn()[0]
+            base_ms = timer(fn)
+            rows = []
+            for block, nw, ns in itertools.product(blocks, warps, stages):
+                cfg = {"BLOCK": block, "num_warps": nw, "num_stages": ns}
+                mod.fwd_config = lambda V, cfg=cfg: dict(cfg)
+                try:
+                    err = float((fn()[0] - ref).abs().max())
+                    ms = timer(fn)
+                    rows.append({**cfg, "ms": ms, "pct_of_copy": pct(B * L * V * 2, ms), "max_abs_logp_diff": err})
+                except Exception as e:  # noqa: BLE001  (out of registers / shared memory)
+                    rows.append({**cfg, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+                finally:
+                    mod.fwd_config = original
+        ok = sorted((r for r in rows if "ms" in r and r["max_abs_logp_diff"] < 1e-2), key=lambda r: r["ms"])
+        out[name] = {"current": original(V), "current_ms": base_ms,
+                     "current_pct_of_copy": pct(B * L * V * 2, base_ms), "configs": rows, "best": ok[:5]}
+        print(f"token tiles {name}: current {base_ms:.3f} ms ({out[name]['current_pct_of_copy']}); "
+              f"best {ok[0] if ok else None}", flush=True)
+    return out
+
+
 def _profile_counts(fn) -> dict:
     """CPU ops (aten, top level and nested) and device kernels of one call of ``fn``, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -328,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (tests/test_readme.py parses the README's gpu_probe.py lines with it)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
-    ap.add_argument("--only", nargs="+", choices=["ops", "attention", "collector"], default=None,
+    ap.add_argument("--only", nargs="+", choices=["ops", "attention", "collector", "token_tiles"], default=None,
                     help="run only these sections (default: all)")
     return ap
 
@@ -345,11 +394,12 @@ def main(argv=None):
     print(f"copy {copy_gbps:,.0f} GB/s" if cuda else "no CUDA: CPU smoke run of the ops and collector sections",
           flush=True)
     # Each section on its own: one that fails is reported and the others still run (and are written).
-    sections = [("collector", probe_collector), ("ops", lambda: probe_ops(copy_gbps)), ("attention", _attention_probe)]
+    sections = [("collector", probe_collector), ("ops", lambda: probe_ops(copy_gbps)), ("attention", _attention_probe),
+                ("token_tiles", lambda: _token_tiles_probe(copy_gbps))]
     for name, fn in sections:
         if args.only is not None and name not in args.only:
             continue
-        if name == "attention" and not cuda:
+        if name in ("attention", "token_tiles") and not cuda:
             continue
         try:
             result[name] = fn()

@@ -2,7 +2,8 @@
 # One call on a lent GPU machine (the `device` tool; README.md, "Benchmarks" / "GPU"):
 #   bench/gpu_session.sh bench [-k expr] [timeout_s]  pytest bench/ on the GPU -> $OUT/gpu.json (+ logs)
 #   bench/gpu_session.sh tests [timeout_s] [args]     the test suite on the GPU, Triton compiled (no interpreter)
-#   bench/gpu_session.sh probe [timeout_s]            bench/gpu_probe.py: kernel vs host time, attention tiles
+#   bench/gpu_session.sh probe [timeout_s]            bench/gpu_probe.py: kernel vs host time, attention and
+#                                                     token-forward tile sweeps
 #   bench/gpu_session.sh round                        issue 19 in one call (< 10 min): sde_step, token shaping,
 #                                                     the collector, the CUDA-only tests, the whole-round benchmark,
 #                                                     the probe -> $OUT/{kernels,collector,round,probe}.json, log.txt

@@ -129,3 +129,4 @@ def test_gpu_probe_ops_section():
         assert 0 < len(top) <= 12 and all(len(row) == 4 and row[2] >= 0 for row in top)
     # the training case runs the autograd engine: its backward node is among the events
     assert any("Backward" in e[0] for e in res["sde_train_tiny_bf16"]["cpu_events"])
+

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -185,3 +186,24 @@ def test_host_table_lists_the_host_benchmark_cases_only():
                     "| sde_step | train | tiny (x 8x4x16x16) | cpu | 113.9 | 3 | 14 | 0 |"]
     with pytest.raises(SystemExit, match="test_bench_host"):
         report.host_table({"benchmarks": results["benchmarks"][2:]})
+
+
+def test_gpu_probe_token_tiles_section():
+    """bench/gpu_probe.py's ``token_tiles`` sweep: every candidate configuration runs the forward kernel and is
+    compared with the current one (here a smoke run in Triton's interpreter at a tiny shape; on a GPU it runs in
+    bench/gpu_session.sh round)."""
+    import gpu_probe
+    from fastgrpo.kernels import token_entropy
+
+    if torch.cuda.is_available():
+        pytest.skip("the full sweep runs on a GPU through bench/gpu_session.sh")
+
+    original = token_entropy.fwd_config
+    res = gpu_probe._token_tiles_probe(None, blocks=(16, 32), warps=(4,), stages=(1, 2),
+                                       shapes={"tiny": (2, 3, 37)})
+    assert token_entropy.fwd_config is original  # restored
+    row = res["tiny"]
+    assert row["current"] == original(37) and row["current_ms"] > 0
+    assert [(r["BLOCK"], r["num_stages"]) for r in row["configs"]] == [(16, 1), (16, 2), (32, 1), (32, 2)]
+    assert all("ms" in r and r["max_abs_logp_diff"] < 1e-5 and r["pct_of_copy"] is None for r in row["configs"])
+    assert row["best"] and row["best"][0]["ms"] == min(r["ms"] for r in row["configs"])
