@@ -694,10 +694,9 @@ def test_triton_shaping_strided_logits_and_expanded_modality(device):
         assert torch.equal(getattr(out, name), getattr(want, name)), name
 
 
-@pytest.mark.parametrize("calibrate", [False, True])
-def test_triton_shaping_launches_and_host_reads(calibrate, monkeypatch, device):
-    """2 kernels per call (3 with calibrate), and the only device value read by the host is the flag pair, once,
-    after every kernel is queued."""
+def _count_launches(monkeypatch, *names) -> list:
+    """Wrap the named kernels of fastgrpo.kernels.token_entropy so that each launch appends its name to the returned
+    list (the kernels still run)."""
     import fastgrpo.kernels.token_entropy as k
 
     events = []
@@ -712,8 +711,17 @@ def test_triton_shaping_launches_and_host_reads(calibrate, monkeypatch, device):
                 return self.kernel[grid](*a, **kw)
             return launch
 
-    for name in ("token_stats_fwd_kernel", "eg_shaping_kernel", "eg_calibrate_kernel", "token_stats_bwd_kernel"):
+    for name in names:
         monkeypatch.setattr(k, name, Counted(name, getattr(k, name)))
+    return events
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_triton_shaping_launches_and_host_reads(calibrate, monkeypatch, device):
+    """2 kernels per call (3 with calibrate), and the only device value read by the host is the flag pair, once,
+    after every kernel is queued."""
+    events = _count_launches(monkeypatch, "token_stats_fwd_kernel", "eg_shaping_kernel", "eg_calibrate_kernel",
+                             "token_stats_bwd_kernel")
     logits, targets, modality, A = _hard_shaping_inputs(device, torch.bfloat16, seed=50)
     real_tolist = torch.Tensor.tolist
 
@@ -796,25 +804,10 @@ def test_shaping_validate_false_marks_bad_tokens_nan(impl, calibrate, device):
 
 
 def test_shaping_validate_false_makes_no_host_read(monkeypatch, device):
-    import fastgrpo.kernels.token_entropy as k
-
     logits, targets, modality, A = _hard_shaping_inputs(device, torch.bfloat16, seed=51)
     ref = eg_grpo_shaping(logits, targets, modality, A, impl="triton")
     eg_grpo_shaping(logits, targets, modality, A, impl="triton", validate=False)  # scratch flags allocated
-    events = []
-
-    class Counted:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            def launch(*a, **kw):
-                events.append(self.name)
-                return self.kernel[grid](*a, **kw)
-            return launch
-
-    for name in ("token_stats_fwd_kernel", "eg_shaping_kernel"):
-        monkeypatch.setattr(k, name, Counted(name, getattr(k, name)))
+    events = _count_launches(monkeypatch, "token_stats_fwd_kernel", "eg_shaping_kernel")
 
     def forbidden(*a, **kw):
         raise AssertionError("host read of a device value")
