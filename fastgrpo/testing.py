@@ -11,7 +11,9 @@ rounded) inputs, with the error measured normwise -- ``max|actual - ref| / max|r
   of merely storing the exact answer) plus a small absolute floor of a few ulps of the reference's scale.
 
 Helpers: `rel_err`, `assert_close`, and `poisoned_allocations`, which makes ``torch.empty``/``empty_like`` return
-NaN-filled (or extreme-integer) memory so a test can prove a kernel writes every element of its outputs.
+NaN-filled (or extreme-integer) memory so a test can prove a kernel writes every element of its outputs; for the
+family-wide tests, `tiny_presets` / `tiny_flow_families` / `tiny_family_config` (every flow family with a
+``configs/tiny-*.yaml`` preset, so a new family with a tiny preset is covered without editing the tests).
 """
 from __future__ import annotations
 
@@ -113,3 +115,51 @@ def cuda_syncs(fn) -> list:
     # torch's per-sync warning ("called a synchronizing CUDA operation"), not its one-off note that the debug mode
     # is a prototype
     return [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------------ family-wide tests
+# The smallest Flow-GRPO round: 2 prompts x 2 rollouts, 2 denoising steps, one step; quiet
+TINY_SIZES = {"sample": {"num_steps": 2, "prompts_per_step": 2, "group_size": 2, "batch_size": 4},
+              "log": {"progress": False, "tensorboard": False}, "train": {"steps": 1}, "checkpoint": {"every": 1}}
+
+
+def tiny_presets() -> dict:
+    """{model.family: the data of its tiny preset} over ``configs/tiny-*.yaml`` (Flow-GRPO's when a family has
+    several)."""
+    from pathlib import Path
+
+    import yaml
+
+    from fastgrpo.train.config import preset_paths
+
+    found = {}
+    for name, path in sorted(preset_paths().items()):
+        if not name.startswith("tiny-"):
+            continue
+        data = yaml.safe_load(Path(path).read_text())
+        fam = data.get("model", {}).get("family", "sd3")
+        if fam not in found or data.get("algo") == "flow_grpo":
+            found[fam] = data
+    return found
+
+
+def tiny_flow_families() -> list:
+    """The flow families of `fastgrpo.families.FAMILIES` (table order) that have a tiny preset."""
+    from fastgrpo.families import FAMILIES
+
+    tiny = tiny_presets()
+    return [name for name, row in FAMILIES.items() if row.kind == "flow" and name in tiny]
+
+
+def tiny_family_config(family: str, **sections):
+    """Flow-GRPO at `TINY_SIZES` on the family's tiny model (its tiny preset's model, prompts and reward);
+    ``sections`` update the config's sections (``model={"lora": None}``) or set top-level keys."""
+    from fastgrpo.train import config_from_dict
+
+    src = tiny_presets()[family]
+    data = {"algo": "flow_grpo", "seed": 0, "model": dict(src["model"]), "reward": src.get("reward"),
+            "prompts": src.get("prompts", {}), **{k: dict(v) for k, v in TINY_SIZES.items()}}
+    data = {k: v for k, v in data.items() if v is not None}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
+    return config_from_dict(data)
