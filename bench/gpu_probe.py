@@ -4,9 +4,15 @@
 
 1. ``ops``: for each op at the benchmark shapes, the CUDA-event time of one call (``triton.testing.do_bench``,
    L2 flushed) beside the summed device time of the kernels it launches (torch.profiler), kernel by kernel. The
-   difference is host work the GPU waits for (Python, launches, a validation sync).
+   difference is host work the GPU waits for (Python, launches, a validation sync); where it goes, per case:
+   ``host_issue_ms`` (the time until the call returns, before synchronising), ``cpu_events`` (torch.profiler's
+   CPU-side events by self time: aten ops, ``cudaLaunchKernel``/``cuLaunchKernel``, the autograd engine's
+   ``evaluate_function`` nodes) and ``host_profile`` (cProfile: the Python functions by own time). Without CUDA
+   (``probe_ops()`` on a CPU machine, or ``main`` there) it is a smoke run: tiny shapes, host timings only.
 2. ``attention``: ``attention_with_text_entropy`` under each candidate (BLOCK_M, BLOCK_N, num_warps, num_stages)
-   against SDPA's flash backend at the SD3-512 and FLUX-1024 shapes.
+   against SDPA's flash backend at the SD3-512 and FLUX-1024 shapes. ``token_tiles``: the token forward kernel
+   (the whole of ``eg_grpo_shaping``'s bandwidth but 3-8 us) under each (BLOCK, num_warps, num_stages) at the
+   T2I-R1 shapes, as % of copy bandwidth (CUDA only; about 54 configurations, a minute or two).
 3. ``collector``: AEGPO's whole step (bench/test_bench_collector.py's SD3.5-Medium forward, bf16, no grad) at
    batch 2 and 8, plain and inside ``AttentionEntropyCollector(layers=(5, 10, 15), mode="mixture")``: the forward
    timed with CUDA events (median of a few), the host's issue time of the call (until it returns, before the
@@ -14,7 +20,8 @@
    adds shows), and, from torch.profiler, the CPU ops and device kernels per forward with and without it. About
    20 s of GPU time. On CPU (``probe_collector()`` without CUDA) a scaled-down model runs as a smoke test.
 
-Writes ``DIR/probe.json`` and prints a short table.
+Writes ``DIR/probe.json`` and prints a short table. On a machine without CUDA, ``python bench/gpu_probe.py --out DIR``
+runs the CPU smoke path of the ``ops`` and ``collector`` sections (the attention sweep needs CUDA).
 """
 from __future__ import annotations
 
@@ -33,29 +40,58 @@ def _event_ms(fn) -> float:
     return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
-def _kernel_ms(fn, calls: int = 20) -> tuple[float, dict]:
+def _profile_calls(fn, calls: int = 20, top: int = 12) -> tuple:
+    """One torch.profiler session over ``calls`` calls of ``fn``: (summed kernel ms per call, {kernel: ms per call},
+    CPU-side events). The events (`_cpu_rows`) are the host's: aten ops, the autograd engine's nodes, and the
+    launches as the CUDA runtime/driver API calls they are. Without CUDA: (None, {}, CPU events)."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = torch.cuda.is_available()
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(calls):
             fn()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
     per_kernel: dict[str, float] = {}
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[evt.name[:80]] = per_kernel.get(evt.name[:80], 0.0) + evt.device_time / 1e3 / calls
-    return sum(per_kernel.values()), dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
+    per_kernel = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
+    return (sum(per_kernel.values()) if cuda else None), per_kernel, _cpu_rows(prof, calls, top)
 
 
-def ops_cases():
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def _cpu_rows(prof, calls: int, top: int) -> list:
+    """The ``top`` CPU-side events of a profile by self CPU time (the launch events always listed), as [event,
+    calls per call, self us per call, total us per call]."""
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    rows = events[:top] + [e for e in events[top:] if e.key in LAUNCH_EVENTS]
+    return [[e.key[:80], e.count / calls, round(e.self_cpu_time_total / calls, 2), round(e.cpu_time_total / calls, 2)]
+            for e in rows]
+
+
+# The CPU smoke run's shapes (no CUDA): the code path of the probe, not numbers to read.
+SMOKE_SDE_SHAPES = {"tiny": (8, 4, 16, 16)}
+SMOKE_TOKEN_SHAPES = {"image": (2, 16, 512)}
+SMOKE_OVF = (64, 8, 4)  # P, G, K
+
+
+def ops_cases(smoke: bool = False):
+    """name -> (call, minimum bytes) at the benchmark shapes on CUDA; ``smoke``: tiny shapes on the CPU."""
     from fastgrpo import eg_grpo_shaping, ovf_select, sde_step, token_logprob_entropy
     from test_bench_ovf import G, K, P
     from test_bench_sde import SHAPES as SDE_SHAPES
     from test_bench_token import SHAPES as TOKEN_SHAPES
 
-    dev = "cuda"
+    dev = "cpu" if smoke else "cuda"
+    if smoke:
+        SDE_SHAPES, TOKEN_SHAPES, (P, G, K) = SMOKE_SDE_SHAPES, SMOKE_TOKEN_SHAPES, SMOKE_OVF
     g = torch.Generator().manual_seed(0)
     cases = {}
     for name, shape in SDE_SHAPES.items():
@@ -81,6 +117,8 @@ def ops_cases():
         cases[f"token_forward_{name}"] = (lambda lg=logits, t=targets: token_logprob_entropy(lg, t), R * V * 2)
         cases[f"token_shaping_{name}"] = (
             lambda lg=logits, t=targets, m=modality, a=adv: eg_grpo_shaping(lg, t, m, a), R * V * 2)
+        cases[f"token_shaping_novalidate_{name}"] = (
+            lambda lg=logits, t=targets, m=modality, a=adv: eg_grpo_shaping(lg, t, m, a, validate=False), R * V * 2)
         lr = logits.clone().requires_grad_(True)
 
         def ttrain(lr=lr, t=targets):
@@ -93,16 +131,46 @@ def ops_cases():
     return cases
 
 
-def probe_ops(copy_gbps: float) -> dict:
+def _host_issue_ms(fn, repeats: int = 20) -> float:
+    """Median time until ``fn()`` returns, started on an idle device and not waiting for it: the host's share of
+    a call (close to the CUDA-event time when the call is host-bound)."""
+    import statistics
+    import time
+
+    cuda = torch.cuda.is_available()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if cuda:
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def probe_ops(copy_gbps: float | None) -> dict:
+    """Per op case: CUDA-event time, kernel time and kernels, and where the host time goes (``host_issue_ms``,
+    ``cpu_events``, ``host_profile``). Without CUDA: the smoke run (tiny CPU shapes, ``event_ms`` is the host time
+    of a call, no kernel table)."""
+    cuda = torch.cuda.is_available()
     res = {}
-    for name, (fn, nbytes) in ops_cases().items():
+    for name, (fn, nbytes) in ops_cases(smoke=not cuda).items():
         with torch.no_grad() if "train" not in name else torch.enable_grad():
-            ev = _event_ms(fn)
-            kern, per = _kernel_ms(fn)
-        res[name] = {"event_ms": ev, "kernel_ms": kern, "bytes": nbytes, "gb_per_s_event": nbytes / ev / 1e6,
-                     "gb_per_s_kernels": nbytes / kern / 1e6, "kernels": per}
-        print(f"{name:32s} event {ev:8.3f} ms  kernels {kern:8.3f} ms  "
-              f"{nbytes / kern / 1e6 / copy_gbps:6.1%} of copy (kernels)  {len(per)} kernels", flush=True)
+            fn()  # compiles the kernels on a GPU
+            issue = _host_issue_ms(fn, repeats=20 if cuda else 3)
+            ev = _event_ms(fn) if cuda else issue
+            kern, per, events = _profile_calls(fn, calls=20 if cuda else 2)
+            host = _host_profile(fn, top=12)
+        res[name] = {"event_ms": ev, "kernel_ms": kern, "host_issue_ms": issue, "bytes": nbytes,
+                     "gb_per_s_event": nbytes / ev / 1e6,
+                     "gb_per_s_kernels": nbytes / kern / 1e6 if kern else None, "kernels": per,
+                     "cpu_events": events, "host_profile": host}
+        bw = f"{nbytes / kern / 1e6 / copy_gbps:6.1%} of copy (kernels)" if kern and copy_gbps else ""
+        kern_txt = f"{kern:8.3f} ms" if kern is not None else "     n/a   "
+        print(f"{name:32s} event {ev:8.3f} ms  host issue {issue:8.3f} ms  kernels {kern_txt}  {bw}  "
+              f"{len(per)} kernels", flush=True)
     return res
 
 
@@ -153,6 +221,53 @@ def _attention_probe() -> dict:
     return out
 
 
+TOKEN_TILE_SHAPES = {"image": (16, 576, 16_384), "text": (16, 256, 102_400)}  # bench/test_bench_token.py's
+
+
+def _token_tiles_probe(copy_gbps, blocks=(2048, 4096, 8192), warps=(4, 8, 16), stages=(1, 2, 3),
+                       shapes=None) -> dict:
+    """``token_logprob_entropy``'s forward kernel (no grad, ``validate=False``) under each candidate (BLOCK,
+    num_warps, num_stages) at the T2I-R1 shapes, against the current `fwd_config`: event ms, % of copy bandwidth
+    (the bf16 logits read once), and the largest logp difference from the current configuration's output (the
+    block size changes the summation order only). Without CUDA (a smoke test: Triton's interpreter, host time,
+    ``shapes`` small) the percentages are None."""
+    from fastgrpo import token_logprob_entropy
+    from fastgrpo.kernels import token_entropy as mod
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    timer = _event_ms if cuda else lambda fn: _host_issue_ms(fn, repeats=1)
+    pct = lambda n, ms: n / ms / 1e6 / copy_gbps if copy_gbps else None  # noqa: E731
+    original = mod.fwd_config
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    for name, (B, L, V) in (shapes or TOKEN_TILE_SHAPES).items():
+        logits = (torch.randn(B, L, V, generator=g) * 2).to(device, torch.bfloat16)
+        targets = torch.randint(0, V, (B, L), generator=g).to(device)
+        fn = lambda: token_logprob_entropy(logits, targets, validate=False, impl="triton")  # noqa: E731
+        with torch.no_grad():
+            ref = fn()[0]
+            base_ms = timer(fn)
+            rows = []
+            for block, nw, ns in itertools.product(blocks, warps, stages):
+                cfg = {"BLOCK": block, "num_warps": nw, "num_stages": ns}
+                mod.fwd_config = lambda V, cfg=cfg: dict(cfg)
+                try:
+                    err = float((fn()[0] - ref).abs().max())
+                    ms = timer(fn)
+                    rows.append({**cfg, "ms": ms, "pct_of_copy": pct(B * L * V * 2, ms), "max_abs_logp_diff": err})
+                except Exception as e:  # noqa: BLE001  (out of registers / shared memory)
+                    rows.append({**cfg, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+                finally:
+                    mod.fwd_config = original
+        ok = sorted((r for r in rows if "ms" in r and r["max_abs_logp_diff"] < 1e-2), key=lambda r: r["ms"])
+        out[name] = {"current": original(V), "current_ms": base_ms,
+                     "current_pct_of_copy": pct(B * L * V * 2, base_ms), "configs": rows, "best": ok[:5]}
+        print(f"token tiles {name}: current {base_ms:.3f} ms ({out[name]['current_pct_of_copy']}); "
+              f"best {ok[0] if ok else None}", flush=True)
+    return out
+
+
 def _profile_counts(fn) -> dict:
     """CPU ops (aten, top level and nested) and device kernels of one call of ``fn``, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -166,7 +281,7 @@ def _profile_counts(fn) -> dict:
     events = prof.events()
     cpu_ops = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::"))
     launches = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU
-                   and e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"))
+                   and e.name in LAUNCH_EVENTS)
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     return {"cpu_aten_ops": cpu_ops, "launch_calls": launches, "device_kernels": kernels}
 
@@ -262,23 +377,29 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (tests/test_readme.py parses the README's gpu_probe.py lines with it)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
-    ap.add_argument("--only", nargs="+", choices=["ops", "attention", "collector"], default=None,
+    ap.add_argument("--only", nargs="+", choices=["ops", "attention", "collector", "token_tiles"], default=None,
                     help="run only these sections (default: all)")
     return ap
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    copy_gbps = _copy_gbps()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gb_per_s": copy_gbps}
+    cuda = torch.cuda.is_available()
+    copy_gbps = _copy_gbps() if cuda else None
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke run: tiny shapes, host timings only)",
+              "torch": torch.__version__, "copy_gb_per_s": copy_gbps}
     import triton
 
     result["triton"] = triton.__version__
-    print(f"copy {copy_gbps:,.0f} GB/s", flush=True)
+    print(f"copy {copy_gbps:,.0f} GB/s" if cuda else "no CUDA: CPU smoke run of the ops and collector sections",
+          flush=True)
     # Each section on its own: one that fails is reported and the others still run (and are written).
-    sections = [("collector", probe_collector), ("ops", lambda: probe_ops(copy_gbps)), ("attention", _attention_probe)]
+    sections = [("collector", probe_collector), ("ops", lambda: probe_ops(copy_gbps)), ("attention", _attention_probe),
+                ("token_tiles", lambda: _token_tiles_probe(copy_gbps))]
     for name, fn in sections:
         if args.only is not None and name not in args.only:
+            continue
+        if name in ("attention", "token_tiles") and not cuda:
             continue
         try:
             result[name] = fn()

@@ -2,7 +2,8 @@
 # One call on a lent GPU machine (the `device` tool; README.md, "Benchmarks" / "GPU"):
 #   bench/gpu_session.sh bench [-k expr] [timeout_s]  pytest bench/ on the GPU -> $OUT/gpu.json (+ logs)
 #   bench/gpu_session.sh tests [timeout_s] [args]     the test suite on the GPU, Triton compiled (no interpreter)
-#   bench/gpu_session.sh probe [timeout_s]            bench/gpu_probe.py: kernel vs host time, attention tiles
+#   bench/gpu_session.sh probe [timeout_s]            bench/gpu_probe.py: kernel vs host time, attention and
+#                                                     token-forward tile sweeps
 #   bench/gpu_session.sh round                        issue 19 in one call (< 10 min): sde_step, token shaping,
 #                                                     the collector, the CUDA-only tests, the whole-round benchmark,
 #                                                     the probe -> $OUT/{kernels,collector,round,probe}.json, log.txt
@@ -31,7 +32,7 @@ case "${1:-bench}" in
 bench)
     # Two runs, each writing its own JSON, so that one that overruns does not lose the other's results.
     i=0
-    for files in "bench/test_bench_ceilings.py bench/test_bench_sde.py bench/test_bench_ovf.py bench/test_bench_token.py" \
+    for files in "bench/test_bench_ceilings.py bench/test_bench_sde.py bench/test_bench_ovf.py bench/test_bench_token.py bench/test_bench_host.py" \
                  "bench/test_bench_attention.py bench/test_bench_collector.py"; do
         i=$((i + 1))
         timeout "${3:-270}" python3 -m pytest $files -q -p no:cacheprovider -k "${2:-not cpp}" \
@@ -64,12 +65,13 @@ round)
             --benchmark-columns=median,rounds >> "$LOG" 2>&1
         tail -1 "$LOG"
     }
-    bench kernels 70 bench/test_bench_ceilings.py bench/test_bench_sde.py bench/test_bench_token.py \
+    bench kernels 75 bench/test_bench_ceilings.py bench/test_bench_sde.py bench/test_bench_token.py bench/test_bench_host.py \
         -k "not cpp and not compiled and not forward- and not (test_train and image) and not (test_train and text)"
     bench collector 45 bench/test_bench_collector.py
     part "CUDA tests"
-    timeout "$(left 60)" python3 -m pytest tests/test_speed_paths.py tests/test_sde_step.py tests/test_collector.py \
-        tests/test_token_eg_grpo.py -q -ra -p no:cacheprovider -k "cuda or graph or sync" >> "$LOG" 2>&1
+    timeout "$(left 90)" python3 -m pytest tests/test_speed_paths.py tests/test_ar_host_reads.py tests/test_sde_step.py \
+        tests/test_collector.py tests/test_token_eg_grpo.py -q -ra -p no:cacheprovider -k "cuda or graph or sync" \
+        >> "$LOG" 2>&1
     tail -8 "$LOG"
     part round
     FASTGRPO_ROUND_PARTIAL="$OUT/round.json" timeout "$(left 330)" python3 -m pytest bench/test_bench_round.py -q \

@@ -227,3 +227,55 @@ def device_times(fn, *, host_median_s: float, rep_ms: int = 200) -> dict | None:
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))] * 1e-3  # noqa: E731
     return {"median_s": q(0.5), "q20_s": q(0.2), "q80_s": q(0.8), "device_reps": len(times),
             "timing": "CUDA events (triton.testing.do_bench, L2 flushed before each call)"}
+
+
+def measure_host(benchmark, fn, *, launches, expected: list, device: torch.device, rounds: int = 300, warmup: int = 30,
+                 **info):
+    """Time the host path of ``fn``, a call whose Triton kernels are stubbed (`fastgrpo.testing.stubbed_kernels`,
+    which yields ``launches``): nothing runs on a device, so what is timed is Python, argument checks, allocations
+    and autograd -- the part of a call that a GPU waits for when the call is host-bound.
+
+    Results cannot be checked (the outputs are uninitialised memory); instead one call must launch exactly the
+    kernels ``expected`` (names, in order) -- an added launch fails the benchmark before anything is timed. Records
+    in ``benchmark.extra_info``: ``host_us`` (median of the timed calls, with glibc keeping freed buffers for the
+    next call as a CUDA caching allocator would, `_warm_allocator`), ``kernel_launches`` and ``launched`` (the
+    stubbed launches of one call), ``aten_ops`` and ``aten_op_counts`` (the torch ops one call dispatches,
+    `fastgrpo.testing.aten_ops`), ``host_reads`` (its reads of tensor values into Python, `fastgrpo.testing.host_reads`:
+    device syncs with CUDA tensors), plus the machine and versions; ``device`` (where the call's tensors live) names
+    the machine as `measure` does ("cpu x{threads}" for CPU tensors, so GPU tables leave the CPU cases out).
+    """
+    from collections import Counter
+
+    from fastgrpo.testing import aten_ops, host_reads
+
+    fn()  # first call: lazy imports and caches
+    launches.clear()
+    ops = aten_ops(fn)
+    got = launches.names()
+    assert got == list(expected), f"the call launched {got}, expected {list(expected)}"
+    launches.clear()
+    reads = host_reads(fn)
+    launches.clear()
+    benchmark.extra_info.update({
+        "device": device_name() if device.type == "cuda" or not HAS_CUDA else f"cpu x{torch.get_num_threads()}",
+        "torch": torch.__version__, "triton": _version("triton"), "fastgrpo": _version("fastgrpo"),
+        "cuda": torch.version.cuda, "driver": driver_version() if device.type == "cuda" else None,
+        "kernel_launches": len(got), "launched": got, "aten_ops": len(ops), "aten_op_counts": dict(Counter(ops)),
+        "host_reads": reads,
+        "timing": "host clock, Triton kernels stubbed (fastgrpo.testing.stubbed_kernels)", **info,
+    })
+
+    def timed():
+        out = fn()
+        launches.clear()  # keep the record from growing over the rounds
+        return out
+
+    _warm_allocator(True)
+    try:
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    finally:
+        _warm_allocator(False)
+    sync()
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:  # absent under --benchmark-disable
+        benchmark.extra_info["host_us"] = stats.stats.median * 1e6

@@ -22,6 +22,12 @@ It sets every Triton case against the baseline DESIGN.md §5 names (SDPA flash a
 references; OVF's per-group loop), checks the targets (speed-up, fraction of the measured copy bandwidth, peak
 extra memory, AEGPO's whole-step overhead) and says "met" or "gap" for each; where the results hold the compiled
 baseline, each Triton case is also set against it (compiled ms, and "vs compiled": compiled / triton).
+
+The host cost of the Triton launchers (bench/test_bench_host.py: every kernel stubbed, host time only) gets a table of
+its own with ``--host``, written between ``<!-- host-bench:start -->`` and ``<!-- host-bench:end -->``::
+
+    pytest bench/test_bench_host.py --benchmark-json=bench/results/cpu-host.json
+    python bench/report.py bench/results/cpu-host.json --host --readme README.md
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from pathlib import Path
 
 START, END = "<!-- cpu-bench:start -->", "<!-- cpu-bench:end -->"
 GPU_START, GPU_END = "<!-- gpu-bench:start -->", "<!-- gpu-bench:end -->"
+HOST_START, HOST_END = "<!-- host-bench:start -->", "<!-- host-bench:end -->"
 
 
 def _case(bench: dict) -> str:
@@ -113,6 +120,38 @@ def table(results: dict) -> str:
         if has_compiled:
             cells.append(vs_compiled(xm, cm))
         lines.append("| " + " | ".join(cells + [_mib(tp), _mib(cp), ratio]) + " |")
+    return "\n".join(lines)
+
+
+def host_table(results: dict) -> str:
+    """The host cost of the Triton launchers (bench/test_bench_host.py): per case, the median host time of one call
+    with every kernel stubbed, its kernel launches, the torch ops it dispatches and how many of them read a value
+    back to the host."""
+    host = sorted((b for b in results["benchmarks"] if _fn(b).startswith("test_host_")), key=lambda b: b["name"])
+    if not host:
+        raise SystemExit("no bench/test_bench_host.py results in this file")
+    e0 = host[0]["extra_info"]
+    info = results.get("machine_info", {})
+    threads = next((b["extra_info"]["device"] for b in host
+                    if str(b["extra_info"].get("device")).startswith("cpu")), "")
+    lines = [f"Host cost per call (bench/test_bench_host.py): the Triton launchers with every kernel stubbed (no "
+             "device work; Triton's own launch path not included), median host time. "
+             f"CPU: {info.get('cpu', {}).get('brand_raw', info.get('processor', '?'))}, {threads}; "
+             f"torch {e0.get('torch')}, "
+             f"triton {e0.get('triton')}; recorded {results.get('datetime', '?')} "
+             f"({Path(results.get('_source', '')).name}).", "",
+             "Host reads: reads of a tensor's value on the host by fastgrpo's code (`.item()`, `.tolist()`, ...; "
+             "`fastgrpo.testing.host_reads`), each a device sync with CUDA tensors.", "",
+             "| op | case | shapes | tensors | host us | kernel launches | torch ops | host reads |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    for b in host:
+        e = b["extra_info"]
+        tensors = "cpu" if str(e.get("device", "cpu")).startswith("cpu") else "cuda"
+        shapes = "; ".join(f"{k} {'x'.join(map(str, v))}" for k, v in e.get("shapes", {}).items())
+        us = e.get("host_us", b["stats"]["median"] * 1e6)
+        lines.append(f"| {e.get('op', _fn(b))} | {e.get('case', '')} | {e.get('shape_name', '')} ({shapes}) | "
+                     f"{tensors} | {us:,.1f} | {e.get('kernel_launches')} | {e.get('aten_ops')} | "
+                     f"{len(e.get('host_reads') or [])} |")
     return "\n".join(lines)
 
 
@@ -401,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--probe", help="with --gpu: also the table of bench/gpu_probe.py's probe.json")
     ap.add_argument("--peaks-from", help="take each case's peak memory from this JSON (a FASTGRPO_BENCH_ALLOCATOR=cold "
                                          "run of the same cases; `bench/harness.py`) and write the merge back")
+    ap.add_argument("--host", action="store_true",
+                    help="the host-cost table (bench/test_bench_host.py results) instead of the CPU one")
     ap.add_argument("--section", default="gpu-bench",
                     help="with --gpu --readme: the README section's marker name (<!-- NAME:start --> ... end)")
     return ap
@@ -418,11 +459,12 @@ def main(argv=None):
         results = with_peaks_from(results, json.loads(Path(args.peaks_from).read_text()))
         Path(args.save_merged or args.results[0]).write_text(json.dumps(results, indent=1))
     results["_source"] = args.save_merged or args.results[0]
-    out = gpu_table(results) if args.gpu else table(results)
+    out = host_table(results) if args.host else gpu_table(results) if args.gpu else table(results)
     if args.gpu and args.probe:
         out += "\n\n" + probe_table(json.loads(Path(args.probe).read_text()))
     if args.readme:
-        markers = (f"<!-- {args.section}:start -->", f"<!-- {args.section}:end -->") if args.gpu else (START, END)
+        markers = ((HOST_START, HOST_END) if args.host else
+                   (f"<!-- {args.section}:start -->", f"<!-- {args.section}:end -->") if args.gpu else (START, END))
         _rewrite(Path(args.readme), *markers, out)
     print(out)
 

@@ -11,8 +11,14 @@ rounded) inputs, with the error measured normwise -- ``max|actual - ref| / max|r
   of merely storing the exact answer) plus a small absolute floor of a few ulps of the reference's scale.
 
 Helpers: `rel_err`, `assert_close`, and `poisoned_allocations`, which makes ``torch.empty``/``empty_like`` return
-NaN-filled (or extreme-integer) memory so a test can prove a kernel writes every element of its outputs; for the
-family-wide tests, `tiny_presets` / `tiny_flow_families` / `tiny_family_config` (every flow family with a
+NaN-filled (or extreme-integer) memory so a test can prove a kernel writes every element of its outputs.
+
+Host-cost helpers (bench/test_bench_host.py): `stubbed_kernels` replaces the Triton kernels of some modules by stubs
+that launch nothing and record each launch, so that a call's own host work (checks, allocations, launch arguments,
+the autograd Function) can be timed and profiled on any machine; `aten_ops` lists the torch ops a call dispatches
+(`host_reads` below lists its reads of tensor values on the host: device syncs on a GPU).
+
+Family-wide tests: `tiny_presets` / `tiny_flow_families` / `tiny_family_config` (every flow family with a
 ``configs/tiny-*.yaml`` preset, so a new family with a tiny preset is covered without editing the tests).
 """
 from __future__ import annotations
@@ -100,6 +106,87 @@ def poisoned_allocations():
         torch.empty, torch.empty_like = real_empty, real_empty_like
 
 
+class KernelLaunches(list):
+    """The launches recorded by `stubbed_kernels`: the kernels' names in launch order (a list), and their grids
+    (``grids``, in the same order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.grids = []
+
+    def names(self) -> list:
+        return list(self)
+
+    def clear(self) -> None:
+        super().clear()
+        self.grids.clear()
+
+
+class _StubKernel:
+    """Stands in for one Triton kernel: ``kernel[grid](*args, **kwargs)`` does nothing but record its name and grid."""
+
+    def __init__(self, name: str, log: KernelLaunches):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        log, name = self.log, self.name
+
+        def launch(*args, **kwargs):
+            log.append(name)
+            log.grids.append(grid)
+
+        return launch
+
+
+@contextlib.contextmanager
+def stubbed_kernels(*modules):
+    """Within the block, every Triton kernel (any ``triton.jit``/autotuned object, interpreted or compiled) defined in
+    ``modules`` (module objects or dotted names, e.g. ``"fastgrpo.kernels.sde_step"``) is replaced by a stub that
+    launches nothing and records the kernel's name and grid in the yielded `KernelLaunches`; the kernels are
+    restored on exit. The launchers look their kernels up as module globals at call time, so they call the stubs.
+
+    What is left of a call is its host path: argument checks, output allocation, launch arguments, the autograd
+    Function -- on CPU tensors (``impl="triton"`` needs ``TRITON_INTERPRET=1`` there, which only opens the backend
+    check: nothing runs in the interpreter) or CUDA tensors alike. The outputs are uninitialised memory, so nothing
+    about the results can be checked: check the recorded launches instead.
+    """
+    import importlib
+
+    from triton.runtime.jit import KernelInterface  # imported lazily: importing triton takes seconds
+
+    log = KernelLaunches()
+    saved = []
+    try:
+        for mod in modules:
+            mod = importlib.import_module(mod) if isinstance(mod, str) else mod
+            for name, obj in list(vars(mod).items()):
+                if isinstance(obj, KernelInterface):
+                    saved.append((mod, name, obj))
+                    setattr(mod, name, _StubKernel(name, log))
+        yield log
+    finally:
+        for mod, name, obj in saved:
+            setattr(mod, name, obj)
+
+
+def aten_ops(fn) -> list:
+    """The aten ops one ``fn()`` dispatches (names like ``"aten.empty.memory_format"``, in order), seen below
+    autograd by a ``TorchDispatchMode`` -- including the ones the autograd engine runs in a backward on this thread
+    (CPU tensors; CUDA backward work runs on the engine's device thread and is not seen)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return seen
+
+
 def cuda_syncs(fn) -> list:
     """Run ``fn()`` under ``torch.cuda.set_sync_debug_mode("warn")`` and return the messages of the device syncs it
     caused (from any thread), e.g. to prove a loop does not wait for the GPU per step."""
@@ -115,6 +202,69 @@ def cuda_syncs(fn) -> list:
     # torch's per-sync warning ("called a synchronizing CUDA operation"), not its one-off note that the debug mode
     # is a prototype
     return [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
+
+
+# Tensor methods that hand a tensor's value to the host: on CUDA each waits for the device (a sync).
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
+
+
+def host_reads(fn) -> list:
+    """Run ``fn()`` and return one ``"fastgrpo/<file>:<line> <method>"`` per call that read a tensor's value on the
+    host (`HOST_READS`: ``.item()``, ``.tolist()``, ``bool``/``int``/``float``/index conversion, ``.cpu()``,
+    ``.numpy()``), from any thread, whatever the tensor's device.
+
+    A read is attributed to the innermost frame inside the ``fastgrpo`` package (this module excepted) on the
+    caller's stack, with `` via <file>:<line>`` added when the read itself happens outside the package (torch,
+    transformers); reads with no ``fastgrpo`` frame on the stack (the test's own) are not counted. On the CPU
+    these reads cost nothing, but on CUDA each is a device sync: a CPU test proves with this that a loop does not
+    read per iteration (`cuda_syncs` counts the syncs themselves on a GPU, including those a C++ op does, which
+    this cannot see). The patched methods are restored when ``fn`` returns or raises."""
+    import os
+    import sys
+    import threading
+
+    import fastgrpo
+
+    root = os.path.dirname(os.path.abspath(fastgrpo.__file__))
+    top = os.path.dirname(root)
+    me = os.path.abspath(__file__)
+    found, lock = [], threading.Lock()
+
+    def where(frame):
+        via = None
+        while frame is not None:
+            path = os.path.abspath(frame.f_code.co_filename)
+            if path.startswith(root + os.sep) and path != me:
+                here = f"{os.path.relpath(path, top)}:{frame.f_lineno}"
+                return here if via is None else f"{here} via {via}"
+            if via is None and path != me:
+                via = f"{os.path.basename(path)}:{frame.f_lineno}"
+            frame = frame.f_back
+        return None
+
+    def wrap(name, real):
+        def read(self, *args, **kwargs):
+            at = where(sys._getframe(1))
+            if at is not None:
+                with lock:
+                    found.append(f"{at} {name}")
+            return real(self, *args, **kwargs)
+
+        read.__name__ = name
+        return read
+
+    saved = {name: torch.Tensor.__dict__.get(name) for name in HOST_READS}
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
+        fn()
+    finally:
+        for name, own in saved.items():
+            if own is None:
+                delattr(torch.Tensor, name)  # back to torch._C.TensorBase's method
+            else:
+                setattr(torch.Tensor, name, own)
+    return found
 
 
 # ------------------------------------------------------------------------------------------ family-wide tests

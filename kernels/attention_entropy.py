@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
 
@@ -196,7 +198,7 @@ def _interpreting() -> bool:
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -241,7 +243,7 @@ def attention_text_entropy_fwd(q, k, v, text_start: int, text_len: int, scale: f
     if q.numel() == 0:
         return out.to(q.dtype), lse, text_lse, text_ent
     cfg = _attention_config(D, interpret, q.dtype)
-    grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * H)
+    grid = (cdiv(S, cfg["BLOCK_M"]), B * H)
     attention_text_entropy_fwd_kernel[grid](
         q, k, v, out, lse, text_lse, text_ent,
         q.stride(0), q.stride(1), q.stride(2),
@@ -264,7 +266,7 @@ def text_probs_accumulate(q, k, lse, out, query_start: int, query_len: int, text
         return out
     interpret = _interpreting()
     block_m, block_t = (32, 16) if interpret else (64, 64)
-    grid = (triton.cdiv(query_len, block_m), triton.cdiv(text_len, block_t), B)
+    grid = (cdiv(query_len, block_m), cdiv(text_len, block_t), B)
     text_probs_kernel[grid](
         q, k, lse, out,
         q.stride(0), q.stride(1), q.stride(2),
@@ -293,12 +295,12 @@ class PlannedLaunches:
         interpret = _interpreting()
         cfg = _attention_config(D, interpret, dtype)
         prec = _precision(dtype)
-        self.attention_grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * H)
+        self.attention_grid = (cdiv(S, cfg["BLOCK_M"]), B * H)
         self.attention_args = (*q_strides, *k_strides, *v_strides, *out_strides, H, S, text_start, text_len,
                                scale * LOG2E)
         self.attention_kw = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), INTERPRET=interpret, PRECISION=prec, **cfg)
         block_m, block_t = (32, 16) if interpret else (64, 64)
-        self.probs_grid = (triton.cdiv(query_len, block_m), triton.cdiv(text_len, block_t), B)
+        self.probs_grid = (cdiv(query_len, block_m), cdiv(text_len, block_t), B)
         self.probs_args = (*q_strides, *k_strides, *probs_strides, H, S, query_start, query_len, text_start,
                            text_len, scale * LOG2E)
         self.probs_kw = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, BLOCK_T=block_t, INTERPRET=interpret,

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import next_power_of_2
+
 MAX_GROUP = 1024  # the whole sorted group lives in one program's registers
 
 
@@ -87,7 +89,7 @@ def ovf_select_launch(rewards: torch.Tensor, k: int):
     idx = torch.empty((P, k), dtype=torch.int64, device=rewards.device)
     var = torch.empty((P,), dtype=torch.float32, device=rewards.device)
     if P > 0:
-        block = triton.next_power_of_2(max(G, 2))
+        block = next_power_of_2(max(G, 2))
         # No FMA contraction: score = k*s2 - s1*s1 fused into one fma rounds the two products differently, so
         # exactly tied candidates (k = 1: every variance is 0) stop comparing equal on a GPU and the tie rule
         # (smallest j) breaks; without fusion both products round alike, as in the interpreter (H100, 2026-11).

@@ -13,7 +13,8 @@ host validates every sigma it can see without a device sync (python floats and C
 sigmas that live on the GPU are checked here instead, and never give a silent wrong number.
 
 Per call: `sde_step_fwd_kernel` (grid [n_chunks, B]) writes mean (and prev when it samples) and per-chunk partial
-sums of squares,
+sums of squares into one buffer ``parts`` [n_parts, B, n_chunks] (the ssq rows first when there is a sample, then
+the klssq rows when there is a v_ref),
 
     ssq[b, c]   = sum (prev - mean)^2                      (-> log-prob)
     klssq[b, c] = sum (cv[b] * (v - v_ref))^2 = sum (mean - mean_ref)^2   (-> KL)
@@ -23,15 +24,25 @@ then `sde_step_finish_kernel` (one program per sample) adds a sample's partials 
 ``mean`` from x and v instead of saving it and takes the gradients of log_prob and kl directly (with their strides:
 the gradient of a ``.sum()`` is an expanded tensor, no copy needed).
 
+Host path (on a GPU a call is host-bound at the benchmark shapes: bench/test_bench_host.py times it with the
+kernels stubbed): the grids, blocking and constexprs of each launch depend only on (B, N) and the variant, and are
+planned once per such key (`_fwd_plan`, `_bwd_plan`, cached); per call the launchers allocate the outputs and pass
+the tensors and the step's scalars. Inputs are taken in their own [B, ...] shape (contiguous), outputs are
+allocated in it: no reshape on the way in or out.
+
 Bytes moved (forward, sampling with given noise, fp32): read x, v, eps; write prev, mean = 5 * 4 * numel.
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from .host import cdiv, next_power_of_2
 
 # NOISE modes of the forward kernel.
 NO_SAMPLE = 0  # ODE: prev = mean, no log-prob
@@ -108,7 +119,7 @@ def _coefficients(s, sn, noise_level, sigma_max, sin_a,
 
 @triton.jit
 def sde_step_fwd_kernel(
-    x_ptr, v_ptr, eps_ptr, prev_ptr, vref_ptr, mean_ptr, ssq_ptr, klssq_ptr,
+    x_ptr, v_ptr, eps_ptr, prev_ptr, vref_ptr, mean_ptr, parts_ptr,
     s_ptr, sn_ptr, s_val: tl.float64, sn_val: tl.float64, s_stride, sn_stride,
     noise_level: tl.float64, sigma_max: tl.float64, sin_a: tl.float64,
     N, n_chunks,
@@ -148,15 +159,19 @@ def sde_step_fwd_kernel(
             vr = tl.load(vref_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
             dk = cv * (v - vr)
             klssq += tl.where(m, dk * dk, 0.0)
+    # parts [n_parts, B, n_chunks]: the ssq rows (with a sample), then the klssq rows (with v_ref)
     if NOISE != 0:
-        tl.store(ssq_ptr + b * n_chunks + chunk, tl.sum(ssq, 0))
+        tl.store(parts_ptr + b * n_chunks + chunk, tl.sum(ssq, 0))
     if HAS_VREF:
-        tl.store(klssq_ptr + b * n_chunks + chunk, tl.sum(klssq, 0))
+        kl_parts = parts_ptr
+        if NOISE != 0:
+            kl_parts += tl.num_programs(1) * n_chunks  # past the B ssq rows
+        tl.store(kl_parts + b * n_chunks + chunk, tl.sum(klssq, 0))
 
 
 @triton.jit
 def sde_step_finish_kernel(
-    ssq_ptr, klssq_ptr, log_prob_ptr, std_ptr, kl_ptr,
+    parts_ptr, log_prob_ptr, std_ptr, kl_ptr,
     s_ptr, sn_ptr, s_val: tl.float64, sn_val: tl.float64, s_stride, sn_stride,
     noise_level: tl.float64, sigma_max: tl.float64, sin_a: tl.float64,
     N, n_chunks,
@@ -176,7 +191,7 @@ def sde_step_finish_kernel(
         acc = tl.zeros([CBLOCK], dtype=tl.float64)
         for c0 in range(0, n_chunks, CBLOCK):
             offs = c0 + tl.arange(0, CBLOCK)
-            acc += tl.load(ssq_ptr + b * n_chunks + offs, mask=offs < n_chunks, other=0.0).to(tl.float64)
+            acc += tl.load(parts_ptr + b * n_chunks + offs, mask=offs < n_chunks, other=0.0).to(tl.float64)
         ssq = tl.sum(acc, 0)
         if KIND == 2:
             lp = -ssq / n + 0.0 * std
@@ -184,10 +199,13 @@ def sde_step_finish_kernel(
             lp = -ssq / (2.0 * n * std * std) - tl.log(std) - LOG_SQRT_2PI
     tl.store(log_prob_ptr + b, lp.to(tl.float32))
     if HAS_VREF:
+        kl_parts = parts_ptr
+        if HAS_SAMPLE:
+            kl_parts += tl.num_programs(0) * n_chunks  # past the B ssq rows
         acck = tl.zeros([CBLOCK], dtype=tl.float64)
         for c0 in range(0, n_chunks, CBLOCK):
             offs = c0 + tl.arange(0, CBLOCK)
-            acck += tl.load(klssq_ptr + b * n_chunks + offs, mask=offs < n_chunks, other=0.0).to(tl.float64)
+            acck += tl.load(kl_parts + b * n_chunks + offs, mask=offs < n_chunks, other=0.0).to(tl.float64)
         kl = tl.sum(acck, 0) / (2.0 * n * kl_d * kl_d)
         tl.store(kl_ptr + b, kl.to(tl.float32))
 
@@ -255,63 +273,100 @@ def sde_step_bwd_kernel(
 
 def _blocking(n: int) -> tuple[int, int, int]:
     """(BLOCK, ITERS, n_chunks): each program covers BLOCK*ITERS elements of one sample."""
-    block = min(1024, triton.next_power_of_2(max(n, 16)))
-    iters = max(1, min(4, triton.cdiv(n, block)))
-    return block, iters, triton.cdiv(n, block * iters)
+    block = min(1024, next_power_of_2(max(n, 16)))
+    iters = max(1, min(4, cdiv(n, block)))
+    return block, iters, cdiv(n, block * iters)
 
 
-def _schedule_args(sched, like):
-    """Kernel arguments and constexprs of a `fastgrpo.ops.sde._Schedule`."""
+def _variant(sched) -> tuple:
+    """The constexprs a `fastgrpo.ops.sde._Schedule` fixes: (KIND, KL_EXACT, HAS_SIGMA_MAX, S_PTR, SN_PTR)."""
+    return (KIND_IDS[sched.kind], sched.kl_exact, sched.has_sigma_max, sched.s_tensor is not None,
+            sched.sn_tensor is not None)
+
+
+def _schedule_args(sched, like) -> tuple:
+    """The runtime arguments of a `fastgrpo.ops.sde._Schedule` (``like`` stands in for an absent sigma tensor)."""
     s_t, sn_t = sched.s_tensor, sched.sn_tensor
-    args = (s_t if s_t is not None else like, sn_t if sn_t is not None else like, sched.s, sched.sn,
-            sched.s_stride, sched.sn_stride,
-            sched.noise_level, sched.sigma_max, sched.sin_a)
-    consts = dict(KIND=KIND_IDS[sched.kind], KL_EXACT=sched.kl_exact, HAS_SIGMA_MAX=sched.has_sigma_max,
-                  S_PTR=s_t is not None, SN_PTR=sn_t is not None)
-    return args, consts
+    return (s_t if s_t is not None else like, sn_t if sn_t is not None else like, sched.s, sched.sn,
+            sched.s_stride, sched.sn_stride, sched.noise_level, sched.sigma_max, sched.sin_a)
+
+
+def _consts(variant) -> dict:
+    kind, kl_exact, has_max, s_ptr, sn_ptr = variant
+    return dict(KIND=kind, KL_EXACT=kl_exact, HAS_SIGMA_MAX=has_max, S_PTR=s_ptr, SN_PTR=sn_ptr)
+
+
+class _FwdPlan(NamedTuple):
+    grid: tuple
+    kw: dict  # constexprs and launch options of sde_step_fwd_kernel
+    finish_grid: tuple
+    finish_kw: dict
+    n_chunks: int
+    parts_shape: Optional[tuple]  # None: no partial sums (an ODE step without v_ref)
+
+
+@functools.lru_cache(maxsize=256)
+def _fwd_plan(B: int, N: int, variant: tuple, mode: int, has_vref: bool) -> _FwdPlan:
+    """Grids, blocking and constexprs of the forward's two launches for one (B, N) and variant (B > 0)."""
+    block, iters, n_chunks = _blocking(N)
+    consts = _consts(variant)
+    n_parts = (mode != NO_SAMPLE) + has_vref
+    return _FwdPlan(
+        (n_chunks, B), dict(NOISE=mode, HAS_VREF=has_vref, BLOCK=block, ITERS=iters, num_warps=4, **consts),
+        (B,), dict(HAS_SAMPLE=mode != NO_SAMPLE, HAS_VREF=has_vref, CBLOCK=min(128, next_power_of_2(n_chunks)),
+                   num_warps=1, **consts),
+        n_chunks, (n_parts, B, n_chunks) if n_parts else None)
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_plan(B: int, N: int, variant: tuple, has_diff: bool, has_vref: bool, has_gmean: bool, need_gx: bool,
+              need_gv: bool, need_gvref: bool) -> tuple:
+    """(grid, constexprs and launch options) of the backward launch for one (B, N) and variant (B > 0)."""
+    block, iters, n_chunks = _blocking(N)
+    return (n_chunks, B), dict(HAS_DIFF=has_diff, HAS_VREF=has_vref, HAS_GMEAN=has_gmean, NEED_GX=need_gx,
+                               NEED_GV=need_gv, NEED_GVREF=need_gvref, BLOCK=block, ITERS=iters, num_warps=4,
+                               **_consts(variant))
 
 
 def sde_step_fwd(x, v, sched, *, eps=None, prev=None, v_ref=None):
-    """Forward + finish (2 launches). x, v, eps, prev, v_ref: contiguous [B, N]; ``sched``: the step's sigmas and
-    constants (`fastgrpo.ops.sde._Schedule`).
+    """Forward + finish (2 launches). x, v, eps, prev, v_ref: contiguous [B, ...] of one shape; ``sched``: the step's
+    sigmas and constants (`fastgrpo.ops.sde._Schedule`).
 
-    Returns (new prev or None, mean [B, N], log_prob [B], std [B], kl [B] or None), all float32.
+    Returns (new prev or None, mean, log_prob [B], std [B], kl [B] or None), all float32; mean and prev in x's
+    shape.
     """
-    B, N = x.shape
+    shape = x.shape
+    B = shape[0]
     mode = NO_SAMPLE if sched.kind == "ode" else SAMPLE if eps is not None else GIVEN if prev is not None \
         else NO_SAMPLE
-    block, iters, n_chunks = _blocking(N)
     dev = x.device
-    mean = torch.empty((B, N), dtype=torch.float32, device=dev)
-    new_prev = torch.empty((B, N), dtype=torch.float32, device=dev) if mode == SAMPLE else None
-    has_vref = v_ref is not None
-    n_parts = (mode != NO_SAMPLE) + has_vref
-    parts = torch.empty((n_parts, B, n_chunks), dtype=torch.float32, device=dev) if n_parts else mean
-    ssq = parts[0] if mode != NO_SAMPLE else mean
-    klssq = parts[n_parts - 1] if has_vref else mean
+    mean = torch.empty(shape, dtype=torch.float32, device=dev)
+    new_prev = torch.empty(shape, dtype=torch.float32, device=dev) if mode == SAMPLE else None
     log_prob = torch.empty(B, dtype=torch.float32, device=dev)
     std = torch.empty(B, dtype=torch.float32, device=dev)
+    has_vref = v_ref is not None
     kl = torch.empty(B, dtype=torch.float32, device=dev) if has_vref else None
     if B > 0:
-        sargs, consts = _schedule_args(sched, mean)
-        sde_step_fwd_kernel[(n_chunks, B)](
+        N = x.numel() // B
+        plan = _fwd_plan(B, N, _variant(sched), mode, has_vref)
+        parts = torch.empty(plan.parts_shape, dtype=torch.float32, device=dev) if plan.parts_shape else mean
+        sargs = _schedule_args(sched, mean)
+        sde_step_fwd_kernel[plan.grid](
             x, v, eps if eps is not None else x, new_prev if mode == SAMPLE else (prev if prev is not None else mean),
-            v_ref if has_vref else x, mean, ssq, klssq, *sargs, N, n_chunks,
-            NOISE=mode, HAS_VREF=has_vref, BLOCK=block, ITERS=iters, num_warps=4, **consts,
+            v_ref if has_vref else x, mean, parts, *sargs, N, plan.n_chunks, **plan.kw,
         )
-        sde_step_finish_kernel[(B,)](
-            ssq, klssq, log_prob, std, kl if kl is not None else log_prob, *sargs, N, n_chunks,
-            HAS_SAMPLE=mode != NO_SAMPLE, HAS_VREF=has_vref,
-            CBLOCK=min(128, triton.next_power_of_2(n_chunks)), num_warps=1, **consts,
+        sde_step_finish_kernel[plan.finish_grid](
+            parts, log_prob, std, kl if kl is not None else log_prob, *sargs, N, plan.n_chunks, **plan.finish_kw,
         )
     return new_prev, mean, log_prob, std, kl
 
 
 def sde_step_bwd(x, v, sched, *, prev=None, v_ref=None, g_mean=None, g_log_prob=None, g_kl=None,
                  need_gx=True, need_gv=True, need_gvref=False):
-    """Launch the backward kernel (1 launch). g_log_prob, g_kl: [B] float32, any stride (None when unused).
-    Returns (g_x or None, g_v or None, g_vref or None) in the inputs' dtypes."""
-    B, N = x.shape
+    """Launch the backward kernel (1 launch). x, v, prev, v_ref, g_mean: contiguous [B, ...] of one shape;
+    g_log_prob, g_kl: [B] float32, any stride (None when unused). Returns (g_x or None, g_v or None, g_vref or None)
+    in the inputs' dtypes and shapes."""
+    B = x.shape[0]
     has_diff = g_log_prob is not None and prev is not None and sched.kind != "ode"
     has_vref = g_kl is not None and v_ref is not None
     gx = torch.empty_like(x) if need_gx else None
@@ -320,18 +375,17 @@ def sde_step_bwd(x, v, sched, *, prev=None, v_ref=None, g_mean=None, g_log_prob=
     if need_gvref and v_ref is not None:
         # Without a KL gradient, v_ref does not influence anything that was differentiated.
         gvref = torch.empty_like(v_ref) if has_vref else torch.zeros_like(v_ref)
-    block, iters, n_chunks = _blocking(N)
-    if B > 0 and (need_gx or need_gv or (gvref is not None and has_vref)):
-        sargs, consts = _schedule_args(sched, x)
-        sde_step_bwd_kernel[(n_chunks, B)](
+    write_gvref = gvref is not None and has_vref
+    if B > 0 and (need_gx or need_gv or write_gvref):
+        N = x.numel() // B
+        grid, kw = _bwd_plan(B, N, _variant(sched), has_diff, has_vref, g_mean is not None, need_gx, need_gv,
+                             write_gvref)
+        sde_step_bwd_kernel[grid](
             x, v, prev if has_diff else x, v_ref if has_vref else x, g_mean if g_mean is not None else x,
             g_log_prob if has_diff else x, g_kl if has_vref else x,
             g_log_prob.stride(0) if has_diff else 0, g_kl.stride(0) if has_vref else 0,
-            gx if gx is not None else x, gv if gv is not None else v, gvref if gvref is not None else v,
-            *sargs, N,
-            HAS_DIFF=has_diff, HAS_VREF=has_vref, HAS_GMEAN=g_mean is not None,
-            NEED_GX=need_gx, NEED_GV=need_gv, NEED_GVREF=gvref is not None and has_vref,
-            BLOCK=block, ITERS=iters, num_warps=4, **consts,
+            gx if gx is not None else x, gv if gv is not None else v, gvref if write_gvref else v,
+            *_schedule_args(sched, x), N, **kw,
         )
     return gx, gv, gvref
 
@@ -360,7 +414,7 @@ def compile_specs():
                 for has_vref in vrefs:
                     sig = {
                         "x_ptr": f"*{dt}", "v_ptr": f"*{dt}", "eps_ptr": "*fp32", "prev_ptr": "*fp32",
-                        "vref_ptr": f"*{dt}", "mean_ptr": "*fp32", "ssq_ptr": "*fp32", "klssq_ptr": "*fp32",
+                        "vref_ptr": f"*{dt}", "mean_ptr": "*fp32", "parts_ptr": "*fp32",
                         **sig_ptrs, **sched, "N": "i32", "n_chunks": "i32",
                     }
                     specs.append((sde_step_fwd_kernel, sig, {**consts, "NOISE": noise, "HAS_VREF": has_vref,
@@ -380,7 +434,7 @@ def compile_specs():
                 }))
         for has_sample in ((False,) if kind == 3 else (True,)):
             for has_vref in vrefs:
-                sig = {"ssq_ptr": "*fp32", "klssq_ptr": "*fp32", "log_prob_ptr": "*fp32", "std_ptr": "*fp32",
+                sig = {"parts_ptr": "*fp32", "log_prob_ptr": "*fp32", "std_ptr": "*fp32",
                        "kl_ptr": "*fp32", **sig_ptrs, **sched, "N": "i32", "n_chunks": "i32"}
                 specs.append((sde_step_finish_kernel, sig, {**consts, "HAS_SAMPLE": has_sample,
                                                             "HAS_VREF": has_vref, "CBLOCK": 128}))

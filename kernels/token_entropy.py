@@ -41,11 +41,14 @@ gradients.
 """
 from __future__ import annotations
 
+import functools
 import struct
 
 import torch
 import triton
 import triton.language as tl
+
+from .host import cdiv, next_power_of_2
 
 # Upper bounds of the blocking; tests lower them to force the multi-chunk merge on small rows.
 MAX_BLOCK = 4096
@@ -141,9 +144,9 @@ def blocking(V: int) -> tuple[int, int, int]:
     """(BLOCK, ITERS, n_split) for rows of V logits: a function of V only, so results do not depend on R.
 
     The forward runs one program per row and loops over all V in BLOCK steps (n_split is the backward's grid)."""
-    block = min(MAX_BLOCK, triton.next_power_of_2(max(V, 16)))
-    iters = max(1, min(MAX_ITERS, triton.cdiv(V, block)))
-    return block, iters, triton.cdiv(V, block * iters)
+    block = min(MAX_BLOCK, next_power_of_2(max(V, 16)))
+    iters = max(1, min(MAX_ITERS, cdiv(V, block)))
+    return block, iters, cdiv(V, block * iters)
 
 
 def fwd_config(V: int) -> dict:
@@ -175,7 +178,8 @@ def token_stats_fwd(logits3, targets, inv_t: float, ignore_index: int, ent_scale
     R = P * L
     cfg = fwd_config(V)
     dev = logits3.device
-    logp, ent, rowmax, logs, mean_rel = (torch.empty(R, dtype=torch.float32, device=dev) for _ in range(5))
+    # one allocation for the five rows (a host-bound call pays per allocation)
+    logp, ent, rowmax, logs, mean_rel = torch.empty((5, R), dtype=torch.float32, device=dev).unbind(0)
     if flag is None:
         flag = torch.zeros(1, dtype=torch.int32, device=dev)
     eff = torch.empty_like(targets) if modality is not None else targets
@@ -355,6 +359,18 @@ def eg_calibrate_kernel(
 MAX_SHAPING_L = 8192  # a row (both modalities) is sorted in registers; longer rows take the torch sort
 
 
+_DUMMY: dict = {}
+
+
+def _scratch_f32(device) -> torch.Tensor:
+    """A per-device float32 [1] tensor passed for pointer arguments a kernel variant never touches."""
+    t = _DUMMY.get(device)
+    if t is None:
+        t = _DUMMY[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return t
+
+
+@functools.lru_cache(maxsize=64)
 def _split3(q: float) -> tuple[float, float, float]:
     """Three float32 numbers whose float64 sum is exactly q (kernel scalars are float32)."""
     f32 = lambda v: struct.unpack("f", struct.pack("f", v))[0]  # noqa: E731  (round to nearest, like torch)
@@ -373,8 +389,7 @@ def eg_shaping(entropy, modality, *, low_frac, high_frac, rule, flag, eff_target
     modality value is not -1/0/1. Returns (low, high, token_adv or None)."""
     B, L = entropy.shape
     dev = entropy.device
-    low = torch.empty((B, L), dtype=torch.bool, device=dev)
-    high = torch.empty_like(low)
+    low, high = torch.empty((2, B, L), dtype=torch.bool, device=dev).unbind(0)  # one allocation
     adv_mode = 0 if advantages is None else (2 if calibrate else 1)
     tadv = torch.empty((B, L), dtype=torch.float32, device=dev) if adv_mode else None
     if B * L == 0:
@@ -384,11 +399,11 @@ def eg_shaping(entropy, modality, *, low_frac, high_frac, rule, flag, eff_target
     quantile = rule == "quantile"
     qlo = _split3(low_frac)
     qhi = _split3(1 - high_frac if quantile else high_frac)
-    dummy = torch.empty(1, dtype=torch.float32, device=dev)  # unused float32 pointers
+    dummy = _scratch_f32(dev)  # unused float32 pointers
     adv = advantages.detach().float().contiguous() if adv_mode else dummy
     parts = torch.empty(2 * B, dtype=torch.float32, device=dev) if adv_mode == 2 else dummy
     counts = torch.empty(2 * B, dtype=torch.int32, device=dev) if adv_mode == 2 else flag
-    block_l = max(16, triton.next_power_of_2(L))
+    block_l = max(16, next_power_of_2(L))
     eg_shaping_kernel[(B, 2)](
         entropy, modality, eff_targets if eff_targets is not None else modality, adv, low, high,
         tadv if tadv is not None else dummy, parts, counts, flag,
@@ -402,7 +417,7 @@ def eg_shaping(entropy, modality, *, low_frac, high_frac, rule, flag, eff_target
         assert entropy.is_contiguous()
         eg_calibrate_kernel[(B,)](
             entropy, adv, low, high, tadv, parts, counts, B, L, float(bonus),
-            BLOCK_B=max(16, triton.next_power_of_2(2 * B)), BLOCK_L=block_l, num_warps=4, enable_fp_fusion=False,
+            BLOCK_B=max(16, next_power_of_2(2 * B)), BLOCK_L=block_l, num_warps=4, enable_fp_fusion=False,
         )
     return low, high, tadv
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -38,6 +39,10 @@ def test_readme_h200_section_is_generated_from_the_committed_results():
 
 def test_readme_cpu_table_is_generated_from_the_committed_results():
     assert _section(report.START, report.END) == report.table(_load("cpu.json"))
+
+
+def test_readme_host_table_is_generated_from_the_committed_results():
+    assert _section(report.HOST_START, report.HOST_END) == report.host_table(_load("cpu-host.json"))
 
 
 def _bench(name, params, median, **extra):
@@ -162,3 +167,43 @@ def test_peaks_come_from_the_cold_run_by_case():
     assert all(b["extra_info"]["peak_from"].startswith("FASTGRPO_BENCH_ALLOCATOR=cold") for b in out["benchmarks"])
     missing = report.with_peaks_from({"benchmarks": [{"fullname": "c", "extra_info": {}}]}, cold)
     assert missing["benchmarks"][0]["extra_info"]["peak_extra_memory_bytes"] is None
+
+
+def test_host_table_lists_the_host_benchmark_cases_only():
+    def host(name, op, case, device, us, launches, ops, reads=None):
+        info = {"device": device, "torch": "2.13", "triton": "3.7", "op": op, "case": case, "shape_name": "tiny",
+                "shapes": {"x": [8, 4, 16, 16]}, "host_us": us, "kernel_launches": launches, "aten_ops": ops,
+                "host_reads": reads}
+        return {"name": name, "params": {}, "stats": {"median": us * 1e-6}, "extra_info": info}
+
+    results = {"benchmarks": [
+        host("test_host_sde_step[sde_train-tiny-cpu]", "sde_step", "train", "cpu x1", 113.9, 3, 14),
+        host("test_host_sde_step[sde_sample-tiny-cuda]", "sde_step", "sample", "NVIDIA H200", 41.25, 2, 5, ["item"]),
+        _bench("test_sample[a-torch]", {"impl": "torch"}, 1e-4),
+    ]}
+    rows = [line for line in report.host_table(results).splitlines() if line.startswith("| sde_step")]
+    assert rows == ["| sde_step | sample | tiny (x 8x4x16x16) | cuda | 41.2 | 2 | 5 | 1 |",
+                    "| sde_step | train | tiny (x 8x4x16x16) | cpu | 113.9 | 3 | 14 | 0 |"]
+    with pytest.raises(SystemExit, match="test_bench_host"):
+        report.host_table({"benchmarks": results["benchmarks"][2:]})
+
+
+def test_gpu_probe_token_tiles_section():
+    """bench/gpu_probe.py's ``token_tiles`` sweep: every candidate configuration runs the forward kernel and is
+    compared with the current one (here a smoke run in Triton's interpreter at a tiny shape; on a GPU it runs in
+    bench/gpu_session.sh round)."""
+    import gpu_probe
+    from fastgrpo.kernels import token_entropy
+
+    if torch.cuda.is_available():
+        pytest.skip("the full sweep runs on a GPU through bench/gpu_session.sh")
+
+    original = token_entropy.fwd_config
+    res = gpu_probe._token_tiles_probe(None, blocks=(16, 32), warps=(4,), stages=(1, 2),
+                                       shapes={"tiny": (2, 3, 37)})
+    assert token_entropy.fwd_config is original  # restored
+    row = res["tiny"]
+    assert row["current"] == original(37) and row["current_ms"] > 0
+    assert [(r["BLOCK"], r["num_stages"]) for r in row["configs"]] == [(16, 1), (16, 2), (32, 1), (32, 2)]
+    assert all("ms" in r and r["max_abs_logp_diff"] < 1e-5 and r["pct_of_copy"] is None for r in row["configs"])
+    assert row["best"] and row["best"][0]["ms"] == min(r["ms"] for r in row["configs"])

@@ -345,24 +345,27 @@ def test_auto_on_cpu_uses_cpp_when_built_else_torch(cpp_disabled):
 # ---------------------------------------------------------------------------------------------- host work per call
 
 
-class _LaunchRecorder:
-    """Stands in for a @triton.jit kernel: records ``kernel[grid](...)`` launches instead of running them."""
+def test_host_block_arithmetic_matches_triton():
+    """kernels/host.py's plain-python cdiv / next_power_of_2 (the launchers' host arithmetic) give Triton's integers."""
+    import triton
 
-    def __init__(self, name, log):
-        self.name, self.log = name, log
+    from fastgrpo.kernels.host import cdiv, next_power_of_2
 
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.log.append(self.name)
+    g = torch.Generator().manual_seed(26)
+    ns = list(range(0, 4200)) + torch.randint(0, 2**40, (300,), generator=g).tolist() + [2**31 - 1, 2**31, 2**31 + 1]
+    for n in ns:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for b in (1, 3, 16, 1024, 4096):
+            assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
 
 
 @pytest.fixture
-def recorded_launches(monkeypatch):
-    from fastgrpo.kernels import sde_step as mod
+def recorded_launches():
+    """The sde_step kernels' launches (names, in order), which are recorded instead of run."""
+    from fastgrpo.testing import stubbed_kernels
 
-    log = []
-    for name in ("sde_step_fwd_kernel", "sde_step_finish_kernel", "sde_step_bwd_kernel"):
-        monkeypatch.setattr(mod, name, _LaunchRecorder(name, log))
-    return log
+    with stubbed_kernels("fastgrpo.kernels.sde_step") as log:
+        yield log
 
 
 def _aten_ops(fn):

@@ -75,17 +75,19 @@ class EGGRPO(Strategy):
         return self.shape_text if modality == 0 else self.shape_image
 
     def token_terms(self, logits: torch.Tensor, targets: torch.Tensor, modality: int, advantages: torch.Tensor, *,
-                    temperature: float = 1.0, impl: str = "auto") -> TokenTerms:
+                    temperature: float = 1.0, impl: str = "auto", validate: bool = True) -> TokenTerms:
         """Terms of one modality (0 text, 1 image). ``logits`` [B, L, V] predict ``targets`` [B, L] (-100 on
-        padding); ``advantages`` [B]."""
+        padding); ``advantages`` [B]. ``validate``: passed to the token ops; the AR trainer passes False (no host
+        read per micro-batch: an out-of-range target gives a NaN log-prob, so a NaN loss, which its finiteness
+        check stops on)."""
         valid = targets != IGNORE_INDEX
         if self.shapes(modality):
             mod = torch.where(valid, torch.full_like(targets, modality), torch.full_like(targets, -1))
             sh = eg_grpo_shaping(logits, targets, mod, advantages, temperature=temperature, low_frac=self.low_frac,
                                  high_frac=self.high_frac, bonus=self.bonus, rule=self.rule, calibrate=self.calibrate,
-                                 impl=impl)
+                                 impl=impl, validate=validate)
             return TokenTerms(sh.logp, sh.entropy, sh.token_adv, sh.low, sh.high)
         logp, ent = token_logprob_entropy(logits, targets, temperature=temperature, normalize=True,
-                                          ignore_index=IGNORE_INDEX, impl=impl)
+                                          ignore_index=IGNORE_INDEX, impl=impl, validate=validate)
         none = torch.zeros_like(valid)
         return TokenTerms(logp, ent.detach(), advantages.detach().float()[:, None] * valid, none, none)

@@ -103,6 +103,20 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
+def _attention_mask(lm, mask: torch.Tensor, q_length: int) -> torch.Tensor:
+    """The attention mask for a forward of ``lm`` over the last ``q_length`` positions of the 2-D padding ``mask``
+    [B, K] (the earlier ones cached): under SDPA the 4-D bool mask [B, 1, q_length, K] (causal and not padding)
+    that transformers would build itself, which it takes as given; transformers' own construction first reads the
+    mask on the host (whether any token is padding, to use SDPA's ``is_causal`` or no mask instead), a device sync
+    per forward (per generated token) on CUDA. Other attention implementations get ``mask`` unchanged."""
+    if getattr(lm.config, "_attn_implementation", None) != "sdpa":
+        return mask
+    K = mask.shape[1]
+    kv = torch.arange(K, device=mask.device)
+    causal = kv[None, :] <= kv[K - q_length:, None]
+    return causal[None, None] & mask.bool()[:, None, None, :]
+
+
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids counted over the real tokens (left padding gets position 0)."""
     return (mask.cumsum(1) - 1).clamp(min=0)
@@ -228,7 +242,8 @@ class JanusPolicy:
 
     # ---------------------------------------------------------------------------------------------- sampling
     def _lm_step(self, lm, embeds, mask, pos, cache):
-        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        out = lm(inputs_embeds=embeds, attention_mask=_attention_mask(lm, mask, embeds.shape[1]), position_ids=pos,
+                 past_key_values=cache, use_cache=True)
         self.model_forwards += embeds.shape[0]
         return out.last_hidden_state[:, -1], out.past_key_values
 
@@ -335,14 +350,16 @@ class JanusPolicy:
         P, C = data["prompt_ids"].shape[1], data["cot_ids"].shape[1]
         ids = torch.cat([data["prompt_ids"], data["cot_ids"]], 1)
         mask = torch.cat([data["prompt_mask"], data["cot_mask"].long()], 1)
-        h = lm(inputs_embeds=lm.embed_tokens(ids), attention_mask=mask, position_ids=_positions(mask)).last_hidden_state
+        h = lm(inputs_embeds=lm.embed_tokens(ids), attention_mask=_attention_mask(lm, mask, mask.shape[1]),
+               position_ids=_positions(mask)).last_hidden_state
         text_logits = parts.lm_head(h[:, P - 1:P + C - 1])
         Q, N = data["image_prompt_ids"].shape[1], data["image_ids"].shape[1]
         img = data["image_ids"][:, :-1]
         emb = torch.cat([lm.embed_tokens(data["image_prompt_ids"]),
                          self.model.prepare_embeddings_for_image_generation(img).to(h.dtype)], 1)
         mask = torch.cat([data["image_prompt_mask"], torch.ones_like(img)], 1)
-        h = lm(inputs_embeds=emb, attention_mask=mask, position_ids=_positions(mask)).last_hidden_state
+        h = lm(inputs_embeds=emb, attention_mask=_attention_mask(lm, mask, mask.shape[1]),
+               position_ids=_positions(mask)).last_hidden_state
         image_logits = self.model.model.generation_head(h[:, Q - 1:Q + N - 1])
         self.model_forwards += 2 * ids.shape[0]
         return text_logits, image_logits

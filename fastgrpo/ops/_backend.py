@@ -10,8 +10,10 @@
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import sys
 from typing import Sequence
 
 import torch
@@ -25,7 +27,9 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
+    """Whether the triton package is installed (looked up once per process: it is asked on every op call)."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -43,7 +47,7 @@ def kernel_module(backend: str, triton_module: str):
         from fastgrpo import _ext
 
         return _ext.load()
-    return importlib.import_module(triton_module)
+    return sys.modules.get(triton_module) or importlib.import_module(triton_module)
 
 
 def usable_backends() -> dict[str, bool]:

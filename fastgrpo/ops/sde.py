@@ -77,6 +77,13 @@ csrc/sde_step.cpp) has the same launchers (``sde_step_fwd(x, v, sched, ...)``, `
 work in one call each way: float64 coefficients from the sigmas, the elementwise pass, and the [B] epilogue
 (log_prob, std, kl) from per-chunk partial sums, with no torch op on [B] tensors in Python (issue 20: the host
 work around the kernel used to cost 0.2-0.6 ms a call, 14x the kernel at the tiny presets' size).
+
+Host path of the fused paths (on a GPU the calls are host-bound at the benchmark shapes; bench/test_bench_host.py
+times it with the Triton kernels stubbed): the inputs go to the launchers in x's own shape (contiguous; the
+tensors themselves when they already are) and the outputs come back in it, so nothing is reshaped; the Triton
+launchers plan each launch (grid, blocking, constexprs) once per (B, N, variant); the autograd.Function returns
+only the outputs that exist (no placeholder for an absent kl or sample). A sampling call is 5 allocations and 2
+launches, a training step's forward the same and its backward 1 allocation and 1 launch.
 """
 from __future__ import annotations
 
@@ -486,81 +493,84 @@ def _coefficients(kind, s, sn, noise_level, sigma_max, kl_convention):
 
 class _SDEStepFusedFn(torch.autograd.Function):
     """The fused paths with gradients (``launch``: the Triton module or the C++ extension, same launchers): the
-    forward writes mean, log_prob, std and kl; the backward kernel takes g_log_prob and g_kl."""
+    forward writes mean, log_prob, std and kl; the backward kernel takes g_log_prob and g_kl.
+
+    Outputs: (mean, log_prob, std), then kl when there is a v_ref and the new sample when one was drawn -- only
+    what exists, so the graph holds no placeholder tensors."""
 
     @staticmethod
     def forward(ctx, x, v, v_ref, eps, prev, sched, launch):
         new_prev, mean, log_prob, std, kl = launch.sde_step_fwd(x, v, sched, eps=eps, prev=prev, v_ref=v_ref)
-        ctx.sched, ctx.launch = sched, launch
+        ctx.sched, ctx.launch, ctx.has_kl = sched, launch, kl is not None
         ctx.save_for_backward(x, v, v_ref, new_prev if new_prev is not None else prev)
         ctx.set_materialize_grads(False)
-        kl = kl if kl is not None else mean.new_empty(0)
-        new_prev = new_prev if new_prev is not None else mean.new_empty(0)
-        ctx.mark_non_differentiable(std, new_prev)
-        return mean, log_prob, kl, std, new_prev
+        outs = (mean, log_prob, std)
+        if kl is not None:
+            outs += (kl,)
+        if new_prev is not None:
+            outs += (new_prev,)
+            ctx.mark_non_differentiable(std, new_prev)
+        else:
+            ctx.mark_non_differentiable(std)
+        return outs
 
     @staticmethod
-    def backward(ctx, g_mean, g_log_prob, g_kl, _g_std, _g_prev):
+    def backward(ctx, g_mean, g_log_prob, _g_std, *rest):
         x, v, v_ref, prev = ctx.saved_tensors
+        g_kl = rest[0] if ctx.has_kl else None
         need_gx, need_gv, need_gvref = ctx.needs_input_grad[:3]
+        # .float()/.contiguous() return the tensor itself when it already is one (the usual case: no copy)
         gx, gv, gvref = ctx.launch.sde_step_bwd(
             x, v, ctx.sched, prev=prev, v_ref=v_ref,
             g_mean=g_mean.contiguous() if g_mean is not None else None,
             g_log_prob=g_log_prob.float() if g_log_prob is not None else None,
-            g_kl=g_kl.float() if (g_kl is not None and g_kl.numel()) else None,
+            g_kl=g_kl.float() if g_kl is not None else None,
             need_gx=need_gx, need_gv=need_gv, need_gvref=need_gvref,
         )
         return gx, gv, gvref, None, None, None, None
 
 
-def _flat_inputs(x, v, kind, noise, prev_sample, generator, v_ref, flat=True):
-    """x, v, v_ref, eps, prev as contiguous [B, N] (views when already contiguous), or in x's shape with
-    ``flat=False`` (the C++ launchers take either: no view to make on the way in or out)."""
-    if flat:
-        B, n = x.shape[0], math.prod(x.shape[1:])
-        prep = lambda t: t.reshape(B, n).contiguous()  # noqa: E731
-    else:
-        prep = torch.Tensor.contiguous
-    x2, v2 = prep(x), prep(v)
-    vref2 = prep(v_ref) if v_ref is not None else None
+def _detached(t):
+    """``t`` detached; the tensor itself when it does not require grad (a detach is an op: skipped when idle)."""
+    return t.detach() if t.requires_grad else t
+
+
+def _kernel_inputs(x, v, kind, noise, prev_sample, generator, v_ref):
+    """x, v, v_ref, eps, prev in x's shape, contiguous (the tensors themselves when they already are): the
+    launchers of both fused paths take [B, ...] and allocate their outputs in that shape, so nothing is reshaped
+    on the way in or out."""
+    x2, v2 = x.contiguous(), v.contiguous()
+    vref2 = v_ref.contiguous() if v_ref is not None else None
     eps = prev = None
     if kind != "ode":
         if prev_sample is not None:
-            prev = prep(prev_sample.detach())
+            prev = _detached(prev_sample).contiguous()
         elif noise is not None:
-            eps = prep(noise.detach())
+            eps = _detached(noise).contiguous()
         else:
             eps = standard_normal(x.shape, generator, x.device)
-            eps = eps.view(x2.shape) if flat else eps
     return x2, v2, vref2, eps, prev
 
 
-def _sde_step_fused(x, v, sched, noise, prev_sample, generator, v_ref, launch, flat=True) -> SDEStep:
+def _sde_step_fused(x, v, sched, noise, prev_sample, generator, v_ref, launch) -> SDEStep:
     """The fused kernels of ``launch`` (the Triton module or the C++ extension, same launchers): Triton, two
     launches (forward, finish) and one more in backward, no torch op on [B] tensors, no sync; C++, one call each
     way, the float64 coefficients and the [B] epilogue computed inside it."""
     kind = sched.kind
-    x2, v2, vref2, eps, prev = _flat_inputs(x, v, kind, noise, prev_sample, generator, v_ref, flat)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or v.requires_grad
-                                              or (v_ref is not None and v_ref.requires_grad))
-    if needs_grad:
-        mean, log_prob, kl, std, new_prev = _SDEStepFusedFn.apply(x2, v2, vref2, eps, prev, sched, launch)
-        kl = kl if v_ref is not None else None
+    x2, v2, vref2, eps, prev = _kernel_inputs(x, v, kind, noise, prev_sample, generator, v_ref)
+    if torch.is_grad_enabled() and (v.requires_grad or x.requires_grad or (v_ref is not None and v_ref.requires_grad)):
+        outs = _SDEStepFusedFn.apply(x2, v2, vref2, eps, prev, sched, launch)
+        mean, log_prob, std = outs[:3]
+        kl = outs[3] if v_ref is not None else None
+        new_prev = outs[-1] if eps is not None else None
     else:  # sampling (no_grad): no autograd.Function at all
         new_prev, mean, log_prob, std, kl = launch.sde_step_fwd(x2, v2, sched, eps=eps, prev=prev, v_ref=vref2)
-    return _result(x, kind, mean, new_prev, prev_sample, log_prob, std, kl)
-
-
-def _result(x, kind, mean, new_prev, prev_sample, log_prob, std, kl) -> SDEStep:
-    """The fused paths' SDEStep: mean in x's shape, and the sample that was taken (the mean for ODE steps)."""
-    flat = mean.dim() != x.dim()
-    mean = mean.view(x.shape) if flat else mean
-    if kind == "ode":
+    if kind == "ode":  # the sample that was taken: the mean for ODE steps
         out_prev = mean.detach()
-    elif prev_sample is not None:
-        out_prev = prev_sample.detach().to(torch.float32)
+    elif prev is not None:
+        out_prev = prev if prev.dtype == torch.float32 else prev.to(torch.float32)
     else:
-        out_prev = new_prev.view(x.shape) if flat else new_prev
+        out_prev = new_prev
     return SDEStep(out_prev, log_prob, mean, std, kl)
 
 
@@ -603,4 +613,4 @@ def sde_step(x, v, sigma, sigma_next, *, kind="flow_grpo", noise_level=0.7, sigm
         return out
     sched = _schedule(x, sigma, sigma_next, kind, noise_level, sigma_max, v_ref, kl_convention)
     launch = kernel_module(backend, "fastgrpo.kernels.sde_step")
-    return _sde_step_fused(x, v, sched, noise, prev_sample, generator, v_ref, launch, flat=backend != "cpp")
+    return _sde_step_fused(x, v, sched, noise, prev_sample, generator, v_ref, launch)

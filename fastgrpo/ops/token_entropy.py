@@ -255,6 +255,14 @@ def _fused(logits, targets, temperature, normalize, ignore_index, backend, *, mo
             return logp, ent, flat_targets
     else:
         flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
+        if not (torch.is_grad_enabled() and logits.requires_grad):  # no autograd.Function without gradients
+            launch = kernel_module("triton", "fastgrpo.kernels.token_entropy")
+            logp, ent, _, _, _, eff = launch.token_stats_fwd(logits3, flat_targets, 1.0 / float(temperature),
+                                                             int(ignore_index), ent_scale, modality=modality,
+                                                             flag=flag)
+            if logp.shape != targets.shape:
+                logp, ent = logp.view(targets.shape), ent.view(targets.shape)
+            return logp, ent, eff
     logp, ent, eff = _TokenLogprobEntropyFn.apply(logits3, flat_targets, 1.0 / float(temperature), int(ignore_index),
                                                   ent_scale, backend, modality, flag)
     if logp.shape != targets.shape:

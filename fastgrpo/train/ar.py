@@ -22,18 +22,26 @@ float error, since both are conditional log-probs of the same tokens), ``entropy
 normalised token entropy, H / ln V), ``low_frac_tokens`` / ``high_frac_tokens`` (fractions of shaped tokens in the
 low / high masks) and ``cot_tokens`` (mean CoT length).
 
+Host reads (each a device sync on CUDA): the train phase reads the device once, at its end (the statistics and every
+micro-batch's loss, stacked; a non-finite loss then raises `TrainingDiverged` naming the micro-batch, before the
+loop's optimizer step); sampling reads once per CoT token (the early stop when every row has ended) and per
+micro-batch (the CoTs' text, the rewards), never per image token (`fastgrpo.ar.janus.JanusPolicy` hands SDPA its
+4-D attention mask, so transformers does not read the padding mask per forward).
+
 On CUDA ``ar.impl="auto"`` runs the token ops' Triton kernels (no float32 [B, L, V] softmax); on CPU it runs their
 torch reference unless a C++ kernel is built (``ar.impl=triton`` uses Triton's interpreter under
 ``TRITON_INTERPRET=1``, slow but memory-light).
 """
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from tqdm.auto import tqdm
 
 from fastgrpo.algos.eg_grpo import IGNORE_INDEX
+from fastgrpo.diffusion.graphs import to_device
 from fastgrpo.ops import grpo_token_loss, token_logprob_entropy
 
 from .distributed import STREAM_SAMPLE, step_generator
@@ -101,7 +109,9 @@ class ARTrainer(GRPOTrainer):
         policy, T = self.policy, self.cfg.ar.temperature
         with policy.reference() as parts:
             text_logits, image_logits = policy.teacher_forced_logits(data, parts)
-        out = [token_logprob_entropy(lg, tg, temperature=T, ignore_index=IGNORE_INDEX, impl=self.cfg.ar.impl)[0]
+        # validate=False: no host read per micro-batch; a bad target gives NaN, which the loss check catches
+        out = [token_logprob_entropy(lg, tg, temperature=T, ignore_index=IGNORE_INDEX, impl=self.cfg.ar.impl,
+                                     validate=False)[0]
                for lg, tg in zip((text_logits, image_logits), self._targets(data))]
         return torch.cat(out, 1)
 
@@ -127,26 +137,38 @@ class ARTrainer(GRPOTrainer):
         minibatch's rollouts over all processes. One on-policy update (the round's only one) has no clipping
         (ratio ``exp(logp - logp.detach())``, as T2I-R1 / EG-GRPO); with several updates per round every update
         is PPO-clipped (``train.clip_range``) against the sampling-time log-probs. The reference log-probs are
-        computed once per round (``train.beta > 0``)."""
+        computed once per round (``train.beta > 0``).
+
+        Per micro-batch nothing waits for the device: the statistics (float64 sums, each micro-batch's weighted by
+        its share ``len(rows) / n`` of the minibatch) and every micro-batch's loss stay on the device and are read
+        once at the end; a non-finite loss then stops the run (`TrainingDiverged`, naming the micro-batch and its
+        first prompts) before the loop's optimizer step, with the weights unchanged."""
         rows, n_all = self.whole_round(batches, rows, n_all)
         cfg, policy, strat = self.cfg, self.policy, self.strategy
         beta = strat.beta
         clip = cfg.train.clip_range if several else None
         if first:
             self._refs = [self._reference_logp(mb.data) if beta > 0 else None for mb in batches]
-        keys = ("loss", "policy_loss", "kl", "ratio_mean", "clip_frac", "approx_kl", "entropy_text", "entropy_image",
-                "low_frac_tokens", "high_frac_tokens")
-        stats = dict.fromkeys(keys, 0.0)
-        ratio_dev_max, n = 0.0, rows["mb"].numel()
+        n = rows["mb"].numel()
         norm = n_all / self.world_size
+        # The minibatch's rows per micro-batch, from one read of the (CPU) row tensors.
+        per_mb: dict = {}
+        for b, r in zip(rows["mb"].tolist(), rows["row"].tolist()):
+            per_mb.setdefault(b, []).append(r)
+        f64 = dict(dtype=torch.float64, device=self.device)
+        names = ("policy_loss", "kl", "ratio_mean", "clip_frac", "approx_kl", "entropy_text", "entropy_image",
+                 "low_frac_tokens", "high_frac_tokens")
+        acc = {k: torch.zeros((), **f64) for k in (*names, "ratio_dev_max")}
+        losses, where = [], []
         policy.train_mode(True)
-        for b in tqdm(torch.unique(rows["mb"]).tolist(), desc="train", leave=False,
-                      disable=not (cfg.log.progress and self.is_main)):
-            sel = rows["row"][rows["mb"] == b]
-            mb, ref = _take(batches[b], sel), self._refs[b]
-            ref = ref.index_select(0, sel.to(ref.device)) if ref is not None else None
+        for b in tqdm(sorted(per_mb), desc="train", leave=False, disable=not (cfg.log.progress and self.is_main)):
+            mb, take = _take(batches[b], per_mb[b])
+            ref = take(self._refs[b]) if self._refs[b] is not None else None
             text_logits, image_logits = policy.teacher_forced_logits(mb.data)
-            terms = [strat.token_terms(lg, tg, m, mb.advantages, temperature=cfg.ar.temperature, impl=cfg.ar.impl)
+            # validate=False: the token ops read nothing on the host; a bad target gives a NaN log-prob, so a NaN
+            # loss, which the finiteness check at the end of the phase catches
+            terms = [strat.token_terms(lg, tg, m, mb.advantages, temperature=cfg.ar.temperature, impl=cfg.ar.impl,
+                                       validate=False)
                      for m, (lg, tg) in enumerate(zip((text_logits, image_logits), self._targets(mb.data)))]
             valid = [mb.data["cot_mask"], torch.ones_like(mb.data["image_ids"], dtype=torch.bool)]
             logp = torch.cat([t.logp for t in terms], 1)
@@ -154,39 +176,61 @@ class ARTrainer(GRPOTrainer):
             old = torch.cat([mb.data["cot_old_logp"], mb.data["image_old_logp"]], 1)
             loss, st = grpo_token_loss(logp, old if clip is not None else None, ref,
                                        torch.cat([t.token_adv for t in terms], 1), mask, clip_eps=clip, beta=beta)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"the loss became {loss.item()}; weights not updated")
-            share = len(sel) / norm
+            share = len(per_mb[b]) / norm
             (loss * share).backward()
-            log_ratio = (logp.detach() - old)[mask]
-            if log_ratio.numel():
-                ratio_dev_max = max(ratio_dev_max, (log_ratio.exp() - 1).abs().max().item())
-            kl = st["kl"].item()
-            row = {"loss": loss.item(), "policy_loss": loss.item() - beta * kl, "kl": kl,
-                   "ratio_mean": st["ratio"].item(), "clip_frac": st["clip_fraction"].item(),
-                   "approx_kl": 0.5 * (log_ratio ** 2).mean().item() if log_ratio.numel() else 0.0}
-            for name, t, v in (("text", terms[0], valid[0]), ("image", terms[1], valid[1])):
-                row[f"entropy_{name}"] = (t.entropy[v].mean().item() if v.any() else 0.0)
-            shaped = [(t, v) for m, (t, v) in enumerate(zip(terms, valid)) if strat.shapes(m)]
-            n_shaped = sum(int(v.sum()) for _, v in shaped)
-            row["low_frac_tokens"] = sum(int(t.low.sum()) for t, _ in shaped) / max(1, n_shaped)
-            row["high_frac_tokens"] = sum(int(t.high.sum()) for t, _ in shaped) / max(1, n_shaped)
-            for k in keys:
-                stats[k] += row[k] * len(sel) / n
+            losses.append(loss.detach())
+            where.append(b)
+            k = len(per_mb[b])  # a statistic's weight in the minibatch's mean: k / n (as x * k / n)
+            with torch.no_grad():
+                kl = st["kl"].double()
+                acc["policy_loss"] += (loss.double() - beta * kl) * k / n
+                acc["kl"] += kl * k / n
+                acc["ratio_mean"] += st["ratio"].double() * k / n
+                acc["clip_frac"] += st["clip_fraction"].double() * k / n
+                # Over the valid tokens (select, never multiply: padding may hold anything); 0 without any.
+                log_ratio = torch.where(mask, logp.detach() - old, torch.zeros((), device=old.device))
+                count = mask.sum().clamp_min(1)
+                acc["approx_kl"] += 0.5 * log_ratio.double().square().sum() / count * k / n
+                acc["ratio_dev_max"] = torch.maximum(acc["ratio_dev_max"], (log_ratio.exp() - 1).abs().max().double())
+                for name, t, v in (("text", terms[0], valid[0]), ("image", terms[1], valid[1])):
+                    ent = torch.where(v, t.entropy.detach(), torch.zeros((), device=v.device)).double()
+                    acc[f"entropy_{name}"] += ent.sum() / v.sum().clamp_min(1) * k / n
+                shaped = [(t, v) for m, (t, v) in enumerate(zip(terms, valid)) if strat.shapes(m)]
+                if shaped:
+                    n_shaped = sum(v.sum() for _, v in shaped).clamp_min(1).double()
+                    acc["low_frac_tokens"] += sum(t.low.sum() for t, _ in shaped).double() / n_shaped * k / n
+                    acc["high_frac_tokens"] += sum(t.high.sum() for t, _ in shaped).double() / n_shaped * k / n
         policy.train_mode(False)
-        stats["ratio_dev_max"] = ratio_dev_max
-        stats["trained_rollouts"] = n_all
-        stats["cot_tokens"] = sum(mb.data["cot_mask"].sum().item() for mb in batches) / sum(
-            len(mb.prompts) for mb in batches)
+        cot = torch.stack([mb.data["cot_mask"].sum() for mb in batches]).sum().double()
+        keys = (*names, "ratio_dev_max")
+        values = torch.stack([acc[k] for k in keys] + [cot] + [v.double() for v in losses]).tolist()  # one read
+        stats, cot, chunk_losses = dict(zip(keys, values)), values[len(keys)], values[len(keys) + 1:]
+        bad = next((i for i, v in enumerate(chunk_losses) if not math.isfinite(v)), None)
+        if bad is not None:
+            b = where[bad]
+            prompts = [batches[b].prompts[r] for r in per_mb[b]]
+            raise TrainingDiverged(f"the loss became {chunk_losses[bad]} in micro-batch {b} (prompts {prompts[:3]}); "
+                                   "weights not updated")
+        stats = {"loss": sum(v * len(per_mb[b]) / n for v, b in zip(chunk_losses, where)), **stats,
+                 "trained_rollouts": n_all, "cot_tokens": cot / sum(len(mb.prompts) for mb in batches)}
         return stats
 
 
-def _take(mb: MicroBatch, rows: torch.Tensor) -> MicroBatch:
-    """The micro-batch restricted to ``rows`` (CPU int64): every per-sample tensor and the advantages."""
+def _take(mb: MicroBatch, rows: list) -> tuple:
+    """``(micro-batch, take)``: the micro-batch restricted to ``rows`` (a list of ints: every per-sample tensor and
+    the advantages) and ``take(t)``, the same rows of another per-sample tensor; the micro-batch itself and the
+    identity when every row is taken in order. The index goes to each device once, without blocking (no host
+    read)."""
     n = len(mb.prompts)
-    if rows.numel() == n and bool((rows == torch.arange(n)).all()):
-        return mb
-    data = {k: v.index_select(0, rows.to(v.device)) if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v
-            for k, v in mb.data.items()}
-    return MicroBatch([mb.prompts[i] for i in rows.tolist()], data,
-                      advantages=mb.advantages.index_select(0, rows.to(mb.advantages.device)))
+    if rows == list(range(n)):
+        return mb, lambda t: t
+    idx = torch.tensor(rows, dtype=torch.int64)
+    on: dict = {}
+
+    def take(t):
+        if t.device not in on:
+            on[t.device] = to_device(idx, t.device)
+        return t.index_select(0, on[t.device])
+
+    data = {k: take(v) if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v for k, v in mb.data.items()}
+    return MicroBatch([mb.prompts[i] for i in rows], data, advantages=take(mb.advantages)), take
