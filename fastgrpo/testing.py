@@ -17,6 +17,9 @@ Host-cost helpers (bench/test_bench_host.py): `stubbed_kernels` replaces the Tri
 that launch nothing and record each launch, so that a call's own host work (checks, allocations, launch arguments,
 the autograd Function) can be timed and profiled on any machine; `aten_ops` lists the torch ops a call dispatches
 (`host_reads` below lists its reads of tensor values on the host: device syncs on a GPU).
+
+Family-wide tests: `tiny_presets` / `tiny_flow_families` / `tiny_family_config` (every flow family with a
+``configs/tiny-*.yaml`` preset, so a new family with a tiny preset is covered without editing the tests).
 """
 from __future__ import annotations
 
@@ -262,3 +265,51 @@ def host_reads(fn) -> list:
             else:
                 setattr(torch.Tensor, name, own)
     return found
+
+
+# ------------------------------------------------------------------------------------------ family-wide tests
+# The smallest Flow-GRPO round: 2 prompts x 2 rollouts, 2 denoising steps, one step; quiet
+TINY_SIZES = {"sample": {"num_steps": 2, "prompts_per_step": 2, "group_size": 2, "batch_size": 4},
+              "log": {"progress": False, "tensorboard": False}, "train": {"steps": 1}, "checkpoint": {"every": 1}}
+
+
+def tiny_presets() -> dict:
+    """{model.family: the data of its tiny preset} over ``configs/tiny-*.yaml`` (Flow-GRPO's when a family has
+    several)."""
+    from pathlib import Path
+
+    import yaml
+
+    from fastgrpo.train.config import preset_paths
+
+    found = {}
+    for name, path in sorted(preset_paths().items()):
+        if not name.startswith("tiny-"):
+            continue
+        data = yaml.safe_load(Path(path).read_text())
+        fam = data.get("model", {}).get("family", "sd3")
+        if fam not in found or data.get("algo") == "flow_grpo":
+            found[fam] = data
+    return found
+
+
+def tiny_flow_families() -> list:
+    """The flow families of `fastgrpo.families.FAMILIES` (table order) that have a tiny preset."""
+    from fastgrpo.families import FAMILIES
+
+    tiny = tiny_presets()
+    return [name for name, row in FAMILIES.items() if row.kind == "flow" and name in tiny]
+
+
+def tiny_family_config(family: str, **sections):
+    """Flow-GRPO at `TINY_SIZES` on the family's tiny model (its tiny preset's model, prompts and reward);
+    ``sections`` update the config's sections (``model={"lora": None}``) or set top-level keys."""
+    from fastgrpo.train import config_from_dict
+
+    src = tiny_presets()[family]
+    data = {"algo": "flow_grpo", "seed": 0, "model": dict(src["model"]), "reward": src.get("reward"),
+            "prompts": src.get("prompts", {}), **{k: dict(v) for k, v in TINY_SIZES.items()}}
+    data = {k: v for k, v in data.items() if v is not None}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
+    return config_from_dict(data)

@@ -1,6 +1,7 @@
 """AEGPO on tiny models: the median split and the warm-up, TopK entropy peaks, tree factors, the cached base entropy
 (counted reference forwards, kept across --resume), the probe reused as the shared prefix, groups of different
-sizes through the advantages phase, the logged fields, bad settings, and two processes allocating as one."""
+sizes through the advantages phase, the logged fields, bad settings, two processes allocating as one, and
+model.compile (the eager rounds' results; the probes add no Dynamo graphs, also at FLUX.1-dev's block count)."""
 import math
 import os
 import shutil
@@ -385,3 +386,105 @@ def test_two_processes_split_by_the_gathered_median(tmp_path):
     assert rows[1]["samples"] == 6 + 6
     state = torch.load(tmp_path / "run/checkpoints/step_2/strategy.pt", weights_only=False)
     assert {k[0] for k in state["base_entropy"]} == {"prompt number 0", "prompt number 1"}
+
+
+# ---------------------------------------------------------------------------------------------- compiled blocks
+
+
+@pytest.mark.slow  # Dynamo traces the tiny FLUX blocks (aot_eager), eager and compiled rounds: ~20 s
+def test_compiled_blocks_give_the_eager_rounds(tmp_path, monkeypatch):
+    """model.compile=true with AEGPO: two rounds (the second after an update: non-zero entropy deltas, a 4 / 2
+    median split) give the eager rounds' probe entropies, allocation, rollouts, rewards and gradients. The collector
+    runs the blocks of its layers uncompiled (`fastgrpo.diffusion.attention`, "Compiled blocks"): its processors are
+    never traced, the blocks are compiled again after each probe, and the double-stream block's graphs stay within
+    Dynamo's default limit of 8 (traced processors made 10 here: graphs per layer, policy and frozen reference)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
+
+    from fastgrpo.diffusion.adapter import FlowAdapter
+    from fastgrpo.diffusion.attention import FluxEntropyAttnProcessor
+
+    original = FlowAdapter.compile_blocks
+    monkeypatch.setattr(FlowAdapter, "compile_blocks", lambda self, **kw: original(self, backend="aot_eager"))
+    traced = []
+    real_call = FluxEntropyAttnProcessor.__call__
+
+    def spy(self, *args, **kwargs):
+        traced.append(torch.compiler.is_compiling())
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxEntropyAttnProcessor, "__call__", spy)
+    torch._dynamo.reset()
+    extra = [prompt_file(tmp_path, 2), "sample.prompts_per_step=2", "train.lr=1e-2"]
+    eager = make_trainer(cfg_of(*extra), tmp_path / "e")
+    compiled = make_trainer(cfg_of(*extra, "model.compile=true"), tmp_path / "c")
+    blocks = [*compiled.policy.transformer.transformer_blocks, *compiled.policy.transformer.single_transformer_blocks,
+              *compiled.policy.frozen_reference.transformer_blocks,
+              *compiled.policy.frozen_reference.single_transformer_blocks]
+    assert compiled.policy.compiled_blocks == len(blocks) == 2 * (2 + 1)
+
+    def round_and_grads(trainer, step):
+        batches = sampled(trainer, step)
+        log = trainer.strategy.take_log()
+        trainer.advantages(batches)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.train(batches)
+        x = torch.cat([mb.data["tree"].transitions[-1]["x_next"] for mb in batches])
+        rewards = torch.cat([mb.rewards for mb in batches])
+        grads = {k: p.grad.clone() for k, p in trainer.named.items() if p.grad is not None}
+        trainer.optimizer.step()
+        return log, x, rewards, grads
+
+    for step in range(2):
+        l0, x0, r0, g0 = round_and_grads(eager, step)
+        l1, x1, r1, g1 = round_and_grads(compiled, step)
+        assert all(b._compiled_call_impl is not None for b in blocks)  # compiled again after the probes
+        torch.testing.assert_close(torch.tensor(l1["entropy_t"]), torch.tensor(l0["entropy_t"]), rtol=1e-5, atol=0)
+        torch.testing.assert_close(torch.tensor(l1["entropy_delta"]), torch.tensor(l0["entropy_delta"]),
+                                   rtol=1e-3, atol=1e-6)  # a difference of two nearly equal entropies
+        assert l1["rollouts_per_prompt"] == l0["rollouts_per_prompt"] and l1["branch_steps"] == l0["branch_steps"]
+        torch.testing.assert_close(x1, x0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r1, r0, rtol=1e-5, atol=1e-7)
+        assert g1.keys() == g0.keys() and g0
+        for k in g0:
+            assert ((g1[k] - g0[k]).norm() / g0[k].norm().clamp_min(1e-30)).item() < 1e-4, k
+    assert min(l0["entropy_delta"]) > 0 and sorted(l0["rollouts_per_prompt"]) == [2, 4]
+    assert traced and not any(traced)  # the processors ran, never under Dynamo
+    assert 2 <= len(_debug_get_cache_entry_list(FluxTransformerBlock.forward.__code__)) <= 8
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow  # a FLUX.1-dev block count (19 + 38 blocks, tiny widths) traced by Dynamo: ~30 s
+def test_compiled_probes_at_flux_dev_block_count_stay_within_the_recompile_limit(tmp_path, monkeypatch):
+    """AEGPO's paper layers (5, 10, 15) on a transformer with FLUX.1-dev's 19 double- and 38 single-stream blocks,
+    full fine-tuning (the frozen reference compiled too): one round compiles at most 8 graphs per block code (Dynamo's
+    default ``recompile_limit``), and the next round none. Measured: 6 double-stream graphs (14 when the processors
+    were traced) and 8 single-stream ones (contiguous vs strided input x policy / reference / dynamic batch / grad)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    from fastgrpo.diffusion.adapter import FlowAdapter
+    from fastgrpo.diffusion.tiny import tiny_flux_pipeline, tiny_flux_transformer
+
+    original = FlowAdapter.compile_blocks
+    monkeypatch.setattr(FlowAdapter, "compile_blocks", lambda self, **kw: original(self, backend="aot_eager"))
+    torch._dynamo.reset()
+    pipe = tiny_flux_pipeline(0)
+    pipe.transformer = tiny_flux_transformer(0, num_layers=19, num_single_layers=38, guidance_embeds=True)
+    cfg = cfg_of("algo_args.layers=[5, 10, 15]", "model.compile=true", "train.steps=2")
+    trainer = make_trainer(cfg, tmp_path / "r", pipeline=pipe)
+    assert trainer.policy.compiled_blocks == 2 * (19 + 38)
+
+    def graphs():
+        return [len(_debug_get_cache_entry_list(c.forward.__code__))
+                for c in (FluxTransformerBlock, FluxSingleTransformerBlock)]
+
+    with ThreadPoolExecutor(1) as pool:
+        trainer.round(0, pool)
+        first = graphs()
+        trainer.round(1, pool)
+    assert all(1 <= n <= 8 for n in first), first
+    assert graphs() == first
+    torch._dynamo.reset()

@@ -1,6 +1,7 @@
 """AttentionEntropyCollector on tiny SD3.5-shaped (4 joint blocks, dual attention) and FLUX (3 double + 1 single
 blocks) transformers: Entropy(t) against a float64 eager computation from the q and k that diffusers' own
-processors produce, model outputs unchanged, processors restored, peft LoRA honoured, bad inputs rejected."""
+processors produce, model outputs unchanged, processors restored, peft LoRA honoured, bad inputs rejected, blocks
+compiled in place run eagerly when selected."""
 import contextlib
 import math
 
@@ -204,6 +205,24 @@ def test_collector_rejects_other_modules_and_processors():
     model.transformer_blocks[1].attn.set_processor(AttnProcessor2_0())
     with pytest.raises(ValueError, match=r"layers: transformer_blocks\[1\].attn uses AttnProcessor2_0"):
         AttentionEntropyCollector(model, layers=(1,))
+
+
+def test_compiled_blocks_of_the_selected_layers_run_eagerly_inside():
+    """Blocks compiled in place (``model.compile``): inside the collector the blocks holding a selected layer have
+    their compiled call set aside (the processors are not traced), the others keep theirs; on exit, even after an
+    error, every block has its own compiled call back (nothing is traced here: compilation is lazy)."""
+    model = _model("flux")
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    for b in blocks:
+        b.compile(backend="eager")
+    calls = [b._compiled_call_impl for b in blocks]
+    with AttentionEntropyCollector(model, layers=(0, 2)):
+        assert [b._compiled_call_impl is None for b in blocks] == [True, False, True, False]
+    assert all(b._compiled_call_impl is c for b, c in zip(blocks, calls))
+    with pytest.raises(KeyError), AttentionEntropyCollector(model, layers=(1,)):
+        assert model.transformer_blocks[1]._compiled_call_impl is None
+        raise KeyError("boom")
+    assert all(b._compiled_call_impl is c for b, c in zip(blocks, calls))
 
 
 def test_flux_attention_mask_is_rejected():

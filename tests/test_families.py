@@ -15,48 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from fastgrpo import sde_step
 from fastgrpo.diffusion.adapter import FlowAdapter
 from fastgrpo.families import FAMILIES, get_family
-from fastgrpo.train import config_from_dict, resolve_config, train
-from fastgrpo.train.config import preset_paths
+from fastgrpo.testing import tiny_family_config, tiny_flow_families
+from fastgrpo.train import resolve_config, train
 from fastgrpo.train.loop import GRPOTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOW = [name for name, row in FAMILIES.items() if row.kind == "flow"]
-SMALL = {"sample": {"num_steps": 2, "prompts_per_step": 2, "group_size": 2, "batch_size": 4},
-         "log": {"progress": False, "tensorboard": False}, "train": {"steps": 1}, "checkpoint": {"every": 1}}
-
-
-def tiny_presets() -> dict:
-    """{family: its tiny preset's data} (Flow-GRPO's when a family has several)."""
-    found = {}
-    for name, path in sorted(preset_paths().items()):
-        if not name.startswith("tiny-"):
-            continue
-        data = yaml.safe_load(Path(path).read_text())
-        fam = data.get("model", {}).get("family", "sd3")
-        if fam not in found or data.get("algo") == "flow_grpo":
-            found[fam] = data
-    return found
-
-
-TINY = tiny_presets()
-TINY_FLOW = [f for f in FLOW if f in TINY]
-
-
-def family_config(family: str, **sections):
-    """Flow-GRPO at the smallest size on the family's tiny model (its preset's model, prompts and reward)."""
-    src = TINY[family]
-    data = {"algo": "flow_grpo", "seed": 0, "model": dict(src["model"]), "reward": src.get("reward"),
-            "prompts": src.get("prompts", {}), **{k: dict(v) for k, v in SMALL.items()}}
-    data = {k: v for k, v in data.items() if v is not None}
-    for key, value in sections.items():
-        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
-    return config_from_dict(data)
+TINY_FLOW = tiny_flow_families()
+family_config = tiny_family_config  # Flow-GRPO at the smallest size on the family's tiny model
 
 
 # ------------------------------------------------------------------------------------------------ the table

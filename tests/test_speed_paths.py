@@ -1,8 +1,10 @@
 """The loop's speed switches (issue 19 Part A): ``model.compile``, ``sample.cuda_graphs``, ``model.impl``, and no host
 sync per denoising step or per training chunk.
 
-On the CPU: config validation, the CUDA-graph switch's fallback, and a compiled round against an eager one (same
-rollouts, same gradients, same parameter names). On CUDA (the GPU session runs these): the number of device syncs
+On the CPU, for every flow family with a tiny preset (`fastgrpo.testing.tiny_flow_families`: a new family is
+covered without editing this file): config validation, the CUDA-graph switch's fallback (a warning, eager
+sampling), every repeated block compiled in place (same parameter names, LoRA inside), and a compiled round against
+an eager one (same rollouts, rewards and gradients; slow tier). On CUDA (the GPU session runs these): the number of device syncs
 of a round does not grow with the number of denoising steps or training chunks, and graph replays give the eager
 rollouts. The inductor-compiled round is checked against the eager one by ``bench/test_bench_round.py`` (its CPU
 case runs in CI).
@@ -14,11 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from fastgrpo.testing import cuda_syncs
+from fastgrpo.testing import cuda_syncs, tiny_family_config, tiny_flow_families
 from fastgrpo.train.config import resolve_config
 from fastgrpo.train.run import make_trainer
 
 CUDA = torch.cuda.is_available()
+TINY_FLOW = tiny_flow_families()
+LORA = {"lora": {"rank": 4, "alpha": 8}}
 
 
 def _cfg(*overrides, preset="tiny-flow-grpo"):
@@ -35,8 +39,19 @@ def _sample_and_grads(trainer, step=0):
     stats = trainer.train(batches)
     rewards = torch.cat([mb.rewards.float().cpu() for mb in batches])
     latents = torch.cat([mb.data["tree"].transitions[-1]["x_next"].float().cpu() for mb in batches])
-    grads = {k: p.grad.detach().float().cpu().clone() for k, p in trainer.named.items()}
+    grads = {k: p.grad.detach().float().cpu().clone() for k, p in trainer.named.items() if p.grad is not None}
     return rewards, latents, grads, stats
+
+
+def _family_trainer(tmp_path, family, name, **sections):
+    """Flow-GRPO on the family's tiny model (`tiny_family_config`), ``sections`` merged into the config."""
+    return make_trainer(tiny_family_config(family, **sections), tmp_path / name, device="cpu")
+
+
+def _blocks(adapter, net=None):
+    """The repeated blocks of ``net`` (default: the policy's transformer), per the family's ``block_lists``."""
+    net = adapter.transformer if net is None else net
+    return [b for attr in adapter.block_lists for b in getattr(net, attr)]
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -61,11 +76,13 @@ def test_cuda_graphs_refused_with_fsdp_and_janus():
         _cfg("model.compile=true", preset="tiny-eg-grpo")
 
 
-def test_cuda_graphs_on_cpu_warn_and_sample_eagerly(tmp_path):
+@pytest.mark.parametrize("family", TINY_FLOW)
+def test_cuda_graphs_on_cpu_warn_and_sample_eagerly(tmp_path, family):
+    """Every family's config path takes sample.cuda_graphs off CUDA: one warning, no graphs, the eager rollouts."""
     with pytest.warns(RuntimeWarning, match="sample.cuda_graphs needs a CUDA device"):
-        trainer = make_trainer(_cfg("sample.cuda_graphs=true"), tmp_path / "g", device="cpu")
+        trainer = _family_trainer(tmp_path, family, "g", sample={"cuda_graphs": True})
     assert trainer.graphed is None
-    plain = make_trainer(_cfg(), tmp_path / "p", device="cpu")
+    plain = _family_trainer(tmp_path, family, "p")
     r1, x1, _, _ = _sample_and_grads(trainer)
     r0, x0, _, _ = _sample_and_grads(plain)
     assert torch.equal(x1, x0) and torch.equal(r1, r0)
@@ -74,29 +91,72 @@ def test_cuda_graphs_on_cpu_warn_and_sample_eagerly(tmp_path):
 # --------------------------------------------------------------------------------- compiled == eager (CPU)
 
 
-@pytest.mark.slow  # inductor compiles the tiny blocks on the CPU: ~25 s
-def test_compiled_blocks_give_the_eager_round(tmp_path, monkeypatch):
-    """model.compile=true: every block compiled in place (same parameter names), the same rollouts and gradients.
-    Dynamo traces each block; the backend here is aot_eager (tracing + autograd, no code generation) to keep the
-    suite fast; the inductor round is compared in bench/test_bench_round.py."""
+@pytest.mark.parametrize("family", TINY_FLOW)
+def test_compile_wraps_every_block_in_place(tmp_path, family):
+    """model.compile=true compiles each block of every ``block_lists`` entry in place (nothing traced yet): the
+    trainable parameter names stay the eager trainer's, the LoRA layers sit inside the compiled blocks, and full
+    fine-tuning compiles the frozen reference copy's blocks too."""
+    eager = _family_trainer(tmp_path, family, "e", model=LORA)
+    compiled = _family_trainer(tmp_path, family, "c", model={**LORA, "compile": True})
+    adapter = compiled.policy
+    for attr in adapter.block_lists:
+        assert len(getattr(adapter.transformer, attr)) > 0, f"{family}: no {attr}"
+    blocks = _blocks(adapter)
+    assert adapter.compiled_blocks == len(blocks) == len(_blocks(eager.policy))
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert all(b._compiled_call_impl is None for b in _blocks(eager.policy))
+    assert list(compiled.named) == list(eager.named)  # checkpoints and LoRA names unchanged
+    assert all(any("lora_" in n and p.requires_grad for n, p in b.named_parameters()) for b in blocks)
+
+    full = _family_trainer(tmp_path, family, "f", model={"lora": None, "compile": True}, train={"beta": 0.01})
+    ref = full.policy.frozen_reference
+    assert ref is not None and full.policy.compiled_blocks == 2 * len(blocks)
+    assert all(b._compiled_call_impl is not None for b in _blocks(full.policy) + _blocks(full.policy, ref))
+
+
+@pytest.mark.slow  # Dynamo traces each family's blocks (aot_eager): 5-15 s a family
+@pytest.mark.parametrize("family", TINY_FLOW)
+def test_compiled_blocks_give_the_eager_round(tmp_path, monkeypatch, family):
+    """model.compile=true on every family: the same rollouts (final latents), rewards and LoRA gradients as the
+    eager round, with classifier-free guidance (or the guidance embedding) and the KL's reference pass (adapters
+    disabled); Dynamo traced every block class of ``block_lists`` whole (no graph break). The backend here is
+    aot_eager (tracing + autograd, no code generation) to keep the suite fast; the inductor round is compared in
+    bench/test_bench_round.py."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+
     from fastgrpo.diffusion.adapter import FlowAdapter
 
     original = FlowAdapter.compile_blocks
     monkeypatch.setattr(FlowAdapter, "compile_blocks", lambda self, **kw: original(self, backend="aot_eager"))
     torch._dynamo.reset()
-    lora = ["model.lora={rank: 4, alpha: 8}"]
-    eager = make_trainer(_cfg(*lora), tmp_path / "e", device="cpu")
-    compiled = make_trainer(_cfg(*lora, "model.compile=true"), tmp_path / "c", device="cpu")
-    blocks = compiled.policy.transformer.transformer_blocks
+    counters.clear()
+    sections = dict(sample={"guidance_scale": 2.0}, train={"beta": 0.01})
+    eager = _family_trainer(tmp_path, family, "e", model=LORA, **sections)
+    compiled = _family_trainer(tmp_path, family, "c", model={**LORA, "compile": True}, **sections)
+    for trainer in (eager, compiled):  # non-zero LoRA B (same in both), so every LoRA weight gets a gradient
+        with torch.no_grad():
+            for n, p in trainer.named.items():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    blocks = _blocks(compiled.policy)
     assert compiled.policy.compiled_blocks == len(blocks) > 0
-    assert all(b._compiled_call_impl is not None for b in blocks)
-    assert list(compiled.named) == list(eager.named)  # checkpoints and LoRA names unchanged
+    assert list(compiled.named) == list(eager.named)
     r0, x0, g0, s0 = _sample_and_grads(eager)
     r1, x1, g1, s1 = _sample_and_grads(compiled)
+    for cls in {type(b) for b in blocks}:  # each block class ran compiled code (grad on and off: 2 graphs at least)
+        assert len(_debug_get_cache_entry_list(cls.forward.__code__)) >= 2, cls.__name__
+    assert not counters["graph_break"], dict(counters["graph_break"])
     assert torch.allclose(x1, x0, rtol=1e-5, atol=1e-6)
     assert torch.allclose(r1, r0, rtol=1e-5, atol=1e-7)
-    for k in g0:
-        err = ((g1[k] - g0[k]).norm() / g0[k].norm().clamp_min(1e-30)).item()
+    # A parameter whose output the model drops (Qwen-Image's last block's text stream) has no eager gradient and a
+    # zero compiled one; one that only feeds dropped outputs (the text queries of SD3's last block) a zero one in both
+    assert set(g0) <= set(g1) and all(g1[k].abs().max() == 0 for k in set(g1) - set(g0))
+    zero = {k for k in g0 if g0[k].abs().max() == 0}
+    assert all(g1[k].abs().max() == 0 for k in zero), sorted(zero)
+    assert sum("lora_A" in k for k in set(g0) - zero) > len(g0) // 4 and sum("lora_B" in k for k in g0) > 0
+    for k in set(g0) - zero:
+        err = ((g1[k] - g0[k]).norm() / g0[k].norm()).item()
         assert err < 1e-4, (k, err)
     assert s1["trained_transitions"] == s0["trained_transitions"]
     assert s1["ratio_dev_max"] == pytest.approx(0.0, abs=1e-5)  # one whole-round update: the sampling policy

@@ -231,11 +231,18 @@ class FlowAdapter:
         blocks, not of the whole model. In place (``nn.Module.compile``), so parameter names, checkpoints, LoRA
         adapters and the reference (adapters disabled: one more graph) are unchanged. The frozen copy of full
         fine-tuning is compiled too. Returns the number of blocks compiled.
+
+        Every flow family traces whole (no graph break; tests/test_speed_paths.py runs a compiled round of each
+        family with a tiny preset against the eager one). Under AEGPO's collector the blocks holding its selected
+        attention layers run uncompiled during the probes (`fastgrpo.diffusion.attention`, "Compiled blocks"), so
+        the probes add no graphs.
         """
         import torch._dynamo
 
-        # One graph per block variant and grad mode, plus recompilations for new chunk sizes: more than the
-        # default limit of 8 per code object when the block code is shared by every block.
+        # One graph per block variant and grad mode, plus recompilations for new chunk sizes (the first new batch
+        # size makes the batch dimension dynamic), the frozen reference (parameters without grad) and, for FLUX's
+        # single-stream blocks, a contiguous input to the first and strided ones to the rest: 8 graphs of the
+        # single-stream block in an AEGPO round at FLUX.1-dev's block count, the default limit per code object.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         n = 0
         for net in (self.transformer, self._ref_transformer):

@@ -53,6 +53,16 @@ Decisions where DESIGN.md is silent:
   none pending raises RuntimeError. Calls of the processors outside a transformer forward (e.g. recomputation by
   gradient checkpointing during backward) record nothing.
 * ``impl="auto"``: the Triton kernels on CUDA, the torch path on CPU (``impl`` forces one).
+* **Compiled blocks** (``model.compile``: `FlowAdapter.compile_blocks` compiles each block in place): inside the
+  context the blocks that hold a selected layer run **uncompiled** (their ``nn.Module.compile`` wrapper is set
+  aside on enter and put back on exit); every other block keeps its compiled graphs. Traced by Dynamo, the entropy
+  processors would specialise the block's graph on their Python state (the layer index, the collector's plan cache,
+  whether a layer is the forward's first), so each selected layer would compile graphs of its own (policy and
+  reference): measured on FLUX.1-dev's block count (19 double-stream blocks, ``layers`` 5, 10, 15, aot_eager),
+  14 graphs of the double-stream block in the first round instead of 6, past Dynamo's default limit of 8 per
+  code object, and more with every layer added; on CUDA the trace would also have to go through the Triton
+  launchers. Eager selected blocks add no graph whatever ``layers`` is, cost nothing when the model is not
+  compiled, and are a small share of the work: a few blocks of one probe trajectory per prompt.
 * Host cost (issue 19: at batch 2 the SD3.5-Medium forward is host-bound, so every host op shows in its time):
   the ops' checks run once per q/k/v geometry (`fastgrpo.ops.attention.TextEntropyPlan`, kept by the collector),
   not per call; a no-grad pass takes no detach and no extra no_grad context. Per selected layer on the Triton
@@ -254,6 +264,7 @@ class AttentionEntropyCollector:
         self._blocks = blocks
         self._originals: Optional[dict] = None
         self._hooks: list = []
+        self._uncompiled: list = []  # (module, its compiled call) set aside while installed
         self._results: list[torch.Tensor] = []
         self._in_forward = False
         self._plans: dict = {}  # TextEntropyPlan per q/k/v geometry (validated once)
@@ -269,6 +280,9 @@ class AttentionEntropyCollector:
         self._originals = {i: self._blocks[i].processor for i in self.layers}
         for i in self.layers:
             self._blocks[i].set_processor(self._classes[i](self, i))
+        self._uncompiled = [(m, m._compiled_call_impl) for m in self._compiled_owners()]
+        for m, _ in self._uncompiled:  # the selected blocks run eagerly (module docstring: compiled blocks)
+            m._compiled_call_impl = None
         self._hooks = [self.transformer.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
                        self.transformer.register_forward_hook(self._end_forward)]
         return self
@@ -277,11 +291,21 @@ class AttentionEntropyCollector:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        for m, compiled in self._uncompiled:
+            m._compiled_call_impl = compiled
+        self._uncompiled = []
         if self._originals is not None:
             for i, proc in self._originals.items():
                 self._blocks[i].set_processor(proc)
         self._originals = None
         self._in_forward = False
+
+    def _compiled_owners(self) -> list:
+        """The modules compiled in place (``nn.Module.compile``: the transformer's blocks under ``model.compile``,
+        or the transformer itself) that hold a selected attention layer."""
+        selected = {id(self._blocks[i]) for i in self.layers}
+        return [m for m in self.transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None
+                and any(id(sub) in selected for sub in m.modules())]
 
     # --------------------------------------------------------------------------------------- results
 
