@@ -245,7 +245,13 @@ class AttentionEntropyCollector:
         if bad:
             raise ValueError(f"layers {bad} do not exist: the transformer has {len(blocks)} joint blocks "
                              f"({adapter.family}: {len(blocks)} attention layers the collector can read)")
-        names = {id(m): n for n, m in transformer.named_modules()}
+        modules = dict(transformer.named_modules())  # one walk: names for messages, ancestors for compiled blocks
+        names = {id(m): n for n, m in modules.items()}
+        # Every module on the path from the transformer to a selected layer (the candidates `__enter__` checks for
+        # an in-place compiled call: the block, or the whole transformer).
+        paths = [names.get(id(blocks[i])) for i in layers]
+        self._ancestors = list({id(m): m for n in paths if n is not None for m in
+                                (modules[".".join(n.split(".")[:k])] for k in range(n.count(".") + 2))}.values())
         self._classes = {}
         for i in layers:
             proc = blocks[i].processor
@@ -302,10 +308,9 @@ class AttentionEntropyCollector:
 
     def _compiled_owners(self) -> list:
         """The modules compiled in place (``nn.Module.compile``: the transformer's blocks under ``model.compile``,
-        or the transformer itself) that hold a selected attention layer."""
-        selected = {id(self._blocks[i]) for i in self.layers}
-        return [m for m in self.transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None
-                and any(id(sub) in selected for sub in m.modules())]
+        or the transformer itself) that hold a selected attention layer: the selected layers' ancestors, found in
+        the constructor (entering costs a few attribute reads, not a walk over the model)."""
+        return [m for m in self._ancestors if getattr(m, "_compiled_call_impl", None) is not None]
 
     # --------------------------------------------------------------------------------------- results
 
