@@ -313,3 +313,29 @@ def tiny_family_config(family: str, **sections):
     for key, value in sections.items():
         data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
     return config_from_dict(data)
+
+
+def tiny_clip_folder(path, *, max_length: int = 16, projection_dim: int = 8, seed: int = 0) -> tuple:
+    """A random tiny CLIP (model + processor with the code-built character tokenizer, 32 px images) saved as a
+    ``from_pretrained`` folder at ``path``, for the CLIP-based rewards' tests: (folder as str, model, processor)."""
+    from pathlib import Path
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from fastgrpo.diffusion.tiny import tiny_clip_tokenizer
+
+    tok = tiny_clip_tokenizer(max_length=max_length)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=len(tok) - 2,
+                         eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=projection_dim)
+    torch.manual_seed(seed)
+    model = CLIPModel(cfg).eval()
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
+    model.save_pretrained(Path(path))
+    proc.save_pretrained(Path(path))
+    return str(path), model, proc

@@ -413,27 +413,12 @@ def test_collector_reads_generated_queries_only(tmp_path):
 def test_clip_image_similarity_reward(tmp_path):
     """Cosine of the CLIP image embeddings of each edit and its source (Flow-GRPO's image_similarity), against an
     independent computation with the same tiny CLIP; an edit equal to its source scores 1."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from fastgrpo.diffusion.tiny import tiny_clip_tokenizer
     from fastgrpo.rewards import REWARDS
     from fastgrpo.rewards.pixel import as_pil_images
+    from fastgrpo.testing import tiny_clip_folder
 
-    tok = tiny_clip_tokenizer(max_length=16)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=len(tok) - 2,
-                         eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8)
-    torch.manual_seed(0)
-    model = CLIPModel(cfg).eval()
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
-    model.save_pretrained(tmp_path / "clip")
-    proc.save_pretrained(tmp_path / "clip")
-    fn = REWARDS["clip_image_similarity"](model=str(tmp_path / "clip"), device="cpu")
+    folder, model, proc = tiny_clip_folder(tmp_path / "clip")
+    fn = REWARDS["clip_image_similarity"](model=folder, device="cpu")
     prompts = [EditPrompt("a", str(_random_image(tmp_path / "a.png", (40, 24), 0))), builtin_edits()[3]]
     images = torch.rand(2, 3, 24, 40, generator=torch.Generator().manual_seed(1))
     got = fn(images, prompts)

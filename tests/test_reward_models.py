@@ -309,25 +309,9 @@ def test_geneval_flow_grpo_rule_on_crafted_detections():
 
 
 def _tiny_clip(tmp_path, name="clip", proj=8):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from fastgrpo.testing import tiny_clip_folder
 
-    from fastgrpo.diffusion.tiny import tiny_clip_tokenizer
-
-    tok = tiny_clip_tokenizer(max_length=32)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=len(tok) - 2,
-                         eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=proj)
-    torch.manual_seed(0)
-    model = CLIPModel(cfg).eval()
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
-    model.save_pretrained(tmp_path / name)
-    proc.save_pretrained(tmp_path / name)
-    return str(tmp_path / name), model, proc
+    return tiny_clip_folder(tmp_path / name, max_length=32, projection_dim=proj)
 
 
 def _tiny_owlvit(tmp_path):

@@ -53,25 +53,10 @@ def test_weighted_sum_and_unknown_name():
 
 
 def test_clip_reward_loads_a_local_model_and_scores(tmp_path):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from fastgrpo.testing import tiny_clip_folder
 
-    from fastgrpo.diffusion.tiny import tiny_clip_tokenizer
-
-    tok = tiny_clip_tokenizer(max_length=16)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=len(tok) - 2,
-                         eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8)
-    torch.manual_seed(0)
-    model = CLIPModel(cfg).eval()
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                            crop_size={"height": 32, "width": 32}), tokenizer=tok)
-    model.save_pretrained(tmp_path / "clip")
-    proc.save_pretrained(tmp_path / "clip")
-    fn = REWARDS["pickscore"](model=str(tmp_path / "clip"), processor=str(tmp_path / "clip"), device="cpu")
+    folder, model, proc = tiny_clip_folder(tmp_path / "clip")
+    fn = REWARDS["pickscore"](model=folder, processor=folder, device="cpu")
     x = _images(2)
     prompts = ["a cat", "a dog"]
     got = fn(x, prompts)
