@@ -225,6 +225,73 @@ def test_compiled_blocks_of_the_selected_layers_run_eagerly_inside():
     assert all(b._compiled_call_impl is c for b, c in zip(blocks, calls))
 
 
+
+def _named_chain(root, target):
+    """Reference for `_paths_to`: the modules from ``root`` to ``target`` along ``target``'s dotted name."""
+    name = {id(m): n for n, m in root.named_modules()}[id(target)]
+    parts = name.split(".") if name else []
+    return [root.get_submodule(".".join(parts[:k])) for k in range(len(parts) + 1)]
+
+
+@pytest.mark.parametrize("wrap", ["plain", "peft_model"])
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_paths_to_selected_layers_match_named_modules(kind, wrap):
+    """The constructor's walk (`_paths_to`, breadth-first, stops at the last target, builds no names) finds the
+    same module chains as the dotted names of ``named_modules``: every selected layer, through a peft wrapper too;
+    the root itself when it is a target; nothing for a module outside the model."""
+    from fastgrpo.diffusion.attention import _paths_to
+
+    model = _model(kind)
+    root = model
+    if wrap == "peft_model":
+        from peft import LoraConfig, get_peft_model
+
+        root = get_peft_model(model, LoraConfig(r=2, target_modules=["to_q", "to_k"]))
+    attns = [b.attn for b in model.transformer_blocks]
+    stranger = torch.nn.Linear(2, 2)
+    paths = _paths_to(root, [attns[-1], attns[0], stranger, root])
+    assert set(paths) == {id(attns[-1]), id(attns[0]), id(root)}
+    for t in (attns[0], attns[-1]):
+        assert [id(m) for m in paths[id(t)]] == [id(m) for m in _named_chain(root, t)]
+    assert paths[id(root)] == [root]
+    assert _paths_to(root, [stranger]) == {}
+
+
+def test_collector_constructor_does_not_walk_the_whole_model(monkeypatch):
+    """Constructing a collector (which the benchmark does per forward) takes no ``named_modules`` walk over the
+    model; only the error message for a replaced processor builds names."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    model = _model("sd3")
+
+    def walk(*a, **kw):
+        raise AssertionError("named_modules walked")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.Module, "named_modules", walk)
+        collector = AttentionEntropyCollector(model, layers=(1, 3))
+    assert {id(model), id(model.transformer_blocks), id(model.transformer_blocks[3])} <= {
+        id(m) for m in collector._ancestors}
+    assert id(model.transformer_blocks[2]) not in {id(m) for m in collector._ancestors}
+    model.transformer_blocks[3].attn.set_processor(AttnProcessor2_0())
+    with pytest.raises(ValueError, match=r"transformer_blocks\[3\].attn uses AttnProcessor2_0"):
+        AttentionEntropyCollector(model, layers=(1, 3))
+
+
+def test_whole_transformer_compiled_in_place_runs_eagerly_inside():
+    """``transformer.compile()`` (the whole model compiled in place, not its blocks) is set aside inside the
+    collector too, also through a peft wrapper, and put back on exit."""
+    from peft import LoraConfig, get_peft_model
+
+    for wrapped in (False, True):
+        model = _model("sd3")
+        model.compile(backend="eager")
+        root = get_peft_model(model, LoraConfig(r=2, target_modules=["to_q"])) if wrapped else model
+        compiled = model._compiled_call_impl
+        with AttentionEntropyCollector(root, layers=(2,)):
+            assert model._compiled_call_impl is None
+        assert model._compiled_call_impl is compiled
+
 def test_flux_attention_mask_is_rejected():
     model = _model("flux")
     inputs = _inputs("flux")

@@ -71,7 +71,9 @@ Decisions where DESIGN.md is silent:
   and in "head_mean" one text-entropy row per layer, reduced once at the end), one uninitialised [B, N, T] buffer
   that the first layer writes and the others add to in-kernel, and Entropy(t) from it (a few small ops). Nothing
   reads device data on the host (no sync); the checks that remain (layers seen, a block run twice) use Python
-  state only. The non-selected blocks keep diffusers' processors: the collector does no work there.
+  state only. Constructing a collector walks the model breadth-first only as far as the
+  selected layers, to find their ancestors (for the compiled-block check), and builds no module names (0.08 ms on
+  SD3.5-Medium's 1,041 modules, a named walk 0.9 ms: bench/test_bench_collector.py constructs one per forward). The non-selected blocks keep diffusers' processors: the collector does no work there.
 """
 from __future__ import annotations
 
@@ -98,6 +100,36 @@ def joint_blocks(transformer):
         raise ValueError(f"{type(transformer).__name__} has no transformer_blocks")
     return blocks
 
+
+def _paths_to(root, targets) -> dict:
+    """For each module of ``targets`` inside ``root``: the modules from ``root`` down to it (both included), keyed
+    by ``id(target)``. A breadth-first walk over the child dicts that stops once every target is found: attention
+    layers sit a few levels down (``transformer_blocks[i].attn``), so it expands the blocks, not their contents,
+    and builds no names (``named_modules`` over SD3.5-Medium's 1,041 modules costs about 1 ms of host time)."""
+    wanted = {id(t) for t in targets}
+    parent = {id(root): None}
+    level = [root]
+    found = [root] if id(root) in wanted else []
+    while level and len(found) < len(wanted):
+        nxt = []
+        for module in level:
+            if len(found) == len(wanted):
+                break
+            for child in module._modules.values():
+                if child is None or id(child) in parent:
+                    continue
+                parent[id(child)] = module
+                nxt.append(child)
+                if id(child) in wanted:
+                    found.append(child)
+        level = nxt
+    paths = {}
+    for t in found:
+        chain = [t]
+        while parent[id(chain[-1])] is not None:
+            chain.append(parent[id(chain[-1])])
+        paths[id(t)] = chain[::-1]
+    return paths
 
 class _EntropyAttnProcessor:
     """Shared part of the two processors: attention through the entropy op, and the report to the collector."""
@@ -245,18 +277,17 @@ class AttentionEntropyCollector:
         if bad:
             raise ValueError(f"layers {bad} do not exist: the transformer has {len(blocks)} joint blocks "
                              f"({adapter.family}: {len(blocks)} attention layers the collector can read)")
-        modules = dict(transformer.named_modules())  # one walk: names for messages, ancestors for compiled blocks
-        names = {id(m): n for n, m in modules.items()}
         # Every module on the path from the transformer to a selected layer (the candidates `__enter__` checks for
-        # an in-place compiled call: the block, or the whole transformer).
-        paths = [names.get(id(blocks[i])) for i in layers]
-        self._ancestors = list({id(m): m for n in paths if n is not None for m in
-                                (modules[".".join(n.split(".")[:k])] for k in range(n.count(".") + 2))}.values())
+        # an in-place compiled call: the block, or the whole transformer). No walk over the whole model: the
+        # benchmark constructs a collector per forward, where 1 ms of host time is 2% of a batch-2 forward.
+        chains = _paths_to(transformer, [blocks[i] for i in layers])
+        self._ancestors = list({id(m): m for chain in chains.values() for m in chain}.values())
         self._classes = {}
         for i in layers:
             proc = blocks[i].processor
             stock = adapter.entropy_processor(proc)
             if stock is None:
+                names = {id(m): n for n, m in transformer.named_modules()}  # for the message only
                 where = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]",
                                names.get(id(blocks[i]), f"layer {i}").removeprefix("base_model.model."))
                 raise ValueError(f"layers: {where} uses {type(proc).__name__}; the collector replaces only the "
