@@ -18,6 +18,16 @@ Cases (bf16 inputs, ``impl="triton"``):
 * ``token_logprob_entropy`` (forward, under no_grad) and ``eg_grpo_shaping`` (forward: masks and shaped
   advantages), at the T2I-R1 image shape [16, 576, 16384] of bench/test_bench_token.py, with the default
   ``validate=True`` (a host read of the check flag: a device sync on CUDA) and with ``validate=False``.
+* ``AttentionEntropyCollector`` (AEGPO): the collector's own host work around one no-grad transformer forward
+  of SD3.5-Medium's structure (24 joint blocks, 1,041 modules; ``layers`` 5, 10, 15, "mixture"): the forward's
+  hooks, the three selected layers' attention (`_attend`: plan look-up, output allocation, two launches each) and
+  Entropy(t) at the end -- the rest of the forward is diffusers' own, the same with or without the collector.
+  ``per_forward``: constructed, entered and exited around the forward, as bench/test_bench_collector.py times it;
+  ``entered_once``: one collector for many forwards, as AEGPO uses it (a probe trajectory's steps). The model's
+  widths are tiny (its module tree is what the constructor walks); q, k, v have SD3.5-Medium's 24 heads x 64 at
+  batch 2, with SD3.5's 1024 image + 333 text tokens in bf16 on CUDA tensors and 16 + 12 in float32 on CPU tensors
+  (there Entropy(t) at the end of the forward is real arithmetic on the [B, image, text] buffer, which a GPU runs
+  asynchronously, and bf16 would add an output conversion that only Triton's interpreter needs).
 
 Every tensor has its real shape; the large ones are ``torch.empty`` (never touched: with the kernels stubbed
 nothing reads them, so they cost no memory), the small ones the host reads (targets, modality, advantages) hold
@@ -31,6 +41,7 @@ import torch
 pytest.importorskip("triton", reason="the host path of the Triton launchers needs the triton package (Linux)")
 import fastgrpo.kernels.sde_step  # noqa: F401,E402  imported before TRITON_INTERPRET is set: compiled on GPUs
 import fastgrpo.kernels.token_entropy  # noqa: F401,E402
+import fastgrpo.kernels.attention_entropy  # noqa: F401,E402
 from fastgrpo import eg_grpo_shaping, sde_step, token_logprob_entropy  # noqa: E402
 from fastgrpo.testing import stubbed_kernels  # noqa: E402
 from harness import HAS_CUDA, measure_host  # noqa: E402
@@ -39,6 +50,7 @@ from test_bench_token import SHAPES as TOKEN_SHAPES  # noqa: E402
 
 SDE = "fastgrpo.kernels.sde_step"
 TOKEN = "fastgrpo.kernels.token_entropy"
+ATTENTION = "fastgrpo.kernels.attention_entropy"
 DEVICES = ["cpu", "cuda"]
 
 
@@ -109,6 +121,62 @@ def test_host_token(benchmark, host_device, case, validate):
                      case="forward" if validate else "forward, validate=False", shape_name="image",
                      shapes={"logits": [B, L, V]}, dtype="bfloat16", device=host_device)
 
+
+_SD35_STRUCTURE = {}
+
+
+def _sd35_structure():
+    """SD3.5-Medium's module tree (24 joint blocks, dual attention in 0-12, qk-norm) with tiny widths."""
+    if not _SD35_STRUCTURE:
+        from diffusers import SD3Transformer2DModel
+
+        from fastgrpo.diffusion.tiny import SD35_MEDIUM
+
+        torch.manual_seed(0)
+        cfg = dict(SD35_MEDIUM, attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                   joint_attention_dim=16, pooled_projection_dim=16, sample_size=8)
+        _SD35_STRUCTURE["model"] = SD3Transformer2DModel(**cfg).eval().requires_grad_(False)
+    return _SD35_STRUCTURE["model"]
+
+
+@pytest.mark.parametrize("host_device", DEVICES, indirect=True)
+@pytest.mark.parametrize("way", ["per_forward", "entered_once"])
+def test_host_collector(benchmark, host_device, way):
+    from fastgrpo.diffusion.attention import AttentionEntropyCollector
+
+    model = _sd35_structure()
+    layers = (5, 10, 15)
+    n_image, n_text = (1024, 333) if host_device.type == "cuda" else (16, 12)
+    # bf16 on CUDA; float32 on CPU, where Triton's interpreter would have the kernel store float32 and the launcher
+    # convert the output to bf16 (a copy no GPU makes)
+    dtype = torch.bfloat16 if host_device.type == "cuda" else torch.float32
+    q, k, v = (torch.empty((2, 24, n_image + n_text, 64), dtype=dtype, device=host_device) for _ in range(3))
+
+    def forward(collector):  # what one transformer forward asks of the collector
+        collector._begin_forward(model, (), {})
+        for i in layers:
+            collector._attend(i, q, k, v, "bhsd", n_image, n_text, 0, n_image)
+        collector._end_forward(model, (), None)
+        return collector.pop()
+
+    with torch.no_grad(), stubbed_kernels(ATTENTION) as launches:
+        if way == "per_forward":
+            def fn():
+                with AttentionEntropyCollector(model, layers=layers, impl="triton") as collector:
+                    return forward(collector)
+
+            measure_host(benchmark, fn, launches=launches, expected=["attention_text_entropy_fwd_kernel",
+                                                                     "text_probs_kernel"] * 3,
+                         op="AttentionEntropyCollector", case="one forward, collector constructed per forward",
+                         shape_name="SD3.5-Medium, layers 5/10/15", shapes={"q": list(q.shape)},
+                         dtype=str(dtype).removeprefix("torch."), device=host_device)
+        else:
+            with AttentionEntropyCollector(model, layers=layers, impl="triton") as collector:
+                measure_host(benchmark, lambda: forward(collector), launches=launches,
+                             expected=["attention_text_entropy_fwd_kernel", "text_probs_kernel"] * 3,
+                             op="AttentionEntropyCollector", case="one forward, collector entered once",
+                             shape_name="SD3.5-Medium, layers 5/10/15", shapes={"q": list(q.shape)},
+                             dtype=str(dtype).removeprefix("torch."), device=host_device)
 
 def test_gpu_probe_ops_section():
     """bench/gpu_probe.py's ``ops`` section records where each case's host time goes (host issue time, torch.profiler's
