@@ -225,12 +225,13 @@ TOKEN_TILE_SHAPES = {"image": (16, 576, 16_384), "text": (16, 256, 102_400)}  # 
 
 
 def _token_tiles_probe(copy_gbps, blocks=(2048, 4096, 8192), warps=(4, 8, 16), stages=(1, 2, 3),
-                       shapes=None) -> dict:
+                       shapes=None, on_update=None) -> dict:
     """``token_logprob_entropy``'s forward kernel (no grad, ``validate=False``) under each candidate (BLOCK,
     num_warps, num_stages) at the T2I-R1 shapes, against the current `fwd_config`: event ms, % of copy bandwidth
     (the bf16 logits read once), and the largest logp difference from the current configuration's output (the
     block size changes the summation order only). Without CUDA (a smoke test: Triton's interpreter, host time,
-    ``shapes`` small) the percentages are None."""
+    ``shapes`` small) the percentages are None. ``on_update(partial)``, after each configuration: the results so
+    far (the shape in progress with ``"partial": True``), so that a sweep stopped at a time limit keeps its rows."""
     from fastgrpo import token_logprob_entropy
     from fastgrpo.kernels import token_entropy as mod
 
@@ -245,6 +246,12 @@ def _token_tiles_probe(copy_gbps, blocks=(2048, 4096, 8192), warps=(4, 8, 16), s
         logits = (torch.randn(B, L, V, generator=g) * 2).to(device, torch.bfloat16)
         targets = torch.randint(0, V, (B, L), generator=g).to(device)
         fn = lambda: token_logprob_entropy(logits, targets, validate=False, impl="triton")  # noqa: E731
+
+        def entry(rows, partial=False):
+            ok = sorted((r for r in rows if "ms" in r and r["max_abs_logp_diff"] < 1e-2), key=lambda r: r["ms"])
+            return {"current": original(V), "current_ms": base_ms, "current_pct_of_copy": pct(B * L * V * 2, base_ms),
+                    "configs": rows, "best": ok[:5], **({"partial": True} if partial else {})}
+
         with torch.no_grad():
             ref = fn()[0]
             base_ms = timer(fn)
@@ -260,11 +267,12 @@ def _token_tiles_probe(copy_gbps, blocks=(2048, 4096, 8192), warps=(4, 8, 16), s
                     rows.append({**cfg, "error": f"{type(e).__name__}: {str(e)[:120]}"})
                 finally:
                     mod.fwd_config = original
-        ok = sorted((r for r in rows if "ms" in r and r["max_abs_logp_diff"] < 1e-2), key=lambda r: r["ms"])
-        out[name] = {"current": original(V), "current_ms": base_ms,
-                     "current_pct_of_copy": pct(B * L * V * 2, base_ms), "configs": rows, "best": ok[:5]}
+                if on_update is not None:
+                    on_update({**out, name: entry(list(rows), partial=True)})
+        out[name] = entry(rows)
+        best = out[name]["best"]
         print(f"token tiles {name}: current {base_ms:.3f} ms ({out[name]['current_pct_of_copy']}); "
-              f"best {ok[0] if ok else None}", flush=True)
+              f"best {best[0] if best else None}", flush=True)
     return out
 
 
@@ -394,8 +402,13 @@ def main(argv=None):
     print(f"copy {copy_gbps:,.0f} GB/s" if cuda else "no CUDA: CPU smoke run of the ops and collector sections",
           flush=True)
     # Each section on its own: one that fails is reported and the others still run (and are written).
+    out = Path(args.out, "probe.json")
+
+    def partial_tiles(part):  # the sweep's rows so far, written after each configuration (time limits)
+        out.write_text(json.dumps({**result, "token_tiles": part}, indent=1))
+
     sections = [("collector", probe_collector), ("ops", lambda: probe_ops(copy_gbps)), ("attention", _attention_probe),
-                ("token_tiles", lambda: _token_tiles_probe(copy_gbps))]
+                ("token_tiles", lambda: _token_tiles_probe(copy_gbps, on_update=partial_tiles))]
     for name, fn in sections:
         if args.only is not None and name not in args.only:
             continue
@@ -408,7 +421,7 @@ def main(argv=None):
 
             traceback.print_exc()
             result[f"{name}_error"] = f"{type(e).__name__}: {e}"
-        Path(args.out, "probe.json").write_text(json.dumps(result, indent=1))
+        out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@
 #   bench/gpu_session.sh tests [timeout_s] [args]     the test suite on the GPU, Triton compiled (no interpreter)
 #   bench/gpu_session.sh probe [timeout_s]            bench/gpu_probe.py: kernel vs host time, attention and
 #                                                     token-forward tile sweeps
-#   bench/gpu_session.sh round                        issue 19 in one call (< 10 min): sde_step, token shaping,
-#                                                     the collector, the CUDA-only tests, the whole-round benchmark,
-#                                                     the probe -> $OUT/{kernels,collector,round,probe}.json, log.txt
+#   bench/gpu_session.sh round [budget_s]             issue 19 in one call (budget 560 s by default): sde_step,
+#                                                     token shaping, the collector, the CUDA-only tests, the
+#                                                     whole-round benchmark, the probe, then with the time left the
+#                                                     token-forward tile sweep
+#                                                     -> $OUT/{kernels,collector,round,probe}.json, log.txt
 # The machine has its own python3 with a CUDA torch and Triton; packages it lacks (diffusers and its small
 # dependencies) travel as wheels in .whl/ (git-ignored; the command names `.whl` in `carry`). fastgrpo itself
 # is used from the checkout (links give it its installed layout; no pip, no dependencies), so the machine's own
@@ -51,11 +53,14 @@ round)
     # Everything issue 19 measures in one call of at most 600 s: the kernel cases (ceilings, sde_step, token
     # shaping), the collector cases, the CUDA-only tests, the whole-round benchmark (eager, fast without compile,
     # fast with compile; its partial results are rewritten after each path, so a run stopped at its limit keeps
-    # the finished paths), the ops/collector probe. Each part gets what is left of a 560 s budget, capped. Files
-    # (at most 8 come back): log.txt, kernels.json, collector.json, round.json, probe.json.
+    # the finished paths), the ops/collector probe, and last, with whatever time is left, the token forward's tile
+    # sweep (probe.json is rewritten after each configuration). Each part gets what is left of the budget ($2,
+    # default 560 s: pick it so that start-up + budget leaves device time for a rerun), capped. Files (at most 8
+    # come back): log.txt, kernels.json, collector.json, round.json, probe.json.
     t0=$SECONDS
+    BUDGET=${2:-560}
     LOG="$OUT/log.txt"
-    left() { local l=$((560 - (SECONDS - t0))); [ "$1" -lt "$l" ] && echo "$1" || echo $((l > 5 ? l : 5)); }
+    left() { local l=$((BUDGET - (SECONDS - t0))); [ "$1" -lt "$l" ] && echo "$1" || echo $((l > 5 ? l : 5)); }
     part() { echo "== $1 (at $((SECONDS - t0)) s)" | tee -a "$LOG"; }
     cat "$OUT/gpu.txt" >> "$LOG"; rm -f "$OUT/gpu.txt"
     bench() {  # bench NAME SECONDS FILES... [-k EXPR]
@@ -79,13 +84,29 @@ round)
     tail -4 "$LOG"
     part probe
     timeout "$(left 60)" python3 bench/gpu_probe.py --out "$OUT" --only collector ops >> "$LOG" 2>&1
+    if [ $((BUDGET - (SECONDS - t0))) -gt 40 ]; then  # the sweep (token_tiles) into its own copy, then merged
+        part "token tiles"
+        mkdir -p "$OUT/tiles"
+        timeout "$(left 200)" python3 bench/gpu_probe.py --out "$OUT/tiles" --only token_tiles >> "$LOG" 2>&1
+        python3 - "$OUT" <<'PY' >> "$LOG" 2>&1
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+probe, tiles = out / "probe.json", out / "tiles" / "probe.json"
+if tiles.exists():
+    merged = json.loads(probe.read_text()) if probe.exists() else {}
+    merged["token_tiles"] = json.loads(tiles.read_text()).get("token_tiles")
+    probe.write_text(json.dumps(merged, indent=1))
+PY
+        rm -rf "$OUT/tiles"
+    fi
     part report
     python3 bench/report.py "$OUT"/kernels.json "$OUT"/collector.json "$OUT"/round.json --gpu 2>&1 \
         | tee -a "$LOG" | grep -E "^\| (sample|train_fwd|forward \| case=shaping|2 \| collector|8 \| collector|eager|fast)"
     part done
     ;;
 *)
-    echo "usage: $0 bench [-k expr] [timeout_s] | tests [timeout_s] [pytest args] | probe [timeout_s]" >&2
+    echo "usage: $0 bench [-k expr] [timeout_s] | tests [timeout_s] [pytest args] | probe [timeout_s] | round [budget_s]" >&2
     exit 2
     ;;
 esac

@@ -190,8 +190,8 @@ def test_host_table_lists_the_host_benchmark_cases_only():
 
 def test_gpu_probe_token_tiles_section():
     """bench/gpu_probe.py's ``token_tiles`` sweep: every candidate configuration runs the forward kernel and is
-    compared with the current one (here a smoke run in Triton's interpreter at a tiny shape; on a GPU it runs in
-    bench/gpu_session.sh round)."""
+    compared with the current one, its rows handed over after each configuration (here a smoke run in Triton's
+    interpreter at tiny shapes; on a GPU it runs last in bench/gpu_session.sh round, with the time left)."""
     import gpu_probe
     from fastgrpo.kernels import token_entropy
 
@@ -199,11 +199,17 @@ def test_gpu_probe_token_tiles_section():
         pytest.skip("the full sweep runs on a GPU through bench/gpu_session.sh")
 
     original = token_entropy.fwd_config
+    updates = []
     res = gpu_probe._token_tiles_probe(None, blocks=(16, 32), warps=(4,), stages=(1, 2),
-                                       shapes={"tiny": (2, 3, 37)})
+                                       shapes={"tiny": (2, 3, 37), "odd": (1, 5, 19)}, on_update=updates.append)
     assert token_entropy.fwd_config is original  # restored
     row = res["tiny"]
     assert row["current"] == original(37) and row["current_ms"] > 0
     assert [(r["BLOCK"], r["num_stages"]) for r in row["configs"]] == [(16, 1), (16, 2), (32, 1), (32, 2)]
     assert all("ms" in r and r["max_abs_logp_diff"] < 1e-5 and r["pct_of_copy"] is None for r in row["configs"])
     assert row["best"] and row["best"][0]["ms"] == min(r["ms"] for r in row["configs"])
+    # after each configuration the rows so far (a sweep stopped at a time limit keeps them), the finished shapes whole
+    assert [len(u["tiny"]["configs"]) for u in updates[:4]] == [1, 2, 3, 4] and all(u["tiny"]["partial"] for u in updates[:4])
+    assert [len(u["odd"]["configs"]) for u in updates[4:]] == [1, 2, 3, 4] and all("odd" not in u for u in updates[:4])
+    assert all(u["tiny"] == res["tiny"] and "partial" not in u["tiny"] for u in updates[4:])
+    assert updates[-1]["odd"]["configs"] == res["odd"]["configs"] and "partial" not in res["odd"]
