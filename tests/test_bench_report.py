@@ -209,7 +209,8 @@ def test_gpu_probe_token_tiles_section():
     assert all("ms" in r and r["max_abs_logp_diff"] < 1e-5 and r["pct_of_copy"] is None for r in row["configs"])
     assert row["best"] and row["best"][0]["ms"] == min(r["ms"] for r in row["configs"])
     # after each configuration the rows so far (a sweep stopped at a time limit keeps them), the finished shapes whole
-    assert [len(u["tiny"]["configs"]) for u in updates[:4]] == [1, 2, 3, 4] and all(u["tiny"]["partial"] for u in updates[:4])
+    assert [len(u["tiny"]["configs"]) for u in updates[:4]] == [1, 2, 3, 4]
+    assert all(u["tiny"]["partial"] for u in updates[:4])
     assert [len(u["odd"]["configs"]) for u in updates[4:]] == [1, 2, 3, 4] and all("odd" not in u for u in updates[:4])
     assert all(u["tiny"] == res["tiny"] and "partial" not in u["tiny"] for u in updates[4:])
     assert updates[-1]["odd"]["configs"] == res["odd"]["configs"] and "partial" not in res["odd"]

@@ -37,8 +37,9 @@ whose text keys carry padding (a key mask) reports its statistics through `Atten
 
 Modes: ``"mixture"`` is the paper's definition (average the text-key probabilities over the selected layers and
 heads, renormalise over the text keys, entropy, mean over image queries): each layer adds its head-summed
-probabilities into one float32 [B, N, T] buffer (`text_attention_probs`; the first layer of a forward writes it). ``"head_mean"`` averages the per-head,
-per-layer text entropies instead (no buffer; a mean of entropies, not the entropy of the mean).
+probabilities into one float32 [B, N, T] buffer (`text_attention_probs`; the first layer of a forward writes it).
+``"head_mean"`` averages the per-head, per-layer text entropies instead (no buffer; a mean of entropies, not the
+entropy of the mean).
 
 Decisions where DESIGN.md is silent:
 
@@ -71,9 +72,10 @@ Decisions where DESIGN.md is silent:
   and in "head_mean" one text-entropy row per layer, reduced once at the end), one uninitialised [B, N, T] buffer
   that the first layer writes and the others add to in-kernel, and Entropy(t) from it (a few small ops). Nothing
   reads device data on the host (no sync); the checks that remain (layers seen, a block run twice) use Python
-  state only. Constructing a collector walks the model breadth-first only as far as the
-  selected layers, to find their ancestors (for the compiled-block check), and builds no module names (0.08 ms on
-  SD3.5-Medium's 1,041 modules, a named walk 0.9 ms: bench/test_bench_collector.py constructs one per forward). The non-selected blocks keep diffusers' processors: the collector does no work there.
+  state only. The non-selected blocks keep diffusers' processors: the collector does no work there. Constructing
+  a collector walks the model breadth-first only as far as the selected layers, to find their ancestors (for the
+  compiled-block check), and builds no module names (0.08 ms on SD3.5-Medium's 1,041 modules, where a named walk
+  costs 0.9 ms: bench/test_bench_collector.py constructs one per forward).
 """
 from __future__ import annotations
 
@@ -130,6 +132,7 @@ def _paths_to(root, targets) -> dict:
             chain.append(parent[id(chain[-1])])
         paths[id(t)] = chain[::-1]
     return paths
+
 
 class _EntropyAttnProcessor:
     """Shared part of the two processors: attention through the entropy op, and the report to the collector."""
