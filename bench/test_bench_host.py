@@ -22,12 +22,12 @@ Cases (bf16 inputs, ``impl="triton"``):
   of SD3.5-Medium's structure (24 joint blocks, 1,041 modules; ``layers`` 5, 10, 15, "mixture"): the forward's
   hooks, the three selected layers' attention (`_attend`: plan look-up, output allocation, two launches each) and
   Entropy(t) at the end -- the rest of the forward is diffusers' own, the same with or without the collector.
-  ``per_forward``: constructed, entered and exited around the forward, as bench/test_bench_collector.py times it;
-  ``entered_once``: one collector for many forwards, as AEGPO uses it (a probe trajectory's steps). The model's
-  widths are tiny (its module tree is what the constructor walks); q, k, v have SD3.5-Medium's 24 heads x 64 at
-  batch 2, with SD3.5's 1024 image + 333 text tokens in bf16 on CUDA tensors and 16 + 12 in float32 on CPU tensors
-  (there Entropy(t) at the end of the forward is real arithmetic on the [B, image, text] buffer, which a GPU runs
-  asynchronously, and bf16 would add an output conversion that only Triton's interpreter needs).
+  ``constructed_each_time``: constructed, entered and exited around the forward, as bench/test_bench_collector.py
+  times it; ``entered_once``: one collector for many forwards, as AEGPO uses it (a probe trajectory's steps). The
+  model's widths are tiny (its module tree is what the constructor walks); q, k, v have SD3.5-Medium's 24 heads
+  x 64 at batch 2, with SD3.5's 1024 image + 333 text tokens in bf16 on CUDA tensors and 16 + 12 in float32 on
+  CPU tensors (there Entropy(t) at the end of the forward is real arithmetic on the [B, image, text] buffer, which
+  a GPU runs asynchronously, and bf16 would add an output conversion that only Triton's interpreter needs).
 
 Every tensor has its real shape; the large ones are ``torch.empty`` (never touched: with the kernels stubbed
 nothing reads them, so they cost no memory), the small ones the host reads (targets, modality, advantages) hold
@@ -140,7 +140,7 @@ def _sd35_structure():
 
 
 @pytest.mark.parametrize("host_device", DEVICES, indirect=True)
-@pytest.mark.parametrize("way", ["per_forward", "entered_once"])
+@pytest.mark.parametrize("way", ["constructed_each_time", "entered_once"])
 def test_host_collector(benchmark, host_device, way):
     from fastgrpo.diffusion.attention import AttentionEntropyCollector
 
@@ -160,7 +160,7 @@ def test_host_collector(benchmark, host_device, way):
         return collector.pop()
 
     with torch.no_grad(), stubbed_kernels(ATTENTION) as launches:
-        if way == "per_forward":
+        if way == "constructed_each_time":  # (no "forward-" in the id: gpu_session.sh deselects that)
             def fn():
                 with AttentionEntropyCollector(model, layers=layers, impl="triton") as collector:
                     return forward(collector)
