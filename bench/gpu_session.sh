@@ -50,7 +50,7 @@ probe)  # where the ops' time goes (kernels vs host) and attention tile configs:
     timeout "${2:-300}" python3 bench/gpu_probe.py --out "$OUT" "${@:3}" 2>&1 | tee "$OUT/probe.log"
     ;;
 round)
-    # Everything issue 19 measures in one call of at most 600 s: the kernel cases (ceilings, sde_step, token
+    # Everything issue 19 measures in one call within its budget: the kernel cases (ceilings, sde_step, token
     # shaping), the collector cases, the CUDA-only tests, the whole-round benchmark (eager, fast without compile,
     # fast with compile; its partial results are rewritten after each path, so a run stopped at its limit keeps
     # the finished paths), the ops/collector probe, and last, with whatever time is left, the token forward's tile

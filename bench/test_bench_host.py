@@ -29,12 +29,14 @@ Cases (bf16 inputs, ``impl="triton"``):
   CPU tensors (there Entropy(t) at the end of the forward is real arithmetic on the [B, image, text] buffer, which
   a GPU runs asynchronously, and bf16 would add an output conversion that only Triton's interpreter needs).
 
-Every tensor has its real shape; the large ones are ``torch.empty`` (never touched: with the kernels stubbed
-nothing reads them, so they cost no memory), the small ones the host reads (targets, modality, advantages) hold
-real values. On CPU the tensors are CPU tensors with ``TRITON_INTERPRET=1`` set during the call (it only lets
-``impl="triton"`` accept CPU tensors: no kernel runs in the interpreter); on a CUDA machine the same cases also
-run on CUDA tensors (the caching allocator's cost included).
+Every tensor has its real shape (but the collector's on CPU, above); the large ones are ``torch.empty`` (never
+touched: with the kernels stubbed nothing reads them, so they cost no memory), the small ones the host reads
+(targets, modality, advantages) hold real values. On CPU the tensors are CPU tensors with ``TRITON_INTERPRET=1`` set
+during the call (it only lets ``impl="triton"`` accept CPU tensors: no kernel runs in the interpreter); on a CUDA
+machine the same cases also run on CUDA tensors (the caching allocator's cost included).
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -159,24 +161,20 @@ def test_host_collector(benchmark, host_device, way):
         collector._end_forward(model, (), None)
         return collector.pop()
 
-    with torch.no_grad(), stubbed_kernels(ATTENTION) as launches:
-        if way == "constructed_each_time":  # (no "forward-" in the id: gpu_session.sh deselects that)
-            def fn():
-                with AttentionEntropyCollector(model, layers=layers, impl="triton") as collector:
-                    return forward(collector)
+    def fresh():  # constructed, entered and exited around the forward
+        with AttentionEntropyCollector(model, layers=layers, impl="triton") as collector:
+            return forward(collector)
 
-            measure_host(benchmark, fn, launches=launches, expected=["attention_text_entropy_fwd_kernel",
-                                                                     "text_probs_kernel"] * 3,
-                         op="AttentionEntropyCollector", case="one forward, collector constructed per forward",
-                         shape_name="SD3.5-Medium, layers 5/10/15", shapes={"q": list(q.shape)},
-                         dtype=str(dtype).removeprefix("torch."), device=host_device)
-        else:
-            with AttentionEntropyCollector(model, layers=layers, impl="triton") as collector:
-                measure_host(benchmark, lambda: forward(collector), launches=launches,
-                             expected=["attention_text_entropy_fwd_kernel", "text_probs_kernel"] * 3,
-                             op="AttentionEntropyCollector", case="one forward, collector entered once",
-                             shape_name="SD3.5-Medium, layers 5/10/15", shapes={"q": list(q.shape)},
-                             dtype=str(dtype).removeprefix("torch."), device=host_device)
+    # (no "forward-" in the ids: bench/gpu_session.sh round deselects that)
+    once = AttentionEntropyCollector(model, layers=layers, impl="triton") if way == "entered_once" else None
+    with torch.no_grad(), stubbed_kernels(ATTENTION) as launches, once or contextlib.nullcontext():
+        measure_host(benchmark, fresh if once is None else lambda: forward(once), launches=launches,
+                     expected=["attention_text_entropy_fwd_kernel", "text_probs_kernel"] * 3,
+                     op="AttentionEntropyCollector",
+                     case=f"one forward, collector {'constructed per forward' if once is None else 'entered once'}",
+                     shape_name="SD3.5-Medium, layers 5/10/15", shapes={"q": list(q.shape)},
+                     dtype=str(dtype).removeprefix("torch."), device=host_device)
+
 
 def test_gpu_probe_ops_section():
     """bench/gpu_probe.py's ``ops`` section records where each case's host time goes (host issue time, torch.profiler's
