@@ -136,19 +136,11 @@ def ovf_select(rewards, k: int):
     """(indices [P, k] ascending, variance [P]) float32: sort, the k + 1 candidates "j smallest + k - j largest"
     from prefix/suffix sums, the first best j (ovf_select_ref); the chosen positions by a gather (no boolean
     indexing, whose output shape the compiler cannot know)."""
+    from fastgrpo.ops.ovf import ovf_scores
+
     r = rewards.float()
-    P, G = r.shape
-    xs, order = torch.sort(r, dim=1, stable=True)
-    d = xs - xs[:, G // 2:G // 2 + 1]
-    pre1, pre2 = d.cumsum(1), (d * d).cumsum(1)
-    suf1, suf2 = d.flip(1).cumsum(1).flip(1), (d * d).flip(1).cumsum(1).flip(1)
-    j = torch.arange(k + 1, device=r.device)
-    lo = (j - 1).clamp(min=0).expand(P, -1)
-    hi = (G - k + j).clamp(max=G - 1).expand(P, -1)
-    has_bot, has_top = j > 0, j < k
-    s1 = torch.where(has_bot, pre1.gather(1, lo), 0.0) + torch.where(has_top, suf1.gather(1, hi), 0.0)
-    s2 = torch.where(has_bot, pre2.gather(1, lo), 0.0) + torch.where(has_top, suf2.gather(1, hi), 0.0)
-    best = torch.argmax(k * s2 - s1 * s1, dim=1, keepdim=True)
+    G = r.shape[1]
+    order, d, best = ovf_scores(r, k)
     i = torch.arange(k, device=r.device)
     pos = torch.where(i < best, i, G - k + i)  # the best j smallest, then the k - best largest: ascending
     indices = order.gather(1, pos).sort(dim=1).values

@@ -114,9 +114,12 @@ def ovf_select_ref(rewards: torch.Tensor, k: int) -> OVFSelection:
     return _ovf_torch(rewards, k)
 
 
-def _ovf_torch(rewards: torch.Tensor, k: int) -> OVFSelection:
-    squeeze = rewards.ndim == 1
-    r = rewards.detach().reshape(-1, rewards.shape[-1]).to(torch.promote_types(rewards.dtype, torch.float32))
+def ovf_scores(r: torch.Tensor, k: int):
+    """The torch path's choice for float rewards ``r`` [P, G] (no checks): ``(order, d, best)`` with ``order`` the
+    stable sort permutation, ``d`` the sorted rewards centred on the middle one, and ``best`` [P, 1] the first j
+    (smallest on ties) whose "j smallest + k - j largest" subset has the largest ``k * sum d^2 - (sum d)^2``, from
+    prefix and suffix sums over the k + 1 candidates. Shared by `ovf_select_ref` and bench/compiled.py's compiled
+    baseline (only data-independent shapes: it compiles with ``fullgraph=True``)."""
     P, G = r.shape
     xs, order = torch.sort(r, dim=1, stable=True)
     d = xs - xs[:, G // 2:G // 2 + 1]  # centre on the middle reward (exact for small-integer rewards)
@@ -130,6 +133,14 @@ def _ovf_torch(rewards: torch.Tensor, k: int) -> OVFSelection:
     s1 = torch.where(has_bot, pre1.gather(1, lo), zero) + torch.where(has_top, suf1.gather(1, hi), zero)
     s2 = torch.where(has_bot, pre2.gather(1, lo), zero) + torch.where(has_top, suf2.gather(1, hi), zero)
     best = torch.argmax(k * s2 - s1 * s1, dim=1, keepdim=True)  # first maximum: smallest j on ties
+    return order, d, best
+
+
+def _ovf_torch(rewards: torch.Tensor, k: int) -> OVFSelection:
+    squeeze = rewards.ndim == 1
+    r = rewards.detach().reshape(-1, rewards.shape[-1]).to(torch.promote_types(rewards.dtype, torch.float32))
+    P, G = r.shape
+    order, d, best = ovf_scores(r, k)
     pos = torch.arange(G, device=r.device)
     chosen = (pos < best) | (pos >= G - k + best)  # exactly k per row
     indices = torch.sort(order[chosen].view(P, k), dim=1).values
