@@ -11,8 +11,8 @@
    (``probe_ops()`` on a CPU machine, or ``main`` there) it is a smoke run: tiny shapes, host timings only.
 2. ``attention``: ``attention_with_text_entropy`` under each candidate (BLOCK_M, BLOCK_N, num_warps, num_stages)
    against SDPA's flash backend at the SD3-512 and FLUX-1024 shapes. ``token_tiles``: the token forward kernel
-   (the whole of ``eg_grpo_shaping``'s bandwidth but 3-8 us) under each (BLOCK, num_warps, num_stages) at the
-   T2I-R1 shapes, as % of copy bandwidth (CUDA only; about 54 configurations, a minute or two).
+   (the whole of ``eg_grpo_shaping``'s bandwidth but 3-8 us) under each (BLOCK, num_warps, LANES) at the
+   T2I-R1 shapes, as % of copy bandwidth (CUDA only; 48 configurations, a minute or two).
 3. ``collector``: AEGPO's whole step (bench/test_bench_collector.py's SD3.5-Medium forward, bf16, no grad) at
    batch 2 and 8, plain and inside ``AttentionEntropyCollector(layers=(5, 10, 15), mode="mixture")``: the forward
    timed with CUDA events (median of a few), the host's issue time of the call (until it returns, before the
@@ -224,14 +224,18 @@ def _attention_probe() -> dict:
 TOKEN_TILE_SHAPES = {"image": (16, 576, 16_384), "text": (16, 256, 102_400)}  # bench/test_bench_token.py's
 
 
-def _token_tiles_probe(copy_gbps, blocks=(2048, 4096, 8192), warps=(4, 8, 16), stages=(1, 2, 3),
+def _token_tiles_probe(copy_gbps, blocks=(4096, 2048, 8192, 1024), warps=(8, 4, 16), lanes=(True, False),
                        shapes=None, on_update=None) -> dict:
     """``token_logprob_entropy``'s forward kernel (no grad, ``validate=False``) under each candidate (BLOCK,
-    num_warps, num_stages) at the T2I-R1 shapes, against the current `fwd_config`: event ms, % of copy bandwidth
-    (the bf16 logits read once), and the largest logp difference from the current configuration's output (the
-    block size changes the summation order only). Without CUDA (a smoke test: Triton's interpreter, host time,
-    ``shapes`` small) the percentages are None. ``on_update(partial)``, after each configuration: the results so
-    far (the shape in progress with ``"partial": True``), so that a sweep stopped at a time limit keeps its rows."""
+    num_warps, LANES) at the T2I-R1 shapes, against the current `fwd_config`: event ms, % of copy bandwidth (the
+    bf16 logits read once), and the largest logp difference from the current configuration's output (the block
+    size and the variant change the summation order only). Both variants of each (BLOCK, num_warps) run back to
+    back, the likeliest tiles first, so that a sweep cut short still compares them. No ``num_stages``: the loop's
+    loads feed no ``tl.dot``, and for sm_90 Triton 3.7 emits the same code for 1 and 3 stages (no cp.async; ptxas
+    reports the same registers), so stages would only cost GPU time. Without CUDA (a smoke test: Triton's
+    interpreter, host time, ``shapes`` small) the percentages are None. ``on_update(partial)``, after each
+    configuration: the results so far (the shape in progress with ``"partial": True``), so that a sweep stopped at
+    a time limit keeps its rows."""
     from fastgrpo import token_logprob_entropy
     from fastgrpo.kernels import token_entropy as mod
 
@@ -256,8 +260,8 @@ def _token_tiles_probe(copy_gbps, blocks=(2048, 4096, 8192), warps=(4, 8, 16), s
             ref = fn()[0]
             base_ms = timer(fn)
             rows = []
-            for block, nw, ns in itertools.product(blocks, warps, stages):
-                cfg = {"BLOCK": block, "num_warps": nw, "num_stages": ns}
+            for block, nw, lane in itertools.product(blocks, warps, lanes):
+                cfg = {"BLOCK": block, "num_warps": nw, "LANES": lane}
                 mod.fwd_config = lambda V, cfg=cfg: dict(cfg)
                 try:
                     err = float((fn()[0] - ref).abs().max())

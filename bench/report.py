@@ -408,7 +408,34 @@ def probe_table(probe: dict) -> str:
             for b in r["best"][:2]:
                 lines.append(f"| {case} | {r['sdpa_ms']:.3f} | ({b['BLOCK_M']}, {b['BLOCK_N']}, {b['num_warps']}, "
                              f"{b['num_stages']}) | {b['ms']:.3f} | {b['vs_sdpa']:.2f}x |")
+    lines += _token_tiles_lines(probe.get("token_tiles"))
     return "\n".join(lines)
+
+
+def _token_tiles_lines(tiles) -> list:
+    """The token forward's tile sweep (bench/gpu_probe.py ``token_tiles``): per shape, the current configuration
+    and the fastest of each variant (per-lane statistics, blocked update), in % of copy bandwidth."""
+    if not tiles:
+        return []
+    lines = ["", "Token forward tiles (bench/gpu_probe.py sweep, bf16 logits, no grad, validate=False): the current "
+             "configuration (kernels/token_entropy.py, fwd_config) and the fastest of each variant (LANES: per-lane "
+             "statistics; blocked: one running triple, three block reductions per step).", "",
+             "| shape | configuration | (BLOCK, warps) | ms | % of copy | configurations timed |",
+             "|---|---|---|---:|---:|---:|"]
+    pct = lambda v: "" if v is None else f"{v:.0%}"  # noqa: E731
+    for shape, r in tiles.items():
+        timed = [c for c in r["configs"] if "ms" in c]
+        done = f"{len(timed)}" + (" (cut short)" if r.get("partial") else "")
+        cur = r["current"]
+        lines.append(f"| {shape} | current ({'lanes' if cur.get('LANES') else 'blocked'}) | ({cur['BLOCK']}, "
+                     f"{cur['num_warps']}) | {r['current_ms']:.3f} | {pct(r['current_pct_of_copy'])} | {done} |")
+        for lanes, label in ((True, "fastest lanes"), (False, "fastest blocked")):
+            ok = [c for c in timed if bool(c.get("LANES")) == lanes and c["max_abs_logp_diff"] < 1e-2]
+            if ok:
+                b = min(ok, key=lambda c: c["ms"])
+                lines.append(f"| {shape} | {label} | ({b['BLOCK']}, {b['num_warps']}) | {b['ms']:.3f} | "
+                             f"{pct(b['pct_of_copy'])} | |")
+    return lines
 
 
 def _rewrite(path: Path, start: str, end: str, out: str) -> None:

@@ -12,8 +12,9 @@ would round at the scale of ``m``). When the max moves from ``m`` to ``m'`` both
 ``exp((m - m')/T)`` and ``w`` picks up ``s * (m - m')/T``. Entries equal to -inf (masked vocabulary) add
 nothing; a fully masked block never computes ``0 * (-inf)`` or ``exp(-inf - (-inf))``.
 
-The forward runs one program per row, which loops over all V in blocks of ``BLOCK`` logits and writes the row's
-results directly (one launch; no partials and no merge kernel; the summation order is a function of V only, so
+The forward runs one program per row, which loops over all V in blocks of ``BLOCK`` logits (keeping the three
+numbers per lane of the block and merging the lanes once at the end, `_lane_stats`; or, ``LANES=False``, merging
+each block into one running triple) and writes the row's results directly (one launch; no partials and no merge kernel; the summation order is a function of V only, so
 results do not depend on R). With thousands of rows per call (T2I-R1: 4,096 and 9,216) that is enough programs to
 fill the GPU. Per row it saves only ``rowmax`` (raw logits), ``log s`` and ``w / s`` for the backward, which is
 split into ``n_split`` chunks of ``BLOCK * ITERS`` logits per row (no merge needed there) and recomputes
@@ -56,12 +57,48 @@ MAX_ITERS = 4
 
 
 @triton.jit
+def _lane_stats(base, V, n_read, inv_t, BLOCK: tl.constexpr):
+    """The row's (m, s, w) with one running (m, s, w) per lane of the block, merged across lanes after the loop.
+
+    Per logit x a lane's max either stays (``x <= m``: s += t, w += t d with ``d = (x - m)/T``, ``t = exp(d)``)
+    or moves to x (s = t s + 1, w = t (w + s d) with ``d = (m - x)/T``): one exp per logit, as in the blocked
+    update, but no block-wide max or sum per step. Masked lanes and -inf logits add nothing; a NaN logit makes s
+    NaN. The cross-lane merge is the chunk merge of the module docstring."""
+    lane = tl.arange(0, BLOCK)
+    m = tl.full((BLOCK,), -float("inf"), tl.float32)
+    s = tl.zeros((BLOCK,), tl.float32)
+    w = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, n_read, BLOCK):
+        offs = start + lane
+        x = tl.load(base + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
+        up = x > m  # false for NaN and for -inf logits
+        fresh = m == -float("inf")  # the lane has seen no finite logit yet (s = w = 0)
+        diff = (x - tl.where(fresh, 0.0, m)) * inv_t  # -inf for x = -inf; no inf - inf anywhere
+        d = tl.where(up, tl.where(fresh, -float("inf"), -diff), diff)  # <= 0
+        t = tl.exp(d)
+        dd = tl.where(t > 0.0, d, 0.0)  # d only where t > 0: 0 * -inf is NaN (up with t = 0: a fresh lane, s = 0)
+        w = tl.where(up, t * (w + s * dd), w + t * dd)
+        s = tl.where(up, t * s + 1.0, s + t)
+        m = tl.where(up, x, m)
+    big = tl.max(m, 0)
+    big_ref = tl.where(big == -float("inf"), 0.0, big)
+    d = (m - big_ref) * inv_t  # <= 0 (-inf on lanes that saw no finite logit, whose s = w = 0)
+    a = tl.exp(d)
+    s_row = tl.sum(a * s, 0)
+    w_row = tl.sum(a * (w + s * tl.where(s > 0.0, d, 0.0)), 0)
+    return big, s_row, w_row
+
+
+@triton.jit
 def token_stats_fwd_kernel(
     logits_ptr, targets_ptr, mod_ptr, efft_ptr, logp_ptr, ent_ptr, rowmax_ptr, logs_ptr, meanrel_ptr, flag_ptr,
     L, stride_b, stride_l, mod_sb, mod_sl, V, inv_t, ignore_index, ent_scale,
-    HAS_MOD: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_MOD: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr,
 ):
-    """One program per row: the whole pass over V and the per-row statistics (no partials, no merge launch)."""
+    """One program per row: the whole pass over V and the per-row statistics (no partials, no merge launch).
+
+    LANES: keep (m, s, w) per lane of the block and reduce across lanes once, after the loop (no block-wide
+    reduction, so no barrier, inside the loop); else reduce each block and update one running (m, s, w)."""
     row = tl.program_id(0)
     pb = (row // L).to(tl.int64)
     pl = (row % L).to(tl.int64)
@@ -76,24 +113,27 @@ def token_stats_fwd_kernel(
     valid = valid & (tgt >= 0) & (tgt < V)  # a bad row reads nothing: NaN logp/entropy (validate=False)
     if HAS_MOD:
         tl.store(efft_ptr + row, tl.where(valid, tgt, ignore_index))  # the backward's and pass 2's targets
-    m = -float("inf")
-    s = 0.0
-    w = 0.0
     n_read = tl.where(valid, V, 0)  # ignored rows loop zero times
-    for start in range(0, n_read, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        x = tl.load(base + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        # Any finite reference works while every value so far is -inf (then s = w = 0).
-        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-        d = (x - m_ref) * inv_t  # x - max is exact in fp32 for nearby values; (x * inv_t) - max would not be
-        e = tl.exp(d)
-        ed = e * tl.where(e > 0.0, d, 0.0)  # masked lanes: e = 0, d = -inf
-        alpha = tl.exp((m - m_ref) * inv_t)
-        shift = tl.where(s > 0.0, (m - m_ref) * inv_t, 0.0)
-        w = alpha * (w + s * shift) + tl.sum(ed, 0)
-        s = alpha * s + tl.sum(e, 0)
-        m = m_new  # stays -inf until a finite logit is seen: a later block of -1e4 logits must set the max
+    if LANES:
+        m, s, w = _lane_stats(base, V, n_read, inv_t, BLOCK)
+    else:
+        m = -float("inf")
+        s = 0.0
+        w = 0.0
+        for start in range(0, n_read, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(base + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            # Any finite reference works while every value so far is -inf (then s = w = 0).
+            m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+            d = (x - m_ref) * inv_t  # x - max is exact in fp32 for nearby values; (x * inv_t) - max would not be
+            e = tl.exp(d)
+            ed = e * tl.where(e > 0.0, d, 0.0)  # masked lanes: e = 0, d = -inf
+            alpha = tl.exp((m - m_ref) * inv_t)
+            shift = tl.where(s > 0.0, (m - m_ref) * inv_t, 0.0)
+            w = alpha * (w + s * shift) + tl.sum(ed, 0)
+            s = alpha * s + tl.sum(e, 0)
+            m = m_new  # stays -inf until a finite logit is seen: a later block of -1e4 logits must set the max
     big = tl.where(m == -float("inf"), 0.0, m)
     total = tl.where(valid, s, 1.0)  # ignored rows: neutral statistics, no log(0)
     logs = tl.log(total)
@@ -151,9 +191,15 @@ def blocking(V: int) -> tuple[int, int, int]:
 
 def fwd_config(V: int) -> dict:
     """The forward kernel's launch configuration for rows of V logits: ``BLOCK`` (logits per loop step, from
-    `blocking`) and ``num_warps``. One function so that bench/gpu_probe.py can sweep it on a GPU."""
+    `blocking`), ``num_warps`` and ``LANES`` (per-lane statistics, `_lane_stats`). One function so that
+    bench/gpu_probe.py can sweep it on a GPU.
+
+    ``LANES=True`` is the default since issue 19: on the H200 the blocked update (three block-wide reductions,
+    so three barriers, per BLOCK logits) read at 56-60% of copy bandwidth at the T2I-R1 shapes; the per-lane
+    update has no barrier inside the loop. It has not been timed on a GPU yet: the sweep of
+    ``gpu_session.sh round`` times both, and whichever is slower goes."""
     block = blocking(V)[0]
-    return {"BLOCK": block, "num_warps": 8 if block >= 2048 else 4}
+    return {"BLOCK": block, "num_warps": 8 if block >= 2048 else 4, "LANES": True}
 
 
 def _row_strides(logits3):
@@ -434,7 +480,8 @@ def compile_specs():
                 "mod_sb": "i32", "mod_sl": "i32", "V": "i32", "inv_t": "fp32", "ignore_index": "i32",
                 "ent_scale": "fp32",
             }
-            specs.append((token_stats_fwd_kernel, fwd, {"HAS_MOD": has_mod, "BLOCK": 4096}))
+            for lanes in (True, False):
+                specs.append((token_stats_fwd_kernel, fwd, {"HAS_MOD": has_mod, "BLOCK": 4096, "LANES": lanes}))
         for has_glogp, has_gent in ((True, True), (True, False), (False, True)):
             bwd = {
                 "logits_ptr": f"*{dt}", "targets_ptr": "*i64", "rowmax_ptr": "*fp32", "logs_ptr": "*fp32",

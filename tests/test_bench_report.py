@@ -200,12 +200,13 @@ def test_gpu_probe_token_tiles_section():
 
     original = token_entropy.fwd_config
     updates = []
-    res = gpu_probe._token_tiles_probe(None, blocks=(16, 32), warps=(4,), stages=(1, 2),
+    res = gpu_probe._token_tiles_probe(None, blocks=(16, 32), warps=(4,),
                                        shapes={"tiny": (2, 3, 37), "odd": (1, 5, 19)}, on_update=updates.append)
     assert token_entropy.fwd_config is original  # restored
     row = res["tiny"]
     assert row["current"] == original(37) and row["current_ms"] > 0
-    assert [(r["BLOCK"], r["num_stages"]) for r in row["configs"]] == [(16, 1), (16, 2), (32, 1), (32, 2)]
+    # both forward variants of each tile, back to back
+    assert [(r["BLOCK"], r["LANES"]) for r in row["configs"]] == [(16, True), (16, False), (32, True), (32, False)]
     assert all("ms" in r and r["max_abs_logp_diff"] < 1e-5 and r["pct_of_copy"] is None for r in row["configs"])
     assert row["best"] and row["best"][0]["ms"] == min(r["ms"] for r in row["configs"])
     # after each configuration the rows so far (a sweep stopped at a time limit keeps them), the finished shapes whole
@@ -214,3 +215,24 @@ def test_gpu_probe_token_tiles_section():
     assert [len(u["odd"]["configs"]) for u in updates[4:]] == [1, 2, 3, 4] and all("odd" not in u for u in updates[:4])
     assert all(u["tiny"] == res["tiny"] and "partial" not in u["tiny"] for u in updates[4:])
     assert updates[-1]["odd"]["configs"] == res["odd"]["configs"] and "partial" not in res["odd"]
+
+
+def test_probe_table_shows_the_token_tile_sweep_per_variant():
+    """The sweep's rows become the current configuration and the fastest of each variant (a row whose output
+    differs from the current one's is never picked; a sweep cut short says so)."""
+    cur = {"BLOCK": 4096, "num_warps": 8, "LANES": True}
+    rows = [{"BLOCK": 4096, "num_warps": 8, "LANES": True, "ms": 0.100, "pct_of_copy": 0.70, "max_abs_logp_diff": 0},
+            {"BLOCK": 4096, "num_warps": 8, "LANES": False, "ms": 0.125, "pct_of_copy": 0.56, "max_abs_logp_diff": 1e-6},
+            {"BLOCK": 2048, "num_warps": 4, "LANES": True, "ms": 0.090, "pct_of_copy": 0.78, "max_abs_logp_diff": 1e-6},
+            {"BLOCK": 2048, "num_warps": 4, "LANES": False, "ms": 0.050, "pct_of_copy": 1.4, "max_abs_logp_diff": 3.0},
+            {"BLOCK": 8192, "num_warps": 4, "LANES": False, "error": "OutOfResources"}]
+    probe = {"device": "NVIDIA H200", "torch": "2.13.0", "triton": "3.7.1", "copy_gb_per_s": 4000.0,
+             "token_tiles": {"image": {"current": cur, "current_ms": 0.101, "current_pct_of_copy": 0.69,
+                                       "configs": rows, "best": rows[:3], "partial": True}}}
+    lines = report.probe_table(probe).splitlines()
+    body = [ln for ln in lines if ln.startswith("| image")]
+    assert body == ["| image | current (lanes) | (4096, 8) | 0.101 | 69% | 4 (cut short) |",
+                    "| image | fastest lanes | (2048, 4) | 0.090 | 78% | |",
+                    "| image | fastest blocked | (4096, 8) | 0.125 | 56% | |"]
+    assert report.probe_table({**probe, "token_tiles": {}}) == report.probe_table(
+        {k: v for k, v in probe.items() if k != "token_tiles"})
