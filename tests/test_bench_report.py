@@ -222,7 +222,8 @@ def test_probe_table_shows_the_token_tile_sweep_per_variant():
     differs from the current one's is never picked; a sweep cut short says so)."""
     cur = {"BLOCK": 4096, "num_warps": 8, "LANES": True}
     rows = [{"BLOCK": 4096, "num_warps": 8, "LANES": True, "ms": 0.100, "pct_of_copy": 0.70, "max_abs_logp_diff": 0},
-            {"BLOCK": 4096, "num_warps": 8, "LANES": False, "ms": 0.125, "pct_of_copy": 0.56, "max_abs_logp_diff": 1e-6},
+            {"BLOCK": 4096, "num_warps": 8, "LANES": False, "ms": 0.125, "pct_of_copy": 0.56,
+             "max_abs_logp_diff": 1e-6},
             {"BLOCK": 2048, "num_warps": 4, "LANES": True, "ms": 0.090, "pct_of_copy": 0.78, "max_abs_logp_diff": 1e-6},
             {"BLOCK": 2048, "num_warps": 4, "LANES": False, "ms": 0.050, "pct_of_copy": 1.4, "max_abs_logp_diff": 3.0},
             {"BLOCK": 8192, "num_warps": 4, "LANES": False, "error": "OutOfResources"}]
