@@ -15,11 +15,13 @@ T5), LoRA r = 32 on the joint-attention projections, Flow-GRPO's settings (10 st
 the first 99% of the steps trained); P = 2 prompts x G = 4 rollouts in chunks of 8 (16 rows with CFG). On CPU the
 tiny random SD3 pipeline runs the same rounds as a correctness check (CI; there the fast paths use the C++ ops).
 
-Before a fast path is timed, it must agree with the eager path: its step-0 rollouts (same initial and SDE noise:
+Before a fast path is timed, it is compared with the eager path: its step-0 rollouts (same initial and SDE noise:
 rewards, final latents) and the gradient of one training pass over the eager path's rollouts (identical inputs;
 without the PPO clip for that pass, since Flow-GRPO's clip range of 1e-4 turns rounding-level differences of the
 first-step ratio into different gradients). With bf16 weights other kernels round differently, and the SDE
-trajectories amplify that over the steps, hence the tolerances below.
+trajectories amplify that over the steps, hence the tolerances below. A path beyond a tolerance is still timed (a
+GPU session is short; its numbers and the differences are written, and bench/report.py marks its speed-up as not
+comparable), and the test fails after every path has run.
 Recorded in ``extra_info``: per path images/s, seconds per phase (sample incl. decode and scoring, advantages,
 train, optimizer), peak memory, warm-up time (compilation, graph capture), MFU (transformer FLOPs of the round,
 counted with ``torch.utils.flop_counter`` on one sampling and one training chunk, per second, over the bf16 GEMM
@@ -45,6 +47,7 @@ ROUNDS = 2 if HAS_CUDA else 1  # timed rounds per path (after one warm-up round 
 REWARD_RTOL = 5e-2 if HAS_CUDA else 1e-4
 LATENT_RTOL = 5e-2 if HAS_CUDA else 1e-4
 GRAD_RTOL = 5e-2 if HAS_CUDA else 1e-3  # relative L2 distance of the whole gradient, on identical rollouts
+TOLERANCES = {"rewards_rel_l2": REWARD_RTOL, "latents_rel_l2": LATENT_RTOL, "grad_rel_l2": GRAD_RTOL}
 COMPILE = os.environ.get("FASTGRPO_ROUND_COMPILE", "1") != "0"
 
 
@@ -208,8 +211,9 @@ PATHS = {"eager": (False, False, False), "fast_nocompile": (True, False, True), 
 
 def test_round(benchmark, bench_device, tmp_path):
     """Each path: build, probe step 0's rollouts, one warm-up round (compilation, graph capture), ROUNDS timed
-    rounds; the fast paths must agree with the eager one before they are timed. pytest-benchmark times the last
-    path's rounds; every path's numbers are in extra_info["paths"]."""
+    rounds; the fast paths are compared with the eager one before they are timed (and the test fails at the end
+    if one is beyond a tolerance). pytest-benchmark times the last path's rounds; every path's numbers are in
+    extra_info["paths"]."""
     import gc
 
     device = bench_device
@@ -220,6 +224,8 @@ def test_round(benchmark, bench_device, tmp_path):
             "diffusers": _version("diffusers"), "cuda": torch.version.cuda, "images_per_round": P * G,
             "paths": {}}
     eager = None
+    disagreements = []
+    info["tolerances"] = dict(TOLERANCES)
     names = list(PATHS) if COMPILE else ["eager", "fast_nocompile"]
     for name in names:
         fast_ops, compiled, graphs = PATHS[name]
@@ -250,10 +256,11 @@ def test_round(benchmark, bench_device, tmp_path):
                 "latents_rel_l2": float((latents - eager["latents"]).norm() / eager["latents"].norm()),
                 "grad_rel_l2": float((grad - eager["grad"]).norm() / eager["grad"].norm()),
             }
-            res["agreement"] = agreement
-            assert agreement["rewards_rel_l2"] < REWARD_RTOL, (name, agreement)
-            assert agreement["latents_rel_l2"] < LATENT_RTOL, (name, agreement)
-            assert agreement["grad_rel_l2"] < GRAD_RTOL, (name, agreement)
+            beyond = [f"{key} {agreement[key]:.1e} >= {tol:g}" for key, tol in TOLERANCES.items()
+                      if not agreement[key] < tol]  # NaN is beyond too
+            res["agreement"] = {**agreement, "beyond_tolerance": beyond}
+            if beyond:  # still timed (GPU time is scarce), reported as not comparable, and the test fails below
+                disagreements.append((name, beyond))
         if name == names[-1]:
             benchmark.pedantic(path.round, rounds=ROUNDS, warmup_rounds=0, iterations=1)
         while len(path.times) < ROUNDS:  # the other paths, or --benchmark-disable
@@ -277,6 +284,7 @@ def test_round(benchmark, bench_device, tmp_path):
                     speedup_vs_eager=info["paths"]["eager"]["round_s"] / last["round_s"])
         _write_partial(info)
     benchmark.extra_info.update(info)
+    assert not disagreements, f"fast paths that do not agree with the eager one: {disagreements}"
 
 
 def _shape(trainer):

@@ -94,6 +94,15 @@ def test_round_table_sets_each_path_against_the_eager_one(fast_s, verdict):
     assert rows["fast_nocompile"].rstrip(" |").endswith("gap: 1.00x")
     assert f"| {8 / fast_s:.3f} | {fast_s:.2f} |" in rows["fast"] and "| 0.800 | 10.00 |" in rows["eager"]
     assert "1e-03 / 2e-03 / 1e-02" in rows["fast"]
+    # a path beyond an agreement tolerance keeps its times but gets no verdict
+    bench = _round_bench(fast_s, 10.0)
+    bench["extra_info"]["paths"]["fast"]["agreement"] = {"rewards_rel_l2": 1e-3, "latents_rel_l2": 2e-3,
+                                                         "grad_rel_l2": 0.2,
+                                                         "beyond_tolerance": ["grad_rel_l2 2.0e-01 >= 0.05"]}
+    fast = next(line for line in report.round_table({"benchmarks": [bench]}).splitlines()
+                if line.startswith("| fast ("))
+    assert fast.endswith("| not comparable: grad_rel_l2 2.0e-01 >= 0.05 |") and "met" not in fast
+    assert f"| {10 / fast_s:.2f}x |" in fast and "1e-03 / 2e-03 / 2e-01" in fast
     # CPU correctness runs of the same benchmark are not GPU results
     cpu = _round_bench(5.0, 10.0)
     cpu["extra_info"].update(device="cpu x1", cuda=None)
