@@ -229,13 +229,15 @@ def _token_tiles_probe(copy_gbps, blocks=(4096, 2048, 8192, 1024), warps=(8, 4, 
     """``token_logprob_entropy``'s forward kernel (no grad, ``validate=False``) under each candidate (BLOCK,
     num_warps, LANES) at the T2I-R1 shapes, against the current `fwd_config`: event ms, % of copy bandwidth (the
     bf16 logits read once), and the largest logp difference from the current configuration's output (the block
-    size and the variant change the summation order only). Both variants of each (BLOCK, num_warps) run back to
-    back, the likeliest tiles first, so that a sweep cut short still compares them. No ``num_stages``: the loop's
-    loads feed no ``tl.dot``, and for sm_90 Triton 3.7 emits the same code for 1 and 3 stages (no cp.async; ptxas
-    reports the same registers), so stages would only cost GPU time. Without CUDA (a smoke test: Triton's
-    interpreter, host time, ``shapes`` small) the percentages are None. ``on_update(partial)``, after each
-    configuration: the results so far (the shape in progress with ``"partial": True``), so that a sweep stopped at
-    a time limit keeps its rows."""
+    size and the variant change the summation order only).
+
+    Order: each configuration at every shape before the next configuration, both variants of a (BLOCK, num_warps)
+    back to back, the likeliest tiles first, so that a sweep cut short still compares the variants at every shape.
+    No ``num_stages``: the loop's loads feed no ``tl.dot``, and for sm_90 Triton 3.7 emits the same code for 1 and
+    3 stages (no cp.async; ptxas reports the same registers), so stages would only cost GPU time. Without CUDA (a
+    smoke test: Triton's interpreter, host time, ``shapes`` small) the percentages are None. ``on_update(partial)``,
+    after each configuration at each shape: the results so far (every shape marked ``"partial": True``), so that a
+    sweep stopped at a time limit keeps its rows."""
     from fastgrpo import token_logprob_entropy
     from fastgrpo.kernels import token_entropy as mod
 
@@ -244,38 +246,39 @@ def _token_tiles_probe(copy_gbps, blocks=(4096, 2048, 8192, 1024), warps=(8, 4, 
     timer = _event_ms if cuda else lambda fn: _host_issue_ms(fn, repeats=1)
     pct = lambda n, ms: n / ms / 1e6 / copy_gbps if copy_gbps else None  # noqa: E731
     original = mod.fwd_config
-    out = {}
     g = torch.Generator().manual_seed(0)
-    for name, (B, L, V) in (shapes or TOKEN_TILE_SHAPES).items():
-        logits = (torch.randn(B, L, V, generator=g) * 2).to(device, torch.bfloat16)
-        targets = torch.randint(0, V, (B, L), generator=g).to(device)
-        fn = lambda: token_logprob_entropy(logits, targets, validate=False, impl="triton")  # noqa: E731
 
-        def entry(rows, partial=False):
-            ok = sorted((r for r in rows if "ms" in r and r["max_abs_logp_diff"] < 1e-2), key=lambda r: r["ms"])
-            return {"current": original(V), "current_ms": base_ms, "current_pct_of_copy": pct(B * L * V * 2, base_ms),
-                    "configs": rows, "best": ok[:5], **({"partial": True} if partial else {})}
+    def entry(c, partial):
+        ok = sorted((r for r in c["rows"] if "ms" in r and r["max_abs_logp_diff"] < 1e-2), key=lambda r: r["ms"])
+        return {"current": original(c["V"]), "current_ms": c["base_ms"],
+                "current_pct_of_copy": pct(c["bytes"], c["base_ms"]), "configs": list(c["rows"]), "best": ok[:5],
+                **({"partial": True} if partial else {})}
 
-        with torch.no_grad():
-            ref = fn()[0]
-            base_ms = timer(fn)
-            rows = []
-            for block, nw, lane in itertools.product(blocks, warps, lanes):
-                cfg = {"BLOCK": block, "num_warps": nw, "LANES": lane}
+    cases = {}
+    with torch.no_grad():
+        for name, (B, L, V) in (shapes or TOKEN_TILE_SHAPES).items():
+            logits = (torch.randn(B, L, V, generator=g) * 2).to(device, torch.bfloat16)
+            targets = torch.randint(0, V, (B, L), generator=g).to(device)
+            fn = lambda x=logits, t=targets: token_logprob_entropy(x, t, validate=False, impl="triton")  # noqa: E731
+            cases[name] = {"fn": fn, "ref": fn()[0], "V": V, "bytes": B * L * V * 2, "base_ms": timer(fn), "rows": []}
+        for block, nw, lane in itertools.product(blocks, warps, lanes):
+            cfg = {"BLOCK": block, "num_warps": nw, "LANES": lane}
+            for name, c in cases.items():
                 mod.fwd_config = lambda V, cfg=cfg: dict(cfg)
                 try:
-                    err = float((fn()[0] - ref).abs().max())
-                    ms = timer(fn)
-                    rows.append({**cfg, "ms": ms, "pct_of_copy": pct(B * L * V * 2, ms), "max_abs_logp_diff": err})
+                    err = float((c["fn"]()[0] - c["ref"]).abs().max())
+                    ms = timer(c["fn"])
+                    c["rows"].append({**cfg, "ms": ms, "pct_of_copy": pct(c["bytes"], ms), "max_abs_logp_diff": err})
                 except Exception as e:  # noqa: BLE001  (out of registers / shared memory)
-                    rows.append({**cfg, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+                    c["rows"].append({**cfg, "error": f"{type(e).__name__}: {str(e)[:120]}"})
                 finally:
                     mod.fwd_config = original
                 if on_update is not None:
-                    on_update({**out, name: entry(list(rows), partial=True)})
-        out[name] = entry(rows)
-        best = out[name]["best"]
-        print(f"token tiles {name}: current {base_ms:.3f} ms ({out[name]['current_pct_of_copy']}); "
+                    on_update({n: entry(cc, partial=True) for n, cc in cases.items()})
+    out = {name: entry(c, partial=False) for name, c in cases.items()}
+    for name, r in out.items():
+        best = r["best"]
+        print(f"token tiles {name}: current {r['current_ms']:.3f} ms ({r['current_pct_of_copy']}); "
               f"best {best[0] if best else None}", flush=True)
     return out
 

@@ -218,11 +218,13 @@ def test_gpu_probe_token_tiles_section():
     assert [(r["BLOCK"], r["LANES"]) for r in row["configs"]] == [(16, True), (16, False), (32, True), (32, False)]
     assert all("ms" in r and r["max_abs_logp_diff"] < 1e-5 and r["pct_of_copy"] is None for r in row["configs"])
     assert row["best"] and row["best"][0]["ms"] == min(r["ms"] for r in row["configs"])
-    # after each configuration the rows so far (a sweep stopped at a time limit keeps them), the finished shapes whole
-    assert [len(u["tiny"]["configs"]) for u in updates[:4]] == [1, 2, 3, 4]
-    assert all(u["tiny"]["partial"] for u in updates[:4])
-    assert [len(u["odd"]["configs"]) for u in updates[4:]] == [1, 2, 3, 4] and all("odd" not in u for u in updates[:4])
-    assert all(u["tiny"] == res["tiny"] and "partial" not in u["tiny"] for u in updates[4:])
+    # after each configuration at each shape, the rows so far (a sweep stopped at a time limit keeps them): every
+    # configuration at both shapes before the next one
+    assert [(len(u["tiny"]["configs"]), len(u["odd"]["configs"])) for u in updates] == \
+        [(1, 0), (1, 1), (2, 1), (2, 2), (3, 2), (3, 3), (4, 3), (4, 4)]
+    assert all(u["tiny"]["partial"] and u["odd"]["partial"] for u in updates)
+    assert {k: v for k, v in updates[-1]["odd"].items() if k != "partial"} == res["odd"] and "partial" not in res["odd"]
+    assert res["odd"]["current"] == original(19) and [r["LANES"] for r in res["odd"]["configs"]] == [True, False] * 2
     assert updates[-1]["odd"]["configs"] == res["odd"]["configs"] and "partial" not in res["odd"]
 
 
