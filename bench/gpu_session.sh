@@ -4,10 +4,10 @@
 #   bench/gpu_session.sh tests [timeout_s] [args]     the test suite on the GPU, Triton compiled (no interpreter)
 #   bench/gpu_session.sh probe [timeout_s]            bench/gpu_probe.py: kernel vs host time, attention and
 #                                                     token-forward tile sweeps
-#   bench/gpu_session.sh round [budget_s]             issue 19 in one call (budget 560 s by default): sde_step,
-#                                                     token shaping, the collector, the CUDA-only tests, the
-#                                                     whole-round benchmark, the probe, then with the time left the
-#                                                     token-forward tile sweep
+#   bench/gpu_session.sh round [budget_s]             issue 19 in one call (budget 560 s by default): the
+#                                                     whole-round benchmark, sde_step, token shaping, the
+#                                                     collector, the probe, the CUDA-only tests, then with the time
+#                                                     left the token-forward tile sweep
 #                                                     -> $OUT/{kernels,collector,round,probe}.json, log.txt
 # The machine has its own python3 with a CUDA torch and Triton; packages it lacks (diffusers and its small
 # dependencies) travel as wheels in .whl/ (git-ignored; the command names `.whl` in `carry`). fastgrpo itself
@@ -50,13 +50,14 @@ probe)  # where the ops' time goes (kernels vs host) and attention tile configs:
     timeout "${2:-300}" python3 bench/gpu_probe.py --out "$OUT" "${@:3}" 2>&1 | tee "$OUT/probe.log"
     ;;
 round)
-    # Everything issue 19 measures in one call within its budget: the kernel cases (ceilings, sde_step, token
-    # shaping), the collector cases, the CUDA-only tests, the whole-round benchmark (eager, fast without compile,
-    # fast with compile; its partial results are rewritten after each path, so a run stopped at its limit keeps
-    # the finished paths), the ops/collector probe, and last, with whatever time is left, the token forward's tile
-    # sweep (probe.json is rewritten after each configuration). Each part gets what is left of the budget ($2,
-    # default 560 s: pick it so that start-up + budget leaves device time for a rerun), capped. Files (at most 8
-    # come back): log.txt, kernels.json, collector.json, round.json, probe.json.
+    # Everything issue 19 measures in one call within its budget, the least measured first: the whole-round
+    # benchmark (eager, fast without compile, fast with compile; its partial results are rewritten after each
+    # path, so a run stopped at its limit keeps the finished paths), the kernel cases (ceilings, sde_step, token
+    # shaping), the collector cases, the ops/collector probe, the CUDA-only tests, and last, with whatever time is
+    # left, the token forward's tile sweep (probe.json is rewritten after each configuration). Each part gets what
+    # is left of the budget ($2, default 560 s: with the machine's start-up that leaves about 4 minutes of device
+    # time for a rerun), capped. Files (at most 8 come back): log.txt, kernels.json, collector.json, round.json,
+    # probe.json.
     t0=$SECONDS
     BUDGET=${2:-560}
     LOG="$OUT/log.txt"
@@ -70,21 +71,21 @@ round)
             --benchmark-columns=median,rounds >> "$LOG" 2>&1
         tail -1 "$LOG"
     }
+    part round
+    FASTGRPO_ROUND_PARTIAL="$OUT/round.json" timeout "$(left 300)" python3 -m pytest bench/test_bench_round.py -q \
+        -p no:cacheprovider -x >> "$LOG" 2>&1
+    tail -4 "$LOG"
     bench kernels 75 bench/test_bench_ceilings.py bench/test_bench_sde.py bench/test_bench_token.py bench/test_bench_host.py \
         -k "not cpp and not compiled and not forward- and not (test_train and image) and not (test_train and text)"
     bench collector 45 bench/test_bench_collector.py
+    part probe
+    timeout "$(left 60)" python3 bench/gpu_probe.py --out "$OUT" --only collector ops >> "$LOG" 2>&1
     part "CUDA tests"
-    timeout "$(left 90)" python3 -m pytest tests/test_speed_paths.py tests/test_ar_host_reads.py tests/test_sde_step.py \
+    timeout "$(left 75)" python3 -m pytest tests/test_speed_paths.py tests/test_ar_host_reads.py tests/test_sde_step.py \
         tests/test_collector.py tests/test_token_eg_grpo.py -q -ra -p no:cacheprovider -k "cuda or graph or sync" \
         >> "$LOG" 2>&1
     tail -8 "$LOG"
-    part round
-    FASTGRPO_ROUND_PARTIAL="$OUT/round.json" timeout "$(left 330)" python3 -m pytest bench/test_bench_round.py -q \
-        -p no:cacheprovider -x >> "$LOG" 2>&1
-    tail -4 "$LOG"
-    part probe
-    timeout "$(left 60)" python3 bench/gpu_probe.py --out "$OUT" --only collector ops >> "$LOG" 2>&1
-    if [ $((BUDGET - (SECONDS - t0))) -gt 40 ]; then  # the sweep (token_tiles) into its own copy, then merged
+    if [ $((BUDGET - (SECONDS - t0))) -gt 30 ]; then  # the sweep (token_tiles) into its own copy, then merged
         part "token tiles"
         mkdir -p "$OUT/tiles"
         timeout "$(left 200)" python3 bench/gpu_probe.py --out "$OUT/tiles" --only token_tiles >> "$LOG" 2>&1
