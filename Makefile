@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastgrpo-installed
 
-.PHONY: install ext ext-clean demo test test-slow bench compile-check clean
+.PHONY: install ext ext-clean demo test test-slow bench compile-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -42,6 +42,14 @@ bench: ext
 
 compile-check: install
 	$(PY) tests/compile_for_gpu.py 90
+
+# The packages a lent GPU machine lacks (its image has torch, triton, transformers, peft, accelerate, pytest and
+# pytest-benchmark, not diffusers), as wheels for its Python 3.12 in .whl/ (git-ignored): bench/gpu_session.sh
+# installs them there when the call carries .whl.
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		diffusers==0.42.1 importlib_metadata==10.2.0
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
