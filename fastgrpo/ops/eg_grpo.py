@@ -68,8 +68,9 @@ Decisions where DESIGN.md is silent (written down here, as it asks):
   (after every kernel is queued): 3 launches (4 with calibrate) and one device-to-host read, instead of 29 kernels
   with a validation sync in the middle. With ``validate=False`` (what the AR trainer passes: its targets are its
   own samples) there is no flag to zero and no read: 2 launches (3), and the call never waits for the device; an
-  out-of-range target gives NaN logp/entropy, a bad modality value a NaN token_adv (on the torch path too). Pass 1 also ignores modality -1 tokens itself and hands pass 2 the
-  effective targets, so no torch op prepares the inputs.
+  out-of-range target gives NaN logp/entropy, a bad modality value a NaN token_adv (on the torch path too).
+  Pass 1 also ignores modality -1 tokens itself and hands pass 2 the effective targets, so no torch op prepares
+  the inputs.
 * A row/modality with no valid token has no threshold and empty masks; with n = 1 both masks are empty (the one
   token is its own threshold and comparisons are strict).
 * Modality values other than -1, 0, 1 raise ValueError: checked in the pass-2 kernel (flag read at the end of

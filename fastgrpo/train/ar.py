@@ -180,26 +180,26 @@ class ARTrainer(GRPOTrainer):
             (loss * share).backward()
             losses.append(loss.detach())
             where.append(b)
-            k = len(per_mb[b])  # a statistic's weight in the minibatch's mean: k / n (as x * k / n)
+            w = len(per_mb[b]) / n  # the micro-batch's weight in the minibatch's means
             with torch.no_grad():
                 kl = st["kl"].double()
-                acc["policy_loss"] += (loss.double() - beta * kl) * k / n
-                acc["kl"] += kl * k / n
-                acc["ratio_mean"] += st["ratio"].double() * k / n
-                acc["clip_frac"] += st["clip_fraction"].double() * k / n
+                acc["policy_loss"] += (loss.double() - beta * kl) * w
+                acc["kl"] += kl * w
+                acc["ratio_mean"] += st["ratio"].double() * w
+                acc["clip_frac"] += st["clip_fraction"].double() * w
                 # Over the valid tokens (select, never multiply: padding may hold anything); 0 without any.
                 log_ratio = torch.where(mask, logp.detach() - old, torch.zeros((), device=old.device))
                 count = mask.sum().clamp_min(1)
-                acc["approx_kl"] += 0.5 * log_ratio.double().square().sum() / count * k / n
+                acc["approx_kl"] += 0.5 * log_ratio.double().square().sum() / count * w
                 acc["ratio_dev_max"] = torch.maximum(acc["ratio_dev_max"], (log_ratio.exp() - 1).abs().max().double())
                 for name, t, v in (("text", terms[0], valid[0]), ("image", terms[1], valid[1])):
                     ent = torch.where(v, t.entropy.detach(), torch.zeros((), device=v.device)).double()
-                    acc[f"entropy_{name}"] += ent.sum() / v.sum().clamp_min(1) * k / n
+                    acc[f"entropy_{name}"] += ent.sum() / v.sum().clamp_min(1) * w
                 shaped = [(t, v) for m, (t, v) in enumerate(zip(terms, valid)) if strat.shapes(m)]
                 if shaped:
                     n_shaped = sum(v.sum() for _, v in shaped).clamp_min(1).double()
-                    acc["low_frac_tokens"] += sum(t.low.sum() for t, _ in shaped).double() / n_shaped * k / n
-                    acc["high_frac_tokens"] += sum(t.high.sum() for t, _ in shaped).double() / n_shaped * k / n
+                    acc["low_frac_tokens"] += sum(t.low.sum() for t, _ in shaped).double() / n_shaped * w
+                    acc["high_frac_tokens"] += sum(t.high.sum() for t, _ in shaped).double() / n_shaped * w
         policy.train_mode(False)
         cot = torch.stack([mb.data["cot_mask"].sum() for mb in batches]).sum().double()
         keys = (*names, "ratio_dev_max")
