@@ -17,8 +17,9 @@
    batch 2 and 8, plain and inside ``AttentionEntropyCollector(layers=(5, 10, 15), mode="mixture")``: the forward
    timed with CUDA events (median of a few), the host's issue time of the call (until it returns, before the
    synchronisation: when it is close to the event time the forward is host-bound and every host op the collector
-   adds shows), and, from torch.profiler, the CPU ops and device kernels per forward with and without it. About
-   20 s of GPU time. On CPU (``probe_collector()`` without CUDA) a scaled-down model runs as a smoke test.
+   adds shows), and, from torch.profiler, the CPU ops, device kernels and their summed device time per forward
+   with and without it (``extra_kernel_ms``: GPU work the collector adds, to set against the host time it adds).
+   About 25 s of GPU time. On CPU (``probe_collector()`` without CUDA) a scaled-down model runs as a smoke test.
 
 Writes ``DIR/probe.json`` and prints a short table. On a machine without CUDA, ``python bench/gpu_probe.py --out DIR``
 runs the CPU smoke path of the ``ops`` and ``collector`` sections (the attention sweep needs CUDA).
@@ -303,7 +304,10 @@ def _profile_counts(fn) -> dict:
 
 def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
     """Plain vs collector forward of bench/test_bench_collector.py's model (SD3.5 Medium on CUDA, its scaled-down
-    CPU configuration otherwise): times, host issue time, ops and kernels per forward, overhead."""
+    CPU configuration otherwise): times, host issue time, ops and kernels per forward, overhead; per way also the
+    summed device time of its kernels (``kernel_ms``, the top kernels, ``extra_kernel_ms`` per batch: whether the
+    batch-2 overhead is GPU work or host work), the CPU-side profiler events (launch API calls among them) and a
+    cProfile."""
     import statistics
     import time
 
@@ -345,8 +349,11 @@ def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
                     end.record()
                     torch.cuda.synchronize()
                     ev.append(start.elapsed_time(end))
+            kern, per, events = _profile_calls(fn, calls=3, top=15)
             row[way] = {"ms": statistics.median(ev or host), "host_issue_ms": statistics.median(host),
-                        "ms_all": ev or host, **_profile_counts(fn), "host_profile": _host_profile(fn)}
+                        "ms_all": ev or host, **_profile_counts(fn), "kernel_ms": kern,
+                        "kernels_top": dict(list(per.items())[:12]), "cpu_events": events,
+                        "host_profile": _host_profile(fn)}
             if way == "collector_reused":
                 reused.__exit__(None, None, None)
         p, c = row["plain"], row["collector"]
@@ -354,10 +361,14 @@ def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
         row["host_issue_overhead_ms"] = c["host_issue_ms"] - p["host_issue_ms"]
         row["extra_kernels_per_forward"] = c["device_kernels"] - p["device_kernels"]
         row["extra_cpu_ops_per_forward"] = c["cpu_aten_ops"] - p["cpu_aten_ops"]
+        # device time the collector adds (None without CUDA): with the host issue time, GPU work vs host work
+        row["extra_kernel_ms"] = c["kernel_ms"] - p["kernel_ms"] if cuda else None
         row["host_bound"] = p["host_issue_ms"] > 0.8 * p["ms"]
         out[f"b{batch}"] = row
         print(f"collector b{batch}: plain {p['ms']:.2f} ms (host {p['host_issue_ms']:.2f}), collector {c['ms']:.2f} ms "
-              f"(host {c['host_issue_ms']:.2f}): {row['overhead']:+.1%}; kernels {p['device_kernels']} -> "
+              f"(host {c['host_issue_ms']:.2f}): {row['overhead']:+.1%}; "
+              + (f"kernel time {p['kernel_ms']:.2f} -> {c['kernel_ms']:.2f} ms; " if cuda else "")
+              + f"kernels {p['device_kernels']} -> "
               f"{c['device_kernels']}, cpu ops {p['cpu_aten_ops']} -> {c['cpu_aten_ops']}", flush=True)
     return out
 

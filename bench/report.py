@@ -387,13 +387,17 @@ def probe_table(probe: dict) -> str:
                      f"{gbps:,.0f} ({gbps / copy:.0%}) | {top[0][:40]} ({top[1] * 1e3:.1f} us) |")
     col = probe.get("collector")
     if col:
+        batches = sorted((k for k in col if k.startswith("b") and k[1:].isdigit()), key=lambda k: int(k[1:]))
+        # the kernels' summed device time per forward: recorded by probes since 2026-12-01 (a column only then)
+        device = any(w.get("kernel_ms") is not None for k in batches for w in col[k].values() if isinstance(w, dict))
         lines += ["", f"AEGPO collector probe (bench/gpu_probe.py; layers {col['layers']}, mode {col['mode']}): one "
                   "no-grad forward of the SD3.5-Medium-shaped transformer, median of CUDA-event times; host issue: "
-                  "time until the forward returns, before synchronising; aten ops and kernels per forward from "
-                  "torch.profiler.", "",
-                  "| batch | way | ms | host issue ms | aten ops | launches | kernels | overhead | host-bound |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
-        for key in sorted((k for k in col if k.startswith("b") and k[1:].isdigit()), key=lambda k: int(k[1:])):
+                  "time until the forward returns, before synchronising; aten ops and kernels per forward"
+                  + (", and the kernels' summed device time," if device else "") + " from torch.profiler.", "",
+                  "| batch | way | ms | host issue ms | " + ("kernel ms | " if device else "")
+                  + "aten ops | launches | kernels | overhead | host-bound |",
+                  "|---:|---|---:|---:|" + ("---:|" if device else "") + "---:|---:|---:|---:|---|"]
+        for key in batches:
             r = col[key]
             for way in ("plain", "collector", "collector_reused"):
                 if way not in r:
@@ -401,8 +405,11 @@ def probe_table(probe: dict) -> str:
                 w = r[way]
                 over = "" if way == "plain" else f"{w['ms'] / r['plain']['ms'] - 1:+.1%}"
                 bound = "" if way == "plain" else ("yes" if r["host_bound"] else "no")
-                lines.append(f"| {key[1:]} | {way} | {w['ms']:.2f} | {w['host_issue_ms']:.2f} | {w['cpu_aten_ops']} | "
-                             f"{w['launch_calls']} | {w['device_kernels']} | {over} | {bound} |")
+                kern = "" if not device else (f"{w['kernel_ms']:.2f} | " if w.get("kernel_ms") is not None
+                                              else "n/a | ")
+                lines.append(f"| {key[1:]} | {way} | {w['ms']:.2f} | {w['host_issue_ms']:.2f} | {kern}"
+                             f"{w['cpu_aten_ops']} | {w['launch_calls']} | {w['device_kernels']} | {over} | "
+                             f"{bound} |")
     att = probe.get("attention")
     if att:
         lines += ["", "Attention tiles (bench/gpu_probe.py sweep, bf16): the two fastest per case; the tiles the kernel "

@@ -125,8 +125,8 @@ def test_denoising_step(benchmark, bench_device, way, batch):
 
 def test_gpu_probe_collector_section():
     """bench/gpu_probe.py's ``collector`` section (plain vs collector forward, a new collector per forward and one
-    entered once: times, host issue time, ops and kernels per forward, where the host time goes) runs and writes
-    its numbers; scaled down and untimed on CPU, the real probe on CUDA."""
+    entered once: times, host issue time, ops, kernels and their device time per forward, where the host time goes)
+    runs and writes its numbers; scaled down and untimed on CPU, the real probe on CUDA."""
     import gpu_probe
 
     res = gpu_probe.probe_collector(batches=(2,), repeats=1 if not HAS_CUDA else 3)
@@ -135,7 +135,14 @@ def test_gpu_probe_collector_section():
         assert row[way]["ms"] > 0 and row[way]["host_issue_ms"] > 0 and row[way]["cpu_aten_ops"] > 0
         top = row[way]["host_profile"]
         assert top and all(len(r) == 4 and r[2] >= 0 for r in top)  # [function, calls, own ms, cumulative ms]
+        events = row[way]["cpu_events"]
+        assert events and all(len(r) == 4 and r[2] >= 0 for r in events)  # [event, calls, self us, total us]
+        assert any(r[0].startswith("aten::") for r in events)
     assert res["scaled_down"] == (not HAS_CUDA)
     if HAS_CUDA:
         assert row["collector"]["device_kernels"] > row["plain"]["device_kernels"] > 0
+        assert row["plain"]["kernel_ms"] > 0 and row["plain"]["kernels_top"]
+        assert row["extra_kernel_ms"] == row["collector"]["kernel_ms"] - row["plain"]["kernel_ms"]
+    else:  # no device time without CUDA
+        assert row["plain"]["kernel_ms"] is None and row["extra_kernel_ms"] is None
     assert {"overhead", "extra_kernels_per_forward", "extra_cpu_ops_per_forward", "host_bound"} <= row.keys()

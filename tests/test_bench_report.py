@@ -248,3 +248,30 @@ def test_probe_table_shows_the_token_tile_sweep_per_variant():
                     "| image | fastest blocked | (4096, 8) | 0.125 | 56% | |"]
     assert report.probe_table({**probe, "token_tiles": {}}) == report.probe_table(
         {k: v for k, v in probe.items() if k != "token_tiles"})
+
+
+def _collector_probe(with_device: bool) -> dict:
+    def way(ms, host, kern):
+        w = {"ms": ms, "host_issue_ms": host, "cpu_aten_ops": 9458, "launch_calls": 2304, "device_kernels": 2365}
+        return {**w, "kernel_ms": kern} if with_device else w
+
+    row = {"plain": way(46.0, 45.5, 20.25), "collector": way(55.2, 55.0, 21.5),
+           "collector_reused": way(50.6, 50.0, 21.5), "host_bound": True}
+    return {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "copy_gb_per_s": 4000.0,
+            "collector": {"layers": [5, 10, 15], "mode": "mixture", "b2": row}}
+
+
+def test_probe_table_shows_the_collectors_device_time_when_recorded():
+    """The collector probe's kernel-time column appears when the probe recorded device time (probes since
+    2026-12-01) and the older probes' table keeps its columns."""
+    new = [ln for ln in report.probe_table(_collector_probe(True)).splitlines() if ln.startswith("| 2 ")]
+    assert new == ["| 2 | plain | 46.00 | 45.50 | 20.25 | 9458 | 2304 | 2365 |  |  |",
+                   "| 2 | collector | 55.20 | 55.00 | 21.50 | 9458 | 2304 | 2365 | +20.0% | yes |",
+                   "| 2 | collector_reused | 50.60 | 50.00 | 21.50 | 9458 | 2304 | 2365 | +10.0% | yes |"]
+    old = report.probe_table(_collector_probe(False)).splitlines()
+    assert [ln for ln in old if ln.startswith("| 2 ")] == [
+        "| 2 | plain | 46.00 | 45.50 | 9458 | 2304 | 2365 |  |  |",
+        "| 2 | collector | 55.20 | 55.00 | 9458 | 2304 | 2365 | +20.0% | yes |",
+        "| 2 | collector_reused | 50.60 | 50.00 | 9458 | 2304 | 2365 | +10.0% | yes |"]
+    header = [ln for ln in old if ln.startswith("| batch")]
+    assert header == ["| batch | way | ms | host issue ms | aten ops | launches | kernels | overhead | host-bound |"]
