@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastgrpo-installed
 
-.PHONY: install ext ext-clean demo test test-slow bench compile-check gpu-wheels clean
+.PHONY: install ext ext-clean demo test test-slow bench compile-check gpu-wheels gpu-image-check clean
 
 install: $(STAMP)
 
@@ -50,6 +50,12 @@ gpu-wheels:
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
 		diffusers==0.42.1 importlib_metadata==10.2.0
+
+# Before a GPU session, on the CPU: the working tree under the GPU machine's own versions (torch 2.11.0, triton
+# 3.6.0, transformers 5.17.0, ...): every kernel compiled for sm_90 with that Triton, the suite, bench/. Its venv
+# (a CUDA torch, about 5 GB) goes to /tmp/fastgrpo-gpu-image, made once; bench/gpu_image_check.sh says the rest.
+gpu-image-check:
+	bench/gpu_image_check.sh all
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -187,6 +187,22 @@ def test_gpu_session_writes_what_the_readme_merges():
     assert all(f in script for f in _GPU_SESSION_FILES)
 
 
+def test_gpu_image_check_pins_the_versions_the_readme_names():
+    """`bench/gpu_image_check.sh` installs the versions the README says it checks against, and refuses an unknown
+    step before it builds anything (exit 2, its usage)."""
+    import subprocess
+
+    script = REPO / "bench/gpu_image_check.sh"
+    pins = re.search(r"^PINS=\((.*)\)$", script.read_text(), re.M).group(1).split()
+    versions = dict(p.split("==") for p in pins)
+    text = README.read_text()
+    for name, label in (("torch", "torch"), ("triton", "Triton"), ("transformers", "transformers"),
+                        ("accelerate", "accelerate"), ("huggingface_hub", "huggingface_hub"), ("numpy", "numpy")):
+        assert f"{label} {versions[name]}" in text, (name, versions[name])
+    proc = subprocess.run(["bash", str(script), "everything"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
 def test_presets_table_is_current():
     """The README's preset table is `fastgrpo presets --markdown` (regenerate it after adding or editing a preset)."""
     from fastgrpo.cli import presets_text
