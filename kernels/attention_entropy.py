@@ -346,4 +346,34 @@ def compile_specs():
                 specs.append((text_probs_kernel, sig, {
                     "HEAD_DIM": d, "BLOCK_D": _block_d(d), "BLOCK_M": 64, "BLOCK_T": 64, "INTERPRET": False,
                     "PRECISION": prec, "ACCUMULATE": accumulate}))
+    return specs + _launched_specs()
+
+
+def _launched_specs() -> list:
+    """The collector's bf16 launches as they compile at SD3.5-Medium's shape (D = 64, q/k/v [B, H, S, D] from the
+    joint concatenation, S = 1,024 image + 333 text tokens, text from 1,024) and FLUX.1-dev 1024 px's (D = 128,
+    [B, S, H, D], S = 512 text + 4,096 image tokens, text from 0): the launches' warps and stages, and the
+    arguments divisible by 16 at those shapes (every pointer and stride; S, the text range and the query range
+    where they are)."""
+    specs = []
+    strides = lambda ts: tuple(f"stride_{t}{a}" for t in ts for a in "bhs")  # noqa: E731
+    for d, divisible in ((64, ("text_start",)), (128, ("S", "text_start", "text_len"))):
+        cfg = _attention_config(d, False, torch.bfloat16)
+        sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "lse_ptr": "*fp32",
+               "text_lse_ptr": "*fp32", "text_ent_ptr": "*fp32", **{s: "i32" for s in strides("qkvo")},
+               "H": "i32", "S": "i32", "text_start": "i32", "text_len": "i32", "qk_scale": "fp32"}
+        specs.append((attention_text_entropy_fwd_kernel, sig, {
+            "HEAD_DIM": d, "BLOCK_D": _block_d(d), "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+            "INTERPRET": False, "PRECISION": "tf32"},
+            {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+             "divisible": ("*", *strides("qkvo"), *divisible)}))
+    sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "lse_ptr": "*fp32", "out_ptr": "*fp32",
+           **{s: "i32" for s in strides("qk")}, "stride_ob": "i32", "stride_on": "i32", "H": "i32", "S": "i32",
+           "query_start": "i32", "query_len": "i32", "text_start": "i32", "text_len": "i32", "qk_scale": "fp32"}
+    for accumulate in (False, True):  # SD3.5-Medium: [B, 1024, 333] probabilities (stride_on = 333)
+        specs.append((text_probs_kernel, sig, {
+            "HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_M": 64, "BLOCK_T": 64, "INTERPRET": False, "PRECISION": "tf32",
+            "ACCUMULATE": accumulate},
+            {"num_warps": 4, "divisible": ("*", *strides("qk"), "stride_ob", "query_start", "query_len",
+                                           "text_start")}))
     return specs

@@ -438,4 +438,42 @@ def compile_specs():
                        "kl_ptr": "*fp32", **sig_ptrs, **sched, "N": "i32", "n_chunks": "i32"}
                 specs.append((sde_step_finish_kernel, sig, {**consts, "HAS_SAMPLE": has_sample,
                                                             "HAS_VREF": has_vref, "CBLOCK": 128}))
+    specs += _launched_specs(sched)
     return specs
+
+
+def _launched_specs(sched) -> list:
+    """bench/test_bench_sde.py's flow_grpo cases (bf16, scalar sigmas, SD3.5-512's N = 65,536 per sample) as their
+    launches compile them: a rollout step (noise drawn) and a training step (prev given, v_ref, gradient to v
+    only), with the launches' warps and the arguments found divisible by 16 there (pointers, N, the chunk count,
+    the zero strides of the scalar sigmas and of the loss's expanded gradients)."""
+    consts = {"KIND": KIND_IDS["flow_grpo"], "KL_EXACT": False, "HAS_SIGMA_MAX": False, "S_PTR": False,
+              "SN_PTR": False}
+    sigmas = {"s_ptr": "*fp32", "sn_ptr": "*fp32"}  # stand-ins (the mean buffer), read only with S_PTR/SN_PTR
+    specs = []
+    fin = {"parts_ptr": "*fp32", "log_prob_ptr": "*fp32", "std_ptr": "*fp32", "kl_ptr": "*fp32", **sigmas, **sched,
+           "N": "i32", "n_chunks": "i32"}
+    for noise, has_vref in ((SAMPLE, False), (GIVEN, True)):
+        # an absent eps is stood in for by x; the drawn noise and a given prev are float32
+        fwd = {"x_ptr": "*bf16", "v_ptr": "*bf16", "eps_ptr": "*fp32" if noise == SAMPLE else "*bf16",
+               "prev_ptr": "*fp32", "vref_ptr": "*bf16", "mean_ptr": "*fp32", "parts_ptr": "*fp32", **sigmas, **sched,
+               "N": "i32", "n_chunks": "i32"}
+        plan = _fwd_plan(8, 65536, tuple(consts.values()), noise, has_vref)
+        ints = ("N", "n_chunks", "s_stride", "sn_stride")
+        specs.append((sde_step_fwd_kernel, fwd, {**consts, **{k: v for k, v in plan.kw.items() if k != "num_warps"}},
+                      {"num_warps": plan.kw["num_warps"], "divisible": ("*", *ints),
+                       "ptx_has": ("ld.global.v4", "st.global.v4")}))
+        specs.append((sde_step_finish_kernel, fin, {**consts, **{k: v for k, v in plan.finish_kw.items()
+                                                                   if k != "num_warps"}},
+                      {"num_warps": plan.finish_kw["num_warps"], "divisible": ("*", *ints)}))
+    # g_mean absent (x stands in), no gradient to x or v_ref (x and v stand in); the gradients of log_prob and kl
+    # come from the loss's sums as expanded ones, stride 0 (divisible by 16, like the sigma strides)
+    bwd = {"x_ptr": "*bf16", "v_ptr": "*bf16", "prev_ptr": "*fp32", "vref_ptr": "*bf16", "gmean_ptr": "*bf16",
+           "glp_ptr": "*fp32", "gkl_ptr": "*fp32", "glp_stride": "i32", "gkl_stride": "i32", "gx_ptr": "*bf16",
+           "gv_ptr": "*bf16", "gvref_ptr": "*bf16", "s_ptr": "*bf16", "sn_ptr": "*bf16", **sched, "N": "i32"}
+    _, kw = _bwd_plan(8, 65536, tuple(consts.values()), True, True, False, False, True, False)
+    specs.append((sde_step_bwd_kernel, bwd, {**consts, **{k: v for k, v in kw.items() if k != "num_warps"}},
+                  {"num_warps": kw["num_warps"], "ptx_has": ("ld.global.v4", "st.global.v4"),
+                   "divisible": ("*", "N", "s_stride", "sn_stride", "glp_stride", "gkl_stride")}))
+    return specs
+

@@ -513,4 +513,36 @@ def compile_specs():
     calib = {"ent_ptr": "*fp32", "adv_ptr": "*fp32", "low_ptr": "*i1", "high_ptr": "*i1", "tadv_ptr": "*fp32",
              "hsum_ptr": "*fp32", "hcnt_ptr": "*i32", "B": "i32", "L": "i32", "bonus": "fp32"}
     specs.append((eg_calibrate_kernel, calib, {"BLOCK_B": 32, "BLOCK_L": 1024}))
+    return specs + _launched_specs()
+
+
+def _launched_specs() -> list:
+    """The forward and backward as they compile at T2I-R1's image shape (bf16 [16, 576, 16384], contiguous;
+    bench/test_bench_token.py): the launches' configuration (`fwd_config`, `blocking`; both forward variants),
+    and the arguments divisible by 16 there (every pointer, the row count, V and the strides; the modality's
+    [16, 576] row stride 576, its unit stride a constant, as the launcher makes it; without a modality both its
+    strides are 0)."""
+    V = 16384
+    cfg = fwd_config(V)
+    specs = []
+    fwd = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "mod_ptr": "*i64", "efft_ptr": "*i64", "logp_ptr": "*fp32",
+           "ent_ptr": "*fp32", "rowmax_ptr": "*fp32", "logs_ptr": "*fp32", "meanrel_ptr": "*fp32",
+           "flag_ptr": "*i32", "L": "i32", "stride_b": "i64", "stride_l": "i32", "mod_sb": "i32", "mod_sl": "i32",
+           "V": "i32", "inv_t": "fp32", "ignore_index": "i32", "ent_scale": "fp32"}
+    for has_mod in (True, False):  # eg_grpo_shaping, token_logprob_entropy
+        mod = {"mod_sl": 1} if has_mod else {}
+        for lanes in (True, False):
+            specs.append((token_stats_fwd_kernel, {k: t for k, t in fwd.items() if k not in mod},
+                          {"HAS_MOD": has_mod, "BLOCK": cfg["BLOCK"], "LANES": lanes, **mod},
+                          {"num_warps": cfg["num_warps"], "ptx_has": ("ld.global.v4",),
+                           "divisible": ("*", "L", "stride_b", "stride_l", "V", "mod_sb",
+                                         *(() if has_mod else ("mod_sl",)))}))
+    block, iters, _ = blocking(V)
+    bwd = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "rowmax_ptr": "*fp32", "logs_ptr": "*fp32",
+           "meanrel_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "dlogits_ptr": "*bf16", "L": "i32",
+           "stride_b": "i64", "stride_l": "i32", "V": "i32", "inv_t": "fp32", "ignore_index": "i32",
+           "ent_scale": "fp32"}
+    specs.append((token_stats_bwd_kernel, bwd, {"HAS_GLOGP": True, "HAS_GENT": True, "BLOCK": block, "ITERS": iters},
+                  {"num_warps": 8 if block >= 2048 else 4, "ptx_has": ("ld.global.v4", "st.global.v4"),
+                   "divisible": ("*", "L", "stride_b", "stride_l", "V")}))
     return specs
