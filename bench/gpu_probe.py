@@ -11,8 +11,8 @@
    (``probe_ops()`` on a CPU machine, or ``main`` there) it is a smoke run: tiny shapes, host timings only.
 2. ``attention``: ``attention_with_text_entropy`` under each candidate (BLOCK_M, BLOCK_N, num_warps, num_stages)
    against SDPA's flash backend at the SD3-512 and FLUX-1024 shapes. ``token_tiles``: the token forward kernel
-   (the whole of ``eg_grpo_shaping``'s bandwidth but 3-8 us) under each (BLOCK, num_warps, LANES) at the
-   T2I-R1 shapes, as % of copy bandwidth (CUDA only; 48 configurations, a minute or two).
+   (the whole of ``eg_grpo_shaping``'s bandwidth but 3-8 us) under each (BLOCK, num_warps, LANES, PREFETCH) at
+   the T2I-R1 shapes, as % of copy bandwidth (CUDA only; 96 configurations, two or three minutes).
 3. ``collector``: AEGPO's whole step (bench/test_bench_collector.py's SD3.5-Medium forward, bf16, no grad) at
    batch 2 and 8, plain and inside ``AttentionEntropyCollector(layers=(5, 10, 15), mode="mixture")``: the forward
    timed with CUDA events (median of a few), the host's issue time of the call (until it returns, before the
@@ -226,14 +226,15 @@ TOKEN_TILE_SHAPES = {"image": (16, 576, 16_384), "text": (16, 256, 102_400)}  # 
 
 
 def _token_tiles_probe(copy_gbps, blocks=(4096, 2048, 8192, 1024), warps=(8, 4, 16), lanes=(True, False),
-                       shapes=None, on_update=None) -> dict:
+                       prefetch=(False, True), shapes=None, on_update=None) -> dict:
     """``token_logprob_entropy``'s forward kernel (no grad, ``validate=False``) under each candidate (BLOCK,
-    num_warps, LANES) at the T2I-R1 shapes, against the current `fwd_config`: event ms, % of copy bandwidth (the
-    bf16 logits read once), and the largest logp difference from the current configuration's output (the block
-    size and the variant change the summation order only).
+    num_warps, LANES, PREFETCH) at the T2I-R1 shapes, against the current `fwd_config`: event ms, % of copy
+    bandwidth (the bf16 logits read once), and the largest logp difference from the current configuration's output
+    (the block size and the variant change the summation order only).
 
-    Order: each configuration at every shape before the next configuration, both variants of a (BLOCK, num_warps)
-    back to back, the likeliest tiles first, so that a sweep cut short still compares the variants at every shape.
+    Order: each configuration at every shape before the next configuration, the four variants of a (BLOCK,
+    num_warps) back to back, the likeliest tiles first, so that a sweep cut short still compares the variants at
+    every shape (96 configurations: about 1.5 s each on a GPU, most of it compiling).
     No ``num_stages``: the loop's loads feed no ``tl.dot``, and for sm_90 Triton 3.7 emits the same code for 1 and
     3 stages (no cp.async; ptxas reports the same registers), so stages would only cost GPU time. Without CUDA (a
     smoke test: Triton's interpreter, host time, ``shapes`` small) the percentages are None. ``on_update(partial)``,
@@ -262,8 +263,8 @@ def _token_tiles_probe(copy_gbps, blocks=(4096, 2048, 8192, 1024), warps=(8, 4, 
             targets = torch.randint(0, V, (B, L), generator=g).to(device)
             fn = lambda x=logits, t=targets: token_logprob_entropy(x, t, validate=False, impl="triton")  # noqa: E731
             cases[name] = {"fn": fn, "ref": fn()[0], "V": V, "bytes": B * L * V * 2, "base_ms": timer(fn), "rows": []}
-        for block, nw, lane in itertools.product(blocks, warps, lanes):
-            cfg = {"BLOCK": block, "num_warps": nw, "LANES": lane}
+        for block, nw, lane, ahead in itertools.product(blocks, warps, lanes, prefetch):
+            cfg = {"BLOCK": block, "num_warps": nw, "LANES": lane, "PREFETCH": ahead}
             for name, c in cases.items():
                 mod.fwd_config = lambda V, cfg=cfg: dict(cfg)
                 try:

@@ -424,14 +424,22 @@ def probe_table(probe: dict) -> str:
     return "\n".join(lines)
 
 
+def _token_variant(cfg: dict) -> str:
+    """A token forward configuration's variant: "lanes" or "blocked", "+ prefetch" when it loads a step ahead
+    (sweeps before PREFETCH existed have no such key: no prefetch)."""
+    return ("lanes" if cfg.get("LANES") else "blocked") + (" + prefetch" if cfg.get("PREFETCH") else "")
+
+
 def _token_tiles_lines(tiles) -> list:
     """The token forward's tile sweep (bench/gpu_probe.py ``token_tiles``): per shape, the current configuration
-    and the fastest of each variant (per-lane statistics, blocked update), in % of copy bandwidth."""
+    and the fastest of each variant (per-lane statistics or blocked update, each with or without prefetch), in %
+    of copy bandwidth."""
     if not tiles:
         return []
     lines = ["", "Token forward tiles (bench/gpu_probe.py sweep, bf16 logits, no grad, validate=False): the current "
              "configuration (kernels/token_entropy.py, fwd_config) and the fastest of each variant (LANES: per-lane "
-             "statistics; blocked: one running triple, three block reductions per step).", "",
+             "statistics; blocked: one running triple, three block reductions per step; prefetch: each block loaded "
+             "one step ahead).", "",
              "| shape | configuration | (BLOCK, warps) | ms | % of copy | configurations timed |",
              "|---|---|---|---:|---:|---:|"]
     pct = lambda v: "" if v is None else f"{v:.0%}"  # noqa: E731
@@ -439,13 +447,13 @@ def _token_tiles_lines(tiles) -> list:
         timed = [c for c in r["configs"] if "ms" in c]
         done = f"{len(timed)}" + (" (cut short)" if r.get("partial") else "")
         cur = r["current"]
-        lines.append(f"| {shape} | current ({'lanes' if cur.get('LANES') else 'blocked'}) | ({cur['BLOCK']}, "
+        lines.append(f"| {shape} | current ({_token_variant(cur)}) | ({cur['BLOCK']}, "
                      f"{cur['num_warps']}) | {r['current_ms']:.3f} | {pct(r['current_pct_of_copy'])} | {done} |")
-        for lanes, label in ((True, "fastest lanes"), (False, "fastest blocked")):
-            ok = [c for c in timed if bool(c.get("LANES")) == lanes and c["max_abs_logp_diff"] < 1e-2]
+        for variant in ("lanes", "blocked", "lanes + prefetch", "blocked + prefetch"):
+            ok = [c for c in timed if _token_variant(c) == variant and c["max_abs_logp_diff"] < 1e-2]
             if ok:
                 b = min(ok, key=lambda c: c["ms"])
-                lines.append(f"| {shape} | {label} | ({b['BLOCK']}, {b['num_warps']}) | {b['ms']:.3f} | "
+                lines.append(f"| {shape} | fastest {variant} | ({b['BLOCK']}, {b['num_warps']}) | {b['ms']:.3f} | "
                              f"{pct(b['pct_of_copy'])} | |")
     return lines
 

@@ -14,7 +14,8 @@ nothing; a fully masked block never computes ``0 * (-inf)`` or ``exp(-inf - (-in
 
 The forward runs one program per row, which loops over all V in blocks of ``BLOCK`` logits (keeping the three
 numbers per lane of the block and merging the lanes once at the end, `_lane_stats`; or, ``LANES=False``, merging
-each block into one running triple) and writes the row's results directly (one launch; no partials and no merge
+each block into one running triple; either loading each block in its loop step or, ``PREFETCH``, one step ahead)
+and writes the row's results directly (one launch; no partials and no merge
 kernel; the summation order is a function of V only, so results do not depend on R). With thousands of rows
 per call (T2I-R1: 4,096 and 9,216) that is enough programs to fill the GPU. Per row it saves only ``rowmax`` (raw
 logits), ``log s`` and ``w / s`` for the backward, which is split into ``n_split`` chunks of ``BLOCK * ITERS``
@@ -44,6 +45,7 @@ gradients.
 from __future__ import annotations
 
 import functools
+import itertools
 import struct
 
 import torch
@@ -58,20 +60,47 @@ MAX_ITERS = 4
 
 
 @triton.jit
-def _lane_stats(base, V, n_read, inv_t, BLOCK: tl.constexpr):
+def _first_block(base, n_read, BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
+    """PREFETCH: the row's first block of logits, loaded before the loop (in the logits' dtype); else nothing."""
+    first = 0.0
+    if PREFETCH:
+        lane = tl.arange(0, BLOCK)
+        first = tl.load(base + lane, mask=lane < n_read, other=-float("inf"))
+    return first
+
+
+@triton.jit
+def _block(base, start, V, n_read, ahead, BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
+    """(the block of logits at ``start`` in float32, the block to keep for the next step).
+
+    PREFETCH: the block at ``start`` is ``ahead`` (loaded one step earlier), and the next one is loaded now, before
+    this step's arithmetic, so that its memory latency overlaps the step (twice the loads in flight per program, for
+    a bf16 block's registers); the load past the row's last block is fully masked and reads nothing. Otherwise
+    the block is loaded here and ``ahead`` passes through. ``n_read`` is V or 0, so ``offs < n_read`` is the row's
+    bound."""
+    offs = start + tl.arange(0, BLOCK)
+    if PREFETCH:
+        x = ahead.to(tl.float32)
+        ahead = tl.load(base + BLOCK + offs, mask=BLOCK + offs < n_read, other=-float("inf"))
+    else:
+        x = tl.load(base + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
+    return x, ahead
+
+
+@triton.jit
+def _lane_stats(base, V, n_read, inv_t, BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
     """The row's (m, s, w) with one running (m, s, w) per lane of the block, merged across lanes after the loop.
 
     Per logit x a lane's max either stays (``x <= m``: s += t, w += t d with ``d = (x - m)/T``, ``t = exp(d)``)
     or moves to x (s = t s + 1, w = t (w + s d) with ``d = (m - x)/T``): one exp per logit, as in the blocked
     update, but no block-wide max or sum per step. Masked lanes and -inf logits add nothing; a NaN logit makes s
-    NaN. The cross-lane merge is the chunk merge of the module docstring."""
-    lane = tl.arange(0, BLOCK)
+    NaN. The cross-lane merge is the chunk merge of the module docstring. PREFETCH: see `_block`."""
     m = tl.full((BLOCK,), -float("inf"), tl.float32)
     s = tl.zeros((BLOCK,), tl.float32)
     w = tl.zeros((BLOCK,), tl.float32)
+    ahead = _first_block(base, n_read, BLOCK, PREFETCH)
     for start in range(0, n_read, BLOCK):
-        offs = start + lane
-        x = tl.load(base + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
+        x, ahead = _block(base, start, V, n_read, ahead, BLOCK, PREFETCH)
         up = x > m  # false for NaN and for -inf logits
         fresh = m == -float("inf")  # the lane has seen no finite logit yet (s = w = 0)
         diff = (x - tl.where(fresh, 0.0, m)) * inv_t  # -inf for x = -inf; no inf - inf anywhere
@@ -94,12 +123,13 @@ def _lane_stats(base, V, n_read, inv_t, BLOCK: tl.constexpr):
 def token_stats_fwd_kernel(
     logits_ptr, targets_ptr, mod_ptr, efft_ptr, logp_ptr, ent_ptr, rowmax_ptr, logs_ptr, meanrel_ptr, flag_ptr,
     L, stride_b, stride_l, mod_sb, mod_sl, V, inv_t, ignore_index, ent_scale,
-    HAS_MOD: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr,
+    HAS_MOD: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One program per row: the whole pass over V and the per-row statistics (no partials, no merge launch).
 
     LANES: keep (m, s, w) per lane of the block and reduce across lanes once, after the loop (no block-wide
-    reduction, so no barrier, inside the loop); else reduce each block and update one running (m, s, w)."""
+    reduction, so no barrier, inside the loop); else reduce each block and update one running (m, s, w).
+    PREFETCH: load each block one loop step ahead (`_block`)."""
     row = tl.program_id(0)
     pb = (row // L).to(tl.int64)
     pl = (row % L).to(tl.int64)
@@ -116,14 +146,14 @@ def token_stats_fwd_kernel(
         tl.store(efft_ptr + row, tl.where(valid, tgt, ignore_index))  # the backward's and pass 2's targets
     n_read = tl.where(valid, V, 0)  # ignored rows loop zero times
     if LANES:
-        m, s, w = _lane_stats(base, V, n_read, inv_t, BLOCK)
+        m, s, w = _lane_stats(base, V, n_read, inv_t, BLOCK, PREFETCH)
     else:
         m = -float("inf")
         s = 0.0
         w = 0.0
+        ahead = _first_block(base, n_read, BLOCK, PREFETCH)
         for start in range(0, n_read, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            x = tl.load(base + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
+            x, ahead = _block(base, start, V, n_read, ahead, BLOCK, PREFETCH)
             m_new = tl.maximum(m, tl.max(x, 0))
             # Any finite reference works while every value so far is -inf (then s = w = 0).
             m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
@@ -198,9 +228,12 @@ def fwd_config(V: int) -> dict:
     ``LANES=True`` is the default since issue 19: on the H200 the blocked update (three block-wide reductions,
     so three barriers, per BLOCK logits) read at 56-60% of copy bandwidth at the T2I-R1 shapes; the per-lane
     update has no barrier inside the loop. It has not been timed on a GPU yet: the sweep of
-    ``gpu_session.sh round`` times both, and whichever is slower goes."""
+    ``gpu_session.sh round`` times both, and whichever is slower goes. ``PREFETCH`` (load each block one step
+    ahead, `_block`; off by default) is swept the same way. Compiled for sm_90 at the image shape (BLOCK 4096,
+    8 warps; ptxas), the per-lane update takes 64 registers, so 4 programs per SM, the blocked one 32, so 8:
+    no barrier against half the loads in flight per SM, which only a GPU can weigh."""
     block = blocking(V)[0]
-    return {"BLOCK": block, "num_warps": 8 if block >= 2048 else 4, "LANES": True}
+    return {"BLOCK": block, "num_warps": 8 if block >= 2048 else 4, "LANES": True, "PREFETCH": False}
 
 
 def _row_strides(logits3):
@@ -482,7 +515,9 @@ def compile_specs():
                 "ent_scale": "fp32",
             }
             for lanes in (True, False):
-                specs.append((token_stats_fwd_kernel, fwd, {"HAS_MOD": has_mod, "BLOCK": 4096, "LANES": lanes}))
+                for prefetch in (False, True):
+                    specs.append((token_stats_fwd_kernel, fwd, {"HAS_MOD": has_mod, "BLOCK": 4096, "LANES": lanes,
+                                                                "PREFETCH": prefetch}))
         for has_glogp, has_gent in ((True, True), (True, False), (False, True)):
             bwd = {
                 "logits_ptr": f"*{dt}", "targets_ptr": "*i64", "rowmax_ptr": "*fp32", "logs_ptr": "*fp32",
@@ -531,9 +566,9 @@ def _launched_specs() -> list:
            "V": "i32", "inv_t": "fp32", "ignore_index": "i32", "ent_scale": "fp32"}
     for has_mod in (True, False):  # eg_grpo_shaping, token_logprob_entropy
         mod = {"mod_sl": 1} if has_mod else {}
-        for lanes in (True, False):
+        for lanes, prefetch in itertools.product((True, False), (False, True)):
             specs.append((token_stats_fwd_kernel, {k: t for k, t in fwd.items() if k not in mod},
-                          {"HAS_MOD": has_mod, "BLOCK": cfg["BLOCK"], "LANES": lanes, **mod},
+                          {"HAS_MOD": has_mod, "BLOCK": cfg["BLOCK"], "LANES": lanes, "PREFETCH": prefetch, **mod},
                           {"num_warps": cfg["num_warps"], "ptx_has": ("ld.global.v4",),
                            "divisible": ("*", "L", "stride_b", "stride_l", "V", "mod_sb",
                                          *(() if has_mod else ("mod_sl",)))}))

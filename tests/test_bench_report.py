@@ -214,17 +214,20 @@ def test_gpu_probe_token_tiles_section():
     assert token_entropy.fwd_config is original  # restored
     row = res["tiny"]
     assert row["current"] == original(37) and row["current_ms"] > 0
-    # both forward variants of each tile, back to back
-    assert [(r["BLOCK"], r["LANES"]) for r in row["configs"]] == [(16, True), (16, False), (32, True), (32, False)]
+    # the four forward variants of each tile, back to back
+    variants = [(True, False), (True, True), (False, False), (False, True)]  # (LANES, PREFETCH)
+    assert [(r["BLOCK"], r["LANES"], r["PREFETCH"]) for r in row["configs"]] == \
+        [(b, lanes, ahead) for b in (16, 32) for lanes, ahead in variants]
     assert all("ms" in r and r["max_abs_logp_diff"] < 1e-5 and r["pct_of_copy"] is None for r in row["configs"])
     assert row["best"] and row["best"][0]["ms"] == min(r["ms"] for r in row["configs"])
     # after each configuration at each shape, the rows so far (a sweep stopped at a time limit keeps them): every
     # configuration at both shapes before the next one
     assert [(len(u["tiny"]["configs"]), len(u["odd"]["configs"])) for u in updates] == \
-        [(1, 0), (1, 1), (2, 1), (2, 2), (3, 2), (3, 3), (4, 3), (4, 4)]
+        [(n, n - 1 + i) for n in range(1, 9) for i in range(2)]  # (1, 0), (1, 1), (2, 1), ... (8, 8)
     assert all(u["tiny"]["partial"] and u["odd"]["partial"] for u in updates)
     assert {k: v for k, v in updates[-1]["odd"].items() if k != "partial"} == res["odd"] and "partial" not in res["odd"]
-    assert res["odd"]["current"] == original(19) and [r["LANES"] for r in res["odd"]["configs"]] == [True, False] * 2
+    assert res["odd"]["current"] == original(19)
+    assert [(r["LANES"], r["PREFETCH"]) for r in res["odd"]["configs"]] == variants * 2
     assert updates[-1]["odd"]["configs"] == res["odd"]["configs"] and "partial" not in res["odd"]
 
 
@@ -246,6 +249,17 @@ def test_probe_table_shows_the_token_tile_sweep_per_variant():
     assert body == ["| image | current (lanes) | (4096, 8) | 0.101 | 69% | 4 (cut short) |",
                     "| image | fastest lanes | (2048, 4) | 0.090 | 78% | |",
                     "| image | fastest blocked | (4096, 8) | 0.125 | 56% | |"]
+    # sweeps since PREFETCH: its rows get variants of their own (a row without the key has no prefetch)
+    ahead = [{**rows[0], "PREFETCH": True, "ms": 0.080, "pct_of_copy": 0.88},
+             {**rows[1], "BLOCK": 2048, "PREFETCH": True, "ms": 0.095, "pct_of_copy": 0.74},
+             {**rows[1], "PREFETCH": False, "ms": 0.130, "pct_of_copy": 0.54}]
+    probe["token_tiles"]["image"].update(configs=rows + ahead, current={**cur, "PREFETCH": True}, partial=False)
+    body = [ln for ln in report.probe_table(probe).splitlines() if ln.startswith("| image")]
+    assert body == ["| image | current (lanes + prefetch) | (4096, 8) | 0.101 | 69% | 7 |",
+                    "| image | fastest lanes | (2048, 4) | 0.090 | 78% | |",
+                    "| image | fastest blocked | (4096, 8) | 0.125 | 56% | |",
+                    "| image | fastest lanes + prefetch | (4096, 8) | 0.080 | 88% | |",
+                    "| image | fastest blocked + prefetch | (2048, 8) | 0.095 | 74% | |"]
     assert report.probe_table({**probe, "token_tiles": {}}) == report.probe_table(
         {k: v for k, v in probe.items() if k != "token_tiles"})
 

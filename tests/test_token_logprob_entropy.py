@@ -101,22 +101,29 @@ def test_closed_form_gradients(impl, device):
         assert_close(grad[0, 1:], want[0, 1:], name=f"closed-form grad of {which}")
 
 
-def _forward_variant(monkeypatch, lanes):
-    """Run the Triton forward with per-lane statistics (the default) or the blocked update (`fwd_config`)."""
+# The forward kernel's variants (`fwd_config`): per-lane statistics (the default) or the blocked update, each with
+# the blocks loaded in their loop step or one step ahead (PREFETCH).
+FORWARD_VARIANTS = pytest.mark.parametrize(
+    "lanes,prefetch", [(True, False), (False, False), (True, True), (False, True)],
+    ids=["lanes", "blocked", "lanes-prefetch", "blocked-prefetch"])
+
+
+def _forward_variant(monkeypatch, lanes, prefetch):
+    """Run the Triton forward in one variant of `FORWARD_VARIANTS`."""
     import fastgrpo.kernels.token_entropy as k
 
     original = k.fwd_config
-    monkeypatch.setattr(k, "fwd_config", lambda V: {**original(V), "LANES": lanes})
+    monkeypatch.setattr(k, "fwd_config", lambda V: {**original(V), "LANES": lanes, "PREFETCH": prefetch})
 
 
-@pytest.mark.parametrize("lanes", [True, False], ids=["lanes", "blocked"])
-def test_rows_split_across_programs_merge_exactly(monkeypatch, lanes, device):
+@FORWARD_VARIANTS
+def test_rows_split_across_programs_merge_exactly(monkeypatch, lanes, prefetch, device):
     """Small blocks force many chunks per row: a chunk of -1e4 logits, a chunk of -inf, targets in late chunks."""
     import fastgrpo.kernels.token_entropy as k
 
     monkeypatch.setattr(k, "MAX_BLOCK", 256)
     monkeypatch.setattr(k, "MAX_ITERS", 2)
-    _forward_variant(monkeypatch, lanes)
+    _forward_variant(monkeypatch, lanes, prefetch)
     V = 4099
     assert k.blocking(V)[2] == 9
     x, t = _logits(2, 3, V, torch.float32, device, seed=6)
@@ -136,17 +143,19 @@ def test_rows_split_across_programs_merge_exactly(monkeypatch, lanes, device):
     assert torch.count_nonzero(grad[1, 2, 512:1024]) == 0
 
 
-@pytest.mark.parametrize("lanes", [True, False], ids=["lanes", "blocked"])
+@FORWARD_VARIANTS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.05, 3.0])
-def test_forward_variants_on_rows_that_move_every_lane_max(monkeypatch, lanes, dtype, temperature, device):
+def test_forward_variants_on_rows_that_move_every_lane_max(monkeypatch, lanes, prefetch, dtype, temperature,
+                                                           device):
     """A 16-logit block over rows of 203 (13 steps, the last partial): every lane's max moves at every step (an
     increasing row), never after the first (a decreasing row), a lane whose first finite logit comes at the last
-    step (the rest of its column -inf), -1e4 offsets, alternating -inf; forward and gradient against float64."""
+    step (the rest of its column -inf), -1e4 offsets, alternating -inf, an ignored row of NaN logits (read by no
+    step, prefetched or not); forward and gradient against float64."""
     import fastgrpo.kernels.token_entropy as k
 
     monkeypatch.setattr(k, "MAX_BLOCK", 16)
-    _forward_variant(monkeypatch, lanes)
+    _forward_variant(monkeypatch, lanes, prefetch)
     V = 203
     g = torch.Generator().manual_seed(91)
     x = torch.randn(2, 6, V, generator=g) * 4
@@ -159,20 +168,23 @@ def test_forward_variants_on_rows_that_move_every_lane_max(monkeypatch, lanes, d
     x[0, 3, ::2] = -float("inf")
     x[0, 4] = ramp - 1e4
     x[0, 5, 100:] += 1e4 / 2  # the max jumps by 5,000 halfway
+    x[1, 4] = float("nan")
     t = torch.randint(0, V, (2, 6), generator=g)
-    t[0, 2], t[0, 3] = 16 * 12 + 3, 1
+    t[0, 2], t[0, 3], t[1, 4] = 16 * 12 + 3, 1, IGNORE
     x = x.to(dtype).to(device)
     t = t.to(device)
     xl = x.clone().requires_grad_(True)
     logp, ent = token_logprob_entropy(xl, t, temperature=temperature, impl="triton")
     (grad,) = torch.autograd.grad(logp.sum() + 0.5 * ent.sum(), xl)
-    x64 = x.double().requires_grad_(True)
+    # the ignored row's logits do not matter (0, 0 and no gradient): the float64 autograd gets zeros there, as its
+    # log-softmax backward would turn the NaN into NaN gradients
+    x64 = x.double().masked_fill(x.isnan(), 0.0).requires_grad_(True)
     ref_logp, ref_ent = token_logprob_entropy_ref(x64, t, temperature=temperature)
     (grad64,) = torch.autograd.grad(ref_logp.sum() + 0.5 * ref_ent.sum(), x64)
     assert_close(logp, ref_logp, name="logp")
     assert_close(ent, ref_ent, name="entropy")
     assert_close(grad, grad64, name="grad")
-    assert torch.isfinite(logp).all() and torch.isfinite(ent).all()
+    assert torch.isfinite(logp).all() and torch.isfinite(ent).all() and torch.isfinite(grad).all()
 
 
 def test_cpp_rows_spanning_many_blocks(device):
