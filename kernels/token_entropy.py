@@ -15,12 +15,12 @@ nothing; a fully masked block never computes ``0 * (-inf)`` or ``exp(-inf - (-in
 The forward runs one program per row, which loops over all V in blocks of ``BLOCK`` logits (keeping the three
 numbers per lane of the block and merging the lanes once at the end, `_lane_stats`; or, ``LANES=False``, merging
 each block into one running triple; either loading each block in its loop step or, ``PREFETCH``, one step ahead)
-and writes the row's results directly (one launch; no partials and no merge
-kernel; the summation order is a function of V only, so results do not depend on R). With thousands of rows
-per call (T2I-R1: 4,096 and 9,216) that is enough programs to fill the GPU. Per row it saves only ``rowmax`` (raw
-logits), ``log s`` and ``w / s`` for the backward, which is split into ``n_split`` chunks of ``BLOCK * ITERS``
-logits per row (no merge needed there) and recomputes ``p = exp((x - rowmax)/T - log s)`` in one more pass over
-V, writing, into a fresh buffer of the logits' dtype::
+and writes the row's results directly (one launch; no partials and no merge kernel; the summation order is a
+function of V only, so results do not depend on R). With thousands of rows per call (T2I-R1: 4,096 and 9,216)
+that is enough programs to fill the GPU. Per row it saves only ``rowmax`` (raw logits), ``log s`` and ``w / s``
+for the backward, which is split into ``n_split`` chunks of ``BLOCK * ITERS`` logits per row (no merge needed
+there) and recomputes ``p = exp((x - rowmax)/T - log s)`` in one more pass over V, writing, into a fresh buffer
+of the logits' dtype::
 
     dlogits = [ g_logp * (onehot(target) - p) - g_H * p * (z - E_p[z]) ] / T
 
@@ -553,7 +553,7 @@ def compile_specs():
 
 def _launched_specs() -> list:
     """The forward and backward as they compile at T2I-R1's image shape (bf16 [16, 576, 16384], contiguous;
-    bench/test_bench_token.py): the launches' configuration (`fwd_config`, `blocking`; both forward variants),
+    bench/test_bench_token.py): the launches' configuration (`fwd_config`, `blocking`; all four forward variants),
     and the arguments divisible by 16 there (every pointer, the row count, V and the strides; the modality's
     [16, 576] row stride 576, its unit stride a constant, as the launcher makes it; without a modality both its
     strides are 0)."""
