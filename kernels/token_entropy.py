@@ -57,38 +57,49 @@ from .host import cdiv, next_power_of_2
 # Upper bounds of the blocking; tests lower them to force the multi-chunk merge on small rows.
 MAX_BLOCK = 4096
 MAX_ITERS = 4
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): the blocked forward works in base 2
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _first_block(base, n_read, BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
+def _first_block(base, n_read, BLOCK: tl.constexpr, PREFETCH: tl.constexpr, EVEN_V: tl.constexpr):
     """PREFETCH: the row's first block of logits, loaded before the loop (in the logits' dtype); else nothing."""
     first = 0.0
     if PREFETCH:
         lane = tl.arange(0, BLOCK)
-        first = tl.load(base + lane, mask=lane < n_read, other=-float("inf"))
+        if EVEN_V:
+            first = tl.load(base + lane, mask=n_read > 0, other=-float("inf"))
+        else:
+            first = tl.load(base + lane, mask=lane < n_read, other=-float("inf"))
     return first
 
 
 @triton.jit
-def _block(base, start, V, n_read, ahead, BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
+def _block(base, start, V, n_read, ahead, BLOCK: tl.constexpr, PREFETCH: tl.constexpr, EVEN_V: tl.constexpr):
     """(the block of logits at ``start`` in float32, the block to keep for the next step).
 
     PREFETCH: the block at ``start`` is ``ahead`` (loaded one step earlier), and the next one is loaded now, before
     this step's arithmetic, so that its memory latency overlaps the step (twice the loads in flight per program, for
     a bf16 block's registers); the load past the row's last block is fully masked and reads nothing. Otherwise
     the block is loaded here and ``ahead`` passes through. ``n_read`` is V or 0, so ``offs < n_read`` is the row's
-    bound."""
+    bound. EVEN_V (V a multiple of BLOCK): every block is whole, so a block is loaded without a per-logit mask
+    (the prefetch's with one condition for the whole block), which saves a compare per logit."""
     offs = start + tl.arange(0, BLOCK)
     if PREFETCH:
         x = ahead.to(tl.float32)
-        ahead = tl.load(base + BLOCK + offs, mask=BLOCK + offs < n_read, other=-float("inf"))
+        if EVEN_V:
+            ahead = tl.load(base + BLOCK + offs, mask=start + BLOCK < n_read, other=-float("inf"))
+        else:
+            ahead = tl.load(base + BLOCK + offs, mask=BLOCK + offs < n_read, other=-float("inf"))
+    elif EVEN_V:
+        x = tl.load(base + offs).to(tl.float32)
     else:
         x = tl.load(base + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
     return x, ahead
 
 
 @triton.jit
-def _lane_stats(base, V, n_read, inv_t, BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
+def _lane_stats(base, V, n_read, inv_t, BLOCK: tl.constexpr, PREFETCH: tl.constexpr, EVEN_V: tl.constexpr):
     """The row's (m, s, w) with one running (m, s, w) per lane of the block, merged across lanes after the loop.
 
     Per logit x a lane's max either stays (``x <= m``: s += t, w += t d with ``d = (x - m)/T``, ``t = exp(d)``)
@@ -98,9 +109,9 @@ def _lane_stats(base, V, n_read, inv_t, BLOCK: tl.constexpr, PREFETCH: tl.conste
     m = tl.full((BLOCK,), -float("inf"), tl.float32)
     s = tl.zeros((BLOCK,), tl.float32)
     w = tl.zeros((BLOCK,), tl.float32)
-    ahead = _first_block(base, n_read, BLOCK, PREFETCH)
+    ahead = _first_block(base, n_read, BLOCK, PREFETCH, EVEN_V)
     for start in range(0, n_read, BLOCK):
-        x, ahead = _block(base, start, V, n_read, ahead, BLOCK, PREFETCH)
+        x, ahead = _block(base, start, V, n_read, ahead, BLOCK, PREFETCH, EVEN_V)
         up = x > m  # false for NaN and for -inf logits
         fresh = m == -float("inf")  # the lane has seen no finite logit yet (s = w = 0)
         diff = (x - tl.where(fresh, 0.0, m)) * inv_t  # -inf for x = -inf; no inf - inf anywhere
@@ -123,13 +134,18 @@ def _lane_stats(base, V, n_read, inv_t, BLOCK: tl.constexpr, PREFETCH: tl.conste
 def token_stats_fwd_kernel(
     logits_ptr, targets_ptr, mod_ptr, efft_ptr, logp_ptr, ent_ptr, rowmax_ptr, logs_ptr, meanrel_ptr, flag_ptr,
     L, stride_b, stride_l, mod_sb, mod_sl, V, inv_t, ignore_index, ent_scale,
-    HAS_MOD: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_MOD: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr, PREFETCH: tl.constexpr, EVEN_V: tl.constexpr,
 ):
     """One program per row: the whole pass over V and the per-row statistics (no partials, no merge launch).
 
     LANES: keep (m, s, w) per lane of the block and reduce across lanes once, after the loop (no block-wide
     reduction, so no barrier, inside the loop); else reduce each block and update one running (m, s, w).
-    PREFETCH: load each block one loop step ahead (`_block`)."""
+    PREFETCH: load each block one loop step ahead (`_block`). EVEN_V: V is a multiple of BLOCK (`_block`).
+
+    The blocked update works in base-2 units (``k2 = log2(e)/T``, ``exp2``; ``w`` converted once at the end), and
+    keeps ``0 * -inf`` out of ``e * d`` by clamping ``d`` at -1e30 (``exp2`` of it is 0; NaN still propagates)
+    instead of a compare and a select per logit: compiled for sm_90, fewer instructions per logit, which at 2
+    bytes per logit is what bounds a bandwidth-bound loop once its loads are in flight."""
     row = tl.program_id(0)
     pb = (row // L).to(tl.int64)
     pl = (row % L).to(tl.int64)
@@ -146,25 +162,28 @@ def token_stats_fwd_kernel(
         tl.store(efft_ptr + row, tl.where(valid, tgt, ignore_index))  # the backward's and pass 2's targets
     n_read = tl.where(valid, V, 0)  # ignored rows loop zero times
     if LANES:
-        m, s, w = _lane_stats(base, V, n_read, inv_t, BLOCK, PREFETCH)
+        m, s, w = _lane_stats(base, V, n_read, inv_t, BLOCK, PREFETCH, EVEN_V)
     else:
         m = -float("inf")
         s = 0.0
-        w = 0.0
-        ahead = _first_block(base, n_read, BLOCK, PREFETCH)
+        w = 0.0  # in base-2 units until after the loop
+        k2 = inv_t * LOG2E
+        ahead = _first_block(base, n_read, BLOCK, PREFETCH, EVEN_V)
         for start in range(0, n_read, BLOCK):
-            x, ahead = _block(base, start, V, n_read, ahead, BLOCK, PREFETCH)
+            x, ahead = _block(base, start, V, n_read, ahead, BLOCK, PREFETCH, EVEN_V)
             m_new = tl.maximum(m, tl.max(x, 0))
             # Any finite reference works while every value so far is -inf (then s = w = 0).
             m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
-            d = (x - m_ref) * inv_t  # x - max is exact in fp32 for nearby values; (x * inv_t) - max would not be
-            e = tl.exp(d)
-            ed = e * tl.where(e > 0.0, d, 0.0)  # masked lanes: e = 0, d = -inf
-            alpha = tl.exp((m - m_ref) * inv_t)
-            shift = tl.where(s > 0.0, (m - m_ref) * inv_t, 0.0)
-            w = alpha * (w + s * shift) + tl.sum(ed, 0)
+            # x - max is exact in fp32 for nearby values ((x * k2) - max would not be); -inf logits and masked
+            # lanes give -1e30 (e = 0, e * d = 0), a NaN logit NaN
+            d = tl.maximum((x - m_ref) * k2, -1e30, propagate_nan=tl.PropagateNan.ALL)
+            e = tl.exp2(d)
+            alpha = tl.exp2((m - m_ref) * k2)
+            shift = tl.where(s > 0.0, (m - m_ref) * k2, 0.0)
+            w = alpha * (w + s * shift) + tl.sum(e * d, 0)
             s = alpha * s + tl.sum(e, 0)
             m = m_new  # stays -inf until a finite logit is seen: a later block of -1e4 logits must set the max
+        w = w * LN2
     big = tl.where(m == -float("inf"), 0.0, m)
     total = tl.where(valid, s, 1.0)  # ignored rows: neutral statistics, no log(0)
     logs = tl.log(total)
@@ -225,15 +244,17 @@ def fwd_config(V: int) -> dict:
     `blocking`), ``num_warps`` and ``LANES`` (per-lane statistics, `_lane_stats`). One function so that
     bench/gpu_probe.py can sweep it on a GPU.
 
-    ``LANES=True`` is the default since issue 19: on the H200 the blocked update (three block-wide reductions,
-    so three barriers, per BLOCK logits) read at 56-60% of copy bandwidth at the T2I-R1 shapes; the per-lane
-    update has no barrier inside the loop. It has not been timed on a GPU yet: the sweep of
-    ``gpu_session.sh round`` times both, and whichever is slower goes. ``PREFETCH`` (load each block one step
-    ahead, `_block`; off by default) is swept the same way. Compiled for sm_90 at the image shape (BLOCK 4096,
-    8 warps; ptxas), the per-lane update takes 64 registers, so 4 programs per SM, the blocked one 32, so 8:
-    no barrier against half the loads in flight per SM, which only a GPU can weigh."""
+    The default is the blocked update with 4 warps. On the H200 the blocked update at (4096, 8 warps) read at
+    56-60% of copy bandwidth at the T2I-R1 shapes, with 20 instructions per logit in its loop (sm_90 SASS,
+    nvdisasm), where about 16 keep pace with the memory at 2 bytes per logit. Its base-2 form without the
+    per-logit compare and select, and with unmasked loads when V is a multiple of BLOCK (``EVEN_V``), takes 14 at
+    8 warps and 11 at 4 warps (48 registers, 10 programs per SM: 80 KB of loads in flight per SM, 64 KB at 8
+    warps). The per-lane update (``LANES=True``, no barrier in the loop; the default for a while, never timed on
+    a GPU) takes 24-26 instructions per logit and 64-125 registers, so it is left to the sweep, as is
+    ``PREFETCH`` (load each block one step ahead, `_block`): ``gpu_session.sh round`` times all four variants at
+    each tile, and the default follows it."""
     block = blocking(V)[0]
-    return {"BLOCK": block, "num_warps": 8 if block >= 2048 else 4, "LANES": True, "PREFETCH": False}
+    return {"BLOCK": block, "num_warps": 4, "LANES": False, "PREFETCH": False}
 
 
 def _row_strides(logits3):
@@ -269,7 +290,7 @@ def token_stats_fwd(logits3, targets, inv_t: float, ignore_index: int, ent_scale
         token_stats_fwd_kernel[(R,)](
             logits3, targets, modality if modality is not None else targets, eff, logp, ent, rowmax, logs, mean_rel,
             flag, Lr, sb, sl, msb, msl, V, inv_t, ignore_index, ent_scale,
-            HAS_MOD=modality is not None, **cfg,
+            HAS_MOD=modality is not None, EVEN_V=V % cfg["BLOCK"] == 0, **cfg,
         )
     return logp, ent, rowmax, logs, mean_rel, eff
 
@@ -517,7 +538,7 @@ def compile_specs():
             for lanes in (True, False):
                 for prefetch in (False, True):
                     specs.append((token_stats_fwd_kernel, fwd, {"HAS_MOD": has_mod, "BLOCK": 4096, "LANES": lanes,
-                                                                "PREFETCH": prefetch}))
+                                                                "PREFETCH": prefetch, "EVEN_V": False}))
         for has_glogp, has_gent in ((True, True), (True, False), (False, True)):
             bwd = {
                 "logits_ptr": f"*{dt}", "targets_ptr": "*i64", "rowmax_ptr": "*fp32", "logs_ptr": "*fp32",
@@ -568,7 +589,8 @@ def _launched_specs() -> list:
         mod = {"mod_sl": 1} if has_mod else {}
         for lanes, prefetch in itertools.product((True, False), (False, True)):
             specs.append((token_stats_fwd_kernel, {k: t for k, t in fwd.items() if k not in mod},
-                          {"HAS_MOD": has_mod, "BLOCK": cfg["BLOCK"], "LANES": lanes, "PREFETCH": prefetch, **mod},
+                          {"HAS_MOD": has_mod, "BLOCK": cfg["BLOCK"], "LANES": lanes, "PREFETCH": prefetch,
+                           "EVEN_V": V % cfg["BLOCK"] == 0, **mod},
                           {"num_warps": cfg["num_warps"], "ptx_has": ("ld.global.v4",),
                            "divisible": ("*", "L", "stride_b", "stride_l", "V", "mod_sb",
                                          *(() if has_mod else ("mod_sl",)))}))

@@ -146,17 +146,18 @@ def test_rows_split_across_programs_merge_exactly(monkeypatch, lanes, prefetch, 
 @FORWARD_VARIANTS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.05, 3.0])
-def test_forward_variants_on_rows_that_move_every_lane_max(monkeypatch, lanes, prefetch, dtype, temperature,
+@pytest.mark.parametrize("V", [203, 208], ids=["partial-last-block", "whole-blocks"])
+def test_forward_variants_on_rows_that_move_every_lane_max(monkeypatch, lanes, prefetch, dtype, temperature, V,
                                                            device):
-    """A 16-logit block over rows of 203 (13 steps, the last partial): every lane's max moves at every step (an
-    increasing row), never after the first (a decreasing row), a lane whose first finite logit comes at the last
-    step (the rest of its column -inf), -1e4 offsets, alternating -inf, an ignored row of NaN logits (read by no
-    step, prefetched or not); forward and gradient against float64."""
+    """A 16-logit block over rows of 203 (13 steps, the last partial) or 208 (13 whole blocks: the unmasked
+    loads of EVEN_V): every lane's max moves at every step (an increasing row), never after the first (a
+    decreasing row), a lane whose first finite logit comes at the last step (the rest of its column -inf), -1e4
+    offsets, alternating -inf, an ignored row of NaN logits (read by no step, prefetched or not); forward and
+    gradient against float64."""
     import fastgrpo.kernels.token_entropy as k
 
     monkeypatch.setattr(k, "MAX_BLOCK", 16)
     _forward_variant(monkeypatch, lanes, prefetch)
-    V = 203
     g = torch.Generator().manual_seed(91)
     x = torch.randn(2, 6, V, generator=g) * 4
     ramp = torch.linspace(-30, 30, V)
