@@ -250,7 +250,7 @@ def fwd_config(V: int) -> dict:
     per-logit compare and select, and with unmasked loads when V is a multiple of BLOCK (``EVEN_V``), takes 14 at
     8 warps and 11 at 4 warps (48 registers, 10 programs per SM: 80 KB of loads in flight per SM, 64 KB at 8
     warps). The per-lane update (``LANES=True``, no barrier in the loop; the default for a while, never timed on
-    a GPU) takes 24-26 instructions per logit and 64-125 registers, so it is left to the sweep, as is
+    a GPU) takes 24-26 instructions per logit and more registers (76 at 8 warps), so it is left to the sweep, as is
     ``PREFETCH`` (load each block one step ahead, `_block`): ``gpu_session.sh round`` times all four variants at
     each tile, and the default follows it."""
     block = blocking(V)[0]
