@@ -43,8 +43,9 @@ def _event_ms(fn) -> float:
 
 def _profile_calls(fn, calls: int = 20, top: int = 12) -> tuple:
     """One torch.profiler session over ``calls`` calls of ``fn``: (summed kernel ms per call, {kernel: ms per call},
-    CPU-side events). The events (`_cpu_rows`) are the host's: aten ops, the autograd engine's nodes, and the
-    launches as the CUDA runtime/driver API calls they are. Without CUDA: (None, {}, CPU events)."""
+    CPU-side events, counts per call). The events (`_cpu_rows`) are the host's: aten ops, the autograd engine's
+    nodes, and the launches as the CUDA runtime/driver API calls they are. The counts: CPU aten ops (top level and
+    nested), launch API calls and device kernels. Without CUDA: (None, {}, CPU events, counts)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
@@ -57,11 +58,17 @@ def _profile_calls(fn, calls: int = 20, top: int = 12) -> tuple:
         if cuda:
             torch.cuda.synchronize()
     per_kernel: dict[str, float] = {}
+    counts = {"cpu_aten_ops": 0, "launch_calls": 0, "device_kernels": 0}
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[evt.name[:80]] = per_kernel.get(evt.name[:80], 0.0) + evt.device_time / 1e3 / calls
+            counts["device_kernels"] += 1
+        elif evt.device_type == torch.autograd.DeviceType.CPU:
+            counts["cpu_aten_ops"] += evt.name.startswith("aten::")
+            counts["launch_calls"] += evt.name in LAUNCH_EVENTS
     per_kernel = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
-    return (sum(per_kernel.values()) if cuda else None), per_kernel, _cpu_rows(prof, calls, top)
+    counts = {key: round(n / calls) for key, n in counts.items()}
+    return (sum(per_kernel.values()) if cuda else None), per_kernel, _cpu_rows(prof, calls, top), counts
 
 
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
@@ -162,7 +169,7 @@ def probe_ops(copy_gbps: float | None) -> dict:
             fn()  # compiles the kernels on a GPU
             issue = _host_issue_ms(fn, repeats=20 if cuda else 3)
             ev = _event_ms(fn) if cuda else issue
-            kern, per, events = _profile_calls(fn, calls=20 if cuda else 2)
+            kern, per, events, _ = _profile_calls(fn, calls=20 if cuda else 2)
             host = _host_profile(fn, top=12)
         res[name] = {"event_ms": ev, "kernel_ms": kern, "host_issue_ms": issue, "bytes": nbytes,
                      "gb_per_s_event": nbytes / ev / 1e6,
@@ -285,24 +292,6 @@ def _token_tiles_probe(copy_gbps, blocks=(4096, 2048, 8192, 1024), warps=(8, 4, 
     return out
 
 
-def _profile_counts(fn) -> dict:
-    """CPU ops (aten, top level and nested) and device kernels of one call of ``fn``, from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = torch.cuda.is_available()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-    events = prof.events()
-    cpu_ops = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::"))
-    launches = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU
-                   and e.name in LAUNCH_EVENTS)
-    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    return {"cpu_aten_ops": cpu_ops, "launch_calls": launches, "device_kernels": kernels}
-
-
 def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
     """Plain vs collector forward of bench/test_bench_collector.py's model (SD3.5 Medium on CUDA, its scaled-down
     CPU configuration otherwise): times, host issue time, ops and kernels per forward, overhead; per way also the
@@ -350,9 +339,9 @@ def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
                     end.record()
                     torch.cuda.synchronize()
                     ev.append(start.elapsed_time(end))
-            kern, per, events = _profile_calls(fn, calls=3, top=15)
+            kern, per, events, counts = _profile_calls(fn, calls=3, top=15)  # counts: per forward
             row[way] = {"ms": statistics.median(ev or host), "host_issue_ms": statistics.median(host),
-                        "ms_all": ev or host, **_profile_counts(fn), "kernel_ms": kern,
+                        "ms_all": ev or host, **counts, "kernel_ms": kern,
                         "kernels_top": dict(list(per.items())[:12]), "cpu_events": events,
                         "host_profile": _host_profile(fn)}
             if way == "collector_reused":

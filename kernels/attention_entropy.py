@@ -317,6 +317,25 @@ class PlannedLaunches:
                                                **self.probs_kw)
 
 
+def _attention_signature(dt: str) -> dict:
+    """attention_text_entropy_fwd_kernel's runtime arguments for q/k/v of Triton type ``dt`` (the sm_90 check)."""
+    return {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "out_ptr": f"*{dt}", "lse_ptr": "*fp32",
+            "text_lse_ptr": "*fp32", "text_ent_ptr": "*fp32", **{s: "i32" for s in _strides("qkvo")},
+            "H": "i32", "S": "i32", "text_start": "i32", "text_len": "i32", "qk_scale": "fp32"}
+
+
+def _probs_signature(dt: str) -> dict:
+    """text_probs_kernel's runtime arguments for q/k of Triton type ``dt`` (the sm_90 check)."""
+    return {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "lse_ptr": "*fp32", "out_ptr": "*fp32",
+            **{s: "i32" for s in _strides("qk")}, "stride_ob": "i32", "stride_on": "i32", "H": "i32", "S": "i32",
+            "query_start": "i32", "query_len": "i32", "text_start": "i32", "text_len": "i32", "qk_scale": "fp32"}
+
+
+def _strides(tensors: str) -> tuple:
+    """The [B, H, S] stride arguments of the kernels' tensors named by their letters (q, k, v, o)."""
+    return tuple(f"stride_{t}{a}" for t in tensors for a in "bhs")
+
+
 def compile_specs():
     """(kernel, signature, constexprs) for the sm_90 check: fp32/bf16/fp16, head dims 64 and 128 (and a padded
     one), with the GPU block sizes. Both layouts (bhsd, bshd) differ only in runtime stride values, so each
@@ -326,24 +345,11 @@ def compile_specs():
         prec = "ieee" if dt == "fp32" else "tf32"
         for d in (64, 128, 40):
             cfg = _attention_config(d, False, torch.float32 if dt == "fp32" else torch.bfloat16)
-            sig = {
-                "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "out_ptr": f"*{dt}",
-                "lse_ptr": "*fp32", "text_lse_ptr": "*fp32", "text_ent_ptr": "*fp32",
-                **{f"stride_{t}{a}": "i32" for t in "qkvo" for a in "bhs"},
-                "H": "i32", "S": "i32", "text_start": "i32", "text_len": "i32", "qk_scale": "fp32",
-            }
-            specs.append((attention_text_entropy_fwd_kernel, sig, {
+            specs.append((attention_text_entropy_fwd_kernel, _attention_signature(dt), {
                 "HEAD_DIM": d, "BLOCK_D": _block_d(d), "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
                 "INTERPRET": False, "PRECISION": prec}))
-            sig = {
-                "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "lse_ptr": "*fp32", "out_ptr": "*fp32",
-                **{f"stride_{t}{a}": "i32" for t in "qk" for a in "bhs"},
-                "stride_ob": "i32", "stride_on": "i32",
-                "H": "i32", "S": "i32", "query_start": "i32", "query_len": "i32", "text_start": "i32",
-                "text_len": "i32", "qk_scale": "fp32",
-            }
             for accumulate in (True, False):
-                specs.append((text_probs_kernel, sig, {
+                specs.append((text_probs_kernel, _probs_signature(dt), {
                     "HEAD_DIM": d, "BLOCK_D": _block_d(d), "BLOCK_M": 64, "BLOCK_T": 64, "INTERPRET": False,
                     "PRECISION": prec, "ACCUMULATE": accumulate}))
     return specs + _launched_specs()
@@ -356,24 +362,17 @@ def _launched_specs() -> list:
     arguments divisible by 16 at those shapes (every pointer and stride; S, the text range and the query range
     where they are)."""
     specs = []
-    strides = lambda ts: tuple(f"stride_{t}{a}" for t in ts for a in "bhs")  # noqa: E731
     for d, divisible in ((64, ("text_start",)), (128, ("S", "text_start", "text_len"))):
         cfg = _attention_config(d, False, torch.bfloat16)
-        sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "lse_ptr": "*fp32",
-               "text_lse_ptr": "*fp32", "text_ent_ptr": "*fp32", **{s: "i32" for s in strides("qkvo")},
-               "H": "i32", "S": "i32", "text_start": "i32", "text_len": "i32", "qk_scale": "fp32"}
-        specs.append((attention_text_entropy_fwd_kernel, sig, {
+        specs.append((attention_text_entropy_fwd_kernel, _attention_signature("bf16"), {
             "HEAD_DIM": d, "BLOCK_D": _block_d(d), "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
             "INTERPRET": False, "PRECISION": "tf32"},
             {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-             "divisible": ("*", *strides("qkvo"), *divisible)}))
-    sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "lse_ptr": "*fp32", "out_ptr": "*fp32",
-           **{s: "i32" for s in strides("qk")}, "stride_ob": "i32", "stride_on": "i32", "H": "i32", "S": "i32",
-           "query_start": "i32", "query_len": "i32", "text_start": "i32", "text_len": "i32", "qk_scale": "fp32"}
+             "divisible": ("*", *_strides("qkvo"), *divisible)}))
     for accumulate in (False, True):  # SD3.5-Medium: [B, 1024, 333] probabilities (stride_on = 333)
-        specs.append((text_probs_kernel, sig, {
+        specs.append((text_probs_kernel, _probs_signature("bf16"), {
             "HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_M": 64, "BLOCK_T": 64, "INTERPRET": False, "PRECISION": "tf32",
             "ACCUMULATE": accumulate},
-            {"num_warps": 4, "divisible": ("*", *strides("qk"), "stride_ob", "query_start", "query_len",
+            {"num_warps": 4, "divisible": ("*", *_strides("qk"), "stride_ob", "query_start", "query_len",
                                            "text_start")}))
     return specs

@@ -390,12 +390,34 @@ def sde_step_bwd(x, v, sched, *, prev=None, v_ref=None, g_mean=None, g_log_prob=
     return gx, gv, gvref
 
 
+_SCHEDULE_SIGNATURE = {"s_val": "fp64", "sn_val": "fp64", "s_stride": "i32", "sn_stride": "i32",
+                       "noise_level": "fp64", "sigma_max": "fp64", "sin_a": "fp64"}
+
+
+def _fwd_signature(dt: str, sdt: str, eps: str = "*fp32") -> dict:
+    """sde_step_fwd_kernel's runtime arguments (the sm_90 check): inputs of Triton type ``dt``, sigma pointers of
+    ``sdt``, the noise pointer's type ``eps`` (x stands in for an absent one)."""
+    return {"x_ptr": f"*{dt}", "v_ptr": f"*{dt}", "eps_ptr": eps, "prev_ptr": "*fp32", "vref_ptr": f"*{dt}",
+            "mean_ptr": "*fp32", "parts_ptr": "*fp32", "s_ptr": f"*{sdt}", "sn_ptr": f"*{sdt}",
+            **_SCHEDULE_SIGNATURE, "N": "i32", "n_chunks": "i32"}
+
+
+def _finish_signature(sdt: str) -> dict:
+    return {"parts_ptr": "*fp32", "log_prob_ptr": "*fp32", "std_ptr": "*fp32", "kl_ptr": "*fp32", "s_ptr": f"*{sdt}",
+            "sn_ptr": f"*{sdt}", **_SCHEDULE_SIGNATURE, "N": "i32", "n_chunks": "i32"}
+
+
+def _bwd_signature(dt: str, sdt: str, gmean: str = "*fp32") -> dict:
+    return {"x_ptr": f"*{dt}", "v_ptr": f"*{dt}", "prev_ptr": "*fp32", "vref_ptr": f"*{dt}", "gmean_ptr": gmean,
+            "glp_ptr": "*fp32", "gkl_ptr": "*fp32", "glp_stride": "i32", "gkl_stride": "i32", "gx_ptr": f"*{dt}",
+            "gv_ptr": f"*{dt}", "gvref_ptr": f"*{dt}", "s_ptr": f"*{sdt}", "sn_ptr": f"*{sdt}",
+            **_SCHEDULE_SIGNATURE, "N": "i32"}
+
+
 def compile_specs():
     """(kernel, signature, constexprs) triples covering the variants the launchers use, for the sm_90 check:
     every kind (with both KL conventions where they differ), scalar and per-sample (fp32/fp64) sigmas, each
     noise mode with and without v_ref, three input dtypes."""
-    sched = {"s_val": "fp64", "sn_val": "fp64", "s_stride": "i32", "sn_stride": "i32", "noise_level": "fp64",
-             "sigma_max": "fp64", "sin_a": "fp64"}
     variants = []  # (KIND, KL_EXACT, HAS_SIGMA_MAX, S_PTR, SN_PTR, sigma dtype)
     for kind in KIND_IDS.values():
         for kl_exact in ((False, True) if kind in (0, 1) else (False,)):
@@ -405,75 +427,52 @@ def compile_specs():
     specs = []
     for kind, kl_exact, has_max, s_ptr, sn_ptr, sdt in variants:
         consts = {"KIND": kind, "KL_EXACT": kl_exact, "HAS_SIGMA_MAX": has_max, "S_PTR": s_ptr, "SN_PTR": sn_ptr}
-        sig_ptrs = {"s_ptr": f"*{sdt}", "sn_ptr": f"*{sdt}"}
         modes = (NO_SAMPLE,) if kind == 3 else (SAMPLE, GIVEN)
         vrefs = (False,) if kind == 3 else (False, True)
         dts = ("fp32", "bf16", "fp16") if (s_ptr, sn_ptr, kl_exact) == (False, False, False) else ("bf16",)
         for dt in dts:
             for noise in modes:
                 for has_vref in vrefs:
-                    sig = {
-                        "x_ptr": f"*{dt}", "v_ptr": f"*{dt}", "eps_ptr": "*fp32", "prev_ptr": "*fp32",
-                        "vref_ptr": f"*{dt}", "mean_ptr": "*fp32", "parts_ptr": "*fp32",
-                        **sig_ptrs, **sched, "N": "i32", "n_chunks": "i32",
-                    }
-                    specs.append((sde_step_fwd_kernel, sig, {**consts, "NOISE": noise, "HAS_VREF": has_vref,
-                                                             "BLOCK": 1024, "ITERS": 4}))
+                    specs.append((sde_step_fwd_kernel, _fwd_signature(dt, sdt), {
+                        **consts, "NOISE": noise, "HAS_VREF": has_vref, "BLOCK": 1024, "ITERS": 4}))
             bwd_cases = ((False, False, True),) if kind == 3 else (
                 (True, True, True), (True, False, False), (False, True, False))
             for has_diff, has_vref, has_gmean in bwd_cases:
-                sig = {
-                    "x_ptr": f"*{dt}", "v_ptr": f"*{dt}", "prev_ptr": "*fp32", "vref_ptr": f"*{dt}",
-                    "gmean_ptr": "*fp32", "glp_ptr": "*fp32", "gkl_ptr": "*fp32", "glp_stride": "i32",
-                    "gkl_stride": "i32", "gx_ptr": f"*{dt}", "gv_ptr": f"*{dt}", "gvref_ptr": f"*{dt}",
-                    **sig_ptrs, **sched, "N": "i32",
-                }
-                specs.append((sde_step_bwd_kernel, sig, {
+                specs.append((sde_step_bwd_kernel, _bwd_signature(dt, sdt), {
                     **consts, "HAS_DIFF": has_diff, "HAS_VREF": has_vref, "HAS_GMEAN": has_gmean, "NEED_GX": True,
                     "NEED_GV": True, "NEED_GVREF": has_vref, "BLOCK": 1024, "ITERS": 4,
                 }))
         for has_sample in ((False,) if kind == 3 else (True,)):
             for has_vref in vrefs:
-                sig = {"parts_ptr": "*fp32", "log_prob_ptr": "*fp32", "std_ptr": "*fp32",
-                       "kl_ptr": "*fp32", **sig_ptrs, **sched, "N": "i32", "n_chunks": "i32"}
-                specs.append((sde_step_finish_kernel, sig, {**consts, "HAS_SAMPLE": has_sample,
-                                                            "HAS_VREF": has_vref, "CBLOCK": 128}))
-    specs += _launched_specs(sched)
-    return specs
+                specs.append((sde_step_finish_kernel, _finish_signature(sdt), {
+                    **consts, "HAS_SAMPLE": has_sample, "HAS_VREF": has_vref, "CBLOCK": 128}))
+    return specs + _launched_specs()
 
 
-def _launched_specs(sched) -> list:
+def _launched_specs() -> list:
     """bench/test_bench_sde.py's flow_grpo cases (bf16, scalar sigmas, SD3.5-512's N = 65,536 per sample) as their
     launches compile them: a rollout step (noise drawn) and a training step (prev given, v_ref, gradient to v
     only), with the launches' warps and the arguments found divisible by 16 there (pointers, N, the chunk count,
     the zero strides of the scalar sigmas and of the loss's expanded gradients)."""
-    consts = {"KIND": KIND_IDS["flow_grpo"], "KL_EXACT": False, "HAS_SIGMA_MAX": False, "S_PTR": False,
-              "SN_PTR": False}
-    sigmas = {"s_ptr": "*fp32", "sn_ptr": "*fp32"}  # stand-ins (the mean buffer), read only with S_PTR/SN_PTR
+    variant = (KIND_IDS["flow_grpo"], False, False, False, False)  # `_variant`: scalar sigmas, no sigma_max
     specs = []
-    fin = {"parts_ptr": "*fp32", "log_prob_ptr": "*fp32", "std_ptr": "*fp32", "kl_ptr": "*fp32", **sigmas, **sched,
-           "N": "i32", "n_chunks": "i32"}
-    for noise, has_vref in ((SAMPLE, False), (GIVEN, True)):
-        # an absent eps is stood in for by x; the drawn noise and a given prev are float32
-        fwd = {"x_ptr": "*bf16", "v_ptr": "*bf16", "eps_ptr": "*fp32" if noise == SAMPLE else "*bf16",
-               "prev_ptr": "*fp32", "vref_ptr": "*bf16", "mean_ptr": "*fp32", "parts_ptr": "*fp32", **sigmas, **sched,
-               "N": "i32", "n_chunks": "i32"}
-        plan = _fwd_plan(8, 65536, tuple(consts.values()), noise, has_vref)
-        ints = ("N", "n_chunks", "s_stride", "sn_stride")
-        specs.append((sde_step_fwd_kernel, fwd, {**consts, **{k: v for k, v in plan.kw.items() if k != "num_warps"}},
-                      {"num_warps": plan.kw["num_warps"], "divisible": ("*", *ints),
-                       "ptx_has": ("ld.global.v4", "st.global.v4")}))
-        specs.append((sde_step_finish_kernel, fin, {**consts, **{k: v for k, v in plan.finish_kw.items()
-                                                                   if k != "num_warps"}},
-                      {"num_warps": plan.finish_kw["num_warps"], "divisible": ("*", *ints)}))
-    # g_mean absent (x stands in), no gradient to x or v_ref (x and v stand in); the gradients of log_prob and kl
-    # come from the loss's sums as expanded ones, stride 0 (divisible by 16, like the sigma strides)
-    bwd = {"x_ptr": "*bf16", "v_ptr": "*bf16", "prev_ptr": "*fp32", "vref_ptr": "*bf16", "gmean_ptr": "*bf16",
-           "glp_ptr": "*fp32", "gkl_ptr": "*fp32", "glp_stride": "i32", "gkl_stride": "i32", "gx_ptr": "*bf16",
-           "gv_ptr": "*bf16", "gvref_ptr": "*bf16", "s_ptr": "*bf16", "sn_ptr": "*bf16", **sched, "N": "i32"}
-    _, kw = _bwd_plan(8, 65536, tuple(consts.values()), True, True, False, False, True, False)
-    specs.append((sde_step_bwd_kernel, bwd, {**consts, **{k: v for k, v in kw.items() if k != "num_warps"}},
-                  {"num_warps": kw["num_warps"], "ptx_has": ("ld.global.v4", "st.global.v4"),
-                   "divisible": ("*", "N", "s_stride", "sn_stride", "glp_stride", "gkl_stride")}))
-    return specs
 
+    def launched(kernel, signature, kw, divisible, ptx_has=()):  # a plan's kw: constexprs and num_warps
+        consts = {k: v for k, v in kw.items() if k != "num_warps"}
+        specs.append((kernel, signature, consts, {"num_warps": kw["num_warps"], "divisible": ("*", *divisible),
+                                                  "ptx_has": ptx_has}))
+
+    ints = ("N", "n_chunks", "s_stride", "sn_stride")
+    streaming = ("ld.global.v4", "st.global.v4")
+    for noise, has_vref in ((SAMPLE, False), (GIVEN, True)):
+        plan = _fwd_plan(8, 65536, variant, noise, has_vref)
+        # the sigma pointers' stand-in is the mean buffer; x stands in for an absent eps, the drawn noise is float32
+        launched(sde_step_fwd_kernel, _fwd_signature("bf16", "fp32", "*fp32" if noise == SAMPLE else "*bf16"),
+                 plan.kw, ints, streaming)
+        launched(sde_step_finish_kernel, _finish_signature("fp32"), plan.finish_kw, ints)
+    # g_mean absent and the sigma pointers' stand-in: x; the gradients of log_prob and kl come from the loss's
+    # sums as expanded ones, stride 0 (divisible by 16, like the sigma strides)
+    _, kw = _bwd_plan(8, 65536, variant, True, True, False, False, True, False)
+    launched(sde_step_bwd_kernel, _bwd_signature("bf16", "bf16", "*bf16"), kw,
+             ("N", "s_stride", "sn_stride", "glp_stride", "gkl_stride"), streaming)
+    return specs

@@ -308,9 +308,13 @@ def token_stats_bwd(logits3, targets, rowmax, logs, mean_rel, g_logp, g_ent, inv
             logits3, targets, rowmax, logs, mean_rel, g_logp if g_logp is not None else rowmax,
             g_ent if g_ent is not None else rowmax, dlogits, Lr, sb, sl, V, inv_t, ignore_index, ent_scale,
             HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None, BLOCK=block, ITERS=iters,
-            num_warps=8 if block >= 2048 else 4,
+            num_warps=_bwd_num_warps(block),
         )
     return dlogits
+
+
+def _bwd_num_warps(block: int) -> int:
+    return 8 if block >= 2048 else 4
 
 
 # ------------------------------------------------------------------------------------------ EG-GRPO pass 2
@@ -523,30 +527,32 @@ def eg_shaping(entropy, modality, *, low_frac, high_frac, rule, flag, eff_target
     return low, high, tadv
 
 
+def _fwd_signature(dt: str) -> dict:
+    """token_stats_fwd_kernel's runtime arguments for logits of Triton type ``dt`` (the sm_90 check)."""
+    return {"logits_ptr": f"*{dt}", "targets_ptr": "*i64", "mod_ptr": "*i64", "efft_ptr": "*i64", "logp_ptr": "*fp32",
+            "ent_ptr": "*fp32", "rowmax_ptr": "*fp32", "logs_ptr": "*fp32", "meanrel_ptr": "*fp32",
+            "flag_ptr": "*i32", "L": "i32", "stride_b": "i64", "stride_l": "i32", "mod_sb": "i32", "mod_sl": "i32",
+            "V": "i32", "inv_t": "fp32", "ignore_index": "i32", "ent_scale": "fp32"}
+
+
+def _bwd_signature(dt: str) -> dict:
+    """token_stats_bwd_kernel's runtime arguments for logits of Triton type ``dt`` (the sm_90 check)."""
+    return {"logits_ptr": f"*{dt}", "targets_ptr": "*i64", "rowmax_ptr": "*fp32", "logs_ptr": "*fp32",
+            "meanrel_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "dlogits_ptr": f"*{dt}", "L": "i32",
+            "stride_b": "i64", "stride_l": "i32", "V": "i32", "inv_t": "fp32", "ignore_index": "i32",
+            "ent_scale": "fp32"}
+
+
 def compile_specs():
     """(kernel, signature, constexprs) triples covering the variants the launchers use, for the sm_90 check."""
     specs = []
     for dt in ("fp32", "bf16", "fp16"):
-        for has_mod in (False, True):
-            fwd = {
-                "logits_ptr": f"*{dt}", "targets_ptr": "*i64", "mod_ptr": "*i64", "efft_ptr": "*i64",
-                "logp_ptr": "*fp32", "ent_ptr": "*fp32", "rowmax_ptr": "*fp32", "logs_ptr": "*fp32",
-                "meanrel_ptr": "*fp32", "flag_ptr": "*i32", "L": "i32", "stride_b": "i64", "stride_l": "i32",
-                "mod_sb": "i32", "mod_sl": "i32", "V": "i32", "inv_t": "fp32", "ignore_index": "i32",
-                "ent_scale": "fp32",
-            }
-            for lanes in (True, False):
-                for prefetch in (False, True):
-                    specs.append((token_stats_fwd_kernel, fwd, {"HAS_MOD": has_mod, "BLOCK": 4096, "LANES": lanes,
-                                                                "PREFETCH": prefetch, "EVEN_V": False}))
+        for has_mod, lanes, prefetch in itertools.product((False, True), (True, False), (False, True)):
+            specs.append((token_stats_fwd_kernel, _fwd_signature(dt), {"HAS_MOD": has_mod, "BLOCK": 4096,
+                                                                        "LANES": lanes, "PREFETCH": prefetch,
+                                                                        "EVEN_V": False}))
         for has_glogp, has_gent in ((True, True), (True, False), (False, True)):
-            bwd = {
-                "logits_ptr": f"*{dt}", "targets_ptr": "*i64", "rowmax_ptr": "*fp32", "logs_ptr": "*fp32",
-                "meanrel_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "dlogits_ptr": f"*{dt}",
-                "L": "i32", "stride_b": "i64", "stride_l": "i32", "V": "i32", "inv_t": "fp32",
-                "ignore_index": "i32", "ent_scale": "fp32",
-            }
-            specs.append((token_stats_bwd_kernel, bwd,
+            specs.append((token_stats_bwd_kernel, _bwd_signature(dt),
                           {"HAS_GLOGP": has_glogp, "HAS_GENT": has_gent, "BLOCK": 4096, "ITERS": 4}))
 
     def shaping(et, adv, quantile, block_l):
@@ -581,10 +587,7 @@ def _launched_specs() -> list:
     V = 16384
     cfg = fwd_config(V)
     specs = []
-    fwd = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "mod_ptr": "*i64", "efft_ptr": "*i64", "logp_ptr": "*fp32",
-           "ent_ptr": "*fp32", "rowmax_ptr": "*fp32", "logs_ptr": "*fp32", "meanrel_ptr": "*fp32",
-           "flag_ptr": "*i32", "L": "i32", "stride_b": "i64", "stride_l": "i32", "mod_sb": "i32", "mod_sl": "i32",
-           "V": "i32", "inv_t": "fp32", "ignore_index": "i32", "ent_scale": "fp32"}
+    fwd = _fwd_signature("bf16")
     for has_mod in (True, False):  # eg_grpo_shaping, token_logprob_entropy
         mod = {"mod_sl": 1} if has_mod else {}
         for lanes, prefetch in itertools.product((True, False), (False, True)):
@@ -595,11 +598,8 @@ def _launched_specs() -> list:
                            "divisible": ("*", "L", "stride_b", "stride_l", "V", "mod_sb",
                                          *(() if has_mod else ("mod_sl",)))}))
     block, iters, _ = blocking(V)
-    bwd = {"logits_ptr": "*bf16", "targets_ptr": "*i64", "rowmax_ptr": "*fp32", "logs_ptr": "*fp32",
-           "meanrel_ptr": "*fp32", "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "dlogits_ptr": "*bf16", "L": "i32",
-           "stride_b": "i64", "stride_l": "i32", "V": "i32", "inv_t": "fp32", "ignore_index": "i32",
-           "ent_scale": "fp32"}
-    specs.append((token_stats_bwd_kernel, bwd, {"HAS_GLOGP": True, "HAS_GENT": True, "BLOCK": block, "ITERS": iters},
-                  {"num_warps": 8 if block >= 2048 else 4, "ptx_has": ("ld.global.v4", "st.global.v4"),
+    specs.append((token_stats_bwd_kernel, _bwd_signature("bf16"),
+                  {"HAS_GLOGP": True, "HAS_GENT": True, "BLOCK": block, "ITERS": iters},
+                  {"num_warps": _bwd_num_warps(block), "ptx_has": ("ld.global.v4", "st.global.v4"),
                    "divisible": ("*", "L", "stride_b", "stride_l", "V")}))
     return specs
