@@ -63,27 +63,35 @@ round)
     LOG="$OUT/log.txt"
     left() { local l=$((BUDGET - (SECONDS - t0))); [ "$1" -lt "$l" ] && echo "$1" || echo $((l > 5 ? l : 5)); }
     part() { echo "== $1 (at $((SECONDS - t0)) s)" | tee -a "$LOG"; }
+    # Every part runs whatever an earlier one did; the call's exit status says whether any failed (124: its time
+    # ran out), so the `run` result shows it at once, and log.txt ends with the list.
+    FAILED=()
+    check() { [ "$2" -eq 0 ] || { FAILED+=("$1 (rc $2)"); echo "!! $1 failed: rc $2" | tee -a "$LOG"; }; }
     cat "$OUT/gpu.txt" >> "$LOG"; rm -f "$OUT/gpu.txt"
     bench() {  # bench NAME SECONDS FILES... [-k EXPR]
         local name=$1 secs=$2; shift 2
         part "$name"
         timeout "$(left "$secs")" python3 -m pytest "$@" -q -p no:cacheprovider --benchmark-json="$OUT/$name.json" \
             --benchmark-columns=median,rounds >> "$LOG" 2>&1
+        check "$name" $?
         tail -1 "$LOG"
     }
     part round
     FASTGRPO_ROUND_PARTIAL="$OUT/round.json" timeout "$(left 300)" python3 -m pytest bench/test_bench_round.py -q \
         -p no:cacheprovider -x >> "$LOG" 2>&1
+    check round $?
     tail -4 "$LOG"
     bench kernels 75 bench/test_bench_ceilings.py bench/test_bench_sde.py bench/test_bench_token.py bench/test_bench_host.py \
         -k "not cpp and not compiled and not forward- and not (test_train and image) and not (test_train and text)"
     bench collector 45 bench/test_bench_collector.py
     part probe
     timeout "$(left 60)" python3 bench/gpu_probe.py --out "$OUT" --only collector ops >> "$LOG" 2>&1
+    check probe $?
     part "CUDA tests"
     timeout "$(left 75)" python3 -m pytest tests/test_speed_paths.py tests/test_ar_host_reads.py tests/test_sde_step.py \
         tests/test_collector.py tests/test_token_eg_grpo.py -q -ra -p no:cacheprovider -k "cuda or graph or sync" \
         >> "$LOG" 2>&1
+    check "CUDA tests" $?
     tail -8 "$LOG"
     if [ $((BUDGET - (SECONDS - t0))) -gt 30 ]; then  # the sweep (token_tiles) into its own copy, then merged
         part "token tiles"
@@ -105,6 +113,10 @@ PY
     python3 bench/report.py "$OUT"/kernels.json "$OUT"/collector.json "$OUT"/round.json --gpu 2>&1 \
         | tee -a "$LOG" | grep -E "^\| (sample|train_fwd|forward \| case=shaping|2 \| collector|8 \| collector|eager|fast)"
     part done
+    if [ ${#FAILED[@]} -gt 0 ]; then
+        echo "failed parts: ${FAILED[*]}" | tee -a "$LOG"
+        exit 1
+    fi
     ;;
 *)
     echo "usage: $0 bench [-k expr] [timeout_s] | tests [timeout_s] [pytest args] | probe [timeout_s] | round [budget_s]" >&2

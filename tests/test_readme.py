@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shlex
 import sys
@@ -185,6 +186,49 @@ _GPU_SESSION_FILES = {"kernels.json", "collector.json", "round.json"}
 def test_gpu_session_writes_what_the_readme_merges():
     script = (REPO / "bench/gpu_session.sh").read_text()
     assert all(f in script for f in _GPU_SESSION_FILES)
+
+
+def _fake_gpu_session(tmp_path, fail_on: str):
+    """Run `bench/gpu_session.sh round` in a scratch tree where ``python3`` and ``nvidia-smi`` are stubs: the stub
+    python exits 1 when its arguments contain ``fail_on`` (empty: never) and 0 otherwise."""
+    import shutil
+    import subprocess
+
+    tree = tmp_path / "tree"
+    (tree / "bench").mkdir(parents=True)
+    (tree / "fastgrpo").mkdir()
+    shutil.copy(REPO / "bench/gpu_session.sh", tree / "bench")
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "nvidia-smi").write_text("#!/bin/sh\necho 'name, driver_version'\necho 'stub, 0'\n")
+    (stubs / "python3").write_text(
+        '#!/bin/sh\necho "$*" >> "$CALLS"\ncase "$*" in *"$FAIL_ON"*) [ -n "$FAIL_ON" ] && exit 1;; esac\nexit 0\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "OUT": str(out), "FAIL_ON": fail_on,
+           "CALLS": str(tmp_path / "calls.txt")}
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "round", "60"], cwd=tree, env=env, capture_output=True,
+                          text=True, timeout=120)
+    return proc, (out / "log.txt").read_text(), (tmp_path / "calls.txt").read_text()
+
+
+@pytest.mark.parametrize("fail_on", ["", "gpu_probe.py --out", "test_bench_collector.py"])
+def test_gpu_session_round_runs_every_part_and_exits_with_their_failures(tmp_path, fail_on):
+    """`bench/gpu_session.sh round` goes on past a failing part (a loan's single call must bring back every
+    measurement it can) and exits 1 naming the parts that failed, so the `run` result shows a failure at once."""
+    proc, log, calls = _fake_gpu_session(tmp_path, fail_on)
+    for part in ("test_bench_round.py", "test_bench_sde.py", "test_bench_collector.py", "--only collector ops",
+                 "tests/test_sde_step.py", "--only token_tiles", "bench/report.py"):
+        assert part in calls, part
+    failed = {"": None, "gpu_probe.py --out": "probe", "test_bench_collector.py": "collector"}[fail_on]
+    if failed is None:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "failed" not in log
+    else:
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert f"failed parts: {failed} (rc 1)" in log and f"!! {failed} failed: rc 1" in log
+        assert log.count("!! ") == 1
 
 
 def test_gpu_image_check_pins_the_versions_the_readme_names():
