@@ -125,8 +125,10 @@ def table(results: dict) -> str:
 
 def host_table(results: dict) -> str:
     """The host cost of the Triton launchers (bench/test_bench_host.py): per case, the median host time of one call
-    with every kernel stubbed, its kernel launches, the torch ops it dispatches and how many of them read a value
-    back to the host."""
+    with every kernel stubbed, and where recorded (CPU tensors) with the kernels going through Triton's own launch
+    path against a stand-in driver, the difference per launch; its kernel launches, the torch ops it dispatches and
+    how many of them read a value back to the host. A result without ``kernels`` (recorded before the dispatched
+    cases existed) counts as stubbed."""
     host = sorted((b for b in results["benchmarks"] if _fn(b).startswith("test_host_")), key=lambda b: b["name"])
     if not host:
         raise SystemExit("no bench/test_bench_host.py results in this file")
@@ -134,23 +136,44 @@ def host_table(results: dict) -> str:
     info = results.get("machine_info", {})
     threads = next((b["extra_info"]["device"] for b in host
                     if str(b["extra_info"].get("device")).startswith("cpu")), "")
-    lines = [f"Host cost per call (bench/test_bench_host.py): the Triton launchers with every kernel stubbed (no "
-             "device work; Triton's own launch path not included), median host time. "
+
+    def tensors(e):
+        return "cpu" if str(e.get("device", "cpu")).startswith("cpu") else "cuda"
+
+    def us(b):
+        return b["extra_info"].get("host_us", b["stats"]["median"] * 1e6)
+
+    def key(e):
+        return e.get("op"), e.get("case"), e.get("shape_name"), tensors(e)
+
+    dispatched = {key(b["extra_info"]): b for b in host if b["extra_info"].get("kernels") == "dispatched"}
+    lines = [f"Host cost per call (bench/test_bench_host.py), median host time: with every kernel stubbed (no "
+             "device work, no Triton launch path: `fastgrpo.testing.stubbed_kernels`), and for CPU tensors also "
+             "with the compiled kernels going through Triton's own launch path (argument binding, specialisation, "
+             "cache lookup, launch metadata) against a stand-in CUDA driver that records each launch instead of "
+             "calling the GPU (`fastgrpo.testing.dispatched_kernels`; what is left out is the driver call itself). "
              f"CPU: {info.get('cpu', {}).get('brand_raw', info.get('processor', '?'))}, {threads}; "
              f"torch {e0.get('torch')}, "
              f"triton {e0.get('triton')}; recorded {results.get('datetime', '?')} "
              f"({Path(results.get('_source', '')).name}).", "",
              "Host reads: reads of a tensor's value on the host by fastgrpo's code (`.item()`, `.tolist()`, ...; "
              "`fastgrpo.testing.host_reads`), each a device sync with CUDA tensors.", "",
-             "| op | case | shapes | tensors | host us | kernel launches | torch ops | host reads |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+             "| op | case | shapes | tensors | host us, kernels stubbed | host us, Triton launch path | "
+             "launch path us per launch | kernel launches | torch ops | host reads |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for b in host:
         e = b["extra_info"]
-        tensors = "cpu" if str(e.get("device", "cpu")).startswith("cpu") else "cuda"
+        if e.get("kernels", "stubbed") != "stubbed":
+            continue
         shapes = "; ".join(f"{k} {'x'.join(map(str, v))}" for k, v in e.get("shapes", {}).items())
-        us = e.get("host_us", b["stats"]["median"] * 1e6)
+        d = dispatched.get(key(e))
+        launches = e.get("kernel_launches")
+        via = per_launch = ""
+        if d is not None:
+            via = f"{us(d):,.1f}"
+            per_launch = f"{(us(d) - us(b)) / launches:,.1f}" if launches else ""
         lines.append(f"| {e.get('op', _fn(b))} | {e.get('case', '')} | {e.get('shape_name', '')} ({shapes}) | "
-                     f"{tensors} | {us:,.1f} | {e.get('kernel_launches')} | {e.get('aten_ops')} | "
+                     f"{tensors(e)} | {us(b):,.1f} | {via} | {per_launch} | {launches} | {e.get('aten_ops')} | "
                      f"{len(e.get('host_reads') or [])} |")
     return "\n".join(lines)
 

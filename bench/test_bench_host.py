@@ -45,7 +45,8 @@ import fastgrpo.kernels.sde_step  # noqa: F401,E402  imported before TRITON_INTE
 import fastgrpo.kernels.token_entropy  # noqa: F401,E402
 import fastgrpo.kernels.attention_entropy  # noqa: F401,E402
 from fastgrpo import eg_grpo_shaping, sde_step, token_logprob_entropy  # noqa: E402
-from fastgrpo.testing import stubbed_kernels  # noqa: E402
+from fastgrpo.ops import _backend  # noqa: E402
+from fastgrpo.testing import dispatched_kernels, stubbed_kernels  # noqa: E402
 from harness import HAS_CUDA, measure_host  # noqa: E402
 from test_bench_sde import SHAPES as SDE_SHAPES  # noqa: E402
 from test_bench_token import SHAPES as TOKEN_SHAPES  # noqa: E402
@@ -66,10 +67,34 @@ def host_device(request, monkeypatch):
     return device
 
 
+KERNELS = ["stubbed", "dispatched"]
+TIMING = {"stubbed": "host clock, Triton kernels stubbed (fastgrpo.testing.stubbed_kernels)",
+          "dispatched": "host clock, Triton's launch path with a stand-in CUDA driver "
+                        "(fastgrpo.testing.dispatched_kernels)"}
+
+
+@pytest.fixture
+def kernels(request, host_device, monkeypatch):
+    """(name, context manager) of how the call's kernels are replaced: ``stubbed`` (`stubbed_kernels`) or
+    ``dispatched`` (`dispatched_kernels`: CPU tensors only; on a GPU the real launch path runs in
+    bench/gpu_probe.py). Dispatched, the kernels are the compiled ones with their GPU constexprs, so
+    ``TRITON_INTERPRET`` is unset again and only the backend check is told that CPU tensors may take
+    ``impl="triton"``."""
+    name = request.param
+    if name == "stubbed":
+        return name, stubbed_kernels
+    if HAS_CUDA:  # (its sm_90 compiles would also take a GPU session's time for nothing)
+        pytest.skip("a CUDA machine runs Triton's real launch path: bench/gpu_probe.py's host profile times it")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(_backend, "triton_interpreting", lambda: True)
+    return name, dispatched_kernels
+
+
 @pytest.mark.parametrize("host_device", DEVICES, indirect=True)
 @pytest.mark.parametrize("shape_name", ["tiny", "sd35-512"])
 @pytest.mark.parametrize("case", ["sde_sample", "sde_train"])
-def test_host_sde_step(benchmark, host_device, case, shape_name):
+@pytest.mark.parametrize("kernels", KERNELS, indirect=True)
+def test_host_sde_step(benchmark, host_device, kernels, case, shape_name):
     shape = SDE_SHAPES[shape_name]
     x = torch.empty(shape, dtype=torch.bfloat16, device=host_device)
     v = torch.empty_like(x)
@@ -90,15 +115,17 @@ def test_host_sde_step(benchmark, host_device, case, shape_name):
             return torch.autograd.grad(out.log_prob.sum() + 0.01 * out.kl.sum(), v)
 
         expected = ["sde_step_fwd_kernel", "sde_step_finish_kernel", "sde_step_bwd_kernel"]
-    with stubbed_kernels(SDE) as launches:
+    with kernels[1](SDE) as launches:
         measure_host(benchmark, fn, launches=launches, expected=expected, op="sde_step", case=case.removeprefix("sde_"),
-                     shape_name=shape_name, shapes={"x": list(shape)}, dtype="bfloat16", device=host_device)
+                     shape_name=shape_name, shapes={"x": list(shape)}, dtype="bfloat16", device=host_device,
+                     kernels=kernels[0], timing=TIMING[kernels[0]])
 
 
 @pytest.mark.parametrize("host_device", DEVICES, indirect=True)
 @pytest.mark.parametrize("validate", [True, False], ids=["validate", "novalidate"])
 @pytest.mark.parametrize("case", ["token_logprob_entropy", "eg_grpo_shaping"])
-def test_host_token(benchmark, host_device, case, validate):
+@pytest.mark.parametrize("kernels", KERNELS, indirect=True)
+def test_host_token(benchmark, host_device, kernels, case, validate):
     B, L, V = TOKEN_SHAPES["image"]
     g = torch.Generator().manual_seed(0)
     logits = torch.empty((B, L, V), dtype=torch.bfloat16, device=host_device)
@@ -118,10 +145,11 @@ def test_host_token(benchmark, host_device, case, validate):
                 return eg_grpo_shaping(logits, targets, modality, advantages, impl="triton", validate=validate)
 
         expected = ["token_stats_fwd_kernel", "eg_shaping_kernel"]
-    with stubbed_kernels(TOKEN) as launches:
+    with kernels[1](TOKEN) as launches:
         measure_host(benchmark, fn, launches=launches, expected=expected, op=case,
                      case="forward" if validate else "forward, validate=False", shape_name="image",
-                     shapes={"logits": [B, L, V]}, dtype="bfloat16", device=host_device)
+                     shapes={"logits": [B, L, V]}, dtype="bfloat16", device=host_device, kernels=kernels[0],
+                     timing=TIMING[kernels[0]])
 
 
 _SD35_STRUCTURE = {}
@@ -143,7 +171,8 @@ def _sd35_structure():
 
 @pytest.mark.parametrize("host_device", DEVICES, indirect=True)
 @pytest.mark.parametrize("way", ["constructed_each_time", "entered_once"])
-def test_host_collector(benchmark, host_device, way):
+@pytest.mark.parametrize("kernels", KERNELS, indirect=True)
+def test_host_collector(benchmark, host_device, kernels, way):
     from fastgrpo.diffusion.attention import AttentionEntropyCollector
 
     model = _sd35_structure()
@@ -167,13 +196,14 @@ def test_host_collector(benchmark, host_device, way):
 
     # (no "forward-" in the ids: bench/gpu_session.sh round deselects that)
     once = AttentionEntropyCollector(model, layers=layers, impl="triton") if way == "entered_once" else None
-    with torch.no_grad(), stubbed_kernels(ATTENTION) as launches, once or contextlib.nullcontext():
+    with torch.no_grad(), kernels[1](ATTENTION) as launches, once or contextlib.nullcontext():
         measure_host(benchmark, fresh if once is None else lambda: forward(once), launches=launches,
                      expected=["attention_text_entropy_fwd_kernel", "text_probs_kernel"] * 3,
                      op="AttentionEntropyCollector",
                      case=f"one forward, collector {'constructed per forward' if once is None else 'entered once'}",
                      shape_name="SD3.5-Medium, layers 5/10/15", shapes={"q": list(q.shape)},
-                     dtype=str(dtype).removeprefix("torch."), device=host_device)
+                     dtype=str(dtype).removeprefix("torch."), device=host_device, kernels=kernels[0],
+                     timing=TIMING[kernels[0]])
 
 
 def test_gpu_probe_ops_section():
@@ -196,3 +226,42 @@ def test_gpu_probe_ops_section():
     # the training case runs the autograd engine: its backward node is among the events
     assert any("Backward" in e[0] for e in res["sde_train_tiny_bf16"]["cpu_events"])
 
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="a CUDA machine runs Triton's real launch path (bench/gpu_probe.py)")
+def test_dispatched_kernels_runs_tritons_launch_path_and_restores_it(monkeypatch):
+    """`dispatched_kernels` sends a launch through Triton's own path (the kernel is compiled for sm_90 and cached
+    under the stand-in driver's device, and its launcher records the plan's grid), then gives Triton back its
+    driver and each kernel its caches; interpreted kernels are refused."""
+    import types
+
+    import triton
+    from triton.runtime import driver as driver_config
+
+    from fastgrpo.kernels import sde_step as sde_kernels
+
+    monkeypatch.setattr(_backend, "triton_interpreting", lambda: True)  # CPU tensors may take impl="triton"
+    kernel = sde_kernels.sde_step_fwd_kernel
+    driver_before, caches_before = driver_config._active, kernel.device_caches
+    x = torch.empty((3, 5, 7, 11), dtype=torch.bfloat16)  # N = 385: one chunk of 512 per sample
+    with torch.no_grad(), dispatched_kernels(SDE) as launches:
+        sde_step(x, torch.empty_like(x), 0.8, 0.7, noise=torch.empty(x.shape), impl="triton")
+        kernel_cache = kernel.device_caches[0][0]
+    assert launches.names() == ["sde_step_fwd_kernel", "sde_step_finish_kernel"]
+    assert launches.grids == [(1, 3, 1), (3, 1, 1)]
+    assert len(kernel_cache) == 1 and next(iter(kernel_cache.values())).metadata.target.arch == 90
+    assert driver_config._active is driver_before and kernel.device_caches is caches_before
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton.jit reads it when a kernel is defined
+    module = types.ModuleType("interpreted_kernels")
+    module.copy_kernel = triton.jit(_copy)
+    with pytest.raises(RuntimeError, match="interpreted_kernels.copy_kernel is not a plain compiled"):
+        with dispatched_kernels(module):
+            pass
+    assert driver_config._active is driver_before
+
+
+def _copy(src_ptr, dst_ptr):  # defined as a kernel for the refusal above, never launched
+    import triton.language as tl
+
+    tl.store(dst_ptr, tl.load(src_ptr))

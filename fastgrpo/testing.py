@@ -15,8 +15,10 @@ NaN-filled (or extreme-integer) memory so a test can prove a kernel writes every
 
 Host-cost helpers (bench/test_bench_host.py): `stubbed_kernels` replaces the Triton kernels of some modules by stubs
 that launch nothing and record each launch, so that a call's own host work (checks, allocations, launch arguments,
-the autograd Function) can be timed and profiled on any machine; `aten_ops` lists the torch ops a call dispatches
-(`host_reads` below lists its reads of tensor values on the host: device syncs on a GPU).
+the autograd Function) can be timed and profiled on any machine; `dispatched_kernels` lets the compiled kernels go
+through Triton's own launch path too, against a stand-in CUDA driver that records instead of launching; `aten_ops`
+lists the torch ops a call dispatches (`host_reads` below lists its reads of tensor values on the host: device
+syncs on a GPU).
 
 Family-wide tests: `tiny_presets` / `tiny_flow_families` / `tiny_family_config` (every flow family with a
 ``configs/tiny-*.yaml`` preset, so a new family with a tiny preset is covered without editing the tests).
@@ -167,6 +169,98 @@ def stubbed_kernels(*modules):
     finally:
         for mod, name, obj in saved:
             setattr(mod, name, obj)
+
+
+class _RecordingLauncher:
+    """Stands in for Triton's CUDA launcher of one compiled kernel (`dispatched_kernels`): a launch records the
+    kernel's name and grid instead of calling the driver."""
+
+    def __init__(self, log: KernelLaunches, name: str):
+        self.log, self.name = log, name
+
+    def __call__(self, grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook,
+                 exit_hook, *args):
+        self.log.append(self.name)
+        self.log.grids.append((grid_x, grid_y, grid_z))
+
+
+class _StandInCudaDriver:
+    """The part of Triton's active-driver interface (Triton 3.6-3.7) that compiling and launching a ``triton.jit``
+    kernel asks of the driver: an sm_90 target on device 0, stream 0, device properties (an H100/H200's shared
+    memory per block), a binary "load" that hands back placeholder handles, and a launcher class that records."""
+
+    def __init__(self, log: KernelLaunches):
+        import types
+
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", 90, 32)
+        properties = {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+        self.utils = types.SimpleNamespace(load_binary=lambda name, kernel, shared, device: (1, 1, 32, 0, 1024),
+                                           get_device_properties=lambda device: dict(properties))
+        self.launcher_cls = lambda src, metadata: _RecordingLauncher(log, metadata.name)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_device_capability(self, device=0):
+        return (9, 0)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def dispatched_kernels(*modules):
+    """Within the block, the compiled Triton kernels of ``modules`` (as in `stubbed_kernels`) go through Triton's
+    own launch path -- argument binding and specialisation, the kernel-cache lookup, the launch metadata, and on
+    first use compilation for sm_90 (``ptxas`` from Triton's bundle) -- against a stand-in CUDA driver whose
+    launcher records the launch (name and grid, in the yielded `KernelLaunches`) instead of calling the GPU.
+    Nothing runs, on any device; what `stubbed_kernels` leaves out of a call's host time is then in it, up to the
+    driver call itself (its argument packing in C and ``cuLaunchKernelEx``: a few us on a GPU machine).
+
+    For machines without a GPU (bench/test_bench_host.py's "dispatched" cases): the kernels must have been
+    defined without ``TRITON_INTERPRET=1`` (compiled ``triton.jit`` functions), and the caller lets
+    ``impl="triton"`` take CPU tensors. Each kernel gets empty per-device caches for the block (restored after it),
+    so kernels compiled here never serve a real launch, and Triton's active driver is restored on exit.
+    Raises RuntimeError when a kernel is interpreted or Triton's driver interface is not the one this stands in for.
+    """
+    import importlib
+    from collections import defaultdict
+
+    from triton.runtime import driver as driver_config
+    from triton.runtime.jit import JITFunction, KernelInterface
+
+    log = KernelLaunches()
+    kernels = []
+    for mod in modules:
+        mod = importlib.import_module(mod) if isinstance(mod, str) else mod
+        for name, obj in vars(mod).items():
+            if isinstance(obj, KernelInterface):
+                if not isinstance(obj, JITFunction):
+                    raise RuntimeError(f"{mod.__name__}.{name} is not a plain compiled triton.jit kernel (an interpreted "
+                                       "one was defined with TRITON_INTERPRET=1); dispatched_kernels needs those")
+                kernels.append(obj)
+    if not hasattr(driver_config, "_active") or not all(hasattr(k, "device_caches") for k in kernels):
+        raise RuntimeError("dispatched_kernels: this Triton's driver/kernel-cache interface is not the one it "
+                           "stands in for (Triton 3.6-3.7)")
+    saved_driver = driver_config._active
+    saved_caches = [k.device_caches for k in kernels]
+    driver_config.set_active(_StandInCudaDriver(log))
+    try:
+        for k in kernels:
+            k.device_caches = defaultdict(k.create_binder)
+        yield log
+    finally:
+        for k, caches in zip(kernels, saved_caches):
+            k.device_caches = caches
+        driver_config._active = saved_driver
 
 
 def aten_ops(fn) -> list:

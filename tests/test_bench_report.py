@@ -179,22 +179,29 @@ def test_peaks_come_from_the_cold_run_by_case():
 
 
 def test_host_table_lists_the_host_benchmark_cases_only():
-    def host(name, op, case, device, us, launches, ops, reads=None):
+    def host(name, op, case, device, us, launches, ops, reads=None, kernels=None):
         info = {"device": device, "torch": "2.13", "triton": "3.7", "op": op, "case": case, "shape_name": "tiny",
                 "shapes": {"x": [8, 4, 16, 16]}, "host_us": us, "kernel_launches": launches, "aten_ops": ops,
                 "host_reads": reads}
+        if kernels:
+            info["kernels"] = kernels
         return {"name": name, "params": {}, "stats": {"median": us * 1e-6}, "extra_info": info}
 
     results = {"benchmarks": [
-        host("test_host_sde_step[sde_train-tiny-cpu]", "sde_step", "train", "cpu x1", 113.9, 3, 14),
+        host("test_host_sde_step[dispatched-sde_train-tiny-cpu]", "sde_step", "train", "cpu x1", 180.4, 3, 14,
+             kernels="dispatched"),
+        host("test_host_sde_step[stubbed-sde_train-tiny-cpu]", "sde_step", "train", "cpu x1", 113.9, 3, 14,
+             kernels="stubbed"),
         host("test_host_sde_step[sde_sample-tiny-cuda]", "sde_step", "sample", "NVIDIA H200", 41.25, 2, 5, ["item"]),
         _bench("test_sample[a-torch]", {"impl": "torch"}, 1e-4),
     ]}
     rows = [line for line in report.host_table(results).splitlines() if line.startswith("| sde_step")]
-    assert rows == ["| sde_step | sample | tiny (x 8x4x16x16) | cuda | 41.2 | 2 | 5 | 1 |",
-                    "| sde_step | train | tiny (x 8x4x16x16) | cpu | 113.9 | 3 | 14 | 0 |"]
+    # one row per case: the dispatched time beside the stubbed one, (180.4 - 113.9) / 3 launches; a result without
+    # "kernels" (recorded before the dispatched cases) counts as stubbed
+    assert rows == ["| sde_step | sample | tiny (x 8x4x16x16) | cuda | 41.2 |  |  | 2 | 5 | 1 |",
+                    "| sde_step | train | tiny (x 8x4x16x16) | cpu | 113.9 | 180.4 | 22.2 | 3 | 14 | 0 |"]
     with pytest.raises(SystemExit, match="test_bench_host"):
-        report.host_table({"benchmarks": results["benchmarks"][2:]})
+        report.host_table({"benchmarks": results["benchmarks"][3:]})
 
 
 def test_gpu_probe_token_tiles_section():
