@@ -583,6 +583,49 @@ def test_cuda_graph_capture_and_no_sync():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_capture_of_a_training_step():
+    """A whole training call -- `sde_step` with prev_sample and v_ref (forward and finish kernels), the loss, and
+    ``torch.autograd.grad`` (the backward kernel, on the stream its forward ran on) -- captured in one CUDA graph:
+    a replay gives the eager call's loss and gradient bit for bit, and follows new values copied into the captured
+    input (what a user who graphs the training step gets). On CPU nothing here can run; bench/gpu_session.sh
+    round runs it with the other CUDA tests."""
+    dev = torch.device("cuda")
+    x, v, noise, dv = _inputs((4, 16, 24, 24), torch.bfloat16, dev, 29)
+    prev = sde_step(x, v, 0.8, 0.7, noise=noise.float(), impl="triton").prev_sample
+    v_ref = v + dv
+    vg = v.clone().requires_grad_(True)
+
+    def step():
+        out = sde_step(x, vg, 0.8, 0.7, prev_sample=prev, v_ref=v_ref, impl="triton")
+        loss = out.log_prob.sum() + 0.01 * out.kl.sum()
+        return (loss.detach(), *torch.autograd.grad(loss, vg))
+
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graph asks
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, got, want in zip(("loss", "grad"), captured, eager):
+        assert torch.equal(got, want), name
+    with torch.no_grad():
+        vg.mul_(0.5)  # new values in the captured input: the replay follows them
+    graph.replay()
+    again = step()
+    torch.cuda.synchronize()
+    assert not torch.equal(again[1], eager[1])
+    for name, got, want in zip(("loss", "grad"), captured, again):
+        assert torch.equal(got, want), name
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cpu_and_cuda_sigma_tensors_on_cuda():
     dev = torch.device("cuda")
