@@ -19,7 +19,12 @@
    synchronisation: when it is close to the event time the forward is host-bound and every host op the collector
    adds shows), and, from torch.profiler, the CPU ops, device kernels and their summed device time per forward
    with and without it (``extra_kernel_ms``: GPU work the collector adds, to set against the host time it adds).
-   About 25 s of GPU time. On CPU (``probe_collector()`` without CUDA) a scaled-down model runs as a smoke test.
+   Ways: ``plain``; ``collector`` (constructed per forward, as the benchmark times it); ``collector_reused`` (one
+   collector entered for all forwards, AEGPO's use); ``collector_stubbed`` (constructed per forward, its two
+   attention kernels replaced by stubs that launch nothing, `fastgrpo.testing.stubbed_kernels`: the forward's
+   numbers are then garbage, its times are the collector's cost without its launches, so ``collector`` against
+   it is what the six launches cost, driver and device included: ``launch_overhead_ms``). About 30 s of GPU
+   time. On CPU (``probe_collector()`` without CUDA) a scaled-down model runs as a smoke test.
 
 Writes ``DIR/probe.json`` and prints a short table. On a machine without CUDA, ``python bench/gpu_probe.py --out DIR``
 runs the CPU smoke path of the ``ops`` and ``collector`` sections (the attention sweep needs CUDA).
@@ -298,12 +303,14 @@ def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
     summed device time of its kernels (``kernel_ms``, the top kernels, ``extra_kernel_ms`` per batch: whether the
     batch-2 overhead is GPU work or host work), the CPU-side profiler events (launch API calls among them) and a
     cProfile."""
+    import contextlib
     import statistics
     import time
 
     from test_bench_collector import LAYERS, _forward, _inputs, _model
 
     from fastgrpo.diffusion.attention import AttentionEntropyCollector
+    from fastgrpo.testing import stubbed_kernels
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -319,33 +326,33 @@ def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
                 v = model(**inputs).sample
                 return v, reused.pop()
 
-        for way, cls in (("plain", None), ("collector", AttentionEntropyCollector), ("collector_reused", None)):
+        ways = (("plain", None), ("collector", AttentionEntropyCollector), ("collector_reused", None),
+                ("collector_stubbed", AttentionEntropyCollector))
+        for way, cls in ways:
             fn = _forward(model, inputs, cls) if way != "collector_reused" else in_reused
-            if way == "collector_reused":
-                reused.__enter__()
-            for _ in range(2):  # warm-up: kernels compiled, allocator primed
-                fn()
-            if cuda:
-                torch.cuda.synchronize()
-            ev, host = [], []
-            for _ in range(repeats):
+            stubs = stubbed_kernels(ATTENTION_KERNELS) if way == "collector_stubbed" else contextlib.nullcontext()
+            with stubs, (reused if way == "collector_reused" else contextlib.nullcontext()):
+                for _ in range(2):  # warm-up: kernels compiled, allocator primed
+                    fn()
                 if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                t0 = time.perf_counter()
-                fn()
-                host.append((time.perf_counter() - t0) * 1e3)
-                if cuda:
-                    end.record()
                     torch.cuda.synchronize()
-                    ev.append(start.elapsed_time(end))
-            kern, per, events, counts = _profile_calls(fn, calls=3, top=15)  # counts: per forward
-            row[way] = {"ms": statistics.median(ev or host), "host_issue_ms": statistics.median(host),
-                        "ms_all": ev or host, **counts, "kernel_ms": kern,
-                        "kernels_top": dict(list(per.items())[:12]), "cpu_events": events,
-                        "host_profile": _host_profile(fn)}
-            if way == "collector_reused":
-                reused.__exit__(None, None, None)
+                ev, host = [], []
+                for _ in range(repeats):
+                    if cuda:
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                    t0 = time.perf_counter()
+                    fn()
+                    host.append((time.perf_counter() - t0) * 1e3)
+                    if cuda:
+                        end.record()
+                        torch.cuda.synchronize()
+                        ev.append(start.elapsed_time(end))
+                kern, per, events, counts = _profile_calls(fn, calls=3, top=15)  # counts: per forward
+                row[way] = {"ms": statistics.median(ev or host), "host_issue_ms": statistics.median(host),
+                            "ms_all": ev or host, **counts, "kernel_ms": kern,
+                            "kernels_top": dict(list(per.items())[:12]), "cpu_events": events,
+                            "host_profile": _host_profile(fn)}
         p, c = row["plain"], row["collector"]
         row["overhead"] = c["ms"] / p["ms"] - 1
         row["host_issue_overhead_ms"] = c["host_issue_ms"] - p["host_issue_ms"]
@@ -354,13 +361,20 @@ def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
         # device time the collector adds (None without CUDA): with the host issue time, GPU work vs host work
         row["extra_kernel_ms"] = c["kernel_ms"] - p["kernel_ms"] if cuda else None
         row["host_bound"] = p["host_issue_ms"] > 0.8 * p["ms"]
+        # what the collector's six launches cost (Triton's launch path, the driver, the device): against the same
+        # collector with its kernels stubbed
+        row["launch_overhead_ms"] = c["ms"] - row["collector_stubbed"]["ms"]
         out[f"b{batch}"] = row
         print(f"collector b{batch}: plain {p['ms']:.2f} ms (host {p['host_issue_ms']:.2f}), collector {c['ms']:.2f} ms "
-              f"(host {c['host_issue_ms']:.2f}): {row['overhead']:+.1%}; "
+              f"(host {c['host_issue_ms']:.2f}): {row['overhead']:+.1%}; kernels stubbed "
+              f"{row['collector_stubbed']['ms']:.2f} ms (host {row['collector_stubbed']['host_issue_ms']:.2f}); "
               + (f"kernel time {p['kernel_ms']:.2f} -> {c['kernel_ms']:.2f} ms; " if cuda else "")
               + f"kernels {p['device_kernels']} -> "
               f"{c['device_kernels']}, cpu ops {p['cpu_aten_ops']} -> {c['cpu_aten_ops']}", flush=True)
     return out
+
+
+ATTENTION_KERNELS = "fastgrpo.kernels.attention_entropy"
 
 
 def _host_profile(fn, calls: int = 3, top: int = 15) -> list:

@@ -413,16 +413,22 @@ def probe_table(probe: dict) -> str:
         batches = sorted((k for k in col if k.startswith("b") and k[1:].isdigit()), key=lambda k: int(k[1:]))
         # the kernels' summed device time per forward: recorded by probes since 2026-12-01 (a column only then)
         device = any(w.get("kernel_ms") is not None for k in batches for w in col[k].values() if isinstance(w, dict))
+        reused = any("collector_reused" in col[k] for k in batches)  # ways recorded by probes since 2026-12-01
+        stubbed = any("collector_stubbed" in col[k] for k in batches)
         lines += ["", f"AEGPO collector probe (bench/gpu_probe.py; layers {col['layers']}, mode {col['mode']}): one "
                   "no-grad forward of the SD3.5-Medium-shaped transformer, median of CUDA-event times; host issue: "
                   "time until the forward returns, before synchronising; aten ops and kernels per forward"
-                  + (", and the kernels' summed device time," if device else "") + " from torch.profiler.", "",
+                  + (", and the kernels' summed device time," if device else "") + " from torch.profiler."
+                  + (" Ways: a collector constructed per forward (as the benchmark times it), one entered once for "
+                     "all forwards (`collector_reused`, AEGPO's use)" if reused else "")
+                  + (", and one constructed per forward with its attention kernels stubbed (`collector_stubbed`: "
+                     "its cost without its launches)" if stubbed else "") + ("." if reused else ""), "",
                   "| batch | way | ms | host issue ms | " + ("kernel ms | " if device else "")
                   + "aten ops | launches | kernels | overhead | host-bound |",
                   "|---:|---|---:|---:|" + ("---:|" if device else "") + "---:|---:|---:|---:|---|"]
         for key in batches:
             r = col[key]
-            for way in ("plain", "collector", "collector_reused"):
+            for way in ("plain", "collector", "collector_reused", "collector_stubbed"):
                 if way not in r:
                     continue
                 w = r[way]

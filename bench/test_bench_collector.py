@@ -124,14 +124,15 @@ def test_denoising_step(benchmark, bench_device, way, batch):
 
 
 def test_gpu_probe_collector_section():
-    """bench/gpu_probe.py's ``collector`` section (plain vs collector forward, a new collector per forward and one
-    entered once: times, host issue time, ops, kernels and their device time per forward, where the host time goes)
-    runs and writes its numbers; scaled down and untimed on CPU, the real probe on CUDA."""
+    """bench/gpu_probe.py's ``collector`` section (plain vs collector forward, a new collector per forward, one
+    entered once, and one with its kernels stubbed: times, host issue time, ops, kernels and their device time per
+    forward, where the host time goes) runs and writes its numbers; scaled down and untimed on CPU, the real probe
+    on CUDA."""
     import gpu_probe
 
     res = gpu_probe.probe_collector(batches=(2,), repeats=1 if not HAS_CUDA else 3)
     row = res["b2"]
-    for way in ("plain", "collector", "collector_reused"):
+    for way in ("plain", "collector", "collector_reused", "collector_stubbed"):
         assert row[way]["ms"] > 0 and row[way]["host_issue_ms"] > 0 and row[way]["cpu_aten_ops"] > 0
         top = row[way]["host_profile"]
         assert top and all(len(r) == 4 and r[2] >= 0 for r in top)  # [function, calls, own ms, cumulative ms]
@@ -146,3 +147,6 @@ def test_gpu_probe_collector_section():
     else:  # no device time without CUDA
         assert row["plain"]["kernel_ms"] is None and row["extra_kernel_ms"] is None
     assert {"overhead", "extra_kernels_per_forward", "extra_cpu_ops_per_forward", "host_bound"} <= row.keys()
+    assert row["launch_overhead_ms"] == row["collector"]["ms"] - row["collector_stubbed"]["ms"]
+    if HAS_CUDA:  # the stubbed way launches the forward's kernels without the collector's own (2 per layer)
+        assert row["collector_stubbed"]["launch_calls"] == row["collector"]["launch_calls"] - 2 * len(LAYERS)

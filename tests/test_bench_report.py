@@ -282,6 +282,20 @@ def _collector_probe(with_device: bool) -> dict:
             "collector": {"layers": [5, 10, 15], "mode": "mixture", "b2": row}}
 
 
+def test_probe_table_shows_the_collector_with_stubbed_kernels_when_recorded():
+    """Probes since the stubbed way exists add its row (its overhead against plain) and say what it is; the
+    table of a probe without it is unchanged."""
+    probe = _collector_probe(True)
+    row = probe["collector"]["b2"]
+    row["collector_stubbed"] = {**row["collector"], "ms": 46.92, "host_issue_ms": 46.5, "launch_calls": 2298}
+    table = report.probe_table(probe).splitlines()
+    assert [ln for ln in table if ln.startswith("| 2 | collector_stubbed")] == [
+        "| 2 | collector_stubbed | 46.92 | 46.50 | 21.50 | 9458 | 2298 | 2365 | +2.0% | yes |"]
+    assert any("`collector_stubbed`: its cost without its launches" in ln for ln in table)
+    del row["collector_stubbed"]
+    assert not any("collector_stubbed" in ln for ln in report.probe_table(probe).splitlines())
+
+
 def test_probe_table_shows_the_collectors_device_time_when_recorded():
     """The collector probe's kernel-time column appears when the probe recorded device time (probes since
     2026-12-01) and the older probes' table keeps its columns."""
