@@ -84,8 +84,9 @@ round)
     bench kernels 75 bench/test_bench_ceilings.py bench/test_bench_sde.py bench/test_bench_token.py bench/test_bench_host.py \
         -k "not cpp and not compiled and not forward- and not (test_train and image) and not (test_train and text)"
     bench collector 45 bench/test_bench_collector.py
-    part probe
-    timeout "$(left 60)" python3 bench/gpu_probe.py --out "$OUT" --only collector ops >> "$LOG" 2>&1
+    part probe  # (collector first, then ops, each written when done; 90 s: four collector ways at two batches,
+                # each with a profile and a cProfile, then the ops' cases: about a minute on the H200 by estimate)
+    timeout "$(left 90)" python3 bench/gpu_probe.py --out "$OUT" --only collector ops >> "$LOG" 2>&1
     check probe $?
     part "CUDA tests"
     timeout "$(left 75)" python3 -m pytest tests/test_speed_paths.py tests/test_ar_host_reads.py tests/test_sde_step.py \
