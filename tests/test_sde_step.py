@@ -531,6 +531,23 @@ def test_float_sigma_gradients_and_expanded_inputs(impl, kind, device):
 # ---------------------------------------------------------------------------------------------- CUDA only
 
 
+def _captured(call, warmups: int = 1):
+    """``call`` captured in a CUDA graph after ``warmups`` calls on a side stream (as torch.cuda.graph asks), then
+    replayed once: (graph, the captured call's outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph, captured
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and sync checks need a CUDA device")
 def test_cuda_graph_capture_and_no_sync():
@@ -540,16 +557,7 @@ def test_cuda_graph_capture_and_no_sync():
     call = lambda: sde_step(x, v, 0.8, 0.7, noise=noise, impl="triton")  # noqa: E731
     with torch.no_grad():
         eager = call()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            call()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = call()
-        graph.replay()
-        torch.cuda.synchronize()
+        graph, captured = _captured(call)
         for name in ("prev_sample", "log_prob", "mean", "std"):
             assert torch.equal(getattr(captured, name), getattr(eager, name)), name
         x.copy_(x * 0.5)  # new inputs in place: the replay follows them
@@ -602,17 +610,7 @@ def test_cuda_graph_capture_of_a_training_step():
         return (loss.detach(), *torch.autograd.grad(loss, vg))
 
     eager = step()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graph asks
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph, captured = _captured(step, warmups=2)
     for name, got, want in zip(("loss", "grad"), captured, eager):
         assert torch.equal(got, want), name
     with torch.no_grad():
