@@ -244,8 +244,9 @@ def dispatched_kernels(*modules):
         for name, obj in vars(mod).items():
             if isinstance(obj, KernelInterface):
                 if not isinstance(obj, JITFunction):
-                    raise RuntimeError(f"{mod.__name__}.{name} is not a plain compiled triton.jit kernel (an interpreted "
-                                       "one was defined with TRITON_INTERPRET=1); dispatched_kernels needs those")
+                    raise RuntimeError(f"{mod.__name__}.{name} is not a plain compiled triton.jit kernel (an "
+                                       "interpreted one was defined with TRITON_INTERPRET=1); dispatched_kernels "
+                                       "needs those")
                 kernels.append(obj)
     if not hasattr(driver_config, "_active") or not all(hasattr(k, "device_caches") for k in kernels):
         raise RuntimeError("dispatched_kernels: this Triton's driver/kernel-cache interface is not the one it "
