@@ -232,8 +232,9 @@ def device_times(fn, *, host_median_s: float, rep_ms: int = 200) -> dict | None:
 def measure_host(benchmark, fn, *, launches, expected: list, device: torch.device, rounds: int = 300, warmup: int = 30,
                  **info):
     """Time the host path of ``fn``, a call whose Triton kernels are stubbed (`fastgrpo.testing.stubbed_kernels`,
-    which yields ``launches``): nothing runs on a device, so what is timed is Python, argument checks, allocations
-    and autograd -- the part of a call that a GPU waits for when the call is host-bound.
+    which yields ``launches``) or dispatched to a stand-in driver (`fastgrpo.testing.dispatched_kernels`, the same):
+    nothing runs on a device, so what is timed is Python, argument checks, allocations and autograd (and, dispatched,
+    Triton's launch path) -- the part of a call that a GPU waits for when the call is host-bound.
 
     Results cannot be checked (the outputs are uninitialised memory); instead one call must launch exactly the
     kernels ``expected`` (names, in order) -- an added launch fails the benchmark before anything is timed. Records

@@ -1,4 +1,5 @@
-"""Host cost of the Triton launchers: each call with every Triton kernel stubbed (no device work at all).
+"""Host cost of the Triton launchers: each call with its Triton kernels stubbed or only dispatched (no device
+work at all).
 
 On a GPU these calls are host-bound at the benchmark shapes (bench/results/h200*.json: a training `sde_step`
 takes 0.7-1.0 ms for 0.02-0.03 ms of kernels), so the Python path around the kernels -- argument checks, the
@@ -6,9 +7,11 @@ schedule, allocations, launch arguments, the autograd Function -- is what a trai
 path is timed on its own, on any machine: `fastgrpo.testing.stubbed_kernels` replaces the kernels of
 ``fastgrpo.kernels.sde_step`` / ``fastgrpo.kernels.token_entropy`` by stubs that launch nothing, and
 `harness.measure_host` times the call (``host_us``), counts its stubbed launches and the torch ops it dispatches,
-and fails before timing when a call launches other kernels than the expected ones (names and count). What is not
-counted: Triton's own launch path (argument binding, cache lookup, the driver call; tens of us per launch on a
-GPU), which `bench/gpu_probe.py`'s host profile shows on a GPU.
+and fails before timing when a call launches other kernels than the expected ones (names and count). Stubbed,
+Triton's own launch path (argument binding and specialisation, cache lookup, launch metadata) is not counted, so
+each case on CPU tensors runs a second time "dispatched" (`fastgrpo.testing.dispatched_kernels`): the compiled
+kernels go through that path against a stand-in CUDA driver whose launcher records the launch. What neither
+counts is the driver call itself, which `bench/gpu_probe.py`'s host profile shows on a GPU.
 
 Cases (bf16 inputs, ``impl="triton"``):
 * ``sde_sample``: a rollout step, ``sde_step(x, v, 0.8, 0.7, noise=noise)`` under no_grad;
