@@ -268,3 +268,56 @@ def _copy(src_ptr, dst_ptr):  # defined as a kernel for the refusal above, never
     import triton.language as tl
 
     tl.store(dst_ptr, tl.load(src_ptr))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="a CUDA machine runs Triton's real launch path (bench/gpu_probe.py)")
+def test_no_kernel_compiles_per_step(monkeypatch):
+    """What changes from one denoising step, training chunk or forward to the next (the sigmas, as floats or as
+    per-sample tensors; the values in the tensors) compiles no new kernel: after each loop's first step, every
+    kernel's Triton cache (under `dispatched_kernels`, as a GPU would fill it) holds what it held. A value that
+    Triton specialised on (a constexpr, or an int it checks for 1 and divisibility by 16) would compile a kernel
+    per step on a GPU, seconds each, and show nowhere on the CPU but here."""
+    from triton.runtime.jit import JITFunction
+
+    from fastgrpo.diffusion.attention import AttentionEntropyCollector
+    from fastgrpo.kernels import attention_entropy as attention_kernels
+    from fastgrpo.kernels import sde_step as sde_kernels
+
+    monkeypatch.setattr(_backend, "triton_interpreting", lambda: True)  # CPU tensors may take impl="triton"
+
+    def cached(module):  # kernel -> compiled variants in its cache (kernels not launched yet: absent)
+        return {name: len(k.device_caches[0][0]) for name, k in vars(module).items()
+                if isinstance(k, JITFunction) and 0 in k.device_caches}
+
+    sigmas = torch.linspace(0.96, 0.04, 12).tolist()
+    x = torch.empty((4, 16, 8, 8), dtype=torch.bfloat16)
+    v, noise, v_ref = torch.empty_like(x), torch.empty(x.shape), torch.empty_like(x)
+    vg = v.clone().requires_grad_(True)
+    with dispatched_kernels(SDE):
+        for step, (s, sn) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+            per_sample = (torch.full((4,), s), torch.full((4,), sn))
+            with torch.no_grad():
+                prev = sde_step(x, v, s, sn, noise=noise, impl="triton").prev_sample
+                sde_step(x, v, *per_sample, noise=noise, impl="triton")  # branching: one sigma per sample
+            out = sde_step(x, vg, s, sn, prev_sample=prev, v_ref=v_ref, impl="triton")
+            torch.autograd.grad(out.log_prob.sum() + 0.01 * out.kl.sum(), vg)
+            if step == 0:
+                first = cached(sde_kernels)
+        assert first == {"sde_step_fwd_kernel": 3, "sde_step_finish_kernel": 3, "sde_step_bwd_kernel": 1}
+        assert cached(sde_kernels) == first
+
+    model = _sd35_structure()
+    q, k, vv = (torch.empty((2, 24, 28, 64)) for _ in range(3))
+    with torch.no_grad(), dispatched_kernels(ATTENTION), \
+            AttentionEntropyCollector(model, layers=(5, 10, 15), impl="triton") as collector:
+        for forward in range(4):  # one probe trajectory's forwards: the same geometry at every timestep
+            collector._begin_forward(model, (), {})
+            for i in (5, 10, 15):
+                collector._attend(i, q.normal_(), k.normal_(), vv.normal_(), "bhsd", 16, 12, 0, 16)
+            collector._end_forward(model, (), None)
+            collector.pop()
+            if forward == 0:
+                first = cached(attention_kernels)
+        # the probabilities kernel: written by the forward's first layer, added to by the others
+        assert first == {"attention_text_entropy_fwd_kernel": 1, "text_probs_kernel": 2}
+        assert cached(attention_kernels) == first
