@@ -272,8 +272,8 @@ def _copy(src_ptr, dst_ptr):  # defined as a kernel for the refusal above, never
 
 @pytest.mark.skipif(HAS_CUDA, reason="a CUDA machine runs Triton's real launch path (bench/gpu_probe.py)")
 def test_no_kernel_compiles_per_step(monkeypatch):
-    """What changes from one denoising step, training chunk or forward to the next (the sigmas, as floats or as
-    per-sample tensors; the values in the tensors) compiles no new kernel: after each loop's first step, every
+    """What changes from one denoising step, training chunk, forward or micro-batch to the next (the sigmas, as floats
+    or as per-sample tensors; the values in the tensors) compiles no new kernel: after each loop's first step, every
     kernel's Triton cache (under `dispatched_kernels`, as a GPU would fill it) holds what it held. A value that
     Triton specialised on (a constexpr, or an int it checks for 1 and divisibility by 16) would compile a kernel
     per step on a GPU, seconds each, and show nowhere on the CPU but here."""
@@ -321,3 +321,19 @@ def test_no_kernel_compiles_per_step(monkeypatch):
         # the probabilities kernel: written by the forward's first layer, added to by the others
         assert first == {"attention_text_entropy_fwd_kernel": 1, "text_probs_kernel": 2}
         assert cached(attention_kernels) == first
+
+    # EG-GRPO's micro-batches: new logits and advantages, same shape. (A new length can add a variant: Triton
+    # specialises the row count on divisibility by 16, and the shaping kernel's block follows the power of 2 of the
+    # length -- a few variants per run, not one per step.)
+    from fastgrpo.kernels import token_entropy as token_kernels
+
+    B, L, V = 4, 37, 16384
+    targets, modality = torch.randint(0, V, (B, L)), torch.ones((B, L), dtype=torch.long)
+    with torch.no_grad(), dispatched_kernels(TOKEN):
+        for step in range(3):
+            logits = torch.randn((B, L, V)).to(torch.bfloat16)
+            eg_grpo_shaping(logits, targets, modality, torch.randn(B), impl="triton", validate=False)
+            if step == 0:
+                first = cached(token_kernels)
+        assert first == {"token_stats_fwd_kernel": 1, "eg_shaping_kernel": 1}
+        assert cached(token_kernels) == first
