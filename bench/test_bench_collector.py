@@ -148,5 +148,5 @@ def test_gpu_probe_collector_section():
         assert row["plain"]["kernel_ms"] is None and row["extra_kernel_ms"] is None
     assert {"overhead", "extra_kernels_per_forward", "extra_cpu_ops_per_forward", "host_bound"} <= row.keys()
     assert row["launch_overhead_ms"] == row["collector"]["ms"] - row["collector_stubbed"]["ms"]
-    if HAS_CUDA:  # the stubbed way launches the forward's kernels without the collector's own (2 per layer)
-        assert row["collector_stubbed"]["launch_calls"] == row["collector"]["launch_calls"] - 2 * len(LAYERS)
+    if HAS_CUDA:  # the stubbed way runs the forward's kernels without the collector's own (2 per layer)
+        assert row["collector_stubbed"]["device_kernels"] == row["collector"]["device_kernels"] - 2 * len(LAYERS)
