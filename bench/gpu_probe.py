@@ -302,7 +302,8 @@ def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
     CPU configuration otherwise): times, host issue time, ops and kernels per forward, overhead; per way also the
     summed device time of its kernels (``kernel_ms``, the top kernels, ``extra_kernel_ms`` per batch: whether the
     batch-2 overhead is GPU work or host work), the CPU-side profiler events (launch API calls among them) and a
-    cProfile."""
+    cProfile. The ways (module docstring): plain, collector, collector_reused, collector_stubbed; per batch also
+    ``launch_overhead_ms`` (collector against collector_stubbed: what the collector's launches cost)."""
     import contextlib
     import statistics
     import time
