@@ -44,6 +44,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="the host path of the Triton launchers needs the triton package (Linux)")
+from triton.runtime.jit import JITFunction  # noqa: E402
 import fastgrpo.kernels.sde_step  # noqa: F401,E402  imported before TRITON_INTERPRET is set: compiled on GPUs
 import fastgrpo.kernels.token_entropy  # noqa: F401,E402
 import fastgrpo.kernels.attention_entropy  # noqa: F401,E402
@@ -71,6 +72,11 @@ def host_device(request, monkeypatch):
 
 
 KERNELS = ["stubbed", "dispatched"]
+# `dispatched_kernels` needs compiled kernels: none when TRITON_INTERPRET=1 was set before they were defined
+_INTERPRETED = not isinstance(fastgrpo.kernels.sde_step.sde_step_fwd_kernel, JITFunction)
+NO_DISPATCH = (HAS_CUDA or _INTERPRETED,
+               "a CUDA machine runs Triton's real launch path (bench/gpu_probe.py)" if HAS_CUDA else
+               "the kernels were defined under TRITON_INTERPRET=1 (interpreted): nothing to dispatch")
 TIMING = {"stubbed": "host clock, Triton kernels stubbed (fastgrpo.testing.stubbed_kernels)",
           "dispatched": "host clock, Triton's launch path with a stand-in CUDA driver "
                         "(fastgrpo.testing.dispatched_kernels)"}
@@ -86,8 +92,8 @@ def kernels(request, host_device, monkeypatch):
     name = request.param
     if name == "stubbed":
         return name, stubbed_kernels
-    if HAS_CUDA:  # (its sm_90 compiles would also take a GPU session's time for nothing)
-        pytest.skip("a CUDA machine runs Triton's real launch path: bench/gpu_probe.py's host profile times it")
+    if NO_DISPATCH[0]:  # on CUDA its sm_90 compiles would also take a GPU session's time for nothing
+        pytest.skip(NO_DISPATCH[1])
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setattr(_backend, "triton_interpreting", lambda: True)
     return name, dispatched_kernels
@@ -231,7 +237,7 @@ def test_gpu_probe_ops_section():
 
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="a CUDA machine runs Triton's real launch path (bench/gpu_probe.py)")
+@pytest.mark.skipif(NO_DISPATCH[0], reason=NO_DISPATCH[1])
 def test_dispatched_kernels_runs_tritons_launch_path_and_restores_it(monkeypatch):
     """`dispatched_kernels` sends a launch through Triton's own path (the kernel is compiled for sm_90 and cached
     under the stand-in driver's device, and its launcher records the plan's grid), then gives Triton back its
@@ -270,15 +276,13 @@ def _copy(src_ptr, dst_ptr):  # defined as a kernel for the refusal above, never
     tl.store(dst_ptr, tl.load(src_ptr))
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="a CUDA machine runs Triton's real launch path (bench/gpu_probe.py)")
+@pytest.mark.skipif(NO_DISPATCH[0], reason=NO_DISPATCH[1])
 def test_no_kernel_compiles_per_step(monkeypatch):
     """What changes from one denoising step, training chunk, forward or micro-batch to the next (the sigmas, as floats
     or as per-sample tensors; the values in the tensors) compiles no new kernel: after each loop's first step, every
     kernel's Triton cache (under `dispatched_kernels`, as a GPU would fill it) holds what it held. A value that
     Triton specialised on (a constexpr, or an int it checks for 1 and divisibility by 16) would compile a kernel
     per step on a GPU, seconds each, and show nowhere on the CPU but here."""
-    from triton.runtime.jit import JITFunction
-
     from fastgrpo.diffusion.attention import AttentionEntropyCollector
     from fastgrpo.kernels import attention_entropy as attention_kernels
     from fastgrpo.kernels import sde_step as sde_kernels
