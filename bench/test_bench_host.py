@@ -255,10 +255,11 @@ def test_dispatched_kernels_runs_tritons_launch_path_and_restores_it(monkeypatch
     x = torch.empty((3, 5, 7, 11), dtype=torch.bfloat16)  # N = 385: one chunk of 512 per sample
     with torch.no_grad(), dispatched_kernels(SDE) as launches:
         sde_step(x, torch.empty_like(x), 0.8, 0.7, noise=torch.empty(x.shape), impl="triton")
-        kernel_cache = kernel.device_caches[0][0]
+        variants = launches.variants()
     assert launches.names() == ["sde_step_fwd_kernel", "sde_step_finish_kernel"]
     assert launches.grids == [(1, 3, 1), (3, 1, 1)]
-    assert len(kernel_cache) == 1 and next(iter(kernel_cache.values())).metadata.target.arch == 90
+    assert set(variants) == {"sde_step_fwd_kernel", "sde_step_finish_kernel"}  # the backward: not launched
+    assert len(variants["sde_step_fwd_kernel"]) == 1 and variants["sde_step_fwd_kernel"][0].metadata.target.arch == 90
     assert driver_config._active is driver_before and kernel.device_caches is caches_before
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton.jit reads it when a kernel is defined
@@ -284,20 +285,17 @@ def test_no_kernel_compiles_per_step(monkeypatch):
     Triton specialised on (a constexpr, or an int it checks for 1 and divisibility by 16) would compile a kernel
     per step on a GPU, seconds each, and show nowhere on the CPU but here."""
     from fastgrpo.diffusion.attention import AttentionEntropyCollector
-    from fastgrpo.kernels import attention_entropy as attention_kernels
-    from fastgrpo.kernels import sde_step as sde_kernels
 
     monkeypatch.setattr(_backend, "triton_interpreting", lambda: True)  # CPU tensors may take impl="triton"
 
-    def cached(module):  # kernel -> compiled variants in its cache (kernels not launched yet: absent)
-        return {name: len(k.device_caches[0][0]) for name, k in vars(module).items()
-                if isinstance(k, JITFunction) and 0 in k.device_caches}
+    def cached(launches):  # kernel -> how many variants Triton compiled for it in the block
+        return {name: len(v) for name, v in launches.variants().items()}
 
     sigmas = torch.linspace(0.96, 0.04, 12).tolist()
     x = torch.empty((4, 16, 8, 8), dtype=torch.bfloat16)
     v, noise, v_ref = torch.empty_like(x), torch.empty(x.shape), torch.empty_like(x)
     vg = v.clone().requires_grad_(True)
-    with dispatched_kernels(SDE):
+    with dispatched_kernels(SDE) as launches:
         for step, (s, sn) in enumerate(zip(sigmas[:-1], sigmas[1:])):
             per_sample = (torch.full((4,), s), torch.full((4,), sn))
             with torch.no_grad():
@@ -306,13 +304,13 @@ def test_no_kernel_compiles_per_step(monkeypatch):
             out = sde_step(x, vg, s, sn, prev_sample=prev, v_ref=v_ref, impl="triton")
             torch.autograd.grad(out.log_prob.sum() + 0.01 * out.kl.sum(), vg)
             if step == 0:
-                first = cached(sde_kernels)
+                first = cached(launches)
         assert first == {"sde_step_fwd_kernel": 3, "sde_step_finish_kernel": 3, "sde_step_bwd_kernel": 1}
-        assert cached(sde_kernels) == first
+        assert cached(launches) == first
 
     model = _sd35_structure()
     q, k, vv = (torch.empty((2, 24, 28, 64)) for _ in range(3))
-    with torch.no_grad(), dispatched_kernels(ATTENTION), \
+    with torch.no_grad(), dispatched_kernels(ATTENTION) as launches, \
             AttentionEntropyCollector(model, layers=(5, 10, 15), impl="triton") as collector:
         for forward in range(4):  # one probe trajectory's forwards: the same geometry at every timestep
             collector._begin_forward(model, (), {})
@@ -321,23 +319,21 @@ def test_no_kernel_compiles_per_step(monkeypatch):
             collector._end_forward(model, (), None)
             collector.pop()
             if forward == 0:
-                first = cached(attention_kernels)
+                first = cached(launches)
         # the probabilities kernel: written by the forward's first layer, added to by the others
         assert first == {"attention_text_entropy_fwd_kernel": 1, "text_probs_kernel": 2}
-        assert cached(attention_kernels) == first
+        assert cached(launches) == first
 
     # EG-GRPO's micro-batches: new logits and advantages, same shape. (A new length can add a variant: Triton
     # specialises the row count on divisibility by 16, and the shaping kernel's block follows the power of 2 of the
     # length -- a few variants per run, not one per step.)
-    from fastgrpo.kernels import token_entropy as token_kernels
-
     B, L, V = 4, 37, 16384
     targets, modality = torch.randint(0, V, (B, L)), torch.ones((B, L), dtype=torch.long)
-    with torch.no_grad(), dispatched_kernels(TOKEN):
+    with torch.no_grad(), dispatched_kernels(TOKEN) as launches:
         for step in range(3):
             logits = torch.randn((B, L, V)).to(torch.bfloat16)
             eg_grpo_shaping(logits, targets, modality, torch.randn(B), impl="triton", validate=False)
             if step == 0:
-                first = cached(token_kernels)
+                first = cached(launches)
         assert first == {"token_stats_fwd_kernel": 1, "eg_shaping_kernel": 1}
-        assert cached(token_kernels) == first
+        assert cached(launches) == first

@@ -171,6 +171,22 @@ def stubbed_kernels(*modules):
             setattr(mod, name, obj)
 
 
+class DispatchedLaunches(KernelLaunches):
+    """The launches recorded by `dispatched_kernels` (names and grids, as `KernelLaunches`), and the kernel variants
+    Triton compiled for them inside the block (`variants`)."""
+
+    def __init__(self, kernels: dict):
+        super().__init__()
+        self._kernels = kernels  # name -> JITFunction
+
+    def variants(self) -> dict:
+        """{kernel name: the compiled variants in its Triton cache (CompiledKernel objects)} for the kernels
+        launched so far in the block: one per specialisation Triton made (constexprs, ints it checks for 1 and
+        divisibility by 16, dtypes), so a count that grows from step to step means a compile per step on a GPU."""
+        return {name: list(k.device_caches[0][0].values()) for name, k in self._kernels.items()
+                if 0 in k.device_caches}
+
+
 class _RecordingLauncher:
     """Stands in for Triton's CUDA launcher of one compiled kernel (`dispatched_kernels`): a launch records the
     kernel's name and grid instead of calling the driver."""
@@ -221,7 +237,8 @@ def dispatched_kernels(*modules):
     """Within the block, the compiled Triton kernels of ``modules`` (as in `stubbed_kernels`) go through Triton's
     own launch path -- argument binding and specialisation, the kernel-cache lookup, the launch metadata, and on
     first use compilation for sm_90 (``ptxas`` from Triton's bundle) -- against a stand-in CUDA driver whose
-    launcher records the launch (name and grid, in the yielded `KernelLaunches`) instead of calling the GPU.
+    launcher records the launch (name and grid, in the yielded `DispatchedLaunches`, which also lists the kernel
+    variants compiled in the block) instead of calling the GPU.
     Nothing runs, on any device; what `stubbed_kernels` leaves out of a call's host time is then in it, up to the
     driver call itself (its argument packing in C and ``cuLaunchKernelEx``: a few us on a GPU machine).
 
@@ -237,8 +254,7 @@ def dispatched_kernels(*modules):
     from triton.runtime import driver as driver_config
     from triton.runtime.jit import JITFunction, KernelInterface
 
-    log = KernelLaunches()
-    kernels = []
+    by_name = {}
     for mod in modules:
         mod = importlib.import_module(mod) if isinstance(mod, str) else mod
         for name, obj in vars(mod).items():
@@ -247,7 +263,9 @@ def dispatched_kernels(*modules):
                     raise RuntimeError(f"{mod.__name__}.{name} is not a plain compiled triton.jit kernel (an "
                                        "interpreted one was defined with TRITON_INTERPRET=1); dispatched_kernels "
                                        "needs those")
-                kernels.append(obj)
+                by_name[name] = obj
+    kernels = list(by_name.values())
+    log = DispatchedLaunches(by_name)
     if not hasattr(driver_config, "_active") or not all(hasattr(k, "device_caches") for k in kernels):
         raise RuntimeError("dispatched_kernels: this Triton's driver/kernel-cache interface is not the one it "
                            "stands in for (Triton 3.6-3.7)")
