@@ -356,7 +356,9 @@ def round_table(results: dict) -> str:
                   f"LoRA r = {sh['lora_rank']}, {sh['prompts']} prompts x {sh['group_size']} rollouts in chunks of "
                   f"{sh['batch_size']}, {sh['num_steps']} steps, CFG, KL; {e['device']}, torch {e['torch']}, "
                   f"triton {e['triton']}. Median of {len(eager['round_times_s'])} rounds after a warm-up round "
-                  "(warm-up: the first sampling and round, with compilation and graph capture). MFU: transformer "
+                  "(warm-up: the first sampling and round, with compilation and graph capture; in brackets, where "
+                  "the path compiled, the seconds Dynamo and Inductor spent and the graphs they made). MFU: "
+                  "transformer "
                   f"FLOPs per second over the bf16 GEMM rate measured in the same test ({e['gemm_tflops']:,.0f} "
                   "TFLOP/s). " + ("Each fast path was compared with the eager path before it was timed "
                                   "(agreement: relative L2 differences of the step-0 rewards / final latents / the "
@@ -370,7 +372,7 @@ def round_table(results: dict) -> str:
             ph, mem, agree = r["phases_s"], r.get("peak_memory_bytes"), r.get("agreement")
             speed = eager["round_s"] / r["round_s"]
             row = (f"| {name} ({what.get(name, '')}) | {r['images_per_s']:.3f} | {r['round_s']:.2f} | "
-                   f"{ph['sample']:.2f} | {ph['train']:.2f} | {ph['optimizer']:.3f} | {r['warmup_s']:.0f} | "
+                   f"{ph['sample']:.2f} | {ph['train']:.2f} | {ph['optimizer']:.3f} | {_warmup_cell(r)} | "
                    f"{'n/a' if mem is None else f'{mem / 2**30:.1f}'} | {r['mfu']:.1%} | ")
             row += ("" if agree is None else f"{agree['rewards_rel_l2']:.0e} / {agree['latents_rel_l2']:.0e} / "
                     f"{agree['grad_rel_l2']:.0e}") + " | "
@@ -385,6 +387,16 @@ def round_table(results: dict) -> str:
                         f"{_verdict([(f'{speed:.2f}x', speed >= ROUND_SPEEDUP_TARGET)])} |")
             lines.append(row)
     return "\n".join(lines)
+
+
+def _warmup_cell(path: dict) -> str:
+    """A round path's warm-up seconds, with what it compiled (``compile``, recorded since issue 19's second GPU
+    session: older results have none) when it compiled anything."""
+    c = path.get("compile") or {}
+    cell = f"{path['warmup_s']:.0f}"
+    if c.get("graphs"):
+        cell += f" ({c['compile_s']:.0f} s compiling {c['graphs']} graphs)"
+    return cell
 
 
 def merge(runs: list[dict]) -> dict:

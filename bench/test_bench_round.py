@@ -23,7 +23,9 @@ trajectories amplify that over the steps, hence the tolerances below. A path bey
 GPU session is short; its numbers and the differences are written, and bench/report.py marks its speed-up as not
 comparable), and the test fails after every path has run.
 Recorded in ``extra_info``: per path images/s, seconds per phase (sample incl. decode and scoring, advantages,
-train, optimizer), peak memory, warm-up time (compilation, graph capture), MFU (transformer FLOPs of the round,
+train, optimizer), peak memory, warm-up time (compilation, graph capture; split into the step-0 probe, the
+compared training pass and the warm-up round) and what the path compiled (Dynamo graphs, frames, graph breaks,
+seconds compiling: none on the eager and no-compile paths, checked), MFU (transformer FLOPs of the round,
 counted with ``torch.utils.flop_counter`` on one sampling and one training chunk, per second, over the bf16 GEMM
 rate measured in the same test, 8192^3 on CUDA), and ``speedup_vs_eager`` of the last path. With
 ``FASTGRPO_ROUND_PARTIAL=FILE`` the results so far are written after each path (bench/gpu_session.sh uses it so
@@ -224,7 +226,7 @@ def test_round(benchmark, bench_device, tmp_path):
             "diffusers": _version("diffusers"), "cuda": torch.version.cuda, "images_per_round": P * G,
             "paths": {}}
     eager = None
-    disagreements = []
+    disagreements, compile_problems = [], []
     info["tolerances"] = dict(TOLERANCES)
     names = list(PATHS) if COMPILE else ["eager", "fast_nocompile"]
     for name in names:
@@ -233,17 +235,22 @@ def test_round(benchmark, bench_device, tmp_path):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         path = _Path(name, _config(fast_ops, compiled, graphs, device), device, tmp_path)
+        compile_before = _compile_totals()
         t0 = time.perf_counter()
         batches, rewards, latents = path.probe()  # compiles the no-grad blocks, captures the sampling graphs
+        t1 = time.perf_counter()
         if eager is None:
             eager = {"batches": batches, "rewards": rewards, "latents": latents}
             eager["grad"] = path.gradient(batches)
         # The training pass on the eager path's rollouts (identical inputs); compiles the training graphs.
         grad = eager["grad"] if name == "eager" else path.gradient(eager["batches"])
         del batches
+        t2 = time.perf_counter()
         path.round(timed=False)  # warm-up round
         warmup_s = time.perf_counter() - t0
-        res = {"warmup_s": warmup_s, "first_ratio_dev": path.rows[0]["first_ratio_dev"],
+        res = {"warmup_s": warmup_s, "warmup_parts_s": {"probe": t1 - t0, "gradient": t2 - t1,
+                                                        "round": warmup_s - (t2 - t0)},
+               "first_ratio_dev": path.rows[0]["first_ratio_dev"],
                "compiled_blocks": path.trainer.policy.compiled_blocks}
         if "shape" not in info:
             info["shape"] = _shape(path.trainer)
@@ -266,6 +273,11 @@ def test_round(benchmark, bench_device, tmp_path):
         while len(path.times) < ROUNDS:  # the other paths, or --benchmark-disable
             path.round()
         graphed = path.trainer.graphed
+        res["compile"] = _compile_since(compile_before)
+        # the eager and no-compile paths compile nothing (what the released trainers run); the compiled path
+        # traces its blocks whole (checked at the end, after every path has been timed)
+        if (res["compile"]["graphs"] > 0) != bool(compiled) or res["compile"]["graph_breaks"]:
+            compile_problems.append((name, res["compile"]))
         res.update(round_s=_median(path.times), round_times_s=path.times, phases_s=_phase_medians(path.phases),
                    images_per_s=P * G / _median(path.times),
                    peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
@@ -285,6 +297,25 @@ def test_round(benchmark, bench_device, tmp_path):
         _write_partial(info)
     benchmark.extra_info.update(info)
     assert not disagreements, f"fast paths that do not agree with the eager one: {disagreements}"
+    assert not compile_problems, f"paths that compiled when they should not, or not whole: {compile_problems}"
+
+
+def _compile_totals() -> dict:
+    """Dynamo's and Inductor's running totals in this process: graphs compiled, frames (compile attempts: more
+    than the graphs when a frame recompiles), graph breaks, and seconds spent compiling (the forward frames, and the
+    backward graphs AOTAutograd compiles at their first backward)."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "frames": counters["frames"]["total"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "compile_s": sum(sum(compilation_time_metrics.get(key, ()))
+                             for key in ("_compile.compile_inner", "backward._backward_impl"))}
+
+
+def _compile_since(before: dict) -> dict:
+    """What one path compiled: `_compile_totals` now, less ``before`` (recorded per path: on a GPU the compiled
+    path's warm-up is mostly compilation, and these say how many graphs it took)."""
+    return {key: value - before[key] for key, value in _compile_totals().items()}
 
 
 def _shape(trainer):
