@@ -77,7 +77,7 @@ round)
         tail -1 "$LOG"
     }
     part round
-    FASTGRPO_ROUND_PARTIAL="$OUT/round.json" timeout "$(left 300)" python3 -m pytest bench/test_bench_round.py -q \
+    FASTGRPO_ROUND_PARTIAL="$OUT/round.json" timeout "$(left 360)" python3 -m pytest bench/test_bench_round.py -q \
         -p no:cacheprovider -x >> "$LOG" 2>&1
     check round $?
     tail -4 "$LOG"
