@@ -27,6 +27,11 @@ fi
 for d in kernels configs csrc; do ln -sfn "../$d" "fastgrpo/$d"; done
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset TRITON_INTERPRET
+# Triton's and Inductor's compile caches inside the checkout (git-ignored): a second call on the same warm machine
+# (a rerun) keeps the checkout's ignored files, so it reuses the kernels and block graphs the first call compiled
+# instead of spending loan time compiling them again. Both caches are keyed by source and versions.
+export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
+mkdir -p "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 

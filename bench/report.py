@@ -395,7 +395,8 @@ def _warmup_cell(path: dict) -> str:
     c = path.get("compile") or {}
     cell = f"{path['warmup_s']:.0f}"
     if c.get("graphs"):
-        cell += f" ({c['compile_s']:.0f} s compiling {c['graphs']} graphs)"
+        cell += f" ({c['compile_s']:.0f} s compiling {c['graphs']} graphs"
+        cell += f", {c['fxgraph_cache_hits']} from Inductor's cache)" if c.get("fxgraph_cache_hits") else ")"
     return cell
 
 

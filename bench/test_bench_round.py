@@ -302,12 +302,15 @@ def test_round(benchmark, bench_device, tmp_path):
 
 def _compile_totals() -> dict:
     """Dynamo's and Inductor's running totals in this process: graphs compiled, frames (compile attempts: more
-    than the graphs when a frame recompiles), graph breaks, and seconds spent compiling (the forward frames, and the
-    backward graphs AOTAutograd compiles at their first backward)."""
+    than the graphs when a frame recompiles), graph breaks, Inductor's cache hits and misses, and seconds spent
+    compiling (the forward frames, and the backward graphs AOTAutograd compiles at their first backward)."""
     from torch._dynamo.utils import compilation_time_metrics, counters
 
     return {"graphs": counters["stats"]["unique_graphs"], "frames": counters["frames"]["total"],
             "graph_breaks": sum(counters["graph_break"].values()),
+            # Inductor's on-disk cache (bench/gpu_session.sh keeps it for a rerun): hits skip code generation
+            "fxgraph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+            "fxgraph_cache_misses": counters["inductor"]["fxgraph_cache_miss"],
             "compile_s": sum(sum(compilation_time_metrics.get(key, ()))
                              for key in ("_compile.compile_inner", "backward._backward_impl"))}
 

@@ -202,7 +202,8 @@ def _fake_gpu_session(tmp_path, fail_on: str):
     stubs.mkdir()
     (stubs / "nvidia-smi").write_text("#!/bin/sh\necho 'name, driver_version'\necho 'stub, 0'\n")
     (stubs / "python3").write_text(
-        '#!/bin/sh\necho "$*" >> "$CALLS"\ncase "$*" in *"$FAIL_ON"*) [ -n "$FAIL_ON" ] && exit 1;; esac\nexit 0\n')
+        '#!/bin/sh\necho "$* | caches $TRITON_CACHE_DIR $TORCHINDUCTOR_CACHE_DIR" >> "$CALLS"\n'
+        'case "$*" in *"$FAIL_ON"*) [ -n "$FAIL_ON" ] && exit 1;; esac\nexit 0\n')
     for stub in stubs.iterdir():
         stub.chmod(0o755)
     out = tmp_path / "out"
@@ -211,6 +212,23 @@ def _fake_gpu_session(tmp_path, fail_on: str):
     proc = subprocess.run(["bash", "bench/gpu_session.sh", "round", "60"], cwd=tree, env=env, capture_output=True,
                           text=True, timeout=120)
     return proc, (out / "log.txt").read_text(), (tmp_path / "calls.txt").read_text()
+
+
+def test_gpu_session_keeps_compile_caches_in_the_checkout(tmp_path):
+    """Every python the GPU session runs compiles into Triton's and Inductor's caches under the checkout's
+    git-ignored ``.cache/``: the device machine keeps a checkout's ignored files between calls, so a rerun on the
+    warm machine reuses what the first call compiled."""
+    import subprocess
+
+    proc, _, calls = _fake_gpu_session(tmp_path, "")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    tree = tmp_path / "tree"
+    lines = calls.splitlines()
+    assert len(lines) > 5
+    assert all(line.endswith(f"| caches {tree}/.cache/triton {tree}/.cache/inductor") for line in lines), lines
+    assert (tree / ".cache/triton").is_dir() and (tree / ".cache/inductor").is_dir()
+    ignored = subprocess.run(["git", "check-ignore", "-q", ".cache/triton/x"], cwd=REPO)
+    assert ignored.returncode == 0, "the caches must stay out of git (and out of what a run sends)"
 
 
 @pytest.mark.parametrize("fail_on", ["", "gpu_probe.py --out", "test_bench_collector.py"])
