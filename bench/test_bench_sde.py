@@ -40,17 +40,21 @@ def _f64(t):
     return t.detach().double()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_sample(benchmark, bench_device, impl, dtype, shape_name):
+def _case(impl, bench_device, shape_name):
+    """(device, comparison, shape) of one case; skips an impl this machine cannot run."""
     if impl == "triton":
         require_cuda(impl)
     if impl == "cpp":
         require_cpp()
-    device = impl_device(impl, bench_device)
     close = compiled.assert_close if impl == "compiled" else assert_close
-    shape = SHAPES[shape_name]
+    return impl_device(impl, bench_device), close, SHAPES[shape_name]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_sample(benchmark, bench_device, impl, dtype, shape_name):
+    device, close, shape = _case(impl, bench_device, shape_name)
     x, v, noise, _ = _inputs(shape, dtype, device)
     noise = noise.float()
     info = {}
@@ -78,13 +82,7 @@ def test_sample(benchmark, bench_device, impl, dtype, shape_name):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_train_fwd_bwd(benchmark, bench_device, impl, dtype, shape_name):
-    if impl == "triton":
-        require_cuda(impl)
-    if impl == "cpp":
-        require_cpp()
-    device = impl_device(impl, bench_device)
-    close = compiled.assert_close if impl == "compiled" else assert_close
-    shape = SHAPES[shape_name]
+    device, close, shape = _case(impl, bench_device, shape_name)
     x, v, prev, v_ref = _inputs(shape, dtype, device)
     prev = prev.float()
     v = v.requires_grad_(True)
