@@ -357,8 +357,8 @@ def round_table(results: dict) -> str:
                   f"{sh['batch_size']}, {sh['num_steps']} steps, CFG, KL; {e['device']}, torch {e['torch']}, "
                   f"triton {e['triton']}. Median of {len(eager['round_times_s'])} rounds after a warm-up round "
                   "(warm-up: the first sampling and round, with compilation and graph capture; in brackets, where "
-                  "the path compiled, the seconds Dynamo and Inductor spent and the graphs they made). MFU: "
-                  "transformer "
+                  "the path compiled, the seconds Dynamo and Inductor spent, the graphs they made and how many "
+                  "of them Inductor's on-disk cache served). MFU: transformer "
                   f"FLOPs per second over the bf16 GEMM rate measured in the same test ({e['gemm_tflops']:,.0f} "
                   "TFLOP/s). " + ("Each fast path was compared with the eager path before it was timed "
                                   "(agreement: relative L2 differences of the step-0 rewards / final latents / the "
@@ -390,13 +390,15 @@ def round_table(results: dict) -> str:
 
 
 def _warmup_cell(path: dict) -> str:
-    """A round path's warm-up seconds, with what it compiled (``compile``, recorded since issue 19's second GPU
-    session: older results have none) when it compiled anything."""
+    """A round path's warm-up seconds, with what it compiled when it compiled anything (``compile``, recorded
+    since 2026-12-01: older results have none): Dynamo's graphs, and where Inductor's on-disk cache served some,
+    how many of Inductor's graphs (forward and backward ones) it served."""
     c = path.get("compile") or {}
     cell = f"{path['warmup_s']:.0f}"
     if c.get("graphs"):
         cell += f" ({c['compile_s']:.0f} s compiling {c['graphs']} graphs"
-        cell += f", {c['fxgraph_cache_hits']} from Inductor's cache)" if c.get("fxgraph_cache_hits") else ")"
+        hits, total = c.get("fxgraph_cache_hits", 0), c.get("fxgraph_cache_hits", 0) + c.get("fxgraph_cache_misses", 0)
+        cell += f"; {hits} of {total} Inductor graphs from its cache)" if hits else ")"
     return cell
 
 
