@@ -227,8 +227,10 @@ def test_gpu_session_keeps_compile_caches_in_the_checkout(tmp_path):
     assert len(lines) > 5
     assert all(line.endswith(f"| caches {tree}/.cache/triton {tree}/.cache/inductor") for line in lines), lines
     assert (tree / ".cache/triton").is_dir() and (tree / ".cache/inductor").is_dir()
-    ignored = subprocess.run(["git", "check-ignore", "-q", ".cache/triton/x"], cwd=REPO)
-    assert ignored.returncode == 0, "the caches must stay out of git (and out of what a run sends)"
+    # the caches stay out of git, and so out of what a `run` sends
+    assert "/.cache/" in (REPO / ".gitignore").read_text().splitlines()
+    if (REPO / ".git").exists():
+        assert subprocess.run(["git", "check-ignore", "-q", ".cache/triton/x"], cwd=REPO).returncode == 0
 
 
 @pytest.mark.parametrize("fail_on", ["", "gpu_probe.py --out", "test_bench_collector.py"])
