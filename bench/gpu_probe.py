@@ -49,9 +49,10 @@ def _event_ms(fn, warmup: int = 25, rep: int = 200) -> float:
 
 def _profile_calls(fn, calls: int = 20, top: int = 12) -> tuple:
     """One torch.profiler session over ``calls`` calls of ``fn``: (summed kernel ms per call, {kernel: ms per call},
-    CPU-side events, counts per call). The events (`_cpu_rows`) are the host's: aten ops, the autograd engine's
-    nodes, and the launches as the CUDA runtime/driver API calls they are. The counts: CPU aten ops (top level and
-    nested), launch API calls and device kernels. Without CUDA: (None, {}, CPU events, counts)."""
+    CPU-side events, counts per call, `_autograd_timeline`). The events (`_cpu_rows`) are the host's: aten ops, the
+    autograd engine's nodes, and the launches as the CUDA runtime/driver API calls they are. The counts: CPU aten
+    ops (top level and nested), launch API calls and device kernels. Without CUDA: (None, {}, CPU events, counts,
+    timeline)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
@@ -74,7 +75,8 @@ def _profile_calls(fn, calls: int = 20, top: int = 12) -> tuple:
             counts["launch_calls"] += evt.name in LAUNCH_EVENTS
     per_kernel = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
     counts = {key: round(n / calls) for key, n in counts.items()}
-    return (sum(per_kernel.values()) if cuda else None), per_kernel, _cpu_rows(prof, calls, top), counts
+    return ((sum(per_kernel.values()) if cuda else None), per_kernel, _cpu_rows(prof, calls, top), counts,
+            _autograd_timeline(prof))
 
 
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
@@ -88,6 +90,46 @@ def _cpu_rows(prof, calls: int, top: int) -> list:
     rows = events[:top] + [e for e in events[top:] if e.key in LAUNCH_EVENTS]
     return [[e.key[:80], e.count / calls, round(e.self_cpu_time_total / calls, 2), round(e.cpu_time_total / calls, 2)]
             for e in rows]
+
+
+GRAD_EVENT = "probe::autograd.grad"  # torch.profiler's label of the training cases' torch.autograd.grad
+
+
+def _grad(loss, inputs):
+    """``torch.autograd.grad(loss, inputs)`` under a profiler label (`GRAD_EVENT`), for `_autograd_timeline`."""
+    with torch.profiler.record_function(GRAD_EVENT):
+        return torch.autograd.grad(loss, inputs)
+
+
+def _autograd_timeline(prof) -> dict | None:
+    """Where a training case's ``torch.autograd.grad`` spends its time (the profile's `GRAD_EVENT` events; None when
+    it has none), medians over the profiled calls in us: the whole call (``grad_us``), until the engine starts the
+    first backward node (``to_first_node_us``: with CUDA tensors the engine runs the nodes on its device thread, so
+    this is the hand-over to that thread), the nodes' own time (``nodes_us``, the kernels' launches included), the
+    gaps between nodes (``between_nodes_us``), and from the last node's end until the call returns
+    (``after_last_node_us``: the hand-back); ``other_thread``: whether the nodes ran on another thread than the
+    caller (on CUDA they do, on the CPU they run on the calling thread). The eager reference pays the same
+    hand-over and hand-back, so on a host-bound call they bound the speed-up one op's kernels can show."""
+    import statistics
+
+    events = list(prof.events())
+    nodes = [e for e in events if e.name.startswith("autograd::engine::evaluate_function")]
+    rows = []
+    for g in (e for e in events if e.name == GRAD_EVENT):
+        start, end = g.time_range.start, g.time_range.end
+        inside = [e for e in nodes if start <= e.time_range.start and e.time_range.end <= end]
+        if not inside:
+            continue
+        first = min(e.time_range.start for e in inside)
+        last = max(e.time_range.end for e in inside)
+        busy = sum(e.time_range.elapsed_us() for e in inside)
+        rows.append({"grad_us": end - start, "to_first_node_us": first - start, "nodes_us": busy,
+                     "between_nodes_us": (last - first) - busy, "after_last_node_us": end - last,
+                     "nodes": len(inside), "other_thread": any(e.thread != g.thread for e in inside)})
+    if not rows:
+        return None
+    out = {key: statistics.median(r[key] for r in rows) for key in rows[0] if key != "other_thread"}
+    return {**out, "other_thread": all(r["other_thread"] for r in rows), "calls": len(rows)}
 
 
 # The CPU smoke run's shapes (no CUDA): the code path of the probe, not numbers to read.
@@ -119,9 +161,15 @@ def ops_cases(smoke: bool = False):
 
         def train(x=x, vg=vg, prevf=prevf, vref=vref):
             out = sde_step(x, vg, 0.8, 0.7, prev_sample=prevf, v_ref=vref)
-            return torch.autograd.grad(out.log_prob.sum() + 0.01 * out.kl.sum(), vg)
+            return _grad(out.log_prob.sum() + 0.01 * out.kl.sum(), vg)
 
         cases[f"sde_train_{name}_bf16"] = (train, n * (3 * es + 8 + es))
+
+        def train_eager(x=x, vg=vg, prevf=prevf, vref=vref):  # the eager reference, for its autograd timeline
+            out = sde_step(x, vg, 0.8, 0.7, prev_sample=prevf, v_ref=vref, impl="torch")
+            return _grad(out.log_prob.sum() + 0.01 * out.kl.sum(), vg)
+
+        cases[f"sde_train_{name}_bf16_eager"] = (train_eager, n * (3 * es + 8 + es))
     for name, (B, L, V) in TOKEN_SHAPES.items():
         logits = (torch.randn(B, L, V, generator=g) * 2).to(dev, torch.bfloat16)
         targets = torch.randint(0, V, (B, L), generator=g).to(dev)
@@ -137,7 +185,7 @@ def ops_cases(smoke: bool = False):
 
         def ttrain(lr=lr, t=targets):
             logp, ent = token_logprob_entropy(lr, t)
-            return torch.autograd.grad(logp.sum() + ent.sum(), lr)
+            return _grad(logp.sum() + ent.sum(), lr)
 
         cases[f"token_train_{name}"] = (ttrain, 3 * R * V * 2)
     rewards = (torch.randn(P, G, generator=g) * 0.5 + 22).to(dev)
@@ -166,7 +214,7 @@ def _host_issue_ms(fn, repeats: int = 20) -> float:
 
 def probe_ops(copy_gbps: float | None) -> dict:
     """Per op case: CUDA-event time, kernel time and kernels, and where the host time goes (``host_issue_ms``,
-    ``cpu_events``, ``host_profile``). Without CUDA: the smoke run (tiny CPU shapes, ``event_ms`` is the host time
+    ``cpu_events``, ``host_profile``; for the training cases also ``autograd``, `_autograd_timeline`). Without CUDA: the smoke run (tiny CPU shapes, ``event_ms`` is the host time
     of a call, no kernel table)."""
     cuda = torch.cuda.is_available()
     res = {}
@@ -175,12 +223,12 @@ def probe_ops(copy_gbps: float | None) -> dict:
             fn()  # compiles the kernels on a GPU
             issue = _host_issue_ms(fn, repeats=20 if cuda else 3)
             ev = _event_ms(fn) if cuda else issue
-            kern, per, events, _ = _profile_calls(fn, calls=20 if cuda else 2)
+            kern, per, events, _, timeline = _profile_calls(fn, calls=20 if cuda else 2)
             host = _host_profile(fn, top=12)
         res[name] = {"event_ms": ev, "kernel_ms": kern, "host_issue_ms": issue, "bytes": nbytes,
                      "gb_per_s_event": nbytes / ev / 1e6,
                      "gb_per_s_kernels": nbytes / kern / 1e6 if kern else None, "kernels": per,
-                     "cpu_events": events, "host_profile": host}
+                     "cpu_events": events, "host_profile": host, **({"autograd": timeline} if timeline else {})}
         bw = f"{nbytes / kern / 1e6 / copy_gbps:6.1%} of copy (kernels)" if kern and copy_gbps else ""
         kern_txt = f"{kern:8.3f} ms" if kern is not None else "     n/a   "
         print(f"{name:32s} event {ev:8.3f} ms  host issue {issue:8.3f} ms  kernels {kern_txt}  {bw}  "
@@ -352,7 +400,7 @@ def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
                         end.record()
                         torch.cuda.synchronize()
                         ev.append(start.elapsed_time(end))
-                kern, per, events, counts = _profile_calls(fn, calls=3, top=15)  # counts: per forward
+                kern, per, events, counts, _ = _profile_calls(fn, calls=3, top=15)  # counts: per forward
                 row[way] = {"ms": statistics.median(ev or host), "host_issue_ms": statistics.median(host),
                             "ms_all": ev or host, **counts, "kernel_ms": kern,
                             "kernels_top": dict(list(per.items())[:12]), "cpu_events": events,

@@ -423,6 +423,19 @@ def probe_table(probe: dict) -> str:
         gbps = r["bytes"] / r["kernel_ms"] / 1e6
         lines.append(f"| {name} | {r['event_ms']:.3f} | {r['kernel_ms']:.3f} | {len(r['kernels'])} | "
                      f"{gbps:,.0f} ({gbps / copy:.0%}) | {top[0][:40]} ({top[1] * 1e3:.1f} us) |")
+    timelines = {name: r["autograd"] for name, r in probe.get("ops", {}).items() if r.get("autograd")}
+    if timelines:  # recorded by probes since 2026-12-01
+        lines += ["", "The training cases' `torch.autograd.grad` (bench/gpu_probe.py, torch.profiler; median us per "
+                  "call): until the autograd engine starts the first backward node (on CUDA the nodes run on the "
+                  "engine's device thread, so this is the hand-over to it), the nodes' own time (launches included), "
+                  "the gaps between them, and from the last node's end until the call returns (the hand-back). "
+                  "`_eager` is the eager reference (`impl=\"torch\"`).", "",
+                  "| op | grad us | to the first node | nodes | between nodes | after the last node | nodes run | "
+                  "on another thread |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for name, t in timelines.items():
+            lines.append(f"| {name} | {t['grad_us']:.0f} | {t['to_first_node_us']:.0f} | {t['nodes_us']:.0f} | "
+                         f"{t['between_nodes_us']:.0f} | {t['after_last_node_us']:.0f} | {t['nodes']:.0f} | "
+                         f"{'yes' if t['other_thread'] else 'no'} |")
     col = probe.get("collector")
     if col:
         batches = sorted((k for k in col if k.startswith("b") and k[1:].isdigit()), key=lambda k: int(k[1:]))

@@ -234,6 +234,17 @@ def test_gpu_probe_ops_section():
         assert 0 < len(top) <= 12 and all(len(row) == 4 and row[2] >= 0 for row in top)
     # the training case runs the autograd engine: its backward node is among the events
     assert any("Backward" in e[0] for e in res["sde_train_tiny_bf16"]["cpu_events"])
+    # and each training case's autograd.grad is timed from the caller to the nodes and back (on the CPU the nodes
+    # run on the calling thread); the other cases have no such timeline
+    for name in ("sde_train_tiny_bf16", "sde_train_tiny_bf16_eager", "token_train_image"):
+        t = res[name]["autograd"]
+        assert t["calls"] == 2 and t["nodes"] >= 2 and t["other_thread"] is False, (name, t)
+        parts = t["to_first_node_us"] + t["nodes_us"] + t["between_nodes_us"] + t["after_last_node_us"]
+        assert min(t["to_first_node_us"], t["nodes_us"], t["after_last_node_us"]) > 0, (name, t)
+        assert t["between_nodes_us"] >= -1e-6 and parts <= t["grad_us"] * 1.001 + 1e-3, (name, t)
+    # the eager reference runs more backward nodes than our one autograd.Function and its loss
+    assert res["sde_train_tiny_bf16_eager"]["autograd"]["nodes"] > res["sde_train_tiny_bf16"]["autograd"]["nodes"]
+    assert all("autograd" not in r for name, r in res.items() if "train" not in name)
 
 
 

@@ -322,3 +322,25 @@ def test_probe_table_shows_the_collectors_device_time_when_recorded():
         "| 2 | collector_reused | 50.60 | 50.00 | 9458 | 2304 | 2365 | +10.0% | yes |"]
     header = [ln for ln in old if ln.startswith("| batch")]
     assert header == ["| batch | way | ms | host issue ms | aten ops | launches | kernels | overhead | host-bound |"]
+
+
+def test_probe_table_shows_the_training_calls_autograd_timeline_when_recorded():
+    """Probes since 2026-12-01 time each training case's `torch.autograd.grad` (hand-over to the engine, the nodes,
+    the hand-back): a table of its own; probes without it (bench/results/h200-probe.json) have none."""
+    def op(timeline=None):
+        return {"event_ms": 0.9, "kernel_ms": 0.02, "bytes": 10 ** 6, "kernels": {"k": 0.01},
+                **({"autograd": timeline} if timeline else {})}
+
+    ours = {"grad_us": 610.4, "to_first_node_us": 250.2, "nodes_us": 120.0, "between_nodes_us": 40.0,
+            "after_last_node_us": 200.2, "nodes": 6, "other_thread": True, "calls": 20}
+    eager = {**ours, "grad_us": 980.0, "nodes_us": 500.0, "nodes": 31}
+    probe = {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "copy_gb_per_s": 4000.0,
+             "ops": {"sde_sample_sd35-512_bf16": op(), "sde_train_sd35-512_bf16": op(ours),
+                     "sde_train_sd35-512_bf16_eager": op(eager)}}
+    table = report.probe_table(probe).splitlines()
+    rows = [ln for ln in table if ln.startswith("| sde_train") and ln.count("|") == 9]
+    assert rows == ["| sde_train_sd35-512_bf16 | 610 | 250 | 120 | 40 | 200 | 6 | yes |",
+                    "| sde_train_sd35-512_bf16_eager | 980 | 250 | 500 | 40 | 200 | 31 | yes |"]
+    assert any(ln.startswith("| op | grad us | to the first node") for ln in table)
+    old = report.probe_table(_load("h200-probe.json"))
+    assert "grad us" not in old
