@@ -353,8 +353,12 @@ def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
     CPU configuration otherwise): times, host issue time, ops and kernels per forward, overhead; per way also the
     summed device time of its kernels (``kernel_ms``, the top kernels, ``extra_kernel_ms`` per batch: whether the
     batch-2 overhead is GPU work or host work), the CPU-side profiler events (launch API calls among them) and a
-    cProfile. The ways (module docstring): plain, collector, collector_reused, collector_stubbed; per batch also
-    ``launch_overhead_ms`` (collector against collector_stubbed: what the collector's launches cost)."""
+    cProfile, and the host time spent in each transformer block (``block_host_ms``, with ``hooked_host_ms`` the
+    whole forward's in the same calls: `_block_host_ms`). The ways
+    (module docstring): plain, collector, collector_reused, collector_stubbed; per batch also
+    ``launch_overhead_ms`` (collector against collector_stubbed: what the collector's launches cost) and
+    ``extra_block_host_ms`` (collector less plain, per block: whether the extra host time sits in the selected
+    blocks or is spread over all of them)."""
     import contextlib
     import statistics
     import time
@@ -405,6 +409,8 @@ def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
                             "ms_all": ev or host, **counts, "kernel_ms": kern,
                             "kernels_top": dict(list(per.items())[:12]), "cpu_events": events,
                             "host_profile": _host_profile(fn)}
+                row[way]["block_host_ms"], row[way]["hooked_host_ms"] = _block_host_ms(
+                    model.transformer_blocks, fn, repeats=repeats)
         p, c = row["plain"], row["collector"]
         row["overhead"] = c["ms"] / p["ms"] - 1
         row["host_issue_overhead_ms"] = c["host_issue_ms"] - p["host_issue_ms"]
@@ -416,6 +422,8 @@ def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
         # what the collector's six launches cost (Triton's launch path, the driver, the device): against the same
         # collector with its kernels stubbed
         row["launch_overhead_ms"] = c["ms"] - row["collector_stubbed"]["ms"]
+        # host time per block, collector less plain: in the selected blocks, or spread over every block
+        row["extra_block_host_ms"] = [a - b for a, b in zip(c["block_host_ms"], p["block_host_ms"])]
         out[f"b{batch}"] = row
         print(f"collector b{batch}: plain {p['ms']:.2f} ms (host {p['host_issue_ms']:.2f}), collector {c['ms']:.2f} ms "
               f"(host {c['host_issue_ms']:.2f}): {row['overhead']:+.1%}; kernels stubbed "
@@ -427,6 +435,37 @@ def probe_collector(batches=(2, 8), repeats: int = 7) -> dict:
 
 
 ATTENTION_KERNELS = "fastgrpo.kernels.attention_entropy"
+
+
+def _block_host_ms(blocks, fn, repeats: int = 5) -> tuple:
+    """Host time spent in each of ``blocks`` per call of ``fn`` (median over ``repeats`` calls, ms), read by a
+    forward pre-hook and a forward hook on each block, each call started on an idle device: on a host-bound
+    forward, where the host time goes block by block (whether a way's extra time sits in some blocks or is spread
+    over all). Returns (per block, the median host time of the same calls). The hooks are removed afterwards."""
+    import statistics
+    import time
+
+    starts, times, totals = {}, [[] for _ in blocks], []
+
+    def pre(i):
+        return lambda module, args: starts.__setitem__(i, time.perf_counter())
+
+    def post(i):
+        return lambda module, args, out: times[i].append((time.perf_counter() - starts[i]) * 1e3)
+
+    handles = [b.register_forward_pre_hook(pre(i)) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(post(i)) for i, b in enumerate(blocks)]
+    try:
+        for _ in range(repeats):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            totals.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        for h in handles:
+            h.remove()
+    return [statistics.median(t) if t else None for t in times], statistics.median(totals)
 
 
 def _host_profile(fn, calls: int = 3, top: int = 15) -> list:

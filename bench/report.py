@@ -467,6 +467,7 @@ def probe_table(probe: dict) -> str:
                 lines.append(f"| {key[1:]} | {way} | {w['ms']:.2f} | {w['host_issue_ms']:.2f} | {kern}"
                              f"{w['cpu_aten_ops']} | {w['launch_calls']} | {w['device_kernels']} | {over} | "
                              f"{bound} |")
+        lines += _block_host_lines(col, batches)
     att = probe.get("attention")
     if att:
         lines += ["", "Attention tiles (bench/gpu_probe.py sweep, bf16): the two fastest per case; the tiles the kernel "
@@ -479,6 +480,25 @@ def probe_table(probe: dict) -> str:
                              f"{b['num_stages']}) | {b['ms']:.3f} | {b['vs_sdpa']:.2f}x |")
     lines += _token_tiles_lines(probe.get("token_tiles"))
     return "\n".join(lines)
+
+
+def _block_host_lines(col: dict, batches: list) -> list:
+    """Where the collector's extra host time sits, block by block (``extra_block_host_ms``: collector less plain,
+    host time per transformer block from forward hooks; probes since 2026-12-01): the selected blocks one by one,
+    the others summed, and the largest of those."""
+    rows = [(key, col[key]["extra_block_host_ms"]) for key in batches if col[key].get("extra_block_host_ms")]
+    if not rows:
+        return []
+    lines = [""]
+    for key, extra in rows:
+        layers = [i for i in col["layers"] if i < len(extra)]
+        others = [(x, i) for i, x in enumerate(extra) if i not in layers]
+        big = max(others, key=lambda o: abs(o[0])) if others else (0.0, None)
+        lines.append(f"Host time per transformer block, collector less plain (forward hooks, median ms per forward), "
+                     f"batch {key[1:]}: selected blocks " + ", ".join(f"{i}: {extra[i]:+.2f}" for i in layers)
+                     + f"; the other {len(others)} blocks: {sum(x for x, _ in others):+.2f} in all (largest "
+                     f"{big[0]:+.2f}, block {big[1]}).")
+    return lines
 
 
 def _token_variant(cfg: dict) -> str:

@@ -344,3 +344,18 @@ def test_probe_table_shows_the_training_calls_autograd_timeline_when_recorded():
     assert any(ln.startswith("| op | grad us | to the first node") for ln in table)
     old = report.probe_table(_load("h200-probe.json"))
     assert "grad us" not in old
+
+
+def test_probe_table_says_where_the_collectors_extra_host_time_sits_when_recorded():
+    """Probes since 2026-12-01 record the host time per transformer block: the report sets the selected blocks'
+    extra time beside the others' sum and their largest; older probes get no such line."""
+    probe = _collector_probe(True)
+    extra = [0.01] * 24
+    extra[5], extra[10], extra[15], extra[20] = 2.5, 2.25, 2.0, -0.5
+    probe["collector"]["b2"]["extra_block_host_ms"] = extra
+    lines = [ln for ln in report.probe_table(probe).splitlines() if ln.startswith("Host time per transformer block")]
+    assert lines == ["Host time per transformer block, collector less plain (forward hooks, median ms per forward), "
+                     "batch 2: selected blocks 5: +2.50, 10: +2.25, 15: +2.00; the other 21 blocks: -0.30 in all "
+                     "(largest -0.50, block 20)."]
+    del probe["collector"]["b2"]["extra_block_host_ms"]
+    assert "Host time per transformer block" not in report.probe_table(probe)
