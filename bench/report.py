@@ -161,9 +161,10 @@ def host_table(results: dict) -> str:
              "| op | case | shapes | tensors | host us, kernels stubbed | host us, Triton launch path | "
              "launch path us per launch | kernel launches | torch ops | host reads |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    paired = [b for b in host if "collector_minus_plain_ms" in b["extra_info"]]  # a sentence below, not rows
     for b in host:
         e = b["extra_info"]
-        if e.get("kernels", "stubbed") != "stubbed":
+        if e.get("kernels", "stubbed") != "stubbed" or b in paired:
             continue
         shapes = "; ".join(f"{k} {'x'.join(map(str, v))}" for k, v in e.get("shapes", {}).items())
         d = dispatched.get(key(e))
@@ -175,7 +176,29 @@ def host_table(results: dict) -> str:
         lines.append(f"| {e.get('op', _fn(b))} | {e.get('case', '')} | {e.get('shape_name', '')} ({shapes}) | "
                      f"{tensors(e)} | {us(b):,.1f} | {via} | {per_launch} | {launches} | {e.get('aten_ops')} | "
                      f"{len(e.get('host_reads') or [])} |")
+    lines += _paired_forward_lines(paired)
     return "\n".join(lines)
+
+
+def _paired_forward_lines(paired: list) -> list:
+    """bench/test_bench_host.py's whole-model case (``test_host_collector_whole_model``): plain and collector
+    forwards in alternation, the median of the paired differences per way the kernels were replaced."""
+    if not paired:
+        return []
+    e0 = paired[0]["extra_info"]
+    text = {"stubbed": "with the kernels stubbed", "dispatched": "with Triton's launch path (dispatched)"}
+    parts = []
+    for b in sorted(paired, key=lambda b: b["extra_info"].get("kernels", "stubbed") != "stubbed"):
+        e = b["extra_info"]
+        lo, hi = e["collector_minus_plain_p20_p80_ms"]
+        launches = f", its six launch calls {e['launches_ms']:.2f} ms" if e.get("launches_ms") is not None else ""
+        parts.append(f"{text.get(e.get('kernels', 'stubbed'), e.get('kernels'))} {e['collector_minus_plain_ms']:+.2f} "
+                     f"ms ({lo:+.1f} to {hi:+.1f}; plain {e['plain_ms']:.1f} ms{launches})")
+    when = f", recorded {e0['recorded']}" if e0.get("recorded") else ""
+    return ["", f"A whole forward ({e0['shape_name']}, CPU tensors{when}): what a collector constructed per forward "
+            f"(layers 5/10/15) adds to its host time, as the median of {e0['pairs']} differences between a plain "
+            "forward and a collector forward taken back to back (20th to 80th percentile in brackets): "
+            + "; ".join(parts) + "."]
 
 
 # ------------------------------------------------------------------------------------------------ GPU table

@@ -39,6 +39,7 @@ during the call (it only lets ``impl="triton"`` accept CPU tensors: no kernel ru
 machine the same cases also run on CUDA tensors (the caching allocator's cost included).
 """
 import contextlib
+import statistics
 
 import pytest
 import torch
@@ -176,6 +177,88 @@ def _sd35_structure():
                    joint_attention_dim=16, pooled_projection_dim=16, sample_size=8)
         _SD35_STRUCTURE["model"] = SD3Transformer2DModel(**cfg).eval().requires_grad_(False)
     return _SD35_STRUCTURE["model"]
+
+
+@pytest.mark.parametrize("host_device", ["cpu"], indirect=True)
+@pytest.mark.parametrize("kernels", KERNELS, indirect=True)
+def test_host_collector_whole_model(benchmark, host_device, kernels, monkeypatch):
+    """A whole no-grad forward of `_sd35_structure` (SD3.5-Medium's 24 blocks, tiny widths, batch 2) on CPU tensors,
+    plain and inside a collector constructed per forward (layers 5/10/15, as bench/test_bench_collector.py times
+    it), in alternation: what the collector adds to a forward's host time with diffusers' own code around it. On
+    the H200 it added 8.8 ms at batch 2 (bench/results/h200-probe.json); here the forward's own arithmetic is tiny,
+    so the difference is host work. pytest-benchmark times one pair (plain, then collector); ``extra_info`` has each
+    way's median and the median of the paired differences (``collector_minus_plain_ms``, with its 20th-80th
+    percentiles): pairs taken back to back cancel most of a shared machine's drift, which separate benchmark
+    cases do not. ``launches_ms``: the median time per collector forward inside its six launch calls (the cached
+    plans' ``attention`` and ``probs``: Triton's launch path when dispatched), timed in that forward's context. Denormals are flushed (a stubbed kernel leaves its output uninitialised). CPU only: on a GPU
+    bench/gpu_probe.py times the real model."""
+    import datetime
+    import time
+
+    from fastgrpo.diffusion.attention import AttentionEntropyCollector
+
+    model = _sd35_structure()
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
+                  encoder_hidden_states=torch.randn(2, 12, cfg.joint_attention_dim, generator=g),
+                  pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=g),
+                  timestep=torch.full((2,), 700.0))
+    import fastgrpo.kernels.attention_entropy as plans
+
+    times = {"plain": [], "collector": [], "launches": []}
+    in_launches = []
+    for name in ("attention", "probs"):  # time the launch calls inside the forward
+        real = getattr(plans.PlannedLaunches, name)
+
+        def timed_launch(self, *args, _real=real, **kwargs):
+            t0 = time.perf_counter()
+            _real(self, *args, **kwargs)
+            in_launches.append((time.perf_counter() - t0) * 1e3)
+
+        monkeypatch.setattr(plans.PlannedLaunches, name, timed_launch)
+    ROUNDS = 100  # noqa: N806  (pairs: their differences spread by a few ms on a shared 2-core machine)
+
+    def plain():
+        return model(**inputs).sample
+
+    def collected():
+        in_launches.clear()
+        with AttentionEntropyCollector(model, layers=(5, 10, 15), impl="triton") as collector:
+            model(**inputs)
+            out = collector.pop()
+        times["launches"].append(sum(in_launches))
+        assert len(in_launches) == 6, in_launches  # through the plans: 2 launches in each selected layer
+        return out
+
+    def pair():
+        for way, fn in (("plain", plain), ("collector", collected)):
+            t0 = time.perf_counter()
+            fn()
+            times[way].append((time.perf_counter() - t0) * 1e3)
+
+    torch.set_flush_denormal(True)
+    try:
+        with torch.no_grad(), kernels[1](ATTENTION) as launches:
+            measure_host(benchmark, pair, launches=launches,
+                         expected=["attention_text_entropy_fwd_kernel", "text_probs_kernel"] * 3,
+                         op="SD3 transformer forward, plain then with the collector",
+                         case="collector constructed per forward, layers 5/10/15",
+                         shape_name="SD3.5-Medium's 24 blocks, tiny widths, batch 2",
+                         shapes={"hidden_states": list(inputs["hidden_states"].shape)}, dtype="float32",
+                         device=host_device, kernels=kernels[0], timing=TIMING[kernels[0]], rounds=ROUNDS, warmup=5)
+    finally:
+        torch.set_flush_denormal(False)
+    # the timed rounds only (measure_host's first call, op count and host-read check run the pair too)
+    diffs = sorted(c - p for p, c in zip(times["plain"][-ROUNDS:], times["collector"][-ROUNDS:]))
+    assert len(diffs) >= 3 and all(t > 0 for t in times["plain"] + times["collector"])
+    pick = lambda q: diffs[min(len(diffs) - 1, int(q * len(diffs)))]  # noqa: E731
+    benchmark.extra_info.update(
+        recorded=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        pairs=len(diffs), plain_ms=statistics.median(times["plain"][-ROUNDS:]),
+        collector_ms=statistics.median(times["collector"][-ROUNDS:]), collector_minus_plain_ms=statistics.median(diffs),
+        collector_minus_plain_p20_p80_ms=[pick(0.2), pick(0.8)],
+        launches_ms=statistics.median(times["launches"][-ROUNDS:]))
 
 
 @pytest.mark.parametrize("host_device", DEVICES, indirect=True)

@@ -359,3 +359,26 @@ def test_probe_table_says_where_the_collectors_extra_host_time_sits_when_recorde
                      "(largest -0.50, block 20)."]
     del probe["collector"]["b2"]["extra_block_host_ms"]
     assert "Host time per transformer block" not in report.probe_table(probe)
+
+
+def test_host_table_states_the_paired_whole_forward_as_a_sentence():
+    """The whole-model host case (plain and collector forwards in alternation) is not a row of per-call host
+    costs: the report states its paired differences below the table, the stubbed way first."""
+    results = _load("cpu-host.json")
+    results["benchmarks"] = [b for b in results["benchmarks"] if "collector_minus_plain_ms" not in b["extra_info"]]
+
+    def paired(kernels, diff):
+        return {"name": f"test_host_collector_whole_model[{kernels}-cpu]", "params": {}, "stats": {"median": 0.08},
+                "extra_info": {"op": "SD3 transformer forward, plain then with the collector", "kernels": kernels,
+                               "shape_name": "SD3.5-Medium's 24 blocks, tiny widths, batch 2", "device": "cpu x1",
+                               "pairs": 100, "plain_ms": 38.04, "collector_ms": 38.04 + diff,
+                               "collector_minus_plain_ms": diff, "collector_minus_plain_p20_p80_ms": [-2.4, 6.8],
+                               **({"launches_ms": 0.474} if kernels == "dispatched" else {})}}
+
+    results["benchmarks"] += [paired("dispatched", 1.22), paired("stubbed", 0.1)]
+    out = report.host_table(results)
+    assert "plain then with the collector" not in out.split("\n\n")[-2]  # no table row
+    assert out.endswith("as the median of 100 differences between a plain forward and a collector forward taken "
+                        "back to back (20th to 80th percentile in brackets): with the kernels stubbed +0.10 ms (-2.4 "
+                        "to +6.8; plain 38.0 ms); with Triton's launch path (dispatched) +1.22 ms (-2.4 to +6.8; "
+                        "plain 38.0 ms, its six launch calls 0.47 ms).")
