@@ -190,11 +190,13 @@ def test_host_collector_whole_model(benchmark, host_device, kernels, monkeypatch
     way's median and the median of the paired differences (``collector_minus_plain_ms``, with its 20th-80th
     percentiles): pairs taken back to back cancel most of a shared machine's drift, which separate benchmark
     cases do not. ``launches_ms``: the median time per collector forward inside its six launch calls (the cached
-    plans' ``attention`` and ``probs``: Triton's launch path when dispatched), timed in that forward's context. Denormals are flushed (a stubbed kernel leaves its output uninitialised). CPU only: on a GPU
+    plans' ``attention`` and ``probs``: Triton's launch path when dispatched), timed in that forward's context.
+    Denormals are flushed (a stubbed kernel leaves its output uninitialised). CPU only: on a GPU
     bench/gpu_probe.py times the real model."""
     import datetime
     import time
 
+    import fastgrpo.kernels.attention_entropy as plans
     from fastgrpo.diffusion.attention import AttentionEntropyCollector
 
     model = _sd35_structure()
@@ -204,8 +206,6 @@ def test_host_collector_whole_model(benchmark, host_device, kernels, monkeypatch
                   encoder_hidden_states=torch.randn(2, 12, cfg.joint_attention_dim, generator=g),
                   pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=g),
                   timestep=torch.full((2,), 700.0))
-    import fastgrpo.kernels.attention_entropy as plans
-
     times = {"plain": [], "collector": [], "launches": []}
     in_launches = []
     for name in ("attention", "probs"):  # time the launch calls inside the forward
