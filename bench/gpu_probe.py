@@ -214,8 +214,8 @@ def _host_issue_ms(fn, repeats: int = 20) -> float:
 
 def probe_ops(copy_gbps: float | None) -> dict:
     """Per op case: CUDA-event time, kernel time and kernels, and where the host time goes (``host_issue_ms``,
-    ``cpu_events``, ``host_profile``; for the training cases also ``autograd``, `_autograd_timeline`). Without CUDA: the smoke run (tiny CPU shapes, ``event_ms`` is the host time
-    of a call, no kernel table)."""
+    ``cpu_events``, ``host_profile``; for the training cases also ``autograd``, `_autograd_timeline`). Without
+    CUDA: the smoke run (tiny CPU shapes, ``event_ms`` is the host time of a call, no kernel table)."""
     cuda = torch.cuda.is_available()
     res = {}
     for name, (fn, nbytes) in ops_cases(smoke=not cuda).items():
