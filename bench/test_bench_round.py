@@ -27,10 +27,10 @@ train, optimizer), peak memory, warm-up time (compilation, graph capture; split 
 compared training pass and the warm-up round) and what the path compiled (Dynamo graphs, frames, graph breaks,
 Inductor's cache hits and misses, seconds compiling: none on the eager and no-compile paths, checked), MFU
 (transformer FLOPs of the round, counted with ``torch.utils.flop_counter`` on one sampling and one training chunk,
-per second, over the bf16 GEMM rate measured in the same test, 8192^3 on CUDA), and ``speedup_vs_eager`` of the last path. With
-``FASTGRPO_ROUND_PARTIAL=FILE`` the results so far are written after each path (bench/gpu_session.sh uses it so
-that a run stopped at its time limit keeps the finished paths); ``FASTGRPO_ROUND_COMPILE=0`` skips the compiled
-path.
+per second, over the bf16 GEMM rate measured in the same test, 8192^3 on CUDA), and ``speedup_vs_eager`` of the
+last path. With ``FASTGRPO_ROUND_PARTIAL=FILE`` the results so far are written after each path
+(bench/gpu_session.sh uses it so that a run stopped at its time limit keeps the finished paths);
+``FASTGRPO_ROUND_COMPILE=0`` skips the compiled path.
 """
 from __future__ import annotations
 
