@@ -441,11 +441,12 @@ def _block_host_ms(blocks, fn, repeats: int = 5) -> tuple:
     """Host time spent in each of ``blocks`` per call of ``fn`` (median over ``repeats`` calls, ms), read by a
     forward pre-hook and a forward hook on each block, each call started on an idle device: on a host-bound
     forward, where the host time goes block by block (whether a way's extra time sits in some blocks or is spread
-    over all). Returns (per block, the median host time of the same calls). The hooks are removed afterwards."""
+    over all). Returns (per block, the median host time of the same calls, `_host_issue_ms`). The hooks are removed
+    afterwards."""
     import statistics
     import time
 
-    starts, times, totals = {}, [[] for _ in blocks], []
+    starts, times = {}, [[] for _ in blocks]
 
     def pre(i):
         return lambda module, args: starts.__setitem__(i, time.perf_counter())
@@ -456,16 +457,11 @@ def _block_host_ms(blocks, fn, repeats: int = 5) -> tuple:
     handles = [b.register_forward_pre_hook(pre(i)) for i, b in enumerate(blocks)]
     handles += [b.register_forward_hook(post(i)) for i, b in enumerate(blocks)]
     try:
-        for _ in range(repeats):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            totals.append((time.perf_counter() - t0) * 1e3)
+        total = _host_issue_ms(fn, repeats=repeats)
     finally:
         for h in handles:
             h.remove()
-    return [statistics.median(t) if t else None for t in times], statistics.median(totals)
+    return [statistics.median(t) if t else None for t in times], total
 
 
 def _host_profile(fn, calls: int = 3, top: int = 15) -> list:

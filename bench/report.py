@@ -420,8 +420,8 @@ def _warmup_cell(path: dict) -> str:
     cell = f"{path['warmup_s']:.0f}"
     if c.get("graphs"):
         cell += f" ({c['compile_s']:.0f} s compiling {c['graphs']} graphs"
-        hits, total = c.get("fxgraph_cache_hits", 0), c.get("fxgraph_cache_hits", 0) + c.get("fxgraph_cache_misses", 0)
-        cell += f"; {hits} of {total} Inductor graphs from its cache)" if hits else ")"
+        hits = c.get("fxgraph_cache_hits", 0)
+        cell += f"; {hits} of {hits + c.get('fxgraph_cache_misses', 0)} Inductor graphs from its cache)" if hits else ")"
     return cell
 
 

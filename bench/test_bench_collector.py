@@ -149,14 +149,14 @@ def test_gpu_probe_collector_section():
     assert {"overhead", "extra_kernels_per_forward", "extra_cpu_ops_per_forward", "host_bound"} <= row.keys()
     assert row["launch_overhead_ms"] == row["collector"]["ms"] - row["collector_stubbed"]["ms"]
     # host time per transformer block, each way; the collector's extra per block
-    n_blocks = len(_model(torch.device("cuda" if HAS_CUDA else "cpu")).transformer_blocks)
+    blocks = _model(torch.device("cuda" if HAS_CUDA else "cpu")).transformer_blocks
+    n_blocks = len(blocks)
     for way in ("plain", "collector", "collector_reused", "collector_stubbed"):
         per_block = row[way]["block_host_ms"]
         assert len(per_block) == n_blocks > max(LAYERS) and all(t > 0 for t in per_block), (way, per_block)
         assert sum(per_block) <= row[way]["hooked_host_ms"] * 1.2  # the blocks are part of the same forwards
     assert row["extra_block_host_ms"] == [a - b for a, b in zip(row["collector"]["block_host_ms"],
                                                                   row["plain"]["block_host_ms"])]
-    assert not any(b._forward_hooks or b._forward_pre_hooks  # the probe's hooks are gone
-                   for b in _model(torch.device("cuda" if HAS_CUDA else "cpu")).transformer_blocks)
+    assert not any(b._forward_hooks or b._forward_pre_hooks for b in blocks)  # the probe's hooks are gone
     if HAS_CUDA:  # the stubbed way runs the forward's kernels without the collector's own (2 per layer)
         assert row["collector_stubbed"]["device_kernels"] == row["collector"]["device_kernels"] - 2 * len(LAYERS)

@@ -53,6 +53,7 @@ from fastgrpo import eg_grpo_shaping, sde_step, token_logprob_entropy  # noqa: E
 from fastgrpo.ops import _backend  # noqa: E402
 from fastgrpo.testing import dispatched_kernels, stubbed_kernels  # noqa: E402
 from harness import HAS_CUDA, measure_host  # noqa: E402
+from test_bench_collector import _inputs as collector_inputs  # noqa: E402
 from test_bench_sde import SHAPES as SDE_SHAPES  # noqa: E402
 from test_bench_token import SHAPES as TOKEN_SHAPES  # noqa: E402
 
@@ -203,12 +204,7 @@ def test_host_collector_whole_model(benchmark, host_device, kernels, monkeypatch
         pytest.skip("a CPU measurement: on a GPU machine bench/gpu_probe.py times the real model's forwards")
 
     model = _sd35_structure()
-    cfg = model.config
-    g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g),
-                  encoder_hidden_states=torch.randn(2, 12, cfg.joint_attention_dim, generator=g),
-                  pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=g),
-                  timestep=torch.full((2,), 700.0))
+    inputs = collector_inputs(model, 2, host_device)  # the collector benchmark's inputs (12 text tokens on CPU)
     times = {"plain": [], "collector": [], "launches": []}
     in_launches = []
     for name in ("attention", "probs"):  # time the launch calls inside the forward
